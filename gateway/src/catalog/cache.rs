@@ -1,0 +1,1 @@
+//! Per-process cache of plans, account→plan and key→account, invalidated across instances.

@@ -1,0 +1,1 @@
+//! Postgres catalog (deadpool-postgres + tokio-postgres) and embedded migrations.

@@ -1,0 +1,1 @@
+//! The library face (SPEC §10): `Client` and the `admin` functions.

@@ -1,0 +1,1 @@
+//! Checked configuration (SPEC §2), built from `config/raw.rs`.

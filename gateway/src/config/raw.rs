@@ -1,0 +1,1 @@
+//! serde mirrors of `plangate.toml` (deny_unknown_fields): the edge.

@@ -1,0 +1,1 @@
+//! The one mapping from errors to HTTP responses (OpenAI error shape).

@@ -1,0 +1,1 @@
+//! Rendering `x-ratelimit-*` headers and OpenAI durations.

@@ -1,0 +1,23 @@
+//! plangate: an HTTP gateway that meters AI inference APIs with tiered plans
+//! of fixed-window limits, concurrency limits and expiring credits.
+//!
+//! The gateway binary is built on this library; see ARCHITECTURE.md for the
+//! request lifecycle and the code map.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod catalog;
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod errors;
+pub mod headers;
+pub mod limiter;
+pub mod metrics;
+pub mod mock;
+pub mod plans;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod usage;

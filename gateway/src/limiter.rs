@@ -1,0 +1,592 @@
+//! The limiting engine: the [`CounterStore`] trait and the attempt / end /
+//! info algorithm of SPEC §4 on top of it.
+//!
+//! The split: this module does everything that can be decided without the
+//! store (start amounts, `TooLarge`, which window denied, the info a client
+//! sees) as pure functions; a store only does the atomic
+//! check-and-increment over the counters it keeps.
+
+pub mod keys;
+pub mod memory;
+pub mod redis;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{window_index, window_reset_ms, SharedClock};
+use crate::plans::{Policy, Unit, Window};
+
+/// A counter store failed or did not answer in time.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("counter store timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("counter store unavailable: {0}")]
+    Unavailable(String),
+    #[error("counter store answered unexpectedly: {0}")]
+    Protocol(String),
+}
+
+/// One window of an attempt, with the amount this request deducts from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowSpec {
+    pub window_secs: u64,
+    pub limit: u64,
+    pub unit: Unit,
+    /// Start amount deducted at admission (0 if the unit was not given).
+    pub amount: u64,
+}
+
+/// What a store is asked to do atomically at admission.
+#[derive(Debug, Clone)]
+pub struct AttemptRequest<'a> {
+    pub request_id: &'a str,
+    pub account: &'a str,
+    pub endpoint: &'a str,
+    pub now_ms: u64,
+    pub windows: &'a [WindowSpec],
+    /// 0: no concurrency limit (the request is still tracked as in flight).
+    pub max_concurrent: u32,
+    /// Lifetime of the in-flight record / concurrency slot without renewal.
+    pub lease_ms: u64,
+}
+
+/// The store's verdict on an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every window incremented, the request recorded as in flight.
+    Admitted,
+    /// Window `index` (into the request's windows) has no room: nothing written.
+    WindowFull { index: usize },
+    /// All slots taken: nothing written.
+    ConcurrencyFull,
+    /// The request id is already in flight: nothing written.
+    Duplicate,
+}
+
+/// The store's answer to an attempt: its verdict plus what it saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptOutcome {
+    pub verdict: Verdict,
+    /// Per window of the request, the units used in the current window
+    /// (after the increment when admitted).
+    pub used: Vec<u64>,
+    /// Live in-flight requests for (account, endpoint), including this one
+    /// when admitted.
+    pub in_flight: u32,
+}
+
+/// Settlement of one window at the end of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    pub window_secs: u64,
+    pub unit: Unit,
+    /// Index (floor(t/W)) of the window the start amount was deducted from.
+    pub admitted_index: u64,
+    /// Start amount deducted at admission.
+    pub reserved: u64,
+    /// Units actually used. `actual - reserved` is added to the current
+    /// window when positive; when negative, it is given back to the
+    /// admission window (if that is still alive), never below 0.
+    pub actual: u64,
+}
+
+/// What a store is asked to do atomically at the end of a request.
+#[derive(Debug, Clone)]
+pub struct EndRequest<'a> {
+    pub request_id: &'a str,
+    pub account: &'a str,
+    pub endpoint: &'a str,
+    pub now_ms: u64,
+    /// Only windows whose unit was measured; may be empty (release only).
+    pub settlements: &'a [Settlement],
+}
+
+/// Read-only look at the counters of (account, endpoint).
+#[derive(Debug, Clone)]
+pub struct UsageRequest<'a> {
+    pub account: &'a str,
+    pub endpoint: &'a str,
+    pub now_ms: u64,
+    pub windows: &'a [Window],
+}
+
+/// The answer to a [`UsageRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    /// Units used in the current window, per requested window.
+    pub used: Vec<u64>,
+    /// Live in-flight requests.
+    pub in_flight: u32,
+}
+
+/// Extend a live request's lease.
+#[derive(Debug, Clone)]
+pub struct RenewRequest<'a> {
+    pub request_id: &'a str,
+    pub account: &'a str,
+    pub endpoint: &'a str,
+    pub now_ms: u64,
+    pub lease_ms: u64,
+}
+
+/// Where counters live. Both implementations (in-process and Redis) pass the
+/// same conformance suite; a behaviour difference between them is a bug.
+///
+/// Every operation is atomic with respect to every other operation on the
+/// same (account, endpoint).
+pub trait CounterStore: Send + Sync + 'static {
+    /// Admit or deny, all or nothing: on anything but [`Verdict::Admitted`]
+    /// no counter changes. Admit only if for every window
+    /// `used + max(amount, 1) <= limit`, the request id is not in flight, and
+    /// (with `max_concurrent > 0`) fewer than `max_concurrent` requests are.
+    /// Expired in-flight records are dropped first.
+    fn attempt(
+        &self,
+        req: &AttemptRequest<'_>,
+    ) -> impl Future<Output = Result<AttemptOutcome, StoreError>> + Send;
+
+    /// Remove the request from the in-flight set and, only if it was there,
+    /// apply the settlements. Returns whether it was in flight.
+    fn end(&self, req: &EndRequest<'_>) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Current usage, without changing anything.
+    fn usage(
+        &self,
+        req: &UsageRequest<'_>,
+    ) -> impl Future<Output = Result<Usage, StoreError>> + Send;
+
+    /// Push a live request's lease to `now + lease_ms`. Returns whether it
+    /// was still in flight.
+    fn renew(
+        &self,
+        req: &RenewRequest<'_>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
+
+/// Limit and remaining of the most constraining window of one unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitInfo {
+    pub unit: Unit,
+    pub limit: u64,
+    pub remaining: u64,
+    /// Milliseconds to the end of that window.
+    pub reset_ms: u64,
+    pub window_secs: u64,
+}
+
+/// Concurrency limit and free slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConcurrencyInfo {
+    pub limit: u32,
+    pub remaining: u32,
+}
+
+/// One window's state, for `/v1/limits`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowState {
+    pub unit: Unit,
+    pub window_secs: u64,
+    pub limit: u64,
+    pub used: u64,
+    pub remaining: u64,
+    pub reset_ms: u64,
+}
+
+/// Where a caller stands: per unit the most constraining window, plus
+/// concurrency. Returned on allow and deny alike.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RateLimitInfo {
+    /// In the order units first appear in the policy.
+    pub units: Vec<UnitInfo>,
+    pub concurrent: Option<ConcurrencyInfo>,
+    /// Every window of the policy, in policy order.
+    pub windows: Vec<WindowState>,
+}
+
+impl RateLimitInfo {
+    /// Build the info from per-window usage (pure).
+    ///
+    /// Per unit, the most constraining window is the one with the fewest
+    /// remaining units; ties go to the later reset.
+    pub fn from_usage(policy: &Policy, used: &[u64], in_flight: u32, now_ms: u64) -> Self {
+        let windows: Vec<WindowState> = policy
+            .windows
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let used = used.get(i).copied().unwrap_or(0);
+                WindowState {
+                    unit: w.unit.clone(),
+                    window_secs: w.window_secs,
+                    limit: w.limit,
+                    used,
+                    remaining: w.limit.saturating_sub(used),
+                    reset_ms: window_reset_ms(now_ms, w.window_secs),
+                }
+            })
+            .collect();
+        let mut units: Vec<UnitInfo> = Vec::new();
+        for w in &windows {
+            let candidate = UnitInfo {
+                unit: w.unit.clone(),
+                limit: w.limit,
+                remaining: w.remaining,
+                reset_ms: w.reset_ms,
+                window_secs: w.window_secs,
+            };
+            match units.iter_mut().find(|u| u.unit == w.unit) {
+                None => units.push(candidate),
+                Some(best) => {
+                    let tighter = candidate.remaining < best.remaining
+                        || (candidate.remaining == best.remaining
+                            && candidate.reset_ms > best.reset_ms);
+                    if tighter {
+                        *best = candidate;
+                    }
+                }
+            }
+        }
+        let concurrent = (policy.max_concurrent > 0).then(|| ConcurrencyInfo {
+            limit: policy.max_concurrent,
+            remaining: policy.max_concurrent.saturating_sub(in_flight),
+        });
+        RateLimitInfo {
+            units,
+            concurrent,
+            windows,
+        }
+    }
+
+    /// The info of one unit, if the policy limits it.
+    pub fn unit(&self, unit: &str) -> Option<&UnitInfo> {
+        self.units.iter().find(|u| u.unit.as_str() == unit)
+    }
+}
+
+/// Why an attempt was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// A window has no room for this request.
+    Window {
+        window: Window,
+        used: u64,
+        requested: u64,
+        reset_ms: u64,
+    },
+    /// The start amount exceeds a window's limit: it can never fit.
+    TooLarge { window: Window, requested: u64 },
+    /// Every concurrency slot is taken.
+    Concurrency { limit: u32 },
+    /// The request id is already in flight.
+    Duplicate,
+}
+
+/// Start amounts for each window of `policy`: the amount given for the
+/// window's unit, 0 if none, except that `request` is 1 unless given.
+pub fn start_amounts(policy: &Policy, start_units: &[(Unit, u64)]) -> Vec<WindowSpec> {
+    policy
+        .windows
+        .iter()
+        .map(|w| {
+            let given = start_units
+                .iter()
+                .find(|(u, _)| *u == w.unit)
+                .map(|(_, n)| *n);
+            let amount = match given {
+                Some(n) => n,
+                None if w.unit.as_str() == crate::plans::REQUEST_UNIT => 1,
+                None => 0,
+            };
+            WindowSpec {
+                window_secs: w.window_secs,
+                limit: w.limit,
+                unit: w.unit.clone(),
+                amount,
+            }
+        })
+        .collect()
+}
+
+/// The first window a start amount can never fit into, if any.
+pub fn too_large(specs: &[WindowSpec]) -> Option<usize> {
+    specs.iter().position(|s| s.amount > s.limit)
+}
+
+/// An admitted request: what its end needs to know. Plain data; see
+/// [`Permit`] for the guard that guarantees the end happens.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    pub request_id: Arc<str>,
+    pub account: Arc<str>,
+    pub endpoint: Arc<str>,
+    pub policy: Arc<Policy>,
+    /// Per window of the policy: the start amount deducted.
+    pub reserved: Vec<u64>,
+    pub admitted_ms: u64,
+}
+
+impl Ticket {
+    /// Settlements for the measured units (units not measured stay as
+    /// reserved).
+    pub fn settlements(&self, final_units: &[(Unit, u64)]) -> Vec<Settlement> {
+        self.policy
+            .windows
+            .iter()
+            .zip(&self.reserved)
+            .filter_map(|(w, &reserved)| {
+                let actual = final_units
+                    .iter()
+                    .find(|(u, _)| *u == w.unit)
+                    .map(|(_, n)| *n)?;
+                Some(Settlement {
+                    window_secs: w.window_secs,
+                    unit: w.unit.clone(),
+                    admitted_index: window_index(self.admitted_ms, w.window_secs),
+                    reserved,
+                    actual,
+                })
+            })
+            .collect()
+    }
+
+    fn lease_ms(&self) -> u64 {
+        self.policy
+            .concurrency_expiry_secs
+            .saturating_mul(1000)
+            .max(1)
+    }
+}
+
+/// The result of an attempt.
+#[derive(Debug)]
+pub enum Attempt<S: CounterStore> {
+    Admitted(Permit<S>, RateLimitInfo),
+    Denied(Denial, RateLimitInfo),
+}
+
+/// The limiter: a counter store, a clock and a timeout per store call.
+pub struct Limiter<S> {
+    store: S,
+    clock: SharedClock,
+    timeout: Duration,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Limiter<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("store", &self.store)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl<S: CounterStore> Limiter<S> {
+    pub fn new(store: S, clock: SharedClock, timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            clock,
+            timeout,
+        })
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    async fn timed<T>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+
+    /// SPEC §4 Attempt for an already-resolved policy. One store round trip
+    /// (two only for `TooLarge`, which reads usage to fill in the info).
+    pub async fn attempt(
+        self: &Arc<Self>,
+        request_id: &str,
+        account: &str,
+        endpoint: &str,
+        policy: &Arc<Policy>,
+        start_units: &[(Unit, u64)],
+    ) -> Result<Attempt<S>, StoreError> {
+        let now_ms = self.clock.now_ms();
+        let specs = start_amounts(policy, start_units);
+        if let Some(i) = too_large(&specs) {
+            let info = self.info(account, endpoint, policy).await?;
+            let denial = Denial::TooLarge {
+                window: policy.windows[i].clone(),
+                requested: specs[i].amount,
+            };
+            return Ok(Attempt::Denied(denial, info));
+        }
+        let req = AttemptRequest {
+            request_id,
+            account,
+            endpoint,
+            now_ms,
+            windows: &specs,
+            max_concurrent: policy.max_concurrent,
+            lease_ms: policy.concurrency_expiry_secs.saturating_mul(1000).max(1),
+        };
+        let outcome = self.timed(self.store.attempt(&req)).await?;
+        let info = RateLimitInfo::from_usage(policy, &outcome.used, outcome.in_flight, now_ms);
+        let denial = match outcome.verdict {
+            Verdict::Admitted => {
+                let ticket = Ticket {
+                    request_id: Arc::from(request_id),
+                    account: Arc::from(account),
+                    endpoint: Arc::from(endpoint),
+                    policy: policy.clone(),
+                    reserved: specs.iter().map(|s| s.amount).collect(),
+                    admitted_ms: now_ms,
+                };
+                return Ok(Attempt::Admitted(Permit::new(self.clone(), ticket), info));
+            }
+            Verdict::WindowFull { index } => {
+                let window = policy.windows.get(index).cloned().ok_or_else(|| {
+                    StoreError::Protocol(format!(
+                        "store named window {index}, policy has {}",
+                        policy.windows.len()
+                    ))
+                })?;
+                Denial::Window {
+                    reset_ms: window_reset_ms(now_ms, window.window_secs),
+                    used: outcome.used.get(index).copied().unwrap_or(0),
+                    requested: specs[index].amount,
+                    window,
+                }
+            }
+            Verdict::ConcurrencyFull => Denial::Concurrency {
+                limit: policy.max_concurrent,
+            },
+            Verdict::Duplicate => Denial::Duplicate,
+        };
+        Ok(Attempt::Denied(denial, info))
+    }
+
+    /// SPEC §4 End for a ticket. Harmless when repeated.
+    pub async fn end(
+        &self,
+        ticket: &Ticket,
+        final_units: &[(Unit, u64)],
+    ) -> Result<bool, StoreError> {
+        let settlements = ticket.settlements(final_units);
+        let req = EndRequest {
+            request_id: &ticket.request_id,
+            account: &ticket.account,
+            endpoint: &ticket.endpoint,
+            now_ms: self.clock.now_ms(),
+            settlements: &settlements,
+        };
+        self.timed(self.store.end(&req)).await
+    }
+
+    /// Extend a live request's slot by its policy's `concurrency_expiry`.
+    pub async fn renew(&self, ticket: &Ticket) -> Result<bool, StoreError> {
+        let req = RenewRequest {
+            request_id: &ticket.request_id,
+            account: &ticket.account,
+            endpoint: &ticket.endpoint,
+            now_ms: self.clock.now_ms(),
+            lease_ms: ticket.lease_ms(),
+        };
+        self.timed(self.store.renew(&req)).await
+    }
+
+    /// SPEC §4 Info: where (account, endpoint) stands, without changing it.
+    pub async fn info(
+        &self,
+        account: &str,
+        endpoint: &str,
+        policy: &Policy,
+    ) -> Result<RateLimitInfo, StoreError> {
+        let now_ms = self.clock.now_ms();
+        let req = UsageRequest {
+            account,
+            endpoint,
+            now_ms,
+            windows: &policy.windows,
+        };
+        let usage = self.timed(self.store.usage(&req)).await?;
+        Ok(RateLimitInfo::from_usage(
+            policy,
+            &usage.used,
+            usage.in_flight,
+            now_ms,
+        ))
+    }
+}
+
+/// An admitted request. Dropping it without [`Permit::end`] still ends the
+/// request (in a background task, with no final units), so no path — error,
+/// panic, client disconnect — leaks a concurrency slot.
+#[derive(Debug)]
+pub struct Permit<S: CounterStore> {
+    limiter: Arc<Limiter<S>>,
+    ticket: Ticket,
+    ended: AtomicBool,
+}
+
+impl<S: CounterStore> Permit<S> {
+    fn new(limiter: Arc<Limiter<S>>, ticket: Ticket) -> Self {
+        Self {
+            limiter,
+            ticket,
+            ended: AtomicBool::new(false),
+        }
+    }
+
+    pub fn ticket(&self) -> &Ticket {
+        &self.ticket
+    }
+
+    /// End the request with the measured units.
+    pub async fn end(self, final_units: &[(Unit, u64)]) -> Result<bool, StoreError> {
+        self.ended.store(true, Ordering::SeqCst);
+        self.limiter.end(&self.ticket, final_units).await
+    }
+
+    /// Renew the lease of a long-running request (e.g. a stream).
+    pub async fn renew(&self) -> Result<bool, StoreError> {
+        self.limiter.renew(&self.ticket).await
+    }
+
+    /// Give up responsibility for ending: the caller ends the ticket itself.
+    pub fn into_ticket(self) -> Ticket {
+        self.ended.store(true, Ordering::SeqCst);
+        self.ticket.clone()
+    }
+}
+
+impl<S: CounterStore> Drop for Permit<S> {
+    fn drop(&mut self) {
+        if self.ended.load(Ordering::SeqCst) {
+            return;
+        }
+        let limiter = self.limiter.clone();
+        let ticket = self.ticket.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = limiter.end(&ticket, &[]).await {
+                        tracing::warn!(request_id = %ticket.request_id, error = %e, "releasing a dropped permit failed; its slot expires with its lease");
+                    }
+                });
+            }
+            Err(_) => {
+                tracing::warn!(request_id = %ticket.request_id, "permit dropped outside a runtime; its slot expires with its lease");
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The Redis key format: the only place that builds counter-store keys.

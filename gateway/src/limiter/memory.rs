@@ -1,0 +1,1 @@
+//! In-process counter store: sharded, bounded memory.

@@ -1,0 +1,1 @@
+//! Redis-compatible counter store: one atomic Lua script per operation.

@@ -1,0 +1,1 @@
+//! Prometheus counters and histograms, rendered as text.

@@ -1,0 +1,1 @@
+//! Parsing `plans.yaml` into checked [`crate::plans`] types, with file:line errors.

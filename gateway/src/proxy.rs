@@ -1,0 +1,1 @@
+//! Upstream client, header rewriting, streaming bodies.

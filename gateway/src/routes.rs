@@ -1,0 +1,1 @@
+//! Path (+ model) → endpoint and upstream: pure lookup, no I/O.

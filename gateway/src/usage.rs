@@ -1,0 +1,1 @@
+//! Units measured from a response: headers, JSON body, SSE stream.

@@ -1,0 +1,93 @@
+//! Support for plangate's black-box tests: finding the real services the
+//! tests need, and failing loudly when they are required but absent.
+//!
+//! `tests/run.sh` (the README's test command, which CI runs) sets
+//! `PLANGATE_REQUIRE_SERVICES=1`, so there a missing Postgres or Redis fails
+//! the test instead of skipping it.
+
+use std::time::Duration;
+
+/// Redis URL for tests: `PLANGATE_TEST_REDIS_URL`, default the local server.
+pub fn redis_url_default() -> String {
+    std::env::var("PLANGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Postgres URL of the server (database `postgres`) for tests:
+/// `PLANGATE_TEST_POSTGRES_URL`, default the local server.
+pub fn postgres_url_default() -> String {
+    std::env::var("PLANGATE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn services_required() -> bool {
+    std::env::var("PLANGATE_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// Skip (loudly) or fail (under CI) when a service is absent.
+fn absent(service: &str, url: &str, why: &str) -> Option<String> {
+    if services_required() {
+        panic!(
+            "{service} at {url} is required (PLANGATE_REQUIRE_SERVICES=1) but unreachable: {why}"
+        );
+    }
+    eprintln!(
+        "\n*** SKIPPING: {service} at {url} is unreachable ({why}).\n*** Run ./tests/run.sh to start it and run every test.\n"
+    );
+    None
+}
+
+/// The Redis URL if a server answers PING there; `None` (with a loud
+/// message) if not, or a panic when services are required.
+pub async fn redis() -> Option<String> {
+    let url = redis_url_default();
+    let check = async {
+        let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(3), check).await {
+        Ok(Ok(_)) => Some(url),
+        Ok(Err(e)) => absent("Redis", &url, &e),
+        Err(_) => absent("Redis", &url, "no answer within 3s"),
+    }
+}
+
+/// A fresh, empty Postgres database for one test; returns its URL.
+/// `None` (loudly) when Postgres is absent, or a panic when required.
+pub async fn postgres_db(prefix: &str) -> Option<String> {
+    let url = postgres_url_default();
+    let connect = async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        Ok::<_, String>(client)
+    };
+    let client = match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return absent("Postgres", &url, &e),
+        Err(_) => return absent("Postgres", &url, "no answer within 5s"),
+    };
+    let name = format!(
+        "pgt_{}_{}_{}",
+        prefix,
+        std::process::id(),
+        NEXT_DB.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    client
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
+    let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&url);
+    Some(format!("{base}/{name}"))
+}
+
+static NEXT_DB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
