@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+pub mod parse;
+
 use serde::Serialize;
 
 /// The unit every request counts as unless told otherwise.
