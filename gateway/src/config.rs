@@ -194,34 +194,52 @@ impl Config {
     }
 }
 
-/// Parse `"500ms"`, `"60s"`, `"5m"`, `"1h"`, `"1d"` (and `"86_400s"`).
+/// Parse `"500ms"`, `"60s"`, `"5m"`, `"1h"`, `"1d"` (and `"86_400s"`, and
+/// compound forms such as `"1h30m"`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t: String = s.trim().chars().filter(|c| *c != '_').collect();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{s}` has no unit (use ms, s, m, h or d)"))?;
-    let (num, unit) = t.split_at(split);
-    if num.is_empty() {
-        return Err(format!(
-            "`{s}` is not a duration such as \"500ms\", \"60s\", \"5m\", \"1h\", \"1d\""
-        ));
+    let shape =
+        || format!("`{s}` is not a duration such as \"500ms\", \"60s\", \"5m\", \"1h\", \"1d\"");
+    if t.is_empty() {
+        return Err(shape());
     }
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}`: number out of range"))?;
-    let ms_per = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => {
-            return Err(format!(
-                "`{s}`: unknown unit `{unit}` (use ms, s, m, h or d)"
-            ))
+    let mut total_ms: u64 = 0;
+    let mut rest = t.as_str();
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if num_end == 0 {
+            return Err(shape());
         }
-    };
-    n.checked_mul(ms_per)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("`{s}`: duration out of range"))
+        let (num, after) = rest.split_at(num_end);
+        let unit_end = after
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(after.len());
+        let (unit, next) = after.split_at(unit_end);
+        if unit.is_empty() {
+            return Err(format!("`{s}` has no unit (use ms, s, m, h or d)"));
+        }
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}`: number out of range"))?;
+        let ms_per = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => {
+                return Err(format!(
+                    "`{s}`: unknown unit `{unit}` (use ms, s, m, h or d)"
+                ))
+            }
+        };
+        total_ms = n
+            .checked_mul(ms_per)
+            .and_then(|ms| total_ms.checked_add(ms))
+            .ok_or_else(|| format!("`{s}`: duration out of range"))?;
+        rest = next;
+    }
+    Ok(Duration::from_millis(total_ms))
 }

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod app;
 pub mod catalog;
 pub mod cli;
 pub mod client;
@@ -20,4 +21,5 @@ pub mod plans;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod upstream;
 pub mod usage;

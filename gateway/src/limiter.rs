@@ -166,6 +166,66 @@ pub trait CounterStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 }
 
+/// A counter store chosen at runtime (configuration), dispatched statically.
+#[derive(Debug)]
+pub enum AnyStore {
+    Memory(memory::MemoryStore),
+    Redis(redis::RedisStore),
+}
+
+impl AnyStore {
+    /// Check that the store answers (for readiness probes); the in-process
+    /// store always does.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(_) => Ok(()),
+            AnyStore::Redis(s) => s.ping().await,
+        }
+    }
+}
+
+impl From<memory::MemoryStore> for AnyStore {
+    fn from(s: memory::MemoryStore) -> Self {
+        AnyStore::Memory(s)
+    }
+}
+
+impl From<redis::RedisStore> for AnyStore {
+    fn from(s: redis::RedisStore) -> Self {
+        AnyStore::Redis(s)
+    }
+}
+
+impl CounterStore for AnyStore {
+    async fn attempt(&self, req: &AttemptRequest<'_>) -> Result<AttemptOutcome, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.attempt(req).await,
+            AnyStore::Redis(s) => s.attempt(req).await,
+        }
+    }
+
+    async fn end(&self, req: &EndRequest<'_>) -> Result<bool, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.end(req).await,
+            AnyStore::Redis(s) => s.end(req).await,
+        }
+    }
+
+    async fn usage(&self, req: &UsageRequest<'_>) -> Result<Usage, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.usage(req).await,
+            AnyStore::Redis(s) => s.usage(req).await,
+        }
+    }
+
+    async fn renew(&self, req: &RenewRequest<'_>) -> Result<bool, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.renew(req).await,
+            AnyStore::Redis(s) => s.renew(req).await,
+        }
+    }
+}
+
 /// Limit and remaining of the most constraining window of one unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnitInfo {
@@ -552,9 +612,16 @@ impl<S: CounterStore> Permit<S> {
     }
 
     /// End the request with the measured units.
+    ///
+    /// The permit counts as ended only once the store confirmed it: if the
+    /// call fails, or its future is dropped mid-way, the permit's `Drop`
+    /// still releases the slot (ending twice is harmless).
     pub async fn end(self, final_units: &[(Unit, u64)]) -> Result<bool, StoreError> {
-        self.ended.store(true, Ordering::SeqCst);
-        self.limiter.end(&self.ticket, final_units).await
+        let result = self.limiter.end(&self.ticket, final_units).await;
+        if result.is_ok() {
+            self.ended.store(true, Ordering::SeqCst);
+        }
+        result
     }
 
     /// Renew the lease of a long-running request (e.g. a stream).

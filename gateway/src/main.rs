@@ -94,9 +94,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             println!("{summary}");
             Ok(())
         }
-        Cmd::Serve { config } => runtime()?.block_on(plangate::server::serve(&config)),
+        Cmd::Serve { config } => runtime()?.block_on(plangate::app::serve(&config)),
         Cmd::Dev { config, listen } => {
-            runtime()?.block_on(plangate::server::dev(config.as_deref(), listen.as_deref()))
+            runtime()?.block_on(plangate::app::dev(config.as_deref(), listen.as_deref()))
         }
         Cmd::Migrate { target } => admin(target, AdminCmd::Migrate),
         Cmd::Plans { target, cmd } => admin(target, AdminCmd::Plans(cmd)),

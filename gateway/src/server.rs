@@ -1,8 +1,35 @@
-//! Listeners, TLS, graceful shutdown; the service assembled in one place.
+//! Listeners, TLS and graceful shutdown: the one place connections are
+//! accepted and handed to hyper. The request handling itself lives in
+//! `proxy.rs` (main listener) and `admin.rs` (admin listener).
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::BufReader;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::cli::CliError;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsFiles;
+
+/// Boxed error type of response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The response body every handler returns.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Largest request head (request line + headers) accepted; larger → 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Log to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
@@ -14,14 +41,179 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// `plangate serve`.
-pub async fn serve(config: &Path) -> Result<(), CliError> {
-    let _ = config;
-    Err(CliError::Failure("serve is not built yet".into()))
+/// Build a rustls acceptor (ring provider) offering h2 and http/1.1.
+pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
+    let cert_pem = read(&files.cert)?;
+    let key_pem = read(&files.key)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(&cert_pem[..]))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", files.cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", files.cert.display()));
+    }
+    let key = rustls_pemfile::private_key(&mut BufReader::new(&key_pem[..]))
+        .map_err(|e| format!("{}: {e}", files.key.display()))?
+        .ok_or_else(|| format!("{}: no private key found", files.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("{}: {e}", files.cert.display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// `plangate dev`.
-pub async fn dev(config: Option<&Path>, listen: Option<&str>) -> Result<(), CliError> {
-    let _ = (config, listen);
-    Err(CliError::Failure("dev is not built yet".into()))
+/// Connection-level settings of one listener.
+#[derive(Debug, Clone)]
+pub struct ListenerOptions {
+    /// Time allowed to receive a request head (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// How long in-flight requests may run after shutdown begins.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ListenerOptions {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A receiver that flips to `true` when shutdown begins.
+pub type ShutdownSignal = watch::Receiver<bool>;
+
+/// Serve HTTP/1.1 and HTTP/2 (and TLS with ALPN when `tls` is set) on
+/// `listener` until `shutdown` flips, then stop accepting and let in-flight
+/// requests finish (up to `drain_timeout`).
+pub async fn serve_listener<H, F>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    opts: ListenerOptions,
+    handler: H,
+    mut shutdown: ShutdownSignal,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .keep_alive_interval(Some(Duration::from_secs(20)));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly
+                    // instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let fut = handler(req, peer);
+            async move { Ok::<_, Infallible>(fut.await) }
+        });
+        match &tls {
+            None => {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                let header_timeout = opts.header_read_timeout;
+                tokio::spawn(async move {
+                    // The TLS handshake is bounded by the same slowloris
+                    // guard as the request head.
+                    let tls_stream =
+                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(opts.drain_timeout) => {
+            tracing::warn!("drain timeout reached; closing remaining connections");
+        }
+    }
+}
+
+/// A shutdown signal that flips on SIGTERM or Ctrl-C.
+pub fn shutdown_on_signals() -> (watch::Sender<bool>, ShutdownSignal) {
+    let (tx, rx) = watch::channel(false);
+    let sender = tx.clone();
+    tokio::spawn(async move {
+        wait_for_termination().await;
+        tracing::info!("shutting down: no new connections; draining in-flight requests");
+        let _ = sender.send(true);
+    });
+    (tx, rx)
+}
+
+async fn wait_for_termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -1,1 +1,506 @@
 //! In-process counter store: sharded, bounded memory.
+//!
+//! (account, endpoint) pairs are spread over [`DEFAULT_SHARDS`] mutex-guarded
+//! maps by hash, so operations on different pairs rarely contend and every
+//! operation on one pair is atomic (it runs under that pair's shard lock).
+//!
+//! Memory stays bounded by what is live: a pair keeps only the current
+//! window of each (window length, unit) and its unexpired in-flight records.
+//! Ended windows and expired records are dropped whenever their pair is
+//! touched, and every `sweep_every` operations one shard is swept (round
+//! robin), so pairs nobody touches again vanish too.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use super::{
+    AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
+    UsageRequest, Verdict,
+};
+use crate::clock::window_index;
+use crate::plans::Unit;
+
+/// Number of shards of a [`MemoryStore::new`] store.
+pub const DEFAULT_SHARDS: usize = 64;
+
+/// Operations between two shard sweeps of a [`MemoryStore::new`] store.
+pub const DEFAULT_SWEEP_EVERY: u64 = 1024;
+
+/// The in-process [`CounterStore`].
+#[derive(Debug)]
+pub struct MemoryStore {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    ops: AtomicU64,
+    sweep_every: u64,
+}
+
+/// account -> endpoint -> entry. Nested so that lookups borrow the `&str`s
+/// of the request instead of allocating a key per operation.
+type Shard = HashMap<Box<str>, HashMap<Box<str>, Entry>>;
+
+/// Everything kept for one (account, endpoint).
+#[derive(Debug, Default)]
+struct Entry {
+    /// The current (or most recent) window of each (length, unit).
+    counters: Vec<Counter>,
+    /// Request id -> lease expiry (ms). A record is live while expiry > now.
+    in_flight: HashMap<Box<str>, u64>,
+    /// A lower bound of the earliest expiry in `in_flight` (u64::MAX when
+    /// empty), so pruning is O(1) until something can have expired.
+    next_expiry: u64,
+}
+
+#[derive(Debug)]
+struct Counter {
+    window_secs: u64,
+    unit: Unit,
+    index: u64,
+    count: u64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// A store with [`DEFAULT_SHARDS`] shards, sweeping one shard every
+    /// [`DEFAULT_SWEEP_EVERY`] operations.
+    pub fn new() -> Self {
+        Self::with_options(DEFAULT_SHARDS, DEFAULT_SWEEP_EVERY)
+    }
+
+    /// A store with `shards` shards (at least 1) that sweeps one shard
+    /// every `sweep_every` operations (at least 1).
+    pub fn with_options(shards: usize, sweep_every: u64) -> Self {
+        let shards = (0..shards.max(1))
+            .map(|_| Mutex::new(Shard::default()))
+            .collect();
+        MemoryStore {
+            shards,
+            hasher: RandomState::new(),
+            ops: AtomicU64::new(0),
+            sweep_every: sweep_every.max(1),
+        }
+    }
+
+    /// Number of (account, endpoint) pairs currently held.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().values().map(HashMap::len).sum::<usize>())
+            .sum()
+    }
+
+    /// Whether no pair is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drop every ended window and expired in-flight record as of `now_ms`,
+    /// and every pair left with nothing.
+    pub fn sweep_all(&self, now_ms: u64) {
+        for shard in self.shards.iter() {
+            sweep(&mut shard.lock(), now_ms);
+        }
+    }
+
+    fn shard(&self, account: &str, endpoint: &str) -> &Mutex<Shard> {
+        let h = self.hasher.hash_one((account, endpoint));
+        &self.shards[(h % self.shards.len() as u64) as usize]
+    }
+
+    /// Count an operation; every `sweep_every`th sweeps the next shard in
+    /// turn. Called after the operation's own lock is released.
+    fn tick(&self, now_ms: u64) {
+        let n = self.ops.fetch_add(1, Ordering::Relaxed) + 1;
+        if n % self.sweep_every == 0 {
+            let i = (n / self.sweep_every) % self.shards.len() as u64;
+            sweep(&mut self.shards[i as usize].lock(), now_ms);
+        }
+    }
+
+    /// Run `f` on the pair's entry (pruned as of `now_ms`), creating it only
+    /// if `f` says it must be kept; drop it if it is left empty.
+    fn with_entry<T>(
+        &self,
+        account: &str,
+        endpoint: &str,
+        now_ms: u64,
+        f: impl FnOnce(&mut Entry) -> T,
+    ) -> T {
+        let out = {
+            let mut shard = self.shard(account, endpoint).lock();
+            match shard.get_mut(account).and_then(|m| m.get_mut(endpoint)) {
+                Some(entry) => {
+                    entry.prune(now_ms);
+                    let out = f(entry);
+                    if entry.is_empty() {
+                        remove(&mut shard, account, endpoint);
+                    }
+                    out
+                }
+                None => {
+                    let mut entry = Entry::new();
+                    let out = f(&mut entry);
+                    if !entry.is_empty() {
+                        shard
+                            .entry(Box::from(account))
+                            .or_default()
+                            .insert(Box::from(endpoint), entry);
+                    }
+                    out
+                }
+            }
+        };
+        self.tick(now_ms);
+        out
+    }
+}
+
+fn remove(shard: &mut Shard, account: &str, endpoint: &str) {
+    if let Some(m) = shard.get_mut(account) {
+        m.remove(endpoint);
+        if m.is_empty() {
+            shard.remove(account);
+        }
+    }
+}
+
+fn sweep(shard: &mut Shard, now_ms: u64) {
+    shard.retain(|_, endpoints| {
+        endpoints.retain(|_, entry| {
+            entry.prune(now_ms);
+            !entry.is_empty()
+        });
+        shrink(endpoints);
+        !endpoints.is_empty()
+    });
+    shrink(shard);
+}
+
+/// Give memory back after a burst: a map's capacity never shrinks by itself.
+fn shrink<K: Eq + std::hash::Hash, V>(m: &mut HashMap<K, V>) {
+    if m.capacity() > 64 && m.len() < m.capacity() / 4 {
+        m.shrink_to_fit();
+    }
+}
+
+impl Entry {
+    fn new() -> Self {
+        Entry {
+            counters: Vec::new(),
+            in_flight: HashMap::new(),
+            next_expiry: u64::MAX,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.counters.is_empty() && self.in_flight.is_empty()
+    }
+
+    /// Drop ended windows and expired in-flight records.
+    fn prune(&mut self, now_ms: u64) {
+        self.counters
+            .retain(|c| c.index >= window_index(now_ms, c.window_secs));
+        if now_ms >= self.next_expiry {
+            self.in_flight.retain(|_, &mut exp| exp > now_ms);
+            self.next_expiry = self.in_flight.values().copied().min().unwrap_or(u64::MAX);
+            if self.in_flight.capacity() > 64
+                && self.in_flight.len() < self.in_flight.capacity() / 4
+            {
+                self.in_flight.shrink_to_fit();
+            }
+        }
+    }
+
+    /// Units used in the window of length `window_secs` on `unit` that
+    /// contains `now_ms`.
+    fn used(&self, window_secs: u64, unit: &Unit, now_ms: u64) -> u64 {
+        let index = window_index(now_ms, window_secs);
+        self.counters
+            .iter()
+            .find(|c| c.window_secs == window_secs && c.unit == *unit && c.index == index)
+            .map_or(0, |c| c.count)
+    }
+
+    /// The counter of the current window, created (or moved on from an
+    /// ended window) as needed.
+    fn current(&mut self, window_secs: u64, unit: &Unit, now_ms: u64) -> &mut Counter {
+        let index = window_index(now_ms, window_secs);
+        let pos = self
+            .counters
+            .iter()
+            .position(|c| c.window_secs == window_secs && c.unit == *unit);
+        let pos = match pos {
+            Some(p) => p,
+            None => {
+                self.counters.push(Counter {
+                    window_secs,
+                    unit: unit.clone(),
+                    index,
+                    count: 0,
+                });
+                self.counters.len() - 1
+            }
+        };
+        let c = &mut self.counters[pos];
+        if c.index != index {
+            c.index = index;
+            c.count = 0;
+        }
+        c
+    }
+
+    fn live(&self, now_ms: u64) -> u32 {
+        let n = self.in_flight.values().filter(|&&e| e > now_ms).count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    fn attempt(&mut self, req: &AttemptRequest<'_>) -> AttemptOutcome {
+        let now = req.now_ms;
+        let mut used: Vec<u64> = req
+            .windows
+            .iter()
+            .map(|w| self.used(w.window_secs, &w.unit, now))
+            .collect();
+        let in_flight = self.live(now);
+        let duplicate = self
+            .in_flight
+            .get(req.request_id)
+            .is_some_and(|&exp| exp > now);
+        let full = req
+            .windows
+            .iter()
+            .zip(&used)
+            .position(|(w, &u)| u.saturating_add(w.amount.max(1)) > w.limit);
+        let verdict = if duplicate {
+            Verdict::Duplicate
+        } else if let Some(index) = full {
+            Verdict::WindowFull { index }
+        } else if req.max_concurrent > 0 && in_flight >= req.max_concurrent {
+            Verdict::ConcurrencyFull
+        } else {
+            Verdict::Admitted
+        };
+        if verdict != Verdict::Admitted {
+            return AttemptOutcome {
+                verdict,
+                used,
+                in_flight,
+            };
+        }
+        for (w, u) in req.windows.iter().zip(used.iter_mut()) {
+            // A zero amount writes nothing, as in the Redis store, so that
+            // an unused window does not hold memory.
+            if w.amount > 0 {
+                let c = self.current(w.window_secs, &w.unit, now);
+                c.count = c.count.saturating_add(w.amount);
+                *u = c.count;
+            }
+        }
+        let expiry = now.saturating_add(req.lease_ms);
+        self.in_flight.insert(Box::from(req.request_id), expiry);
+        self.next_expiry = self.next_expiry.min(expiry);
+        AttemptOutcome {
+            verdict,
+            used,
+            in_flight: in_flight.saturating_add(1),
+        }
+    }
+
+    fn end(&mut self, req: &EndRequest<'_>) -> bool {
+        // Pruning already dropped the record if its lease ran out: an
+        // expired request is no longer in flight and is not settled.
+        if self.in_flight.remove(req.request_id).is_none() {
+            return false;
+        }
+        let now = req.now_ms;
+        for s in req.settlements {
+            if s.actual > s.reserved {
+                let c = self.current(s.window_secs, &s.unit, now);
+                c.count = c.count.saturating_add(s.actual - s.reserved);
+            } else if s.actual < s.reserved {
+                let back = s.reserved - s.actual;
+                if let Some(c) = self.counters.iter_mut().find(|c| {
+                    c.window_secs == s.window_secs
+                        && c.unit == s.unit
+                        && c.index == s.admitted_index
+                }) {
+                    c.count = c.count.saturating_sub(back);
+                }
+            }
+        }
+        true
+    }
+}
+
+impl CounterStore for MemoryStore {
+    async fn attempt(&self, req: &AttemptRequest<'_>) -> Result<AttemptOutcome, StoreError> {
+        Ok(self.with_entry(req.account, req.endpoint, req.now_ms, |e| e.attempt(req)))
+    }
+
+    async fn end(&self, req: &EndRequest<'_>) -> Result<bool, StoreError> {
+        Ok(self.with_entry(req.account, req.endpoint, req.now_ms, |e| e.end(req)))
+    }
+
+    async fn usage(&self, req: &UsageRequest<'_>) -> Result<Usage, StoreError> {
+        Ok(
+            self.with_entry(req.account, req.endpoint, req.now_ms, |e| Usage {
+                used: req
+                    .windows
+                    .iter()
+                    .map(|w| e.used(w.window_secs, &w.unit, req.now_ms))
+                    .collect(),
+                in_flight: e.live(req.now_ms),
+            }),
+        )
+    }
+
+    async fn renew(&self, req: &RenewRequest<'_>) -> Result<bool, StoreError> {
+        Ok(self.with_entry(req.account, req.endpoint, req.now_ms, |e| {
+            match e.in_flight.get_mut(req.request_id) {
+                Some(exp) => {
+                    // Pruning ran first, so a record still here is live.
+                    *exp = req.now_ms.saturating_add(req.lease_ms);
+                    true
+                }
+                None => false,
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::{Settlement, WindowSpec};
+
+    const T0: u64 = 1_700_000_000_000;
+
+    fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    fn spec(secs: u64, limit: u64, amount: u64) -> WindowSpec {
+        WindowSpec {
+            window_secs: secs,
+            limit,
+            unit: Unit::request(),
+            amount,
+        }
+    }
+
+    fn attempt(s: &MemoryStore, account: &str, id: &str, now: u64, lease: u64) -> Verdict {
+        let windows = [spec(60, 100, 1)];
+        run(s.attempt(&AttemptRequest {
+            request_id: id,
+            account,
+            endpoint: "e",
+            now_ms: now,
+            windows: &windows,
+            max_concurrent: 0,
+            lease_ms: lease,
+        }))
+        .expect("memory store does not fail")
+        .verdict
+    }
+
+    #[test]
+    fn ended_pairs_are_dropped_on_touch() {
+        let s = MemoryStore::with_options(4, u64::MAX);
+        assert_eq!(attempt(&s, "a", "r1", T0, 1_000), Verdict::Admitted);
+        let ended = run(s.end(&EndRequest {
+            request_id: "r1",
+            account: "a",
+            endpoint: "e",
+            now_ms: T0 + 10,
+            settlements: &[],
+        }))
+        .expect("end");
+        assert!(ended);
+        assert_eq!(s.len(), 1, "the window counter is still live");
+        // Touching the pair after its window ended drops everything.
+        let usage = run(s.usage(&UsageRequest {
+            account: "a",
+            endpoint: "e",
+            now_ms: T0 + 120_000,
+            windows: &[],
+        }))
+        .expect("usage");
+        assert_eq!(usage.in_flight, 0);
+        assert_eq!(s.len(), 0);
+    }
+
+    #[test]
+    fn sweep_drops_idle_pairs() {
+        let s = MemoryStore::with_options(8, u64::MAX);
+        for i in 0..1_000 {
+            let account = format!("acct-{i}");
+            assert_eq!(attempt(&s, &account, "r", T0, 5_000), Verdict::Admitted);
+        }
+        assert_eq!(s.len(), 1_000);
+        // Windows still current, leases still live: nothing goes.
+        s.sweep_all(T0 + 1_000);
+        assert_eq!(s.len(), 1_000);
+        // Leases expired, but the minute window is still current.
+        let minute_end = (T0 / 60_000 + 1) * 60_000;
+        s.sweep_all(minute_end - 1);
+        assert_eq!(s.len(), 1_000);
+        s.sweep_all(minute_end);
+        assert_eq!(s.len(), 0);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn amortized_sweep_reaches_every_shard() {
+        let s = MemoryStore::with_options(4, 2);
+        for i in 0..100 {
+            let account = format!("acct-{i}");
+            attempt(&s, &account, "r", T0, 1_000);
+        }
+        assert_eq!(s.len(), 100);
+        // Operations on one unrelated pair, long after: the round-robin
+        // sweep visits every shard within shards * sweep_every operations.
+        let later = T0 + 3_600_000;
+        for i in 0..8 {
+            attempt(&s, "busy", &format!("b{i}"), later, 1_000);
+        }
+        assert_eq!(s.len(), 1, "only the busy pair is left");
+    }
+
+    #[test]
+    fn expired_records_are_not_in_flight() {
+        let s = MemoryStore::new();
+        assert_eq!(attempt(&s, "a", "r1", T0, 1_000), Verdict::Admitted);
+        assert_eq!(attempt(&s, "a", "r1", T0 + 999, 1_000), Verdict::Duplicate);
+        // Lease over: the same id is admitted again, and ending the old
+        // one afterwards ends the new one (ids are the caller's business).
+        assert_eq!(attempt(&s, "a", "r1", T0 + 1_000, 1_000), Verdict::Admitted);
+        let settle = [Settlement {
+            window_secs: 60,
+            unit: Unit::request(),
+            admitted_index: window_index(T0, 60),
+            reserved: 1,
+            actual: 1,
+        }];
+        let ended = run(s.end(&EndRequest {
+            request_id: "r1",
+            account: "a",
+            endpoint: "e",
+            now_ms: T0 + 2_500,
+            settlements: &settle,
+        }))
+        .expect("end");
+        assert!(!ended, "its lease ran out at T0+2000");
+    }
+}

@@ -1,1 +1,493 @@
 //! Redis-compatible counter store: one atomic Lua script per operation.
+//!
+//! Each operation is one `EVALSHA` (redis-rs [`Script`] sends `EVALSHA`, and
+//! on `NOSCRIPT` — a fresh or restarted server — loads the script and
+//! retries once). Every key a script touches is passed in `KEYS` and shares
+//! one hash tag (see [`super::keys`]), so the scripts also run on Redis
+//! Cluster. Every key written gets a TTL in the same script that writes it.
+//!
+//! Times come from the caller (`now_ms`), never from the server clock, so
+//! every gateway instance agrees on window boundaries with its own clock
+//! and tests can drive time with a `ManualClock`. TTLs are therefore set
+//! relative (`PEXPIRE`), computed from the caller's time.
+//!
+//! Two connection modes sit behind [`RedisStore`]; see [`RedisMode`] and
+//! docs/LIMITER.md for the measurements that chose the default.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncConnectionConfig, RedisError, Script, ScriptInvocation, Value};
+
+use super::keys::{Keys, DEFAULT_PREFIX};
+use super::{
+    AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
+    UsageRequest, Verdict,
+};
+use crate::clock::{window_index, window_reset_ms};
+
+/// Keys outlive their window by this much, so that a gateway whose clock
+/// runs slightly behind still finds the counter of a window that has just
+/// ended by another instance's clock.
+pub const TTL_SLACK_MS: u64 = 5_000;
+
+/// Admit or deny. KEYS[1] in-flight zset, KEYS[1+i] window i's counter.
+/// ARGV: now, request id, max concurrent, lease expiry ms, slack ms, then per
+/// window: limit, amount, ttl ms.
+/// Returns {verdict, window index (1-based, 0 if none), in flight, used...}
+/// with verdict 0 admitted, 1 window full, 2 concurrency full, 3 duplicate.
+/// Nothing is written unless admitted.
+const ATTEMPT_LUA: &str = r#"
+local now = tonumber(ARGV[1])
+local id = ARGV[2]
+local max_conc = tonumber(ARGV[3])
+local expiry = tonumber(ARGV[4])
+local slack = tonumber(ARGV[5])
+local n = #KEYS - 1
+local used = {}
+for i = 1, n do
+  used[i] = redis.call('GET', KEYS[i + 1]) or 0
+end
+local live = redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[1], '+inf')
+local verdict, at = 0, 0
+local score = redis.call('ZSCORE', KEYS[1], id)
+if score and tonumber(score) > now then
+  verdict = 3
+else
+  for i = 1, n do
+    local limit = tonumber(ARGV[3 + 3 * i])
+    local amount = tonumber(ARGV[4 + 3 * i])
+    if tonumber(used[i]) + math.max(amount, 1) > limit then
+      verdict, at = 1, i
+      break
+    end
+  end
+  if verdict == 0 and max_conc > 0 and live >= max_conc then
+    verdict = 2
+  end
+end
+if verdict == 0 then
+  for i = 1, n do
+    if ARGV[4 + 3 * i] ~= '0' then
+      used[i] = redis.call('INCRBY', KEYS[i + 1], ARGV[4 + 3 * i])
+      redis.call('PEXPIRE', KEYS[i + 1], ARGV[5 + 3 * i])
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+  redis.call('ZADD', KEYS[1], ARGV[4], id)
+  live = live + 1
+  -- The set lives as long as its longest lease (leases may differ after
+  -- a plan change).
+  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  redis.call('PEXPIRE', KEYS[1], math.max(tonumber(last[2]), expiry) - now + slack)
+end
+local out = {verdict, at, live}
+for i = 1, n do
+  out[3 + i] = used[i]
+end
+return out
+"#;
+
+/// End a request. KEYS[1] in-flight zset; per settlement i:
+/// KEYS[2i] counter of the current window, KEYS[2i+1] counter of the
+/// admission window. ARGV: now, request id, then per settlement: units to
+/// add, units to give back, ttl ms of the current window's counter.
+/// Returns 1 if the request was in flight (and settles only then).
+const END_LUA: &str = r#"
+local now = tonumber(ARGV[1])
+local score = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not score then
+  return 0
+end
+redis.call('ZREM', KEYS[1], ARGV[2])
+if tonumber(score) <= now then
+  return 0
+end
+local n = (#KEYS - 1) / 2
+for i = 1, n do
+  local add = ARGV[3 * i]
+  local back = tonumber(ARGV[3 * i + 1])
+  if add ~= '0' then
+    redis.call('INCRBY', KEYS[2 * i], add)
+    redis.call('PEXPIRE', KEYS[2 * i], ARGV[3 * i + 2])
+  elseif back > 0 then
+    local v = redis.call('GET', KEYS[2 * i + 1])
+    if v then
+      local take = math.min(tonumber(v), back)
+      if take > 0 then
+        redis.call('DECRBY', KEYS[2 * i + 1], take)
+      end
+    end
+  end
+end
+return 1
+"#;
+
+/// Read usage. KEYS[1] in-flight zset, KEYS[1+i] window i's counter.
+/// ARGV: now. Returns {in flight, used...}. Writes nothing.
+const USAGE_LUA: &str = r#"
+local out = {redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[1], '+inf')}
+for i = 2, #KEYS do
+  out[i] = redis.call('GET', KEYS[i]) or 0
+end
+return out
+"#;
+
+/// Renew a lease. KEYS[1] in-flight zset. ARGV: now, request id, new lease
+/// expiry ms, the set's minimum TTL ms. Returns 1 if the request was (live) in flight.
+const RENEW_LUA: &str = r#"
+local now = tonumber(ARGV[1])
+local score = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not score or tonumber(score) <= now then
+  return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+local ttl = tonumber(ARGV[4])
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
+"#;
+
+/// How [`RedisStore`] talks to Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One multiplexed connection (pipelining every concurrent request)
+    /// held by redis-rs' `ConnectionManager`, which reconnects by itself.
+    /// The default: measured fastest (docs/LIMITER.md).
+    Multiplexed,
+    /// A deadpool-redis pool of up to `max_size` connections. deadpool
+    /// pings a connection on every checkout, so each operation costs an
+    /// extra round trip; broken connections are replaced on checkout.
+    Pooled { max_size: usize },
+}
+
+/// Options of a [`RedisStore`].
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    pub mode: RedisMode,
+    /// Prefix of every key (default `pg:`); tests use a unique one.
+    pub key_prefix: String,
+    /// A connection attempt gives up after this long.
+    pub connect_timeout: Duration,
+    /// A reply that takes longer fails the call and (multiplexed mode)
+    /// makes the connection reconnect, so a dead server is noticed even
+    /// when no TCP reset arrives.
+    pub response_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            mode: RedisMode::Multiplexed,
+            key_prefix: DEFAULT_PREFIX.to_owned(),
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+enum Conn {
+    Multiplexed(ConnectionManager),
+    Pooled(deadpool_redis::Pool),
+}
+
+/// The Redis-compatible [`CounterStore`] (Redis >= 6, Valkey; Garnet with
+/// `--lua --lua-transaction-mode`).
+pub struct RedisStore {
+    conn: Conn,
+    mode: RedisMode,
+    keys: Keys,
+    attempt: Script,
+    end: Script,
+    usage: Script,
+    renew: Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("mode", &self.mode)
+            .field("prefix", &self.keys.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A store on `url` (`redis://[user:pass@]host:port[/db]`) with default
+    /// options. Connects lazily: this fails only on a malformed URL, and a
+    /// store created while Redis is down starts working when it is back.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, RedisOptions::default()).await
+    }
+
+    /// A store on `url` with `options`; lazy like [`RedisStore::connect`].
+    pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
+        let bad_url = |e: RedisError| StoreError::Unavailable(format!("bad redis url: {e}"));
+        let conn = match options.mode {
+            RedisMode::Multiplexed => {
+                let client = redis::Client::open(url).map_err(bad_url)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(options.connect_timeout))
+                    .set_response_timeout(Some(options.response_timeout))
+                    // Keep retrying a lost server for a while; after that the
+                    // next failed call starts a new round of retries.
+                    .set_max_delay(Duration::from_secs(2));
+                Conn::Multiplexed(
+                    ConnectionManager::new_lazy_with_config(client, config).map_err(bad_url)?,
+                )
+            }
+            RedisMode::Pooled { max_size } => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(options.connect_timeout))
+                    .set_response_timeout(Some(options.response_timeout));
+                let manager =
+                    deadpool_redis::Manager::new_with_config(url, config).map_err(bad_url)?;
+                let pool = deadpool_redis::Pool::builder(manager)
+                    .max_size(max_size.max(1))
+                    .runtime(deadpool_redis::Runtime::Tokio1)
+                    .wait_timeout(Some(options.response_timeout))
+                    .create_timeout(Some(options.connect_timeout))
+                    .recycle_timeout(Some(options.response_timeout))
+                    .build()
+                    .map_err(|e| StoreError::Unavailable(format!("redis pool: {e}")))?;
+                Conn::Pooled(pool)
+            }
+        };
+        Ok(RedisStore {
+            conn,
+            mode: options.mode,
+            keys: Keys::new(&options.key_prefix),
+            attempt: Script::new(ATTEMPT_LUA),
+            end: Script::new(END_LUA),
+            usage: Script::new(USAGE_LUA),
+            renew: Script::new(RENEW_LUA),
+        })
+    }
+
+    /// The key names this store uses.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The connection mode.
+    pub fn mode(&self) -> RedisMode {
+        self.mode
+    }
+
+    /// Check that Redis answers (for readiness probes).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("PING");
+        let cmd = &mut cmd;
+        match &self.conn {
+            Conn::Multiplexed(m) => {
+                let mut c = m.clone();
+                cmd.query_async::<()>(&mut c).await.map_err(map_err)
+            }
+            Conn::Pooled(p) => {
+                let mut c = p.get().await.map_err(map_pool_err)?;
+                cmd.query_async::<()>(&mut c).await.map_err(map_err)
+            }
+        }
+    }
+
+    async fn run(&self, inv: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
+        match &self.conn {
+            Conn::Multiplexed(m) => {
+                // Cloning a ConnectionManager is cheap: clones share the
+                // one multiplexed connection.
+                let mut c = m.clone();
+                invoke(inv, &mut c).await
+            }
+            Conn::Pooled(p) => {
+                let mut c = p.get().await.map_err(map_pool_err)?;
+                invoke(inv, &mut c).await
+            }
+        }
+    }
+}
+
+async fn invoke(
+    inv: &ScriptInvocation<'_>,
+    c: &mut impl ConnectionLike,
+) -> Result<Value, StoreError> {
+    inv.invoke_async::<Value>(c).await.map_err(map_err)
+}
+
+fn map_err(e: RedisError) -> StoreError {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Protocol(e.to_string())
+    }
+}
+
+fn map_pool_err(e: deadpool_redis::PoolError) -> StoreError {
+    match e {
+        deadpool_redis::PoolError::Backend(e) => map_err(e),
+        other => StoreError::Unavailable(format!("redis pool: {other}")),
+    }
+}
+
+fn bad_reply(what: &str, v: &Value) -> StoreError {
+    StoreError::Protocol(format!("unexpected {what} reply from redis: {v:?}"))
+}
+
+/// A counter or count from a script reply: an integer, or the string a
+/// `GET` returned.
+fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn array(what: &str, v: Value) -> Result<Vec<Value>, StoreError> {
+    match v {
+        Value::Array(items) => Ok(items),
+        other => Err(bad_reply(what, &other)),
+    }
+}
+
+fn int_list(what: &str, items: &[Value]) -> Result<Vec<u64>, StoreError> {
+    items
+        .iter()
+        .map(|v| as_u64(v).ok_or_else(|| bad_reply(what, v)))
+        .collect()
+}
+
+fn flag(what: &str, v: Value) -> Result<bool, StoreError> {
+    match as_u64(&v) {
+        Some(0) => Ok(false),
+        Some(1) => Ok(true),
+        _ => Err(bad_reply(what, &v)),
+    }
+}
+
+fn count_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// TTL of window counter keys: until the window ends, plus slack.
+fn window_ttl_ms(now_ms: u64, window_secs: u64) -> u64 {
+    window_reset_ms(now_ms, window_secs) + TTL_SLACK_MS
+}
+
+impl CounterStore for RedisStore {
+    async fn attempt(&self, req: &AttemptRequest<'_>) -> Result<AttemptOutcome, StoreError> {
+        let mut inv = self.attempt.prepare_invoke();
+        inv.key(self.keys.in_flight(req.account, req.endpoint))
+            .arg(req.now_ms)
+            .arg(req.request_id)
+            .arg(req.max_concurrent)
+            .arg(req.now_ms.saturating_add(req.lease_ms))
+            .arg(TTL_SLACK_MS);
+        for w in req.windows {
+            let index = window_index(req.now_ms, w.window_secs);
+            inv.key(self.keys.window(
+                req.account,
+                req.endpoint,
+                w.window_secs,
+                w.unit.as_str(),
+                index,
+            ))
+            .arg(w.limit)
+            .arg(w.amount)
+            .arg(window_ttl_ms(req.now_ms, w.window_secs));
+        }
+        let reply = array("attempt", self.run(&inv).await?)?;
+        let nums = int_list("attempt", &reply)?;
+        if nums.len() != 3 + req.windows.len() {
+            return Err(StoreError::Protocol(format!(
+                "attempt reply has {} fields, expected {}",
+                nums.len(),
+                3 + req.windows.len()
+            )));
+        }
+        let verdict = match (nums[0], nums[1]) {
+            (0, _) => Verdict::Admitted,
+            (1, i) if i >= 1 && i as usize <= req.windows.len() => Verdict::WindowFull {
+                index: i as usize - 1,
+            },
+            (2, _) => Verdict::ConcurrencyFull,
+            (3, _) => Verdict::Duplicate,
+            (v, i) => {
+                return Err(StoreError::Protocol(format!(
+                    "attempt reply has verdict {v} / window {i}"
+                )))
+            }
+        };
+        Ok(AttemptOutcome {
+            verdict,
+            used: nums[3..].to_vec(),
+            in_flight: count_u32(nums[2]),
+        })
+    }
+
+    async fn end(&self, req: &EndRequest<'_>) -> Result<bool, StoreError> {
+        let mut inv = self.end.prepare_invoke();
+        inv.key(self.keys.in_flight(req.account, req.endpoint))
+            .arg(req.now_ms)
+            .arg(req.request_id);
+        for s in req.settlements {
+            let unit = s.unit.as_str();
+            let current = window_index(req.now_ms, s.window_secs);
+            inv.key(
+                self.keys
+                    .window(req.account, req.endpoint, s.window_secs, unit, current),
+            )
+            .key(self.keys.window(
+                req.account,
+                req.endpoint,
+                s.window_secs,
+                unit,
+                s.admitted_index,
+            ))
+            .arg(s.actual.saturating_sub(s.reserved))
+            .arg(s.reserved.saturating_sub(s.actual))
+            .arg(window_ttl_ms(req.now_ms, s.window_secs));
+        }
+        flag("end", self.run(&inv).await?)
+    }
+
+    async fn usage(&self, req: &UsageRequest<'_>) -> Result<Usage, StoreError> {
+        let mut inv = self.usage.prepare_invoke();
+        inv.key(self.keys.in_flight(req.account, req.endpoint))
+            .arg(req.now_ms);
+        for w in req.windows {
+            let index = window_index(req.now_ms, w.window_secs);
+            inv.key(self.keys.window(
+                req.account,
+                req.endpoint,
+                w.window_secs,
+                w.unit.as_str(),
+                index,
+            ));
+        }
+        let reply = array("usage", self.run(&inv).await?)?;
+        let nums = int_list("usage", &reply)?;
+        match nums.split_first() {
+            Some((&in_flight, used)) if used.len() == req.windows.len() => Ok(Usage {
+                used: used.to_vec(),
+                in_flight: count_u32(in_flight),
+            }),
+            _ => Err(StoreError::Protocol(format!(
+                "usage reply has {} fields, expected {}",
+                nums.len(),
+                1 + req.windows.len()
+            ))),
+        }
+    }
+
+    async fn renew(&self, req: &RenewRequest<'_>) -> Result<bool, StoreError> {
+        let mut inv = self.renew.prepare_invoke();
+        inv.key(self.keys.in_flight(req.account, req.endpoint))
+            .arg(req.now_ms)
+            .arg(req.request_id)
+            .arg(req.now_ms.saturating_add(req.lease_ms))
+            .arg(req.lease_ms.saturating_add(TTL_SLACK_MS));
+        flag("renew", self.run(&inv).await?)
+    }
+}

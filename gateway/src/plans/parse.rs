@@ -1,22 +1,60 @@
 //! Parsing `plans.yaml` (and the same schema as JSON) into checked
 //! [`crate::plans`] types, with file:line errors; and rendering plans back
 //! into that schema (for Postgres JSONB and the admin API).
+//!
+//! The document is first read into a tree that keeps each node's line and
+//! column (`tree.rs`); the checks below walk that tree and collect every
+//! problem they find instead of stopping at the first, so one run of
+//! `plangate check-config` shows them all.
 
+mod tree;
+
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
-use crate::config::{ConfigError, ConfigErrors};
-use crate::plans::{Plan, PlanSet};
+use serde_json::{json, Map as JsonMap, Value as Json};
 
-/// Parse the text of a plans file. `origin` names it in errors.
+use self::tree::{Node, Pos, Value};
+use crate::config::{parse_duration, ConfigError, ConfigErrors};
+use crate::plans::{
+    CreditCost, PerUnit, Plan, PlanSet, Policy, Unit, Window, DEFAULT_CONCURRENCY_EXPIRY_SECS,
+    REQUEST_UNIT,
+};
+
+/// Plan and endpoint ids are opaque strings of at most this many bytes.
+pub const MAX_ID_BYTES: usize = 200;
+
+/// Unit names longer than this are refused: they become HTTP header names.
+pub const MAX_UNIT_BYTES: usize = 64;
+
+/// The unit name reserved for credits (`x-credits-remaining`).
+pub const RESERVED_UNIT: &str = "credit";
+
+/// The pseudo file name used in errors about plans given as JSON.
+pub const JSON_ORIGIN: &str = "<json>";
+
+/// Parse the text of a plans file (YAML, or JSON, which is YAML too).
+/// `origin` names it in errors. Returns every problem found, in file order.
 pub fn parse_plans(text: &str, origin: &str) -> Result<PlanSet, ConfigErrors> {
-    let _ = text;
-    Err(ConfigErrors(vec![ConfigError {
-        file: origin.into(),
-        line: None,
-        column: None,
-        key: String::new(),
-        message: "plans parsing is not built yet".into(),
-    }]))
+    let mut checker = Checker::new(origin);
+    let root = match tree::parse_yaml(text) {
+        Ok(Some(root)) => root,
+        Ok(None) => {
+            checker.error(
+                Pos::default(),
+                "",
+                "the file is empty; expected a `plans:` mapping of plan id to plan",
+            );
+            return Err(checker.into_errors());
+        }
+        Err(e) => {
+            checker.error(e.pos, "", format!("YAML syntax error: {}", e.message));
+            return Err(checker.into_errors());
+        }
+    };
+    let set = checker.plan_set(&root);
+    checker.finish(set)
 }
 
 /// Read and parse a plans file.
@@ -36,20 +74,681 @@ pub fn load_plans_file(path: &Path) -> Result<PlanSet, ConfigErrors> {
 
 /// One plan in the plans.yaml schema (`{"name":..., "endpoints": {...}}`),
 /// as stored in Postgres JSONB and shown by the admin API.
-pub fn plan_to_json(plan: &Plan) -> serde_json::Value {
-    let _ = plan;
-    serde_json::Value::Null
+pub fn plan_to_json(plan: &Plan) -> Json {
+    let endpoints: JsonMap<String, Json> = plan
+        .endpoints
+        .iter()
+        .map(|(id, policy)| (id.clone(), policy_to_json(policy)))
+        .collect();
+    json!({ "name": plan.name, "endpoints": endpoints })
+}
+
+fn policy_to_json(policy: &Policy) -> Json {
+    let windows: Vec<Json> = policy
+        .windows
+        .iter()
+        .map(|w| {
+            json!({
+                "window": render_secs(w.window_secs),
+                "limit": w.limit,
+                "unit_type": w.unit.as_str(),
+            })
+        })
+        .collect();
+    let mut out = JsonMap::new();
+    out.insert("fixed_windows".into(), Json::Array(windows));
+    out.insert("max_concurrent".into(), json!(policy.max_concurrent));
+    out.insert(
+        "concurrency_expiry".into(),
+        json!(render_secs(policy.concurrency_expiry_secs)),
+    );
+    if let Some(credits) = &policy.credits {
+        let per_unit: JsonMap<String, Json> = credits
+            .per_unit
+            .iter()
+            .map(|(unit, p)| {
+                (
+                    unit.as_str().to_string(),
+                    json!({ "credits": p.credits, "per": p.per }),
+                )
+            })
+            .collect();
+        out.insert(
+            "credits".into(),
+            json!({
+                "min_balance": credits.min_balance,
+                "per_request": credits.per_request,
+                "per_unit": per_unit,
+            }),
+        );
+    }
+    Json::Object(out)
+}
+
+fn render_secs(secs: u64) -> String {
+    format!("{secs}s")
 }
 
 /// The inverse of [`plan_to_json`], with the same checks as the file.
-pub fn plan_from_json(id: &str, value: &serde_json::Value) -> Result<Plan, ConfigErrors> {
-    let _ = (id, value);
-    Err(ConfigErrors(vec![]))
+/// Errors name the pseudo file [`JSON_ORIGIN`] and the key path
+/// `plans.<id>...`.
+pub fn plan_from_json(id: &str, value: &Json) -> Result<Plan, ConfigErrors> {
+    let mut checker = Checker::new(JSON_ORIGIN);
+    let node = match tree::from_json(value) {
+        Ok(node) => node,
+        Err(e) => {
+            checker.error(e.pos, &format!("plans.{}", segment(id)), e.message);
+            return Err(checker.into_errors());
+        }
+    };
+    checker.check_id(Pos::default(), "plans", id);
+    let plan = checker.plan(id, &node, &format!("plans.{}", segment(id)));
+    checker.finish(plan)
 }
 
 /// A whole plan set in the plans.yaml schema
 /// (`{"default_plan": ..., "plans": {...}}`).
-pub fn plans_to_json(plans: &PlanSet) -> serde_json::Value {
-    let _ = plans;
-    serde_json::Value::Null
+pub fn plans_to_json(plans: &PlanSet) -> Json {
+    let map: JsonMap<String, Json> = plans
+        .plans
+        .iter()
+        .map(|(id, plan)| (id.clone(), plan_to_json(plan)))
+        .collect();
+    json!({ "default_plan": plans.default_plan, "plans": map })
 }
+
+/// Check a unit name: the rules shared by plans (`unit_type`, `per_unit`)
+/// and routes (`usage.<unit>`, `reserve.<unit>`). Units become part of
+/// header names (`x-ratelimit-limit-<unit>s`), hence the character set.
+pub fn check_unit_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a unit name must not be empty".into());
+    }
+    if name == RESERVED_UNIT {
+        return Err(format!(
+            "`{RESERVED_UNIT}` is a reserved unit name (credits are configured under `credits:`)"
+        ));
+    }
+    if name.len() > MAX_UNIT_BYTES {
+        return Err(format!(
+            "unit name is {} bytes; at most {MAX_UNIT_BYTES} are allowed",
+            name.len()
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "unit name `{name}` contains {bad:?}; use letters, digits, `-`, `_` and `.`"
+        ));
+    }
+    Ok(())
+}
+
+/// A key path segment: ids that would make the dotted path ambiguous are
+/// quoted.
+fn segment(id: &str) -> String {
+    let plain = !id.is_empty()
+        && id
+            .chars()
+            .all(|c| !c.is_whitespace() && !matches!(c, '.' | '[' | ']' | '"'));
+    if plain {
+        id.to_string()
+    } else {
+        format!("{id:?}")
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// The entries of a mapping with fixed keys, after unknown and duplicate
+/// keys have been reported.
+struct Fields<'n> {
+    pos: Pos,
+    entries: Vec<(&'n str, &'n Node, &'n Node)>,
+}
+
+impl<'n> Fields<'n> {
+    fn get(&self, name: &str) -> Option<&'n Node> {
+        self.entries
+            .iter()
+            .find(|(k, _, _)| *k == name)
+            .map(|(_, _, v)| *v)
+    }
+
+    /// The value, treating an explicit null as absent.
+    fn value(&self, name: &str) -> Option<&'n Node> {
+        self.get(name).filter(|n| n.value != Value::Null)
+    }
+
+    fn key_pos(&self, name: &str) -> Option<Pos> {
+        self.entries
+            .iter()
+            .find(|(k, _, _)| *k == name)
+            .map(|(_, k, _)| k.pos)
+    }
+}
+
+/// Walks the tree, building plans and collecting errors.
+struct Checker<'a> {
+    origin: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl<'a> Checker<'a> {
+    fn new(origin: &'a str) -> Self {
+        Checker {
+            origin,
+            errors: Vec::new(),
+        }
+    }
+
+    fn error(&mut self, pos: Pos, key: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.origin.to_string(),
+            line: pos.line(),
+            column: pos.col(),
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn into_errors(mut self) -> ConfigErrors {
+        // Errors in file order; the sort is stable, so unlocated (JSON)
+        // errors keep the order they were found in.
+        self.errors
+            .sort_by_key(|e| (e.line.unwrap_or(0), e.column.unwrap_or(0)));
+        ConfigErrors(self.errors)
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, ConfigErrors> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.into_errors())
+        }
+    }
+
+    /// A mapping whose keys must be among `allowed`. A null counts as an
+    /// empty mapping. Returns `None` (after reporting) if it is no mapping.
+    fn fields<'n>(&mut self, node: &'n Node, path: &str, allowed: &[&str]) -> Option<Fields<'n>> {
+        let entries = self.entries(node, path)?;
+        let mut fields = Fields {
+            pos: node.pos,
+            entries: Vec::new(),
+        };
+        for (name, key, value) in entries {
+            if allowed.contains(&name) {
+                fields.entries.push((name, key, value));
+            } else {
+                let expected = allowed
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                self.error(
+                    key.pos,
+                    &join(path, &segment(name)),
+                    format!("unknown key `{name}` (expected one of {expected})"),
+                );
+            }
+        }
+        Some(fields)
+    }
+
+    /// The entries of a mapping with free-form keys (ids, units), after
+    /// reporting non-scalar and duplicate keys. A null is an empty mapping.
+    fn entries<'n>(
+        &mut self,
+        node: &'n Node,
+        path: &str,
+    ) -> Option<Vec<(&'n str, &'n Node, &'n Node)>> {
+        let entries = match &node.value {
+            Value::Map(entries) => entries,
+            Value::Null => return Some(Vec::new()),
+            _ => {
+                self.error(
+                    node.pos,
+                    path,
+                    format!("expected a mapping, found {}", node.kind()),
+                );
+                return None;
+            }
+        };
+        let mut out: Vec<(&'n str, &'n Node, &'n Node)> = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            let name = match &key.value {
+                Value::Scalar { text, .. } => text.as_str(),
+                // `~:` as a key is odd but is the text "~" to a reader.
+                Value::Null => "~",
+                _ => {
+                    self.error(
+                        key.pos,
+                        path,
+                        format!("a key must be a scalar, found {}", key.kind()),
+                    );
+                    continue;
+                }
+            };
+            if out.iter().any(|(k, _, _)| *k == name) {
+                self.error(
+                    key.pos,
+                    &join(path, &segment(name)),
+                    format!("duplicate key `{name}`"),
+                );
+                continue;
+            }
+            out.push((name, key, value));
+        }
+        Some(out)
+    }
+
+    fn string(&mut self, node: &Node, path: &str) -> Option<String> {
+        match &node.value {
+            Value::Scalar { text, .. } => Some(text.clone()),
+            _ => {
+                self.error(
+                    node.pos,
+                    path,
+                    format!("expected a string, found {}", node.kind()),
+                );
+                None
+            }
+        }
+    }
+
+    /// A non-negative integer at least `min`; underscores between digits
+    /// (`40_000`) are allowed, as in the original format.
+    fn uint(&mut self, node: &Node, path: &str, min: u64) -> Option<u64> {
+        let Value::Scalar { text, .. } = &node.value else {
+            self.error(
+                node.pos,
+                path,
+                format!("expected an integer, found {}", node.kind()),
+            );
+            return None;
+        };
+        match parse_uint(text) {
+            Ok(n) if n >= min => Some(n),
+            Ok(_) | Err(UintError::Negative) => {
+                self.error(node.pos, path, format!("must be at least {min}"));
+                None
+            }
+            Err(UintError::TooLarge) => {
+                self.error(node.pos, path, format!("`{text}` is too large"));
+                None
+            }
+            Err(UintError::Fraction) => {
+                self.error(node.pos, path, format!("`{text}` is not a whole number"));
+                None
+            }
+            Err(UintError::NotANumber) => {
+                self.error(
+                    node.pos,
+                    path,
+                    format!("expected an integer, found `{text}`"),
+                );
+                None
+            }
+        }
+    }
+
+    /// A duration of whole seconds, at least one second.
+    fn seconds(&mut self, node: &Node, path: &str) -> Option<u64> {
+        let Value::Scalar { text, .. } = &node.value else {
+            self.error(
+                node.pos,
+                path,
+                format!("expected a duration such as `60s`, found {}", node.kind()),
+            );
+            return None;
+        };
+        let d = match parse_duration(text) {
+            Ok(d) => d,
+            Err(e) => {
+                self.error(node.pos, path, e);
+                return None;
+            }
+        };
+        if d.as_secs() < 1 {
+            self.error(node.pos, path, "must be at least 1s");
+            return None;
+        }
+        if d.subsec_nanos() != 0 {
+            self.error(
+                node.pos,
+                path,
+                format!("`{text}` is not a whole number of seconds"),
+            );
+            return None;
+        }
+        Some(d.as_secs())
+    }
+
+    fn check_id(&mut self, pos: Pos, path: &str, id: &str) -> bool {
+        let problem = if id.is_empty() {
+            Some("an id must not be empty".to_string())
+        } else if id.len() > MAX_ID_BYTES {
+            Some(format!(
+                "id is {} bytes long; at most {MAX_ID_BYTES} bytes are allowed",
+                id.len()
+            ))
+        } else {
+            None
+        };
+        match problem {
+            Some(message) => {
+                self.error(pos, &join(path, &segment(id)), message);
+                false
+            }
+            None => true,
+        }
+    }
+
+    fn unit(&mut self, node: &Node, path: &str) -> Option<Unit> {
+        let name = self.string(node, path)?;
+        match check_unit_name(&name) {
+            Ok(()) => Some(Unit::new(&name)),
+            Err(e) => {
+                self.error(node.pos, path, e);
+                None
+            }
+        }
+    }
+
+    fn plan_set(&mut self, root: &Node) -> PlanSet {
+        let mut set = PlanSet::default();
+        let Some(fields) = self.fields(root, "", &["default_plan", "plans"]) else {
+            return set;
+        };
+        match fields.get("plans") {
+            None => self.error(
+                fields.pos,
+                "plans",
+                "missing `plans` (a mapping of plan id to plan)",
+            ),
+            Some(plans) => {
+                let entries = self.entries(plans, "plans").unwrap_or_default();
+                for (id, key, value) in entries {
+                    if !self.check_id(key.pos, "plans", id) {
+                        continue;
+                    }
+                    let plan = self.plan(id, value, &format!("plans.{}", segment(id)));
+                    set.plans.insert(id.to_string(), Arc::new(plan));
+                }
+            }
+        }
+        if let Some(node) = fields.value("default_plan") {
+            if let Some(id) = self.string(node, "default_plan") {
+                if set.plans.contains_key(&id) {
+                    set.default_plan = Some(id);
+                } else {
+                    let known = set
+                        .plans
+                        .keys()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    self.error(
+                        node.pos,
+                        "default_plan",
+                        format!("no plan named `{id}` (plans: {known})"),
+                    );
+                }
+            }
+        }
+        set
+    }
+
+    fn plan(&mut self, id: &str, node: &Node, path: &str) -> Plan {
+        let mut plan = Plan {
+            id: id.to_string(),
+            name: id.to_string(),
+            endpoints: BTreeMap::new(),
+        };
+        let Some(fields) = self.fields(node, path, &["name", "endpoints"]) else {
+            return plan;
+        };
+        if let Some(name) = fields.value("name") {
+            if let Some(name) = self.string(name, &join(path, "name")) {
+                plan.name = name;
+            }
+        }
+        if let Some(endpoints) = fields.get("endpoints") {
+            let path = join(path, "endpoints");
+            let entries = self.entries(endpoints, &path).unwrap_or_default();
+            for (endpoint, key, value) in entries {
+                if !self.check_id(key.pos, &path, endpoint) {
+                    continue;
+                }
+                let policy = self.policy(value, &join(&path, &segment(endpoint)));
+                plan.endpoints
+                    .insert(endpoint.to_string(), Arc::new(policy));
+            }
+        }
+        plan
+    }
+
+    fn policy(&mut self, node: &Node, path: &str) -> Policy {
+        let mut policy = Policy {
+            windows: Vec::new(),
+            max_concurrent: 0,
+            concurrency_expiry_secs: DEFAULT_CONCURRENCY_EXPIRY_SECS,
+            credits: None,
+        };
+        let Some(fields) = self.fields(
+            node,
+            path,
+            &[
+                "fixed_windows",
+                "sliding_windows",
+                "max_concurrent",
+                "concurrency_expiry",
+                "credits",
+            ],
+        ) else {
+            return policy;
+        };
+        if let Some(pos) = fields.key_pos("sliding_windows") {
+            self.error(
+                pos,
+                &join(path, "sliding_windows"),
+                "sliding windows are not supported: only `fixed_windows` are \
+                 (rename the key to `fixed_windows`)",
+            );
+        }
+        if let Some(windows) = fields.value("fixed_windows") {
+            self.windows(windows, &join(path, "fixed_windows"), &mut policy.windows);
+        }
+        if let Some(node) = fields.value("max_concurrent") {
+            let key = join(path, "max_concurrent");
+            if let Some(n) = self.uint(node, &key, 0) {
+                match u32::try_from(n) {
+                    Ok(n) => policy.max_concurrent = n,
+                    Err(_) => self.error(node.pos, &key, format!("must be at most {}", u32::MAX)),
+                }
+            }
+        }
+        if let Some(expiry) = fields.value("concurrency_expiry") {
+            if let Some(secs) = self.seconds(expiry, &join(path, "concurrency_expiry")) {
+                policy.concurrency_expiry_secs = secs;
+            }
+        }
+        if let Some(credits) = fields.value("credits") {
+            policy.credits = self.credits(credits, &join(path, "credits"));
+        }
+        policy
+    }
+
+    fn windows(&mut self, node: &Node, path: &str, out: &mut Vec<Window>) {
+        let Value::Seq(items) = &node.value else {
+            self.error(
+                node.pos,
+                path,
+                format!("expected a list of windows, found {}", node.kind()),
+            );
+            return;
+        };
+        // (window, unit) -> index of the first window with that pair.
+        let mut seen: HashMap<(u64, Unit), usize> = HashMap::new();
+        for (i, item) in items.iter().enumerate() {
+            let item_path = format!("{path}[{i}]");
+            let Some(window) = self.window(item, &item_path) else {
+                continue;
+            };
+            let pair = (window.window_secs, window.unit.clone());
+            if let Some(first) = seen.get(&pair) {
+                self.error(
+                    item.pos,
+                    &item_path,
+                    format!(
+                        "duplicate window: `{}` per {}s is already limited by {path}[{first}]",
+                        window.unit, window.window_secs
+                    ),
+                );
+                continue;
+            }
+            seen.insert(pair, i);
+            out.push(window);
+        }
+    }
+
+    fn window(&mut self, node: &Node, path: &str) -> Option<Window> {
+        let fields = self.fields(node, path, &["window", "limit", "unit_type", "unit_kind"])?;
+        let secs = match fields.value("window") {
+            Some(w) => self.seconds(w, &join(path, "window")),
+            None => {
+                self.error(
+                    fields.pos,
+                    &join(path, "window"),
+                    "missing `window` (e.g. `60s`)",
+                );
+                None
+            }
+        };
+        let limit = match fields.value("limit") {
+            Some(l) => self.uint(l, &join(path, "limit"), 1),
+            None => {
+                self.error(fields.pos, &join(path, "limit"), "missing `limit`");
+                None
+            }
+        };
+        let unit = match (fields.value("unit_type"), fields.value("unit_kind")) {
+            (Some(_), Some(kind)) => {
+                self.error(
+                    kind.pos,
+                    &join(path, "unit_kind"),
+                    "give either `unit_type` or its alias `unit_kind`, not both",
+                );
+                None
+            }
+            (Some(u), None) => self.unit(u, &join(path, "unit_type")),
+            (None, Some(u)) => self.unit(u, &join(path, "unit_kind")),
+            (None, None) => Some(Unit::new(REQUEST_UNIT)),
+        };
+        Some(Window {
+            window_secs: secs?,
+            limit: limit?,
+            unit: unit?,
+        })
+    }
+
+    fn credits(&mut self, node: &Node, path: &str) -> Option<CreditCost> {
+        let fields = self.fields(node, path, &["min_balance", "per_request", "per_unit"])?;
+        let mut cost = CreditCost::default();
+        let mut ok = true;
+        for (name, slot) in [
+            ("min_balance", &mut cost.min_balance),
+            ("per_request", &mut cost.per_request),
+        ] {
+            if let Some(n) = fields.value(name) {
+                match self.uint(n, &join(path, name), 0) {
+                    Some(n) => *slot = n,
+                    None => ok = false,
+                }
+            }
+        }
+        if let Some(per_unit) = fields.get("per_unit") {
+            let path = join(path, "per_unit");
+            let entries = self.entries(per_unit, &path).unwrap_or_default();
+            for (name, key, value) in entries {
+                let unit_path = join(&path, &segment(name));
+                if let Err(e) = check_unit_name(name) {
+                    self.error(key.pos, &unit_path, e);
+                    ok = false;
+                    continue;
+                }
+                match self.per_unit(value, &unit_path) {
+                    Some(p) => {
+                        cost.per_unit.insert(Unit::new(name), p);
+                    }
+                    None => ok = false,
+                }
+            }
+        }
+        ok.then_some(cost)
+    }
+
+    fn per_unit(&mut self, node: &Node, path: &str) -> Option<PerUnit> {
+        let fields = self.fields(node, path, &["credits", "per"])?;
+        let credits = match fields.value("credits") {
+            Some(c) => self.uint(c, &join(path, "credits"), 0),
+            None => {
+                self.error(fields.pos, &join(path, "credits"), "missing `credits`");
+                None
+            }
+        };
+        // `per` defaults to 1: "credits per unit".
+        let per = match fields.value("per") {
+            Some(p) => self.uint(p, &join(path, "per"), 1),
+            None => Some(1),
+        };
+        Some(PerUnit {
+            credits: credits?,
+            per: per?,
+        })
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum UintError {
+    Negative,
+    TooLarge,
+    Fraction,
+    NotANumber,
+}
+
+/// Decimal digits with optional `_` separators (`40_000`), optionally `+`.
+fn parse_uint(text: &str) -> Result<u64, UintError> {
+    let t = text.trim();
+    let (negative, digits) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let starts_with_digit = digits.as_bytes().first().is_some_and(u8::is_ascii_digit);
+    let clean: String = digits.chars().filter(|c| *c != '_').collect();
+    if starts_with_digit && !clean.is_empty() && clean.bytes().all(|b| b.is_ascii_digit()) {
+        if negative && clean.bytes().any(|b| b != b'0') {
+            return Err(UintError::Negative);
+        }
+        return clean.parse().map_err(|_| UintError::TooLarge);
+    }
+    if starts_with_digit && clean.parse::<f64>().is_ok() {
+        if negative {
+            return Err(UintError::Negative);
+        }
+        return Err(UintError::Fraction);
+    }
+    Err(UintError::NotANumber)
+}
+
+#[cfg(test)]
+mod tests;

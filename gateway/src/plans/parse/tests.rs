@@ -1,0 +1,398 @@
+use proptest::prelude::*;
+
+use super::*;
+
+/// SPEC §3's example, verbatim.
+const SPEC_EXAMPLE: &str = r#"default_plan: free_tier            # optional; admin can change it later
+plans:
+  free_tier:
+    name: "Free Tier"
+    endpoints:
+      "gpt-4-turbo":
+        fixed_windows:
+          - window: 60s            # 3 requests per minute
+            limit: 3
+            unit_type: request     # default when absent: request
+          - window: 86_400s        # 200 requests per day
+            limit: 200
+            unit_type: request
+          - window: 60s            # 40k tokens per minute
+            limit: 40_000
+            unit_type: token
+        max_concurrent: 4
+        concurrency_expiry: 60s    # default 60s
+        credits:                   # optional: this endpoint costs credits
+          min_balance: 1           # balance needed to be admitted
+          per_request: 1
+          per_unit: { token: { credits: 1, per: 1000 } }   # rounded up per request
+      "dall-e-3":
+        fixed_windows:
+          - window: 60s
+            limit: 1
+            unit_type: image
+"#;
+
+fn errors(text: &str) -> Vec<String> {
+    match parse_plans(text, "plans.yaml") {
+        Ok(set) => panic!("expected errors, parsed {set:?}"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn spec_example_loads() {
+    let set = parse_plans(SPEC_EXAMPLE, "plans.yaml").unwrap();
+    assert_eq!(set.default_plan.as_deref(), Some("free_tier"));
+    let plan = &set.plans["free_tier"];
+    assert_eq!(plan.name, "Free Tier");
+    let gpt = plan.policy("gpt-4-turbo").unwrap();
+    assert_eq!(
+        gpt.windows,
+        vec![
+            Window {
+                window_secs: 60,
+                limit: 3,
+                unit: Unit::request()
+            },
+            Window {
+                window_secs: 86_400,
+                limit: 200,
+                unit: Unit::request()
+            },
+            Window {
+                window_secs: 60,
+                limit: 40_000,
+                unit: Unit::new("token")
+            },
+        ]
+    );
+    assert_eq!(gpt.max_concurrent, 4);
+    assert_eq!(gpt.concurrency_expiry_secs, 60);
+    let credits = gpt.credits.as_ref().unwrap();
+    assert_eq!(credits.min_balance, 1);
+    assert_eq!(credits.per_request, 1);
+    assert_eq!(
+        credits.per_unit[&Unit::new("token")],
+        PerUnit {
+            credits: 1,
+            per: 1000
+        }
+    );
+    let dalle = plan.policy("dall-e-3").unwrap();
+    assert_eq!(dalle.windows[0].unit, Unit::new("image"));
+    assert_eq!(dalle.max_concurrent, 0);
+    assert_eq!(dalle.concurrency_expiry_secs, 60);
+    assert_eq!(dalle.credits, None);
+}
+
+#[test]
+fn defaults_apply() {
+    let set = parse_plans(
+        "plans:\n  p:\n    endpoints:\n      e:\n        fixed_windows:\n          - {window: 1m, limit: 5}\n",
+        "x",
+    )
+    .unwrap();
+    let plan = &set.plans["p"];
+    assert_eq!(plan.name, "p");
+    assert_eq!(set.default_plan, None);
+    let policy = plan.policy("e").unwrap();
+    assert_eq!(policy.windows[0].unit, Unit::request());
+    assert_eq!(policy.windows[0].window_secs, 60);
+    assert_eq!(
+        policy.concurrency_expiry_secs,
+        DEFAULT_CONCURRENCY_EXPIRY_SECS
+    );
+}
+
+#[test]
+fn unit_kind_is_an_alias() {
+    let set = parse_plans(
+        "plans:\n  p:\n    endpoints:\n      e:\n        fixed_windows:\n          - {window: 60s, limit: 5, unit_kind: token}\n",
+        "x",
+    )
+    .unwrap();
+    assert_eq!(
+        set.plans["p"].endpoints["e"].windows[0].unit,
+        Unit::new("token")
+    );
+}
+
+#[test]
+fn json_text_parses_too() {
+    let set = parse_plans(
+        r#"{"plans": {"p": {"endpoints": {"e": {"fixed_windows": [{"window": "60s", "limit": 2}]}}}}}"#,
+        "<request body>",
+    )
+    .unwrap();
+    assert_eq!(set.plans["p"].endpoints["e"].windows[0].limit, 2);
+}
+
+#[test]
+fn validation_errors_are_located() {
+    let table: &[(&str, &[&str])] = &[
+        (
+            "plans:\n  free:\n    endpoints:\n      gpt-4o:\n        fixed_windows:\n          - window: 60s\n            limit: 3\n          - window: 60s\n            limit: 0\n            unit_type: token\n",
+            &["plans.yaml:9:20: plans.free.endpoints.gpt-4o.fixed_windows[1].limit: must be at least 1"],
+        ),
+        (
+            "plans:\n  p:\n    endpoints:\n      e:\n        fixed_windows:\n          - {window: 500ms, limit: 1}\n          - {window: 1500ms, limit: 1}\n          - {window: 0s, limit: 1}\n",
+            &[
+                "plans.yaml:6:22: plans.p.endpoints.e.fixed_windows[0].window: must be at least 1s",
+                "plans.yaml:7:22: plans.p.endpoints.e.fixed_windows[1].window: `1500ms` is not a whole number of seconds",
+                "plans.yaml:8:22: plans.p.endpoints.e.fixed_windows[2].window: must be at least 1s",
+            ],
+        ),
+        (
+            "plans:\n  p:\n    endpoints:\n      e:\n        fixed_windows:\n          - {window: 60s, limit: 1, unit_type: credit}\n",
+            &["plans.yaml:6:48: plans.p.endpoints.e.fixed_windows[0].unit_type: `credit` is a reserved unit name (credits are configured under `credits:`)"],
+        ),
+        (
+            "plans:\n  p:\n    nmae: x\n    endpoints:\n      e:\n        fixed_windows:\n          - {window: 60s, limt: 1}\n",
+            &[
+                "plans.yaml:3:5: plans.p.nmae: unknown key `nmae` (expected one of `name`, `endpoints`)",
+                "plans.yaml:7:13: plans.p.endpoints.e.fixed_windows[0].limit: missing `limit`",
+                "plans.yaml:7:27: plans.p.endpoints.e.fixed_windows[0].limt: unknown key `limt` (expected one of `window`, `limit`, `unit_type`, `unit_kind`)",
+            ],
+        ),
+        (
+            "default_plan: gold\nplans:\n  free: {}\n",
+            &["plans.yaml:1:15: default_plan: no plan named `gold` (plans: `free`)"],
+        ),
+        (
+            "plans:\n  p:\n    endpoints:\n      e:\n        fixed_windows:\n          - {window: 60s, limit: 1}\n          - {window: 1m, limit: 2, unit_type: request}\n",
+            &["plans.yaml:7:13: plans.p.endpoints.e.fixed_windows[1]: duplicate window: `request` per 60s is already limited by plans.p.endpoints.e.fixed_windows[0]"],
+        ),
+        (
+            "plans:\n  p:\n    endpoints:\n      e:\n        credits:\n          per_unit:\n            token: {credits: 1, per: 0}\n",
+            &["plans.yaml:7:38: plans.p.endpoints.e.credits.per_unit.token.per: must be at least 1"],
+        ),
+        (
+            "plans:\n  p:\n    endpoints:\n      e:\n        max_concurrent: -1\n        concurrency_expiry: soon\n",
+            &[
+                "plans.yaml:5:25: plans.p.endpoints.e.max_concurrent: must be at least 0",
+                "plans.yaml:6:29: plans.p.endpoints.e.concurrency_expiry: `soon` is not a duration such as \"500ms\", \"60s\", \"5m\", \"1h\", \"1d\"",
+            ],
+        ),
+        (
+            "plans:\n  p:\n    endpoints:\n      e: {}\n      e: {}\n",
+            &["plans.yaml:5:7: plans.p.endpoints.e: duplicate key `e`"],
+        ),
+        (
+            "plans: [1]\n",
+            &["plans.yaml:1:8: plans: expected a mapping, found a list"],
+        ),
+        (
+            "plan: {}\n",
+            &[
+                "plans.yaml:1:1: plan: unknown key `plan` (expected one of `default_plan`, `plans`)",
+                "plans.yaml:1:1: plans: missing `plans` (a mapping of plan id to plan)",
+            ],
+        ),
+        (
+            "plans:\n  p:\n    endpoints:\n      e:\n        fixed_windows:\n          - {window: 60, limit: 1.5}\n",
+            &[
+                "plans.yaml:6:22: plans.p.endpoints.e.fixed_windows[0].window: `60` has no unit (use ms, s, m, h or d)",
+                "plans.yaml:6:33: plans.p.endpoints.e.fixed_windows[0].limit: `1.5` is not a whole number",
+            ],
+        ),
+    ];
+    let mut mismatches = Vec::new();
+    for (text, expected) in table {
+        let got = errors(text);
+        if &got != expected {
+            mismatches.push(format!(
+                "for:\n{text}\n  got: {got:#?}\n  expected: {expected:#?}"
+            ));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+#[test]
+fn ids_are_limited_to_200_bytes() {
+    let long = "é".repeat(101); // 202 bytes
+    let text = format!("plans:\n  p:\n    endpoints:\n      \"{long}\": {{}}\n");
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with("plans.yaml:4:7: plans.p.endpoints.")
+            && errs[0].ends_with(": id is 202 bytes long; at most 200 bytes are allowed"),
+        "{errs:?}"
+    );
+    let ok = "é".repeat(100);
+    let text = format!("plans:\n  \"{ok}\":\n    endpoints:\n      \"{ok}\": {{}}\n");
+    assert!(parse_plans(&text, "x").is_ok());
+}
+
+#[test]
+fn sliding_windows_are_refused_naming_fixed_windows() {
+    let errs = errors(
+        "plans:\n  basic_plan:\n    name: \"Basic Plan\"\n    endpoints:\n      \"api/v1/chat\":\n        sliding_windows:\n          - window: 60s\n            limit: 100\n            unit_kind: request\n",
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with(
+            "plans.yaml:6:9: plans.basic_plan.endpoints.api/v1/chat.sliding_windows: "
+        ) && errs[0].contains("only `fixed_windows`"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn syntax_errors_have_a_line() {
+    let errs = errors("plans:\n  p: [\n");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("plans.yaml:"), "{errs:?}");
+    assert!(errs[0].contains("YAML syntax error"), "{errs:?}");
+}
+
+#[test]
+fn ids_with_dots_are_quoted_in_paths() {
+    let errs = errors("plans:\n  p:\n    endpoints:\n      v1.chat: {limit: 1}\n");
+    assert_eq!(
+        errs,
+        vec![
+            "plans.yaml:4:17: plans.p.endpoints.\"v1.chat\".limit: unknown key `limit` (expected one of `fixed_windows`, `sliding_windows`, `max_concurrent`, `concurrency_expiry`, `credits`)"
+        ]
+    );
+}
+
+#[test]
+fn json_round_trip_of_the_example() {
+    let set = parse_plans(SPEC_EXAMPLE, "plans.yaml").unwrap();
+    for plan in set.plans.values() {
+        let json = plan_to_json(plan);
+        assert_eq!(&plan_from_json(&plan.id, &json).unwrap(), &**plan);
+    }
+    let whole = plans_to_json(&set);
+    assert_eq!(whole["default_plan"], "free_tier");
+    assert_eq!(
+        whole["plans"]["free_tier"]["endpoints"]["gpt-4-turbo"]["fixed_windows"][1],
+        json!({"window": "86400s", "limit": 200, "unit_type": "request"})
+    );
+    let text = serde_json::to_string(&whole).unwrap();
+    assert_eq!(parse_plans(&text, "<json>").unwrap(), set);
+}
+
+#[test]
+fn plan_from_json_reports_paths() {
+    let err = plan_from_json(
+        "pro",
+        &json!({"endpoints": {"e": {"fixed_windows": [{"window": "60s", "limit": 0}]}}}),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "<json>: plans.pro.endpoints.e.fixed_windows[0].limit: must be at least 1"
+    );
+}
+
+#[test]
+fn uint_forms() {
+    assert_eq!(parse_uint("40_000"), Ok(40_000));
+    assert_eq!(parse_uint("+3"), Ok(3));
+    assert_eq!(parse_uint("-0"), Ok(0));
+    assert_eq!(parse_uint("-1"), Err(UintError::Negative));
+    assert_eq!(parse_uint("1.5"), Err(UintError::Fraction));
+    assert_eq!(parse_uint("1e3"), Err(UintError::Fraction));
+    assert_eq!(parse_uint("99999999999999999999"), Err(UintError::TooLarge));
+    assert_eq!(parse_uint("x"), Err(UintError::NotANumber));
+    assert_eq!(parse_uint("_1"), Err(UintError::NotANumber));
+    assert_eq!(parse_uint(""), Err(UintError::NotANumber));
+}
+
+fn unit_strategy() -> impl Strategy<Value = Unit> {
+    prop_oneof![
+        Just(Unit::request()),
+        "[a-z][a-z0-9_.-]{0,10}"
+            .prop_filter("reserved", |s| s != RESERVED_UNIT)
+            .prop_map(|s| Unit::new(&s)),
+    ]
+}
+
+fn policy_strategy() -> impl Strategy<Value = Policy> {
+    (
+        prop::collection::vec((1u64..10_000_000, 1u64..u64::MAX, unit_strategy()), 0..5),
+        any::<u32>(),
+        1u64..100_000,
+        prop::option::of((
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::btree_map(unit_strategy(), (any::<u64>(), 1u64..u64::MAX), 0..3),
+        )),
+    )
+        .prop_map(|(windows, max_concurrent, expiry, credits)| {
+            let mut seen = Vec::new();
+            let windows = windows
+                .into_iter()
+                .filter(|(secs, _, unit)| {
+                    let fresh = !seen.contains(&(*secs, unit.clone()));
+                    seen.push((*secs, unit.clone()));
+                    fresh
+                })
+                .map(|(window_secs, limit, unit)| Window {
+                    window_secs,
+                    limit,
+                    unit,
+                })
+                .collect();
+            Policy {
+                windows,
+                max_concurrent,
+                concurrency_expiry_secs: expiry,
+                credits: credits.map(|(min_balance, per_request, per_unit)| CreditCost {
+                    min_balance,
+                    per_request,
+                    per_unit: per_unit
+                        .into_iter()
+                        .map(|(u, (credits, per))| (u, PerUnit { credits, per }))
+                        .collect(),
+                }),
+            }
+        })
+}
+
+fn plan_strategy() -> impl Strategy<Value = Plan> {
+    (
+        "\\PC{1,20}",
+        "\\PC{0,20}",
+        prop::collection::btree_map("\\PC{1,30}", policy_strategy(), 0..4),
+    )
+        .prop_map(|(id, name, endpoints)| Plan {
+            id,
+            name,
+            endpoints: endpoints
+                .into_iter()
+                .map(|(k, v)| (k, Arc::new(v)))
+                .collect(),
+        })
+}
+
+proptest! {
+    #[test]
+    fn json_round_trip(plan in plan_strategy()) {
+        let json = plan_to_json(&plan);
+        prop_assert_eq!(plan_from_json(&plan.id, &json).unwrap(), plan);
+    }
+
+    #[test]
+    fn whole_set_round_trips_through_text(plans in prop::collection::vec(plan_strategy(), 0..3)) {
+        let mut set = PlanSet::default();
+        for plan in plans {
+            set.plans.insert(plan.id.clone(), Arc::new(plan));
+        }
+        set.default_plan = set.plans.keys().next().cloned();
+        let text = serde_json::to_string_pretty(&plans_to_json(&set)).unwrap();
+        prop_assert_eq!(parse_plans(&text, "<json>").unwrap(), set);
+    }
+
+    #[test]
+    fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+        let _ = parse_plans(&text, "x");
+    }
+
+    #[test]
+    fn yaml_like_text_never_panics(text in "[a-z:\\-\\[\\]{}&*!|>'\" \n0-9_,#.]{0,200}") {
+        let _ = parse_plans(&text, "x");
+    }
+}

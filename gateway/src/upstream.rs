@@ -1,0 +1,168 @@
+//! Upstream HTTP clients: one pooled hyper client per configured upstream,
+//! plain HTTP or HTTPS (rustls with the ring provider; system roots plus an
+//! optional `ca_file`), and the URL/header rewriting of forwarded requests.
+
+use std::io::BufReader;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::Upstream;
+use crate::server::Body;
+
+/// The pooled client of one upstream.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    pub name: String,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    /// Path prefix of the upstream URL without a trailing slash ("" for none).
+    base_path: String,
+    /// Replaces the client's credential upstream, when configured.
+    pub auth: Option<HeaderValue>,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+}
+
+impl std::fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamClient")
+            .field("name", &self.name)
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamClient {
+    /// Build the client for `up`. Fails on an unreadable `ca_file` or an
+    /// unusable URL or credential.
+    pub fn new(up: &Upstream) -> Result<Self, String> {
+        let scheme = up
+            .url
+            .scheme()
+            .cloned()
+            .ok_or_else(|| format!("upstream {}: URL has no scheme", up.name))?;
+        let authority = up
+            .url
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("upstream {}: URL has no host", up.name))?;
+        let base_path = up.url.path().trim_end_matches('/').to_string();
+        let auth =
+            match &up.auth {
+                Some(a) => Some(HeaderValue::from_str(a).map_err(|_| {
+                    format!("upstream {}: auth is not a valid header value", up.name)
+                })?),
+                None => None,
+            };
+        let tls = client_tls_config(up.ca_file.as_deref())
+            .map_err(|e| format!("upstream {}: {e}", up.name))?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        Ok(Self {
+            name: up.name.clone(),
+            scheme,
+            authority,
+            base_path,
+            auth,
+            client,
+        })
+    }
+
+    /// The upstream URL for a request path (+ query).
+    pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let pq = path_and_query.map(|p| p.as_str()).unwrap_or("/");
+        let full = if self.base_path.is_empty() {
+            pq.to_string()
+        } else {
+            format!("{}{}", self.base_path, pq)
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(full)
+            .build()
+    }
+
+    pub fn client(&self) -> &Client<HttpsConnector<HttpConnector>, Body> {
+        &self.client
+    }
+}
+
+/// rustls client config: system roots (when any load) plus `ca_file`.
+fn client_tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("reading ca_file {}: {e}", path.display()))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut BufReader::new(&pem[..])) {
+            let cert = cert.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!("ca_file {}: no certificate found", path.display()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded in either direction.
+pub const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Remove hop-by-hop headers, including any named by `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
