@@ -36,6 +36,7 @@ pub enum CatalogError {
 }
 
 impl CatalogError {
+    /// A [`CatalogError::NotFound`] for `kind` (e.g. `"plan"`) and `id`.
     pub fn not_found(kind: &'static str, id: impl Into<String>) -> Self {
         CatalogError::NotFound {
             kind,
@@ -44,6 +45,7 @@ impl CatalogError {
     }
 }
 
+/// The result of a catalog operation.
 pub type CatalogResult<T> = Result<T, CatalogError>;
 
 /// What applying a plans file changed.
@@ -55,57 +57,77 @@ pub struct ApplyReport {
     pub pruned: Vec<String>,
     /// Plans `--prune` kept because accounts use them (or it is the default).
     pub kept_in_use: Vec<String>,
+    /// The default plan after the apply.
     pub default_plan: Option<String>,
 }
 
 /// An account and the plan it is on.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Account {
+    /// The account id (opaque, chosen by the operator).
     pub id: String,
     /// The plan assigned explicitly, if any.
     pub plan_id: Option<String>,
     /// The plan in force: `plan_id`, else the default plan.
     pub effective_plan: Option<String>,
+    /// Free-form JSON (an object; `{}` when none was given).
     pub metadata: serde_json::Value,
 }
 
 /// An API key as listed: never the key itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ApiKeyInfo {
+    /// The key's id (not secret), used to revoke it.
     pub id: String,
+    /// The account the key belongs to.
     pub account_id: String,
     /// The first characters of the key, to recognise it (e.g. `pg_3f9a1c`).
     pub prefix: String,
+    /// When the key was created (catalog clock).
     #[serde(with = "humantime_serde_opt")]
     pub created_at: Option<SystemTime>,
+    /// Revoked keys are listed but never found by [`Catalog::lookup_key`].
     pub revoked: bool,
 }
 
 /// A freshly created key: the only time the plaintext exists.
 #[derive(Debug, Clone, Serialize)]
 pub struct NewApiKey {
+    /// The key's id (not secret).
     pub id: String,
+    /// The plaintext key: `pg_` followed by 43 base62 characters (256 bits).
     pub key: String,
+    /// The first characters of the key, as [`ApiKeyInfo::prefix`] shows them.
     pub prefix: String,
 }
 
 /// Which account a key belongs to (the result of a lookup by hash).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyOwner {
+    /// The key's id.
     pub key_id: String,
+    /// The account it authenticates as.
     pub account_id: String,
 }
 
 /// A pre-purchased balance.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QuotaBlock {
+    /// The block's id (`qb_...`).
     pub id: String,
+    /// The account whose balance it is part of.
     pub account_id: String,
+    /// Credits granted when the block was created.
     pub credits_granted: u64,
+    /// Credits not yet consumed (never negative).
     pub credits_remaining: u64,
+    /// From this instant on the block no longer counts. `None`: never.
+    /// Stored with microsecond precision.
     #[serde(with = "humantime_serde_opt")]
     pub expires_at: Option<SystemTime>,
+    /// Free-form JSON (an object; `{}` when none was given).
     pub metadata: serde_json::Value,
+    /// When the block was created (catalog clock).
     #[serde(with = "humantime_serde_opt")]
     pub created_at: Option<SystemTime>,
 }
@@ -113,7 +135,9 @@ pub struct QuotaBlock {
 /// A credit deduction (SPEC §5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deduction {
+    /// The account to charge.
     pub account_id: String,
+    /// Credits to deduct.
     pub amount: u64,
     /// All or nothing.
     pub require_full: bool,
@@ -124,13 +148,21 @@ pub struct Deduction {
     pub idempotency_key: String,
     /// For the ledger.
     pub request_id: Option<String>,
+    /// For the ledger.
     pub endpoint: Option<String>,
 }
 
 /// What a deduction did.
+///
+/// A refused deduction (`require_full` or `min_balance` not met) deducts
+/// nothing, writes no ledger row and does not use up its idempotency key.
+/// A partial deduction (not `require_full`) writes a ledger row recording
+/// the shortfall, even when nothing could be deducted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct DeductResult {
+    /// The amount asked for.
     pub requested: u64,
+    /// The amount taken from quota blocks.
     pub deducted: u64,
     /// `requested - deducted`.
     pub shortfall: u64,
@@ -138,6 +170,41 @@ pub struct DeductResult {
     pub balance: u64,
     /// True when this idempotency key had already been used.
     pub replayed: bool,
+}
+
+/// One row of the credit ledger: one deduction and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LedgerEntry {
+    /// The deduction's idempotency key (unique).
+    pub idempotency_key: String,
+    /// The account charged.
+    pub account_id: String,
+    /// The request that caused the charge, if known.
+    pub request_id: Option<String>,
+    /// The endpoint that caused the charge, if known.
+    pub endpoint: Option<String>,
+    /// The amount asked for.
+    pub requested: u64,
+    /// The amount taken.
+    pub deducted: u64,
+    /// `requested - deducted`: owed but not collected.
+    pub shortfall: u64,
+    /// Credits given back by [`Catalog::refund`] (0 if not refunded).
+    pub refunded: u64,
+    /// Which blocks the deduction drew from, in drain order.
+    pub draws: Vec<Draw>,
+    /// When the deduction happened (catalog clock).
+    #[serde(with = "humantime_serde_opt")]
+    pub created_at: Option<SystemTime>,
+}
+
+/// Credits one deduction took from one quota block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Draw {
+    /// The quota block.
+    pub block_id: String,
+    /// Credits taken from it.
+    pub credits: u64,
 }
 
 /// Something changed that caches must forget.
@@ -164,13 +231,19 @@ pub trait Catalog: Send + Sync + 'static {
     async fn apply_plans(&self, plans: &PlanSet, prune: bool) -> CatalogResult<ApplyReport>;
     /// Every plan and the default.
     async fn list_plans(&self) -> CatalogResult<PlanSet>;
+    /// One plan; NotFound if absent.
     async fn get_plan(&self, id: &str) -> CatalogResult<Arc<Plan>>;
     /// Refused (Conflict) for the default plan and for plans in use.
     async fn delete_plan(&self, id: &str) -> CatalogResult<()>;
+    /// The default plan; `None` only while no plan exists.
     async fn default_plan(&self) -> CatalogResult<Option<String>>;
+    /// Make `id` the default (NotFound if it does not exist).
     async fn set_default_plan(&self, id: &str) -> CatalogResult<()>;
 
     // --- accounts
+    /// Create an account: Conflict if it exists, NotFound if `plan_id`
+    /// names no plan, Invalid for an empty or over-long id. A `null`
+    /// metadata is stored as `{}`.
     async fn create_account(
         &self,
         id: &str,
@@ -179,16 +252,22 @@ pub trait Catalog: Send + Sync + 'static {
     ) -> CatalogResult<Account>;
     /// `None` puts the account back on the default plan.
     async fn assign_plan(&self, account_id: &str, plan_id: Option<&str>) -> CatalogResult<()>;
+    /// The account and its effective plan; NotFound if absent.
     async fn get_account(&self, id: &str) -> CatalogResult<Account>;
 
     // --- API keys
+    /// Create a random key for an existing account; only its hash is kept.
     async fn create_key(&self, account_id: &str) -> CatalogResult<NewApiKey>;
     /// Look up an unrevoked key by the hex SHA-256 of its plaintext.
     async fn lookup_key(&self, key_hash: &str) -> CatalogResult<Option<KeyOwner>>;
+    /// Revoke a key by id (NotFound if it never existed; revoking twice is
+    /// fine). Caches hear of it through [`Catalog::subscribe`].
     async fn revoke_key(&self, key_id: &str) -> CatalogResult<()>;
+    /// An account's keys, revoked ones included, oldest first.
     async fn list_keys(&self, account_id: &str) -> CatalogResult<Vec<ApiKeyInfo>>;
 
     // --- credits
+    /// Grant credits to an existing account as a new block.
     async fn create_quota_block(
         &self,
         account_id: &str,
@@ -196,9 +275,11 @@ pub trait Catalog: Send + Sync + 'static {
         expires_at: Option<SystemTime>,
         metadata: serde_json::Value,
     ) -> CatalogResult<QuotaBlock>;
+    /// Delete a block (NotFound if absent).
     async fn delete_quota_block(&self, block_id: &str) -> CatalogResult<()>;
     /// Expire every block of the account now. Returns how many it expired.
     async fn expire_quota_blocks(&self, account_id: &str) -> CatalogResult<u64>;
+    /// Every block of the account (expired and drained ones too), oldest first.
     async fn list_quota_blocks(&self, account_id: &str) -> CatalogResult<Vec<QuotaBlock>>;
     /// Sum of remaining credits over unexpired blocks.
     async fn balance(&self, account_id: &str) -> CatalogResult<u64>;
@@ -209,6 +290,8 @@ pub trait Catalog: Send + Sync + 'static {
     /// came from). Idempotent; unknown keys refund nothing. Returns credits
     /// refunded.
     async fn refund(&self, idempotency_key: &str) -> CatalogResult<u64>;
+    /// The account's ledger, oldest first.
+    async fn ledger(&self, account_id: &str) -> CatalogResult<Vec<LedgerEntry>>;
 
     /// Invalidations from this catalog and (for Postgres) every other
     /// instance sharing the database.
@@ -228,6 +311,82 @@ pub fn hash_key(key: &str) -> String {
         let _ = write!(out, "{b:02x}");
     }
     out
+}
+
+/// Longest plan or account id, in bytes (SPEC §3).
+pub const MAX_ID_BYTES: usize = 200;
+
+/// Check an operator-chosen id (account or plan): 1 to 200 bytes and no NUL
+/// (which Postgres text cannot hold), so both backends refuse the same ids.
+pub(crate) fn check_id(kind: &str, id: &str) -> CatalogResult<()> {
+    if id.is_empty() {
+        return Err(CatalogError::Invalid(format!("{kind} id must not be empty")));
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(CatalogError::Invalid(format!(
+            "{kind} id is longer than {MAX_ID_BYTES} bytes"
+        )));
+    }
+    if id.contains('\0') {
+        return Err(CatalogError::Invalid(format!(
+            "{kind} id must not contain NUL"
+        )));
+    }
+    Ok(())
+}
+
+/// Credits are stored as Postgres `bigint`; both backends refuse amounts
+/// that do not fit so they behave the same.
+pub(crate) fn check_credits(credits: u64) -> CatalogResult<i64> {
+    i64::try_from(credits)
+        .map_err(|_| CatalogError::Invalid(format!("{credits} credits is more than supported")))
+}
+
+/// `null` metadata is stored as `{}`; anything else must be a JSON object.
+pub(crate) fn normalize_metadata(metadata: serde_json::Value) -> CatalogResult<serde_json::Value> {
+    match metadata {
+        serde_json::Value::Null => Ok(serde_json::Value::Object(Default::default())),
+        v @ serde_json::Value::Object(_) => Ok(v),
+        _ => Err(CatalogError::Invalid(
+            "metadata must be a JSON object".into(),
+        )),
+    }
+}
+
+/// Prefix of every API key.
+pub const KEY_PREFIX: &str = "pg_";
+
+/// A new random key (256 bits, base62) and the prefix shown in listings.
+pub(crate) fn generate_key() -> (String, String) {
+    use rand::distr::{Alphanumeric, SampleString};
+    let key = format!(
+        "{KEY_PREFIX}{}",
+        Alphanumeric.sample_string(&mut rand::rng(), 43)
+    );
+    let prefix = key[..KEY_PREFIX.len() + 6].to_string();
+    (key, prefix)
+}
+
+/// A new random id such as `key_1f2e3d4c5b6a7980` (64 bits of randomness;
+/// ids are not secret, the primary key catches the impossible collision).
+pub(crate) fn generate_id(prefix: &str) -> String {
+    format!("{prefix}{:016x}", rand::random::<u64>())
+}
+
+/// Milliseconds since the epoch as a `SystemTime`.
+pub(crate) fn ms_to_time(ms: u64) -> SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+}
+
+/// Truncate to whole microseconds, the precision of Postgres `timestamptz`,
+/// so the in-process catalog returns the same instants.
+pub(crate) fn trunc_micros(t: SystemTime) -> SystemTime {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => {
+            std::time::UNIX_EPOCH + std::time::Duration::from_micros(d.as_micros() as u64)
+        }
+        Err(_) => t,
+    }
 }
 
 /// Serialize `Option<SystemTime>` as RFC 3339 (or null).

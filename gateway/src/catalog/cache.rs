@@ -1,1 +1,448 @@
 //! Per-process cache of plans, account→plan and key→account, invalidated across instances.
+//!
+//! The gateway's hot path reads only this cache: the plan set is an
+//! [`ArcSwap`] snapshot (never a database call), and account and key
+//! entries are served from memory while fresh. Freshness has two sources:
+//!
+//! * [`Catalog::subscribe`] (LISTEN/NOTIFY for Postgres): an invalidation
+//!   marks the entry stale at once, so the next use reloads it — well
+//!   within a second of the change.
+//! * A TTL backstop for lost notifications. A key entry is refreshed in the
+//!   background once it is older than half its TTL and reloaded before use
+//!   once older than its TTL (5 s by default), so a revoked key stops
+//!   working within 5 s even if no notification arrives.
+//!
+//! When the catalog is unreachable, entries already held keep serving
+//! (stale but usable, SPEC §9); a failed reload is retried after
+//! [`CacheConfig::retry_after_error`], not on every request.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use parking_lot::RwLock;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{Catalog, CatalogError, CatalogResult, Invalidation, KeyOwner};
+use crate::clock::SharedClock;
+use crate::plans::{Plan, PlanSet};
+
+/// How long entries live.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// The plan set is reloaded this often even without notifications.
+    pub plans_ttl: Duration,
+    /// Account → assigned plan entries.
+    pub account_ttl: Duration,
+    /// Key hash → owner entries; bounds how long a revoked key can work
+    /// when its notification is lost.
+    pub key_ttl: Duration,
+    /// Key hashes found to belong to no (unrevoked) key.
+    pub negative_ttl: Duration,
+    /// After a failed reload, keep serving the old entry this long before
+    /// trying again.
+    pub retry_after_error: Duration,
+    /// At most this many account and (separately) key entries; beyond it
+    /// expired entries are dropped, then everything.
+    pub max_entries: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            plans_ttl: Duration::from_secs(60),
+            account_ttl: Duration::from_secs(30),
+            key_ttl: Duration::from_secs(5),
+            negative_ttl: Duration::from_secs(2),
+            retry_after_error: Duration::from_secs(1),
+            max_entries: 100_000,
+        }
+    }
+}
+
+/// Cache hit/miss counters, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Lookups answered from memory.
+    pub hits: u64,
+    /// Lookups that had to ask the catalog.
+    pub loads: u64,
+    /// Lookups answered with a stale entry because the catalog failed.
+    pub stale_served: u64,
+}
+
+struct Entry<T> {
+    value: T,
+    /// When the value was loaded (clock ms).
+    loaded_ms: u64,
+    /// Set by an invalidation: reload before the next use.
+    stale: bool,
+    /// Do not try the catalog again before this (after a failed reload).
+    retry_at_ms: u64,
+    /// A background refresh is running.
+    refreshing: Arc<AtomicBool>,
+}
+
+impl<T> Entry<T> {
+    fn new(value: T, now: u64) -> Self {
+        Self {
+            value,
+            loaded_ms: now,
+            stale: false,
+            retry_at_ms: 0,
+            refreshing: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// What a lookup should do with an entry.
+enum Freshness<T> {
+    /// Serve it.
+    Fresh(T),
+    /// Serve it and refresh in the background.
+    Refresh(T, Arc<AtomicBool>),
+    /// Reload now (serving the old value only if the reload fails).
+    Reload(Option<T>),
+}
+
+type Map<T> = RwLock<HashMap<String, Entry<T>>>;
+
+struct Inner {
+    catalog: Arc<dyn Catalog>,
+    clock: SharedClock,
+    config: CacheConfig,
+    plans: ArcSwap<PlanSet>,
+    plans_loaded_ms: std::sync::atomic::AtomicU64,
+    /// Account id → its assigned plan (`None`: default plan or unknown account).
+    accounts: Map<Option<String>>,
+    /// Key hash → owner (`None`: no such unrevoked key).
+    keys: Map<Option<KeyOwner>>,
+    hits: std::sync::atomic::AtomicU64,
+    loads: std::sync::atomic::AtomicU64,
+    stale_served: std::sync::atomic::AtomicU64,
+}
+
+/// The gateway's view of the catalog. Cheap to clone; clones share entries.
+#[derive(Clone)]
+pub struct CatalogCache {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for CatalogCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CatalogCache")
+            .field("config", &self.inner.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CatalogCache {
+    /// Load the plan set and start following the catalog's invalidations.
+    /// Fails if the plans cannot be loaded: a gateway without plans can
+    /// admit nothing. Must be called inside a tokio runtime.
+    pub async fn new(
+        catalog: Arc<dyn Catalog>,
+        clock: SharedClock,
+        config: CacheConfig,
+    ) -> CatalogResult<Self> {
+        // Subscribe before loading so no change between the two is missed.
+        let events = catalog.subscribe();
+        let plans = catalog.list_plans().await?;
+        let now = clock.now_ms();
+        let inner = Arc::new(Inner {
+            catalog,
+            clock,
+            config,
+            plans: ArcSwap::from_pointee(plans),
+            plans_loaded_ms: now.into(),
+            accounts: RwLock::new(HashMap::new()),
+            keys: RwLock::new(HashMap::new()),
+            hits: 0.into(),
+            loads: 0.into(),
+            stale_served: 0.into(),
+        });
+        tokio::spawn(follow(Arc::downgrade(&inner), events));
+        Ok(Self { inner })
+    }
+
+    /// The catalog behind the cache.
+    pub fn catalog(&self) -> &Arc<dyn Catalog> {
+        &self.inner.catalog
+    }
+
+    /// The current plan set. Never touches the database.
+    pub fn plans(&self) -> Arc<PlanSet> {
+        self.inner.plans.load_full()
+    }
+
+    /// Reload the plan set now (after a change this process made, or on
+    /// SIGHUP). On failure the old snapshot stays.
+    pub async fn refresh_plans(&self) -> CatalogResult<()> {
+        self.inner.reload_plans().await
+    }
+
+    /// Who owns the key with this hash (hex SHA-256, see
+    /// [`super::hash_key`]); `None` for unknown and revoked keys. Errors
+    /// only when the catalog is unreachable and nothing is cached.
+    pub async fn resolve_key(&self, key_hash: &str) -> CatalogResult<Option<KeyOwner>> {
+        let inner = &self.inner;
+        let cat = inner.catalog.clone();
+        let owned = key_hash.to_string();
+        inner
+            .lookup(
+                |i| &i.keys,
+                key_hash,
+                |v: &Option<KeyOwner>| {
+                    if v.is_some() {
+                        inner.config.key_ttl
+                    } else {
+                        inner.config.negative_ttl
+                    }
+                },
+                move || {
+                    let cat = cat.clone();
+                    let h = owned.clone();
+                    async move { cat.lookup_key(&h).await }
+                },
+            )
+            .await
+    }
+
+    /// The id of the plan in force for `account`: its assigned plan, else
+    /// the default plan. Accounts the catalog does not know are on the
+    /// default plan too.
+    pub async fn plan_id_for_account(&self, account: &str) -> CatalogResult<Option<String>> {
+        let assigned = self.assigned_plan(account).await?;
+        Ok(assigned.or_else(|| self.plans().default_plan.clone()))
+    }
+
+    /// The plan in force for `account` (see [`Self::plan_id_for_account`]);
+    /// `None` when no plan exists at all.
+    pub async fn plan_for_account(&self, account: &str) -> CatalogResult<Option<Arc<Plan>>> {
+        let Some(id) = self.plan_id_for_account(account).await? else {
+            return Ok(None);
+        };
+        if let Some(plan) = self.plans().plans.get(&id) {
+            return Ok(Some(plan.clone()));
+        }
+        // The account names a plan newer than our snapshot (its notification
+        // is still on the way): reload once.
+        if let Err(e) = self.refresh_plans().await {
+            tracing::warn!(error = %e, "reloading plans failed");
+        }
+        Ok(self.plans().plans.get(&id).cloned())
+    }
+
+    /// Hit, load and stale counters since start.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.inner.hits.load(Ordering::Relaxed),
+            loads: self.inner.loads.load(Ordering::Relaxed),
+            stale_served: self.inner.stale_served.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Forget one entry (or everything) as if an invalidation had arrived.
+    pub fn invalidate(&self, inv: &Invalidation) {
+        self.inner.invalidate(inv);
+    }
+
+    async fn assigned_plan(&self, account: &str) -> CatalogResult<Option<String>> {
+        let inner = &self.inner;
+        let cat = inner.catalog.clone();
+        let owned = account.to_string();
+        inner
+            .lookup(
+                |i| &i.accounts,
+                account,
+                |_| inner.config.account_ttl,
+                move || {
+                    let cat = cat.clone();
+                    let id = owned.clone();
+                    async move {
+                        match cat.get_account(&id).await {
+                            Ok(a) => Ok(a.plan_id),
+                            Err(CatalogError::NotFound { .. }) => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    }
+                },
+            )
+            .await
+    }
+}
+
+impl Inner {
+    fn now(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    fn freshness<T: Clone>(&self, e: &Entry<T>, ttl: Duration, now: u64) -> Freshness<T> {
+        let age = now.saturating_sub(e.loaded_ms);
+        let ttl_ms = ttl.as_millis() as u64;
+        let must_reload = e.stale || age >= ttl_ms;
+        if must_reload && now >= e.retry_at_ms {
+            return Freshness::Reload(Some(e.value.clone()));
+        }
+        if must_reload {
+            // A reload failed recently: keep serving what we have.
+            self.stale_served.fetch_add(1, Ordering::Relaxed);
+            return Freshness::Fresh(e.value.clone());
+        }
+        if age >= ttl_ms / 2 && !e.refreshing.load(Ordering::Relaxed) {
+            return Freshness::Refresh(e.value.clone(), e.refreshing.clone());
+        }
+        Freshness::Fresh(e.value.clone())
+    }
+
+    /// Read through `map`: serve fresh entries, refresh ageing ones in the
+    /// background, reload expired ones (falling back to the old value when
+    /// the catalog fails).
+    async fn lookup<T, F, Fut>(
+        self: &Arc<Self>,
+        map_of: fn(&Inner) -> &Map<T>,
+        id: &str,
+        ttl: impl Fn(&T) -> Duration,
+        load: F,
+    ) -> CatalogResult<T>
+    where
+        T: Clone + Send + Sync + 'static,
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = CatalogResult<T>> + Send + 'static,
+    {
+        let now = self.now();
+        let map = map_of(self);
+        let state = map
+            .read()
+            .get(id)
+            .map(|e| self.freshness(e, ttl(&e.value), now));
+        let old = match state {
+            Some(Freshness::Fresh(v)) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(v);
+            }
+            Some(Freshness::Refresh(v, flag)) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                if !flag.swap(true, Ordering::AcqRel) {
+                    let weak = Arc::downgrade(self);
+                    let id = id.to_string();
+                    tokio::spawn(async move {
+                        let result = load().await;
+                        flag.store(false, Ordering::Release);
+                        if let (Some(inner), Ok(v)) = (weak.upgrade(), result) {
+                            inner.store(map_of(&inner), &id, v);
+                        }
+                    });
+                }
+                return Ok(v);
+            }
+            Some(Freshness::Reload(old)) => old,
+            None => None,
+        };
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        match load().await {
+            Ok(v) => {
+                self.store(map, id, v.clone());
+                Ok(v)
+            }
+            Err(e) => match old {
+                Some(v) => {
+                    tracing::warn!(error = %e, "catalog reload failed; serving cached entry");
+                    self.stale_served.fetch_add(1, Ordering::Relaxed);
+                    let retry_at = self.now() + self.config.retry_after_error.as_millis() as u64;
+                    if let Some(entry) = map.write().get_mut(id) {
+                        entry.retry_at_ms = retry_at;
+                    }
+                    Ok(v)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    fn store<T>(&self, map: &Map<T>, id: &str, v: T) {
+        let now = self.now();
+        let mut m = map.write();
+        if m.len() >= self.config.max_entries && !m.contains_key(id) {
+            let horizon = self.config.account_ttl.max(self.config.key_ttl).as_millis() as u64;
+            m.retain(|_, e| now.saturating_sub(e.loaded_ms) < horizon);
+            if m.len() >= self.config.max_entries {
+                m.clear();
+            }
+        }
+        m.insert(id.to_string(), Entry::new(v, now));
+    }
+
+    fn mark_all_stale<T>(map: &Map<T>) {
+        for e in map.write().values_mut() {
+            e.stale = true;
+            e.retry_at_ms = 0;
+        }
+    }
+
+    fn mark_stale<T>(map: &Map<T>, id: &str) {
+        if let Some(e) = map.write().get_mut(id) {
+            e.stale = true;
+            e.retry_at_ms = 0;
+        }
+    }
+
+    fn invalidate(&self, inv: &Invalidation) {
+        match inv {
+            Invalidation::Plans => self.plans_loaded_ms.store(0, Ordering::Relaxed),
+            Invalidation::Account(id) => Self::mark_stale(&self.accounts, id),
+            Invalidation::Key(hash) => Self::mark_stale(&self.keys, hash),
+            Invalidation::All => {
+                self.plans_loaded_ms.store(0, Ordering::Relaxed);
+                Self::mark_all_stale(&self.accounts);
+                Self::mark_all_stale(&self.keys);
+            }
+        }
+    }
+
+    async fn reload_plans(&self) -> CatalogResult<()> {
+        let set = self.catalog.list_plans().await?;
+        self.plans.store(Arc::new(set));
+        self.plans_loaded_ms.store(self.now(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn plans_due(&self) -> bool {
+        let loaded = self.plans_loaded_ms.load(Ordering::Relaxed);
+        loaded == 0
+            || self.now().saturating_sub(loaded) >= self.config.plans_ttl.as_millis() as u64
+    }
+}
+
+/// Follow invalidations and keep the plan snapshot fresh until the cache
+/// is dropped. Plans are reloaded here, off the request path.
+async fn follow(weak: Weak<Inner>, mut events: tokio::sync::broadcast::Receiver<Invalidation>) {
+    // Real time, not the injected clock: this only paces the checks.
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry_at = tokio::time::Instant::now();
+    loop {
+        let inv = tokio::select! {
+            r = events.recv() => match r {
+                Ok(inv) => Some(inv),
+                // Missed some: we cannot know which, so forget everything.
+                Err(RecvError::Lagged(_)) => Some(Invalidation::All),
+                Err(RecvError::Closed) => return,
+            },
+            _ = tick.tick() => None,
+        };
+        let Some(inner) = weak.upgrade() else { return };
+        if let Some(inv) = inv {
+            inner.invalidate(&inv);
+        }
+        if inner.plans_due() && tokio::time::Instant::now() >= retry_at {
+            if let Err(e) = inner.reload_plans().await {
+                tracing::warn!(error = %e, "reloading plans failed; keeping the cached plans");
+                retry_at = tokio::time::Instant::now() + inner.config.retry_after_error;
+            }
+        }
+    }
+}

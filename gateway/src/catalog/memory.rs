@@ -1,1 +1,604 @@
-//! In-process catalog.
+//! In-process catalog: everything behind one mutex, so every operation is
+//! trivially atomic. Used by `plangate dev` and the tests; behaves exactly
+//! like the Postgres catalog (one conformance suite runs on both).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+use tokio::sync::broadcast;
+
+use super::{
+    check_credits, check_id, generate_id, generate_key, hash_key, ms_to_time, normalize_metadata,
+    trunc_micros, Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError, CatalogResult,
+    DeductResult, Deduction, Draw, Invalidation, KeyOwner, LedgerEntry, NewApiKey, QuotaBlock,
+};
+use crate::clock::SharedClock;
+use crate::plans::{Plan, PlanSet};
+
+/// The in-process catalog. Times come from the clock it is given.
+pub struct MemoryCatalog {
+    state: Mutex<State>,
+    clock: SharedClock,
+    events: broadcast::Sender<Invalidation>,
+}
+
+impl std::fmt::Debug for MemoryCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryCatalog").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    plans: BTreeMap<String, Arc<Plan>>,
+    default_plan: Option<String>,
+    accounts: HashMap<String, AccountRow>,
+    /// By key id.
+    keys: HashMap<String, KeyRow>,
+    /// Key hash → key id.
+    key_by_hash: HashMap<String, String>,
+    /// By block id.
+    blocks: HashMap<String, BlockRow>,
+    /// By idempotency key.
+    ledger: HashMap<String, LedgerRow>,
+    /// Creation order, the tie-breaker Postgres gets from `bigserial`.
+    next_seq: u64,
+}
+
+struct AccountRow {
+    plan_id: Option<String>,
+    metadata: serde_json::Value,
+}
+
+struct KeyRow {
+    seq: u64,
+    account_id: String,
+    hash: String,
+    prefix: String,
+    created_at: SystemTime,
+    revoked: bool,
+}
+
+struct BlockRow {
+    seq: u64,
+    account_id: String,
+    granted: u64,
+    remaining: u64,
+    expires_at: Option<SystemTime>,
+    metadata: serde_json::Value,
+    created_at: SystemTime,
+}
+
+struct LedgerRow {
+    seq: u64,
+    account_id: String,
+    request_id: Option<String>,
+    endpoint: Option<String>,
+    requested: u64,
+    deducted: u64,
+    draws: Vec<Draw>,
+    refunded: Option<u64>,
+    created_at: SystemTime,
+}
+
+impl BlockRow {
+    fn live(&self, now: SystemTime) -> bool {
+        self.expires_at.map_or(true, |e| e > now)
+    }
+
+    fn to_block(&self, id: &str) -> QuotaBlock {
+        QuotaBlock {
+            id: id.to_string(),
+            account_id: self.account_id.clone(),
+            credits_granted: self.granted,
+            credits_remaining: self.remaining,
+            expires_at: self.expires_at,
+            metadata: self.metadata.clone(),
+            created_at: Some(self.created_at),
+        }
+    }
+}
+
+impl State {
+    fn seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    fn require_account(&self, id: &str) -> CatalogResult<&AccountRow> {
+        self.accounts
+            .get(id)
+            .ok_or_else(|| CatalogError::not_found("account", id))
+    }
+
+    fn require_plan(&self, id: &str) -> CatalogResult<()> {
+        if self.plans.contains_key(id) {
+            Ok(())
+        } else {
+            Err(CatalogError::not_found("plan", id))
+        }
+    }
+
+    fn plan_in_use(&self, id: &str) -> bool {
+        self.accounts
+            .values()
+            .any(|a| a.plan_id.as_deref() == Some(id))
+    }
+
+    /// Live blocks of an account with credits left, in drain order:
+    /// earliest expiry first, never-expiring last, then creation order.
+    fn drain_order(&self, account_id: &str, now: SystemTime) -> Vec<String> {
+        let mut live: Vec<(&String, &BlockRow)> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.account_id == account_id && b.remaining > 0 && b.live(now))
+            .collect();
+        live.sort_by_key(|(_, b)| (b.expires_at.is_none(), b.expires_at, b.seq));
+        live.into_iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    fn balance(&self, account_id: &str, now: SystemTime) -> u64 {
+        self.blocks
+            .values()
+            .filter(|b| b.account_id == account_id && b.live(now))
+            .map(|b| b.remaining)
+            .fold(0u64, u64::saturating_add)
+    }
+
+    fn account(&self, id: &str) -> CatalogResult<Account> {
+        let row = self.require_account(id)?;
+        Ok(Account {
+            id: id.to_string(),
+            plan_id: row.plan_id.clone(),
+            effective_plan: row.plan_id.clone().or_else(|| self.default_plan.clone()),
+            metadata: row.metadata.clone(),
+        })
+    }
+}
+
+impl MemoryCatalog {
+    /// An empty catalog reading time from `clock`.
+    pub fn new(clock: SharedClock) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Self {
+            state: Mutex::new(State::default()),
+            clock,
+            events,
+        }
+    }
+
+    fn now(&self) -> SystemTime {
+        ms_to_time(self.clock.now_ms())
+    }
+
+    fn notify(&self, inv: Invalidation) {
+        // No receivers is fine: nothing is cached.
+        let _ = self.events.send(inv);
+    }
+}
+
+#[async_trait::async_trait]
+impl Catalog for MemoryCatalog {
+    async fn apply_plans(&self, plans: &PlanSet, prune: bool) -> CatalogResult<ApplyReport> {
+        for id in plans.plans.keys() {
+            check_id("plan", id)?;
+        }
+        let report = {
+            let mut st = self.state.lock();
+            if let Some(d) = &plans.default_plan {
+                if !plans.plans.contains_key(d) && !st.plans.contains_key(d) {
+                    return Err(CatalogError::Invalid(format!(
+                        "default_plan `{d}` names no plan"
+                    )));
+                }
+            }
+            for (id, plan) in &plans.plans {
+                st.plans.insert(id.clone(), plan.clone());
+            }
+            if let Some(d) = &plans.default_plan {
+                st.default_plan = Some(d.clone());
+            } else if st.default_plan.is_none() {
+                st.default_plan = plans.plans.keys().next().cloned();
+            }
+            let mut pruned = Vec::new();
+            let mut kept_in_use = Vec::new();
+            if prune {
+                let stale: Vec<String> = st
+                    .plans
+                    .keys()
+                    .filter(|id| !plans.plans.contains_key(*id))
+                    .cloned()
+                    .collect();
+                for id in stale {
+                    if st.default_plan.as_deref() == Some(id.as_str()) || st.plan_in_use(&id) {
+                        kept_in_use.push(id);
+                    } else {
+                        st.plans.remove(&id);
+                        pruned.push(id);
+                    }
+                }
+            }
+            ApplyReport {
+                upserted: plans.plans.keys().cloned().collect(),
+                pruned,
+                kept_in_use,
+                default_plan: st.default_plan.clone(),
+            }
+        };
+        if !plans.plans.is_empty() || !report.pruned.is_empty() {
+            self.notify(Invalidation::Plans);
+        }
+        Ok(report)
+    }
+
+    async fn list_plans(&self) -> CatalogResult<PlanSet> {
+        let st = self.state.lock();
+        Ok(PlanSet {
+            default_plan: st.default_plan.clone(),
+            plans: st.plans.clone(),
+        })
+    }
+
+    async fn get_plan(&self, id: &str) -> CatalogResult<Arc<Plan>> {
+        self.state
+            .lock()
+            .plans
+            .get(id)
+            .cloned()
+            .ok_or_else(|| CatalogError::not_found("plan", id))
+    }
+
+    async fn delete_plan(&self, id: &str) -> CatalogResult<()> {
+        {
+            let mut st = self.state.lock();
+            st.require_plan(id)?;
+            if st.default_plan.as_deref() == Some(id) {
+                return Err(CatalogError::Conflict(format!(
+                    "plan `{id}` is the default plan; make another plan the default first"
+                )));
+            }
+            if st.plan_in_use(id) {
+                return Err(CatalogError::Conflict(format!(
+                    "plan `{id}` is in use by accounts"
+                )));
+            }
+            st.plans.remove(id);
+        }
+        self.notify(Invalidation::Plans);
+        Ok(())
+    }
+
+    async fn default_plan(&self) -> CatalogResult<Option<String>> {
+        Ok(self.state.lock().default_plan.clone())
+    }
+
+    async fn set_default_plan(&self, id: &str) -> CatalogResult<()> {
+        {
+            let mut st = self.state.lock();
+            st.require_plan(id)?;
+            st.default_plan = Some(id.to_string());
+        }
+        self.notify(Invalidation::Plans);
+        Ok(())
+    }
+
+    async fn create_account(
+        &self,
+        id: &str,
+        plan_id: Option<&str>,
+        metadata: serde_json::Value,
+    ) -> CatalogResult<Account> {
+        check_id("account", id)?;
+        let metadata = normalize_metadata(metadata)?;
+        let account = {
+            let mut st = self.state.lock();
+            if st.accounts.contains_key(id) {
+                return Err(CatalogError::Conflict(format!(
+                    "account `{id}` already exists"
+                )));
+            }
+            if let Some(p) = plan_id {
+                st.require_plan(p)?;
+            }
+            st.accounts.insert(
+                id.to_string(),
+                AccountRow {
+                    plan_id: plan_id.map(str::to_string),
+                    metadata,
+                },
+            );
+            st.account(id)?
+        };
+        self.notify(Invalidation::Account(id.to_string()));
+        Ok(account)
+    }
+
+    async fn assign_plan(&self, account_id: &str, plan_id: Option<&str>) -> CatalogResult<()> {
+        {
+            let mut st = self.state.lock();
+            st.require_account(account_id)?;
+            if let Some(p) = plan_id {
+                st.require_plan(p)?;
+            }
+            if let Some(row) = st.accounts.get_mut(account_id) {
+                row.plan_id = plan_id.map(str::to_string);
+            }
+        }
+        self.notify(Invalidation::Account(account_id.to_string()));
+        Ok(())
+    }
+
+    async fn get_account(&self, id: &str) -> CatalogResult<Account> {
+        self.state.lock().account(id)
+    }
+
+    async fn create_key(&self, account_id: &str) -> CatalogResult<NewApiKey> {
+        let (key, prefix) = generate_key();
+        let hash = hash_key(&key);
+        let id = generate_id("key_");
+        {
+            let mut st = self.state.lock();
+            st.require_account(account_id)?;
+            let seq = st.seq();
+            st.key_by_hash.insert(hash.clone(), id.clone());
+            st.keys.insert(
+                id.clone(),
+                KeyRow {
+                    seq,
+                    account_id: account_id.to_string(),
+                    hash: hash.clone(),
+                    prefix: prefix.clone(),
+                    created_at: trunc_micros(self.now()),
+                    revoked: false,
+                },
+            );
+        }
+        // A cache may hold a negative entry for this hash (only if someone
+        // guessed a 256-bit key); forgetting it costs nothing.
+        self.notify(Invalidation::Key(hash));
+        Ok(NewApiKey { id, key, prefix })
+    }
+
+    async fn lookup_key(&self, key_hash: &str) -> CatalogResult<Option<KeyOwner>> {
+        let st = self.state.lock();
+        Ok(st.key_by_hash.get(key_hash).and_then(|id| {
+            let row = st.keys.get(id)?;
+            (!row.revoked).then(|| KeyOwner {
+                key_id: id.clone(),
+                account_id: row.account_id.clone(),
+            })
+        }))
+    }
+
+    async fn revoke_key(&self, key_id: &str) -> CatalogResult<()> {
+        let hash = {
+            let mut st = self.state.lock();
+            let row = st
+                .keys
+                .get_mut(key_id)
+                .ok_or_else(|| CatalogError::not_found("key", key_id))?;
+            row.revoked = true;
+            row.hash.clone()
+        };
+        self.notify(Invalidation::Key(hash));
+        Ok(())
+    }
+
+    async fn list_keys(&self, account_id: &str) -> CatalogResult<Vec<ApiKeyInfo>> {
+        let st = self.state.lock();
+        st.require_account(account_id)?;
+        let mut rows: Vec<(&String, &KeyRow)> = st
+            .keys
+            .iter()
+            .filter(|(_, k)| k.account_id == account_id)
+            .collect();
+        rows.sort_by_key(|(_, k)| k.seq);
+        Ok(rows
+            .into_iter()
+            .map(|(id, k)| ApiKeyInfo {
+                id: id.clone(),
+                account_id: k.account_id.clone(),
+                prefix: k.prefix.clone(),
+                created_at: Some(k.created_at),
+                revoked: k.revoked,
+            })
+            .collect())
+    }
+
+    async fn create_quota_block(
+        &self,
+        account_id: &str,
+        credits: u64,
+        expires_at: Option<SystemTime>,
+        metadata: serde_json::Value,
+    ) -> CatalogResult<QuotaBlock> {
+        check_credits(credits)?;
+        let metadata = normalize_metadata(metadata)?;
+        let id = generate_id("qb_");
+        let mut st = self.state.lock();
+        st.require_account(account_id)?;
+        let seq = st.seq();
+        let row = BlockRow {
+            seq,
+            account_id: account_id.to_string(),
+            granted: credits,
+            remaining: credits,
+            expires_at: expires_at.map(trunc_micros),
+            metadata,
+            created_at: trunc_micros(self.now()),
+        };
+        let block = row.to_block(&id);
+        st.blocks.insert(id, row);
+        Ok(block)
+    }
+
+    async fn delete_quota_block(&self, block_id: &str) -> CatalogResult<()> {
+        self.state
+            .lock()
+            .blocks
+            .remove(block_id)
+            .map(|_| ())
+            .ok_or_else(|| CatalogError::not_found("quota block", block_id))
+    }
+
+    async fn expire_quota_blocks(&self, account_id: &str) -> CatalogResult<u64> {
+        let now = trunc_micros(self.now());
+        let mut st = self.state.lock();
+        st.require_account(account_id)?;
+        let mut n = 0;
+        for b in st.blocks.values_mut() {
+            if b.account_id == account_id && b.live(now) {
+                b.expires_at = Some(now);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn list_quota_blocks(&self, account_id: &str) -> CatalogResult<Vec<QuotaBlock>> {
+        let st = self.state.lock();
+        st.require_account(account_id)?;
+        let mut rows: Vec<(&String, &BlockRow)> = st
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.account_id == account_id)
+            .collect();
+        rows.sort_by_key(|(_, b)| b.seq);
+        Ok(rows.into_iter().map(|(id, b)| b.to_block(id)).collect())
+    }
+
+    async fn balance(&self, account_id: &str) -> CatalogResult<u64> {
+        let now = self.now();
+        let st = self.state.lock();
+        st.require_account(account_id)?;
+        Ok(st.balance(account_id, now))
+    }
+
+    async fn deduct(&self, d: &Deduction) -> CatalogResult<DeductResult> {
+        check_credits(d.amount)?;
+        check_credits(d.min_balance)?;
+        let now = self.now();
+        let mut st = self.state.lock();
+        // The key is checked before the account, as in Postgres where a
+        // conflicting ledger insert never reaches the account foreign key.
+        if let Some(row) = st.ledger.get(&d.idempotency_key) {
+            let (requested, deducted) = (row.requested, row.deducted);
+            let balance = st.balance(&row.account_id, now);
+            return Ok(DeductResult {
+                requested,
+                deducted,
+                shortfall: requested - deducted,
+                balance,
+                replayed: true,
+            });
+        }
+        st.require_account(&d.account_id)?;
+        let order = st.drain_order(&d.account_id, now);
+        let available = st.balance(&d.account_id, now);
+        if available < d.min_balance || (d.require_full && available < d.amount) {
+            return Ok(DeductResult {
+                requested: d.amount,
+                deducted: 0,
+                shortfall: d.amount,
+                balance: available,
+                replayed: false,
+            });
+        }
+        let mut left = d.amount;
+        let mut draws = Vec::new();
+        for id in order {
+            if left == 0 {
+                break;
+            }
+            if let Some(b) = st.blocks.get_mut(&id) {
+                let take = left.min(b.remaining);
+                b.remaining -= take;
+                left -= take;
+                draws.push(Draw {
+                    block_id: id,
+                    credits: take,
+                });
+            }
+        }
+        let deducted = d.amount - left;
+        let seq = st.seq();
+        st.ledger.insert(
+            d.idempotency_key.clone(),
+            LedgerRow {
+                seq,
+                account_id: d.account_id.clone(),
+                request_id: d.request_id.clone(),
+                endpoint: d.endpoint.clone(),
+                requested: d.amount,
+                deducted,
+                draws,
+                refunded: None,
+                created_at: trunc_micros(now),
+            },
+        );
+        Ok(DeductResult {
+            requested: d.amount,
+            deducted,
+            shortfall: left,
+            balance: available - deducted,
+            replayed: false,
+        })
+    }
+
+    async fn refund(&self, idempotency_key: &str) -> CatalogResult<u64> {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        let Some(row) = st.ledger.get_mut(idempotency_key) else {
+            return Ok(0);
+        };
+        if row.refunded.is_some() {
+            return Ok(0);
+        }
+        let mut refunded = 0u64;
+        for draw in &row.draws {
+            // A block deleted since gets nothing back: it no longer exists.
+            if let Some(b) = st.blocks.get_mut(&draw.block_id) {
+                b.remaining += draw.credits;
+                refunded += draw.credits;
+            }
+        }
+        row.refunded = Some(refunded);
+        Ok(refunded)
+    }
+
+    async fn ledger(&self, account_id: &str) -> CatalogResult<Vec<LedgerEntry>> {
+        let st = self.state.lock();
+        st.require_account(account_id)?;
+        let mut rows: Vec<(&String, &LedgerRow)> = st
+            .ledger
+            .iter()
+            .filter(|(_, r)| r.account_id == account_id)
+            .collect();
+        rows.sort_by_key(|(_, r)| r.seq);
+        Ok(rows
+            .into_iter()
+            .map(|(key, r)| LedgerEntry {
+                idempotency_key: key.clone(),
+                account_id: r.account_id.clone(),
+                request_id: r.request_id.clone(),
+                endpoint: r.endpoint.clone(),
+                requested: r.requested,
+                deducted: r.deducted,
+                shortfall: r.requested - r.deducted,
+                refunded: r.refunded.unwrap_or(0),
+                draws: r.draws.clone(),
+                created_at: Some(r.created_at),
+            })
+            .collect())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Invalidation> {
+        self.events.subscribe()
+    }
+
+    async fn ping(&self) -> CatalogResult<()> {
+        Ok(())
+    }
+}

@@ -1,1 +1,1203 @@
 //! Postgres catalog (deadpool-postgres + tokio-postgres) and embedded migrations.
+//!
+//! Invariants the schema enforces (migrations/V1__init.sql): at most one
+//! default plan (partial unique index), a plan in use cannot be deleted
+//! (FK `ON DELETE RESTRICT`), `credits_remaining >= 0` (CHECK), one ledger
+//! row per idempotency key (UNIQUE). Changes are announced with
+//! `NOTIFY plangate_catalog`, which every instance LISTENs to.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::broadcast;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use super::{
+    check_credits, check_id, generate_id, generate_key, hash_key, ms_to_time, normalize_metadata,
+    Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError, CatalogResult, DeductResult,
+    Deduction, Draw, Invalidation, KeyOwner, LedgerEntry, NewApiKey, QuotaBlock,
+};
+use crate::clock::SharedClock;
+use crate::plans::parse::{plan_from_json, plan_to_json};
+use crate::plans::{Plan, PlanSet};
+
+/// The NOTIFY channel every instance listens on.
+pub const CHANNEL: &str = "plangate_catalog";
+
+/// `pg_advisory_lock` key held while migrating ("plangate" in ASCII).
+const MIGRATE_LOCK: i64 = 0x706c_616e_6761_7465;
+/// `pg_advisory_xact_lock` key serialising plan changes (default plan rules).
+const PLANS_LOCK: i64 = 0x706c_616e_7331;
+
+/// One embedded migration.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// `V<version>__<name>.sql`.
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration, in order. Append only: never edit a released one.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "init",
+    sql: include_str!("../../../migrations/V1__init.sql"),
+}];
+
+/// What `migrate` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MigrateReport {
+    /// Versions applied by this run (empty when already up to date).
+    pub applied: Vec<String>,
+    /// Schema version after the run.
+    pub version: i32,
+}
+
+/// Options for [`PostgresCatalog::connect_with`].
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Pooled connections (the LISTEN connection is extra).
+    pub pool_size: usize,
+    /// Run the LISTEN connection that feeds [`Catalog::subscribe`] with
+    /// other instances' changes. Off for one-shot admin commands.
+    pub listen: bool,
+    /// Connect, pool wait and LISTEN start-up timeout.
+    pub timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            listen: true,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+fn parse_url(url: &str, timeout: Duration) -> CatalogResult<tokio_postgres::Config> {
+    let mut cfg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| CatalogError::Invalid(format!("invalid Postgres URL: {e}")))?;
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(timeout);
+    }
+    // Keepalives notice a silently dead peer, so the LISTEN connection
+    // reconnects instead of waiting forever for notifications.
+    cfg.keepalives(true);
+    cfg.keepalives_idle(Duration::from_secs(10));
+    cfg.application_name("plangate");
+    Ok(cfg)
+}
+
+/// A database error as a catalog error: the SQLSTATE and server message
+/// (tokio-postgres alone prints just "db error").
+fn db_err(e: tokio_postgres::Error) -> CatalogError {
+    if let Some(db) = e.as_db_error() {
+        if *db.code() == SqlState::UNDEFINED_TABLE {
+            return CatalogError::Unavailable(
+                "the database schema is missing or outdated; run `plangate migrate`".into(),
+            );
+        }
+        return CatalogError::Unavailable(format!("{} ({})", db.message(), db.code().code()));
+    }
+    CatalogError::Unavailable(e.to_string())
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> CatalogError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db_err(e),
+        other => CatalogError::Unavailable(format!("Postgres connection: {other}")),
+    }
+}
+
+/// Inside an operation: a database error (maybe retryable) or a decided
+/// catalog error.
+enum PgErr {
+    Db(tokio_postgres::Error),
+    Catalog(CatalogError),
+}
+
+impl From<tokio_postgres::Error> for PgErr {
+    fn from(e: tokio_postgres::Error) -> Self {
+        PgErr::Db(e)
+    }
+}
+
+impl From<CatalogError> for PgErr {
+    fn from(e: CatalogError) -> Self {
+        PgErr::Catalog(e)
+    }
+}
+
+impl From<PgErr> for CatalogError {
+    fn from(e: PgErr) -> Self {
+        match e {
+            PgErr::Db(e) => db_err(e),
+            PgErr::Catalog(e) => e,
+        }
+    }
+}
+
+impl PgErr {
+    fn code(&self) -> Option<&SqlState> {
+        match self {
+            PgErr::Db(e) => e.code(),
+            PgErr::Catalog(_) => None,
+        }
+    }
+
+    /// Deadlocks and serialization failures are worth a retry: the
+    /// transaction did nothing.
+    fn retryable(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::T_R_SERIALIZATION_FAILURE
+        )
+    }
+}
+
+/// Map a foreign-key violation to NotFound of the referenced thing.
+fn fk_not_found(e: tokio_postgres::Error, kind: &'static str, id: &str) -> PgErr {
+    if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) {
+        PgErr::Catalog(CatalogError::not_found(kind, id))
+    } else {
+        PgErr::Db(e)
+    }
+}
+
+const RETRIES: usize = 5;
+
+/// Create or upgrade the schema at `url`. Safe to run twice and
+/// concurrently: the whole run holds a session advisory lock, and each
+/// migration commits together with its `schema_migrations` row.
+pub async fn migrate(url: &str) -> CatalogResult<MigrateReport> {
+    let cfg = parse_url(url, Duration::from_secs(5))?;
+    let (mut client, conn) = cfg.connect(NoTls).await.map_err(db_err)?;
+    let driver = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "migration connection closed");
+        }
+    });
+    let result = migrate_locked(&mut client).await;
+    // Closing the session releases the advisory lock even if unlocking failed.
+    drop(client);
+    let _ = driver.await;
+    result
+}
+
+async fn migrate_locked(client: &mut tokio_postgres::Client) -> CatalogResult<MigrateReport> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
+        .await
+        .map_err(db_err)?;
+    let result = apply_migrations(client).await;
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])
+        .await;
+    result
+}
+
+async fn apply_migrations(client: &mut tokio_postgres::Client) -> CatalogResult<MigrateReport> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version     integer PRIMARY KEY,
+                 name        text NOT NULL,
+                 applied_at  timestamptz NOT NULL DEFAULT now()
+             )",
+        )
+        .await
+        .map_err(db_err)?;
+    let rows = client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await
+        .map_err(db_err)?;
+    let done: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    let latest = MIGRATIONS.last().map_or(0, |m| m.version);
+    if let Some(newer) = done.iter().copied().filter(|v| *v > latest).max() {
+        return Err(CatalogError::Invalid(format!(
+            "the database schema is at version {newer}, newer than this plangate ({latest})"
+        )));
+    }
+    let mut report = MigrateReport::default();
+    for m in MIGRATIONS {
+        if done.contains(&m.version) {
+            continue;
+        }
+        let tx = client.transaction().await.map_err(db_err)?;
+        tx.batch_execute(m.sql).await.map_err(|e| {
+            CatalogError::Unavailable(format!(
+                "migration V{}__{} failed: {}",
+                m.version,
+                m.name,
+                db_err(e)
+            ))
+        })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[&m.version, &m.name],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        report.applied.push(format!("V{}__{}", m.version, m.name));
+    }
+    report.version = latest.max(done.iter().copied().max().unwrap_or(0));
+    Ok(report)
+}
+
+/// Encode an invalidation as a NOTIFY payload.
+fn encode(inv: &Invalidation) -> String {
+    match inv {
+        Invalidation::Plans => "plans".into(),
+        Invalidation::All => "all".into(),
+        Invalidation::Account(id) => format!("account:{id}"),
+        Invalidation::Key(hash) => format!("key:{hash}"),
+    }
+}
+
+/// Decode a NOTIFY payload; anything unknown forgets everything.
+fn decode(payload: &str) -> Invalidation {
+    if payload == "plans" {
+        Invalidation::Plans
+    } else if let Some(id) = payload.strip_prefix("account:") {
+        Invalidation::Account(id.to_string())
+    } else if let Some(hash) = payload.strip_prefix("key:") {
+        Invalidation::Key(hash.to_string())
+    } else {
+        Invalidation::All
+    }
+}
+
+/// The Postgres catalog. Dropping it stops its LISTEN task.
+pub struct PostgresCatalog {
+    pool: Pool,
+    clock: SharedClock,
+    events: broadcast::Sender<Invalidation>,
+    listener: Option<tokio::task::AbortHandle>,
+}
+
+impl std::fmt::Debug for PostgresCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresCatalog")
+            .field("pool", &self.pool.status())
+            .field("listening", &self.listener.is_some())
+            .finish()
+    }
+}
+
+impl Drop for PostgresCatalog {
+    fn drop(&mut self) {
+        if let Some(l) = &self.listener {
+            l.abort();
+        }
+    }
+}
+
+impl PostgresCatalog {
+    /// Connect with [`PgOptions::default`]: a pool of 16 and a LISTEN
+    /// connection. Returns once the database answered and LISTEN is active.
+    pub async fn connect(url: &str, clock: SharedClock) -> CatalogResult<Self> {
+        Self::connect_with(url, clock, PgOptions::default()).await
+    }
+
+    /// Connect with explicit options.
+    pub async fn connect_with(
+        url: &str,
+        clock: SharedClock,
+        opts: PgOptions,
+    ) -> CatalogResult<Self> {
+        let cfg = parse_url(url, opts.timeout)?;
+        let mgr = Manager::from_config(
+            cfg.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(opts.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(opts.timeout))
+            .create_timeout(Some(opts.timeout))
+            .recycle_timeout(Some(opts.timeout))
+            .build()
+            .map_err(|e| CatalogError::Invalid(format!("Postgres pool: {e}")))?;
+        let (events, _) = broadcast::channel(1024);
+        let mut catalog = Self {
+            pool,
+            clock,
+            events,
+            listener: None,
+        };
+        catalog.ping().await?;
+        if opts.listen {
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(listen_loop(cfg, catalog.events.clone(), ready_tx));
+            catalog.listener = Some(task.abort_handle());
+            match tokio::time::timeout(opts.timeout, ready_rx).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    return Err(CatalogError::Unavailable(
+                        "could not start listening for catalog notifications".into(),
+                    ))
+                }
+            }
+        }
+        Ok(catalog)
+    }
+
+    /// The connection pool (for tests and tools).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    fn now(&self) -> SystemTime {
+        ms_to_time(self.clock.now_ms())
+    }
+
+    async fn conn(&self) -> Result<deadpool_postgres::Object, CatalogError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    /// Tell this process at once; other instances hear it through the
+    /// NOTIFY sent (inside the transaction, so only on commit) by
+    /// [`notify_sql`].
+    fn notify_local(&self, inv: Invalidation) {
+        let _ = self.events.send(inv);
+    }
+
+    async fn deduct_tx(&self, d: &Deduction) -> Result<DeductResult, PgErr> {
+        let now = self.now();
+        let amount = check_credits(d.amount)?;
+        let min_balance = check_credits(d.min_balance)?;
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO credit_ledger
+                     (idempotency_key, account_id, request_id, endpoint, requested, deducted, created_at)
+                 VALUES ($1, $2, $3, $4, $5, 0, $6)
+                 ON CONFLICT (idempotency_key) DO NOTHING
+                 RETURNING seq",
+            )
+            .await?;
+        // A concurrent insert of the same key waits here for the other
+        // transaction: if it commits, this one sees the conflict and replays.
+        let inserted = tx
+            .query(
+                &insert,
+                &[
+                    &d.idempotency_key,
+                    &d.account_id,
+                    &d.request_id,
+                    &d.endpoint,
+                    &amount,
+                    &now,
+                ],
+            )
+            .await
+            .map_err(|e| fk_not_found(e, "account", &d.account_id))?;
+        let Some(seq) = inserted.first().map(|r| r.get::<_, i64>(0)) else {
+            tx.rollback().await?;
+            return self.replay(&conn, &d.idempotency_key, now).await;
+        };
+        let select = tx
+            .prepare_cached(
+                "SELECT id, credits_remaining FROM quota_blocks
+                 WHERE account_id = $1 AND credits_remaining > 0
+                   AND (expires_at IS NULL OR expires_at > $2)
+                 ORDER BY expires_at ASC NULLS LAST, seq
+                 FOR UPDATE",
+            )
+            .await?;
+        let blocks = tx.query(&select, &[&d.account_id, &now]).await?;
+        let blocks: Vec<(String, i64)> = blocks.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let available: i64 = blocks.iter().map(|(_, c)| *c).sum();
+        if available < min_balance || (d.require_full && available < amount) {
+            // Refused: the rollback also frees the idempotency key.
+            tx.rollback().await?;
+            return Ok(DeductResult {
+                requested: d.amount,
+                deducted: 0,
+                shortfall: d.amount,
+                balance: available as u64,
+                replayed: false,
+            });
+        }
+        let mut left = amount;
+        let mut ids = Vec::new();
+        let mut takes = Vec::new();
+        let mut draws = Vec::new();
+        for (id, remaining) in blocks {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(remaining);
+            left -= take;
+            ids.push(id.clone());
+            takes.push(take);
+            draws.push(Draw {
+                block_id: id,
+                credits: take as u64,
+            });
+        }
+        let deducted = amount - left;
+        if !ids.is_empty() {
+            let update = tx
+                .prepare_cached(
+                    "UPDATE quota_blocks q SET credits_remaining = q.credits_remaining - x.take
+                     FROM unnest($1::text[], $2::int8[]) AS x(id, take)
+                     WHERE q.id = x.id",
+                )
+                .await?;
+            tx.execute(&update, &[&ids, &takes]).await?;
+        }
+        let record = tx
+            .prepare_cached("UPDATE credit_ledger SET deducted = $2, draws = $3 WHERE seq = $1")
+            .await?;
+        let draws_json = serde_json::to_value(&draws)
+            .map_err(|e| CatalogError::Unavailable(format!("encoding draws: {e}")))?;
+        tx.execute(&record, &[&seq, &deducted, &draws_json])
+            .await?;
+        tx.commit().await?;
+        Ok(DeductResult {
+            requested: d.amount,
+            deducted: deducted as u64,
+            shortfall: left as u64,
+            balance: (available - deducted) as u64,
+            replayed: false,
+        })
+    }
+
+    async fn replay(
+        &self,
+        conn: &deadpool_postgres::Object,
+        key: &str,
+        now: SystemTime,
+    ) -> Result<DeductResult, PgErr> {
+        let row = conn
+            .query_one(
+                "SELECT account_id, requested, deducted FROM credit_ledger WHERE idempotency_key = $1",
+                &[&key],
+            )
+            .await?;
+        let account: String = row.get(0);
+        let requested: i64 = row.get(1);
+        let deducted: i64 = row.get(2);
+        let balance = balance_of(conn, &account, now).await?.unwrap_or(0);
+        Ok(DeductResult {
+            requested: requested as u64,
+            deducted: deducted as u64,
+            shortfall: (requested - deducted) as u64,
+            balance,
+            replayed: true,
+        })
+    }
+
+    async fn refund_tx(&self, key: &str) -> Result<u64, PgErr> {
+        let now = self.now();
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        let row = tx
+            .query_opt(
+                "SELECT seq, draws, refunded_at IS NOT NULL FROM credit_ledger
+                 WHERE idempotency_key = $1 FOR UPDATE",
+                &[&key],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(0);
+        };
+        let seq: i64 = row.get(0);
+        if row.get::<_, bool>(2) {
+            return Ok(0);
+        }
+        let draws: Vec<Draw> = serde_json::from_value(row.get(1))
+            .map_err(|e| CatalogError::Unavailable(format!("ledger row {seq}: bad draws: {e}")))?;
+        let ids: Vec<String> = draws.iter().map(|d| d.block_id.clone()).collect();
+        // Lock in the deduction order so a refund and a deduction never
+        // wait for each other in a cycle. Deleted blocks get nothing back.
+        let existing = tx
+            .query(
+                "SELECT id FROM quota_blocks WHERE id = ANY($1)
+                 ORDER BY expires_at ASC NULLS LAST, seq FOR UPDATE",
+                &[&ids],
+            )
+            .await?;
+        let existing: Vec<String> = existing.iter().map(|r| r.get(0)).collect();
+        let (back_ids, back): (Vec<String>, Vec<i64>) = draws
+            .iter()
+            .filter(|d| existing.contains(&d.block_id))
+            .map(|d| (d.block_id.clone(), d.credits as i64))
+            .unzip();
+        let refunded: i64 = back.iter().sum();
+        if !back_ids.is_empty() {
+            tx.execute(
+                "UPDATE quota_blocks q SET credits_remaining = q.credits_remaining + x.give
+                 FROM unnest($1::text[], $2::int8[]) AS x(id, give)
+                 WHERE q.id = x.id",
+                &[&back_ids, &back],
+            )
+            .await?;
+        }
+        tx.execute(
+            "UPDATE credit_ledger SET refunded = $2, refunded_at = $3 WHERE seq = $1",
+            &[&seq, &refunded, &now],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(refunded as u64)
+    }
+
+    async fn apply_tx(&self, plans: &PlanSet, prune: bool) -> Result<ApplyReport, PgErr> {
+        let now = self.now();
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PLANS_LOCK])
+            .await?;
+        let upsert = tx
+            .prepare_cached(
+                "INSERT INTO plans (id, name, policy, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $4)
+                 ON CONFLICT (id) DO UPDATE
+                 SET name = EXCLUDED.name, policy = EXCLUDED.policy, updated_at = EXCLUDED.updated_at",
+            )
+            .await?;
+        for (id, plan) in &plans.plans {
+            let policy = plan_to_json(plan);
+            tx.execute(&upsert, &[id, &plan.name, &policy, &now]).await?;
+        }
+        let current: Option<String> = tx
+            .query_opt("SELECT id FROM plans WHERE is_default", &[])
+            .await?
+            .map(|r| r.get(0));
+        let wanted = match (&plans.default_plan, current) {
+            (Some(d), _) => Some(d.clone()),
+            // The first plan ever applied becomes the default.
+            (None, None) => plans.plans.keys().next().cloned(),
+            (None, Some(_)) => None,
+        };
+        if let Some(d) = &wanted {
+            set_default_in(&tx, d).await.map_err(|e| match e {
+                PgErr::Catalog(CatalogError::NotFound { .. }) => PgErr::Catalog(
+                    CatalogError::Invalid(format!("default_plan `{d}` names no plan")),
+                ),
+                e => e,
+            })?;
+        }
+        let mut pruned = Vec::new();
+        let mut kept_in_use = Vec::new();
+        if prune {
+            let names: Vec<String> = plans.plans.keys().cloned().collect();
+            pruned = tx
+                .query(
+                    "DELETE FROM plans p
+                     WHERE NOT (p.id = ANY($1)) AND NOT p.is_default
+                       AND NOT EXISTS (SELECT 1 FROM accounts a WHERE a.plan_id = p.id)
+                     RETURNING p.id",
+                    &[&names],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            kept_in_use = tx
+                .query("SELECT id FROM plans WHERE NOT (id = ANY($1))", &[&names])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            pruned.sort();
+            kept_in_use.sort();
+        }
+        let default_plan: Option<String> = tx
+            .query_opt("SELECT id FROM plans WHERE is_default", &[])
+            .await?
+            .map(|r| r.get(0));
+        let changed = !plans.plans.is_empty() || !pruned.is_empty();
+        if changed {
+            notify_sql(&tx, &Invalidation::Plans).await?;
+        }
+        tx.commit().await?;
+        if changed {
+            self.notify_local(Invalidation::Plans);
+        }
+        Ok(ApplyReport {
+            upserted: plans.plans.keys().cloned().collect(),
+            pruned,
+            kept_in_use,
+            default_plan,
+        })
+    }
+
+    async fn delete_plan_tx(&self, id: &str) -> Result<(), PgErr> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PLANS_LOCK])
+            .await?;
+        let row = tx
+            .query_opt("SELECT is_default FROM plans WHERE id = $1", &[&id])
+            .await?
+            .ok_or_else(|| CatalogError::not_found("plan", id))?;
+        if row.get::<_, bool>(0) {
+            return Err(CatalogError::Conflict(format!(
+                "plan `{id}` is the default plan; make another plan the default first"
+            ))
+            .into());
+        }
+        // The foreign key refuses a plan in use; its violation is the check.
+        match tx.execute("DELETE FROM plans WHERE id = $1", &[&id]).await {
+            Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
+                return Err(CatalogError::Conflict(format!("plan `{id}` is in use by accounts")).into())
+            }
+            r => r?,
+        };
+        notify_sql(&tx, &Invalidation::Plans).await?;
+        tx.commit().await?;
+        self.notify_local(Invalidation::Plans);
+        Ok(())
+    }
+
+    async fn set_default_tx(&self, id: &str) -> Result<(), PgErr> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PLANS_LOCK])
+            .await?;
+        set_default_in(&tx, id).await?;
+        notify_sql(&tx, &Invalidation::Plans).await?;
+        tx.commit().await?;
+        self.notify_local(Invalidation::Plans);
+        Ok(())
+    }
+
+    async fn require_account(
+        &self,
+        conn: &deadpool_postgres::Object,
+        id: &str,
+    ) -> CatalogResult<()> {
+        let stmt = conn
+            .prepare_cached("SELECT 1 FROM accounts WHERE id = $1")
+            .await
+            .map_err(db_err)?;
+        match conn.query_opt(&stmt, &[&id]).await.map_err(db_err)? {
+            Some(_) => Ok(()),
+            None => Err(CatalogError::not_found("account", id)),
+        }
+    }
+}
+
+/// Send a NOTIFY (delivered when the surrounding transaction commits).
+async fn notify_sql<C: deadpool_postgres::GenericClient>(
+    client: &C,
+    inv: &Invalidation,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &encode(inv)])
+        .await
+        .map(|_| ())
+}
+
+/// Make `id` the default inside a transaction holding [`PLANS_LOCK`]. Two
+/// statements, so the single-default index never sees two defaults.
+async fn set_default_in(tx: &deadpool_postgres::Transaction<'_>, id: &str) -> Result<(), PgErr> {
+    if tx
+        .query_opt("SELECT 1 FROM plans WHERE id = $1", &[&id])
+        .await?
+        .is_none()
+    {
+        return Err(CatalogError::not_found("plan", id).into());
+    }
+    tx.execute(
+        "UPDATE plans SET is_default = false WHERE is_default AND id <> $1",
+        &[&id],
+    )
+    .await?;
+    tx.execute("UPDATE plans SET is_default = true WHERE id = $1", &[&id])
+        .await?;
+    Ok(())
+}
+
+/// Balance of an account (`None` if it does not exist).
+async fn balance_of<C: deadpool_postgres::GenericClient>(
+    client: &C,
+    account: &str,
+    now: SystemTime,
+) -> Result<Option<u64>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT (SELECT COALESCE(SUM(q.credits_remaining), 0)::int8 FROM quota_blocks q
+                     WHERE q.account_id = a.id AND (q.expires_at IS NULL OR q.expires_at > $2))
+             FROM accounts a WHERE a.id = $1",
+        )
+        .await?;
+    Ok(client
+        .query_opt(&stmt, &[&account, &now])
+        .await?
+        .map(|r| r.get::<_, i64>(0) as u64))
+}
+
+fn block_from_row(row: &tokio_postgres::Row) -> QuotaBlock {
+    QuotaBlock {
+        id: row.get("id"),
+        account_id: row.get("account_id"),
+        credits_granted: row.get::<_, i64>("credits_granted") as u64,
+        credits_remaining: row.get::<_, i64>("credits_remaining") as u64,
+        expires_at: row.get("expires_at"),
+        metadata: row.get("metadata"),
+        created_at: Some(row.get("created_at")),
+    }
+}
+
+const BLOCK_COLUMNS: &str =
+    "id, account_id, credits_granted, credits_remaining, expires_at, metadata, created_at";
+
+fn parse_plan(id: &str, policy: &serde_json::Value) -> CatalogResult<Arc<Plan>> {
+    plan_from_json(id, policy)
+        .map(Arc::new)
+        .map_err(|e| CatalogError::Unavailable(format!("stored plan `{id}` is unreadable: {e}")))
+}
+
+/// Keep a LISTEN connection open for the catalog's lifetime, forwarding
+/// notifications; after a reconnect send [`Invalidation::All`], since
+/// anything may have changed while it was down.
+async fn listen_loop(
+    cfg: tokio_postgres::Config,
+    events: broadcast::Sender<Invalidation>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match cfg.connect(NoTls).await {
+            Ok((client, mut conn)) => {
+                let tx = events.clone();
+                let driver = tokio::spawn(async move {
+                    loop {
+                        match futures_util::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                            Some(Ok(AsyncMessage::Notification(n))) => {
+                                let _ = tx.send(decode(n.payload()));
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "catalog LISTEN connection failed");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                });
+                match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(250);
+                        match ready.take() {
+                            Some(r) => {
+                                let _ = r.send(());
+                            }
+                            None => {
+                                tracing::info!("catalog LISTEN connection re-established");
+                                let _ = events.send(Invalidation::All);
+                            }
+                        }
+                        let _ = driver.await;
+                        // Caches must not trust what they hold while deaf.
+                        let _ = events.send(Invalidation::All);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN failed");
+                        driver.abort();
+                    }
+                }
+                drop(client);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "catalog LISTEN connection failed");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Retry a transaction body on deadlock or serialization failure.
+macro_rules! retrying {
+    ($body:expr) => {{
+        let mut attempt = 0;
+        loop {
+            match $body.await {
+                Err(e) if e.retryable() && attempt < RETRIES => attempt += 1,
+                r => break r.map_err(CatalogError::from),
+            }
+        }
+    }};
+}
+
+#[async_trait::async_trait]
+impl Catalog for PostgresCatalog {
+    async fn apply_plans(&self, plans: &PlanSet, prune: bool) -> CatalogResult<ApplyReport> {
+        for id in plans.plans.keys() {
+            check_id("plan", id)?;
+        }
+        retrying!(self.apply_tx(plans, prune))
+    }
+
+    async fn list_plans(&self) -> CatalogResult<PlanSet> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query("SELECT id, policy, is_default FROM plans", &[])
+            .await
+            .map_err(db_err)?;
+        let mut set = PlanSet::default();
+        for r in rows {
+            let id: String = r.get(0);
+            let plan = parse_plan(&id, &r.get(1))?;
+            if r.get::<_, bool>(2) {
+                set.default_plan = Some(id.clone());
+            }
+            set.plans.insert(id, plan);
+        }
+        Ok(set)
+    }
+
+    async fn get_plan(&self, id: &str) -> CatalogResult<Arc<Plan>> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt("SELECT policy FROM plans WHERE id = $1", &[&id])
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| CatalogError::not_found("plan", id))?;
+        parse_plan(id, &row.get(0))
+    }
+
+    async fn delete_plan(&self, id: &str) -> CatalogResult<()> {
+        retrying!(self.delete_plan_tx(id))
+    }
+
+    async fn default_plan(&self) -> CatalogResult<Option<String>> {
+        let conn = self.conn().await?;
+        Ok(conn
+            .query_opt("SELECT id FROM plans WHERE is_default", &[])
+            .await
+            .map_err(db_err)?
+            .map(|r| r.get(0)))
+    }
+
+    async fn set_default_plan(&self, id: &str) -> CatalogResult<()> {
+        retrying!(self.set_default_tx(id))
+    }
+
+    async fn create_account(
+        &self,
+        id: &str,
+        plan_id: Option<&str>,
+        metadata: serde_json::Value,
+    ) -> CatalogResult<Account> {
+        check_id("account", id)?;
+        let metadata = normalize_metadata(metadata)?;
+        let now = self.now();
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "INSERT INTO accounts (id, plan_id, metadata, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO NOTHING",
+                &[&id, &plan_id, &metadata, &now],
+            )
+            .await
+            .map_err(|e| CatalogError::from(fk_not_found(e, "plan", plan_id.unwrap_or(""))))?;
+        if n == 0 {
+            return Err(CatalogError::Conflict(format!(
+                "account `{id}` already exists"
+            )));
+        }
+        notify_sql(&conn, &Invalidation::Account(id.to_string()))
+            .await
+            .map_err(db_err)?;
+        self.notify_local(Invalidation::Account(id.to_string()));
+        drop(conn);
+        self.get_account(id).await
+    }
+
+    async fn assign_plan(&self, account_id: &str, plan_id: Option<&str>) -> CatalogResult<()> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "UPDATE accounts SET plan_id = $2 WHERE id = $1",
+                &[&account_id, &plan_id],
+            )
+            .await
+            .map_err(|e| CatalogError::from(fk_not_found(e, "plan", plan_id.unwrap_or(""))))?;
+        if n == 0 {
+            return Err(CatalogError::not_found("account", account_id));
+        }
+        let inv = Invalidation::Account(account_id.to_string());
+        notify_sql(&conn, &inv).await.map_err(db_err)?;
+        self.notify_local(inv);
+        Ok(())
+    }
+
+    async fn get_account(&self, id: &str) -> CatalogResult<Account> {
+        let conn = self.conn().await?;
+        let stmt = conn
+            .prepare_cached(
+                "SELECT a.plan_id, a.metadata, (SELECT p.id FROM plans p WHERE p.is_default)
+                 FROM accounts a WHERE a.id = $1",
+            )
+            .await
+            .map_err(db_err)?;
+        let row = conn
+            .query_opt(&stmt, &[&id])
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| CatalogError::not_found("account", id))?;
+        let plan_id: Option<String> = row.get(0);
+        let default: Option<String> = row.get(2);
+        Ok(Account {
+            id: id.to_string(),
+            effective_plan: plan_id.clone().or(default),
+            plan_id,
+            metadata: row.get(1),
+        })
+    }
+
+    async fn create_key(&self, account_id: &str) -> CatalogResult<NewApiKey> {
+        let (key, prefix) = generate_key();
+        let hash = hash_key(&key);
+        let id = generate_id("key_");
+        let now = self.now();
+        let conn = self.conn().await?;
+        conn.execute(
+            "INSERT INTO api_keys (id, account_id, key_hash, prefix, created_at)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&id, &account_id, &hash, &prefix, &now],
+        )
+        .await
+        .map_err(|e| CatalogError::from(fk_not_found(e, "account", account_id)))?;
+        // Only matters to a cache holding a negative entry for this hash.
+        let inv = Invalidation::Key(hash);
+        notify_sql(&conn, &inv).await.map_err(db_err)?;
+        self.notify_local(inv);
+        Ok(NewApiKey { id, key, prefix })
+    }
+
+    async fn lookup_key(&self, key_hash: &str) -> CatalogResult<Option<KeyOwner>> {
+        let conn = self.conn().await?;
+        let stmt = conn
+            .prepare_cached(
+                "SELECT id, account_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(conn
+            .query_opt(&stmt, &[&key_hash])
+            .await
+            .map_err(db_err)?
+            .map(|r| KeyOwner {
+                key_id: r.get(0),
+                account_id: r.get(1),
+            }))
+    }
+
+    async fn revoke_key(&self, key_id: &str) -> CatalogResult<()> {
+        let now = self.now();
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt(
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1
+                 RETURNING key_hash",
+                &[&key_id, &now],
+            )
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| CatalogError::not_found("key", key_id))?;
+        let inv = Invalidation::Key(row.get(0));
+        notify_sql(&conn, &inv).await.map_err(db_err)?;
+        self.notify_local(inv);
+        Ok(())
+    }
+
+    async fn list_keys(&self, account_id: &str) -> CatalogResult<Vec<ApiKeyInfo>> {
+        let conn = self.conn().await?;
+        self.require_account(&conn, account_id).await?;
+        let rows = conn
+            .query(
+                "SELECT id, prefix, created_at, revoked_at IS NOT NULL FROM api_keys
+                 WHERE account_id = $1 ORDER BY seq",
+                &[&account_id],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| ApiKeyInfo {
+                id: r.get(0),
+                account_id: account_id.to_string(),
+                prefix: r.get(1),
+                created_at: Some(r.get(2)),
+                revoked: r.get(3),
+            })
+            .collect())
+    }
+
+    async fn create_quota_block(
+        &self,
+        account_id: &str,
+        credits: u64,
+        expires_at: Option<SystemTime>,
+        metadata: serde_json::Value,
+    ) -> CatalogResult<QuotaBlock> {
+        let credits = check_credits(credits)?;
+        let metadata = normalize_metadata(metadata)?;
+        let id = generate_id("qb_");
+        let now = self.now();
+        let conn = self.conn().await?;
+        let row = conn
+            .query_one(
+                &format!(
+                    "INSERT INTO quota_blocks
+                         (id, account_id, credits_granted, credits_remaining, expires_at, metadata, created_at)
+                     VALUES ($1, $2, $3, $3, $4, $5, $6)
+                     RETURNING {BLOCK_COLUMNS}"
+                ),
+                &[&id, &account_id, &credits, &expires_at, &metadata, &now],
+            )
+            .await
+            .map_err(|e| CatalogError::from(fk_not_found(e, "account", account_id)))?;
+        Ok(block_from_row(&row))
+    }
+
+    async fn delete_quota_block(&self, block_id: &str) -> CatalogResult<()> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute("DELETE FROM quota_blocks WHERE id = $1", &[&block_id])
+            .await
+            .map_err(db_err)?;
+        if n == 0 {
+            return Err(CatalogError::not_found("quota block", block_id));
+        }
+        Ok(())
+    }
+
+    async fn expire_quota_blocks(&self, account_id: &str) -> CatalogResult<u64> {
+        let now = self.now();
+        let conn = self.conn().await?;
+        let row = conn
+            .query_one(
+                "WITH acct AS (SELECT 1 FROM accounts WHERE id = $1),
+                      upd AS (UPDATE quota_blocks SET expires_at = $2
+                              WHERE account_id = $1 AND (expires_at IS NULL OR expires_at > $2)
+                              RETURNING 1)
+                 SELECT (SELECT count(*) FROM acct), (SELECT count(*) FROM upd)",
+                &[&account_id, &now],
+            )
+            .await
+            .map_err(db_err)?;
+        if row.get::<_, i64>(0) == 0 {
+            return Err(CatalogError::not_found("account", account_id));
+        }
+        Ok(row.get::<_, i64>(1) as u64)
+    }
+
+    async fn list_quota_blocks(&self, account_id: &str) -> CatalogResult<Vec<QuotaBlock>> {
+        let conn = self.conn().await?;
+        self.require_account(&conn, account_id).await?;
+        let rows = conn
+            .query(
+                &format!("SELECT {BLOCK_COLUMNS} FROM quota_blocks WHERE account_id = $1 ORDER BY seq"),
+                &[&account_id],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(rows.iter().map(block_from_row).collect())
+    }
+
+    async fn balance(&self, account_id: &str) -> CatalogResult<u64> {
+        let conn = self.conn().await?;
+        balance_of(&conn, account_id, self.now())
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| CatalogError::not_found("account", account_id))
+    }
+
+    async fn deduct(&self, d: &Deduction) -> CatalogResult<DeductResult> {
+        retrying!(self.deduct_tx(d))
+    }
+
+    async fn refund(&self, idempotency_key: &str) -> CatalogResult<u64> {
+        retrying!(self.refund_tx(idempotency_key))
+    }
+
+    async fn ledger(&self, account_id: &str) -> CatalogResult<Vec<LedgerEntry>> {
+        let conn = self.conn().await?;
+        self.require_account(&conn, account_id).await?;
+        let rows = conn
+            .query(
+                "SELECT idempotency_key, request_id, endpoint, requested, deducted, refunded,
+                        draws, created_at
+                 FROM credit_ledger WHERE account_id = $1 ORDER BY seq",
+                &[&account_id],
+            )
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                let requested = r.get::<_, i64>(3) as u64;
+                let deducted = r.get::<_, i64>(4) as u64;
+                let draws: Vec<Draw> = serde_json::from_value(r.get(6)).map_err(|e| {
+                    CatalogError::Unavailable(format!("ledger: bad draws: {e}"))
+                })?;
+                Ok(LedgerEntry {
+                    idempotency_key: r.get(0),
+                    account_id: account_id.to_string(),
+                    request_id: r.get(1),
+                    endpoint: r.get(2),
+                    requested,
+                    deducted,
+                    shortfall: requested - deducted,
+                    refunded: r.get::<_, i64>(5) as u64,
+                    draws,
+                    created_at: Some(r.get(7)),
+                })
+            })
+            .collect()
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Invalidation> {
+        self.events.subscribe()
+    }
+
+    async fn ping(&self) -> CatalogResult<()> {
+        let conn = self.conn().await?;
+        conn.execute("SELECT 1", &[]).await.map_err(db_err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip() {
+        for inv in [
+            Invalidation::Plans,
+            Invalidation::All,
+            Invalidation::Account("a:b".into()),
+            Invalidation::Key("ab12".into()),
+        ] {
+            assert_eq!(decode(&encode(&inv)), inv);
+        }
+        assert_eq!(decode("garbage"), Invalidation::All);
+    }
+
+    #[test]
+    fn migrations_are_numbered_in_order() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i32 + 1);
+        }
+    }
+}
