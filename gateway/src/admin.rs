@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::catalog::{Catalog, CatalogError};
+use crate::catalog::{Catalog, CatalogError, Invalidation};
 use crate::errors::ApiError;
 use crate::plans::parse::{parse_plans, plan_to_json, plans_to_json};
 use crate::proxy::{limits_json, Core};
@@ -144,7 +144,7 @@ impl Admin {
                 let plans = parse_plans(text, "<request body>")
                     .map_err(|e| ApiError::invalid_request(e.to_string()))?;
                 let report = catalog.apply_plans(&plans, false).await.map_err(catalog_error)?;
-                self.core.cache.invalidate_all();
+                self.core.cache.invalidate(&Invalidation::All);
                 Ok(json(StatusCode::OK, &serde_json::to_value(report).unwrap_or_default()))
             }
             (&Method::GET, ["admin", "plans", id]) => {
@@ -157,7 +157,7 @@ impl Admin {
             }
             (&Method::DELETE, ["admin", "plans", id]) => {
                 catalog.delete_plan(id).await.map_err(catalog_error)?;
-                self.core.cache.invalidate_all();
+                self.core.cache.invalidate(&Invalidation::All);
                 Ok(json(StatusCode::OK, &serde_json::json!({"deleted": id})))
             }
             (&Method::PUT, ["admin", "default-plan"]) => {
@@ -166,7 +166,7 @@ impl Admin {
                     .plan_id
                     .ok_or_else(|| ApiError::invalid_request("plan_id is required"))?;
                 catalog.set_default_plan(&id).await.map_err(catalog_error)?;
-                self.core.cache.invalidate_all();
+                self.core.cache.invalidate(&Invalidation::All);
                 Ok(json(StatusCode::OK, &serde_json::json!({"default_plan": id})))
             }
             (&Method::POST, ["admin", "accounts"]) => {
@@ -191,7 +191,7 @@ impl Admin {
                     .assign_plan(id, r.plan_id.as_deref())
                     .await
                     .map_err(catalog_error)?;
-                self.core.cache.invalidate_account(id);
+                self.core.cache.invalidate(&Invalidation::Account((*id).to_owned()));
                 let account = catalog.get_account(id).await.map_err(catalog_error)?;
                 Ok(json(StatusCode::OK, &serde_json::to_value(account).unwrap_or_default()))
             }

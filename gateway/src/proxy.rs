@@ -7,6 +7,7 @@
 //! comes first — the body's end, an error, or the body being dropped
 //! because the client went away — settles it.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -32,7 +33,7 @@ use crate::plans::{CreditCost, Plan, Policy, Unit};
 use crate::routes::Router;
 use crate::server::{Body, BoxError};
 use crate::upstream::{strip_hop_by_hop, UpstreamClient};
-use crate::usage;
+use crate::usage::{self, ResponseMeter};
 
 /// `x-request-id`.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -225,7 +226,7 @@ impl Gateway {
         }
 
         let (mut parts, body) = req.into_parts();
-        let admission = read_admission(route, body, table.max_request_body).await?;
+        let admission = read_admission(route, &parts.headers, body, table.max_request_body).await?;
         let endpoint = admission.endpoint.as_str();
 
         let plan = self.plan_of(&account).await?;
@@ -349,7 +350,8 @@ impl Gateway {
             settle.upstream_failed = true;
         }
         strip_hop_by_hop(&mut resp_parts.headers);
-        let meter = Meter::new(route, &resp_parts.headers, admission.injected_usage);
+        let meter = ResponseMeter::new(&route.usage, &resp_parts.headers, admission.injected_usage);
+        let rewrites_body = admission.injected_usage && usage::is_event_stream(&resp_parts.headers);
         if let Some(info) = &info {
             headers::insert_rate_limit(&mut resp_parts.headers, info);
         }
@@ -360,10 +362,10 @@ impl Gateway {
             headers::insert_degraded(&mut resp_parts.headers);
         }
         resp_parts.headers.insert(REQUEST_ID, client_request_id);
-        if meter.rewrites_body() {
+        if rewrites_body {
             resp_parts.headers.remove(header::CONTENT_LENGTH);
         }
-        let body = MeteredBody::new(resp_body, meter, settle);
+        let body = MeteredBody::new(resp_body, meter, settle, rewrites_body);
         Ok(Response::from_parts(resp_parts, body.boxed_unsync()))
     }
 
@@ -556,17 +558,28 @@ fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>) -> serde_json::Va
 /// Read what admission needs from the request body: the endpoint id
 /// (`{model}`) and reservations. Reads the body (bounded) only when one of
 /// them needs it; otherwise the body streams through untouched.
-async fn read_admission(route: &Route, body: Incoming, max_body: u64) -> Result<Admission, ApiError> {
+async fn read_admission(
+    route: &Route,
+    headers: &HeaderMap,
+    body: Incoming,
+    max_body: u64,
+) -> Result<Admission, ApiError> {
     let needs_body = matches!(route.endpoint, EndpointSource::Model)
         || route.reserve.iter().any(|(_, s)| matches!(s, ValueSource::Body(_)));
     if !needs_body {
-        let EndpointSource::Literal(endpoint) = &route.endpoint else {
-            unreachable!("model routing always reads the body");
+        let endpoint = match &route.endpoint {
+            EndpointSource::Literal(e) => e.clone(),
+            EndpointSource::Model => String::new(),
         };
+        let start_units = route
+            .reserve
+            .iter()
+            .filter_map(|(unit, source)| usage::read_source(source, headers, None).map(|n| (unit.clone(), n)))
+            .collect();
         let limited = Limited::new(body, max_body as usize).map_err(BoxError::from);
         return Ok(Admission {
-            endpoint: endpoint.clone(),
-            start_units: Vec::new(),
+            endpoint,
+            start_units,
             body: limited.boxed_unsync(),
             injected_usage: false,
         });
@@ -580,35 +593,18 @@ async fn read_admission(route: &Route, body: Incoming, max_body: u64) -> Result<
             return Err(ApiError::invalid_request("could not read the request body"));
         }
     };
-    let json: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
     let endpoint = match &route.endpoint {
         EndpointSource::Literal(e) => e.clone(),
-        EndpointSource::Model => {
-            let Some(json) = &json else {
-                return Err(ApiError::invalid_request(
-                    "We could not parse the JSON body of your request. The request body must be a JSON object with a \"model\" field.",
-                ));
-            };
-            match json.get("model").and_then(|m| m.as_str()) {
-                Some(m) if !m.is_empty() => m.to_owned(),
-                _ => return Err(ApiError::invalid_request("you must provide a model parameter")),
-            }
-        }
+        EndpointSource::Model => usage::request_model(&bytes).map_err(|e| ApiError::invalid_request(e.to_string()))?,
     };
-    let mut start_units = Vec::new();
-    for (unit, source) in &route.reserve {
-        if let (ValueSource::Body(path), Some(json)) = (source, &json) {
-            if let Some(n) = usage::json_path_u64(json, path) {
-                start_units.push((unit.clone(), n));
-            }
-        }
-    }
-    let (bytes, injected_usage) = match &json {
-        Some(json) => match usage::inject_include_usage(json) {
-            Some(rewritten) => (rewritten, true),
-            None => (bytes, false),
-        },
-        None => (bytes, false),
+    let start_units: Vec<(Unit, u64)> = route
+        .reserve
+        .iter()
+        .filter_map(|(unit, source)| usage::read_source(source, headers, Some(&bytes)).map(|n| (unit.clone(), n)))
+        .collect();
+    let (bytes, injected_usage) = match usage::ensure_include_usage(&bytes) {
+        usage::IncludeUsage::Added(rewritten) => (rewritten, true),
+        usage::IncludeUsage::NotStreaming | usage::IncludeUsage::AlreadyRequested => (bytes, false),
     };
     Ok(Admission {
         endpoint,
@@ -688,137 +684,13 @@ impl Settle {
     }
 }
 
-/// Measures units from a response as it streams past.
-struct Meter {
-    /// Per unit: a value already known from headers, or the body paths to
-    /// try (in order).
-    units: Vec<(Unit, Option<u64>, Vec<Vec<String>>)>,
-    kind: MeterKind,
-}
-
-enum MeterKind {
-    /// Nothing to read from the body.
-    None,
-    /// A JSON body, kept (bounded) until its end.
-    Json { buf: BytesMut, overflowed: bool },
-    /// An SSE stream, scanned event by event.
-    Sse {
-        scanner: usage::SseUsageScanner,
-        /// Drop the usage-only chunk the gateway asked for.
-        drop_usage_chunk: bool,
-    },
-}
-
-impl Meter {
-    fn new(route: &Route, headers: &HeaderMap, injected_usage: bool) -> Self {
-        let mut units = Vec::new();
-        let mut body_paths: Vec<Vec<String>> = Vec::new();
-        for (unit, sources) in &route.usage {
-            let mut from_header = None;
-            let mut paths = Vec::new();
-            for source in sources {
-                match source {
-                    ValueSource::Header(name) => {
-                        if from_header.is_none() && paths.is_empty() {
-                            from_header = usage::header_u64(headers, name);
-                        }
-                    }
-                    ValueSource::Body(path) => {
-                        if from_header.is_none() {
-                            paths.push(path.clone());
-                            if !body_paths.contains(path) {
-                                body_paths.push(path.clone());
-                            }
-                        }
-                    }
-                }
-            }
-            units.push((unit.clone(), from_header, paths));
-        }
-        let needs_body = units.iter().any(|(_, v, p)| v.is_none() && !p.is_empty());
-        let is_sse = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        let kind = if is_sse && (needs_body || injected_usage) {
-            MeterKind::Sse {
-                scanner: usage::SseUsageScanner::new(body_paths, injected_usage),
-                drop_usage_chunk: injected_usage,
-            }
-        } else if needs_body && !is_sse {
-            MeterKind::Json {
-                buf: BytesMut::new(),
-                overflowed: false,
-            }
-        } else {
-            MeterKind::None
-        };
-        Meter { units, kind }
-    }
-
-    /// Whether the body the client sees differs from the upstream's.
-    fn rewrites_body(&self) -> bool {
-        matches!(self.kind, MeterKind::Sse { drop_usage_chunk: true, .. })
-    }
-
-    /// Observe (and possibly rewrite) one data frame.
-    fn observe(&mut self, data: Bytes) -> Bytes {
-        match &mut self.kind {
-            MeterKind::None => data,
-            MeterKind::Json { buf, overflowed } => {
-                if !*overflowed {
-                    if buf.len() + data.len() <= MAX_METERED_JSON {
-                        buf.extend_from_slice(&data);
-                    } else {
-                        *overflowed = true;
-                        buf.clear();
-                    }
-                }
-                data
-            }
-            MeterKind::Sse { scanner, .. } => scanner.feed(data),
-        }
-    }
-
-    /// Units measured so far.
-    fn units(&mut self) -> Vec<(Unit, u64)> {
-        let body_value = |kind: &MeterKind, path: &Vec<String>| -> Option<u64> {
-            match kind {
-                MeterKind::None => None,
-                MeterKind::Json { buf, overflowed } => {
-                    if *overflowed {
-                        None
-                    } else {
-                        usage::json_bytes_path_u64(buf, path)
-                    }
-                }
-                MeterKind::Sse { scanner, .. } => scanner.value(path),
-            }
-        };
-        self.units
-            .iter()
-            .filter_map(|(unit, header_value, paths)| {
-                let v = header_value.or_else(|| paths.iter().find_map(|p| body_value(&self.kind, p)));
-                v.map(|n| (unit.clone(), n))
-            })
-            .collect()
-    }
-
-    /// Flush anything held back (an incomplete trailing SSE event).
-    fn flush(&mut self) -> Option<Bytes> {
-        match &mut self.kind {
-            MeterKind::Sse { scanner, .. } => scanner.flush(),
-            _ => None,
-        }
-    }
-}
-
 /// The response body: passes frames through unchanged (but for the dropped
 /// usage chunk), measures units, keeps a streaming request's lease alive,
 /// and settles the request when it ends — or when it is dropped.
 pub struct MeteredBody {
     inner: Incoming,
-    meter: Meter,
+    meter: ResponseMeter,
+    rewrites_body: bool,
     settle: Option<Settle>,
     renew_every: Option<Duration>,
     renew_timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -826,7 +698,7 @@ pub struct MeteredBody {
 }
 
 impl MeteredBody {
-    fn new(inner: Incoming, meter: Meter, settle: Settle) -> Self {
+    fn new(inner: Incoming, meter: ResponseMeter, settle: Settle, rewrites_body: bool) -> Self {
         let renew_every = settle.permit.as_ref().map(|p| {
             let expiry = p.ticket().policy.concurrency_expiry_secs.max(1);
             Duration::from_millis(expiry * 1000 / 2)
@@ -835,6 +707,7 @@ impl MeteredBody {
         Self {
             inner,
             meter,
+            rewrites_body,
             settle: Some(settle),
             renew_every,
             renew_timer,
@@ -886,9 +759,9 @@ impl HttpBody for MeteredBody {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
-                    let tail = this.meter.flush();
+                    let tail = this.meter.finish();
                     this.finish();
-                    return Poll::Ready(tail.map(|t| Ok(Frame::data(t))));
+                    return Poll::Ready((!tail.is_empty()).then(|| Ok(Frame::data(tail))));
                 }
                 Poll::Ready(Some(Err(e))) => {
                     // The upstream died mid-body: charge what was seen.
@@ -897,7 +770,7 @@ impl HttpBody for MeteredBody {
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        let out = this.meter.observe(data);
+                        let out = this.meter.feed(&data);
                         if out.is_empty() {
                             continue;
                         }
@@ -914,7 +787,7 @@ impl HttpBody for MeteredBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.meter.rewrites_body() {
+        if self.rewrites_body {
             SizeHint::default()
         } else {
             self.inner.size_hint()
