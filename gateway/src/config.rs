@@ -226,6 +226,14 @@ impl Config {
     }
 }
 
+/// The plans file a config file names, even when the config has other
+/// errors (`None` if it cannot be told). For `check-config`, which reports
+/// the problems of both files in one run.
+pub fn plans_file_hint(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    build::plans_file_hint(&text, path, &|name| std::env::var(name).ok())
+}
+
 /// Parse `"500ms"`, `"60s"`, `"5m"`, `"1h"`, `"1d"` (and `"86_400s"`, and
 /// compound forms such as `"1h30m"`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

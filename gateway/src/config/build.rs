@@ -715,3 +715,20 @@ impl Builder<'_> {
         out
     }
 }
+
+/// Where the plans file would be, read from a config file that may fail
+/// other checks, so `check-config` can report the plans file's problems
+/// in the same run as the config's.
+pub(crate) fn plans_file_hint(
+    text: &str,
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<PathBuf> {
+    let raw: RawConfig = toml::from_str(text).ok()?;
+    let file = raw.plans?.file?;
+    let file = substitute_env(file.get_ref(), env).ok()?;
+    if file.is_empty() {
+        return None;
+    }
+    Some(path.parent().unwrap_or(Path::new("")).join(file))
+}
