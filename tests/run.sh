@@ -61,5 +61,8 @@ export PLANGATE_TEST_POSTGRES_URL="${PLANGATE_TEST_POSTGRES_URL:-postgres://post
 export PLANGATE_TEST_REDIS_URL="${PLANGATE_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 export PROPTEST_CASES="${PROPTEST_CASES:-256}"
 
+log "cargo build (the binary is exercised by black-box tests)"
+cargo build -p plangate --bins
+
 log "cargo test --workspace"
 cargo test --workspace --all-targets "$@"

@@ -37,8 +37,10 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(full(serde_json::to_vec(value).unwrap_or_default()));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -92,11 +94,15 @@ impl Admin {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
         else {
             return false;
         };
-        !self.token.is_empty() && bool::from(presented.trim().as_bytes().ct_eq(self.token.as_bytes()))
+        !self.token.is_empty()
+            && bool::from(presented.trim().as_bytes().ct_eq(self.token.as_bytes()))
     }
 
     /// Handle one admin request.
@@ -143,9 +149,15 @@ impl Admin {
                     .map_err(|_| ApiError::invalid_request("plans must be UTF-8 YAML or JSON"))?;
                 let plans = parse_plans(text, "<request body>")
                     .map_err(|e| ApiError::invalid_request(e.to_string()))?;
-                let report = catalog.apply_plans(&plans, false).await.map_err(catalog_error)?;
+                let report = catalog
+                    .apply_plans(&plans, false)
+                    .await
+                    .map_err(catalog_error)?;
                 self.core.cache.invalidate(&Invalidation::All);
-                Ok(json(StatusCode::OK, &serde_json::to_value(report).unwrap_or_default()))
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::to_value(report).unwrap_or_default(),
+                ))
             }
             (&Method::GET, ["admin", "plans", id]) => {
                 let plan = catalog.get_plan(id).await.map_err(catalog_error)?;
@@ -167,7 +179,10 @@ impl Admin {
                     .ok_or_else(|| ApiError::invalid_request("plan_id is required"))?;
                 catalog.set_default_plan(&id).await.map_err(catalog_error)?;
                 self.core.cache.invalidate(&Invalidation::All);
-                Ok(json(StatusCode::OK, &serde_json::json!({"default_plan": id})))
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"default_plan": id}),
+                ))
             }
             (&Method::POST, ["admin", "accounts"]) => {
                 let a: NewAccount = read_json(req).await?;
@@ -179,11 +194,17 @@ impl Admin {
                     )
                     .await
                     .map_err(catalog_error)?;
-                Ok(json(StatusCode::CREATED, &serde_json::to_value(account).unwrap_or_default()))
+                Ok(json(
+                    StatusCode::CREATED,
+                    &serde_json::to_value(account).unwrap_or_default(),
+                ))
             }
             (&Method::GET, ["admin", "accounts", id]) => {
                 let account = catalog.get_account(id).await.map_err(catalog_error)?;
-                Ok(json(StatusCode::OK, &serde_json::to_value(account).unwrap_or_default()))
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::to_value(account).unwrap_or_default(),
+                ))
             }
             (&Method::PUT, ["admin", "accounts", id, "plan"]) => {
                 let r: PlanRef = read_json(req).await?;
@@ -191,9 +212,14 @@ impl Admin {
                     .assign_plan(id, r.plan_id.as_deref())
                     .await
                     .map_err(catalog_error)?;
-                self.core.cache.invalidate(&Invalidation::Account((*id).to_owned()));
+                self.core
+                    .cache
+                    .invalidate(&Invalidation::Account((*id).to_owned()));
                 let account = catalog.get_account(id).await.map_err(catalog_error)?;
-                Ok(json(StatusCode::OK, &serde_json::to_value(account).unwrap_or_default()))
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::to_value(account).unwrap_or_default(),
+                ))
             }
             (&Method::POST, ["admin", "accounts", id, "keys"]) => {
                 let key = catalog.create_key(id).await.map_err(catalog_error)?;
@@ -208,7 +234,10 @@ impl Admin {
             }
             (&Method::DELETE, ["admin", "keys", key_id]) => {
                 catalog.revoke_key(key_id).await.map_err(catalog_error)?;
-                Ok(json(StatusCode::OK, &serde_json::json!({"revoked": key_id})))
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"revoked": key_id}),
+                ))
             }
             (&Method::POST, ["admin", "accounts", id, "quota-blocks"]) => {
                 let b: NewBlock = read_json(req).await?;
@@ -225,25 +254,43 @@ impl Admin {
                     )
                     .await
                     .map_err(catalog_error)?;
-                Ok(json(StatusCode::CREATED, &serde_json::to_value(block).unwrap_or_default()))
+                Ok(json(
+                    StatusCode::CREATED,
+                    &serde_json::to_value(block).unwrap_or_default(),
+                ))
             }
             (&Method::GET, ["admin", "accounts", id, "quota-blocks"]) => {
                 let blocks = catalog.list_quota_blocks(id).await.map_err(catalog_error)?;
-                Ok(json(StatusCode::OK, &serde_json::json!({"quota_blocks": blocks})))
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"quota_blocks": blocks}),
+                ))
             }
             (&Method::POST, ["admin", "accounts", id, "quota-blocks", "expire"]) => {
-                let n = catalog.expire_quota_blocks(id).await.map_err(catalog_error)?;
+                let n = catalog
+                    .expire_quota_blocks(id)
+                    .await
+                    .map_err(catalog_error)?;
                 Ok(json(StatusCode::OK, &serde_json::json!({"expired": n})))
             }
             (&Method::DELETE, ["admin", "quota-blocks", block_id]) => {
-                catalog.delete_quota_block(block_id).await.map_err(catalog_error)?;
-                Ok(json(StatusCode::OK, &serde_json::json!({"deleted": block_id})))
+                catalog
+                    .delete_quota_block(block_id)
+                    .await
+                    .map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"deleted": block_id}),
+                ))
             }
             (&Method::GET, ["admin", "accounts", id, "balance"]) => {
                 // 404 for unknown accounts rather than a zero balance.
                 catalog.get_account(id).await.map_err(catalog_error)?;
                 let balance = catalog.balance(id).await.map_err(catalog_error)?;
-                Ok(json(StatusCode::OK, &serde_json::json!({"balance": balance})))
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"balance": balance}),
+                ))
             }
             (&Method::GET, ["admin", "accounts", id, "limits"]) => {
                 catalog.get_account(id).await.map_err(catalog_error)?;
@@ -263,9 +310,15 @@ impl Admin {
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    match Limited::new(req.into_body(), MAX_ADMIN_BODY).collect().await {
+    match Limited::new(req.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+    {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(ApiError::PayloadTooLarge {
                 limit_bytes: MAX_ADMIN_BODY as u64,
             })
@@ -276,12 +329,14 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
 
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
     let body = read_body(req).await?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))
 }
 
 fn parse_rfc3339(s: &str) -> Result<SystemTime, ApiError> {
-    humantime::parse_rfc3339_weak(s)
-        .map_err(|e| ApiError::invalid_request(format!("expires_at `{s}` is not an RFC 3339 time: {e}")))
+    humantime::parse_rfc3339_weak(s).map_err(|e| {
+        ApiError::invalid_request(format!("expires_at `{s}` is not an RFC 3339 time: {e}"))
+    })
 }
 
 /// Decode `%XX` escapes in a path segment (ids may contain any UTF-8).

@@ -64,7 +64,11 @@ impl App {
     }
 
     /// Build around an existing catalog (whose plans are already applied).
-    pub async fn assemble(config: Config, clock: SharedClock, catalog: Arc<dyn Catalog>) -> Result<App, CliError> {
+    pub async fn assemble(
+        config: Config,
+        clock: SharedClock,
+        catalog: Arc<dyn Catalog>,
+    ) -> Result<App, CliError> {
         let store: AnyStore = if let Some(url) = &config.storage.redis_url {
             RedisStore::connect(url)
                 .await
@@ -110,7 +114,13 @@ impl App {
         &self,
         listen: Option<SocketAddr>,
         shutdown: ShutdownSignal,
-    ) -> Result<(Bound, impl std::future::Future<Output = ()> + Send + 'static), CliError> {
+    ) -> Result<
+        (
+            Bound,
+            impl std::future::Future<Output = ()> + Send + 'static,
+        ),
+        CliError,
+    > {
         let main_addr = listen.unwrap_or(self.config.server.listen);
         let main = TcpListener::bind(main_addr)
             .await
@@ -205,19 +215,23 @@ pub struct Bound {
 /// Kubernetes ConfigMap symlink swaps are seen) and reload on change.
 fn watch_plans(core: Arc<Core>, file: PathBuf) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
-    let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let dir = file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut watcher = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            let _ = tx.send(());
-        }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the plans file; reload with SIGHUP");
-            return None;
-        }
-    };
+    let mut watcher =
+        match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                let _ = tx.send(());
+            }
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the plans file; reload with SIGHUP");
+                return None;
+            }
+        };
     if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
         tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the plans directory; reload with SIGHUP");
         return None;
@@ -263,13 +277,17 @@ fn reload_on_sighup(app: &App) {
                         }
                         Err(e) => {
                             core.metrics.reload_failure();
-                            tracing::error!("routes reload rejected; old routes stay in force: {e}");
+                            tracing::error!(
+                                "routes reload rejected; old routes stay in force: {e}"
+                            );
                         }
                     },
                     Err(errors) => {
                         core.metrics.reload_failure();
                         for e in &errors.0 {
-                            tracing::error!("config reload rejected; old routes stay in force: {e}");
+                            tracing::error!(
+                                "config reload rejected; old routes stay in force: {e}"
+                            );
                         }
                     }
                 }
@@ -280,7 +298,11 @@ fn reload_on_sighup(app: &App) {
 }
 
 /// Run a built app until SIGTERM/Ctrl-C: listeners, plan watching, SIGHUP.
-pub async fn run(app: App, listen: Option<SocketAddr>, on_bound: impl FnOnce(&Bound)) -> Result<(), CliError> {
+pub async fn run(
+    app: App,
+    listen: Option<SocketAddr>,
+    on_bound: impl FnOnce(&Bound),
+) -> Result<(), CliError> {
     let (_tx, shutdown) = server::shutdown_on_signals();
     let (bound, serving) = app.bind(listen, shutdown).await?;
     tracing::info!(listen = %bound.main, admin = ?bound.admin, "plangate listening");
@@ -312,7 +334,9 @@ pub const DEV_CONFIG: &str = "config/dev.toml";
 /// `plangate dev`: in-process stores, the example plans, a mock OpenAI
 /// upstream, and a demo account whose key and credits are printed.
 pub async fn dev(config_path: Option<&Path>, listen: Option<&str>) -> Result<(), CliError> {
-    let path = config_path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(DEV_CONFIG));
+    let path = config_path
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(DEV_CONFIG));
     let mut config = Config::load(&path).map_err(bad)?;
     if config.storage.postgres_url.is_some() || config.storage.redis_url.is_some() {
         tracing::info!("dev mode ignores [storage] URLs: using in-process stores");
@@ -320,13 +344,20 @@ pub async fn dev(config_path: Option<&Path>, listen: Option<&str>) -> Result<(),
         config.storage.redis_url = None;
     }
     let listen: Option<SocketAddr> = match listen {
-        Some(l) => Some(l.parse().map_err(|_| bad(format!("--listen {l}: not an address such as 127.0.0.1:8080")))?),
+        Some(l) => Some(l.parse().map_err(|_| {
+            bad(format!(
+                "--listen {l}: not an address such as 127.0.0.1:8080"
+            ))
+        })?),
         None => None,
     };
 
     // The mock upstream listens where the config's first upstream points.
     let mock_addr = mock_address(&config)?;
-    let mock = crate::mock::MockServer::start(mock_addr, crate::mock::MockOptions::default())
+    let mock_listener = TcpListener::bind(mock_addr)
+        .await
+        .map_err(|e| fail(format!("starting the mock upstream on {mock_addr}: {e}")))?;
+    let mock = crate::mock::serve(mock_listener, crate::mock::MockOptions::default())
         .await
         .map_err(|e| fail(format!("starting the mock upstream on {mock_addr}: {e}")))?;
 
@@ -335,7 +366,11 @@ pub async fn dev(config_path: Option<&Path>, listen: Option<&str>) -> Result<(),
     let catalog = app.core.catalog.clone();
     let account = "demo";
     catalog
-        .create_account(account, None, serde_json::json!({"created_by": "plangate dev"}))
+        .create_account(
+            account,
+            None,
+            serde_json::json!({"created_by": "plangate dev"}),
+        )
         .await
         .map_err(fail)?;
     let key = catalog.create_key(account).await.map_err(fail)?;
@@ -343,13 +378,25 @@ pub async fn dev(config_path: Option<&Path>, listen: Option<&str>) -> Result<(),
         .create_quota_block(account, 1_000, None, serde_json::json!({"source": "dev"}))
         .await
         .map_err(fail)?;
-    let plan = catalog.get_account(account).await.map_err(fail)?.effective_plan;
+    let plan = catalog
+        .get_account(account)
+        .await
+        .map_err(fail)?
+        .effective_plan;
     let admin_token = app.config.admin.as_ref().map(|a| a.token.clone());
-    let mock_local = mock.local_addr();
-    run(app, listen, move |bound| {
-        print_dev_banner(bound, &key.key, plan.as_deref(), admin_token.as_deref(), mock_local);
+    let mock_local = mock.addr();
+    let result = run(app, listen, move |bound| {
+        print_dev_banner(
+            bound,
+            &key.key,
+            plan.as_deref(),
+            admin_token.as_deref(),
+            mock_local,
+        );
     })
-    .await
+    .await;
+    mock.shutdown().await;
+    result
 }
 
 fn mock_address(config: &Config) -> Result<SocketAddr, CliError> {
@@ -359,13 +406,26 @@ fn mock_address(config: &Config) -> Result<SocketAddr, CliError> {
         .ok_or_else(|| bad("dev mode needs an upstream for its mock server"))?;
     let host = up.url.host().unwrap_or("127.0.0.1");
     let port = up.url.port_u16().unwrap_or(80);
-    let host = if host == "localhost" { "127.0.0.1" } else { host };
-    format!("{host}:{port}")
-        .parse()
-        .map_err(|_| bad(format!("upstream {}: dev mode needs an IP address, got {host}", up.name)))
+    let host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host
+    };
+    format!("{host}:{port}").parse().map_err(|_| {
+        bad(format!(
+            "upstream {}: dev mode needs an IP address, got {host}",
+            up.name
+        ))
+    })
 }
 
-fn print_dev_banner(bound: &Bound, key: &str, plan: Option<&str>, admin_token: Option<&str>, mock: SocketAddr) {
+fn print_dev_banner(
+    bound: &Bound,
+    key: &str,
+    plan: Option<&str>,
+    admin_token: Option<&str>,
+    mock: SocketAddr,
+) {
     let base = format!("http://{}", bound.main);
     println!();
     println!("plangate dev is running (in-process stores; nothing is persisted)");
@@ -374,7 +434,10 @@ fn print_dev_banner(bound: &Bound, key: &str, plan: Option<&str>, admin_token: O
     if let (Some(admin), Some(token)) = (bound.admin, admin_token) {
         println!("  admin API:      http://{admin}  (Authorization: Bearer {token})");
     }
-    println!("  demo account:   demo (plan {}), 1000 credits", plan.unwrap_or("-"));
+    println!(
+        "  demo account:   demo (plan {}), 1000 credits",
+        plan.unwrap_or("-")
+    );
     println!("  demo API key:   {key}");
     println!();
     println!("Try it:");

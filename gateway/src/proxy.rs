@@ -42,11 +42,6 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// lookup (hashing megabytes of header per request would be a DoS lever).
 const MAX_KEY_LEN: usize = 512;
 
-/// Largest response body kept in memory to read JSON usage from. The body
-/// is streamed to the client regardless; beyond this size usage is read
-/// from the tail only.
-const MAX_METERED_JSON: usize = 4 * 1024 * 1024;
-
 /// What a reload swaps atomically: routes, upstream clients and the
 /// per-request limits of the `[server]` and `[auth]` sections.
 #[derive(Debug)]
@@ -126,7 +121,8 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 fn error_response(e: &ApiError) -> Response<Body> {
-    e.to_response::<Full<Bytes>>().map(|b| b.map_err(|never| match never {}).boxed_unsync())
+    e.to_response::<Full<Bytes>>()
+        .map(|b| b.map_err(|never| match never {}).boxed_unsync())
 }
 
 fn error_with_info(e: &ApiError, info: &RateLimitInfo) -> Response<Body> {
@@ -183,7 +179,9 @@ impl Gateway {
         let started = Instant::now();
         let path = req.uri().path();
         match path {
-            "/healthz" => return json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            "/healthz" => {
+                return json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+            }
             "/readyz" => return self.readyz().await,
             "/v1/limits" => return self.limits(req).await,
             _ => {}
@@ -241,14 +239,21 @@ impl Gateway {
         let request_id = core.ids.next_id();
         let attempt = core
             .limiter
-            .attempt(&request_id, &account, endpoint, &policy, &admission.start_units)
+            .attempt(
+                &request_id,
+                &account,
+                endpoint,
+                &policy,
+                &admission.start_units,
+            )
             .await;
         core.metrics.admission_latency(started.elapsed());
         let (permit, info, degraded) = match attempt {
             Ok(Attempt::Admitted(permit, info)) => (Some(permit), Some(info), false),
             Ok(Attempt::Denied(denial, info)) => {
                 let e = ApiError::from_denial(&denial, endpoint);
-                core.metrics.request(endpoint, "denied", e.status().as_u16());
+                core.metrics
+                    .request(endpoint, "denied", e.status().as_u16());
                 return Ok(error_with_info(&e, &info));
             }
             Err(e) => {
@@ -263,6 +268,8 @@ impl Gateway {
                 }
             }
         };
+
+        let in_flight = permit.as_ref().map(|_| InFlightGuard::new(&core.metrics));
 
         // Credits, charged at admission atomically with the balance check.
         let credit_balance = match &policy.credits {
@@ -279,7 +286,8 @@ impl Gateway {
                             policy.units().into_iter().map(|u| (u, 0)).collect();
                         let _ = permit.end(&zero).await;
                     }
-                    core.metrics.request(endpoint, "no_credits", e.status().as_u16());
+                    core.metrics
+                        .request(endpoint, "no_credits", e.status().as_u16());
                     let mut resp = error_response(&e);
                     if let Some(info) = &info {
                         headers::insert_rate_limit(resp.headers_mut(), info);
@@ -291,11 +299,9 @@ impl Gateway {
 
         // Forward.
         let upstream = &table.upstreams[route.upstream];
-        let client_request_id = parts
-            .headers
-            .get(&REQUEST_ID)
-            .cloned()
-            .unwrap_or_else(|| HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("req")));
+        let client_request_id = parts.headers.get(&REQUEST_ID).cloned().unwrap_or_else(|| {
+            HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("req"))
+        });
         let uri = upstream
             .uri_for(parts.uri.path_and_query())
             .map_err(|_| ApiError::invalid_request("request path cannot be forwarded"))?;
@@ -324,9 +330,14 @@ impl Gateway {
             ledger_request_id: client_request_id.to_str().unwrap_or("").to_owned(),
             credits: policy.credits.clone(),
             upstream_failed: false,
+            _in_flight: in_flight,
         };
 
-        let sent = tokio::time::timeout(table.request_timeout, upstream.client().request(upstream_req)).await;
+        let sent = tokio::time::timeout(
+            table.request_timeout,
+            upstream.client().request(upstream_req),
+        )
+        .await;
         let upstream_resp = match sent {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
@@ -370,7 +381,11 @@ impl Gateway {
     }
 
     /// Resolve the caller's account from its API key.
-    async fn authenticate(&self, headers: &HeaderMap, auth_header: &HeaderName) -> Result<String, ApiError> {
+    async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        auth_header: &HeaderName,
+    ) -> Result<String, ApiError> {
         let Some(key) = extract_key(headers, auth_header) else {
             return Err(ApiError::MissingApiKey);
         };
@@ -388,10 +403,14 @@ impl Gateway {
     }
 
     async fn plan_of(&self, account: &str) -> Result<Option<Arc<Plan>>, ApiError> {
-        self.core.cache.plan_for_account(account).await.map_err(|e| {
-            tracing::warn!(error = %e, "plan lookup failed");
-            ApiError::CatalogUnavailable
-        })
+        self.core
+            .cache
+            .plan_for_account(account)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "plan lookup failed");
+                ApiError::CatalogUnavailable
+            })
     }
 
     /// Deduct `per_request` if the balance is at least
@@ -454,7 +473,11 @@ impl Gateway {
             "counter_store": store.err().map(|e| e.to_string()).unwrap_or_else(|| "ok".into()),
             "catalog": catalog.err().map(|e| e.to_string()).unwrap_or_else(|| "ok".into()),
         });
-        let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        let status = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
         json_response(status, &body)
     }
 
@@ -477,8 +500,16 @@ impl Gateway {
 
 /// The `/v1/limits` document for `account` (optionally one endpoint); also
 /// served by the admin API.
-pub async fn limits_json(core: &Core, account: &str, only: Option<&str>) -> Result<serde_json::Value, ApiError> {
-    let plan = core.cache.plan_for_account(account).await.map_err(ApiError::from)?;
+pub async fn limits_json(
+    core: &Core,
+    account: &str,
+    only: Option<&str>,
+) -> Result<serde_json::Value, ApiError> {
+    let plan = core
+        .cache
+        .plan_for_account(account)
+        .await
+        .map_err(ApiError::from)?;
     let mut endpoints = serde_json::Map::new();
     if let Some(plan) = &plan {
         for (id, policy) in &plan.endpoints {
@@ -490,7 +521,9 @@ pub async fn limits_json(core: &Core, account: &str, only: Option<&str>) -> Resu
         }
         if let Some(o) = only {
             if !plan.endpoints.contains_key(o) {
-                return Err(ApiError::EndpointNotAllowed { endpoint: o.to_owned() });
+                return Err(ApiError::EndpointNotAllowed {
+                    endpoint: o.to_owned(),
+                });
             }
         }
     }
@@ -565,7 +598,10 @@ async fn read_admission(
     max_body: u64,
 ) -> Result<Admission, ApiError> {
     let needs_body = matches!(route.endpoint, EndpointSource::Model)
-        || route.reserve.iter().any(|(_, s)| matches!(s, ValueSource::Body(_)));
+        || route
+            .reserve
+            .iter()
+            .any(|(_, s)| matches!(s, ValueSource::Body(_)));
     if !needs_body {
         let endpoint = match &route.endpoint {
             EndpointSource::Literal(e) => e.clone(),
@@ -574,7 +610,9 @@ async fn read_admission(
         let start_units = route
             .reserve
             .iter()
-            .filter_map(|(unit, source)| usage::read_source(source, headers, None).map(|n| (unit.clone(), n)))
+            .filter_map(|(unit, source)| {
+                usage::read_source(source, headers, None).map(|n| (unit.clone(), n))
+            })
             .collect();
         let limited = Limited::new(body, max_body as usize).map_err(BoxError::from);
         return Ok(Admission {
@@ -587,20 +625,28 @@ async fn read_admission(
     let bytes = match Limited::new(body, max_body as usize).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                return Err(ApiError::PayloadTooLarge { limit_bytes: max_body });
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return Err(ApiError::PayloadTooLarge {
+                    limit_bytes: max_body,
+                });
             }
             return Err(ApiError::invalid_request("could not read the request body"));
         }
     };
     let endpoint = match &route.endpoint {
         EndpointSource::Literal(e) => e.clone(),
-        EndpointSource::Model => usage::request_model(&bytes).map_err(|e| ApiError::invalid_request(e.to_string()))?,
+        EndpointSource::Model => {
+            usage::request_model(&bytes).map_err(|e| ApiError::invalid_request(e.to_string()))?
+        }
     };
     let start_units: Vec<(Unit, u64)> = route
         .reserve
         .iter()
-        .filter_map(|(unit, source)| usage::read_source(source, headers, Some(&bytes)).map(|n| (unit.clone(), n)))
+        .filter_map(|(unit, source)| {
+            usage::read_source(source, headers, Some(&bytes)).map(|n| (unit.clone(), n))
+        })
         .collect();
     let (bytes, injected_usage) = match usage::ensure_include_usage(&bytes) {
         usage::IncludeUsage::Added(rewritten) => (rewritten, true),
@@ -626,6 +672,24 @@ struct Settle {
     ledger_request_id: String,
     credits: Option<CreditCost>,
     upstream_failed: bool,
+    /// Counts the request in the in-flight gauge until settled.
+    _in_flight: Option<InFlightGuard>,
+}
+
+/// Keeps an admitted request in the in-flight gauge until dropped.
+struct InFlightGuard(Arc<Metrics>);
+
+impl InFlightGuard {
+    fn new(metrics: &Arc<Metrics>) -> Self {
+        metrics.in_flight_inc();
+        Self(metrics.clone())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight_dec();
+    }
 }
 
 impl Settle {
@@ -749,7 +813,10 @@ impl HttpBody for MeteredBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if this.done {
             return Poll::Ready(None);

@@ -5,6 +5,8 @@
 //! `PLANGATE_REQUIRE_SERVICES=1`, so there a missing Postgres or Redis fails
 //! the test instead of skipping it.
 
+pub mod harness;
+
 use std::time::Duration;
 
 /// Redis URL for tests: `PLANGATE_TEST_REDIS_URL`, default the local server.
