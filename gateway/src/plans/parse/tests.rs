@@ -169,7 +169,7 @@ fn validation_errors_are_located() {
         (
             "plans:\n  p:\n    endpoints:\n      e:\n        max_concurrent: -1\n        concurrency_expiry: soon\n",
             &[
-                "plans.yaml:5:25: plans.p.endpoints.e.max_concurrent: must be at least 0",
+                "plans.yaml:5:25: plans.p.endpoints.e.max_concurrent: must not be negative",
                 "plans.yaml:6:29: plans.p.endpoints.e.concurrency_expiry: `soon` is not a duration such as \"500ms\", \"60s\", \"5m\", \"1h\", \"1d\"",
             ],
         ),
@@ -252,7 +252,7 @@ fn ids_with_dots_are_quoted_in_paths() {
     assert_eq!(
         errs,
         vec![
-            "plans.yaml:4:17: plans.p.endpoints.\"v1.chat\".limit: unknown key `limit` (expected one of `fixed_windows`, `sliding_windows`, `max_concurrent`, `concurrency_expiry`, `credits`)"
+            "plans.yaml:4:17: plans.p.endpoints.\"v1.chat\".limit: unknown key `limit` (expected one of `fixed_windows`, `max_concurrent`, `concurrency_expiry`, `credits`)"
         ]
     );
 }
