@@ -396,3 +396,23 @@ proptest! {
         let _ = parse_plans(&text, "x");
     }
 }
+
+proptest! {
+    /// Small edits of a valid file reach the checks behind the parser
+    /// (unlike random text, which rarely parses at all).
+    #[test]
+    fn edited_example_never_panics(
+        edits in prop::collection::vec((any::<prop::sample::Index>(), 0usize..3, "[ a-z0-9:\\-\\[\\]{}_\n#'\"]{0,3}"), 1..6)
+    ) {
+        let mut text: Vec<char> = SPEC_EXAMPLE.chars().collect();
+        for (at, delete, insert) in edits {
+            let i = at.index(text.len() + 1);
+            let end = (i + delete).min(text.len());
+            text.splice(i..end, insert.chars());
+        }
+        let text: String = text.into_iter().collect();
+        if let Err(errors) = parse_plans(&text, "x") {
+            prop_assert!(!errors.0.is_empty());
+        }
+    }
+}
