@@ -961,3 +961,363 @@ conformance!(
     cache_follows_changes,
     cache_ttl_backstop,
 );
+
+// ------------------------------------------------------- Postgres only
+
+/// A change made through one pool reaches a second, independently
+/// connected catalog's cache through LISTEN/NOTIFY within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_invalidation_across_instances() {
+    let Some(f) = postgres().await else { return };
+    let url = f.url.clone().unwrap();
+    let admin = &f.catalog;
+    admin
+        .apply_plans(&set(Some("free"), &[plan("free", 1), plan("pro", 5)]), false)
+        .await
+        .unwrap();
+    admin
+        .create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let key = admin.create_key("acct").await.unwrap();
+    let hash = hash_key(&key.key);
+
+    let other: Arc<dyn Catalog> = Arc::new(
+        PostgresCatalog::connect(&url, Arc::new(SystemClock))
+            .await
+            .unwrap(),
+    );
+    let cache = CatalogCache::new(other, Arc::new(SystemClock), CacheConfig::default())
+        .await
+        .unwrap();
+    assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+    assert_eq!(cache.plan_for_account("acct").await.unwrap().unwrap().id, "free");
+
+    admin.revoke_key(&key.id).await.unwrap();
+    wait_for(|| {
+        let (cache, hash) = (cache.clone(), hash.clone());
+        async move { cache.resolve_key(&hash).await.unwrap().is_none() }
+    })
+    .await;
+
+    admin.set_default_plan("pro").await.unwrap();
+    wait_for(|| {
+        let cache = cache.clone();
+        async move { cache.plans().default_plan.as_deref() == Some("pro") }
+    })
+    .await;
+    assert_eq!(cache.plan_for_account("acct").await.unwrap().unwrap().id, "pro");
+
+    admin
+        .apply_plans(&set(None, &[plan("pro", 99)]), false)
+        .await
+        .unwrap();
+    wait_for(|| {
+        let cache = cache.clone();
+        async move { cache.plans().plans["pro"] == plan("pro", 99) }
+    })
+    .await;
+
+    admin.assign_plan("acct", Some("free")).await.unwrap();
+    wait_for(|| {
+        let cache = cache.clone();
+        async move {
+            cache
+                .plan_for_account("acct")
+                .await
+                .unwrap()
+                .is_some_and(|p| p.id == "free")
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migrate_twice_and_concurrently() {
+    let Some(url) = plangate_tests::postgres_db("catmig").await else { return };
+    let (a, b) = tokio::join!(migrate(&url), migrate(&url));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.version, b.version), (1, 1));
+    // Exactly one of the two did the work.
+    assert_eq!(a.applied.len() + b.applied.len(), 1);
+    let again = migrate(&url).await.unwrap();
+    assert!(again.applied.is_empty());
+    assert_eq!(again.version, 1);
+}
+
+/// The schema itself refuses what the catalog code refuses, so no other
+/// writer can break the invariants either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_schema_enforces_invariants() {
+    let Some(f) = postgres().await else { return };
+    let c = &f.catalog;
+    c.apply_plans(&set(Some("a"), &[plan("a", 1), plan("b", 1)]), false)
+        .await
+        .unwrap();
+    c.create_account("acct", Some("b"), serde_json::Value::Null)
+        .await
+        .unwrap();
+    let block = c
+        .create_quota_block("acct", 5, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    c.deduct(&deduction("acct", 1, "k")).await.unwrap();
+    let (client, conn) = tokio_postgres::connect(f.url.as_deref().unwrap(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let code = |r: Result<u64, tokio_postgres::Error>| r.unwrap_err().code().cloned();
+    use tokio_postgres::error::SqlState;
+    assert_eq!(
+        code(client.execute("UPDATE plans SET is_default = true WHERE id = 'b'", &[]).await),
+        Some(SqlState::UNIQUE_VIOLATION)
+    );
+    assert_eq!(
+        code(client.execute("DELETE FROM plans WHERE id = 'b'", &[]).await),
+        Some(SqlState::FOREIGN_KEY_VIOLATION)
+    );
+    assert_eq!(
+        code(
+            client
+                .execute(
+                    "UPDATE quota_blocks SET credits_remaining = -1 WHERE id = $1",
+                    &[&block.id]
+                )
+                .await
+        ),
+        Some(SqlState::CHECK_VIOLATION)
+    );
+    assert_eq!(
+        code(
+            client
+                .execute(
+                    "INSERT INTO credit_ledger (idempotency_key, account_id, requested, deducted, created_at)
+                     VALUES ('k', 'acct', 1, 1, now())",
+                    &[]
+                )
+                .await
+        ),
+        Some(SqlState::UNIQUE_VIOLATION)
+    );
+}
+
+/// The catalog reports an unreachable database as `Unavailable`, and a
+/// cache keeps serving what it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_serves_cached_entries() {
+    let Some(f) = postgres().await else { return };
+    let url = f.url.clone().unwrap();
+    let c = &f.catalog;
+    c.apply_plans(&set(None, &[plan("free", 1)]), false).await.unwrap();
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let key = c.create_key("acct").await.unwrap();
+    let hash = hash_key(&key.key);
+    let clock = ManualClock::new(T0);
+    let own = PostgresCatalog::connect(&url, Arc::new(clock.clone()))
+        .await
+        .unwrap();
+    let own: Arc<dyn Catalog> = Arc::new(own);
+    let cache = CatalogCache::new(own, Arc::new(clock.clone()), CacheConfig::default())
+        .await
+        .unwrap();
+    assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+    assert!(cache.plan_for_account("acct").await.unwrap().is_some());
+    // Take the database away: terminate every session and refuse new ones.
+    let name = url.rsplit('/').next().unwrap().to_string();
+    let (admin, conn) = tokio_postgres::connect(&plangate_tests::postgres_url_default(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"))
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(60));
+    // Expired entries are served stale rather than failing.
+    assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+    assert_eq!(cache.plan_for_account("acct").await.unwrap().unwrap().id, "free");
+    assert!(cache.stats().stale_served >= 1);
+    // Uncached lookups and credits fail closed, as Unavailable.
+    assert!(matches!(
+        cache.resolve_key(&hash_key("pg_other")).await,
+        Err(CatalogError::Unavailable(_))
+    ));
+    assert!(matches!(
+        c.balance("acct").await,
+        Err(CatalogError::Unavailable(_))
+    ));
+    admin
+        .batch_execute(&format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+    // Back: the pool reconnects by itself.
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(c.balance("acct").await.unwrap(), 0);
+}
+
+// ------------------------------------------------------------------ CLI
+
+fn plangate_bin() -> std::path::PathBuf {
+    // target/debug/deps/suite-... -> target/debug/plangate
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(format!("plangate{}", std::env::consts::EXE_SUFFIX)))
+        .unwrap();
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p plangate, or ./tests/run.sh)",
+        bin.display()
+    );
+    bin
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn cli(url: &str, args: &[&str]) -> Run {
+    let out = std::process::Command::new(plangate_bin())
+        .args(args)
+        .env("PLANGATE_POSTGRES_URL", url)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[track_caller]
+fn ok(r: Run) -> String {
+    assert_eq!(r.code, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+    r.stdout
+}
+
+#[track_caller]
+fn bad_input(r: Run) -> String {
+    assert_eq!(r.code, 2, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "one-line error: {}", r.stderr);
+    assert!(!r.stderr.contains("panicked"));
+    r.stderr
+}
+
+const PLANS_YAML: &str = r#"
+default_plan: free_tier
+plans:
+  free_tier:
+    name: "Free Tier"
+    endpoints:
+      "gpt-4-turbo":
+        fixed_windows:
+          - window: 60s
+            limit: 3
+            unit_type: request
+          - window: 86_400s
+            limit: 200
+          - window: 60s
+            limit: 40_000
+            unit_type: token
+        max_concurrent: 4
+        concurrency_expiry: 60s
+  premium:
+    name: "Premium"
+    endpoints:
+      "gpt-4-turbo":
+        fixed_windows:
+          - window: 60s
+            limit: 100
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_end_to_end() {
+    let Some(url) = plangate_tests::postgres_db("catcli").await else { return };
+    let dir = std::env::temp_dir().join(format!("plangate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plans_file = dir.join("plans.yaml");
+    std::fs::write(&plans_file, PLANS_YAML).unwrap();
+    let plans_path = plans_file.to_str().unwrap().to_string();
+    let plans_path = plans_path.as_str();
+    let run = |args: &[&str]| cli(&url, args);
+    {
+        assert!(ok(run(&["migrate"])).contains("applied V1__init"));
+        assert!(ok(run(&["migrate"])).contains("up to date"));
+
+        let out = ok(run(&["plans", "apply", plans_path]));
+        assert!(out.contains("default plan: free_tier"), "{out}");
+        let list = ok(run(&["plans", "list"]));
+        assert!(list.contains("free_tier (default)") && list.contains("premium"), "{list}");
+        let show = ok(run(&["plans", "show", "free_tier"]));
+        assert!(show.contains("40000 tokens/60s"), "{show}");
+        let json: serde_json::Value =
+            serde_json::from_str(&ok(run(&["plans", "list", "--json"]))).unwrap();
+        assert_eq!(json["default_plan"], "free_tier");
+
+        ok(run(&["accounts", "create", "alice"]));
+        let show = ok(run(&["accounts", "show", "alice", "--json"]));
+        let acct: serde_json::Value = serde_json::from_str(&show).unwrap();
+        assert_eq!(acct["effective_plan"], "free_tier");
+        ok(run(&["accounts", "assign", "alice", "premium"]));
+        assert!(ok(run(&["accounts", "show", "alice"])).contains("plan: premium"));
+
+        let key: serde_json::Value =
+            serde_json::from_str(&ok(run(&["keys", "create", "alice", "--json"]))).unwrap();
+        let key_id = key["id"].as_str().unwrap().to_string();
+        let plaintext = key["key"].as_str().unwrap().to_string();
+        assert!(plaintext.starts_with("pg_"));
+        let listed = ok(run(&["keys", "list", "alice"]));
+        assert!(listed.contains(&key_id) && !listed.contains(&plaintext), "{listed}");
+        ok(run(&["keys", "revoke", &key_id]));
+        assert!(ok(run(&["keys", "list", "alice"])).contains("revoked"));
+
+        let block: serde_json::Value = serde_json::from_str(&ok(run(&[
+            "credits", "grant", "alice", "100", "--expires", "2999-01-01T00:00:00Z", "--json",
+        ])))
+        .unwrap();
+        ok(run(&["credits", "grant", "alice", "5"]));
+        let bal: serde_json::Value =
+            serde_json::from_str(&ok(run(&["credits", "balance", "alice", "--json"]))).unwrap();
+        assert_eq!(bal["balance"], 105);
+        ok(run(&["credits", "delete", block["id"].as_str().unwrap()]));
+        assert!(ok(run(&["credits", "balance", "alice"])).contains("alice: 5 credits"));
+        assert!(ok(run(&["credits", "expire", "alice"])).contains("expired 1 block"));
+        assert!(ok(run(&["credits", "balance", "alice"])).contains("alice: 0 credits"));
+
+        // Refusals and bad input: exit 2, one line.
+        bad_input(run(&["plans", "delete", "free_tier"]));
+        bad_input(run(&["plans", "delete", "premium"]));
+        bad_input(run(&["plans", "show", "nope"]));
+        bad_input(run(&["accounts", "create", "alice"]));
+        bad_input(run(&["accounts", "assign", "alice", "ghost"]));
+        bad_input(run(&["keys", "create", "nobody"]));
+        bad_input(run(&["credits", "grant", "alice", "10", "--expires", "tomorrow"]));
+        bad_input(run(&["credits", "grant", "alice", "0"]));
+        bad_input(run(&["credits", "delete", "qb_missing"]));
+        let missing = dir.join("missing.yaml");
+        bad_input(run(&["plans", "apply", missing.to_str().unwrap()]));
+        let invalid = dir.join("invalid.yaml");
+        std::fs::write(&invalid, "plans:\n  p:\n    endpoints:\n      e:\n        sliding_windows: []\n").unwrap();
+        let err = run(&["plans", "apply", invalid.to_str().unwrap()]);
+        assert_eq!(err.code, 2, "{}", err.stderr);
+        assert!(err.stderr.contains("fixed_windows"), "{}", err.stderr);
+        // A database that does not answer is a runtime failure: exit 1.
+        let down = cli("postgres://postgres@127.0.0.1:1/none", &["plans", "list"]);
+        assert_eq!(down.code, 1, "{}", down.stderr);
+        assert_eq!(down.stderr.trim().lines().count(), 1, "{}", down.stderr);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
