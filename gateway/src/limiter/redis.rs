@@ -165,6 +165,7 @@ pub enum RedisMode {
 /// Options of a [`RedisStore`].
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
+    /// Pool or multiplexed connection (default multiplexed).
     pub mode: RedisMode,
     /// Prefix of every key (default `pg:`); tests use a unique one.
     pub key_prefix: String,
