@@ -82,12 +82,17 @@ pub async fn postgres_db(prefix: &str) -> Option<String> {
         std::process::id(),
         NEXT_DB.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     );
-    client
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
+    // Two statements, not one batch: a multi-statement simple query runs in
+    // an implicit transaction, where DROP/CREATE DATABASE are not allowed.
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        client
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("creating test database {name}: {e:?}"));
+    }
     let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&url);
     Some(format!("{base}/{name}"))
 }

@@ -1,1 +1,1323 @@
-//! catalog tests
+//! Catalog tests: one conformance suite run on the in-process and the
+//! Postgres catalog, plus Postgres-only tests (contention, LISTEN/NOTIFY
+//! invalidation across pools, migrations, the admin CLI end to end).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use plangate::catalog::cache::{CacheConfig, CatalogCache};
+use plangate::catalog::memory::MemoryCatalog;
+use plangate::catalog::postgres::{migrate, PostgresCatalog};
+use plangate::catalog::{
+    hash_key, Catalog, CatalogError, Deduction, Invalidation, QuotaBlock,
+};
+use plangate::clock::{Clock, ManualClock, SharedClock, SystemClock};
+use plangate::plans::{CreditCost, PerUnit, Plan, PlanSet, Policy, Unit, Window};
+
+const T0: u64 = 1_700_000_000_000;
+
+struct Fixture {
+    catalog: Arc<dyn Catalog>,
+    clock: ManualClock,
+    /// Set for Postgres.
+    url: Option<String>,
+}
+
+impl Fixture {
+    fn at(&self, offset: Duration) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(T0) + offset
+    }
+}
+
+fn memory() -> Fixture {
+    let clock = ManualClock::new(T0);
+    Fixture {
+        catalog: Arc::new(MemoryCatalog::new(Arc::new(clock.clone()))),
+        clock,
+        url: None,
+    }
+}
+
+/// A fresh, migrated database; `None` (loudly skipped) without Postgres.
+async fn fresh_db() -> Option<String> {
+    let url = plangate_tests::postgres_db("cat").await?;
+    migrate(&url).await.expect("migrate");
+    Some(url)
+}
+
+async fn postgres() -> Option<Fixture> {
+    let url = fresh_db().await?;
+    let clock = ManualClock::new(T0);
+    let catalog = PostgresCatalog::connect(&url, Arc::new(clock.clone()))
+        .await
+        .expect("connect");
+    Some(Fixture {
+        catalog: Arc::new(catalog),
+        clock,
+        url: Some(url),
+    })
+}
+
+fn policy(limit: u64) -> Arc<Policy> {
+    Arc::new(Policy {
+        windows: vec![Window {
+            window_secs: 60,
+            limit,
+            unit: Unit::request(),
+        }],
+        max_concurrent: 0,
+        concurrency_expiry_secs: 60,
+        credits: None,
+    })
+}
+
+fn plan(id: &str, limit: u64) -> Arc<Plan> {
+    Arc::new(Plan {
+        id: id.into(),
+        name: format!("Plan {id}"),
+        endpoints: [("chat".to_string(), policy(limit))].into(),
+    })
+}
+
+/// A plan using every feature, to check the JSONB round trip.
+fn rich_plan(id: &str) -> Arc<Plan> {
+    let chat = Policy {
+        windows: vec![
+            Window {
+                window_secs: 60,
+                limit: 3,
+                unit: Unit::request(),
+            },
+            Window {
+                window_secs: 86_400,
+                limit: 200,
+                unit: Unit::request(),
+            },
+            Window {
+                window_secs: 60,
+                limit: 40_000,
+                unit: Unit::new("token"),
+            },
+        ],
+        max_concurrent: 4,
+        concurrency_expiry_secs: 30,
+        credits: Some(CreditCost {
+            min_balance: 2,
+            per_request: 1,
+            per_unit: [(Unit::new("token"), PerUnit { credits: 1, per: 1000 })].into(),
+        }),
+    };
+    Arc::new(Plan {
+        id: id.into(),
+        name: "Rich — ünïcode".into(),
+        endpoints: [
+            ("gpt-4-turbo".to_string(), Arc::new(chat)),
+            ("dall-e-3".to_string(), policy(1)),
+        ]
+        .into(),
+    })
+}
+
+fn set(default: Option<&str>, plans: &[Arc<Plan>]) -> PlanSet {
+    PlanSet {
+        default_plan: default.map(str::to_string),
+        plans: plans
+            .iter()
+            .map(|p| (p.id.clone(), p.clone()))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+fn deduction(account: &str, amount: u64, key: &str) -> Deduction {
+    Deduction {
+        account_id: account.into(),
+        amount,
+        require_full: false,
+        min_balance: 0,
+        idempotency_key: key.into(),
+        request_id: Some(format!("req-{key}")),
+        endpoint: Some("chat".into()),
+    }
+}
+
+fn is_not_found<T: std::fmt::Debug>(r: Result<T, CatalogError>) -> bool {
+    matches!(r, Err(CatalogError::NotFound { .. }))
+}
+
+fn is_conflict<T: std::fmt::Debug>(r: Result<T, CatalogError>) -> bool {
+    matches!(r, Err(CatalogError::Conflict(_)))
+}
+
+fn is_invalid<T: std::fmt::Debug>(r: Result<T, CatalogError>) -> bool {
+    matches!(r, Err(CatalogError::Invalid(_)))
+}
+
+fn remaining(blocks: &[QuotaBlock], id: &str) -> u64 {
+    blocks
+        .iter()
+        .find(|b| b.id == id)
+        .map(|b| b.credits_remaining)
+        .unwrap_or(u64::MAX)
+}
+
+// ---------------------------------------------------------------- plans
+
+async fn default_plan_rules(f: Fixture) {
+    let c = &f.catalog;
+    assert_eq!(c.default_plan().await.unwrap(), None);
+    assert!(c.list_plans().await.unwrap().plans.is_empty());
+
+    // The first plan ever applied becomes the default when none is named.
+    let r = c
+        .apply_plans(&set(None, &[plan("b", 10), plan("a", 10)]), false)
+        .await
+        .unwrap();
+    assert_eq!(r.upserted, vec!["a", "b"]);
+    assert_eq!(r.default_plan.as_deref(), Some("a"));
+    assert_eq!(c.default_plan().await.unwrap().as_deref(), Some("a"));
+
+    // A later set without a default leaves it alone; one naming it moves it.
+    c.apply_plans(&set(None, &[plan("c", 10)]), false).await.unwrap();
+    assert_eq!(c.default_plan().await.unwrap().as_deref(), Some("a"));
+    c.apply_plans(&set(Some("b"), &[plan("b", 10)]), false)
+        .await
+        .unwrap();
+    assert_eq!(c.default_plan().await.unwrap().as_deref(), Some("b"));
+
+    assert!(is_not_found(c.set_default_plan("nope").await));
+    c.set_default_plan("c").await.unwrap();
+    let listed = c.list_plans().await.unwrap();
+    assert_eq!(listed.default_plan.as_deref(), Some("c"));
+    assert_eq!(listed.plans.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+
+    // Refusals: the default plan, a plan in use, an unknown plan.
+    assert!(is_conflict(c.delete_plan("c").await));
+    c.create_account("acct", Some("a"), serde_json::Value::Null)
+        .await
+        .unwrap();
+    assert!(is_conflict(c.delete_plan("a").await));
+    assert!(is_not_found(c.delete_plan("zzz").await));
+    c.delete_plan("b").await.unwrap();
+    assert!(is_not_found(c.delete_plan("b").await));
+    assert!(is_not_found(c.get_plan("b").await));
+    // Once the account leaves it, the plan can go.
+    c.assign_plan("acct", None).await.unwrap();
+    c.delete_plan("a").await.unwrap();
+    assert_eq!(
+        c.list_plans().await.unwrap().plans.keys().collect::<Vec<_>>(),
+        ["c"]
+    );
+    assert_eq!(c.default_plan().await.unwrap().as_deref(), Some("c"));
+}
+
+async fn plans_round_trip_and_upsert(f: Fixture) {
+    let c = &f.catalog;
+    let rich = rich_plan("rich");
+    c.apply_plans(&set(Some("rich"), &[rich.clone(), plan("p", 10)]), false)
+        .await
+        .unwrap();
+    assert_eq!(c.get_plan("rich").await.unwrap(), rich);
+    assert_eq!(c.get_plan("p").await.unwrap(), plan("p", 10));
+    // Upsert replaces the plan's policies.
+    c.apply_plans(&set(None, &[plan("p", 20)]), false).await.unwrap();
+    assert_eq!(c.get_plan("p").await.unwrap(), plan("p", 20));
+    assert_eq!(c.list_plans().await.unwrap().plans["rich"], rich);
+    // A default_plan that names no plan is refused and changes nothing.
+    assert!(is_invalid(
+        c.apply_plans(&set(Some("ghost"), &[plan("q", 1)]), false).await
+    ));
+    assert!(is_not_found(c.get_plan("q").await));
+    assert_eq!(c.default_plan().await.unwrap().as_deref(), Some("rich"));
+    // Ids: empty and over-long are refused.
+    assert!(is_invalid(c.apply_plans(&set(None, &[plan("", 1)]), false).await));
+    let long = "x".repeat(201);
+    assert!(is_invalid(c.apply_plans(&set(None, &[plan(&long, 1)]), false).await));
+    let max = "é".repeat(100);
+    c.apply_plans(&set(None, &[plan(&max, 1)]), false).await.unwrap();
+    assert_eq!(c.get_plan(&max).await.unwrap().id, max);
+}
+
+async fn prune(f: Fixture) {
+    let c = &f.catalog;
+    c.apply_plans(
+        &set(
+            Some("a"),
+            &[plan("a", 1), plan("b", 1), plan("c", 1), plan("d", 1)],
+        ),
+        false,
+    )
+    .await
+    .unwrap();
+    c.create_account("on-b", Some("b"), serde_json::Value::Null)
+        .await
+        .unwrap();
+    let r = c.apply_plans(&set(None, &[plan("x", 1)]), true).await.unwrap();
+    assert_eq!(r.upserted, vec!["x"]);
+    assert_eq!(r.pruned, vec!["c", "d"]);
+    assert_eq!(r.kept_in_use, vec!["a", "b"]);
+    assert_eq!(r.default_plan.as_deref(), Some("a"));
+    assert_eq!(
+        c.list_plans().await.unwrap().plans.keys().collect::<Vec<_>>(),
+        ["a", "b", "x"]
+    );
+    // Moving the default in the same apply lets the old default be pruned.
+    let r = c.apply_plans(&set(Some("x"), &[plan("x", 1)]), true).await.unwrap();
+    assert_eq!(r.pruned, vec!["a"]);
+    assert_eq!(r.kept_in_use, vec!["b"]);
+    assert_eq!(c.default_plan().await.unwrap().as_deref(), Some("x"));
+}
+
+// ------------------------------------------------------------- accounts
+
+async fn accounts(f: Fixture) {
+    let c = &f.catalog;
+    // Before any plan exists an account has no effective plan.
+    let a = c
+        .create_account("early", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(a.effective_plan, None);
+    assert_eq!(a.metadata, serde_json::json!({}));
+
+    c.apply_plans(&set(Some("free"), &[plan("free", 1), plan("pro", 5)]), false)
+        .await
+        .unwrap();
+    let meta = serde_json::json!({"email": "x@example.com", "tier": [1, 2]});
+    let a = c.create_account("alice", None, meta.clone()).await.unwrap();
+    assert_eq!(a.plan_id, None);
+    assert_eq!(a.effective_plan.as_deref(), Some("free"));
+    assert_eq!(a.metadata, meta);
+    assert_eq!(c.get_account("alice").await.unwrap(), a);
+    assert_eq!(
+        c.get_account("early").await.unwrap().effective_plan.as_deref(),
+        Some("free")
+    );
+
+    assert!(is_conflict(
+        c.create_account("alice", Some("pro"), serde_json::Value::Null).await
+    ));
+    assert!(is_not_found(
+        c.create_account("bob", Some("ghost"), serde_json::Value::Null).await
+    ));
+    assert!(is_not_found(c.get_account("bob").await));
+    assert!(is_invalid(c.create_account("", None, serde_json::Value::Null).await));
+    assert!(is_invalid(
+        c.create_account(&"x".repeat(201), None, serde_json::Value::Null)
+            .await
+    ));
+    assert!(is_invalid(
+        c.create_account("nul\0", None, serde_json::Value::Null).await
+    ));
+    assert!(is_invalid(c.create_account("arr", None, serde_json::json!([1])).await));
+
+    c.assign_plan("alice", Some("pro")).await.unwrap();
+    let a = c.get_account("alice").await.unwrap();
+    assert_eq!(a.plan_id.as_deref(), Some("pro"));
+    assert_eq!(a.effective_plan.as_deref(), Some("pro"));
+    assert!(is_not_found(c.assign_plan("alice", Some("ghost")).await));
+    assert!(is_not_found(c.assign_plan("bob", Some("pro")).await));
+    assert_eq!(
+        c.get_account("alice").await.unwrap().plan_id.as_deref(),
+        Some("pro")
+    );
+    c.assign_plan("alice", None).await.unwrap();
+    assert_eq!(c.get_account("alice").await.unwrap().plan_id, None);
+    // The effective plan follows the default.
+    c.set_default_plan("pro").await.unwrap();
+    assert_eq!(
+        c.get_account("alice").await.unwrap().effective_plan.as_deref(),
+        Some("pro")
+    );
+}
+
+// ------------------------------------------------------------------ keys
+
+async fn keys(f: Fixture) {
+    let c = &f.catalog;
+    assert!(is_not_found(c.create_key("nobody").await));
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let k1 = c.create_key("acct").await.unwrap();
+    let k2 = c.create_key("acct").await.unwrap();
+    assert!(k1.key.starts_with("pg_"));
+    assert_eq!(k1.key.len(), 46);
+    assert!(k1.key[3..].chars().all(|ch| ch.is_ascii_alphanumeric()));
+    assert!(k1.key.starts_with(&k1.prefix));
+    assert!(k1.prefix.len() < 12);
+    assert_ne!(k1.key, k2.key);
+    assert_ne!(k1.id, k2.id);
+
+    let owner = c.lookup_key(&hash_key(&k1.key)).await.unwrap().unwrap();
+    assert_eq!(owner.key_id, k1.id);
+    assert_eq!(owner.account_id, "acct");
+    // Keys are found by hash only.
+    assert_eq!(c.lookup_key(&k1.key).await.unwrap(), None);
+    assert_eq!(c.lookup_key(&hash_key("pg_nope")).await.unwrap(), None);
+
+    let listed = c.list_keys("acct").await.unwrap();
+    assert_eq!(
+        listed.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
+        [k1.id.as_str(), k2.id.as_str()]
+    );
+    assert!(listed.iter().all(|k| !k.revoked && k.account_id == "acct"));
+    assert_eq!(listed[0].prefix, k1.prefix);
+    assert_eq!(
+        listed[0].created_at,
+        Some(SystemTime::UNIX_EPOCH + Duration::from_millis(T0))
+    );
+
+    c.revoke_key(&k1.id).await.unwrap();
+    assert_eq!(c.lookup_key(&hash_key(&k1.key)).await.unwrap(), None);
+    assert!(c.lookup_key(&hash_key(&k2.key)).await.unwrap().is_some());
+    c.revoke_key(&k1.id).await.unwrap();
+    assert!(is_not_found(c.revoke_key("key_missing").await));
+    let listed = c.list_keys("acct").await.unwrap();
+    assert!(listed[0].revoked && !listed[1].revoked);
+    assert!(is_not_found(c.list_keys("nobody").await));
+}
+
+// --------------------------------------------------------- quota blocks
+
+async fn quota_blocks_and_expiry(f: Fixture) {
+    let c = &f.catalog;
+    assert!(is_not_found(
+        c.create_quota_block("nobody", 5, None, serde_json::Value::Null)
+            .await
+    ));
+    assert!(is_not_found(c.balance("nobody").await));
+    assert!(is_not_found(c.list_quota_blocks("nobody").await));
+    assert!(is_not_found(c.expire_quota_blocks("nobody").await));
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(c.balance("acct").await.unwrap(), 0);
+    assert!(is_invalid(
+        c.create_quota_block("acct", u64::MAX, None, serde_json::Value::Null)
+            .await
+    ));
+
+    let meta = serde_json::json!({"order": "inv-1"});
+    let forever = c
+        .create_quota_block("acct", 100, None, meta.clone())
+        .await
+        .unwrap();
+    assert_eq!(forever.credits_granted, 100);
+    assert_eq!(forever.credits_remaining, 100);
+    assert_eq!(forever.metadata, meta);
+    assert_eq!(forever.expires_at, None);
+    // Sub-microsecond precision is dropped on both backends.
+    let exp = f.at(Duration::from_secs(10)) + Duration::from_nanos(1_500);
+    let soon = c
+        .create_quota_block("acct", 30, Some(exp), serde_json::Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(
+        soon.expires_at,
+        Some(f.at(Duration::from_secs(10)) + Duration::from_micros(1))
+    );
+    assert_eq!(c.balance("acct").await.unwrap(), 130);
+    let listed = c.list_quota_blocks("acct").await.unwrap();
+    assert_eq!(listed, vec![forever.clone(), soon.clone()]);
+
+    // At the expiry instant the block no longer counts, and is never drained.
+    f.clock.advance(Duration::from_secs(10));
+    assert_eq!(c.balance("acct").await.unwrap(), 130);
+    f.clock.advance(Duration::from_millis(1));
+    assert_eq!(c.balance("acct").await.unwrap(), 100);
+    let r = c.deduct(&deduction("acct", 10, "d1")).await.unwrap();
+    assert_eq!((r.deducted, r.balance), (10, 90));
+    let listed = c.list_quota_blocks("acct").await.unwrap();
+    assert_eq!(remaining(&listed, &soon.id), 30);
+    assert_eq!(remaining(&listed, &forever.id), 90);
+
+    // Expire all: counts only blocks still live.
+    let later = c
+        .create_quota_block(
+            "acct",
+            7,
+            Some(f.at(Duration::from_secs(3600))),
+            serde_json::Value::Null,
+        )
+        .await
+        .unwrap();
+    assert_eq!(c.balance("acct").await.unwrap(), 97);
+    assert_eq!(c.expire_quota_blocks("acct").await.unwrap(), 2);
+    assert_eq!(c.balance("acct").await.unwrap(), 0);
+    assert_eq!(c.expire_quota_blocks("acct").await.unwrap(), 0);
+    let listed = c.list_quota_blocks("acct").await.unwrap();
+    assert!(listed
+        .iter()
+        .all(|b| b.expires_at.is_some_and(|e| e <= f.at(Duration::from_secs(11)))));
+    let r = c.deduct(&deduction("acct", 1, "d2")).await.unwrap();
+    assert_eq!((r.deducted, r.shortfall, r.balance), (0, 1, 0));
+
+    c.delete_quota_block(&later.id).await.unwrap();
+    assert!(is_not_found(c.delete_quota_block(&later.id).await));
+    assert_eq!(c.list_quota_blocks("acct").await.unwrap().len(), 2);
+}
+
+// ------------------------------------------------------------- deduction
+
+async fn deduct_order_and_partial(f: Fixture) {
+    let c = &f.catalog;
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let none = serde_json::Value::Null;
+    let forever = c.create_quota_block("acct", 10, None, none.clone()).await.unwrap();
+    let late = c
+        .create_quota_block("acct", 5, Some(f.at(Duration::from_secs(100))), none.clone())
+        .await
+        .unwrap();
+    let early = c
+        .create_quota_block("acct", 5, Some(f.at(Duration::from_secs(50))), none.clone())
+        .await
+        .unwrap();
+    // Same expiry as `early`, created later: drained after it.
+    let early2 = c
+        .create_quota_block("acct", 1, Some(f.at(Duration::from_secs(50))), none)
+        .await
+        .unwrap();
+
+    let r = c.deduct(&deduction("acct", 8, "k1")).await.unwrap();
+    assert_eq!(
+        (r.requested, r.deducted, r.shortfall, r.balance, r.replayed),
+        (8, 8, 0, 13, false)
+    );
+    let blocks = c.list_quota_blocks("acct").await.unwrap();
+    assert_eq!(remaining(&blocks, &early.id), 0);
+    assert_eq!(remaining(&blocks, &early2.id), 0);
+    assert_eq!(remaining(&blocks, &late.id), 3);
+    assert_eq!(remaining(&blocks, &forever.id), 10);
+
+    // Not require_full: take what there is, report the shortfall.
+    let r = c.deduct(&deduction("acct", 20, "k2")).await.unwrap();
+    assert_eq!((r.deducted, r.shortfall, r.balance), (13, 7, 0));
+    // Nothing left: still a ledger row, recording the whole shortfall.
+    let r = c.deduct(&deduction("acct", 4, "k3")).await.unwrap();
+    assert_eq!((r.deducted, r.shortfall, r.balance), (0, 4, 0));
+
+    let ledger = c.ledger("acct").await.unwrap();
+    assert_eq!(ledger.len(), 3);
+    assert_eq!(ledger[0].idempotency_key, "k1");
+    assert_eq!(ledger[0].request_id.as_deref(), Some("req-k1"));
+    assert_eq!(ledger[0].endpoint.as_deref(), Some("chat"));
+    let draws: Vec<(String, u64)> = ledger[0]
+        .draws
+        .iter()
+        .map(|d| (d.block_id.clone(), d.credits))
+        .collect();
+    assert_eq!(
+        draws,
+        vec![(early.id.clone(), 5), (early2.id.clone(), 1), (late.id.clone(), 2)]
+    );
+    assert_eq!((ledger[1].requested, ledger[1].deducted, ledger[1].shortfall), (20, 13, 7));
+    assert_eq!((ledger[2].deducted, ledger[2].shortfall), (0, 4));
+    assert!(ledger[2].draws.is_empty());
+    let total: u64 = ledger.iter().map(|e| e.deducted).sum();
+    assert_eq!(total, 21);
+    assert!(is_not_found(c.deduct(&deduction("nobody", 1, "k4")).await));
+    assert!(is_not_found(c.ledger("nobody").await));
+}
+
+async fn deduct_refusals(f: Fixture) {
+    let c = &f.catalog;
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    c.create_quota_block("acct", 5, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    c.create_quota_block(
+        "acct",
+        100,
+        Some(f.at(Duration::from_secs(1))),
+        serde_json::Value::Null,
+    )
+    .await
+    .unwrap();
+    f.clock.advance(Duration::from_secs(1));
+    let before = c.list_quota_blocks("acct").await.unwrap();
+
+    // require_full with too little balance changes nothing (the expired
+    // block's 100 do not count).
+    let mut d = deduction("acct", 6, "full");
+    d.require_full = true;
+    let r = c.deduct(&d).await.unwrap();
+    assert_eq!((r.deducted, r.shortfall, r.balance, r.replayed), (0, 6, 5, false));
+    // min_balance above the balance: refused, even for a small amount.
+    let mut m = deduction("acct", 1, "min");
+    m.min_balance = 6;
+    let r = c.deduct(&m).await.unwrap();
+    assert_eq!((r.deducted, r.shortfall, r.balance), (0, 1, 5));
+    assert_eq!(c.list_quota_blocks("acct").await.unwrap(), before);
+    assert!(c.ledger("acct").await.unwrap().is_empty());
+
+    // A refusal does not use up the key: with enough credits it succeeds.
+    c.create_quota_block("acct", 1, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let r = c.deduct(&d).await.unwrap();
+    assert_eq!((r.deducted, r.shortfall, r.balance, r.replayed), (6, 0, 0, false));
+    // Exactly at min_balance is enough.
+    c.create_quota_block("acct", 3, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    m.min_balance = 3;
+    let r = c.deduct(&m).await.unwrap();
+    assert_eq!((r.deducted, r.balance), (1, 2));
+    assert!(is_invalid(c.deduct(&deduction("acct", u64::MAX, "huge")).await));
+}
+
+async fn idempotency_and_refund(f: Fixture) {
+    let c = &f.catalog;
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let a = c
+        .create_quota_block("acct", 2, Some(f.at(Duration::from_secs(60))), serde_json::Value::Null)
+        .await
+        .unwrap();
+    let b = c
+        .create_quota_block("acct", 10, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let r1 = c.deduct(&deduction("acct", 5, "req-1")).await.unwrap();
+    assert_eq!((r1.deducted, r1.balance, r1.replayed), (5, 7, false));
+    let r2 = c.deduct(&deduction("acct", 5, "req-1")).await.unwrap();
+    assert_eq!((r2.requested, r2.deducted, r2.shortfall), (5, 5, 0));
+    assert!(r2.replayed);
+    assert_eq!(r2.balance, 7);
+    // Even a different amount under the same key replays the first result.
+    let r3 = c.deduct(&deduction("acct", 1, "req-1")).await.unwrap();
+    assert!(r3.replayed && r3.deducted == 5);
+    assert_eq!(c.balance("acct").await.unwrap(), 7);
+    assert_eq!(c.ledger("acct").await.unwrap().len(), 1);
+
+    c.deduct(&deduction("acct", 1, "req-2")).await.unwrap();
+    // Refund gives back to the blocks it came from, once.
+    assert_eq!(c.refund("req-1").await.unwrap(), 5);
+    let blocks = c.list_quota_blocks("acct").await.unwrap();
+    assert_eq!(remaining(&blocks, &a.id), 2);
+    assert_eq!(remaining(&blocks, &b.id), 9);
+    assert_eq!(c.refund("req-1").await.unwrap(), 0);
+    assert_eq!(c.refund("never-used").await.unwrap(), 0);
+    assert_eq!(c.balance("acct").await.unwrap(), 11);
+    let ledger = c.ledger("acct").await.unwrap();
+    assert_eq!((ledger[0].deducted, ledger[0].refunded), (5, 5));
+    assert_eq!(ledger[1].refunded, 0);
+    // A refunded deduction is still used: its key does not deduct again.
+    assert!(c.deduct(&deduction("acct", 5, "req-1")).await.unwrap().replayed);
+    assert_eq!(c.balance("acct").await.unwrap(), 11);
+
+    // A deleted block gets nothing back; the rest is refunded.
+    let r = c.deduct(&deduction("acct", 4, "req-3")).await.unwrap();
+    assert_eq!(r.deducted, 4);
+    c.delete_quota_block(&a.id).await.unwrap();
+    assert_eq!(c.refund("req-3").await.unwrap(), 2);
+    assert_eq!(c.balance("acct").await.unwrap(), 9);
+}
+
+/// 200 concurrent deductions of 1 against 150 credits in three blocks:
+/// exactly 150 succeed, the blocks drain earliest expiry first, and the
+/// ledger accounts for every credit.
+async fn concurrent_deductions(f: Fixture) {
+    let c = &f.catalog;
+    c.create_account("hot", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let never = c.create_quota_block("hot", 50, None, serde_json::Value::Null).await.unwrap();
+    let second = c
+        .create_quota_block("hot", 50, Some(f.at(Duration::from_secs(7200))), serde_json::Value::Null)
+        .await
+        .unwrap();
+    let first = c
+        .create_quota_block("hot", 50, Some(f.at(Duration::from_secs(3600))), serde_json::Value::Null)
+        .await
+        .unwrap();
+    // An expired block that must never be drained.
+    let expired = c
+        .create_quota_block("hot", 500, Some(f.at(Duration::from_secs(0))), serde_json::Value::Null)
+        .await
+        .unwrap();
+
+    // Phase one, 75 at once: the earliest-expiring block drains first, then
+    // the next; the never-expiring one is untouched.
+    assert_eq!(deduct_many(c, "hot", 0..75).await, 75);
+    let blocks = c.list_quota_blocks("hot").await.unwrap();
+    assert_eq!(remaining(&blocks, &first.id), 0);
+    assert_eq!(remaining(&blocks, &second.id), 25);
+    assert_eq!(remaining(&blocks, &never.id), 50);
+    // Phase two, 125 more at once: exactly the 75 credits left are taken.
+    assert_eq!(deduct_many(c, "hot", 75..200).await, 75);
+    assert_eq!(c.balance("hot").await.unwrap(), 0);
+    let blocks = c.list_quota_blocks("hot").await.unwrap();
+    for id in [&never.id, &second.id, &first.id] {
+        assert_eq!(remaining(&blocks, id), 0);
+    }
+    assert_eq!(remaining(&blocks, &expired.id), 500);
+    let ledger = c.ledger("hot").await.unwrap();
+    assert_eq!(ledger.len(), 150);
+    assert_eq!(ledger.iter().map(|e| e.deducted).sum::<u64>(), 150);
+    for block in [&first.id, &second.id, &never.id] {
+        let drawn: u64 = ledger
+            .iter()
+            .flat_map(|e| &e.draws)
+            .filter(|d| d.block_id == *block)
+            .map(|d| d.credits)
+            .sum();
+        assert_eq!(drawn, 50);
+    }
+}
+
+/// Run concurrent `require_full` deductions of 1, one per index; returns
+/// how many succeeded.
+async fn deduct_many(c: &Arc<dyn Catalog>, account: &str, ids: std::ops::Range<u32>) -> usize {
+    let mut tasks = Vec::new();
+    for i in ids {
+        let c = c.clone();
+        let account = account.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut d = deduction(&account, 1, &format!("c-{i}"));
+            d.require_full = true;
+            c.deduct(&d).await.unwrap()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.deducted + r.shortfall, 1);
+        if r.deducted == 1 {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+/// The same idempotency key from 20 tasks deducts once.
+async fn concurrent_duplicates(f: Fixture) {
+    let c = &f.catalog;
+    c.create_account("dup", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    c.create_quota_block("dup", 100, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.deduct(&deduction("dup", 7, "same-key")).await.unwrap()
+        }));
+    }
+    let mut fresh = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.deducted, 7);
+        if !r.replayed {
+            fresh += 1;
+        }
+    }
+    assert_eq!(fresh, 1);
+    assert_eq!(c.balance("dup").await.unwrap(), 93);
+    assert_eq!(c.ledger("dup").await.unwrap().len(), 1);
+}
+
+async fn notifications(f: Fixture) {
+    let c = &f.catalog;
+    let mut rx = c.subscribe();
+    c.apply_plans(&set(None, &[plan("a", 1), plan("b", 1)]), false)
+        .await
+        .unwrap();
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    c.assign_plan("acct", Some("b")).await.unwrap();
+    let key = c.create_key("acct").await.unwrap();
+    c.revoke_key(&key.id).await.unwrap();
+    c.set_default_plan("b").await.unwrap();
+    let want = [
+        Invalidation::Plans,
+        Invalidation::Account("acct".into()),
+        Invalidation::Key(hash_key(&key.key)),
+    ];
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !want.iter().all(|w| seen.contains(w)) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(inv)) => seen.push(inv),
+            other => panic!("missing invalidations; saw {seen:?}, then {other:?}"),
+        }
+    }
+}
+
+/// The cache serves keys and plans, and forgets revoked keys and changed
+/// plans as soon as the catalog announces them.
+async fn cache_follows_changes(f: Fixture) {
+    let c = &f.catalog;
+    c.apply_plans(&set(Some("free"), &[plan("free", 1), plan("pro", 5)]), false)
+        .await
+        .unwrap();
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let key = c.create_key("acct").await.unwrap();
+    let hash = hash_key(&key.key);
+    let cache = CatalogCache::new(c.clone(), Arc::new(SystemClock), CacheConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(cache.plans().default_plan.as_deref(), Some("free"));
+    let owner = cache.resolve_key(&hash).await.unwrap().unwrap();
+    assert_eq!(owner.account_id, "acct");
+    assert_eq!(cache.resolve_key(&hash).await.unwrap(), Some(owner));
+    assert_eq!(cache.resolve_key(&hash_key("pg_nope")).await.unwrap(), None);
+    assert_eq!(
+        cache.plan_for_account("acct").await.unwrap().unwrap().id,
+        "free"
+    );
+    // Unknown accounts are on the default plan.
+    assert_eq!(
+        cache.plan_for_account("stranger").await.unwrap().unwrap().id,
+        "free"
+    );
+    let loads = cache.stats().loads;
+    for _ in 0..10 {
+        cache.resolve_key(&hash).await.unwrap();
+    }
+    assert_eq!(cache.stats().loads, loads, "hits must not reach the catalog");
+
+    c.assign_plan("acct", Some("pro")).await.unwrap();
+    c.revoke_key(&key.id).await.unwrap();
+    c.apply_plans(&set(None, &[plan("free", 2)]), false).await.unwrap();
+    wait_for(|| {
+        let cache = cache.clone();
+        let hash = hash.clone();
+        async move {
+            cache.resolve_key(&hash).await.unwrap().is_none()
+                && cache
+                    .plan_for_account("acct")
+                    .await
+                    .unwrap()
+                    .is_some_and(|p| p.id == "pro")
+                && cache.plans().plans["free"] == plan("free", 2)
+        }
+    })
+    .await;
+}
+
+/// Poll (bounded) until `cond` holds: used only to wait for a notification,
+/// never to wait out a window. Fails if it takes longer than a second.
+async fn wait_for<F, Fut>(cond: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "change not seen within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A catalog whose notifications are lost: the cache's TTL must still
+/// stop a revoked key within 5 s (on the injected clock).
+struct Deaf(Arc<dyn Catalog>, tokio::sync::broadcast::Sender<Invalidation>);
+
+#[async_trait::async_trait]
+impl Catalog for Deaf {
+    async fn apply_plans(&self, p: &PlanSet, prune: bool) -> plangate::catalog::CatalogResult<plangate::catalog::ApplyReport> {
+        self.0.apply_plans(p, prune).await
+    }
+    async fn list_plans(&self) -> plangate::catalog::CatalogResult<PlanSet> {
+        self.0.list_plans().await
+    }
+    async fn get_plan(&self, id: &str) -> plangate::catalog::CatalogResult<Arc<Plan>> {
+        self.0.get_plan(id).await
+    }
+    async fn delete_plan(&self, id: &str) -> plangate::catalog::CatalogResult<()> {
+        self.0.delete_plan(id).await
+    }
+    async fn default_plan(&self) -> plangate::catalog::CatalogResult<Option<String>> {
+        self.0.default_plan().await
+    }
+    async fn set_default_plan(&self, id: &str) -> plangate::catalog::CatalogResult<()> {
+        self.0.set_default_plan(id).await
+    }
+    async fn create_account(&self, id: &str, plan: Option<&str>, m: serde_json::Value) -> plangate::catalog::CatalogResult<plangate::catalog::Account> {
+        self.0.create_account(id, plan, m).await
+    }
+    async fn assign_plan(&self, a: &str, p: Option<&str>) -> plangate::catalog::CatalogResult<()> {
+        self.0.assign_plan(a, p).await
+    }
+    async fn get_account(&self, id: &str) -> plangate::catalog::CatalogResult<plangate::catalog::Account> {
+        self.0.get_account(id).await
+    }
+    async fn create_key(&self, a: &str) -> plangate::catalog::CatalogResult<plangate::catalog::NewApiKey> {
+        self.0.create_key(a).await
+    }
+    async fn lookup_key(&self, h: &str) -> plangate::catalog::CatalogResult<Option<plangate::catalog::KeyOwner>> {
+        self.0.lookup_key(h).await
+    }
+    async fn revoke_key(&self, id: &str) -> plangate::catalog::CatalogResult<()> {
+        self.0.revoke_key(id).await
+    }
+    async fn list_keys(&self, a: &str) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::ApiKeyInfo>> {
+        self.0.list_keys(a).await
+    }
+    async fn create_quota_block(&self, a: &str, n: u64, e: Option<SystemTime>, m: serde_json::Value) -> plangate::catalog::CatalogResult<QuotaBlock> {
+        self.0.create_quota_block(a, n, e, m).await
+    }
+    async fn delete_quota_block(&self, id: &str) -> plangate::catalog::CatalogResult<()> {
+        self.0.delete_quota_block(id).await
+    }
+    async fn expire_quota_blocks(&self, a: &str) -> plangate::catalog::CatalogResult<u64> {
+        self.0.expire_quota_blocks(a).await
+    }
+    async fn list_quota_blocks(&self, a: &str) -> plangate::catalog::CatalogResult<Vec<QuotaBlock>> {
+        self.0.list_quota_blocks(a).await
+    }
+    async fn balance(&self, a: &str) -> plangate::catalog::CatalogResult<u64> {
+        self.0.balance(a).await
+    }
+    async fn deduct(&self, d: &Deduction) -> plangate::catalog::CatalogResult<plangate::catalog::DeductResult> {
+        self.0.deduct(d).await
+    }
+    async fn refund(&self, k: &str) -> plangate::catalog::CatalogResult<u64> {
+        self.0.refund(k).await
+    }
+    async fn ledger(&self, a: &str) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::LedgerEntry>> {
+        self.0.ledger(a).await
+    }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Invalidation> {
+        self.1.subscribe()
+    }
+    async fn ping(&self) -> plangate::catalog::CatalogResult<()> {
+        self.0.ping().await
+    }
+}
+
+async fn cache_ttl_backstop(f: Fixture) {
+    let c = &f.catalog;
+    c.apply_plans(&set(None, &[plan("free", 1)]), false).await.unwrap();
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let key = c.create_key("acct").await.unwrap();
+    let hash = hash_key(&key.key);
+    let deaf: Arc<dyn Catalog> = Arc::new(Deaf(c.clone(), tokio::sync::broadcast::channel(1).0));
+    let clock: SharedClock = Arc::new(f.clock.clone());
+    let cache = CatalogCache::new(deaf, clock, CacheConfig::default()).await.unwrap();
+    assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+    c.revoke_key(&key.id).await.unwrap();
+    // Without a notification the entry is served until its TTL...
+    f.clock.advance(Duration::from_millis(2_000));
+    assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+    // ...and no longer than 5 s after it was loaded.
+    f.clock.advance(Duration::from_millis(3_000));
+    assert_eq!(cache.resolve_key(&hash).await.unwrap(), None);
+    assert_eq!(f.clock.now_ms(), T0 + 5_000);
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory_catalog {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::memory()).await
+                }
+            )*
+        }
+        mod postgres_catalog {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(f) = super::postgres().await else { return };
+                    super::$name(f).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    default_plan_rules,
+    plans_round_trip_and_upsert,
+    prune,
+    accounts,
+    keys,
+    quota_blocks_and_expiry,
+    deduct_order_and_partial,
+    deduct_refusals,
+    idempotency_and_refund,
+    concurrent_deductions,
+    concurrent_duplicates,
+    notifications,
+    cache_follows_changes,
+    cache_ttl_backstop,
+);
+
+// ------------------------------------------------------- Postgres only
+
+/// A change made through one pool reaches a second, independently
+/// connected catalog's cache through LISTEN/NOTIFY within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_invalidation_across_instances() {
+    let Some(f) = postgres().await else { return };
+    let url = f.url.clone().unwrap();
+    let admin = &f.catalog;
+    admin
+        .apply_plans(&set(Some("free"), &[plan("free", 1), plan("pro", 5)]), false)
+        .await
+        .unwrap();
+    admin
+        .create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let key = admin.create_key("acct").await.unwrap();
+    let hash = hash_key(&key.key);
+
+    let other: Arc<dyn Catalog> = Arc::new(
+        PostgresCatalog::connect(&url, Arc::new(SystemClock))
+            .await
+            .unwrap(),
+    );
+    let cache = CatalogCache::new(other, Arc::new(SystemClock), CacheConfig::default())
+        .await
+        .unwrap();
+    assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+    assert_eq!(cache.plan_for_account("acct").await.unwrap().unwrap().id, "free");
+
+    admin.revoke_key(&key.id).await.unwrap();
+    wait_for(|| {
+        let (cache, hash) = (cache.clone(), hash.clone());
+        async move { cache.resolve_key(&hash).await.unwrap().is_none() }
+    })
+    .await;
+
+    admin.set_default_plan("pro").await.unwrap();
+    wait_for(|| {
+        let cache = cache.clone();
+        async move { cache.plans().default_plan.as_deref() == Some("pro") }
+    })
+    .await;
+    assert_eq!(cache.plan_for_account("acct").await.unwrap().unwrap().id, "pro");
+
+    admin
+        .apply_plans(&set(None, &[plan("pro", 99)]), false)
+        .await
+        .unwrap();
+    wait_for(|| {
+        let cache = cache.clone();
+        async move { cache.plans().plans["pro"] == plan("pro", 99) }
+    })
+    .await;
+
+    admin.assign_plan("acct", Some("free")).await.unwrap();
+    wait_for(|| {
+        let cache = cache.clone();
+        async move {
+            cache
+                .plan_for_account("acct")
+                .await
+                .unwrap()
+                .is_some_and(|p| p.id == "free")
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migrate_twice_and_concurrently() {
+    let Some(url) = plangate_tests::postgres_db("catmig").await else { return };
+    let (a, b) = tokio::join!(migrate(&url), migrate(&url));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.version, b.version), (1, 1));
+    // Exactly one of the two did the work.
+    assert_eq!(a.applied.len() + b.applied.len(), 1);
+    let again = migrate(&url).await.unwrap();
+    assert!(again.applied.is_empty());
+    assert_eq!(again.version, 1);
+}
+
+/// The schema itself refuses what the catalog code refuses, so no other
+/// writer can break the invariants either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_schema_enforces_invariants() {
+    let Some(f) = postgres().await else { return };
+    let c = &f.catalog;
+    c.apply_plans(&set(Some("a"), &[plan("a", 1), plan("b", 1)]), false)
+        .await
+        .unwrap();
+    c.create_account("acct", Some("b"), serde_json::Value::Null)
+        .await
+        .unwrap();
+    let block = c
+        .create_quota_block("acct", 5, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    c.deduct(&deduction("acct", 1, "k")).await.unwrap();
+    let (client, conn) = tokio_postgres::connect(f.url.as_deref().unwrap(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let code = |r: Result<u64, tokio_postgres::Error>| r.unwrap_err().code().cloned();
+    use tokio_postgres::error::SqlState;
+    assert_eq!(
+        code(client.execute("UPDATE plans SET is_default = true WHERE id = 'b'", &[]).await),
+        Some(SqlState::UNIQUE_VIOLATION)
+    );
+    assert_eq!(
+        code(client.execute("DELETE FROM plans WHERE id = 'b'", &[]).await),
+        Some(SqlState::FOREIGN_KEY_VIOLATION)
+    );
+    assert_eq!(
+        code(
+            client
+                .execute(
+                    "UPDATE quota_blocks SET credits_remaining = -1 WHERE id = $1",
+                    &[&block.id]
+                )
+                .await
+        ),
+        Some(SqlState::CHECK_VIOLATION)
+    );
+    assert_eq!(
+        code(
+            client
+                .execute(
+                    "INSERT INTO credit_ledger (idempotency_key, account_id, requested, deducted, created_at)
+                     VALUES ('k', 'acct', 1, 1, now())",
+                    &[]
+                )
+                .await
+        ),
+        Some(SqlState::UNIQUE_VIOLATION)
+    );
+}
+
+/// The catalog reports an unreachable database as `Unavailable`, and a
+/// cache keeps serving what it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_serves_cached_entries() {
+    let Some(f) = postgres().await else { return };
+    let url = f.url.clone().unwrap();
+    let c = &f.catalog;
+    c.apply_plans(&set(None, &[plan("free", 1)]), false).await.unwrap();
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let key = c.create_key("acct").await.unwrap();
+    let hash = hash_key(&key.key);
+    let clock = ManualClock::new(T0);
+    let own = PostgresCatalog::connect(&url, Arc::new(clock.clone()))
+        .await
+        .unwrap();
+    let own: Arc<dyn Catalog> = Arc::new(own);
+    let cache = CatalogCache::new(own, Arc::new(clock.clone()), CacheConfig::default())
+        .await
+        .unwrap();
+    assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+    assert!(cache.plan_for_account("acct").await.unwrap().is_some());
+    // Take the database away: terminate every session and refuse new ones.
+    let name = url.rsplit('/').next().unwrap().to_string();
+    let (admin, conn) = tokio_postgres::connect(&plangate_tests::postgres_url_default(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"))
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(60));
+    // Expired entries are served stale rather than failing.
+    assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+    assert_eq!(cache.plan_for_account("acct").await.unwrap().unwrap().id, "free");
+    assert!(cache.stats().stale_served >= 1);
+    // Uncached lookups and credits fail closed, as Unavailable.
+    assert!(matches!(
+        cache.resolve_key(&hash_key("pg_other")).await,
+        Err(CatalogError::Unavailable(_))
+    ));
+    assert!(matches!(
+        c.balance("acct").await,
+        Err(CatalogError::Unavailable(_))
+    ));
+    admin
+        .batch_execute(&format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+    // Back: the pool reconnects by itself.
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(c.balance("acct").await.unwrap(), 0);
+}
+
+// ------------------------------------------------------------------ CLI
+
+fn plangate_bin() -> std::path::PathBuf {
+    // target/debug/deps/suite-... -> target/debug/plangate
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(format!("plangate{}", std::env::consts::EXE_SUFFIX)))
+        .unwrap();
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p plangate, or ./tests/run.sh)",
+        bin.display()
+    );
+    bin
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn cli(url: &str, args: &[&str]) -> Run {
+    let out = std::process::Command::new(plangate_bin())
+        .args(args)
+        .env("PLANGATE_POSTGRES_URL", url)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[track_caller]
+fn ok(r: Run) -> String {
+    assert_eq!(r.code, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+    r.stdout
+}
+
+#[track_caller]
+fn bad_input(r: Run) -> String {
+    assert_eq!(r.code, 2, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "one-line error: {}", r.stderr);
+    assert!(!r.stderr.contains("panicked"));
+    r.stderr
+}
+
+const PLANS_YAML: &str = r#"
+default_plan: free_tier
+plans:
+  free_tier:
+    name: "Free Tier"
+    endpoints:
+      "gpt-4-turbo":
+        fixed_windows:
+          - window: 60s
+            limit: 3
+            unit_type: request
+          - window: 86_400s
+            limit: 200
+          - window: 60s
+            limit: 40_000
+            unit_type: token
+        max_concurrent: 4
+        concurrency_expiry: 60s
+  premium:
+    name: "Premium"
+    endpoints:
+      "gpt-4-turbo":
+        fixed_windows:
+          - window: 60s
+            limit: 100
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_end_to_end() {
+    let Some(url) = plangate_tests::postgres_db("catcli").await else { return };
+    let dir = std::env::temp_dir().join(format!("plangate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plans_file = dir.join("plans.yaml");
+    std::fs::write(&plans_file, PLANS_YAML).unwrap();
+    let plans_path = plans_file.to_str().unwrap().to_string();
+    let plans_path = plans_path.as_str();
+    let run = |args: &[&str]| cli(&url, args);
+    {
+        assert!(ok(run(&["migrate"])).contains("applied V1__init"));
+        assert!(ok(run(&["migrate"])).contains("up to date"));
+
+        let out = ok(run(&["plans", "apply", plans_path]));
+        assert!(out.contains("default plan: free_tier"), "{out}");
+        let list = ok(run(&["plans", "list"]));
+        assert!(list.contains("free_tier (default)") && list.contains("premium"), "{list}");
+        let show = ok(run(&["plans", "show", "free_tier"]));
+        assert!(show.contains("40000 tokens/60s"), "{show}");
+        let json: serde_json::Value =
+            serde_json::from_str(&ok(run(&["plans", "list", "--json"]))).unwrap();
+        assert_eq!(json["default_plan"], "free_tier");
+
+        ok(run(&["accounts", "create", "alice"]));
+        let show = ok(run(&["accounts", "show", "alice", "--json"]));
+        let acct: serde_json::Value = serde_json::from_str(&show).unwrap();
+        assert_eq!(acct["effective_plan"], "free_tier");
+        ok(run(&["accounts", "assign", "alice", "premium"]));
+        assert!(ok(run(&["accounts", "show", "alice"])).contains("plan: premium"));
+
+        let key: serde_json::Value =
+            serde_json::from_str(&ok(run(&["keys", "create", "alice", "--json"]))).unwrap();
+        let key_id = key["id"].as_str().unwrap().to_string();
+        let plaintext = key["key"].as_str().unwrap().to_string();
+        assert!(plaintext.starts_with("pg_"));
+        let listed = ok(run(&["keys", "list", "alice"]));
+        assert!(listed.contains(&key_id) && !listed.contains(&plaintext), "{listed}");
+        ok(run(&["keys", "revoke", &key_id]));
+        assert!(ok(run(&["keys", "list", "alice"])).contains("revoked"));
+
+        let block: serde_json::Value = serde_json::from_str(&ok(run(&[
+            "credits", "grant", "alice", "100", "--expires", "2999-01-01T00:00:00Z", "--json",
+        ])))
+        .unwrap();
+        ok(run(&["credits", "grant", "alice", "5"]));
+        let bal: serde_json::Value =
+            serde_json::from_str(&ok(run(&["credits", "balance", "alice", "--json"]))).unwrap();
+        assert_eq!(bal["balance"], 105);
+        ok(run(&["credits", "delete", block["id"].as_str().unwrap()]));
+        assert!(ok(run(&["credits", "balance", "alice"])).contains("alice: 5 credits"));
+        assert!(ok(run(&["credits", "expire", "alice"])).contains("expired 1 block"));
+        assert!(ok(run(&["credits", "balance", "alice"])).contains("alice: 0 credits"));
+
+        // Refusals and bad input: exit 2, one line.
+        bad_input(run(&["plans", "delete", "free_tier"]));
+        bad_input(run(&["plans", "delete", "premium"]));
+        bad_input(run(&["plans", "show", "nope"]));
+        bad_input(run(&["accounts", "create", "alice"]));
+        bad_input(run(&["accounts", "assign", "alice", "ghost"]));
+        bad_input(run(&["keys", "create", "nobody"]));
+        bad_input(run(&["credits", "grant", "alice", "10", "--expires", "tomorrow"]));
+        bad_input(run(&["credits", "grant", "alice", "0"]));
+        bad_input(run(&["credits", "delete", "qb_missing"]));
+        let missing = dir.join("missing.yaml");
+        bad_input(run(&["plans", "apply", missing.to_str().unwrap()]));
+        let invalid = dir.join("invalid.yaml");
+        std::fs::write(&invalid, "plans:\n  p:\n    endpoints:\n      e:\n        sliding_windows: []\n").unwrap();
+        let err = run(&["plans", "apply", invalid.to_str().unwrap()]);
+        assert_eq!(err.code, 2, "{}", err.stderr);
+        assert!(err.stderr.contains("fixed_windows"), "{}", err.stderr);
+        // A database that does not answer is a runtime failure: exit 1.
+        let down = cli("postgres://postgres@127.0.0.1:1/none", &["plans", "list"]);
+        assert_eq!(down.code, 1, "{}", down.stderr);
+        assert_eq!(down.stderr.trim().lines().count(), 1, "{}", down.stderr);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -691,7 +691,8 @@ async fn renew_keeps_a_slot_alive<S: CounterStore + Debug>(h: &Harness<S>) {
 
 async fn info_picks_the_most_constraining_window<S: CounterStore + Debug>(h: &Harness<S>) {
     // (windows, requests admitted first, expected (window_secs, remaining))
-    let cases: [(&[(u64, u64, &str)], u64, (u64, u64)); 4] = [
+    type Case<'a> = (&'a [(u64, u64, &'a str)], u64, (u64, u64));
+    let cases: [Case; 4] = [
         (&[(60, 3, "request"), (86_400, 200, "request")], 1, (60, 2)),
         (
             &[(60, 10, "request"), (86_400, 5, "request")],

@@ -1,8 +1,16 @@
 //! Admin subcommands against Postgres: plans, accounts, keys, credits, migrate.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use super::CliError;
+use crate::catalog::postgres::{migrate, PgOptions, PostgresCatalog};
+use crate::catalog::{Catalog, CatalogError};
+use crate::clock::SystemClock;
+use crate::config::Config;
+use crate::plans::parse::{load_plans_file, plan_to_json, plans_to_json};
+use crate::plans::Plan;
 
 /// Where the catalog lives: a config file's `[storage] postgres_url`, or a URL.
 #[derive(Debug, Clone, clap::Args)]
@@ -89,8 +97,379 @@ pub enum AdminCmd {
     Credits(CreditsCmd),
 }
 
-/// Run an admin command against the catalog `target` names.
+/// Run an admin command against the catalog `target` names and print its
+/// result (text, or JSON with `--json`).
 pub async fn run(target: &DbTarget, cmd: AdminCmd) -> Result<(), CliError> {
-    let _ = (target, cmd);
-    Err(CliError::Failure("admin commands are not built yet".into()))
+    let out = execute(target, cmd).await?;
+    println!("{out}");
+    Ok(())
+}
+
+/// Run an admin command and return what it would print.
+pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliError> {
+    let url = postgres_url(target)?;
+    let json = target.json;
+    if let AdminCmd::Migrate = cmd {
+        return migrate_cmd(&url, json).await;
+    }
+    let catalog = PostgresCatalog::connect_with(
+        &url,
+        Arc::new(SystemClock),
+        PgOptions {
+            pool_size: 2,
+            listen: false,
+            timeout: Duration::from_secs(5),
+        },
+    )
+    .await
+    .map_err(catalog_err)?;
+    match cmd {
+        AdminCmd::Migrate => migrate_cmd(&url, json).await,
+        AdminCmd::Plans(c) => plans(&catalog, c, json).await,
+        AdminCmd::Accounts(c) => accounts(&catalog, c, json).await,
+        AdminCmd::Keys(c) => keys(&catalog, c, json).await,
+        AdminCmd::Credits(c) => credits(&catalog, c, json).await,
+    }
+}
+
+async fn migrate_cmd(url: &str, json: bool) -> Result<String, CliError> {
+    let report = migrate(url).await.map_err(catalog_err)?;
+    Ok(if json {
+        to_json(&report)
+    } else if report.applied.is_empty() {
+        format!("schema up to date (version {})", report.version)
+    } else {
+        format!(
+            "applied {}; schema at version {}",
+            report.applied.join(", "),
+            report.version
+        )
+    })
+}
+
+/// `--postgres-url` (or `PLANGATE_POSTGRES_URL`) wins over `--config`.
+fn postgres_url(target: &DbTarget) -> Result<String, CliError> {
+    if let Some(url) = &target.postgres_url {
+        return Ok(url.clone());
+    }
+    let Some(path) = &target.config else {
+        return Err(CliError::BadInput(
+            "no database given: pass --config FILE or --postgres-url URL (or set PLANGATE_POSTGRES_URL)"
+                .into(),
+        ));
+    };
+    let config = Config::load(path).map_err(|e| CliError::BadInput(e.to_string()))?;
+    config.storage.postgres_url.ok_or_else(|| {
+        CliError::BadInput(format!(
+            "{}: [storage] postgres_url is not set; admin commands need Postgres",
+            path.display()
+        ))
+    })
+}
+
+/// The caller's mistakes (unknown ids, refused changes, invalid input) exit
+/// 2; an unreachable or failing database exits 1.
+fn catalog_err(e: CatalogError) -> CliError {
+    match e {
+        CatalogError::NotFound { .. } | CatalogError::Conflict(_) | CatalogError::Invalid(_) => {
+            CliError::BadInput(e.to_string())
+        }
+        CatalogError::Unavailable(_) => CliError::Failure(e.to_string()),
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+fn time(t: Option<SystemTime>) -> String {
+    t.map_or_else(
+        || "never".to_string(),
+        |t| humantime::format_rfc3339_seconds(t).to_string(),
+    )
+}
+
+async fn plans(catalog: &PostgresCatalog, cmd: PlansCmd, json: bool) -> Result<String, CliError> {
+    match cmd {
+        PlansCmd::Apply { file, prune } => {
+            let set = load_plans_file(&file).map_err(|e| CliError::BadInput(e.to_string()))?;
+            let r = catalog
+                .apply_plans(&set, prune)
+                .await
+                .map_err(catalog_err)?;
+            if json {
+                return Ok(to_json(&r));
+            }
+            let mut out = format!(
+                "applied {} plan(s): {}; default plan: {}",
+                r.upserted.len(),
+                r.upserted.join(", "),
+                r.default_plan.as_deref().unwrap_or("none")
+            );
+            if !r.pruned.is_empty() {
+                out += &format!("\npruned: {}", r.pruned.join(", "));
+            }
+            if !r.kept_in_use.is_empty() {
+                out += &format!(
+                    "\nkept (default or in use): {}",
+                    r.kept_in_use.join(", ")
+                );
+            }
+            Ok(out)
+        }
+        PlansCmd::List => {
+            let set = catalog.list_plans().await.map_err(catalog_err)?;
+            if json {
+                return Ok(to_json(&plans_to_json(&set)));
+            }
+            if set.plans.is_empty() {
+                return Ok("no plans".into());
+            }
+            let lines: Vec<String> = set
+                .plans
+                .values()
+                .map(|p| {
+                    let default = if set.default_plan.as_deref() == Some(p.id.as_str()) {
+                        " (default)"
+                    } else {
+                        ""
+                    };
+                    let endpoints: Vec<&str> = p.endpoints.keys().map(String::as_str).collect();
+                    format!(
+                        "{}{default}\t{}\tendpoints: {}",
+                        p.id,
+                        p.name,
+                        endpoints.join(", ")
+                    )
+                })
+                .collect();
+            Ok(lines.join("\n"))
+        }
+        PlansCmd::Show { id } => {
+            let plan = catalog.get_plan(&id).await.map_err(catalog_err)?;
+            if json {
+                return Ok(to_json(&plan_to_json(&plan)));
+            }
+            let default = catalog.default_plan().await.map_err(catalog_err)?;
+            Ok(describe_plan(&plan, default.as_deref() == Some(id.as_str())))
+        }
+        PlansCmd::Delete { id } => {
+            catalog.delete_plan(&id).await.map_err(catalog_err)?;
+            Ok(if json {
+                to_json(&serde_json::json!({ "deleted": id }))
+            } else {
+                format!("deleted plan {id}")
+            })
+        }
+        PlansCmd::SetDefault { id } => {
+            catalog.set_default_plan(&id).await.map_err(catalog_err)?;
+            Ok(if json {
+                to_json(&serde_json::json!({ "default_plan": id }))
+            } else {
+                format!("default plan is now {id}")
+            })
+        }
+    }
+}
+
+/// A plan for people: one line per endpoint.
+fn describe_plan(plan: &Plan, is_default: bool) -> String {
+    let mut out = format!(
+        "{}{}\t{}",
+        plan.id,
+        if is_default { " (default)" } else { "" },
+        plan.name
+    );
+    for (endpoint, policy) in &plan.endpoints {
+        let windows: Vec<String> = policy
+            .windows
+            .iter()
+            .map(|w| format!("{} {}/{}s", w.limit, w.unit.plural(), w.window_secs))
+            .collect();
+        out += &format!("\n  {endpoint}: {}", windows.join(", "));
+        if policy.max_concurrent > 0 {
+            out += &format!(
+                "; at most {} concurrent (slot expiry {}s)",
+                policy.max_concurrent, policy.concurrency_expiry_secs
+            );
+        }
+        if let Some(c) = &policy.credits {
+            out += &format!(
+                "; credits: min_balance {}, per_request {}",
+                c.min_balance, c.per_request
+            );
+            for (unit, p) in &c.per_unit {
+                out += &format!(", {} per {} {}", p.credits, p.per, unit.plural());
+            }
+        }
+    }
+    out
+}
+
+async fn accounts(
+    catalog: &PostgresCatalog,
+    cmd: AccountsCmd,
+    json: bool,
+) -> Result<String, CliError> {
+    let account = match cmd {
+        AccountsCmd::Create { id, plan } => catalog
+            .create_account(&id, plan.as_deref(), serde_json::Value::Null)
+            .await
+            .map_err(catalog_err)?,
+        AccountsCmd::Assign { id, plan } => {
+            catalog
+                .assign_plan(&id, Some(&plan))
+                .await
+                .map_err(catalog_err)?;
+            catalog.get_account(&id).await.map_err(catalog_err)?
+        }
+        AccountsCmd::Show { id } => catalog.get_account(&id).await.map_err(catalog_err)?,
+    };
+    let balance = catalog.balance(&account.id).await.map_err(catalog_err)?;
+    if json {
+        let mut v = serde_json::to_value(&account).unwrap_or_default();
+        v["balance"] = balance.into();
+        return Ok(to_json(&v));
+    }
+    let plan = match (&account.plan_id, &account.effective_plan) {
+        (Some(p), _) => p.clone(),
+        (None, Some(d)) => format!("{d} (the default plan)"),
+        (None, None) => "none (no plans exist yet)".into(),
+    };
+    Ok(format!(
+        "account {}\n  plan: {plan}\n  balance: {balance} credits\n  metadata: {}",
+        account.id, account.metadata
+    ))
+}
+
+async fn keys(catalog: &PostgresCatalog, cmd: KeysCmd, json: bool) -> Result<String, CliError> {
+    match cmd {
+        KeysCmd::Create { account } => {
+            let key = catalog.create_key(&account).await.map_err(catalog_err)?;
+            Ok(if json {
+                to_json(&key)
+            } else {
+                format!(
+                    "created key {} for account {account}\n{}\nStore it now: plangate keeps only its hash and cannot show it again.",
+                    key.id, key.key
+                )
+            })
+        }
+        KeysCmd::Revoke { key_id } => {
+            catalog.revoke_key(&key_id).await.map_err(catalog_err)?;
+            Ok(if json {
+                to_json(&serde_json::json!({ "revoked": key_id }))
+            } else {
+                format!("revoked key {key_id}")
+            })
+        }
+        KeysCmd::List { account } => {
+            let keys = catalog.list_keys(&account).await.map_err(catalog_err)?;
+            if json {
+                return Ok(to_json(&keys));
+            }
+            if keys.is_empty() {
+                return Ok(format!("account {account} has no keys"));
+            }
+            let lines: Vec<String> = keys
+                .iter()
+                .map(|k| {
+                    format!(
+                        "{}\t{}...\tcreated {}{}",
+                        k.id,
+                        k.prefix,
+                        time(k.created_at),
+                        if k.revoked { "\trevoked" } else { "" }
+                    )
+                })
+                .collect();
+            Ok(lines.join("\n"))
+        }
+    }
+}
+
+async fn credits(
+    catalog: &PostgresCatalog,
+    cmd: CreditsCmd,
+    json: bool,
+) -> Result<String, CliError> {
+    match cmd {
+        CreditsCmd::Grant {
+            account,
+            amount,
+            expires,
+        } => {
+            if amount == 0 {
+                return Err(CliError::BadInput("AMOUNT must be at least 1".into()));
+            }
+            let expires_at = expires
+                .as_deref()
+                .map(|s| {
+                    humantime::parse_rfc3339_weak(s).map_err(|e| {
+                        CliError::BadInput(format!(
+                            "--expires `{s}`: {e} (use RFC 3339 in UTC, e.g. 2027-01-01T00:00:00Z)"
+                        ))
+                    })
+                })
+                .transpose()?;
+            let block = catalog
+                .create_quota_block(&account, amount, expires_at, serde_json::Value::Null)
+                .await
+                .map_err(catalog_err)?;
+            Ok(if json {
+                to_json(&block)
+            } else {
+                format!(
+                    "granted {amount} credits to {account} as block {} (expires {})",
+                    block.id,
+                    time(block.expires_at)
+                )
+            })
+        }
+        CreditsCmd::Balance { account } => {
+            let balance = catalog.balance(&account).await.map_err(catalog_err)?;
+            if json {
+                return Ok(to_json(
+                    &serde_json::json!({ "account": account, "balance": balance }),
+                ));
+            }
+            let blocks = catalog
+                .list_quota_blocks(&account)
+                .await
+                .map_err(catalog_err)?;
+            let mut out = format!("{account}: {balance} credits");
+            for b in blocks {
+                out += &format!(
+                    "\n  {}\t{}/{}\texpires {}",
+                    b.id,
+                    b.credits_remaining,
+                    b.credits_granted,
+                    time(b.expires_at)
+                );
+            }
+            Ok(out)
+        }
+        CreditsCmd::Expire { account } => {
+            let n = catalog
+                .expire_quota_blocks(&account)
+                .await
+                .map_err(catalog_err)?;
+            Ok(if json {
+                to_json(&serde_json::json!({ "account": account, "expired": n }))
+            } else {
+                format!("expired {n} block(s) of {account}")
+            })
+        }
+        CreditsCmd::Delete { block_id } => {
+            catalog
+                .delete_quota_block(&block_id)
+                .await
+                .map_err(catalog_err)?;
+            Ok(if json {
+                to_json(&serde_json::json!({ "deleted": block_id }))
+            } else {
+                format!("deleted block {block_id}")
+            })
+        }
+    }
 }

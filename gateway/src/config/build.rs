@@ -316,7 +316,12 @@ impl Builder<'_> {
         }
     }
 
-    fn admin(&mut self, raw: &RawAdmin, server: &ServerConfig) -> Option<AdminConfig> {
+    fn admin(
+        &mut self,
+        spanned: &toml::Spanned<RawAdmin>,
+        server: &ServerConfig,
+    ) -> Option<AdminConfig> {
+        let raw = spanned.get_ref();
         let listen = self.addr(raw.listen.as_ref(), "admin.listen", defaults::ADMIN_LISTEN);
         if listen == server.listen {
             if let Some(s) = &raw.listen {
@@ -330,7 +335,8 @@ impl Builder<'_> {
         let token = match &raw.token {
             Some(t) => self.nonempty(t, "admin.token"),
             None => {
-                self.error_nowhere(
+                self.error_at(
+                    spanned.span(),
                     "admin.token",
                     "missing: an [admin] section needs a `token` (e.g. \"${PLANGATE_ADMIN_TOKEN}\")",
                 );
@@ -443,25 +449,27 @@ impl Builder<'_> {
         }
     }
 
-    fn plans(&mut self, raw: Option<&super::raw::RawPlans>) -> PlansConfig {
+    fn plans(&mut self, spanned: Option<&toml::Spanned<super::raw::RawPlans>>) -> PlansConfig {
         let mut out = PlansConfig {
             file: PathBuf::new(),
             watch: true,
         };
-        let Some(raw) = raw else {
+        let Some(spanned) = spanned else {
             self.error_nowhere(
                 "plans",
                 "missing [plans] section (e.g. `[plans]` with `file = \"plans.yaml\"`)",
             );
             return out;
         };
+        let raw = spanned.get_ref();
         match &raw.file {
             Some(f) => {
                 if let Some(path) = self.path(f, "plans.file") {
                     out.file = path;
                 }
             }
-            None => self.error_nowhere(
+            None => self.error_at(
+                spanned.span(),
                 "plans.file",
                 "missing: the plans file, relative to this file (e.g. \"plans.yaml\")",
             ),
@@ -725,7 +733,7 @@ pub(crate) fn plans_file_hint(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Option<PathBuf> {
     let raw: RawConfig = toml::from_str(text).ok()?;
-    let file = raw.plans?.file?;
+    let file = raw.plans?.into_inner().file?;
     let file = substitute_env(file.get_ref(), env).ok()?;
     if file.is_empty() {
         return None;

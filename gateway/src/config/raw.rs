@@ -19,10 +19,10 @@ pub type Str = Spanned<String>;
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub server: Option<RawServer>,
-    pub admin: Option<RawAdmin>,
+    pub admin: Option<Spanned<RawAdmin>>,
     pub storage: Option<RawStorage>,
     pub auth: Option<RawAuth>,
-    pub plans: Option<RawPlans>,
+    pub plans: Option<Spanned<RawPlans>>,
     #[serde(default)]
     pub upstreams: Vec<RawUpstream>,
     #[serde(default)]

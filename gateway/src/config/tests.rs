@@ -267,7 +267,7 @@ fn errors_are_located() {
         ),
         (
             format!("{MINIMAL}[admin]\nlisten = \"127.0.0.1:9090\"\n"),
-            vec![format!("{f}: admin.token: missing: an [admin] section needs a `token` (e.g. \"${{PLANGATE_ADMIN_TOKEN}}\")")],
+            vec![format!("{f}:3:1: admin.token: missing: an [admin] section needs a `token` (e.g. \"${{PLANGATE_ADMIN_TOKEN}}\")")],
         ),
         (
             format!("{MINIMAL}[[upstreams]]\nname = \"vllm\"\nurl = \"ftp://x\"\n[[routes]]\npath = \"/v1/chat\"\nupstream = \"vlm\"\nendpoint = \"{{model}}\"\n"),

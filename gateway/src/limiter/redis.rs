@@ -36,8 +36,9 @@ pub const TTL_SLACK_MS: u64 = 5_000;
 /// window: limit, amount, ttl ms.
 /// Returns {verdict, window index (1-based, 0 if none), in flight, used...}
 /// with verdict 0 admitted, 1 window full, 2 concurrency full, 3 duplicate.
-/// Nothing is written unless admitted.
-const ATTEMPT_LUA: &str = r#"
+/// Nothing is written unless admitted. Public for benchmarks that load it
+/// into `redis-benchmark`.
+pub const ATTEMPT_LUA: &str = r#"
 local now = tonumber(ARGV[1])
 local id = ARGV[2]
 local max_conc = tonumber(ARGV[3])
@@ -165,6 +166,7 @@ pub enum RedisMode {
 /// Options of a [`RedisStore`].
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
+    /// Pool or multiplexed connection (default multiplexed).
     pub mode: RedisMode,
     /// Prefix of every key (default `pg:`); tests use a unique one.
     pub key_prefix: String,
