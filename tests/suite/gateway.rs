@@ -218,15 +218,16 @@ async fn request_too_large_and_concurrency_limit() {
         assert_eq!(r.header("x-should-retry"), Some("false"));
 
         // Two slow requests hold both slots; the third is refused.
-        let slow = |gw: &TestGateway| {
+        let body = chat_body("gpt-test");
+        let slow = || {
             gw.post_with(
                 "/v1/chat/completions",
                 Some(&key),
-                &chat_body("gpt-test"),
+                &body,
                 &[("x-mock-delay-ms", "800")],
             )
         };
-        let (a, b, c) = tokio::join!(slow(&gw), slow(&gw), async {
+        let (a, b, c) = tokio::join!(slow(), slow(), async {
             tokio::time::sleep(Duration::from_millis(300)).await;
             gw.chat(&key, "gpt-test").await
         });
