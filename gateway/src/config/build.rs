@@ -323,7 +323,7 @@ impl Builder<'_> {
     ) -> Option<AdminConfig> {
         let raw = spanned.get_ref();
         let listen = self.addr(raw.listen.as_ref(), "admin.listen", defaults::ADMIN_LISTEN);
-        if listen == server.listen {
+        if listen == server.listen && listen.port() != 0 {
             if let Some(s) = &raw.listen {
                 self.error_at(
                     s.span(),
