@@ -177,6 +177,16 @@ impl App {
         ))
     }
 
+    /// Start watching the plans file when `[plans] watch` is on; the watch
+    /// lasts as long as the returned handle.
+    pub fn watch_plans(&self) -> Option<notify::RecommendedWatcher> {
+        if self.config.plans.watch {
+            watch_plans(self.core.clone(), self.config.plans.file.clone())
+        } else {
+            None
+        }
+    }
+
     /// Re-read and apply the plans file. An invalid file leaves the plans
     /// in force, is logged with file:line and counted.
     pub async fn reload_plans(core: &Core, file: &Path) -> bool {
@@ -307,11 +317,7 @@ pub async fn run(
     let (bound, serving) = app.bind(listen, shutdown).await?;
     tracing::info!(listen = %bound.main, admin = ?bound.admin, "plangate listening");
     on_bound(&bound);
-    let _watcher = if app.config.plans.watch {
-        watch_plans(app.core.clone(), app.config.plans.file.clone())
-    } else {
-        None
-    };
+    let _watcher = app.watch_plans();
     reload_on_sighup(&app);
     serving.await;
     let left = app.core.charges.drain(Duration::from_secs(10)).await;

@@ -5,3 +5,5 @@ mod catalog;
 mod config;
 mod gateway;
 mod limiter;
+mod reload;
+mod streaming;
