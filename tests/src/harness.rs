@@ -103,6 +103,10 @@ pub struct Options {
     /// Overrides `redis_url` (e.g. a dead port) for outage tests.
     pub redis_url: Option<String>,
     pub extra_server: String,
+    /// Replaces the mock as the upstream (e.g. an https server).
+    pub upstream_url: Option<String>,
+    /// Extra keys of the `[[upstreams]]` entry (e.g. `ca_file = "..."`).
+    pub upstream_extra: String,
     pub mock: MockOptions,
 }
 
@@ -114,6 +118,8 @@ impl Options {
             on_store_error: "closed",
             redis_url: None,
             extra_server: String::new(),
+            upstream_url: None,
+            upstream_extra: String::new(),
             mock: MockOptions::default(),
         }
     }
@@ -218,6 +224,7 @@ watch = true
 [[upstreams]]
 name = "mock"
 url = "{upstream}"
+{upstream_extra}
 
 [[routes]]
 path = "/v1/chat/completions"
@@ -240,7 +247,8 @@ reserve.image = "body:n"
 "#,
             extra_server = opts.extra_server,
             on_store_error = opts.on_store_error,
-            upstream = mock.url(),
+            upstream = opts.upstream_url.clone().unwrap_or_else(|| mock.url()),
+            upstream_extra = opts.upstream_extra,
         );
         let path = dir.join("plangate.toml");
         std::fs::write(&path, toml).expect("write config");

@@ -7,3 +7,4 @@ mod gateway;
 mod limiter;
 mod reload;
 mod streaming;
+mod transport;
