@@ -108,6 +108,9 @@ pub struct Options {
     /// Extra keys of the `[[upstreams]]` entry (e.g. `ca_file = "..."`).
     pub upstream_extra: String,
     pub mock: MockOptions,
+    /// Use the real clock instead of the manual one (for clients that
+    /// really wait, like the openai SDK honouring retry-after).
+    pub system_clock: bool,
 }
 
 impl Options {
@@ -121,6 +124,7 @@ impl Options {
             upstream_url: None,
             upstream_extra: String::new(),
             mock: MockOptions::default(),
+            system_clock: false,
         }
     }
 }
@@ -254,7 +258,11 @@ reserve.image = "body:n"
         std::fs::write(&path, toml).expect("write config");
         let config = Config::load(&path).unwrap_or_else(|e| panic!("test config: {e}"));
         let clock = ManualClock::new(T0_MS);
-        let shared: SharedClock = Arc::new(clock.clone());
+        let shared: SharedClock = if opts.system_clock {
+            Arc::new(plangate::clock::SystemClock)
+        } else {
+            Arc::new(clock.clone())
+        };
         let app = App::build(config.clone(), shared)
             .await
             .unwrap_or_else(|e| panic!("build: {e}"));

@@ -6,5 +6,6 @@ mod config;
 mod gateway;
 mod limiter;
 mod reload;
+mod sdk;
 mod streaming;
 mod transport;

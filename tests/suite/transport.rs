@@ -25,13 +25,69 @@ fn make_cert(dir: &Path) -> (TlsFiles, std::path::PathBuf) {
             .args(args)
             .output()
             .expect("openssl (Debian package openssl) is needed to make test certificates");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    run(&[&["req", "-x509"][..], &ec, &["-days", "1", "-subj", "/CN=plangate-test-ca", "-keyout", "ca.key", "-out", "ca.pem"]].concat());
-    run(&[&["req"][..], &ec, &["-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "leaf.csr"]].concat());
-    std::fs::write(dir.join("leaf.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
-    run(&["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-extfile", "leaf.ext", "-out", "cert.pem"]);
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-days",
+            "1",
+            "-subj",
+            "/CN=plangate-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "leaf.csr",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "leaf.ext",
+        "-out",
+        "cert.pem",
+    ]);
     (
         TlsFiles {
             cert: dir.join("cert.pem"),
@@ -41,7 +97,13 @@ fn make_cert(dir: &Path) -> (TlsFiles, std::path::PathBuf) {
     )
 }
 
-fn client_trusting(cert: &Path, h2_only: bool) -> Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Full<Bytes>> {
+fn client_trusting(
+    cert: &Path,
+    h2_only: bool,
+) -> Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+> {
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(cert).unwrap();
     for c in rustls_pemfile::certs(&mut &pem[..]) {
@@ -119,33 +181,52 @@ async fn https_in_with_h2_and_http1_and_https_upstream() {
         let body = serde_json::json!({"model": "gpt-test", "messages": []}).to_string();
         for (h2, version) in [(false, Version::HTTP_11), (true, Version::HTTP_2)] {
             let client = client_trusting(&ca, h2);
-            let req = Request::post(format!("https://localhost:{}/v1/chat/completions", gw.addr.port()))
-                .header("authorization", format!("Bearer {key}"))
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body.clone())))
-                .unwrap();
+            let req = Request::post(format!(
+                "https://localhost:{}/v1/chat/completions",
+                gw.addr.port()
+            ))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap();
             let resp = client.request(req).await.expect("https request");
             assert_eq!(resp.version(), version);
             assert_eq!(resp.status(), 200);
-            assert!(resp.headers().contains_key("x-ratelimit-remaining-requests"));
+            assert!(resp
+                .headers()
+                .contains_key("x-ratelimit-remaining-requests"));
             let bytes = resp.into_body().collect().await.unwrap().to_bytes();
             let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
             assert_eq!(v["usage"]["total_tokens"], 7);
         }
-        assert_eq!(hits.load(Ordering::SeqCst), 2, "both requests went to the https upstream");
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            2,
+            "both requests went to the https upstream"
+        );
         gw.wait_settled().await;
         let req = Request::get(format!("https://localhost:{}/v1/limits", gw.addr.port()))
             .header("authorization", format!("Bearer {key}"))
             .body(Full::new(Bytes::new()))
             .unwrap();
-        let resp = client_trusting(&ca, true).request(req).await.expect("limits over h2");
+        let resp = client_trusting(&ca, true)
+            .request(req)
+            .await
+            .expect("limits over h2");
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         let limits: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(plangate_tests::harness::tokens_used(&limits, "gpt-test"), 14);
+        assert_eq!(
+            plangate_tests::harness::tokens_used(&limits, "gpt-test"),
+            14
+        );
         // Plain HTTP to the TLS port is refused, not served.
         let plain = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         let r = plain
-            .request(Request::get(format!("http://127.0.0.1:{}/healthz", gw.addr.port())).body(Full::new(Bytes::new())).unwrap())
+            .request(
+                Request::get(format!("http://127.0.0.1:{}/healthz", gw.addr.port()))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
             .await;
         assert!(r.is_err() || r.unwrap().status() != 200);
         let _ = std::fs::remove_dir_all(&dir);
