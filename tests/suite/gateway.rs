@@ -501,3 +501,94 @@ async fn limits_endpoint_reports_every_window() {
         assert_eq!(v["credits"]["balance"], 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_strips_hop_by_hop_and_the_clients_key_and_keeps_request_id() {
+    for gw in gateways().await {
+        let (_, key) = gw.account(None).await;
+        let r = gw
+            .post_with(
+                "/v1/chat/completions",
+                Some(&key),
+                &chat_body("gpt-test"),
+                &[
+                    ("x-request-id", "client-req-42"),
+                    ("connection", "x-private-hop"),
+                    ("x-private-hop", "1"),
+                    ("te", "trailers"),
+                    ("proxy-authorization", "Basic abc"),
+                    ("x-custom", "kept"),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-request-id"), Some("client-req-42"));
+        let fwd = gw.mock.stats().last_request().expect("forwarded");
+        let h = &fwd.headers;
+        assert_eq!(h.get("x-request-id").unwrap(), "client-req-42");
+        assert_eq!(h.get("x-custom").unwrap(), "kept");
+        for gone in ["x-private-hop", "te", "proxy-authorization"] {
+            assert!(h.get(gone).is_none(), "{gone} must not be forwarded");
+        }
+        assert!(
+            h.get("authorization").is_none(),
+            "the client's plangate key must not reach the upstream"
+        );
+        // Without a client id the gateway makes one.
+        let r = gw.chat(&key, "gpt-test").await;
+        assert!(r
+            .header("x-request-id")
+            .is_some_and(|v| v.starts_with("req_")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_readiness() {
+    for gw in gateways().await {
+        let get = |path: &str| {
+            Request::builder()
+                .uri(path)
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        };
+        let r = gw.send(get("/healthz")).await;
+        assert_eq!(r.status, 200);
+        let r = gw.send(get("/readyz")).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.json()["ready"], true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_outage_open_admits_degraded_and_closed_refuses() {
+    // A port nothing listens on: the counter store is down from the start.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("redis://127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    if Backend::all().await.contains(&Backend::Real) {
+        for (mode, status) in [("open", 200u16), ("closed", 503)] {
+            let mut opts = Options::new(Backend::Real);
+            opts.redis_url = Some(dead.clone());
+            opts.on_store_error = mode;
+            let gw = TestGateway::start(opts).await;
+            let (_, key) = gw.account(None).await;
+            let r = gw.chat(&key, "gpt-test").await;
+            assert_eq!(r.status, status, "on_store_error={mode}: {:?}", r.body);
+            if mode == "open" {
+                assert_eq!(r.header("x-ratelimit-degraded"), Some("true"));
+            } else {
+                assert_eq!(r.code(), "limiter_unavailable");
+            }
+            let ready = gw
+                .send(
+                    Request::builder()
+                        .uri("/readyz")
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+                .await;
+            assert_eq!(ready.status, 503, "not ready without the counter store");
+        }
+    }
+}
