@@ -320,7 +320,9 @@ pub const MAX_ID_BYTES: usize = 200;
 /// (which Postgres text cannot hold), so both backends refuse the same ids.
 pub(crate) fn check_id(kind: &str, id: &str) -> CatalogResult<()> {
     if id.is_empty() {
-        return Err(CatalogError::Invalid(format!("{kind} id must not be empty")));
+        return Err(CatalogError::Invalid(format!(
+            "{kind} id must not be empty"
+        )));
     }
     if id.len() > MAX_ID_BYTES {
         return Err(CatalogError::Invalid(format!(
@@ -382,9 +384,7 @@ pub(crate) fn ms_to_time(ms: u64) -> SystemTime {
 /// so the in-process catalog returns the same instants.
 pub(crate) fn trunc_micros(t: SystemTime) -> SystemTime {
     match t.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => {
-            std::time::UNIX_EPOCH + std::time::Duration::from_micros(d.as_micros() as u64)
-        }
+        Ok(d) => std::time::UNIX_EPOCH + std::time::Duration::from_micros(d.as_micros() as u64),
         Err(_) => t,
     }
 }

@@ -9,9 +9,7 @@ use std::time::{Duration, SystemTime};
 use plangate::catalog::cache::{CacheConfig, CatalogCache};
 use plangate::catalog::memory::MemoryCatalog;
 use plangate::catalog::postgres::{migrate, PostgresCatalog};
-use plangate::catalog::{
-    hash_key, Catalog, CatalogError, Deduction, Invalidation, QuotaBlock,
-};
+use plangate::catalog::{hash_key, Catalog, CatalogError, Deduction, Invalidation, QuotaBlock};
 use plangate::clock::{Clock, ManualClock, SharedClock, SystemClock};
 use plangate::plans::{CreditCost, PerUnit, Plan, PlanSet, Policy, Unit, Window};
 
@@ -105,7 +103,14 @@ fn rich_plan(id: &str) -> Arc<Plan> {
         credits: Some(CreditCost {
             min_balance: 2,
             per_request: 1,
-            per_unit: [(Unit::new("token"), PerUnit { credits: 1, per: 1000 })].into(),
+            per_unit: [(
+                Unit::new("token"),
+                PerUnit {
+                    credits: 1,
+                    per: 1000,
+                },
+            )]
+            .into(),
         }),
     };
     Arc::new(Plan {
@@ -178,7 +183,9 @@ async fn default_plan_rules(f: Fixture) {
     assert_eq!(c.default_plan().await.unwrap().as_deref(), Some("a"));
 
     // A later set without a default leaves it alone; one naming it moves it.
-    c.apply_plans(&set(None, &[plan("c", 10)]), false).await.unwrap();
+    c.apply_plans(&set(None, &[plan("c", 10)]), false)
+        .await
+        .unwrap();
     assert_eq!(c.default_plan().await.unwrap().as_deref(), Some("a"));
     c.apply_plans(&set(Some("b"), &[plan("b", 10)]), false)
         .await
@@ -205,7 +212,12 @@ async fn default_plan_rules(f: Fixture) {
     c.assign_plan("acct", None).await.unwrap();
     c.delete_plan("a").await.unwrap();
     assert_eq!(
-        c.list_plans().await.unwrap().plans.keys().collect::<Vec<_>>(),
+        c.list_plans()
+            .await
+            .unwrap()
+            .plans
+            .keys()
+            .collect::<Vec<_>>(),
         ["c"]
     );
     assert_eq!(c.default_plan().await.unwrap().as_deref(), Some("c"));
@@ -220,21 +232,30 @@ async fn plans_round_trip_and_upsert(f: Fixture) {
     assert_eq!(c.get_plan("rich").await.unwrap(), rich);
     assert_eq!(c.get_plan("p").await.unwrap(), plan("p", 10));
     // Upsert replaces the plan's policies.
-    c.apply_plans(&set(None, &[plan("p", 20)]), false).await.unwrap();
+    c.apply_plans(&set(None, &[plan("p", 20)]), false)
+        .await
+        .unwrap();
     assert_eq!(c.get_plan("p").await.unwrap(), plan("p", 20));
     assert_eq!(c.list_plans().await.unwrap().plans["rich"], rich);
     // A default_plan that names no plan is refused and changes nothing.
     assert!(is_invalid(
-        c.apply_plans(&set(Some("ghost"), &[plan("q", 1)]), false).await
+        c.apply_plans(&set(Some("ghost"), &[plan("q", 1)]), false)
+            .await
     ));
     assert!(is_not_found(c.get_plan("q").await));
     assert_eq!(c.default_plan().await.unwrap().as_deref(), Some("rich"));
     // Ids: empty and over-long are refused.
-    assert!(is_invalid(c.apply_plans(&set(None, &[plan("", 1)]), false).await));
+    assert!(is_invalid(
+        c.apply_plans(&set(None, &[plan("", 1)]), false).await
+    ));
     let long = "x".repeat(201);
-    assert!(is_invalid(c.apply_plans(&set(None, &[plan(&long, 1)]), false).await));
+    assert!(is_invalid(
+        c.apply_plans(&set(None, &[plan(&long, 1)]), false).await
+    ));
     let max = "é".repeat(100);
-    c.apply_plans(&set(None, &[plan(&max, 1)]), false).await.unwrap();
+    c.apply_plans(&set(None, &[plan(&max, 1)]), false)
+        .await
+        .unwrap();
     assert_eq!(c.get_plan(&max).await.unwrap().id, max);
 }
 
@@ -252,17 +273,28 @@ async fn prune(f: Fixture) {
     c.create_account("on-b", Some("b"), serde_json::Value::Null)
         .await
         .unwrap();
-    let r = c.apply_plans(&set(None, &[plan("x", 1)]), true).await.unwrap();
+    let r = c
+        .apply_plans(&set(None, &[plan("x", 1)]), true)
+        .await
+        .unwrap();
     assert_eq!(r.upserted, vec!["x"]);
     assert_eq!(r.pruned, vec!["c", "d"]);
     assert_eq!(r.kept_in_use, vec!["a", "b"]);
     assert_eq!(r.default_plan.as_deref(), Some("a"));
     assert_eq!(
-        c.list_plans().await.unwrap().plans.keys().collect::<Vec<_>>(),
+        c.list_plans()
+            .await
+            .unwrap()
+            .plans
+            .keys()
+            .collect::<Vec<_>>(),
         ["a", "b", "x"]
     );
     // Moving the default in the same apply lets the old default be pruned.
-    let r = c.apply_plans(&set(Some("x"), &[plan("x", 1)]), true).await.unwrap();
+    let r = c
+        .apply_plans(&set(Some("x"), &[plan("x", 1)]), true)
+        .await
+        .unwrap();
     assert_eq!(r.pruned, vec!["a"]);
     assert_eq!(r.kept_in_use, vec!["b"]);
     assert_eq!(c.default_plan().await.unwrap().as_deref(), Some("x"));
@@ -280,9 +312,12 @@ async fn accounts(f: Fixture) {
     assert_eq!(a.effective_plan, None);
     assert_eq!(a.metadata, serde_json::json!({}));
 
-    c.apply_plans(&set(Some("free"), &[plan("free", 1), plan("pro", 5)]), false)
-        .await
-        .unwrap();
+    c.apply_plans(
+        &set(Some("free"), &[plan("free", 1), plan("pro", 5)]),
+        false,
+    )
+    .await
+    .unwrap();
     let meta = serde_json::json!({"email": "x@example.com", "tier": [1, 2]});
     let a = c.create_account("alice", None, meta.clone()).await.unwrap();
     assert_eq!(a.plan_id, None);
@@ -290,26 +325,37 @@ async fn accounts(f: Fixture) {
     assert_eq!(a.metadata, meta);
     assert_eq!(c.get_account("alice").await.unwrap(), a);
     assert_eq!(
-        c.get_account("early").await.unwrap().effective_plan.as_deref(),
+        c.get_account("early")
+            .await
+            .unwrap()
+            .effective_plan
+            .as_deref(),
         Some("free")
     );
 
     assert!(is_conflict(
-        c.create_account("alice", Some("pro"), serde_json::Value::Null).await
+        c.create_account("alice", Some("pro"), serde_json::Value::Null)
+            .await
     ));
     assert!(is_not_found(
-        c.create_account("bob", Some("ghost"), serde_json::Value::Null).await
+        c.create_account("bob", Some("ghost"), serde_json::Value::Null)
+            .await
     ));
     assert!(is_not_found(c.get_account("bob").await));
-    assert!(is_invalid(c.create_account("", None, serde_json::Value::Null).await));
+    assert!(is_invalid(
+        c.create_account("", None, serde_json::Value::Null).await
+    ));
     assert!(is_invalid(
         c.create_account(&"x".repeat(201), None, serde_json::Value::Null)
             .await
     ));
     assert!(is_invalid(
-        c.create_account("nul\0", None, serde_json::Value::Null).await
+        c.create_account("nul\0", None, serde_json::Value::Null)
+            .await
     ));
-    assert!(is_invalid(c.create_account("arr", None, serde_json::json!([1])).await));
+    assert!(is_invalid(
+        c.create_account("arr", None, serde_json::json!([1])).await
+    ));
 
     c.assign_plan("alice", Some("pro")).await.unwrap();
     let a = c.get_account("alice").await.unwrap();
@@ -326,7 +372,11 @@ async fn accounts(f: Fixture) {
     // The effective plan follows the default.
     c.set_default_plan("pro").await.unwrap();
     assert_eq!(
-        c.get_account("alice").await.unwrap().effective_plan.as_deref(),
+        c.get_account("alice")
+            .await
+            .unwrap()
+            .effective_plan
+            .as_deref(),
         Some("pro")
     );
 }
@@ -447,9 +497,9 @@ async fn quota_blocks_and_expiry(f: Fixture) {
     assert_eq!(c.balance("acct").await.unwrap(), 0);
     assert_eq!(c.expire_quota_blocks("acct").await.unwrap(), 0);
     let listed = c.list_quota_blocks("acct").await.unwrap();
-    assert!(listed
-        .iter()
-        .all(|b| b.expires_at.is_some_and(|e| e <= f.at(Duration::from_secs(11)))));
+    assert!(listed.iter().all(|b| b
+        .expires_at
+        .is_some_and(|e| e <= f.at(Duration::from_secs(11)))));
     let r = c.deduct(&deduction("acct", 1, "d2")).await.unwrap();
     assert_eq!((r.deducted, r.shortfall, r.balance), (0, 1, 0));
 
@@ -466,9 +516,17 @@ async fn deduct_order_and_partial(f: Fixture) {
         .await
         .unwrap();
     let none = serde_json::Value::Null;
-    let forever = c.create_quota_block("acct", 10, None, none.clone()).await.unwrap();
+    let forever = c
+        .create_quota_block("acct", 10, None, none.clone())
+        .await
+        .unwrap();
     let late = c
-        .create_quota_block("acct", 5, Some(f.at(Duration::from_secs(100))), none.clone())
+        .create_quota_block(
+            "acct",
+            5,
+            Some(f.at(Duration::from_secs(100))),
+            none.clone(),
+        )
         .await
         .unwrap();
     let early = c
@@ -511,9 +569,16 @@ async fn deduct_order_and_partial(f: Fixture) {
         .collect();
     assert_eq!(
         draws,
-        vec![(early.id.clone(), 5), (early2.id.clone(), 1), (late.id.clone(), 2)]
+        vec![
+            (early.id.clone(), 5),
+            (early2.id.clone(), 1),
+            (late.id.clone(), 2)
+        ]
     );
-    assert_eq!((ledger[1].requested, ledger[1].deducted, ledger[1].shortfall), (20, 13, 7));
+    assert_eq!(
+        (ledger[1].requested, ledger[1].deducted, ledger[1].shortfall),
+        (20, 13, 7)
+    );
     assert_eq!((ledger[2].deducted, ledger[2].shortfall), (0, 4));
     assert!(ledger[2].draws.is_empty());
     let total: u64 = ledger.iter().map(|e| e.deducted).sum();
@@ -546,7 +611,10 @@ async fn deduct_refusals(f: Fixture) {
     let mut d = deduction("acct", 6, "full");
     d.require_full = true;
     let r = c.deduct(&d).await.unwrap();
-    assert_eq!((r.deducted, r.shortfall, r.balance, r.replayed), (0, 6, 5, false));
+    assert_eq!(
+        (r.deducted, r.shortfall, r.balance, r.replayed),
+        (0, 6, 5, false)
+    );
     // min_balance above the balance: refused, even for a small amount.
     let mut m = deduction("acct", 1, "min");
     m.min_balance = 6;
@@ -560,7 +628,10 @@ async fn deduct_refusals(f: Fixture) {
         .await
         .unwrap();
     let r = c.deduct(&d).await.unwrap();
-    assert_eq!((r.deducted, r.shortfall, r.balance, r.replayed), (6, 0, 0, false));
+    assert_eq!(
+        (r.deducted, r.shortfall, r.balance, r.replayed),
+        (6, 0, 0, false)
+    );
     // Exactly at min_balance is enough.
     c.create_quota_block("acct", 3, None, serde_json::Value::Null)
         .await
@@ -568,7 +639,9 @@ async fn deduct_refusals(f: Fixture) {
     m.min_balance = 3;
     let r = c.deduct(&m).await.unwrap();
     assert_eq!((r.deducted, r.balance), (1, 2));
-    assert!(is_invalid(c.deduct(&deduction("acct", u64::MAX, "huge")).await));
+    assert!(is_invalid(
+        c.deduct(&deduction("acct", u64::MAX, "huge")).await
+    ));
 }
 
 async fn idempotency_and_refund(f: Fixture) {
@@ -577,7 +650,12 @@ async fn idempotency_and_refund(f: Fixture) {
         .await
         .unwrap();
     let a = c
-        .create_quota_block("acct", 2, Some(f.at(Duration::from_secs(60))), serde_json::Value::Null)
+        .create_quota_block(
+            "acct",
+            2,
+            Some(f.at(Duration::from_secs(60))),
+            serde_json::Value::Null,
+        )
         .await
         .unwrap();
     let b = c
@@ -609,7 +687,12 @@ async fn idempotency_and_refund(f: Fixture) {
     assert_eq!((ledger[0].deducted, ledger[0].refunded), (5, 5));
     assert_eq!(ledger[1].refunded, 0);
     // A refunded deduction is still used: its key does not deduct again.
-    assert!(c.deduct(&deduction("acct", 5, "req-1")).await.unwrap().replayed);
+    assert!(
+        c.deduct(&deduction("acct", 5, "req-1"))
+            .await
+            .unwrap()
+            .replayed
+    );
     assert_eq!(c.balance("acct").await.unwrap(), 11);
 
     // A deleted block gets nothing back; the rest is refunded.
@@ -628,18 +711,36 @@ async fn concurrent_deductions(f: Fixture) {
     c.create_account("hot", None, serde_json::Value::Null)
         .await
         .unwrap();
-    let never = c.create_quota_block("hot", 50, None, serde_json::Value::Null).await.unwrap();
+    let never = c
+        .create_quota_block("hot", 50, None, serde_json::Value::Null)
+        .await
+        .unwrap();
     let second = c
-        .create_quota_block("hot", 50, Some(f.at(Duration::from_secs(7200))), serde_json::Value::Null)
+        .create_quota_block(
+            "hot",
+            50,
+            Some(f.at(Duration::from_secs(7200))),
+            serde_json::Value::Null,
+        )
         .await
         .unwrap();
     let first = c
-        .create_quota_block("hot", 50, Some(f.at(Duration::from_secs(3600))), serde_json::Value::Null)
+        .create_quota_block(
+            "hot",
+            50,
+            Some(f.at(Duration::from_secs(3600))),
+            serde_json::Value::Null,
+        )
         .await
         .unwrap();
     // An expired block that must never be drained.
     let expired = c
-        .create_quota_block("hot", 500, Some(f.at(Duration::from_secs(0))), serde_json::Value::Null)
+        .create_quota_block(
+            "hot",
+            500,
+            Some(f.at(Duration::from_secs(0))),
+            serde_json::Value::Null,
+        )
         .await
         .unwrap();
 
@@ -757,9 +858,12 @@ async fn notifications(f: Fixture) {
 /// plans as soon as the catalog announces them.
 async fn cache_follows_changes(f: Fixture) {
     let c = &f.catalog;
-    c.apply_plans(&set(Some("free"), &[plan("free", 1), plan("pro", 5)]), false)
-        .await
-        .unwrap();
+    c.apply_plans(
+        &set(Some("free"), &[plan("free", 1), plan("pro", 5)]),
+        false,
+    )
+    .await
+    .unwrap();
     c.create_account("acct", None, serde_json::Value::Null)
         .await
         .unwrap();
@@ -779,18 +883,29 @@ async fn cache_follows_changes(f: Fixture) {
     );
     // Unknown accounts are on the default plan.
     assert_eq!(
-        cache.plan_for_account("stranger").await.unwrap().unwrap().id,
+        cache
+            .plan_for_account("stranger")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
         "free"
     );
     let loads = cache.stats().loads;
     for _ in 0..10 {
         cache.resolve_key(&hash).await.unwrap();
     }
-    assert_eq!(cache.stats().loads, loads, "hits must not reach the catalog");
+    assert_eq!(
+        cache.stats().loads,
+        loads,
+        "hits must not reach the catalog"
+    );
 
     c.assign_plan("acct", Some("pro")).await.unwrap();
     c.revoke_key(&key.id).await.unwrap();
-    c.apply_plans(&set(None, &[plan("free", 2)]), false).await.unwrap();
+    c.apply_plans(&set(None, &[plan("free", 2)]), false)
+        .await
+        .unwrap();
     wait_for(|| {
         let cache = cache.clone();
         let hash = hash.clone();
@@ -826,11 +941,18 @@ where
 
 /// A catalog whose notifications are lost: the cache's TTL must still
 /// stop a revoked key within 5 s (on the injected clock).
-struct Deaf(Arc<dyn Catalog>, tokio::sync::broadcast::Sender<Invalidation>);
+struct Deaf(
+    Arc<dyn Catalog>,
+    tokio::sync::broadcast::Sender<Invalidation>,
+);
 
 #[async_trait::async_trait]
 impl Catalog for Deaf {
-    async fn apply_plans(&self, p: &PlanSet, prune: bool) -> plangate::catalog::CatalogResult<plangate::catalog::ApplyReport> {
+    async fn apply_plans(
+        &self,
+        p: &PlanSet,
+        prune: bool,
+    ) -> plangate::catalog::CatalogResult<plangate::catalog::ApplyReport> {
         self.0.apply_plans(p, prune).await
     }
     async fn list_plans(&self) -> plangate::catalog::CatalogResult<PlanSet> {
@@ -848,28 +970,51 @@ impl Catalog for Deaf {
     async fn set_default_plan(&self, id: &str) -> plangate::catalog::CatalogResult<()> {
         self.0.set_default_plan(id).await
     }
-    async fn create_account(&self, id: &str, plan: Option<&str>, m: serde_json::Value) -> plangate::catalog::CatalogResult<plangate::catalog::Account> {
+    async fn create_account(
+        &self,
+        id: &str,
+        plan: Option<&str>,
+        m: serde_json::Value,
+    ) -> plangate::catalog::CatalogResult<plangate::catalog::Account> {
         self.0.create_account(id, plan, m).await
     }
     async fn assign_plan(&self, a: &str, p: Option<&str>) -> plangate::catalog::CatalogResult<()> {
         self.0.assign_plan(a, p).await
     }
-    async fn get_account(&self, id: &str) -> plangate::catalog::CatalogResult<plangate::catalog::Account> {
+    async fn get_account(
+        &self,
+        id: &str,
+    ) -> plangate::catalog::CatalogResult<plangate::catalog::Account> {
         self.0.get_account(id).await
     }
-    async fn create_key(&self, a: &str) -> plangate::catalog::CatalogResult<plangate::catalog::NewApiKey> {
+    async fn create_key(
+        &self,
+        a: &str,
+    ) -> plangate::catalog::CatalogResult<plangate::catalog::NewApiKey> {
         self.0.create_key(a).await
     }
-    async fn lookup_key(&self, h: &str) -> plangate::catalog::CatalogResult<Option<plangate::catalog::KeyOwner>> {
+    async fn lookup_key(
+        &self,
+        h: &str,
+    ) -> plangate::catalog::CatalogResult<Option<plangate::catalog::KeyOwner>> {
         self.0.lookup_key(h).await
     }
     async fn revoke_key(&self, id: &str) -> plangate::catalog::CatalogResult<()> {
         self.0.revoke_key(id).await
     }
-    async fn list_keys(&self, a: &str) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::ApiKeyInfo>> {
+    async fn list_keys(
+        &self,
+        a: &str,
+    ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::ApiKeyInfo>> {
         self.0.list_keys(a).await
     }
-    async fn create_quota_block(&self, a: &str, n: u64, e: Option<SystemTime>, m: serde_json::Value) -> plangate::catalog::CatalogResult<QuotaBlock> {
+    async fn create_quota_block(
+        &self,
+        a: &str,
+        n: u64,
+        e: Option<SystemTime>,
+        m: serde_json::Value,
+    ) -> plangate::catalog::CatalogResult<QuotaBlock> {
         self.0.create_quota_block(a, n, e, m).await
     }
     async fn delete_quota_block(&self, id: &str) -> plangate::catalog::CatalogResult<()> {
@@ -878,19 +1023,28 @@ impl Catalog for Deaf {
     async fn expire_quota_blocks(&self, a: &str) -> plangate::catalog::CatalogResult<u64> {
         self.0.expire_quota_blocks(a).await
     }
-    async fn list_quota_blocks(&self, a: &str) -> plangate::catalog::CatalogResult<Vec<QuotaBlock>> {
+    async fn list_quota_blocks(
+        &self,
+        a: &str,
+    ) -> plangate::catalog::CatalogResult<Vec<QuotaBlock>> {
         self.0.list_quota_blocks(a).await
     }
     async fn balance(&self, a: &str) -> plangate::catalog::CatalogResult<u64> {
         self.0.balance(a).await
     }
-    async fn deduct(&self, d: &Deduction) -> plangate::catalog::CatalogResult<plangate::catalog::DeductResult> {
+    async fn deduct(
+        &self,
+        d: &Deduction,
+    ) -> plangate::catalog::CatalogResult<plangate::catalog::DeductResult> {
         self.0.deduct(d).await
     }
     async fn refund(&self, k: &str) -> plangate::catalog::CatalogResult<u64> {
         self.0.refund(k).await
     }
-    async fn ledger(&self, a: &str) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::LedgerEntry>> {
+    async fn ledger(
+        &self,
+        a: &str,
+    ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::LedgerEntry>> {
         self.0.ledger(a).await
     }
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Invalidation> {
@@ -903,7 +1057,9 @@ impl Catalog for Deaf {
 
 async fn cache_ttl_backstop(f: Fixture) {
     let c = &f.catalog;
-    c.apply_plans(&set(None, &[plan("free", 1)]), false).await.unwrap();
+    c.apply_plans(&set(None, &[plan("free", 1)]), false)
+        .await
+        .unwrap();
     c.create_account("acct", None, serde_json::Value::Null)
         .await
         .unwrap();
@@ -911,7 +1067,9 @@ async fn cache_ttl_backstop(f: Fixture) {
     let hash = hash_key(&key.key);
     let deaf: Arc<dyn Catalog> = Arc::new(Deaf(c.clone(), tokio::sync::broadcast::channel(1).0));
     let clock: SharedClock = Arc::new(f.clock.clone());
-    let cache = CatalogCache::new(deaf, clock, CacheConfig::default()).await.unwrap();
+    let cache = CatalogCache::new(deaf, clock, CacheConfig::default())
+        .await
+        .unwrap();
     assert!(cache.resolve_key(&hash).await.unwrap().is_some());
     c.revoke_key(&key.id).await.unwrap();
     // Without a notification the entry is served until its TTL...
@@ -972,7 +1130,10 @@ async fn postgres_invalidation_across_instances() {
     let url = f.url.clone().unwrap();
     let admin = &f.catalog;
     admin
-        .apply_plans(&set(Some("free"), &[plan("free", 1), plan("pro", 5)]), false)
+        .apply_plans(
+            &set(Some("free"), &[plan("free", 1), plan("pro", 5)]),
+            false,
+        )
         .await
         .unwrap();
     admin
@@ -991,7 +1152,10 @@ async fn postgres_invalidation_across_instances() {
         .await
         .unwrap();
     assert!(cache.resolve_key(&hash).await.unwrap().is_some());
-    assert_eq!(cache.plan_for_account("acct").await.unwrap().unwrap().id, "free");
+    assert_eq!(
+        cache.plan_for_account("acct").await.unwrap().unwrap().id,
+        "free"
+    );
 
     admin.revoke_key(&key.id).await.unwrap();
     wait_for(|| {
@@ -1006,7 +1170,10 @@ async fn postgres_invalidation_across_instances() {
         async move { cache.plans().default_plan.as_deref() == Some("pro") }
     })
     .await;
-    assert_eq!(cache.plan_for_account("acct").await.unwrap().unwrap().id, "pro");
+    assert_eq!(
+        cache.plan_for_account("acct").await.unwrap().unwrap().id,
+        "pro"
+    );
 
     admin
         .apply_plans(&set(None, &[plan("pro", 99)]), false)
@@ -1034,7 +1201,9 @@ async fn postgres_invalidation_across_instances() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_migrate_twice_and_concurrently() {
-    let Some(url) = plangate_tests::postgres_db("catmig").await else { return };
+    let Some(url) = plangate_tests::postgres_db("catmig").await else {
+        return;
+    };
     let (a, b) = tokio::join!(migrate(&url), migrate(&url));
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!((a.version, b.version), (1, 1));
@@ -1069,11 +1238,19 @@ async fn postgres_schema_enforces_invariants() {
     let code = |r: Result<u64, tokio_postgres::Error>| r.unwrap_err().code().cloned();
     use tokio_postgres::error::SqlState;
     assert_eq!(
-        code(client.execute("UPDATE plans SET is_default = true WHERE id = 'b'", &[]).await),
+        code(
+            client
+                .execute("UPDATE plans SET is_default = true WHERE id = 'b'", &[])
+                .await
+        ),
         Some(SqlState::UNIQUE_VIOLATION)
     );
     assert_eq!(
-        code(client.execute("DELETE FROM plans WHERE id = 'b'", &[]).await),
+        code(
+            client
+                .execute("DELETE FROM plans WHERE id = 'b'", &[])
+                .await
+        ),
         Some(SqlState::FOREIGN_KEY_VIOLATION)
     );
     assert_eq!(
@@ -1108,7 +1285,9 @@ async fn postgres_down_serves_cached_entries() {
     let Some(f) = postgres().await else { return };
     let url = f.url.clone().unwrap();
     let c = &f.catalog;
-    c.apply_plans(&set(None, &[plan("free", 1)]), false).await.unwrap();
+    c.apply_plans(&set(None, &[plan("free", 1)]), false)
+        .await
+        .unwrap();
     c.create_account("acct", None, serde_json::Value::Null)
         .await
         .unwrap();
@@ -1126,12 +1305,17 @@ async fn postgres_down_serves_cached_entries() {
     assert!(cache.plan_for_account("acct").await.unwrap().is_some());
     // Take the database away: terminate every session and refuse new ones.
     let name = url.rsplit('/').next().unwrap().to_string();
-    let (admin, conn) = tokio_postgres::connect(&plangate_tests::postgres_url_default(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (admin, conn) = tokio_postgres::connect(
+        &plangate_tests::postgres_url_default(),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
     tokio::spawn(conn);
     admin
-        .batch_execute(&format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"))
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"
+        ))
         .await
         .unwrap();
     admin
@@ -1144,7 +1328,10 @@ async fn postgres_down_serves_cached_entries() {
     clock.advance(Duration::from_secs(60));
     // Expired entries are served stale rather than failing.
     assert!(cache.resolve_key(&hash).await.unwrap().is_some());
-    assert_eq!(cache.plan_for_account("acct").await.unwrap().unwrap().id, "free");
+    assert_eq!(
+        cache.plan_for_account("acct").await.unwrap().unwrap().id,
+        "free"
+    );
     assert!(cache.stats().stale_served >= 1);
     // Uncached lookups and credits fail closed, as Unavailable.
     assert!(matches!(
@@ -1156,7 +1343,9 @@ async fn postgres_down_serves_cached_entries() {
         Err(CatalogError::Unavailable(_))
     ));
     admin
-        .batch_execute(&format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true"))
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true"
+        ))
         .await
         .unwrap();
     // Back: the pool reconnects by itself.
@@ -1211,7 +1400,12 @@ fn ok(r: Run) -> String {
 #[track_caller]
 fn bad_input(r: Run) -> String {
     assert_eq!(r.code, 2, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
-    assert_eq!(r.stderr.trim().lines().count(), 1, "one-line error: {}", r.stderr);
+    assert_eq!(
+        r.stderr.trim().lines().count(),
+        1,
+        "one-line error: {}",
+        r.stderr
+    );
     assert!(!r.stderr.contains("panicked"));
     r.stderr
 }
@@ -1245,7 +1439,9 @@ plans:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_end_to_end() {
-    let Some(url) = plangate_tests::postgres_db("catcli").await else { return };
+    let Some(url) = plangate_tests::postgres_db("catcli").await else {
+        return;
+    };
     let dir = std::env::temp_dir().join(format!("plangate-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let plans_file = dir.join("plans.yaml");
@@ -1260,7 +1456,10 @@ async fn cli_end_to_end() {
         let out = ok(run(&["plans", "apply", plans_path]));
         assert!(out.contains("default plan: free_tier"), "{out}");
         let list = ok(run(&["plans", "list"]));
-        assert!(list.contains("free_tier (default)") && list.contains("premium"), "{list}");
+        assert!(
+            list.contains("free_tier (default)") && list.contains("premium"),
+            "{list}"
+        );
         let show = ok(run(&["plans", "show", "free_tier"]));
         assert!(show.contains("40000 tokens/60s"), "{show}");
         let json: serde_json::Value =
@@ -1280,12 +1479,21 @@ async fn cli_end_to_end() {
         let plaintext = key["key"].as_str().unwrap().to_string();
         assert!(plaintext.starts_with("pg_"));
         let listed = ok(run(&["keys", "list", "alice"]));
-        assert!(listed.contains(&key_id) && !listed.contains(&plaintext), "{listed}");
+        assert!(
+            listed.contains(&key_id) && !listed.contains(&plaintext),
+            "{listed}"
+        );
         ok(run(&["keys", "revoke", &key_id]));
         assert!(ok(run(&["keys", "list", "alice"])).contains("revoked"));
 
         let block: serde_json::Value = serde_json::from_str(&ok(run(&[
-            "credits", "grant", "alice", "100", "--expires", "2999-01-01T00:00:00Z", "--json",
+            "credits",
+            "grant",
+            "alice",
+            "100",
+            "--expires",
+            "2999-01-01T00:00:00Z",
+            "--json",
         ])))
         .unwrap();
         ok(run(&["credits", "grant", "alice", "5"]));
@@ -1304,13 +1512,24 @@ async fn cli_end_to_end() {
         bad_input(run(&["accounts", "create", "alice"]));
         bad_input(run(&["accounts", "assign", "alice", "ghost"]));
         bad_input(run(&["keys", "create", "nobody"]));
-        bad_input(run(&["credits", "grant", "alice", "10", "--expires", "tomorrow"]));
+        bad_input(run(&[
+            "credits",
+            "grant",
+            "alice",
+            "10",
+            "--expires",
+            "tomorrow",
+        ]));
         bad_input(run(&["credits", "grant", "alice", "0"]));
         bad_input(run(&["credits", "delete", "qb_missing"]));
         let missing = dir.join("missing.yaml");
         bad_input(run(&["plans", "apply", missing.to_str().unwrap()]));
         let invalid = dir.join("invalid.yaml");
-        std::fs::write(&invalid, "plans:\n  p:\n    endpoints:\n      e:\n        sliding_windows: []\n").unwrap();
+        std::fs::write(
+            &invalid,
+            "plans:\n  p:\n    endpoints:\n      e:\n        sliding_windows: []\n",
+        )
+        .unwrap();
         let err = run(&["plans", "apply", invalid.to_str().unwrap()]);
         assert_eq!(err.code, 2, "{}", err.stderr);
         assert!(err.stderr.contains("fixed_windows"), "{}", err.stderr);
@@ -1320,4 +1539,131 @@ async fn cli_end_to_end() {
         assert_eq!(down.stderr.trim().lines().count(), 1, "{}", down.stderr);
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// --------------------------------------------------------------- Client
+
+mod client {
+    use super::*;
+    use plangate::client::{admin, Client, ClientError, DeductOptions};
+    use plangate::limiter::memory::MemoryStore;
+    use plangate::limiter::{Denial, Limiter};
+
+    async fn client() -> (Client<MemoryStore>, Arc<dyn Catalog>, ManualClock) {
+        let clock = ManualClock::new(T0);
+        let shared: SharedClock = Arc::new(clock.clone());
+        let catalog: Arc<dyn Catalog> = Arc::new(MemoryCatalog::new(shared.clone()));
+        let mut premium = (*plan("premium", 100)).clone();
+        premium.endpoints.insert("images".into(), policy(1));
+        admin::apply_plans(
+            &*catalog,
+            &set(Some("free"), &[plan("free", 2), Arc::new(premium)]),
+        )
+        .await
+        .unwrap();
+        let limiter = Limiter::new(MemoryStore::new(), shared, Duration::from_secs(1));
+        (
+            Client::new(catalog.clone(), limiter).await.unwrap(),
+            catalog,
+            clock,
+        )
+    }
+
+    #[tokio::test]
+    async fn attempt_end_and_info() {
+        let (c, _, clock) = client().await;
+        let a = c.attempt_request("r1", "u", "chat", &[]).await.unwrap();
+        assert!(a.allowed && a.denial.is_none());
+        assert_eq!(a.info.unit("request").unwrap().remaining, 1);
+        assert!(
+            c.attempt_request("r2", "u", "chat", &[])
+                .await
+                .unwrap()
+                .allowed
+        );
+        let denied = c.attempt_request("r3", "u", "chat", &[]).await.unwrap();
+        assert!(!denied.allowed);
+        assert!(matches!(denied.denial, Some(Denial::Window { .. })));
+        assert_eq!(denied.info.unit("request").unwrap().remaining, 0);
+        assert!(c.end_request("r1", &[]).await.unwrap());
+        assert!(!c.end_request("r1", &[]).await.unwrap());
+        assert!(!c.end_request("never", &[]).await.unwrap());
+        let info = c.get_rate_limit_info("u", "chat").await.unwrap();
+        assert_eq!(info.unit("request").unwrap().limit, 2);
+        assert!(matches!(
+            c.attempt_request("r4", "u", "images", &[]).await,
+            Err(ClientError::NoAccess(e)) if e == "images"
+        ));
+        // A window later the account may go again.
+        clock.advance(Duration::from_secs(60));
+        assert!(
+            c.attempt_request("r5", "u", "chat", &[])
+                .await
+                .unwrap()
+                .allowed
+        );
+    }
+
+    #[tokio::test]
+    async fn admin_functions_and_credits() {
+        let (c, db, _) = client().await;
+        let db = &*db;
+        // assign_plan creates the account, as the original did.
+        admin::assign_plan(db, "acct", "premium").await.unwrap();
+        assert_eq!(
+            admin::get_account_plan(db, "acct")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+            "premium"
+        );
+        assert_eq!(
+            admin::get_account_plan(db, "stranger")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+            "free"
+        );
+        wait_for(|| async { c.policy("acct", "images").await.is_ok() }).await;
+        admin::set_default_plan(db, "premium").await.unwrap();
+        assert!(matches!(
+            admin::delete_plan(db, "premium").await,
+            Err(CatalogError::Conflict(_))
+        ));
+        admin::delete_plan(db, "free").await.unwrap();
+        assert_eq!(
+            admin::list_plans(db)
+                .await
+                .unwrap()
+                .plans
+                .keys()
+                .collect::<Vec<_>>(),
+            ["premium"]
+        );
+
+        let b = admin::create_quota_block(db, "acct", 10, None, serde_json::Value::Null)
+            .await
+            .unwrap();
+        assert_eq!(c.get_balance("acct").await.unwrap(), 10);
+        assert!(c.has_min_balance("acct", 10).await.unwrap());
+        assert!(!c.has_min_balance("acct", 11).await.unwrap());
+        let opts = DeductOptions {
+            require_full: true,
+            request_id: Some("req-1".into()),
+            ..Default::default()
+        };
+        let r = c.deduct_credits("acct", 4, opts.clone()).await.unwrap();
+        assert_eq!((r.deducted, r.balance), (4, 6));
+        // Keyed by request id: a retry deducts nothing more.
+        assert!(c.deduct_credits("acct", 4, opts).await.unwrap().replayed);
+        assert_eq!(c.refund_credits("req-1").await.unwrap(), 4);
+        admin::delete_quota_block(db, &b.id).await.unwrap();
+        admin::create_quota_block(db, "acct", 3, None, serde_json::Value::Null)
+            .await
+            .unwrap();
+        assert_eq!(admin::expire_quota_blocks(db, "acct").await.unwrap(), 1);
+        assert_eq!(c.get_balance("acct").await.unwrap(), 0);
+    }
 }

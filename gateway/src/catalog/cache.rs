@@ -412,8 +412,7 @@ impl Inner {
 
     fn plans_due(&self) -> bool {
         let loaded = self.plans_loaded_ms.load(Ordering::Relaxed);
-        loaded == 0
-            || self.now().saturating_sub(loaded) >= self.config.plans_ttl.as_millis() as u64
+        loaded == 0 || self.now().saturating_sub(loaded) >= self.config.plans_ttl.as_millis() as u64
     }
 }
 

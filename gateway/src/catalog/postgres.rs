@@ -104,7 +104,14 @@ fn db_err(e: tokio_postgres::Error) -> CatalogError {
         }
         return CatalogError::Unavailable(format!("{} ({})", db.message(), db.code().code()));
     }
-    CatalogError::Unavailable(e.to_string())
+    // tokio-postgres keeps the cause (e.g. "Connection refused") in `source`.
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        msg = format!("{msg}: {s}");
+        source = s.source();
+    }
+    CatalogError::Unavailable(msg)
 }
 
 fn pool_err(e: deadpool_postgres::PoolError) -> CatalogError {
@@ -463,8 +470,7 @@ impl PostgresCatalog {
             .await?;
         let draws_json = serde_json::to_value(&draws)
             .map_err(|e| CatalogError::Unavailable(format!("encoding draws: {e}")))?;
-        tx.execute(&record, &[&seq, &deducted, &draws_json])
-            .await?;
+        tx.execute(&record, &[&seq, &deducted, &draws_json]).await?;
         tx.commit().await?;
         Ok(DeductResult {
             requested: d.amount,
@@ -571,7 +577,8 @@ impl PostgresCatalog {
             .await?;
         for (id, plan) in &plans.plans {
             let policy = plan_to_json(plan);
-            tx.execute(&upsert, &[id, &plan.name, &policy, &now]).await?;
+            tx.execute(&upsert, &[id, &plan.name, &policy, &now])
+                .await?;
         }
         let current: Option<String> = tx
             .query_opt("SELECT id FROM plans WHERE is_default", &[])
@@ -654,7 +661,9 @@ impl PostgresCatalog {
         // The foreign key refuses a plan in use; its violation is the check.
         match tx.execute("DELETE FROM plans WHERE id = $1", &[&id]).await {
             Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
-                return Err(CatalogError::Conflict(format!("plan `{id}` is in use by accounts")).into())
+                return Err(
+                    CatalogError::Conflict(format!("plan `{id}` is in use by accounts")).into(),
+                )
             }
             r => r?,
         };
@@ -1107,7 +1116,9 @@ impl Catalog for PostgresCatalog {
         self.require_account(&conn, account_id).await?;
         let rows = conn
             .query(
-                &format!("SELECT {BLOCK_COLUMNS} FROM quota_blocks WHERE account_id = $1 ORDER BY seq"),
+                &format!(
+                    "SELECT {BLOCK_COLUMNS} FROM quota_blocks WHERE account_id = $1 ORDER BY seq"
+                ),
                 &[&account_id],
             )
             .await
@@ -1147,9 +1158,8 @@ impl Catalog for PostgresCatalog {
             .map(|r| {
                 let requested = r.get::<_, i64>(3) as u64;
                 let deducted = r.get::<_, i64>(4) as u64;
-                let draws: Vec<Draw> = serde_json::from_value(r.get(6)).map_err(|e| {
-                    CatalogError::Unavailable(format!("ledger: bad draws: {e}"))
-                })?;
+                let draws: Vec<Draw> = serde_json::from_value(r.get(6))
+                    .map_err(|e| CatalogError::Unavailable(format!("ledger: bad draws: {e}")))?;
                 Ok(LedgerEntry {
                     idempotency_key: r.get(0),
                     account_id: account_id.to_string(),

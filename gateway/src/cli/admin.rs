@@ -210,10 +210,7 @@ async fn plans(catalog: &PostgresCatalog, cmd: PlansCmd, json: bool) -> Result<S
                 out += &format!("\npruned: {}", r.pruned.join(", "));
             }
             if !r.kept_in_use.is_empty() {
-                out += &format!(
-                    "\nkept (default or in use): {}",
-                    r.kept_in_use.join(", ")
-                );
+                out += &format!("\nkept (default or in use): {}", r.kept_in_use.join(", "));
             }
             Ok(out)
         }
@@ -251,7 +248,10 @@ async fn plans(catalog: &PostgresCatalog, cmd: PlansCmd, json: bool) -> Result<S
                 return Ok(to_json(&plan_to_json(&plan)));
             }
             let default = catalog.default_plan().await.map_err(catalog_err)?;
-            Ok(describe_plan(&plan, default.as_deref() == Some(id.as_str())))
+            Ok(describe_plan(
+                &plan,
+                default.as_deref() == Some(id.as_str()),
+            ))
         }
         PlansCmd::Delete { id } => {
             catalog.delete_plan(&id).await.map_err(catalog_err)?;
