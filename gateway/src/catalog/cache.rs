@@ -447,7 +447,8 @@ impl Inner {
         // leave the plans due for `follow` to load again.
         if self.plans_epoch.load(Ordering::Acquire) == epoch {
             self.plans.store(Arc::new(set));
-            self.plans_loaded_ms.store(self.now().max(1), Ordering::Release);
+            self.plans_loaded_ms
+                .store(self.now().max(1), Ordering::Release);
         }
         Ok(())
     }
