@@ -1,1 +1,360 @@
-//! Admin API, /metrics.
+//! The admin listener (SPEC §7): the admin API over any [`Catalog`], and
+//! `/metrics`. Every request needs `Authorization: Bearer <admin token>`,
+//! compared in constant time.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::catalog::{Catalog, CatalogError, Invalidation};
+use crate::errors::ApiError;
+use crate::plans::parse::{parse_plans, plan_to_json, plans_to_json};
+use crate::proxy::{limits_json, Core};
+use crate::server::Body;
+
+/// Largest admin request body (plans files are small).
+const MAX_ADMIN_BODY: usize = 4 * 1024 * 1024;
+
+/// The admin listener's handler.
+pub struct Admin {
+    token: String,
+    core: Arc<Core>,
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut resp = Response::new(full(serde_json::to_vec(value).unwrap_or_default()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn error(e: &ApiError) -> Response<Body> {
+    e.to_response::<Full<Bytes>>()
+        .map(|b| b.map_err(|never| match never {}).boxed_unsync())
+}
+
+fn catalog_error(e: CatalogError) -> ApiError {
+    if let CatalogError::Unavailable(cause) = &e {
+        tracing::warn!(error = %cause, "admin request failed: catalog unavailable");
+    }
+    ApiError::from(e)
+}
+
+type AdminResult = Result<Response<Body>, ApiError>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewAccount {
+    id: String,
+    #[serde(default)]
+    plan_id: Option<String>,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanRef {
+    plan_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewBlock {
+    credits: u64,
+    #[serde(default)]
+    expires_at: Option<String>,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+}
+
+impl Admin {
+    pub fn new(token: String, core: Arc<Core>) -> Self {
+        Self { token, core }
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(presented) = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+        else {
+            return false;
+        };
+        !self.token.is_empty()
+            && bool::from(presented.trim().as_bytes().ct_eq(self.token.as_bytes()))
+    }
+
+    /// Handle one admin request.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        if req.uri().path() == "/healthz" {
+            return json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
+        }
+        if !self.authorized(&req) {
+            return error(&ApiError::AdminUnauthorized);
+        }
+        match self.route(req).await {
+            Ok(resp) => resp,
+            Err(e) => error(&e),
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> AdminResult {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().map(str::to_owned);
+        let segments: Vec<String> = path
+            .trim_matches('/')
+            .split('/')
+            .map(|s| percent_decode(s))
+            .collect();
+        let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let catalog: &dyn Catalog = &*self.core.catalog;
+        match (&method, segs.as_slice()) {
+            (&Method::GET, ["metrics"]) => {
+                let mut resp = Response::new(full(self.core.metrics.render()));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                Ok(resp)
+            }
+            (&Method::GET, ["admin", "plans"]) => {
+                let plans = catalog.list_plans().await.map_err(catalog_error)?;
+                Ok(json(StatusCode::OK, &plans_to_json(&plans)))
+            }
+            (&Method::PUT, ["admin", "plans"]) => {
+                let body = read_body(req).await?;
+                let text = std::str::from_utf8(&body)
+                    .map_err(|_| ApiError::invalid_request("plans must be UTF-8 YAML or JSON"))?;
+                let plans = parse_plans(text, "<request body>")
+                    .map_err(|e| ApiError::invalid_request(e.to_string()))?;
+                let report = catalog
+                    .apply_plans(&plans, false)
+                    .await
+                    .map_err(catalog_error)?;
+                self.core.cache.invalidate(&Invalidation::All);
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::to_value(report).unwrap_or_default(),
+                ))
+            }
+            (&Method::GET, ["admin", "plans", id]) => {
+                let plan = catalog.get_plan(id).await.map_err(catalog_error)?;
+                let mut v = plan_to_json(&plan);
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert("id".into(), serde_json::json!(id));
+                }
+                Ok(json(StatusCode::OK, &v))
+            }
+            (&Method::DELETE, ["admin", "plans", id]) => {
+                catalog.delete_plan(id).await.map_err(catalog_error)?;
+                self.core.cache.invalidate(&Invalidation::All);
+                Ok(json(StatusCode::OK, &serde_json::json!({"deleted": id})))
+            }
+            (&Method::PUT, ["admin", "default-plan"]) => {
+                let r: PlanRef = read_json(req).await?;
+                let id = r
+                    .plan_id
+                    .ok_or_else(|| ApiError::invalid_request("plan_id is required"))?;
+                catalog.set_default_plan(&id).await.map_err(catalog_error)?;
+                self.core.cache.invalidate(&Invalidation::All);
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"default_plan": id}),
+                ))
+            }
+            (&Method::POST, ["admin", "accounts"]) => {
+                let a: NewAccount = read_json(req).await?;
+                let account = catalog
+                    .create_account(
+                        &a.id,
+                        a.plan_id.as_deref(),
+                        a.metadata.unwrap_or_else(|| serde_json::json!({})),
+                    )
+                    .await
+                    .map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::CREATED,
+                    &serde_json::to_value(account).unwrap_or_default(),
+                ))
+            }
+            (&Method::GET, ["admin", "accounts", id]) => {
+                let account = catalog.get_account(id).await.map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::to_value(account).unwrap_or_default(),
+                ))
+            }
+            (&Method::PUT, ["admin", "accounts", id, "plan"]) => {
+                let r: PlanRef = read_json(req).await?;
+                catalog
+                    .assign_plan(id, r.plan_id.as_deref())
+                    .await
+                    .map_err(catalog_error)?;
+                self.core
+                    .cache
+                    .invalidate(&Invalidation::Account((*id).to_owned()));
+                let account = catalog.get_account(id).await.map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::to_value(account).unwrap_or_default(),
+                ))
+            }
+            (&Method::POST, ["admin", "accounts", id, "keys"]) => {
+                let key = catalog.create_key(id).await.map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::CREATED,
+                    &serde_json::json!({"id": key.id, "key": key.key, "prefix": key.prefix}),
+                ))
+            }
+            (&Method::GET, ["admin", "accounts", id, "keys"]) => {
+                let keys = catalog.list_keys(id).await.map_err(catalog_error)?;
+                Ok(json(StatusCode::OK, &serde_json::json!({"keys": keys})))
+            }
+            (&Method::DELETE, ["admin", "keys", key_id]) => {
+                catalog.revoke_key(key_id).await.map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"revoked": key_id}),
+                ))
+            }
+            (&Method::POST, ["admin", "accounts", id, "quota-blocks"]) => {
+                let b: NewBlock = read_json(req).await?;
+                let expires_at = match &b.expires_at {
+                    None => None,
+                    Some(s) => Some(parse_rfc3339(s)?),
+                };
+                let block = catalog
+                    .create_quota_block(
+                        id,
+                        b.credits,
+                        expires_at,
+                        b.metadata.unwrap_or_else(|| serde_json::json!({})),
+                    )
+                    .await
+                    .map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::CREATED,
+                    &serde_json::to_value(block).unwrap_or_default(),
+                ))
+            }
+            (&Method::GET, ["admin", "accounts", id, "quota-blocks"]) => {
+                let blocks = catalog.list_quota_blocks(id).await.map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"quota_blocks": blocks}),
+                ))
+            }
+            (&Method::POST, ["admin", "accounts", id, "quota-blocks", "expire"]) => {
+                let n = catalog
+                    .expire_quota_blocks(id)
+                    .await
+                    .map_err(catalog_error)?;
+                Ok(json(StatusCode::OK, &serde_json::json!({"expired": n})))
+            }
+            (&Method::DELETE, ["admin", "quota-blocks", block_id]) => {
+                catalog
+                    .delete_quota_block(block_id)
+                    .await
+                    .map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"deleted": block_id}),
+                ))
+            }
+            (&Method::GET, ["admin", "accounts", id, "balance"]) => {
+                // 404 for unknown accounts rather than a zero balance.
+                catalog.get_account(id).await.map_err(catalog_error)?;
+                let balance = catalog.balance(id).await.map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"balance": balance}),
+                ))
+            }
+            (&Method::GET, ["admin", "accounts", id, "limits"]) => {
+                catalog.get_account(id).await.map_err(catalog_error)?;
+                let endpoint = query.as_deref().and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix("endpoint="))
+                        .map(percent_decode)
+                });
+                let v = limits_json(&self.core, id, endpoint.as_deref()).await?;
+                Ok(json(StatusCode::OK, &v))
+            }
+            _ => Err(ApiError::NotFound {
+                message: format!("no admin route for {method} {path}"),
+            }),
+        }
+    }
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    match Limited::new(req.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+    {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::PayloadTooLarge {
+                limit_bytes: MAX_ADMIN_BODY as u64,
+            })
+        }
+        Err(_) => Err(ApiError::invalid_request("could not read the request body")),
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = read_body(req).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))
+}
+
+fn parse_rfc3339(s: &str) -> Result<SystemTime, ApiError> {
+    humantime::parse_rfc3339_weak(s).map_err(|e| {
+        ApiError::invalid_request(format!("expires_at `{s}` is not an RFC 3339 time: {e}"))
+    })
+}
+
+/// Decode `%XX` escapes in a path segment (ids may contain any UTF-8).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,18 +1,460 @@
 //! Assembly: builds the stores, catalog, limiter and listeners from a
-//! [`Config`](crate::config::Config) and runs them (`serve` and `dev`).
+//! [`Config`] and runs them (`plangate serve` and `plangate dev`), plus hot
+//! reload of plans (file watch and SIGHUP) and routes (SIGHUP).
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+
+use crate::admin::Admin;
+use crate::catalog::cache::{CacheConfig, CatalogCache};
+use crate::catalog::memory::MemoryCatalog;
+use crate::catalog::postgres::PostgresCatalog;
+use crate::catalog::{Catalog, Invalidation};
 use crate::cli::CliError;
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::Config;
+use crate::credits::ChargeQueue;
+use crate::limiter::memory::MemoryStore;
+use crate::limiter::redis::RedisStore;
+use crate::limiter::{AnyStore, Limiter};
+use crate::metrics::Metrics;
+use crate::plans::parse::load_plans_file;
+use crate::proxy::{Core, Gateway, RequestIds, RouteTable};
+use crate::server::{self, ListenerOptions, ShutdownSignal};
 
-/// `plangate serve`.
-pub async fn serve(config: &Path) -> Result<(), CliError> {
-    let _ = config;
-    Err(CliError::Failure("serve is not built yet".into()))
+/// A gateway built from a config, not yet listening.
+pub struct App {
+    pub config: Config,
+    pub core: Arc<Core>,
+    pub gateway: Arc<Gateway>,
+    pub admin: Option<Arc<Admin>>,
 }
 
-/// `plangate dev`.
-pub async fn dev(config: Option<&Path>, listen: Option<&str>) -> Result<(), CliError> {
-    let _ = (config, listen);
-    Err(CliError::Failure("dev is not built yet".into()))
+fn bad(e: impl std::fmt::Display) -> CliError {
+    CliError::BadInput(e.to_string())
+}
+
+fn fail(e: impl std::fmt::Display) -> CliError {
+    CliError::Failure(e.to_string())
+}
+
+impl App {
+    /// Build everything `config` describes. The plans file is validated and
+    /// applied to the catalog.
+    pub async fn build(config: Config, clock: SharedClock) -> Result<App, CliError> {
+        let plans = load_plans_file(&config.plans.file).map_err(bad)?;
+        let catalog: Arc<dyn Catalog> = match &config.storage.postgres_url {
+            Some(url) => Arc::new(
+                PostgresCatalog::connect(url, clock.clone())
+                    .await
+                    .map_err(|e| fail(format!("connecting to Postgres: {e}")))?,
+            ),
+            None => Arc::new(MemoryCatalog::new(clock.clone())),
+        };
+        catalog
+            .apply_plans(&plans, false)
+            .await
+            .map_err(|e| fail(format!("applying {}: {e}", config.plans.file.display())))?;
+        Self::assemble(config, clock, catalog).await
+    }
+
+    /// Build around an existing catalog (whose plans are already applied).
+    pub async fn assemble(
+        config: Config,
+        clock: SharedClock,
+        catalog: Arc<dyn Catalog>,
+    ) -> Result<App, CliError> {
+        let store: AnyStore = if let Some(url) = &config.storage.redis_url {
+            RedisStore::connect(url)
+                .await
+                .map_err(|e| bad(format!("[storage] redis_url: {e}")))?
+                .into()
+        } else {
+            MemoryStore::new().into()
+        };
+        let cache = CatalogCache::new(catalog.clone(), clock.clone(), CacheConfig::default())
+            .await
+            .map_err(|e| fail(format!("loading plans from the catalog: {e}")))?;
+        let limiter = Limiter::new(store, clock.clone(), config.storage.store_timeout);
+        let core = Arc::new(Core {
+            catalog: catalog.clone(),
+            cache: Arc::new(cache),
+            limiter,
+            on_store_error: config.storage.on_store_error,
+            metrics: Arc::new(Metrics::new()),
+            ids: RequestIds::default(),
+            charges: ChargeQueue::new(catalog),
+        });
+        let table = RouteTable::from_config(&config).map_err(bad)?;
+        let gateway = Arc::new(Gateway {
+            table: ArcSwap::from_pointee(table),
+            core: core.clone(),
+        });
+        let admin = config
+            .admin
+            .as_ref()
+            .map(|a| Arc::new(Admin::new(a.token.clone(), core.clone())));
+        Ok(App {
+            config,
+            core,
+            gateway,
+            admin,
+        })
+    }
+
+    /// Bind the listeners (the main one on `listen` if given, else the
+    /// config's). Returns the bound addresses and a future that serves until
+    /// `shutdown` flips.
+    pub async fn bind(
+        &self,
+        listen: Option<SocketAddr>,
+        shutdown: ShutdownSignal,
+    ) -> Result<
+        (
+            Bound,
+            impl std::future::Future<Output = ()> + Send + 'static,
+        ),
+        CliError,
+    > {
+        let main_addr = listen.unwrap_or(self.config.server.listen);
+        let main = TcpListener::bind(main_addr)
+            .await
+            .map_err(|e| fail(format!("binding {main_addr}: {e}")))?;
+        let tls = match &self.config.server.tls {
+            Some(files) => Some(server::tls_acceptor(files).map_err(bad)?),
+            None => None,
+        };
+        let opts = ListenerOptions {
+            header_read_timeout: self.config.server.header_read_timeout,
+            ..ListenerOptions::default()
+        };
+        let main_local = main.local_addr().map_err(fail)?;
+        let gateway = self.gateway.clone();
+        let main_task = server::serve_listener(
+            main,
+            tls,
+            opts.clone(),
+            move |req, _peer| gateway.clone().handle(req),
+            shutdown.clone(),
+        );
+        let (admin_local, admin_task) = match (&self.admin, &self.config.admin) {
+            (Some(admin), Some(cfg)) => {
+                let listener = TcpListener::bind(cfg.listen)
+                    .await
+                    .map_err(|e| fail(format!("binding admin {}: {e}", cfg.listen)))?;
+                let local = listener.local_addr().map_err(fail)?;
+                let admin = admin.clone();
+                let task = server::serve_listener(
+                    listener,
+                    None,
+                    opts,
+                    move |req, _peer| admin.clone().handle(req),
+                    shutdown,
+                );
+                (Some(local), Some(task))
+            }
+            _ => (None, None),
+        };
+        let serve = async move {
+            match admin_task {
+                Some(admin_task) => {
+                    tokio::join!(main_task, admin_task);
+                }
+                None => main_task.await,
+            }
+        };
+        Ok((
+            Bound {
+                main: main_local,
+                admin: admin_local,
+            },
+            serve,
+        ))
+    }
+
+    /// Start watching the plans file when `[plans] watch` is on; the watch
+    /// lasts as long as the returned handle.
+    pub fn watch_plans(&self) -> Option<notify::RecommendedWatcher> {
+        if self.config.plans.watch {
+            watch_plans(self.core.clone(), self.config.plans.file.clone())
+        } else {
+            None
+        }
+    }
+
+    /// Re-read and apply the plans file. An invalid file leaves the plans
+    /// in force, is logged with file:line and counted.
+    pub async fn reload_plans(core: &Core, file: &Path) -> bool {
+        match load_plans_file(file) {
+            Ok(plans) => match core.catalog.apply_plans(&plans, false).await {
+                Ok(_) => {
+                    core.cache.invalidate(&Invalidation::Plans);
+                    tracing::info!(file = %file.display(), plans = plans.plans.len(), "plans reloaded");
+                    true
+                }
+                Err(e) => {
+                    core.metrics.reload_failure();
+                    tracing::error!(file = %file.display(), error = %e, "plans reload could not be applied; old plans stay in force");
+                    false
+                }
+            },
+            Err(errors) => {
+                core.metrics.reload_failure();
+                for e in &errors.0 {
+                    tracing::error!("plans reload rejected; old plans stay in force: {e}");
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Addresses the listeners are bound to.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub main: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+/// Watch the plans file's directory (so editors' atomic renames and
+/// Kubernetes ConfigMap symlink swaps are seen) and reload on change.
+fn watch_plans(core: Arc<Core>, file: PathBuf) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let dir = file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher =
+        match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                let _ = tx.send(());
+            }
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the plans file; reload with SIGHUP");
+                return None;
+            }
+        };
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the plans directory; reload with SIGHUP");
+        return None;
+    }
+    tokio::spawn(async move {
+        let mut last: Option<Vec<u8>> = std::fs::read(&file).ok();
+        while rx.recv().await.is_some() {
+            // Editors write in bursts: settle, then take everything queued.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while rx.try_recv().is_ok() {}
+            let now = std::fs::read(&file).ok();
+            if now.is_none() || now == last {
+                continue;
+            }
+            last = now;
+            App::reload_plans(&core, &file).await;
+        }
+    });
+    Some(watcher)
+}
+
+/// On SIGHUP: reload the plans, and the routes/upstreams from the config.
+fn reload_on_sighup(app: &App) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let core = app.core.clone();
+        let gateway = app.gateway.clone();
+        let config_path = app.config.path.clone();
+        let plans_file = app.config.plans.file.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                tracing::warn!("cannot listen for SIGHUP");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading routes and plans");
+                match Config::load(&config_path) {
+                    Ok(config) => match RouteTable::from_config(&config) {
+                        Ok(table) => {
+                            gateway.table.store(Arc::new(table));
+                            tracing::info!(routes = config.routes.len(), "routes reloaded");
+                        }
+                        Err(e) => {
+                            core.metrics.reload_failure();
+                            tracing::error!(
+                                "routes reload rejected; old routes stay in force: {e}"
+                            );
+                        }
+                    },
+                    Err(errors) => {
+                        core.metrics.reload_failure();
+                        for e in &errors.0 {
+                            tracing::error!(
+                                "config reload rejected; old routes stay in force: {e}"
+                            );
+                        }
+                    }
+                }
+                App::reload_plans(&core, &plans_file).await;
+            }
+        });
+    }
+}
+
+/// Run a built app until SIGTERM/Ctrl-C: listeners, plan watching, SIGHUP.
+pub async fn run(
+    app: App,
+    listen: Option<SocketAddr>,
+    on_bound: impl FnOnce(&Bound),
+) -> Result<(), CliError> {
+    let (_tx, shutdown) = server::shutdown_on_signals();
+    let (bound, serving) = app.bind(listen, shutdown).await?;
+    tracing::info!(listen = %bound.main, admin = ?bound.admin, "plangate listening");
+    on_bound(&bound);
+    let _watcher = app.watch_plans();
+    reload_on_sighup(&app);
+    serving.await;
+    let left = app.core.charges.drain(Duration::from_secs(10)).await;
+    if left > 0 {
+        tracing::error!(pending = left, "credit charges still unwritten at exit");
+    }
+    Ok(())
+}
+
+/// `plangate serve`.
+pub async fn serve(config_path: &Path) -> Result<(), CliError> {
+    let config = Config::load(config_path).map_err(bad)?;
+    let app = App::build(config, Arc::new(SystemClock)).await?;
+    run(app, None, |_| {}).await
+}
+
+/// Default config of `plangate dev`.
+pub const DEV_CONFIG: &str = "config/dev.toml";
+
+/// `plangate dev`: in-process stores, the example plans, a mock OpenAI
+/// upstream, and a demo account whose key and credits are printed.
+pub async fn dev(config_path: Option<&Path>, listen: Option<&str>) -> Result<(), CliError> {
+    let path = config_path
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(DEV_CONFIG));
+    let mut config = Config::load(&path).map_err(bad)?;
+    if config.storage.postgres_url.is_some() || config.storage.redis_url.is_some() {
+        tracing::info!("dev mode ignores [storage] URLs: using in-process stores");
+        config.storage.postgres_url = None;
+        config.storage.redis_url = None;
+    }
+    let listen: Option<SocketAddr> = match listen {
+        Some(l) => Some(l.parse().map_err(|_| {
+            bad(format!(
+                "--listen {l}: not an address such as 127.0.0.1:8080"
+            ))
+        })?),
+        None => None,
+    };
+
+    // The mock upstream listens where the config's first upstream points.
+    let mock_addr = mock_address(&config)?;
+    let mock_listener = TcpListener::bind(mock_addr)
+        .await
+        .map_err(|e| fail(format!("starting the mock upstream on {mock_addr}: {e}")))?;
+    let mock = crate::mock::serve(mock_listener, crate::mock::MockOptions::default())
+        .await
+        .map_err(|e| fail(format!("starting the mock upstream on {mock_addr}: {e}")))?;
+
+    let clock: SharedClock = Arc::new(SystemClock);
+    let app = App::build(config, clock).await?;
+    let catalog = app.core.catalog.clone();
+    let account = "demo";
+    catalog
+        .create_account(
+            account,
+            None,
+            serde_json::json!({"created_by": "plangate dev"}),
+        )
+        .await
+        .map_err(fail)?;
+    let key = catalog.create_key(account).await.map_err(fail)?;
+    catalog
+        .create_quota_block(account, 1_000, None, serde_json::json!({"source": "dev"}))
+        .await
+        .map_err(fail)?;
+    let plan = catalog
+        .get_account(account)
+        .await
+        .map_err(fail)?
+        .effective_plan;
+    let admin_token = app.config.admin.as_ref().map(|a| a.token.clone());
+    let mock_local = mock.addr();
+    let result = run(app, listen, move |bound| {
+        print_dev_banner(
+            bound,
+            &key.key,
+            plan.as_deref(),
+            admin_token.as_deref(),
+            mock_local,
+        );
+    })
+    .await;
+    mock.shutdown().await;
+    result
+}
+
+fn mock_address(config: &Config) -> Result<SocketAddr, CliError> {
+    let up = config
+        .upstreams
+        .first()
+        .ok_or_else(|| bad("dev mode needs an upstream for its mock server"))?;
+    let host = up.url.host().unwrap_or("127.0.0.1");
+    let port = up.url.port_u16().unwrap_or(80);
+    let host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host
+    };
+    format!("{host}:{port}").parse().map_err(|_| {
+        bad(format!(
+            "upstream {}: dev mode needs an IP address, got {host}",
+            up.name
+        ))
+    })
+}
+
+fn print_dev_banner(
+    bound: &Bound,
+    key: &str,
+    plan: Option<&str>,
+    admin_token: Option<&str>,
+    mock: SocketAddr,
+) {
+    let base = format!("http://{}", bound.main);
+    println!();
+    println!("plangate dev is running (in-process stores; nothing is persisted)");
+    println!("  gateway:        {base}");
+    println!("  mock upstream:  http://{mock}");
+    if let (Some(admin), Some(token)) = (bound.admin, admin_token) {
+        println!("  admin API:      http://{admin}  (Authorization: Bearer {token})");
+    }
+    println!(
+        "  demo account:   demo (plan {}), 1000 credits",
+        plan.unwrap_or("-")
+    );
+    println!("  demo API key:   {key}");
+    println!();
+    println!("Try it:");
+    println!("  curl -i {base}/v1/chat/completions \\");
+    println!("    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\");
+    println!("    -d '{{\"model\":\"gpt-4-turbo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
+    println!("  curl -s {base}/v1/limits -H 'Authorization: Bearer {key}'");
+    println!();
+    println!("With the openai Python SDK:");
+    println!("  from openai import OpenAI");
+    println!("  client = OpenAI(base_url=\"{base}/v1\", api_key=\"{key}\")");
+    println!("  client.chat.completions.create(model=\"gpt-4-turbo\", messages=[{{\"role\":\"user\",\"content\":\"hi\"}}])");
+    println!();
 }

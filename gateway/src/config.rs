@@ -2,6 +2,7 @@
 //! `config/raw.rs`. Everything here is valid by construction: durations are
 //! `Duration`s, upstream URLs parsed, routes point at existing upstreams.
 
+mod build;
 pub mod raw;
 
 use std::fmt;
@@ -179,19 +180,58 @@ pub struct Config {
     pub routes: Vec<Route>,
 }
 
+/// Defaults for settings the file may leave out.
+pub mod defaults {
+    /// `[server] listen`.
+    pub const LISTEN: &str = "0.0.0.0:8080";
+    /// `[admin] listen`.
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:9090";
+    /// `[server] max_request_body`: 10 MiB.
+    pub const MAX_REQUEST_BODY: u64 = 10 * 1024 * 1024;
+    /// `[server] request_timeout`, seconds.
+    pub const REQUEST_TIMEOUT_SECS: u64 = 600;
+    /// `[server] header_read_timeout`, seconds.
+    pub const HEADER_READ_TIMEOUT_SECS: u64 = 10;
+    /// `[storage] store_timeout`, milliseconds.
+    pub const STORE_TIMEOUT_MS: u64 = 50;
+    /// `[auth] header`.
+    pub const AUTH_HEADER: &str = "authorization";
+}
+
 impl Config {
     /// Read, substitute `${VAR}`s, parse and check `path`. Collects every
     /// problem rather than stopping at the first.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let _ = path;
-        Err(ConfigErrors(vec![ConfigError {
-            file: path.display().to_string(),
-            line: None,
-            column: None,
-            key: String::new(),
-            message: "config loading is not built yet".into(),
-        }]))
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.display().to_string(),
+                line: None,
+                column: None,
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        Config::from_toml(&text, path, &|name| std::env::var(name).ok())
     }
+
+    /// Parse and check the text of a config file. `path` names it in errors
+    /// and anchors relative paths (`plans.file`, TLS files, `ca_file`);
+    /// `env` answers `${VAR}` look-ups (tests pass their own).
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        build::build(text, path, env)
+    }
+}
+
+/// The plans file a config file names, even when the config has other
+/// errors (`None` if it cannot be told). For `check-config`, which reports
+/// the problems of both files in one run.
+pub fn plans_file_hint(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    build::plans_file_hint(&text, path, &|name| std::env::var(name).ok())
 }
 
 /// Parse `"500ms"`, `"60s"`, `"5m"`, `"1h"`, `"1d"` (and `"86_400s"`, and
@@ -217,6 +257,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(after.len());
         let (unit, next) = after.split_at(unit_end);
+        let unit = unit.trim();
         if unit.is_empty() {
             return Err(format!("`{s}` has no unit (use ms, s, m, h or d)"));
         }
@@ -243,3 +284,99 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     Ok(Duration::from_millis(total_ms))
 }
+
+/// Parse a size: `"512"` (bytes), `"1KiB"`, `"10MiB"`, `"1GiB"` (powers of
+/// 1024) or `"1KB"`, `"1MB"`, `"1GB"` (powers of 1000); `B` is optional,
+/// case does not matter, and `_` separators are allowed.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t: String = s.trim().chars().filter(|c| *c != '_').collect();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(format!(
+            "`{s}` is not a size such as \"512\", \"64KiB\", \"10MiB\" or \"1GB\""
+        ));
+    }
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: number out of range"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (use B, KiB, MiB, GiB, KB, MB or GB)"
+            ))
+        }
+    };
+    n.checked_mul(multiplier)
+        .ok_or_else(|| format!("`{s}`: size out of range"))
+}
+
+/// Replace every `${NAME}` in `s` with the variable's value from `env`.
+/// `$${` stands for a literal `${`. An unset variable is an error naming it.
+pub fn substitute_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix("${") {
+            out.push_str("${");
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix('{') {
+            let end = tail
+                .find('}')
+                .ok_or_else(|| format!("unterminated `${{` in `{s}`"))?;
+            let name = &tail[..end];
+            let valid = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(format!("`${{{name}}}` is not a valid variable name"));
+            }
+            let value =
+                env(name).ok_or_else(|| format!("environment variable `{name}` is not set"))?;
+            out.push_str(&value);
+            rest = &tail[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Parse a value source: `header:<name>` or `body:<dotted.path>`.
+pub fn parse_value_source(s: &str) -> Result<ValueSource, String> {
+    if let Some(name) = s.strip_prefix("header:") {
+        return HeaderName::from_bytes(name.trim().as_bytes())
+            .map(ValueSource::Header)
+            .map_err(|_| format!("`{name}` is not a valid header name"));
+    }
+    if let Some(path) = s.strip_prefix("body:") {
+        let segments: Vec<String> = path.trim().split('.').map(str::to_string).collect();
+        if segments.iter().any(String::is_empty) {
+            return Err(format!(
+                "`{path}` is not a dotted JSON path such as `usage.total_tokens`"
+            ));
+        }
+        return Ok(ValueSource::Body(segments));
+    }
+    Err(format!(
+        "`{s}` is not a source: use \"header:<name>\" or \"body:<dotted.path>\""
+    ))
+}
+
+#[cfg(test)]
+mod tests;

@@ -402,6 +402,13 @@ impl From<CatalogError> for ApiError {
     }
 }
 
+impl From<crate::usage::ModelError> for ApiError {
+    /// 400 `invalid_request` for a body that `{model}` routing cannot use.
+    fn from(e: crate::usage::ModelError) -> Self {
+        ApiError::invalid_request(e.to_string())
+    }
+}
+
 /// A key shown in messages: never the whole key. Long keys keep a short
 /// prefix and the last four characters (`pg_abc…wxyz`), medium ones only a
 /// short prefix, and short ones nothing at all.
@@ -751,6 +758,14 @@ mod tests {
             assert_eq!(h["retry-after"], secs, "{reset_ms} ms");
             assert_eq!(h["retry-after-ms"], reset_ms.to_string().as_str());
         }
+    }
+
+    #[test]
+    fn model_errors_are_invalid_requests() {
+        let err = ApiError::from(crate::usage::ModelError::NotJson);
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(err.code(), "invalid_request");
+        assert!(err.message().contains("JSON"));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod credits;
 pub mod errors;
 pub mod headers;
 pub mod limiter;

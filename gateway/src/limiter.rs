@@ -9,6 +9,8 @@
 pub mod keys;
 pub mod memory;
 pub mod redis;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -169,7 +171,9 @@ pub trait CounterStore: Send + Sync + 'static {
 /// A counter store chosen at runtime (configuration), dispatched statically.
 #[derive(Debug)]
 pub enum AnyStore {
+    /// In-process counters (one gateway instance).
     Memory(memory::MemoryStore),
+    /// Shared counters in Redis (any number of instances).
     Redis(redis::RedisStore),
 }
 

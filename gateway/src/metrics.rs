@@ -1,1 +1,231 @@
-//! Prometheus counters and histograms, rendered as text.
+//! Prometheus metrics, rendered as text on the admin listener's `/metrics`.
+//!
+//! No metrics crate: a handful of atomics and one label map. The hot path
+//! takes a read lock on the label map (a write lock only the first time a
+//! label set is seen) and does relaxed atomic adds.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+
+/// Distinct (endpoint, decision, status) label sets kept; beyond this,
+/// new endpoints are counted under `endpoint="_other"` so a client sending
+/// random model names cannot grow memory without bound.
+const MAX_LABEL_SETS: usize = 2_000;
+
+/// Upper bounds (seconds) of the admission latency histogram.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+];
+
+/// Every metric the gateway exports.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: RwLock<HashMap<(String, &'static str, u16), AtomicU64>>,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_ns: AtomicU64,
+    store_errors: AtomicU64,
+    in_flight: AtomicU64,
+    credits_charged: AtomicU64,
+    reload_failures: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Count a finished routing decision: `decision` is one of `admitted`,
+    /// `denied`, `no_access`, `no_credits`, `store_error`, `upstream_error`,
+    /// `upstream_timeout`.
+    pub fn request(&self, endpoint: &str, decision: &'static str, status: u16) {
+        {
+            let map = self.requests.read();
+            if let Some(c) = map.get(&(endpoint.to_owned(), decision, status)) {
+                c.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        let mut map = self.requests.write();
+        let endpoint = if map.len() >= MAX_LABEL_SETS {
+            "_other".to_owned()
+        } else {
+            endpoint.to_owned()
+        };
+        map.entry((endpoint, decision, status))
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Record how long admission (key, plan, limiter) took.
+    pub fn admission_latency(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_ns
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    pub fn store_error(&self) {
+        self.store_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn credits_charged(&self, n: u64) {
+        self.credits_charged.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn reload_failure(&self) {
+        self.reload_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn in_flight_inc(&self) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn in_flight_dec(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Admitted requests not yet ended.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn reload_failures(&self) -> u64 {
+        self.reload_failures.load(Ordering::Relaxed)
+    }
+
+    pub fn store_errors(&self) -> u64 {
+        self.store_errors.load(Ordering::Relaxed)
+    }
+
+    /// Prometheus text exposition format (0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        out.push_str(
+            "# HELP plangate_requests_total Routed requests by endpoint, decision and status.\n",
+        );
+        out.push_str("# TYPE plangate_requests_total counter\n");
+        let map = self.requests.read();
+        let mut rows: Vec<_> = map.iter().collect();
+        rows.sort_by(|a, b| a.0.cmp(b.0));
+        for ((endpoint, decision, status), c) in rows {
+            let _ = writeln!(
+                out,
+                "plangate_requests_total{{endpoint=\"{}\",decision=\"{decision}\",status=\"{status}\"}} {}",
+                escape_label(endpoint),
+                c.load(Ordering::Relaxed)
+            );
+        }
+        drop(map);
+        out.push_str(
+            "# HELP plangate_admission_seconds Time from request to admission decision.\n",
+        );
+        out.push_str("# TYPE plangate_admission_seconds histogram\n");
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "plangate_admission_seconds_bucket{{le=\"{bound}\"}} {}",
+                self.latency_buckets[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "plangate_admission_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "plangate_admission_seconds_sum {}",
+            self.latency_sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+        );
+        let _ = writeln!(out, "plangate_admission_seconds_count {count}");
+        let simple = [
+            (
+                "plangate_store_errors_total",
+                "counter",
+                "Counter store calls that failed or timed out.",
+                &self.store_errors,
+            ),
+            (
+                "plangate_in_flight_requests",
+                "gauge",
+                "Admitted requests not yet ended (held slots).",
+                &self.in_flight,
+            ),
+            (
+                "plangate_credits_charged_total",
+                "counter",
+                "Credits charged (admission and per unit).",
+                &self.credits_charged,
+            ),
+            (
+                "plangate_reload_failures_total",
+                "counter",
+                "Plans or config reloads rejected.",
+                &self.reload_failures,
+            ),
+        ];
+        for (name, kind, help, v) in simple {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+}
+
+/// Escape a label value (backslash, quote, newline).
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histogram_and_gauges() {
+        let m = Metrics::new();
+        m.request("gpt-4o", "admitted", 200);
+        m.request("gpt-4o", "admitted", 200);
+        m.request("we\"ird", "denied", 429);
+        m.admission_latency(Duration::from_micros(300));
+        m.in_flight_inc();
+        m.credits_charged(5);
+        let text = m.render();
+        assert!(text.contains(
+            "plangate_requests_total{endpoint=\"gpt-4o\",decision=\"admitted\",status=\"200\"} 2"
+        ));
+        assert!(text.contains(
+            "plangate_requests_total{endpoint=\"we\\\"ird\",decision=\"denied\",status=\"429\"} 1"
+        ));
+        assert!(text.contains("plangate_admission_seconds_bucket{le=\"0.00025\"} 0"));
+        assert!(text.contains("plangate_admission_seconds_bucket{le=\"0.0005\"} 1"));
+        assert!(text.contains("plangate_admission_seconds_count 1"));
+        assert!(text.contains("plangate_in_flight_requests 1"));
+        assert!(text.contains("plangate_credits_charged_total 5"));
+    }
+
+    #[test]
+    fn label_sets_are_bounded() {
+        let m = Metrics::new();
+        for i in 0..(MAX_LABEL_SETS + 50) {
+            m.request(&format!("model-{i}"), "no_access", 403);
+        }
+        assert!(m.requests.read().len() <= MAX_LABEL_SETS + 1);
+        assert!(m.render().contains("endpoint=\"_other\""));
+    }
+}

@@ -1,1 +1,873 @@
-//! Upstream client, header rewriting, streaming bodies.
+//! The request path of the main listener (SPEC §6):
+//! route → API key → account → plan → attempt → credits → forward → stream
+//! back → measure units → end + charge.
+//!
+//! Invariant: every admitted request ends exactly once. The limiter's
+//! [`Permit`] travels with the response body ([`MeteredBody`]); whichever
+//! comes first — the body's end, an error, or the body being dropped
+//! because the client went away — settles it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::catalog::cache::CatalogCache;
+use crate::catalog::{hash_key, Catalog, CatalogError, Deduction};
+use crate::config::{Config, EndpointSource, OnStoreError, Route, ValueSource};
+use crate::errors::ApiError;
+use crate::headers;
+use crate::limiter::{AnyStore, Attempt, Limiter, Permit, RateLimitInfo};
+use crate::metrics::Metrics;
+use crate::plans::{CreditCost, Plan, Policy, Unit};
+use crate::routes::Router;
+use crate::server::{Body, BoxError};
+use crate::upstream::{strip_hop_by_hop, UpstreamClient};
+use crate::usage::{self, ResponseMeter};
+
+/// `x-request-id`.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest API key considered at all; anything longer is invalid without a
+/// lookup (hashing megabytes of header per request would be a DoS lever).
+const MAX_KEY_LEN: usize = 512;
+
+/// What a reload swaps atomically: routes, upstream clients and the
+/// per-request limits of the `[server]` and `[auth]` sections.
+#[derive(Debug)]
+pub struct RouteTable {
+    pub router: Router,
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<UpstreamClient>,
+    pub auth_header: HeaderName,
+    pub max_request_body: u64,
+    pub request_timeout: Duration,
+}
+
+impl RouteTable {
+    /// Build from a checked config (creates the upstream clients).
+    pub fn from_config(config: &Config) -> Result<Self, String> {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(UpstreamClient::new)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            router: Router::new(&config.routes),
+            routes: config.routes.clone(),
+            upstreams,
+            auth_header: config.auth.header.clone(),
+            max_request_body: config.server.max_request_body,
+            request_timeout: config.server.request_timeout,
+        })
+    }
+}
+
+/// Unique ids for admitted requests: a random per-process prefix and a
+/// counter, so ids never collide across instances or restarts.
+#[derive(Debug)]
+pub struct RequestIds {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self {
+            prefix: format!("{:08x}", rand::random::<u32>()),
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+impl RequestIds {
+    pub fn next_id(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("req_{}{:x}", self.prefix, n)
+    }
+}
+
+/// Everything a request needs besides the route table.
+pub struct Core {
+    pub catalog: Arc<dyn Catalog>,
+    pub cache: Arc<CatalogCache>,
+    pub limiter: Arc<Limiter<AnyStore>>,
+    pub on_store_error: OnStoreError,
+    pub metrics: Arc<Metrics>,
+    pub ids: RequestIds,
+    pub charges: crate::credits::ChargeQueue,
+}
+
+/// The main listener's handler.
+pub struct Gateway {
+    pub table: ArcSwap<RouteTable>,
+    pub core: Arc<Core>,
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    e.to_response::<Full<Bytes>>()
+        .map(|b| b.map_err(|never| match never {}).boxed_unsync())
+}
+
+fn error_with_info(e: &ApiError, info: &RateLimitInfo) -> Response<Body> {
+    e.to_response_with_info::<Full<Bytes>>(info)
+        .map(|b| b.map_err(|never| match never {}).boxed_unsync())
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut resp = Response::new(full(serde_json::to_vec(value).unwrap_or_default()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// The API key a request carries, if any. With the `authorization` header
+/// the value must be `Bearer KEY`; any other header carries the raw key.
+pub fn extract_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
+    let value = headers.get(name)?;
+    let text = std::str::from_utf8(value.as_bytes()).ok()?.trim();
+    let key = if name == header::AUTHORIZATION {
+        let (scheme, rest) = text.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        rest.trim()
+    } else {
+        text
+    };
+    (!key.is_empty()).then_some(key)
+}
+
+/// Whether a presented key is worth a lookup at all.
+fn plausible_key(key: &str) -> bool {
+    key.len() <= MAX_KEY_LEN && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Parsed request-side facts needed before admission.
+struct Admission {
+    endpoint: String,
+    start_units: Vec<(Unit, u64)>,
+    /// Body to forward (buffered when it had to be read).
+    body: Body,
+    /// The gateway turned on `stream_options.include_usage`; drop the extra
+    /// usage chunk before the client sees it.
+    injected_usage: bool,
+}
+
+impl Gateway {
+    /// Handle one request of the main listener.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let path = req.uri().path();
+        match path {
+            "/healthz" => {
+                return json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+            }
+            "/readyz" => return self.readyz().await,
+            "/v1/limits" => return self.limits(req).await,
+            _ => {}
+        }
+        let table = self.table.load_full();
+        let Some((route_index, _)) = table.router.match_path(path) else {
+            return error_response(&ApiError::UnknownRoute {
+                method: req.method().to_string(),
+                path: path.to_owned(),
+            });
+        };
+        let route = &table.routes[route_index];
+        let resp = self.proxy(req, &table, route, started).await;
+        resp.unwrap_or_else(|e| error_response(&e))
+    }
+
+    async fn proxy(
+        &self,
+        req: Request<Incoming>,
+        table: &Arc<RouteTable>,
+        route: &Route,
+        started: Instant,
+    ) -> Result<Response<Body>, ApiError> {
+        let core = &self.core;
+        // Who is calling.
+        let account = self.authenticate(req.headers(), &table.auth_header).await?;
+
+        // Cheap refusal of declared oversize bodies before reading a byte.
+        if let Some(len) = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            if len > table.max_request_body {
+                return Err(ApiError::PayloadTooLarge {
+                    limit_bytes: table.max_request_body,
+                });
+            }
+        }
+
+        let (mut parts, body) = req.into_parts();
+        let admission = read_admission(route, &parts.headers, body, table.max_request_body).await?;
+        let endpoint = admission.endpoint.as_str();
+
+        let plan = self.plan_of(&account).await?;
+        let Some(policy) = plan.as_ref().and_then(|p| p.policy(endpoint)).cloned() else {
+            core.metrics.request(endpoint, "no_access", 403);
+            return Err(ApiError::EndpointNotAllowed {
+                endpoint: endpoint.to_owned(),
+            });
+        };
+
+        // Rate limits.
+        let request_id = core.ids.next_id();
+        let attempt = core
+            .limiter
+            .attempt(
+                &request_id,
+                &account,
+                endpoint,
+                &policy,
+                &admission.start_units,
+            )
+            .await;
+        core.metrics.admission_latency(started.elapsed());
+        let (permit, info, degraded) = match attempt {
+            Ok(Attempt::Admitted(permit, info)) => (Some(permit), Some(info), false),
+            Ok(Attempt::Denied(denial, info)) => {
+                let e = ApiError::from_denial(&denial, endpoint);
+                core.metrics
+                    .request(endpoint, "denied", e.status().as_u16());
+                return Ok(error_with_info(&e, &info));
+            }
+            Err(e) => {
+                core.metrics.store_error();
+                tracing::warn!(error = %e, endpoint, "counter store failed");
+                match core.on_store_error {
+                    OnStoreError::Open => (None, None, true),
+                    OnStoreError::Closed => {
+                        core.metrics.request(endpoint, "store_error", 503);
+                        return Err(ApiError::LimiterUnavailable);
+                    }
+                }
+            }
+        };
+
+        let in_flight = permit.as_ref().map(|_| InFlightGuard::new(&core.metrics));
+
+        // Credits, charged at admission atomically with the balance check.
+        let credit_balance = match &policy.credits {
+            None => None,
+            Some(cost) => match self
+                .charge_admission(&account, endpoint, &request_id, cost, &parts.headers)
+                .await
+            {
+                Ok(balance) => Some(balance),
+                Err(e) => {
+                    if let Some(permit) = permit {
+                        // Not admitted after all: give back what the attempt took.
+                        let zero: Vec<(Unit, u64)> =
+                            policy.units().into_iter().map(|u| (u, 0)).collect();
+                        let _ = permit.end(&zero).await;
+                    }
+                    core.metrics
+                        .request(endpoint, "no_credits", e.status().as_u16());
+                    let mut resp = error_response(&e);
+                    if let Some(info) = &info {
+                        headers::insert_rate_limit(resp.headers_mut(), info);
+                    }
+                    return Ok(resp);
+                }
+            },
+        };
+
+        // Forward.
+        let upstream = &table.upstreams[route.upstream];
+        let client_request_id = parts.headers.get(&REQUEST_ID).cloned().unwrap_or_else(|| {
+            HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("req"))
+        });
+        let uri = upstream
+            .uri_for(parts.uri.path_and_query())
+            .map_err(|_| ApiError::invalid_request("request path cannot be forwarded"))?;
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::HOST);
+        parts.headers.remove(&table.auth_header);
+        if let Some(auth) = &upstream.auth {
+            parts.headers.insert(header::AUTHORIZATION, auth.clone());
+        }
+        parts.headers.insert(REQUEST_ID, client_request_id.clone());
+        if admission.injected_usage {
+            // The body was rewritten; its length changed.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        let upstream_req = Request::from_parts(parts, admission.body);
+
+        let settle = Settle {
+            core: self.core.clone(),
+            permit,
+            policy: policy.clone(),
+            account: account.clone(),
+            endpoint: endpoint.to_owned(),
+            request_id,
+            ledger_request_id: client_request_id.to_str().unwrap_or("").to_owned(),
+            credits: policy.credits.clone(),
+            upstream_failed: false,
+            _in_flight: in_flight,
+        };
+
+        let sent = tokio::time::timeout(
+            table.request_timeout,
+            upstream.client().request(upstream_req),
+        )
+        .await;
+        let upstream_resp = match sent {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");
+                settle.fail().await;
+                core.metrics.request(endpoint, "upstream_error", 502);
+                return Err(ApiError::UpstreamUnavailable);
+            }
+            Err(_) => {
+                settle.fail().await;
+                core.metrics.request(endpoint, "upstream_timeout", 504);
+                return Err(ApiError::UpstreamTimeout);
+            }
+        };
+
+        let (mut resp_parts, resp_body) = upstream_resp.into_parts();
+        let status = resp_parts.status;
+        core.metrics.request(endpoint, "admitted", status.as_u16());
+        let mut settle = settle;
+        if status.is_server_error() {
+            settle.upstream_failed = true;
+        }
+        strip_hop_by_hop(&mut resp_parts.headers);
+        let meter = ResponseMeter::new(&route.usage, &resp_parts.headers, admission.injected_usage);
+        let rewrites_body = admission.injected_usage && usage::is_event_stream(&resp_parts.headers);
+        if let Some(info) = &info {
+            headers::insert_rate_limit(&mut resp_parts.headers, info);
+        }
+        if let Some(balance) = credit_balance {
+            headers::insert_credits_remaining(&mut resp_parts.headers, balance);
+        }
+        if degraded {
+            headers::insert_degraded(&mut resp_parts.headers);
+        }
+        resp_parts.headers.insert(REQUEST_ID, client_request_id);
+        if rewrites_body {
+            resp_parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        let body = MeteredBody::new(resp_body, meter, settle, rewrites_body);
+        Ok(Response::from_parts(resp_parts, body.boxed_unsync()))
+    }
+
+    /// Resolve the caller's account from its API key.
+    async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        auth_header: &HeaderName,
+    ) -> Result<String, ApiError> {
+        let Some(key) = extract_key(headers, auth_header) else {
+            return Err(ApiError::MissingApiKey);
+        };
+        if !plausible_key(key) {
+            return Err(ApiError::invalid_api_key(key));
+        }
+        match self.core.cache.resolve_key(&hash_key(key)).await {
+            Ok(Some(owner)) => Ok(owner.account_id),
+            Ok(None) => Err(ApiError::invalid_api_key(key)),
+            Err(e) => {
+                tracing::warn!(error = %e, "key lookup failed");
+                Err(ApiError::CatalogUnavailable)
+            }
+        }
+    }
+
+    async fn plan_of(&self, account: &str) -> Result<Option<Arc<Plan>>, ApiError> {
+        self.core
+            .cache
+            .plan_for_account(account)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "plan lookup failed");
+                ApiError::CatalogUnavailable
+            })
+    }
+
+    /// Deduct `per_request` if the balance is at least
+    /// `max(min_balance, per_request)`, atomically. Returns the balance
+    /// after the charge.
+    async fn charge_admission(
+        &self,
+        account: &str,
+        endpoint: &str,
+        request_id: &str,
+        cost: &CreditCost,
+        headers: &HeaderMap,
+    ) -> Result<u64, ApiError> {
+        let threshold = cost.admission_threshold();
+        let ledger_id = headers
+            .get(&REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(request_id)
+            .to_owned();
+        let deduction = Deduction {
+            account_id: account.to_owned(),
+            amount: cost.per_request,
+            require_full: true,
+            min_balance: threshold,
+            idempotency_key: format!("adm:{request_id}"),
+            request_id: Some(ledger_id),
+            endpoint: Some(endpoint.to_owned()),
+        };
+        match self.core.catalog.deduct(&deduction).await {
+            Ok(r) if r.deducted == cost.per_request && (r.balance + r.deducted) >= threshold => {
+                self.core.metrics.credits_charged(r.deducted);
+                Ok(r.balance)
+            }
+            Ok(r) => Err(ApiError::InsufficientQuota {
+                endpoint: endpoint.to_owned(),
+                balance: r.balance,
+                required: threshold,
+            }),
+            Err(CatalogError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "credit charge failed; credits fail closed");
+                Err(ApiError::CatalogUnavailable)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "credit charge refused");
+                Err(ApiError::InsufficientQuota {
+                    endpoint: endpoint.to_owned(),
+                    balance: 0,
+                    required: threshold,
+                })
+            }
+        }
+    }
+
+    async fn readyz(&self) -> Response<Body> {
+        let store = self.core.limiter.store().ping().await;
+        let catalog = self.core.catalog.ping().await;
+        let ok = store.is_ok() && catalog.is_ok();
+        let body = serde_json::json!({
+            "ready": ok,
+            "counter_store": store.err().map(|e| e.to_string()).unwrap_or_else(|| "ok".into()),
+            "catalog": catalog.err().map(|e| e.to_string()).unwrap_or_else(|| "ok".into()),
+        });
+        let status = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        json_response(status, &body)
+    }
+
+    /// `GET /v1/limits`: the caller's standing on every endpoint of its plan.
+    async fn limits(&self, req: Request<Incoming>) -> Response<Body> {
+        if req.method() != Method::GET {
+            return error_response(&ApiError::MethodNotAllowed);
+        }
+        let table = self.table.load();
+        let account = match self.authenticate(req.headers(), &table.auth_header).await {
+            Ok(a) => a,
+            Err(e) => return error_response(&e),
+        };
+        match limits_json(&self.core, &account, None).await {
+            Ok(v) => json_response(StatusCode::OK, &v),
+            Err(e) => error_response(&e),
+        }
+    }
+}
+
+/// The `/v1/limits` document for `account` (optionally one endpoint); also
+/// served by the admin API.
+pub async fn limits_json(
+    core: &Core,
+    account: &str,
+    only: Option<&str>,
+) -> Result<serde_json::Value, ApiError> {
+    let plan = core
+        .cache
+        .plan_for_account(account)
+        .await
+        .map_err(ApiError::from)?;
+    let mut endpoints = serde_json::Map::new();
+    if let Some(plan) = &plan {
+        for (id, policy) in &plan.endpoints {
+            if only.is_some_and(|o| o != id) {
+                continue;
+            }
+            let info = core.limiter.info(account, id, policy).await;
+            endpoints.insert(id.clone(), endpoint_json(policy, info.ok()));
+        }
+        if let Some(o) = only {
+            if !plan.endpoints.contains_key(o) {
+                return Err(ApiError::EndpointNotAllowed {
+                    endpoint: o.to_owned(),
+                });
+            }
+        }
+    }
+    let balance = match core.catalog.balance(account).await {
+        Ok(b) => serde_json::json!(b),
+        Err(_) => serde_json::Value::Null,
+    };
+    Ok(serde_json::json!({
+        "account": account,
+        "plan": plan.as_ref().map(|p| p.id.clone()),
+        "endpoints": endpoints,
+        "credits": { "balance": balance },
+    }))
+}
+
+fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>) -> serde_json::Value {
+    let windows: Vec<serde_json::Value> = match &info {
+        Some(info) => info
+            .windows
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "unit": w.unit.as_str(),
+                    "window_seconds": w.window_secs,
+                    "limit": w.limit,
+                    "used": w.used,
+                    "remaining": w.remaining,
+                    "reset_ms": w.reset_ms,
+                })
+            })
+            .collect(),
+        None => policy
+            .windows
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "unit": w.unit.as_str(),
+                    "window_seconds": w.window_secs,
+                    "limit": w.limit,
+                    "used": null,
+                    "remaining": null,
+                    "reset_ms": null,
+                })
+            })
+            .collect(),
+    };
+    let concurrency = (policy.max_concurrent > 0).then(|| {
+        let remaining = info
+            .as_ref()
+            .and_then(|i| i.concurrent)
+            .map(|c| c.remaining)
+            .unwrap_or(policy.max_concurrent);
+        serde_json::json!({
+            "limit": policy.max_concurrent,
+            "in_use": policy.max_concurrent - remaining,
+        })
+    });
+    serde_json::json!({
+        "windows": windows,
+        "concurrency": concurrency,
+        "degraded": info.is_none(),
+    })
+}
+
+/// Read what admission needs from the request body: the endpoint id
+/// (`{model}`) and reservations. Reads the body (bounded) only when one of
+/// them needs it; otherwise the body streams through untouched.
+async fn read_admission(
+    route: &Route,
+    headers: &HeaderMap,
+    body: Incoming,
+    max_body: u64,
+) -> Result<Admission, ApiError> {
+    let needs_body = matches!(route.endpoint, EndpointSource::Model)
+        || route
+            .reserve
+            .iter()
+            .any(|(_, s)| matches!(s, ValueSource::Body(_)));
+    if !needs_body {
+        let endpoint = match &route.endpoint {
+            EndpointSource::Literal(e) => e.clone(),
+            EndpointSource::Model => String::new(),
+        };
+        let start_units = route
+            .reserve
+            .iter()
+            .filter_map(|(unit, source)| {
+                usage::read_source(source, headers, None).map(|n| (unit.clone(), n))
+            })
+            .collect();
+        let limited = Limited::new(body, max_body as usize).map_err(BoxError::from);
+        return Ok(Admission {
+            endpoint,
+            start_units,
+            body: limited.boxed_unsync(),
+            injected_usage: false,
+        });
+    }
+    let bytes = match Limited::new(body, max_body as usize).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return Err(ApiError::PayloadTooLarge {
+                    limit_bytes: max_body,
+                });
+            }
+            return Err(ApiError::invalid_request("could not read the request body"));
+        }
+    };
+    let endpoint = match &route.endpoint {
+        EndpointSource::Literal(e) => e.clone(),
+        EndpointSource::Model => {
+            usage::request_model(&bytes).map_err(|e| ApiError::invalid_request(e.to_string()))?
+        }
+    };
+    let start_units: Vec<(Unit, u64)> = route
+        .reserve
+        .iter()
+        .filter_map(|(unit, source)| {
+            usage::read_source(source, headers, Some(&bytes)).map(|n| (unit.clone(), n))
+        })
+        .collect();
+    let (bytes, injected_usage) = match usage::ensure_include_usage(&bytes) {
+        usage::IncludeUsage::Added(rewritten) => (rewritten, true),
+        usage::IncludeUsage::NotStreaming | usage::IncludeUsage::AlreadyRequested => (bytes, false),
+    };
+    Ok(Admission {
+        endpoint,
+        start_units,
+        body: full(bytes),
+        injected_usage,
+    })
+}
+
+/// Ends an admitted request: limiter end with the measured units, per-unit
+/// credit charge, refund of the admission charge when the upstream failed.
+struct Settle {
+    core: Arc<Core>,
+    permit: Option<Permit<AnyStore>>,
+    policy: Arc<Policy>,
+    account: String,
+    endpoint: String,
+    request_id: String,
+    ledger_request_id: String,
+    credits: Option<CreditCost>,
+    upstream_failed: bool,
+    /// Counts the request in the in-flight gauge until settled.
+    _in_flight: Option<InFlightGuard>,
+}
+
+/// Keeps an admitted request in the in-flight gauge until dropped.
+struct InFlightGuard(Arc<Metrics>);
+
+impl InFlightGuard {
+    fn new(metrics: &Arc<Metrics>) -> Self {
+        metrics.in_flight_inc();
+        Self(metrics.clone())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight_dec();
+    }
+}
+
+impl Settle {
+    /// The upstream could not be reached: release the slot, give back the
+    /// reservations, refund the admission charge.
+    async fn fail(mut self) {
+        self.upstream_failed = true;
+        let units: Vec<(Unit, u64)> = Vec::new();
+        self.finish(units).await;
+    }
+
+    async fn finish(mut self, units: Vec<(Unit, u64)>) {
+        if let Some(permit) = self.permit.take() {
+            let settled_units = if self.upstream_failed {
+                // Nothing was served: give back every reservation except
+                // the request itself.
+                permit
+                    .ticket()
+                    .policy
+                    .units()
+                    .into_iter()
+                    .filter(|u| u.as_str() != crate::plans::REQUEST_UNIT)
+                    .map(|u| (u, 0))
+                    .collect()
+            } else {
+                units.clone()
+            };
+            if let Err(e) = permit.end(&settled_units).await {
+                self.core.metrics.store_error();
+                tracing::warn!(error = %e, request_id = %self.request_id, "ending a request failed; its slot expires with its lease");
+            }
+        }
+        let Some(cost) = &self.credits else { return };
+        if self.upstream_failed {
+            if cost.per_request > 0 {
+                self.core.charges.refund(format!("adm:{}", self.request_id));
+            }
+            return;
+        }
+        let amount = cost.unit_charge(&units);
+        if amount == 0 {
+            return;
+        }
+        let deduction = Deduction {
+            account_id: self.account.clone(),
+            amount,
+            require_full: false,
+            min_balance: 0,
+            idempotency_key: format!("use:{}", self.request_id),
+            request_id: Some(self.ledger_request_id.clone()),
+            endpoint: Some(self.endpoint.clone()),
+        };
+        self.core.metrics.credits_charged(amount);
+        self.core.charges.charge(deduction);
+        let _ = &self.policy;
+    }
+}
+
+/// The response body: passes frames through unchanged (but for the dropped
+/// usage chunk), measures units, keeps a streaming request's lease alive,
+/// and settles the request when it ends — or when it is dropped.
+pub struct MeteredBody {
+    inner: Incoming,
+    meter: ResponseMeter,
+    rewrites_body: bool,
+    settle: Option<Settle>,
+    renew_every: Option<Duration>,
+    renew_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    done: bool,
+}
+
+impl MeteredBody {
+    fn new(inner: Incoming, meter: ResponseMeter, settle: Settle, rewrites_body: bool) -> Self {
+        let renew_every = settle.permit.as_ref().map(|p| {
+            let expiry = p.ticket().policy.concurrency_expiry_secs.max(1);
+            Duration::from_millis(expiry * 1000 / 2)
+        });
+        let renew_timer = renew_every.map(|d| Box::pin(tokio::time::sleep(d)));
+        Self {
+            inner,
+            meter,
+            rewrites_body,
+            settle: Some(settle),
+            renew_every,
+            renew_timer,
+            done: false,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        self.renew_timer = None;
+        if let Some(settle) = self.settle.take() {
+            let units = self.meter.units();
+            tokio::spawn(settle.finish(units));
+        }
+    }
+
+    fn poll_renew(&mut self, cx: &mut Context<'_>) {
+        let (Some(timer), Some(every)) = (self.renew_timer.as_mut(), self.renew_every) else {
+            return;
+        };
+        if timer.as_mut().poll(cx).is_ready() {
+            if let Some(settle) = &self.settle {
+                if let Some(permit) = &settle.permit {
+                    let limiter = settle.core.limiter.clone();
+                    let ticket = permit.ticket().clone();
+                    tokio::spawn(async move {
+                        let _ = limiter.renew(&ticket).await;
+                    });
+                }
+            }
+            timer.as_mut().reset(tokio::time::Instant::now() + every);
+            // Register the new deadline with this task's waker.
+            let _ = timer.as_mut().poll(cx);
+        }
+    }
+}
+
+impl HttpBody for MeteredBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        this.poll_renew(cx);
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    let tail = this.meter.finish();
+                    this.finish();
+                    return Poll::Ready((!tail.is_empty()).then(|| Ok(Frame::data(tail))));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    // The upstream died mid-body: charge what was seen.
+                    this.finish();
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = this.meter.feed(&data);
+                        if out.is_empty() {
+                            continue;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.rewrites_body {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        // The client went away (or hyper dropped the body): settle with
+        // what was measured.
+        if !self.done && self.settle.is_some() && tokio::runtime::Handle::try_current().is_ok() {
+            self.finish();
+        }
+    }
+}

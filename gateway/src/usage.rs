@@ -1,1 +1,941 @@
-//! Units measured from a response: headers, JSON body, SSE stream.
+//! Units measured from a response: headers, JSON body, SSE stream; and the
+//! request-side reads (`model`, reservations, `stream_options`).
+//!
+//! Everything here is pure and bounded. JSON is never parsed into a tree to
+//! find one number: a path lookup walks the document with serde and skips
+//! every value off the path without allocating ([`json_number_at`]).
+//!
+//! The proxy's one-stop API is [`ResponseMeter`]: build it from the route's
+//! `usage` sources and the response headers, pass every body chunk through
+//! [`ResponseMeter::feed`] (which returns the bytes to forward), call
+//! [`ResponseMeter::finish`] at the end (or not, when the stream was cut
+//! short) and read [`ResponseMeter::units`].
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, CONTENT_TYPE};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use crate::config::ValueSource;
+use crate::plans::Unit;
+
+/// Default bound on one SSE line / event, and on a JSON body kept whole.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
+/// How much of the end of a large JSON body is kept to find the usage in.
+pub const DEFAULT_TAIL_BYTES: usize = 64 << 10;
+
+// ---------------------------------------------------------------- numbers
+
+/// A number from a header or JSON string: a non-negative integer, or a
+/// non-negative decimal rounded up (`1.2` GPU-seconds cost 2).
+pub fn parse_amount(s: &str) -> Option<u64> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<u64>() {
+        return Some(n);
+    }
+    // Only plain decimals: `inf`, `NaN` and exponents are not amounts.
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return None;
+    }
+    s.parse::<f64>().ok().and_then(float_amount)
+}
+
+fn float_amount(f: f64) -> Option<u64> {
+    // `as` saturates at u64::MAX, which is what an absurd amount should be.
+    (f.is_finite() && f >= 0.0).then(|| f.ceil() as u64)
+}
+
+/// The amount in header `name`, if present and numeric.
+pub fn header_amount(headers: &HeaderMap, name: &HeaderName) -> Option<u64> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_amount)
+}
+
+// ---------------------------------------------------------------- JSON paths
+
+/// Walks a dotted path (object keys; decimal segments also index arrays)
+/// and hands the value found there to a leaf seed. Everything off the path
+/// is skipped with [`IgnoredAny`]. With duplicate keys the last one wins,
+/// as in most JSON parsers.
+struct PathSeed<'p, L> {
+    path: &'p [String],
+    leaf: L,
+}
+
+trait Leaf<'de>: DeserializeSeed<'de> + Copy {}
+impl<'de, T: DeserializeSeed<'de> + Copy> Leaf<'de> for T {}
+
+impl<'de, T, L> DeserializeSeed<'de> for PathSeed<'_, L>
+where
+    L: Leaf<'de, Value = Option<T>>,
+{
+    type Value = Option<T>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<T>, D::Error> {
+        match self.path.split_first() {
+            None => self.leaf.deserialize(d),
+            Some((head, rest)) => d.deserialize_any(PathVisitor {
+                head,
+                rest,
+                leaf: self.leaf,
+            }),
+        }
+    }
+}
+
+struct PathVisitor<'p, L> {
+    head: &'p str,
+    rest: &'p [String],
+    leaf: L,
+}
+
+impl<'de, T, L> Visitor<'de> for PathVisitor<'_, L>
+where
+    L: Leaf<'de, Value = Option<T>>,
+{
+    type Value = Option<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "an object with key `{}`", self.head)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<T>, A::Error> {
+        let mut found = None;
+        while let Some(is_head) = map.next_key_seed(KeyIs(self.head))? {
+            if is_head {
+                let v = map.next_value_seed(PathSeed {
+                    path: self.rest,
+                    leaf: self.leaf,
+                })?;
+                if v.is_some() {
+                    found = v;
+                }
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<T>, A::Error> {
+        let index: Option<usize> = self.head.parse().ok();
+        let mut found = None;
+        let mut i = 0usize;
+        loop {
+            if Some(i) == index {
+                let seed = PathSeed {
+                    path: self.rest,
+                    leaf: self.leaf,
+                };
+                match seq.next_element_seed(seed)? {
+                    Some(v) => found = v,
+                    None => break,
+                }
+            } else if seq.next_element::<IgnoredAny>()?.is_none() {
+                break;
+            }
+            i = i.saturating_add(1);
+        }
+        Ok(found)
+    }
+}
+
+/// Deserializes a map key into "is it this key?", without allocating.
+#[derive(Clone, Copy)]
+struct KeyIs<'a>(&'a str);
+
+impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIs<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string key")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
+}
+
+/// Leaf: a non-negative amount (integer, decimal rounded up, or a numeric
+/// string). `null` and other types are "no amount".
+#[derive(Clone, Copy)]
+struct AmountLeaf;
+
+impl<'de> DeserializeSeed<'de> for AmountLeaf {
+    type Value = Option<u64>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<u64>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for AmountLeaf {
+    type Value = Option<u64>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a non-negative number")
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Option<u64>, E> {
+        Ok(Some(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<u64>, E> {
+        Ok(u64::try_from(v).ok())
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Option<u64>, E> {
+        Ok(float_amount(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<u64>, E> {
+        Ok(parse_amount(v))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Option<u64>, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Option<u64>, E> {
+        Ok(None)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<u64>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<u64>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+}
+
+/// Leaf: a string (anything else is "no string").
+#[derive(Clone, Copy)]
+struct StringLeaf;
+
+impl<'de> DeserializeSeed<'de> for StringLeaf {
+    type Value = Option<String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StringLeaf {
+    type Value = Option<String>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<String>, E> {
+        Ok(Some(v.to_owned()))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<String>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+}
+
+/// Leaf: the whole value as a tree (for small subtrees only).
+#[derive(Clone, Copy)]
+struct ValueLeaf;
+
+impl<'de> DeserializeSeed<'de> for ValueLeaf {
+    type Value = Option<serde_json::Value>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        serde::Deserialize::deserialize(d).map(Some)
+    }
+}
+
+fn lookup<'de, T, L>(
+    json: &'de [u8],
+    path: &[String],
+    leaf: L,
+) -> Result<Option<T>, serde_json::Error>
+where
+    L: Leaf<'de, Value = Option<T>>,
+{
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let v = PathSeed { path, leaf }.deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
+}
+
+/// The amount at dotted `path` (e.g. `["usage", "total_tokens"]`) in a JSON
+/// document. `None` when the document is not JSON, the path is absent or
+/// the value there is not a non-negative number (decimals round up;
+/// numeric strings count).
+pub fn json_number_at(json: &[u8], path: &[String]) -> Option<u64> {
+    lookup(json, path, AmountLeaf).ok().flatten()
+}
+
+/// The subtree at dotted `path`, as a `serde_json::Value`.
+pub fn json_value_at(json: &[u8], path: &[String]) -> Option<serde_json::Value> {
+    lookup(json, path, ValueLeaf).ok().flatten()
+}
+
+/// Split `"usage.total_tokens"` into path segments.
+pub fn dotted(path: &str) -> Vec<String> {
+    path.split('.').map(str::to_owned).collect()
+}
+
+// ---------------------------------------------------------------- request side
+
+/// Why a request body does not name a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelError {
+    /// The body is not valid JSON.
+    NotJson,
+    /// Valid JSON, but no string `model` at the top level.
+    NoModel,
+}
+
+impl fmt::Display for ModelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModelError::NotJson => f.write_str(
+                "We could not parse the JSON body of your request. The endpoint is chosen by \
+                 the `model` field, so the body must be a JSON object.",
+            ),
+            ModelError::NoModel => f.write_str(
+                "you must provide a model parameter: a string `model` field in the JSON body",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ModelError {}
+
+/// The top-level `model` string of a JSON request body (for `{model}`
+/// routing). The caller bounds the body (`max_request_body`).
+pub fn request_model(body: &[u8]) -> Result<String, ModelError> {
+    let path = [String::from("model")];
+    match lookup(body, &path, StringLeaf) {
+        Ok(Some(m)) if !m.is_empty() => Ok(m),
+        Ok(_) => Err(ModelError::NoModel),
+        Err(e) if e.is_data() => Err(ModelError::NoModel),
+        Err(_) => Err(ModelError::NotJson),
+    }
+}
+
+/// Read a reservation or measurement from request or response parts: a
+/// header, or a dotted path in a JSON body (`None` when there is no body).
+pub fn read_source(source: &ValueSource, headers: &HeaderMap, body: Option<&[u8]>) -> Option<u64> {
+    match source {
+        ValueSource::Header(name) => header_amount(headers, name),
+        ValueSource::Body(path) => body.and_then(|b| json_number_at(b, path)),
+    }
+}
+
+/// What [`ensure_include_usage`] did to a request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IncludeUsage {
+    /// Not a JSON object with `"stream": true`: forward the body unchanged.
+    NotStreaming,
+    /// The client asked for the usage chunk itself: forward unchanged and
+    /// pass the chunk through.
+    AlreadyRequested,
+    /// The gateway turned it on: forward these bytes instead, and drop the
+    /// usage-only chunk from the response (see [`SseScanner::dropping`]).
+    Added(Bytes),
+}
+
+/// For a streaming chat request (`"stream": true`), make sure
+/// `stream_options.include_usage` is `true`, so the upstream reports usage
+/// in a final chunk. When `stream_options` is absent the member is spliced
+/// in after the opening brace, leaving the rest of the body byte for byte
+/// as the client sent it.
+pub fn ensure_include_usage(body: &Bytes) -> IncludeUsage {
+    if json_value_at(body, &[String::from("stream")]) != Some(serde_json::Value::Bool(true)) {
+        return IncludeUsage::NotStreaming;
+    }
+    let options_path = [String::from("stream_options")];
+    match json_value_at(body, &options_path) {
+        None => {
+            // `stream` was found, so the body is an object: it starts with
+            // optional whitespace and `{`.
+            let Some(brace) = body.iter().position(|b| *b == b'{') else {
+                return IncludeUsage::NotStreaming;
+            };
+            let member: &[u8] = br#""stream_options":{"include_usage":true},"#;
+            let mut out = Vec::with_capacity(body.len() + member.len());
+            out.extend_from_slice(&body[..=brace]);
+            out.extend_from_slice(member);
+            out.extend_from_slice(&body[brace + 1..]);
+            IncludeUsage::Added(Bytes::from(out))
+        }
+        Some(serde_json::Value::Object(o))
+            if o.get("include_usage") == Some(&serde_json::Value::Bool(true)) =>
+        {
+            IncludeUsage::AlreadyRequested
+        }
+        Some(_) => rewrite_options(body),
+    }
+}
+
+/// Parse the whole body, set `stream_options.include_usage = true` and
+/// serialize it again (key order may change; the content does not).
+fn rewrite_options(body: &[u8]) -> IncludeUsage {
+    let Ok(serde_json::Value::Object(mut obj)) = serde_json::from_slice(body) else {
+        return IncludeUsage::NotStreaming;
+    };
+    let opts = obj
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    if !opts.is_object() {
+        *opts = serde_json::Value::Object(Default::default());
+    }
+    if let Some(o) = opts.as_object_mut() {
+        o.insert("include_usage".into(), serde_json::Value::Bool(true));
+    }
+    match serde_json::to_vec(&obj) {
+        Ok(v) => IncludeUsage::Added(Bytes::from(v)),
+        Err(_) => IncludeUsage::NotStreaming,
+    }
+}
+
+/// Whether an SSE event's data is OpenAI's extra usage chunk: an object
+/// whose `choices` is an empty array and whose `usage` is an object.
+pub fn is_usage_only_chunk(data: &[u8]) -> bool {
+    if !contains(data, b"\"usage\"") || !contains(data, b"\"choices\"") {
+        return false;
+    }
+    let Ok(serde_json::Value::Object(o)) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return false;
+    };
+    matches!(o.get("choices"), Some(serde_json::Value::Array(a)) if a.is_empty())
+        && matches!(o.get("usage"), Some(serde_json::Value::Object(_)))
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+// ---------------------------------------------------------------- SSE
+
+/// An incremental `text/event-stream` scanner. Feed it the response body in
+/// chunks split anywhere; it remembers, per path, the value from the LAST
+/// event whose data carries a number there (OpenAI's `include_usage` chunk).
+///
+/// - `data: [DONE]` is ignored.
+/// - An event's JSON is only parsed when it contains the path's last key
+///   in quotes (a cheap substring check), so content chunks cost a scan.
+///   A key spelled with JSON escapes (`"\u0075sage"`) is not recognised.
+/// - Memory is bounded: a line or event longer than the limit is skipped.
+/// - In dropping mode ([`SseScanner::dropping`]) it also removes the
+///   usage-only chunk from the bytes it returns; otherwise it returns every
+///   chunk untouched.
+#[derive(Debug)]
+pub struct SseScanner {
+    paths: Vec<Vec<String>>,
+    needles: Vec<Vec<u8>>,
+    values: Vec<Option<u64>>,
+    max_event: usize,
+    drop_usage_only: bool,
+    line: Vec<u8>,
+    line_overflow: bool,
+    after_cr: bool,
+    data: Vec<u8>,
+    has_data: bool,
+    event_overflow: bool,
+    /// Dropping mode: raw bytes of the current event, held back until it is
+    /// known whether to forward it.
+    raw: Vec<u8>,
+    /// The current event's start was already forwarded (it grew past the
+    /// limit), so it can no longer be dropped.
+    raw_flushed: bool,
+    /// The last event was dispatched at a `\r`: a `\n` right after it
+    /// belongs to that event, and is dropped or forwarded with it
+    /// (`Some(true)`: dropped).
+    lf_after_dispatch: Option<bool>,
+    dropped: usize,
+}
+
+impl SseScanner {
+    /// Scan for `paths` (each a dotted path split into segments), passing
+    /// bytes through untouched.
+    pub fn new(paths: Vec<Vec<String>>) -> Self {
+        Self::with_options(paths, false, DEFAULT_MAX_EVENT_BYTES)
+    }
+
+    /// Like [`SseScanner::new`], but also drop the usage-only chunk from
+    /// the forwarded bytes (when the gateway injected `include_usage`).
+    pub fn dropping(paths: Vec<Vec<String>>) -> Self {
+        Self::with_options(paths, true, DEFAULT_MAX_EVENT_BYTES)
+    }
+
+    /// Full control, including the bound on one line / event.
+    pub fn with_options(paths: Vec<Vec<String>>, drop_usage_only: bool, max_event: usize) -> Self {
+        let needles = paths
+            .iter()
+            .map(|p| {
+                let key = p.last().map(String::as_str).unwrap_or("");
+                let mut n = Vec::with_capacity(key.len() + 2);
+                n.push(b'"');
+                n.extend_from_slice(key.as_bytes());
+                n.push(b'"');
+                n
+            })
+            .collect();
+        let values = vec![None; paths.len()];
+        Self {
+            paths,
+            needles,
+            values,
+            max_event: max_event.max(1),
+            drop_usage_only,
+            line: Vec::new(),
+            line_overflow: false,
+            after_cr: false,
+            data: Vec::new(),
+            has_data: false,
+            event_overflow: false,
+            raw: Vec::new(),
+            raw_flushed: false,
+            lf_after_dispatch: None,
+            dropped: 0,
+        }
+    }
+
+    /// Scan a chunk. Returns the bytes to forward: the chunk itself unless
+    /// dropping, in which case complete events minus the usage-only one.
+    pub fn feed(&mut self, chunk: &Bytes) -> Bytes {
+        if !self.drop_usage_only {
+            self.scan(chunk, &mut Vec::new());
+            return chunk.clone();
+        }
+        let mut out = Vec::with_capacity(chunk.len() + self.raw.len());
+        self.scan(chunk, &mut out);
+        Bytes::from(out)
+    }
+
+    /// The stream ended: treat an unterminated last line / event as
+    /// complete (a cut-short stream still charges what it showed) and
+    /// return the bytes still held back.
+    pub fn finish(&mut self) -> Bytes {
+        let mut out = Vec::new();
+        if !self.line.is_empty() || self.line_overflow {
+            self.end_line(&mut out);
+        }
+        if self.has_data {
+            self.dispatch(&mut out);
+        }
+        out.append(&mut self.raw);
+        self.raw_flushed = false;
+        Bytes::from(out)
+    }
+
+    /// The value seen last for path `i`.
+    pub fn value(&self, i: usize) -> Option<u64> {
+        self.values.get(i).copied().flatten()
+    }
+
+    /// The values seen last, in path order.
+    pub fn values(&self) -> &[Option<u64>] {
+        &self.values
+    }
+
+    /// How many usage-only events were dropped.
+    pub fn dropped(&self) -> usize {
+        self.dropped
+    }
+
+    fn emit(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        if !self.drop_usage_only {
+            return;
+        }
+        if self.raw_flushed {
+            out.extend_from_slice(bytes);
+            return;
+        }
+        self.raw.extend_from_slice(bytes);
+        if self.raw.len() > self.max_event {
+            // Too big to be a usage chunk worth holding: forward it as is.
+            out.append(&mut self.raw);
+            self.raw_flushed = true;
+        }
+    }
+
+    fn scan(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let mut i = 0;
+        while i < chunk.len() {
+            if self.after_cr {
+                self.after_cr = false;
+                let dispatched = self.lf_after_dispatch.take();
+                if chunk[i] == b'\n' {
+                    // The second half of a CRLF terminator.
+                    match dispatched {
+                        Some(true) => {}
+                        Some(false) if self.drop_usage_only => out.push(b'\n'),
+                        _ => self.emit(b"\n", out),
+                    }
+                    i += 1;
+                    continue;
+                }
+            }
+            let rest = &chunk[i..];
+            match rest.iter().position(|b| *b == b'\n' || *b == b'\r') {
+                None => {
+                    self.push_line(rest);
+                    self.emit(rest, out);
+                    break;
+                }
+                Some(j) => {
+                    self.push_line(&rest[..j]);
+                    self.emit(&rest[..=j], out);
+                    if rest[j] == b'\r' {
+                        self.after_cr = true;
+                    }
+                    i += j + 1;
+                    // A blank line (not an overlong one) dispatches the event.
+                    let dispatches = self.line.is_empty() && !self.line_overflow;
+                    let dropped_before = self.dropped;
+                    self.end_line(out);
+                    if self.after_cr && dispatches {
+                        self.lf_after_dispatch = Some(self.dropped != dropped_before);
+                    }
+                }
+            }
+        }
+    }
+
+    fn push_line(&mut self, bytes: &[u8]) {
+        if self.line_overflow {
+            return;
+        }
+        if self.line.len() + bytes.len() > self.max_event {
+            self.line_overflow = true;
+            self.line.clear();
+        } else {
+            self.line.extend_from_slice(bytes);
+        }
+    }
+
+    fn end_line(&mut self, out: &mut Vec<u8>) {
+        if std::mem::take(&mut self.line_overflow) {
+            self.event_overflow = true;
+            return;
+        }
+        let line = std::mem::take(&mut self.line);
+        if line.is_empty() {
+            self.dispatch(out);
+        } else if line[0] != b':' {
+            let (name, value) = match line.iter().position(|b| *b == b':') {
+                Some(c) => {
+                    let v = &line[c + 1..];
+                    (&line[..c], v.strip_prefix(b" ").unwrap_or(v))
+                }
+                None => (&line[..], &[][..]),
+            };
+            if name == b"data" {
+                let extra = value.len() + usize::from(self.has_data);
+                if self.data.len() + extra > self.max_event {
+                    self.event_overflow = true;
+                } else {
+                    if self.has_data {
+                        self.data.push(b'\n');
+                    }
+                    self.data.extend_from_slice(value);
+                }
+                self.has_data = true;
+            }
+        }
+        // Reuse the line's allocation for the next line.
+        self.line = line;
+        self.line.clear();
+    }
+
+    fn dispatch(&mut self, out: &mut Vec<u8>) {
+        let mut drop = false;
+        if self.has_data && !self.event_overflow && self.data != b"[DONE]" {
+            for (i, needle) in self.needles.iter().enumerate() {
+                if contains(&self.data, needle) {
+                    if let Some(v) = json_number_at(&self.data, &self.paths[i]) {
+                        self.values[i] = Some(v);
+                    }
+                }
+            }
+            drop = self.drop_usage_only && !self.raw_flushed && is_usage_only_chunk(&self.data);
+        }
+        if self.drop_usage_only {
+            if drop {
+                self.raw.clear();
+                self.dropped += 1;
+            } else {
+                out.append(&mut self.raw);
+            }
+        }
+        self.raw_flushed = false;
+        self.data.clear();
+        self.has_data = false;
+        self.event_overflow = false;
+    }
+}
+
+// ---------------------------------------------------------------- JSON bodies
+
+/// Watches a JSON response body go by, keeping it whole up to a bound and
+/// after that only its tail, and finds amounts at dotted paths at the end.
+///
+/// OpenAI puts `usage` last, so for a body too large to keep (say, a big
+/// embeddings response) the tail is searched for the last `"<first key>":`
+/// and the path is followed from there. That fallback is a heuristic: it
+/// reads a key at any depth, so it is only used when the body was too large
+/// to parse properly.
+#[derive(Debug)]
+pub struct JsonTail {
+    buf: Vec<u8>,
+    whole: bool,
+    max_whole: usize,
+    tail: usize,
+}
+
+impl Default for JsonTail {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_EVENT_BYTES, DEFAULT_TAIL_BYTES)
+    }
+}
+
+impl JsonTail {
+    /// Keep bodies up to `max_whole` bytes whole, else the last `tail` bytes.
+    pub fn new(max_whole: usize, tail: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            whole: true,
+            max_whole,
+            tail: tail.max(1),
+        }
+    }
+
+    /// Record a chunk of the body.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+        if self.whole && self.buf.len() > self.max_whole {
+            self.whole = false;
+        }
+        // Trim lazily (at twice the tail) so trimming is amortised O(1).
+        if !self.whole && self.buf.len() > self.tail * 2 {
+            let cut = self.buf.len() - self.tail;
+            self.buf.drain(..cut);
+        }
+    }
+
+    /// The amount at `path` in what was seen.
+    pub fn number_at(&self, path: &[String]) -> Option<u64> {
+        if self.whole {
+            return json_number_at(&self.buf, path);
+        }
+        let (head, rest) = path.split_first()?;
+        let mut needle = Vec::with_capacity(head.len() + 2);
+        needle.push(b'"');
+        needle.extend_from_slice(head.as_bytes());
+        needle.push(b'"');
+        let buf = &self.buf;
+        let mut end = buf.len();
+        // Latest occurrence first: usage is at the end.
+        while let Some(pos) = rfind(&buf[..end], &needle) {
+            end = pos;
+            if pos > 0 && buf[pos - 1] == b'\\' {
+                continue;
+            }
+            let after = &buf[pos + needle.len()..];
+            let skip = after.iter().take_while(|b| b.is_ascii_whitespace()).count();
+            if after.get(skip) != Some(&b':') {
+                continue;
+            }
+            let mut de = serde_json::Deserializer::from_slice(&after[skip + 1..]);
+            let seed = PathSeed {
+                path: rest,
+                leaf: AmountLeaf,
+            };
+            if let Ok(Some(v)) = seed.deserialize(&mut de) {
+                return Some(v);
+            }
+        }
+        None
+    }
+}
+
+fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    (0..=hay.len() - needle.len())
+        .rev()
+        .find(|&i| &hay[i..i + needle.len()] == needle)
+}
+
+// ---------------------------------------------------------------- one response
+
+/// A source resolved for one response.
+#[derive(Debug, Clone)]
+enum Resolved {
+    /// A header's value, read when the meter was built.
+    Header(Option<u64>),
+    /// Index into the body paths.
+    Body(usize),
+}
+
+#[derive(Debug)]
+enum BodyScan {
+    None,
+    Json(JsonTail),
+    Sse(SseScanner),
+}
+
+/// Measures the units of one response, per the route's `usage` sources.
+///
+/// ```
+/// use bytes::Bytes;
+/// use plangate::config::ValueSource;
+/// use plangate::plans::Unit;
+/// use plangate::usage::{dotted, ResponseMeter};
+///
+/// let usage = vec![(Unit::new("token"), vec![ValueSource::Body(dotted("usage.total_tokens"))])];
+/// let mut headers = http::HeaderMap::new();
+/// headers.insert("content-type", "application/json".parse().unwrap());
+/// let mut meter = ResponseMeter::new(&usage, &headers, false);
+/// let fwd = meter.feed(&Bytes::from_static(br#"{"usage":{"total_tokens":42}}"#));
+/// assert_eq!(fwd.len(), 29);
+/// meter.finish();
+/// assert_eq!(meter.units(), vec![(Unit::new("token"), 42)]);
+/// ```
+#[derive(Debug)]
+pub struct ResponseMeter {
+    units: Vec<(Unit, Vec<Resolved>)>,
+    /// Distinct body paths; `Resolved::Body` indexes into them.
+    paths: Vec<Vec<String>>,
+    body: BodyScan,
+}
+
+impl ResponseMeter {
+    /// Build from a route's `usage` and the response headers. The body is
+    /// scanned as SSE when the content type is `text/event-stream`, else as
+    /// JSON. `drop_usage_chunk`: the gateway injected `include_usage`, so
+    /// the usage-only SSE event is removed from the forwarded bytes.
+    pub fn new(
+        usage: &[(Unit, Vec<ValueSource>)],
+        headers: &HeaderMap,
+        drop_usage_chunk: bool,
+    ) -> Self {
+        let mut paths: Vec<Vec<String>> = Vec::new();
+        let units = usage
+            .iter()
+            .map(|(unit, sources)| {
+                let resolved = sources
+                    .iter()
+                    .map(|s| match s {
+                        ValueSource::Header(name) => Resolved::Header(header_amount(headers, name)),
+                        ValueSource::Body(path) => {
+                            let i = match paths.iter().position(|p| p == path) {
+                                Some(i) => i,
+                                None => {
+                                    paths.push(path.clone());
+                                    paths.len() - 1
+                                }
+                            };
+                            Resolved::Body(i)
+                        }
+                    })
+                    .collect();
+                (unit.clone(), resolved)
+            })
+            .collect();
+        let body = if is_event_stream(headers) {
+            if drop_usage_chunk {
+                BodyScan::Sse(SseScanner::dropping(paths.clone()))
+            } else {
+                BodyScan::Sse(SseScanner::new(paths.clone()))
+            }
+        } else if paths.is_empty() {
+            BodyScan::None
+        } else {
+            BodyScan::Json(JsonTail::default())
+        };
+        Self { units, paths, body }
+    }
+
+    /// Watch a body chunk; returns the bytes to forward to the client.
+    pub fn feed(&mut self, chunk: &Bytes) -> Bytes {
+        match &mut self.body {
+            BodyScan::None => chunk.clone(),
+            BodyScan::Json(t) => {
+                t.feed(chunk);
+                chunk.clone()
+            }
+            BodyScan::Sse(s) => s.feed(chunk),
+        }
+    }
+
+    /// The body ended; returns bytes still to forward (empty unless SSE
+    /// events were held back).
+    pub fn finish(&mut self) -> Bytes {
+        match &mut self.body {
+            BodyScan::Sse(s) => s.finish(),
+            _ => Bytes::new(),
+        }
+    }
+
+    /// Per unit, the first source that yielded a number. Units with no
+    /// number are left out (their reservation stands). Valid at any time,
+    /// so a cut-short stream charges what was seen.
+    pub fn units(&self) -> Vec<(Unit, u64)> {
+        self.units
+            .iter()
+            .filter_map(|(unit, sources)| {
+                sources
+                    .iter()
+                    .find_map(|s| match s {
+                        Resolved::Header(v) => *v,
+                        Resolved::Body(i) => self.body_value(*i),
+                    })
+                    .map(|v| (unit.clone(), v))
+            })
+            .collect()
+    }
+
+    fn body_value(&self, i: usize) -> Option<u64> {
+        match &self.body {
+            BodyScan::None => None,
+            BodyScan::Json(t) => self.body_path(i).and_then(|p| t.number_at(p)),
+            BodyScan::Sse(s) => s.value(i),
+        }
+    }
+
+    fn body_path(&self, i: usize) -> Option<&[String]> {
+        self.paths.get(i).map(Vec::as_slice)
+    }
+}
+
+/// Whether the response is a server-sent event stream.
+pub fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| {
+            ct.trim_start()
+                .get(..17)
+                .is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream"))
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,503 @@
-//! gateway tests
+//! Black-box tests of the gateway: real listeners, the mock OpenAI server
+//! as a real upstream, on the in-process and the Postgres + Redis backends.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+use plangate_tests::harness::{Backend, Options, TestGateway, ADMIN_TOKEN};
+use serde_json::json;
+
+async fn gateways() -> Vec<TestGateway> {
+    let mut out = Vec::new();
+    for backend in Backend::all().await {
+        out.push(TestGateway::start(Options::new(backend)).await);
+    }
+    out
+}
+
+fn chat_body(model: &str) -> serde_json::Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hello"}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_and_invalid_keys_are_401_and_never_reach_upstream() {
+    for gw in gateways().await {
+        let r = gw
+            .post("/v1/chat/completions", None, &chat_body("gpt-test"))
+            .await;
+        assert_eq!(r.status, 401);
+        assert_eq!(r.code(), "missing_api_key");
+        assert_eq!(r.json()["error"]["param"], serde_json::Value::Null);
+
+        let bogus = "pg_0123456789abcdef0123456789abcdef";
+        let r = gw
+            .post("/v1/chat/completions", Some(bogus), &chat_body("gpt-test"))
+            .await;
+        assert_eq!(r.status, 401);
+        assert_eq!(r.code(), "invalid_api_key");
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(!msg.contains(bogus), "key must be masked: {msg}");
+
+        // Absurd length and control characters: 401, no panic.
+        let long = "k".repeat(10_000);
+        let r = gw
+            .post("/v1/chat/completions", Some(&long), &chat_body("gpt-test"))
+            .await;
+        assert_eq!(r.status, 401);
+        // Tabs and non-ASCII bytes are legal in a header value but never in a key.
+        for raw in [&b"Bearer pg_ab\tcd"[..], &b"Bearer pg_\xff\xfe\x80"[..]] {
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri("/v1/chat/completions")
+                .header("authorization", http::HeaderValue::from_bytes(raw).unwrap())
+                .body(Full::new(Bytes::from(chat_body("gpt-test").to_string())))
+                .unwrap();
+            let r = gw.send(req).await;
+            assert_eq!(r.status, 401);
+        }
+
+        // A revoked key stops working.
+        let (account, key) = gw.account(None).await;
+        assert_eq!(gw.chat(&key, "gpt-test").await.status, 200);
+        let keys = gw.catalog().list_keys(&account).await.unwrap();
+        gw.catalog().revoke_key(&keys[0].id).await.unwrap();
+        let mut revoked = false;
+        for _ in 0..100 {
+            if gw.chat(&key, "gpt-test").await.status == 401 {
+                revoked = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(revoked, "revoked key still admitted after 5 s");
+        assert_eq!(
+            gw.mock.requests(),
+            1,
+            "only the one valid request reached the upstream"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_route_endpoint_not_allowed_and_bad_bodies() {
+    for gw in gateways().await {
+        let (_, key) = gw.account(None).await;
+        let r = gw.post("/v2/nothing", Some(&key), &json!({})).await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (StatusCode::NOT_FOUND, "unknown_route")
+        );
+
+        let r = gw.chat(&key, "other-model").await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (StatusCode::FORBIDDEN, "endpoint_not_allowed")
+        );
+        assert_eq!(
+            r.json()["error"]["message"],
+            "no access to endpoint: other-model"
+        );
+
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/chat/completions")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::from_static(b"{not json")))
+            .unwrap();
+        let r = gw.send(req).await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (StatusCode::BAD_REQUEST, "invalid_request")
+        );
+
+        let r = gw
+            .post("/v1/chat/completions", Some(&key), &json!({"messages": []}))
+            .await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (StatusCode::BAD_REQUEST, "invalid_request")
+        );
+        assert_eq!(
+            gw.mock.requests(),
+            0,
+            "refused requests never reach the upstream"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_headers_count_down_and_429_carries_openai_fields() {
+    for gw in gateways().await {
+        let (_, key) = gw.account(None).await;
+        let mut tokens_before = None;
+        for expected_remaining in [2u64, 1, 0] {
+            let r = gw.chat(&key, "gpt-test").await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"));
+            assert_eq!(
+                r.header("x-ratelimit-remaining-requests"),
+                Some(expected_remaining.to_string().as_str())
+            );
+            // The clock stands 20 s into the minute.
+            assert_eq!(r.header("x-ratelimit-reset-requests"), Some("40s"));
+            assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("1000"));
+            assert_eq!(r.header("x-ratelimit-limit-concurrency"), Some("2"));
+            assert!(r.header("x-request-id").is_some());
+            let usage = r.json()["usage"]["total_tokens"].as_u64().unwrap();
+            let remaining: u64 = r
+                .header("x-ratelimit-remaining-tokens")
+                .unwrap()
+                .parse()
+                .unwrap();
+            if let Some((prev_remaining, prev_usage)) = tokens_before {
+                // Headers are rendered at admission: they reflect the
+                // previous response's usage, settled at its end.
+                assert_eq!(
+                    remaining,
+                    prev_remaining - prev_usage,
+                    "token window counts usage"
+                );
+            }
+            tokens_before = Some((remaining, usage));
+            // Let the settlement task of this response run.
+            wait_settled(&gw).await;
+        }
+        let r = gw.chat(&key, "gpt-test").await;
+        assert_eq!(r.status, 429);
+        assert_eq!(r.code(), "rate_limit_exceeded");
+        assert_eq!(r.json()["error"]["type"], "requests");
+        assert_eq!(r.header("retry-after"), Some("40"));
+        assert_eq!(r.header("retry-after-ms"), Some("40000"));
+        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+        assert_eq!(
+            r.json()["error"]["message"],
+            "Rate limit reached for gpt-test on requests per 1m: Limit 3, Used 3, Requested 1. Please try again in 40s."
+        );
+        assert_eq!(
+            gw.mock.requests(),
+            3,
+            "the denied request never reached the upstream"
+        );
+
+        // The next minute admits again.
+        gw.clock.advance(Duration::from_secs(40));
+        let r = gw.chat(&key, "gpt-test").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("2"));
+        assert_eq!(r.header("x-ratelimit-reset-requests"), Some("1m0s"));
+    }
+}
+
+/// Wait until no settlement is pending: the in-flight slot gauge is back
+/// to zero. Bounded; it waits for a background task, not for a window.
+async fn wait_settled(gw: &TestGateway) {
+    for _ in 0..200 {
+        if gw.core.metrics.in_flight() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("requests still in flight after 1 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_too_large_and_concurrency_limit() {
+    for gw in gateways().await {
+        let (_, key) = gw.account(None).await;
+        let r = gw
+            .post(
+                "/v1/chat/completions",
+                Some(&key),
+                &json!({"model": "gpt-test", "max_tokens": 5000, "messages": []}),
+            )
+            .await;
+        assert_eq!(r.status, 429);
+        assert_eq!(r.code(), "request_too_large");
+        assert_eq!(r.header("x-should-retry"), Some("false"));
+
+        // Two slow requests hold both slots; the third is refused.
+        let body = chat_body("gpt-test");
+        let slow = || {
+            gw.post_with(
+                "/v1/chat/completions",
+                Some(&key),
+                &body,
+                &[("x-mock-delay-ms", "800")],
+            )
+        };
+        let (a, b, c) = tokio::join!(slow(), slow(), async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            gw.chat(&key, "gpt-test").await
+        });
+        assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
+        assert_eq!(c.status, 429);
+        assert_eq!(c.code(), "concurrency_limit_exceeded");
+        assert_eq!(c.header("retry-after"), Some("1"));
+        assert_eq!(c.header("x-ratelimit-remaining-concurrency"), Some("0"));
+        wait_settled(&gw).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_charged_at_admission_and_per_unit_and_insufficient_quota() {
+    for gw in gateways().await {
+        let (account, key) = gw.account(None).await;
+        let r = gw.chat(&key, "paid-model").await;
+        assert_eq!(r.status, 429);
+        assert_eq!(r.code(), "insufficient_quota");
+        assert_eq!(r.json()["error"]["type"], "insufficient_quota");
+        assert_eq!(r.header("x-should-retry"), Some("false"));
+        assert_eq!(gw.mock.requests(), 0);
+
+        gw.catalog()
+            .create_quota_block(&account, 10, None, json!({}))
+            .await
+            .unwrap();
+        let r = gw.chat(&key, "paid-model").await;
+        assert_eq!(r.status, 200);
+        // 1 per request at admission.
+        assert_eq!(r.header("x-credits-remaining"), Some("9"));
+        let tokens = r.json()["usage"]["total_tokens"].as_u64().unwrap();
+        // Per unit: 1 credit per 100 tokens, rounded up, charged at the end.
+        let expected = 9 - tokens.div_ceil(100);
+        let mut balance = 0;
+        for _ in 0..100 {
+            balance = gw.catalog().balance(&account).await.unwrap();
+            if balance == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(balance, expected);
+
+        // Upstream failure refunds the admission charge.
+        let before = gw.catalog().balance(&account).await.unwrap();
+        let r = gw
+            .post_with(
+                "/v1/chat/completions",
+                Some(&key),
+                &chat_body("paid-model"),
+                &[("x-mock-status", "500")],
+            )
+            .await;
+        assert_eq!(r.status, 500);
+        let mut after = 0;
+        for _ in 0..100 {
+            after = gw.catalog().balance(&account).await.unwrap();
+            if after == before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            after, before,
+            "admission charge refunded after an upstream 5xx"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_body_413_and_oversized_headers_431() {
+    for gw in gateways().await {
+        let (_, key) = gw.account(None).await;
+        let big = "x".repeat(100 * 1024);
+        let r = gw
+            .post(
+                "/v1/chat/completions",
+                Some(&key),
+                &json!({"model": "gpt-test", "pad": big}),
+            )
+            .await;
+        assert_eq!(r.status, 413);
+
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/chat/completions")
+            .header("authorization", format!("Bearer {key}"))
+            .header("x-huge", "h".repeat(100 * 1024))
+            .body(Full::new(Bytes::from(chat_body("gpt-test").to_string())))
+            .unwrap();
+        let r = gw.send(req).await;
+        assert_eq!(r.status, 431);
+        assert_eq!(gw.mock.requests(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_requires_token_and_manages_everything() {
+    for gw in gateways().await {
+        use http::Method as M;
+        let r = gw.admin(M::GET, "/admin/plans", None, "").await;
+        assert_eq!(r.status, 401);
+        let r = gw.admin(M::GET, "/admin/plans", Some("wrong"), "").await;
+        assert_eq!(r.status, 401);
+        let r = gw.admin(M::GET, "/metrics", None, "").await;
+        assert_eq!(r.status, 401);
+
+        let t = Some(ADMIN_TOKEN);
+        let r = gw.admin(M::GET, "/admin/plans", t, "").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["default_plan"], "basic");
+        assert!(r.json()["plans"]["other"].is_object());
+
+        let r = gw.admin(M::DELETE, "/admin/plans/basic", t, "").await;
+        assert_eq!(r.status, 409, "the default plan cannot be deleted");
+
+        let id = plangate_tests::harness::unique("adm");
+        let r = gw
+            .admin(
+                M::POST,
+                "/admin/accounts",
+                t,
+                &json!({"id": id, "metadata": {"tier": "x"}}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        let r = gw
+            .admin(M::GET, &format!("/admin/accounts/{id}"), t, "")
+            .await;
+        assert_eq!(r.json()["effective_plan"], "basic");
+        assert_eq!(r.json()["plan_id"], serde_json::Value::Null);
+        let r = gw
+            .admin(
+                M::POST,
+                "/admin/accounts",
+                t,
+                &json!({"id": id}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 409, "duplicate account");
+
+        let r = gw
+            .admin(M::POST, &format!("/admin/accounts/{id}/keys"), t, "")
+            .await;
+        assert_eq!(r.status, 201);
+        let key = r.json()["key"].as_str().unwrap().to_owned();
+        let key_id = r.json()["id"].as_str().unwrap().to_owned();
+        assert!(key.starts_with("pg_"));
+
+        let r = gw
+            .admin(
+                M::PUT,
+                &format!("/admin/accounts/{id}/plan"),
+                t,
+                &json!({"plan_id": "other"}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let r = gw.admin(M::DELETE, "/admin/plans/other", t, "").await;
+        assert_eq!(r.status, 409, "a plan in use cannot be deleted");
+
+        let r = gw
+            .admin(
+                M::POST,
+                &format!("/admin/accounts/{id}/quota-blocks"),
+                t,
+                &json!({"credits": 50, "expires_at": "2099-01-01T00:00:00Z"}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        let block_id = r.json()["id"].as_str().unwrap().to_owned();
+        let r = gw
+            .admin(M::GET, &format!("/admin/accounts/{id}/balance"), t, "")
+            .await;
+        assert_eq!(r.json()["balance"], 50);
+        let r = gw
+            .admin(M::GET, &format!("/admin/accounts/{id}/quota-blocks"), t, "")
+            .await;
+        assert_eq!(r.status, 200);
+        let r = gw
+            .admin(
+                M::POST,
+                &format!("/admin/accounts/{id}/quota-blocks/expire"),
+                t,
+                "",
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let r = gw
+            .admin(M::GET, &format!("/admin/accounts/{id}/balance"), t, "")
+            .await;
+        assert_eq!(r.json()["balance"], 0);
+        let r = gw
+            .admin(M::DELETE, &format!("/admin/quota-blocks/{block_id}"), t, "")
+            .await;
+        assert_eq!(r.status, 200);
+
+        let r = gw
+            .admin(
+                M::GET,
+                &format!("/admin/accounts/{id}/limits?endpoint=other-model"),
+                t,
+                "",
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(
+            r.json()["endpoints"]["other-model"]["windows"][0]["limit"],
+            5
+        );
+
+        // New plans via the API, in YAML.
+        let yaml = "plans:\n  extra:\n    endpoints:\n      \"x\":\n        fixed_windows:\n          - window: 1m\n            limit: 7\n";
+        let r = gw.admin(M::PUT, "/admin/plans", t, yaml).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let r = gw.admin(M::GET, "/admin/plans/extra", t, "").await;
+        assert_eq!(r.status, 200);
+        let bad = "plans:\n  extra:\n    endpoints:\n      \"x\":\n        sliding_windows: []\n";
+        let r = gw.admin(M::PUT, "/admin/plans", t, bad).await;
+        assert_eq!(r.status, 400);
+        assert!(r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fixed_windows"));
+        let r = gw
+            .admin(
+                M::PUT,
+                "/admin/default-plan",
+                t,
+                &json!({"plan_id": "extra"}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let r = gw.admin(M::GET, "/admin/plans/nope", t, "").await;
+        assert_eq!(r.status, 404);
+
+        let r = gw
+            .admin(M::DELETE, &format!("/admin/keys/{key_id}"), t, "")
+            .await;
+        assert_eq!(r.status, 200);
+        let r = gw.admin(M::GET, "/metrics", t, "").await;
+        assert_eq!(r.status, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_endpoint_reports_every_window() {
+    for gw in gateways().await {
+        let (account, key) = gw.account(None).await;
+        assert_eq!(gw.chat(&key, "gpt-test").await.status, 200);
+        wait_settled(&gw).await;
+        let req = Request::builder()
+            .uri("/v1/limits")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = gw.send(req).await;
+        assert_eq!(r.status, 200);
+        let v = r.json();
+        assert_eq!(v["account"], account.as_str());
+        assert_eq!(v["plan"], "basic");
+        let w = &v["endpoints"]["gpt-test"]["windows"];
+        assert_eq!(w[0]["unit"], "request");
+        assert_eq!(w[0]["window_seconds"], 60);
+        assert_eq!(w[0]["used"], 1);
+        assert_eq!(w[0]["remaining"], 2);
+        assert_eq!(w[0]["reset_ms"], 40_000);
+        assert!(w[2]["used"].as_u64().unwrap() > 0, "tokens counted: {w}");
+        assert_eq!(v["endpoints"]["gpt-test"]["concurrency"]["in_use"], 0);
+        assert_eq!(v["credits"]["balance"], 0);
+    }
+}

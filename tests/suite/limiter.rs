@@ -1,1 +1,1068 @@
-//! limiter tests
+//! The counter-store conformance suite: one set of test functions, generic
+//! over the store, run against the in-process store and against real Redis
+//! in both connection modes. A behaviour difference is a bug.
+//!
+//! Time is a `ManualClock`; nothing sleeps to wait out a window. On Redis,
+//! every test uses its own key prefix, checks that a denied attempt left
+//! the raw keys untouched, and at the end that none of its keys lacks a TTL.
+
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use plangate::clock::{window_index, window_reset_ms, ManualClock};
+use plangate::limiter::keys::Keys;
+use plangate::limiter::memory::MemoryStore;
+use plangate::limiter::redis::{RedisMode, RedisOptions, RedisStore};
+use plangate::limiter::{
+    Attempt, AttemptRequest, CounterStore, Denial, EndRequest, Limiter, Permit, RateLimitInfo,
+    RenewRequest, UsageRequest, Verdict, WindowSpec,
+};
+use plangate::plans::{Policy, Unit, Window};
+use redis::aio::MultiplexedConnection;
+
+const MINUTE: u64 = 60_000;
+const DAY: u64 = 86_400_000;
+/// 2025-03-14 12:34:17.250 UTC: inside a minute, 42.75 s before its end.
+const T0: u64 = 20_161 * DAY + (12 * 3600 + 34 * 60) * 1000 + 17_250;
+
+fn minute_end(t: u64) -> u64 {
+    (t / MINUTE + 1) * MINUTE
+}
+
+fn policy(windows: &[(u64, u64, &str)], max_concurrent: u32, expiry_secs: u64) -> Arc<Policy> {
+    Arc::new(Policy {
+        windows: windows
+            .iter()
+            .map(|&(window_secs, limit, unit)| Window {
+                window_secs,
+                limit,
+                unit: Unit::new(unit),
+            })
+            .collect(),
+        max_concurrent,
+        concurrency_expiry_secs: expiry_secs,
+        credits: None,
+    })
+}
+
+/// The free tier of ORIGINAL.md: 3 requests/min, 200 requests/day, 40k
+/// tokens/min.
+fn free_plan() -> Arc<Policy> {
+    policy(
+        &[
+            (60, 3, "request"),
+            (86_400, 200, "request"),
+            (60, 40_000, "token"),
+        ],
+        0,
+        60,
+    )
+}
+
+fn tokens(n: u64) -> Vec<(Unit, u64)> {
+    vec![(Unit::new("token"), n)]
+}
+
+fn unique(tag: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{tag}-{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Raw access to Redis for checks the store API cannot make.
+#[derive(Clone)]
+struct Raw {
+    conn: MultiplexedConnection,
+    keys: Keys,
+}
+
+/// One key's raw state: its value (a string, or a zset's members and
+/// scores) and its remaining TTL.
+#[derive(Debug, Clone, PartialEq)]
+struct RawKey {
+    key: String,
+    value: Vec<String>,
+    pttl: i64,
+}
+
+impl Raw {
+    async fn key_state(&self, key: &str) -> RawKey {
+        let mut c = self.conn.clone();
+        let kind: String = redis::cmd("TYPE")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .expect("TYPE");
+        let value: Vec<String> = match kind.as_str() {
+            "none" => vec![],
+            "string" => vec![redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut c)
+                .await
+                .expect("GET")],
+            "zset" => redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query_async(&mut c)
+                .await
+                .expect("ZRANGE"),
+            other => panic!("unexpected type {other} of {key}"),
+        };
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .expect("PTTL");
+        RawKey {
+            key: key.to_owned(),
+            value,
+            pttl,
+        }
+    }
+
+    /// Every key an attempt of `policy` at `now_ms` could touch.
+    async fn snapshot(
+        &self,
+        account: &str,
+        endpoint: &str,
+        policy: &Policy,
+        now_ms: u64,
+    ) -> Vec<RawKey> {
+        let mut keys = vec![self.keys.in_flight(account, endpoint)];
+        for w in &policy.windows {
+            keys.push(self.keys.window(
+                account,
+                endpoint,
+                w.window_secs,
+                w.unit.as_str(),
+                window_index(now_ms, w.window_secs),
+            ));
+        }
+        let mut out = Vec::new();
+        for k in keys {
+            out.push(self.key_state(&k).await);
+        }
+        out
+    }
+
+    /// Every key under this test's prefix has a TTL; then delete them.
+    async fn assert_ttls_and_clean(&self) {
+        let keys = self.all_keys().await;
+        let mut c = self.conn.clone();
+        for k in &keys {
+            let pttl: i64 = redis::cmd("PTTL")
+                .arg(k)
+                .query_async(&mut c)
+                .await
+                .expect("PTTL");
+            assert_ne!(pttl, -1, "{k} has no TTL");
+        }
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut c)
+                .await
+                .expect("DEL");
+        }
+    }
+
+    async fn all_keys(&self) -> Vec<String> {
+        let mut c = self.conn.clone();
+        let mut cursor = 0u64;
+        let mut out = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(self.keys.scan_pattern())
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await
+                .expect("SCAN");
+            out.extend(batch);
+            if next == 0 {
+                return out;
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// A store under test, the clock it runs on, and (Redis) raw access.
+struct Harness<S: CounterStore> {
+    limiter: Arc<Limiter<S>>,
+    clock: ManualClock,
+    raw: Option<Raw>,
+    /// Unique per test, so concurrent test runs never share counters.
+    account: String,
+}
+
+impl<S: CounterStore + Debug> Harness<S> {
+    fn new(store: S, raw: Option<Raw>) -> Self {
+        let clock = ManualClock::new(T0);
+        Harness {
+            limiter: Limiter::new(store, Arc::new(clock.clone()), Duration::from_secs(5)),
+            clock,
+            raw,
+            account: unique("acct"),
+        }
+    }
+
+    fn store(&self) -> &S {
+        self.limiter.store()
+    }
+
+    fn now(&self) -> u64 {
+        use plangate::clock::Clock;
+        self.clock.now_ms()
+    }
+
+    async fn attempt(
+        &self,
+        id: &str,
+        endpoint: &str,
+        policy: &Arc<Policy>,
+        start: &[(Unit, u64)],
+    ) -> Attempt<S> {
+        self.limiter
+            .attempt(id, &self.account, endpoint, policy, start)
+            .await
+            .expect("attempt")
+    }
+
+    /// Attempt, expecting admission.
+    async fn admit(
+        &self,
+        id: &str,
+        endpoint: &str,
+        policy: &Arc<Policy>,
+        start: &[(Unit, u64)],
+    ) -> (Permit<S>, RateLimitInfo) {
+        match self.attempt(id, endpoint, policy, start).await {
+            Attempt::Admitted(p, info) => (p, info),
+            Attempt::Denied(d, _) => panic!("{id} denied: {d:?}"),
+        }
+    }
+
+    /// Attempt, expecting a denial that changes nothing: neither the usage
+    /// the store reports nor (Redis) any raw key, value or TTL.
+    async fn deny(
+        &self,
+        id: &str,
+        endpoint: &str,
+        policy: &Arc<Policy>,
+        start: &[(Unit, u64)],
+    ) -> (Denial, RateLimitInfo) {
+        let now = self.now();
+        let usage_before = self.usage(endpoint, policy).await;
+        let raw_before = match &self.raw {
+            Some(r) => r.snapshot(&self.account, endpoint, policy, now).await,
+            None => vec![],
+        };
+        let out = match self.attempt(id, endpoint, policy, start).await {
+            Attempt::Denied(d, info) => (d, info),
+            Attempt::Admitted(..) => panic!("{id} admitted, expected a denial"),
+        };
+        assert_eq!(
+            self.usage(endpoint, policy).await,
+            usage_before,
+            "denial changed usage"
+        );
+        if let Some(r) = &self.raw {
+            let after = r.snapshot(&self.account, endpoint, policy, now).await;
+            for (b, a) in raw_before.iter().zip(&after) {
+                assert_eq!(a.value, b.value, "denial changed {}", a.key);
+                assert_eq!(
+                    a.pttl < 0,
+                    b.pttl < 0,
+                    "denial created or dropped {}",
+                    a.key
+                );
+                assert!(a.pttl <= b.pttl, "denial refreshed the TTL of {}", a.key);
+            }
+        }
+        out
+    }
+
+    async fn usage(&self, endpoint: &str, policy: &Policy) -> (Vec<u64>, u32) {
+        let u = self
+            .store()
+            .usage(&UsageRequest {
+                account: &self.account,
+                endpoint,
+                now_ms: self.now(),
+                windows: &policy.windows,
+            })
+            .await
+            .expect("usage");
+        (u.used, u.in_flight)
+    }
+
+    async fn info(&self, endpoint: &str, policy: &Policy) -> RateLimitInfo {
+        self.limiter
+            .info(&self.account, endpoint, policy)
+            .await
+            .expect("info")
+    }
+
+    /// Redis: no key of this test lacks a TTL; then clean up.
+    async fn finish(self) {
+        if let Some(raw) = &self.raw {
+            raw.assert_ttls_and_clean().await;
+        }
+    }
+}
+
+fn memory_harness() -> Harness<MemoryStore> {
+    Harness::new(MemoryStore::new(), None)
+}
+
+async fn redis_options(mode: RedisMode) -> Option<(String, RedisOptions)> {
+    let url = plangate_tests::redis().await?;
+    let options = RedisOptions {
+        mode,
+        key_prefix: format!("pgt:{}:", unique("lim")),
+        // This machine is shared and often loaded: a slow reply is not
+        // what these tests are about.
+        response_timeout: Duration::from_secs(5),
+        ..RedisOptions::default()
+    };
+    Some((url, options))
+}
+
+async fn redis_harness(mode: RedisMode) -> Option<Harness<RedisStore>> {
+    let (url, options) = redis_options(mode).await?;
+    let store = RedisStore::connect_with(&url, options)
+        .await
+        .expect("redis store");
+    let conn = redis::Client::open(url.as_str())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw redis connection");
+    let raw = Raw {
+        conn,
+        keys: store.keys().clone(),
+    };
+    Some(Harness::new(store, Some(raw)))
+}
+
+/// Run each named test function against every backend.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let h = super::memory_harness();
+                    super::$name(&h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+        mod redis_multiplexed {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let mode = plangate::limiter::redis::RedisMode::Multiplexed;
+                    let Some(h) = super::redis_harness(mode).await else { return };
+                    super::$name(&h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+        mod redis_pooled {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let mode = plangate::limiter::redis::RedisMode::Pooled { max_size: 8 };
+                    let Some(h) = super::redis_harness(mode).await else { return };
+                    super::$name(&h).await;
+                    h.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    free_plan_fourth_request_in_a_minute_is_denied,
+    day_window_is_aligned_to_utc_midnight,
+    exhausted_token_window_blocks_zero_start_tokens,
+    start_amount_over_a_limit_is_too_large,
+    end_is_idempotent_and_unknown_ids_are_harmless,
+    final_units_are_added_past_the_limit,
+    reservations_are_settled,
+    concurrency_slots_count_release_and_expire,
+    in_flight_id_is_a_duplicate,
+    renew_keeps_a_slot_alive,
+    info_picks_the_most_constraining_window,
+    plan_change_keeps_counts_of_windows_that_stay,
+    dropped_permit_releases_its_slot,
+    usage_writes_nothing,
+    expired_request_is_not_settled,
+);
+
+async fn free_plan_fourth_request_in_a_minute_is_denied<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = free_plan();
+    for i in 0..3 {
+        let (permit, info) = h.admit(&format!("r{i}"), "gpt-4-turbo", &p, &[]).await;
+        assert_eq!(info.unit("request").map(|u| u.remaining), Some(2 - i));
+        permit.end(&tokens(10)).await.expect("end");
+    }
+    let (denial, info) = h.deny("r3", "gpt-4-turbo", &p, &[]).await;
+    let reset = minute_end(T0) - T0;
+    assert_eq!(
+        denial,
+        Denial::Window {
+            window: p.windows[0].clone(),
+            used: 3,
+            requested: 1,
+            reset_ms: reset,
+        }
+    );
+    assert_eq!(reset, 42_750);
+    let req = info.unit("request").expect("request info");
+    assert_eq!(
+        (req.window_secs, req.limit, req.remaining, req.reset_ms),
+        (60, 3, 0, reset)
+    );
+    let tok = info.unit("token").expect("token info");
+    assert_eq!((tok.limit, tok.remaining), (40_000, 39_970));
+
+    // The next minute admits again; the day window keeps counting.
+    h.clock.set_ms(minute_end(T0));
+    let (permit, info) = h.admit("r4", "gpt-4-turbo", &p, &[]).await;
+    assert_eq!(info.windows[0].used, 1);
+    assert_eq!(info.windows[1].used, 4, "day window");
+    assert_eq!(info.windows[2].used, 0, "new token minute");
+    permit.end(&[]).await.expect("end");
+}
+
+async fn day_window_is_aligned_to_utc_midnight<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = policy(&[(86_400, 3, "request")], 0, 60);
+    let midnight = (T0 / DAY + 1) * DAY;
+    for (i, t) in [T0, T0 + 3_600_000, midnight - 2_000]
+        .into_iter()
+        .enumerate()
+    {
+        h.clock.set_ms(t);
+        let (permit, _) = h.admit(&format!("d{i}"), "e", &p, &[]).await;
+        permit.end(&[]).await.expect("end");
+    }
+    let (denial, info) = h.deny("d3", "e", &p, &[]).await;
+    assert!(
+        matches!(
+            denial,
+            Denial::Window {
+                reset_ms: 2_000,
+                used: 3,
+                ..
+            }
+        ),
+        "{denial:?}"
+    );
+    assert_eq!(info.unit("request").map(|u| u.reset_ms), Some(2_000));
+    h.clock.set_ms(midnight);
+    let (_permit, info) = h.admit("d4", "e", &p, &[]).await;
+    let day = info.unit("request").expect("request info");
+    assert_eq!((day.remaining, day.reset_ms), (2, DAY));
+}
+
+async fn exhausted_token_window_blocks_zero_start_tokens<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = free_plan();
+    let (permit, info) = h.admit("t1", "e", &p, &tokens(40_000)).await;
+    assert_eq!(info.unit("token").map(|u| u.remaining), Some(0));
+    permit.end(&tokens(40_000)).await.expect("end");
+    let (denial, info) = h.deny("t2", "e", &p, &[]).await;
+    assert_eq!(
+        denial,
+        Denial::Window {
+            window: p.windows[2].clone(),
+            used: 40_000,
+            requested: 0,
+            reset_ms: minute_end(T0) - T0,
+        }
+    );
+    assert_eq!(info.unit("request").map(|u| u.remaining), Some(2));
+}
+
+async fn start_amount_over_a_limit_is_too_large<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = free_plan();
+    let (permit, _) = h.admit("a", "e", &p, &tokens(100)).await;
+    permit.end(&tokens(100)).await.expect("end");
+    let (denial, info) = h.deny("b", "e", &p, &tokens(40_001)).await;
+    assert_eq!(
+        denial,
+        Denial::TooLarge {
+            window: p.windows[2].clone(),
+            requested: 40_001,
+        }
+    );
+    // The info still reflects the account's real standing.
+    assert_eq!(info.unit("token").map(|u| u.remaining), Some(39_900));
+    assert_eq!(info.unit("request").map(|u| u.remaining), Some(2));
+    // Exactly the limit fits.
+    let _c = h.admit("c", "e", &p, &tokens(39_900)).await;
+}
+
+async fn end_is_idempotent_and_unknown_ids_are_harmless<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = policy(&[(60, 10, "request"), (60, 1_000, "token")], 2, 60);
+    let (permit, _) = h.admit("a", "e", &p, &tokens(100)).await;
+    let ticket = permit.into_ticket();
+    assert!(h.limiter.end(&ticket, &tokens(300)).await.expect("end"));
+    let after_first = h.usage("e", &p).await;
+    assert_eq!(after_first, (vec![1, 300], 0));
+    assert!(!h
+        .limiter
+        .end(&ticket, &tokens(900))
+        .await
+        .expect("second end"));
+    assert_eq!(h.usage("e", &p).await, after_first);
+
+    let settle = ticket.settlements(&tokens(0));
+    let ended = h
+        .store()
+        .end(&EndRequest {
+            request_id: "never-admitted",
+            account: &h.account,
+            endpoint: "e",
+            now_ms: h.now(),
+            settlements: &settle,
+        })
+        .await
+        .expect("end unknown");
+    assert!(!ended);
+    assert_eq!(h.usage("e", &p).await, after_first);
+}
+
+async fn final_units_are_added_past_the_limit<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = policy(&[(60, 100, "token")], 0, 60);
+    let (permit, _) = h.admit("a", "e", &p, &[]).await;
+    assert!(permit.end(&tokens(250)).await.expect("end"));
+    assert_eq!(h.usage("e", &p).await.0, vec![250]);
+    let info = h.info("e", &p).await;
+    assert_eq!(info.unit("token").map(|u| u.remaining), Some(0));
+    let (denial, _) = h.deny("b", "e", &p, &[]).await;
+    assert!(
+        matches!(denial, Denial::Window { used: 250, .. }),
+        "{denial:?}"
+    );
+}
+
+async fn reservations_are_settled<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = policy(&[(60, 1_000, "token")], 0, 60);
+    let next_minute = minute_end(T0) + 1_000;
+    // (reserved, actual, ended at, used after the end in the window
+    // current at the end, admission window's raw value on Redis)
+    let cases: [(u64, u64, u64, u64, &str); 6] = [
+        (100, 150, T0, 150, "150"),
+        (100, 40, T0, 40, "40"),
+        (100, 0, T0, 0, "0"),
+        (100, 100, T0, 100, "100"),
+        // Ended in the next minute: the excess lands in the window current
+        // at the end; a give-back goes to the admission window (never
+        // below 0) and never touches the new one.
+        (100, 150, next_minute, 50, "100"),
+        (100, 0, next_minute, 0, "0"),
+    ];
+    for (i, (reserved, actual, end_at, want_used, want_raw)) in cases.into_iter().enumerate() {
+        let endpoint = format!("case{i}");
+        h.clock.set_ms(T0);
+        let (permit, _) = h.admit("r", &endpoint, &p, &tokens(reserved)).await;
+        assert_eq!(h.usage(&endpoint, &p).await.0, vec![reserved], "case {i}");
+        h.clock.set_ms(end_at);
+        assert!(permit.end(&tokens(actual)).await.expect("end"), "case {i}");
+        assert_eq!(h.usage(&endpoint, &p).await.0, vec![want_used], "case {i}");
+        if let Some(raw) = &h.raw {
+            let key = raw
+                .keys
+                .window(&h.account, &endpoint, 60, "token", window_index(T0, 60));
+            let state = raw.key_state(&key).await;
+            assert_eq!(state.value, vec![want_raw.to_owned()], "case {i}: {key}");
+        }
+    }
+    // Never below 0, even when the counter lost units behind the store's
+    // back (Redis eviction, an operator's edit): simulated on the raw key.
+    if let Some(raw) = &h.raw {
+        h.clock.set_ms(T0);
+        let (permit, _) = h.admit("r", "floor", &p, &tokens(100)).await;
+        let key = raw
+            .keys
+            .window(&h.account, "floor", 60, "token", window_index(T0, 60));
+        let mut c = raw.conn.clone();
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(30)
+            .arg("KEEPTTL")
+            .query_async(&mut c)
+            .await
+            .expect("SET");
+        permit.end(&tokens(0)).await.expect("end");
+        assert_eq!(raw.key_state(&key).await.value, vec!["0".to_owned()]);
+    }
+    // Give-back with other traffic in the window: only this request's own
+    // unused reservation goes back.
+    h.clock.set_ms(T0);
+    let (a, _) = h.admit("a", "mixed", &p, &tokens(300)).await;
+    let (b, _) = h.admit("b", "mixed", &p, &tokens(200)).await;
+    b.end(&tokens(250)).await.expect("end b");
+    a.end(&tokens(10)).await.expect("end a");
+    assert_eq!(h.usage("mixed", &p).await.0, vec![260]);
+}
+
+async fn concurrency_slots_count_release_and_expire<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = policy(&[(60, 100, "request")], 2, 30);
+    let (a, info) = h.admit("a", "e", &p, &[]).await;
+    assert_eq!(info.concurrent.map(|c| c.remaining), Some(1));
+    let (_b, info) = h.admit("b", "e", &p, &[]).await;
+    assert_eq!(info.concurrent.map(|c| c.remaining), Some(0));
+    let (denial, info) = h.deny("c", "e", &p, &[]).await;
+    assert_eq!(denial, Denial::Concurrency { limit: 2 });
+    assert_eq!(
+        info.concurrent.map(|c| (c.limit, c.remaining)),
+        Some((2, 0))
+    );
+    assert!(a.end(&[]).await.expect("end"));
+    let (c, _) = h.admit("c", "e", &p, &[]).await;
+    assert_eq!(h.usage("e", &p).await, (vec![3], 2));
+
+    // b and c are never ended: their slots expire after 30 s.
+    h.clock.advance(Duration::from_millis(29_999));
+    h.deny("d", "e", &p, &[]).await;
+    h.clock.advance(Duration::from_millis(1));
+    assert_eq!(h.usage("e", &p).await.1, 0);
+    let (_d, _) = h.admit("d", "e", &p, &[]).await;
+    let (_e, _) = h.admit("e", "e", &p, &[]).await;
+    // An expired request's permit ending late is not in flight any more.
+    assert!(!c.end(&[]).await.expect("late end"));
+    assert_eq!(h.usage("e", &p).await.1, 2);
+}
+
+async fn in_flight_id_is_a_duplicate<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = policy(&[(60, 100, "request")], 0, 60);
+    let (x, _) = h.admit("x", "e", &p, &[]).await;
+    let (denial, _) = h.deny("x", "e", &p, &[]).await;
+    assert_eq!(denial, Denial::Duplicate);
+    // The same id on another endpoint is another request.
+    let _other = h.admit("x", "other", &p, &[]).await;
+    x.end(&[]).await.expect("end");
+    let _again = h.admit("x", "e", &p, &[]).await;
+    assert_eq!(h.usage("e", &p).await.0, vec![2]);
+}
+
+async fn renew_keeps_a_slot_alive<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = policy(&[(3_600, 100, "request")], 1, 10);
+    let (a, _) = h.admit("a", "e", &p, &[]).await;
+    h.clock.advance(Duration::from_secs(8));
+    assert!(a.renew().await.expect("renew"));
+    h.clock.advance(Duration::from_secs(8));
+    // 16 s after admission, past the 10 s expiry: the renewal kept it.
+    let (denial, _) = h.deny("b", "e", &p, &[]).await;
+    assert_eq!(denial, Denial::Concurrency { limit: 1 });
+    h.clock.advance(Duration::from_secs(2));
+    let _b = h.admit("b", "e", &p, &[]).await;
+    assert!(
+        !a.renew().await.expect("renew expired"),
+        "a's lease ran out"
+    );
+    let renewed = h
+        .store()
+        .renew(&RenewRequest {
+            request_id: "unknown",
+            account: &h.account,
+            endpoint: "e",
+            now_ms: h.now(),
+            lease_ms: 10_000,
+        })
+        .await
+        .expect("renew unknown");
+    assert!(!renewed);
+}
+
+async fn info_picks_the_most_constraining_window<S: CounterStore + Debug>(h: &Harness<S>) {
+    // (windows, requests admitted first, expected (window_secs, remaining))
+    type Case<'a> = (&'a [(u64, u64, &'a str)], u64, (u64, u64));
+    let cases: [Case; 4] = [
+        (&[(60, 3, "request"), (86_400, 200, "request")], 1, (60, 2)),
+        (
+            &[(60, 10, "request"), (86_400, 5, "request")],
+            1,
+            (86_400, 4),
+        ),
+        // A tie on remaining goes to the later reset.
+        (&[(60, 3, "request"), (3_600, 3, "request")], 1, (3_600, 2)),
+        (&[(3_600, 3, "request"), (60, 3, "request")], 0, (3_600, 3)),
+    ];
+    for (i, (windows, admitted, (want_secs, want_remaining))) in cases.into_iter().enumerate() {
+        let endpoint = format!("case{i}");
+        let p = policy(windows, 0, 60);
+        for n in 0..admitted {
+            let (permit, _) = h.admit(&format!("r{n}"), &endpoint, &p, &[]).await;
+            permit.end(&[]).await.expect("end");
+        }
+        let info = h.info(&endpoint, &p).await;
+        let u = info.unit("request").expect("request info");
+        assert_eq!(
+            (u.window_secs, u.remaining),
+            (want_secs, want_remaining),
+            "case {i}"
+        );
+        assert_eq!(u.reset_ms, window_reset_ms(h.now(), want_secs), "case {i}");
+        assert_eq!(info.windows.len(), windows.len());
+    }
+}
+
+async fn plan_change_keeps_counts_of_windows_that_stay<S: CounterStore + Debug>(h: &Harness<S>) {
+    let old = policy(&[(60, 10, "request")], 0, 60);
+    for i in 0..3 {
+        let (permit, _) = h.admit(&format!("o{i}"), "e", &old, &[]).await;
+        permit.end(&[]).await.expect("end");
+    }
+    let new = policy(&[(3_600, 100, "request"), (60, 5, "request")], 2, 30);
+    let info = h.info("e", &new).await;
+    assert_eq!(
+        info.windows.iter().map(|w| w.used).collect::<Vec<_>>(),
+        vec![0, 3]
+    );
+    let _n1 = h.admit("n1", "e", &new, &[]).await;
+    let _n2 = h.admit("n2", "e", &new, &[]).await;
+    let (denial, _) = h.deny("n3", "e", &new, &[]).await;
+    assert!(
+        matches!(&denial, Denial::Window { window, used: 5, .. } if window.window_secs == 60),
+        "{denial:?}"
+    );
+}
+
+async fn dropped_permit_releases_its_slot<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = policy(&[(60, 100, "request")], 1, 600);
+    let (permit, _) = h.admit("a", "e", &p, &[]).await;
+    drop(permit);
+    // The release runs in a spawned task: wait for it, bounded.
+    let mut released = false;
+    for _ in 0..500 {
+        if h.usage("e", &p).await.1 == 0 {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(released, "the dropped permit's slot was not released");
+    let _b = h.admit("b", "e", &p, &[]).await;
+}
+
+async fn usage_writes_nothing<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = free_plan();
+    let info = h.info("fresh", &p).await;
+    assert_eq!(info.unit("request").map(|u| u.remaining), Some(3));
+    assert_eq!(h.usage("fresh", &p).await, (vec![0, 0, 0], 0));
+    if let Some(raw) = &h.raw {
+        assert!(raw.all_keys().await.is_empty(), "usage created keys");
+    }
+}
+
+async fn expired_request_is_not_settled<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = policy(&[(3_600, 1_000, "token")], 0, 10);
+    let (permit, _) = h.admit("a", "e", &p, &tokens(100)).await;
+    h.clock.advance(Duration::from_secs(10));
+    assert!(!permit.end(&tokens(500)).await.expect("end"));
+    assert_eq!(h.usage("e", &p).await, (vec![100], 0));
+}
+
+// ---------------------------------------------------------------------
+// Exactness: N concurrent attempts against limit L admit exactly L.
+
+const EXACT_ATTEMPTS: usize = 1_000;
+const EXACT_LIMIT: u64 = 100;
+
+async fn attempt_once<S: CounterStore>(store: &S, account: &str, id: &str) -> bool {
+    let windows = [WindowSpec {
+        window_secs: 60,
+        limit: EXACT_LIMIT,
+        unit: Unit::request(),
+        amount: 1,
+    }];
+    let out = store
+        .attempt(&AttemptRequest {
+            request_id: id,
+            account,
+            endpoint: "e",
+            now_ms: T0,
+            windows: &windows,
+            max_concurrent: 0,
+            lease_ms: 60_000,
+        })
+        .await
+        .expect("attempt");
+    out.verdict == Verdict::Admitted
+}
+
+async fn used_now<S: CounterStore>(store: &S, account: &str) -> u64 {
+    let windows = [Window {
+        window_secs: 60,
+        limit: EXACT_LIMIT,
+        unit: Unit::request(),
+    }];
+    store
+        .usage(&UsageRequest {
+            account,
+            endpoint: "e",
+            now_ms: T0,
+            windows: &windows,
+        })
+        .await
+        .expect("usage")
+        .used[0]
+}
+
+#[test]
+fn memory_exactly_limit_of_many_concurrent_attempts_from_8_threads() {
+    let store = Arc::new(MemoryStore::new());
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let account = unique("exact");
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let (store, admitted, account) = (store.clone(), admitted.clone(), account.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async {
+                    for i in 0..EXACT_ATTEMPTS / 8 {
+                        if attempt_once(&*store, &account, &format!("{t}-{i}")).await {
+                            admitted.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                });
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    assert_eq!(admitted.load(Ordering::SeqCst), EXACT_LIMIT as usize);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    assert_eq!(rt.block_on(used_now(&*store, &account)), EXACT_LIMIT);
+}
+
+/// `stores` are the gateway instances (each with its own connections).
+async fn redis_exactness(stores: Vec<Arc<RedisStore>>, raw: Raw) {
+    let account = unique("exact");
+    let per_store = EXACT_ATTEMPTS / stores.len();
+    let mut tasks = Vec::new();
+    for (s, store) in stores.iter().enumerate() {
+        for i in 0..per_store {
+            let (store, account) = (store.clone(), account.clone());
+            tasks.push(tokio::spawn(async move {
+                attempt_once(&*store, &account, &format!("{s}-{i}")).await
+            }));
+        }
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        if t.await.expect("task") {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, EXACT_LIMIT);
+    assert_eq!(used_now(&*stores[0], &account).await, EXACT_LIMIT);
+    raw.assert_ttls_and_clean().await;
+}
+
+async fn raw_for(url: &str, keys: &Keys) -> Raw {
+    let conn = redis::Client::open(url)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw redis connection");
+    Raw {
+        conn,
+        keys: keys.clone(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_multiplexed_exactly_limit_from_8_instances() {
+    let Some((url, options)) = redis_options(RedisMode::Multiplexed).await else {
+        return;
+    };
+    let mut stores = Vec::new();
+    for _ in 0..8 {
+        let s = RedisStore::connect_with(&url, options.clone())
+            .await
+            .expect("store");
+        stores.push(Arc::new(s));
+    }
+    let raw = raw_for(&url, stores[0].keys()).await;
+    redis_exactness(stores, raw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_pooled_exactly_limit_from_8_connections() {
+    let Some((url, options)) = redis_options(RedisMode::Pooled { max_size: 8 }).await else {
+        return;
+    };
+    let store = Arc::new(
+        RedisStore::connect_with(&url, options)
+            .await
+            .expect("store"),
+    );
+    let raw = raw_for(&url, store.keys()).await;
+    redis_exactness(vec![store; 8], raw).await;
+}
+
+// ---------------------------------------------------------------------
+// Failure: a store error is an error, never a panic, and the store
+// recovers by itself when Redis is back.
+
+/// A TCP forwarder to Redis that can be cut (every connection dropped,
+/// new ones refused) and restored on the same port.
+struct Cuttable {
+    addr: std::net::SocketAddr,
+    task: Option<tokio::task::JoinHandle<()>>,
+    target: String,
+}
+
+impl Cuttable {
+    async fn start(target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut c = Cuttable {
+            addr,
+            task: None,
+            target: target.to_owned(),
+        };
+        c.serve(listener);
+        c
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let target = self.target.clone();
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Drop every connection and stop listening.
+    fn cut(&mut self) {
+        if let Some(t) = self.task.take() {
+            // Aborting drops the listener and the JoinSet, which aborts
+            // every forwarding task and closes its sockets.
+            t.abort();
+        }
+    }
+
+    async fn restore(&mut self) {
+        let mut listener = None;
+        for _ in 0..100 {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        self.serve(listener.expect("rebind the forwarder's port"));
+    }
+}
+
+async fn recovers_after_outage(mode: RedisMode) {
+    let Some((url, options)) = redis_options(mode).await else {
+        return;
+    };
+    let target = url
+        .strip_prefix("redis://")
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("127.0.0.1:6379")
+        .to_owned();
+    let mut proxy = Cuttable::start(&target).await;
+    let store = RedisStore::connect_with(&format!("redis://{}", proxy.addr), options)
+        .await
+        .expect("store");
+    let account = unique("outage");
+    assert!(attempt_once(&store, &account, "before").await);
+
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let windows = [WindowSpec {
+        window_secs: 60,
+        limit: EXACT_LIMIT,
+        unit: Unit::request(),
+        amount: 1,
+    }];
+    let req = AttemptRequest {
+        request_id: "during",
+        account: &account,
+        endpoint: "e",
+        now_ms: T0,
+        windows: &windows,
+        max_concurrent: 0,
+        lease_ms: 60_000,
+    };
+    // Unreachable: an error (or no answer), never an answer or a panic.
+    let during = tokio::time::timeout(Duration::from_secs(1), store.attempt(&req)).await;
+    assert!(
+        !matches!(during, Ok(Ok(_))),
+        "attempt with Redis unreachable: {during:?}"
+    );
+
+    proxy.restore().await;
+    // Waiting for the reconnect (with backoff), bounded: not a window.
+    let mut recovered = None;
+    for _ in 0..100 {
+        if let Ok(Ok(out)) = tokio::time::timeout(Duration::from_secs(1), store.attempt(&req)).await
+        {
+            recovered = Some(out);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = recovered.expect("the store did not recover after Redis came back");
+    assert_eq!(out.verdict, Verdict::Admitted);
+    assert_eq!(out.used, vec![2]);
+    raw_for(&url, store.keys())
+        .await
+        .assert_ttls_and_clean()
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_multiplexed_recovers_after_outage() {
+    recovers_after_outage(RedisMode::Multiplexed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_pooled_recovers_after_outage() {
+    recovers_after_outage(RedisMode::Pooled { max_size: 4 }).await;
+}
+
+#[tokio::test]
+async fn malformed_redis_url_is_an_error() {
+    let err = RedisStore::connect("not a url").await;
+    assert!(err.is_err());
+}

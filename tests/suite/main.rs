@@ -5,3 +5,7 @@ mod catalog;
 mod config;
 mod gateway;
 mod limiter;
+mod reload;
+mod sdk;
+mod streaming;
+mod transport;

@@ -1,1 +1,102 @@
 //! serde mirrors of `plangate.toml` (deny_unknown_fields): the edge.
+//!
+//! Every value that is checked later is `Spanned`, so that the checks in
+//! `config.rs` can say file:line:column. Strings stay strings here: `${VAR}`
+//! substitution, durations, sizes and addresses are all checked after
+//! deserialization, where every problem can be collected instead of
+//! stopping at the first.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A string value with its byte span in the file.
+pub type Str = Spanned<String>;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub server: Option<RawServer>,
+    pub admin: Option<Spanned<RawAdmin>>,
+    pub storage: Option<RawStorage>,
+    pub auth: Option<RawAuth>,
+    pub plans: Option<Spanned<RawPlans>>,
+    #[serde(default)]
+    pub upstreams: Vec<RawUpstream>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+/// `[server]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<Str>,
+    pub tls_cert: Option<Str>,
+    pub tls_key: Option<Str>,
+    /// A size string (`"10MiB"`) or a number of bytes.
+    pub max_request_body: Option<Spanned<toml::Value>>,
+    pub request_timeout: Option<Str>,
+    pub header_read_timeout: Option<Str>,
+}
+
+/// `[admin]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<Str>,
+    pub token: Option<Str>,
+}
+
+/// `[storage]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    pub postgres_url: Option<Str>,
+    pub redis_url: Option<Str>,
+    pub redis_cluster: Option<Vec<Str>>,
+    pub store_timeout: Option<Str>,
+    pub on_store_error: Option<Str>,
+}
+
+/// `[auth]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub header: Option<Str>,
+}
+
+/// `[plans]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlans {
+    pub file: Option<Str>,
+    pub watch: Option<bool>,
+}
+
+/// `[[upstreams]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub name: Str,
+    pub url: Str,
+    pub auth: Option<Str>,
+    pub ca_file: Option<Str>,
+}
+
+/// `[[routes]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub path: Str,
+    pub upstream: Str,
+    pub endpoint: Str,
+    /// `usage.<unit> = "source"` or `["source", ...]`.
+    #[serde(default)]
+    pub usage: BTreeMap<Str, Spanned<toml::Value>>,
+    /// `reserve.<unit> = "source"`.
+    #[serde(default)]
+    pub reserve: BTreeMap<Str, Str>,
+}

@@ -288,8 +288,11 @@ impl<'a> Checker<'a> {
             if allowed.contains(&name) {
                 fields.entries.push((name, key, value));
             } else {
+                // `sliding_windows` is accepted only to be refused with a
+                // message of its own; it is not a key to suggest.
                 let expected = allowed
                     .iter()
+                    .filter(|k| **k != "sliding_windows")
                     .map(|k| format!("`{k}`"))
                     .collect::<Vec<_>>()
                     .join(", ");
@@ -378,7 +381,12 @@ impl<'a> Checker<'a> {
         match parse_uint(text) {
             Ok(n) if n >= min => Some(n),
             Ok(_) | Err(UintError::Negative) => {
-                self.error(node.pos, path, format!("must be at least {min}"));
+                let message = if min == 0 {
+                    "must not be negative".to_string()
+                } else {
+                    format!("must be at least {min}")
+                };
+                self.error(node.pos, path, message);
                 None
             }
             Err(UintError::TooLarge) => {

@@ -163,13 +163,20 @@ impl Builder {
     }
 
     fn close(&mut self) -> Result<(), SyntaxError> {
-        let Some((node, anchor, pending_key)) = self.stack.pop() else {
+        let Some((mut node, anchor, pending_key)) = self.stack.pop() else {
             return Ok(());
         };
-        if let Some(key) = pending_key {
+        if let (Some(key), Value::Map(entries)) = (pending_key, &mut node.value) {
             // The parser always emits a value (possibly empty) for a key;
-            // keep the tree consistent if it ever does not.
-            self.attach(key)?;
+            // should it not, the key reads as having an empty value.
+            let pos = key.pos;
+            entries.push((
+                key,
+                Node {
+                    pos,
+                    value: Value::Null,
+                },
+            ));
         }
         self.push_leaf(node, anchor)
     }

@@ -1,0 +1,359 @@
+use std::path::Path;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "TOKEN" => Some("s3cret".into()),
+        "EMPTY" => Some(String::new()),
+        "PORT" => Some("8000".into()),
+        _ => None,
+    }
+}
+
+fn load(text: &str) -> Result<Config, ConfigErrors> {
+    Config::from_toml(text, Path::new("conf/plangate.toml"), &env)
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match load(text) {
+        Ok(c) => panic!("expected errors, loaded {c:?}"),
+        Err(e) => e.0.iter().map(ToString::to_string).collect(),
+    }
+}
+
+const MINIMAL: &str = "[plans]\nfile = \"plans.yaml\"\n";
+
+#[test]
+fn durations() {
+    let ok = [
+        ("500ms", 500),
+        ("60s", 60_000),
+        ("5m", 300_000),
+        ("1h", 3_600_000),
+        ("1d", 86_400_000),
+        ("86_400s", 86_400_000),
+        ("1h30m", 5_400_000),
+        (" 2s ", 2_000),
+        ("0s", 0),
+    ];
+    for (s, ms) in ok {
+        assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
+    }
+    for s in [
+        "",
+        "60",
+        "s",
+        "1.5s",
+        "5 min",
+        "1x",
+        "-1s",
+        "99999999999999999999d",
+        "1h30",
+    ] {
+        assert!(parse_duration(s).is_err(), "{s} should fail");
+    }
+}
+
+#[test]
+fn sizes() {
+    let ok = [
+        ("512", 512),
+        ("1KiB", 1024),
+        ("10MiB", 10 << 20),
+        ("1GB", 1_000_000_000),
+        ("1gib", 1 << 30),
+        ("64 KB", 64_000),
+        ("1_000B", 1000),
+    ];
+    for (s, n) in ok {
+        assert_eq!(parse_size(s), Ok(n), "{s}");
+    }
+    for s in ["", "MiB", "1.5MiB", "10XB", "-1", "99999999999999999999TiB"] {
+        assert!(parse_size(s).is_err(), "{s} should fail");
+    }
+}
+
+#[test]
+fn env_substitution() {
+    assert_eq!(substitute_env("a${TOKEN}b", &env).unwrap(), "as3cretb");
+    assert_eq!(
+        substitute_env("${TOKEN}:${PORT}", &env).unwrap(),
+        "s3cret:8000"
+    );
+    assert_eq!(substitute_env("$${TOKEN} $5", &env).unwrap(), "${TOKEN} $5");
+    assert_eq!(
+        substitute_env("x${NOPE}", &env).unwrap_err(),
+        "environment variable `NOPE` is not set"
+    );
+    assert!(substitute_env("${TOKEN", &env).is_err());
+    assert!(substitute_env("${1A}", &env).is_err());
+    assert!(substitute_env("${}", &env).is_err());
+}
+
+#[test]
+fn value_sources() {
+    assert_eq!(
+        parse_value_source("header:X-Total-Tokens").unwrap(),
+        ValueSource::Header(HeaderName::from_static("x-total-tokens"))
+    );
+    assert_eq!(
+        parse_value_source("body:usage.total_tokens").unwrap(),
+        ValueSource::Body(vec!["usage".into(), "total_tokens".into()])
+    );
+    for s in [
+        "body:",
+        "body:a..b",
+        "header:",
+        "header:bad header",
+        "usage.total_tokens",
+    ] {
+        assert!(parse_value_source(s).is_err(), "{s} should fail");
+    }
+}
+
+#[test]
+fn minimal_file_gets_defaults() {
+    let c = load(MINIMAL).unwrap();
+    assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(c.server.max_request_body, 10 << 20);
+    assert_eq!(c.server.request_timeout, Duration::from_secs(600));
+    assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(c.server.tls, None);
+    assert_eq!(c.admin, None);
+    assert_eq!(c.storage.store_timeout, Duration::from_millis(50));
+    assert_eq!(c.storage.on_store_error, OnStoreError::Open);
+    assert_eq!(c.storage.postgres_url, None);
+    assert_eq!(c.auth.header, "authorization");
+    assert_eq!(c.plans.file, Path::new("conf/plans.yaml"));
+    assert!(c.plans.watch);
+    assert!(c.upstreams.is_empty() && c.routes.is_empty());
+}
+
+#[test]
+fn full_file_loads() {
+    let text = r#"
+[server]
+listen = "127.0.0.1:8081"
+tls_cert = "tls/server.pem"
+tls_key = "/abs/server.key"
+max_request_body = "1KiB"
+request_timeout = "30s"
+header_read_timeout = "2s"
+
+[admin]
+listen = "127.0.0.1:9091"
+token = "${TOKEN}"
+
+[storage]
+postgres_url = "postgres://postgres@127.0.0.1:5432/plangate"
+redis_url = "redis://127.0.0.1:6379"
+store_timeout = "100ms"
+on_store_error = "closed"
+
+[auth]
+header = "X-API-Key"
+
+[plans]
+file = "plans.yaml"
+watch = false
+
+[[upstreams]]
+name = "vllm"
+url = "http://127.0.0.1:${PORT}/base"
+auth = "Bearer ${TOKEN}"
+ca_file = "ca.pem"
+
+[[routes]]
+path = "/v1/chat/completions"
+upstream = "vllm"
+endpoint = "{model}"
+usage.token = ["header:x-total-tokens", "body:usage.total_tokens"]
+reserve.token = "body:max_tokens"
+
+[[routes]]
+path = "/v1/*"
+upstream = "vllm"
+endpoint = "other"
+usage.image = "body:data.length"
+"#;
+    let c = load(text).unwrap();
+    assert_eq!(
+        c.server.tls,
+        Some(TlsFiles {
+            cert: "conf/tls/server.pem".into(),
+            key: "/abs/server.key".into()
+        })
+    );
+    assert_eq!(c.server.max_request_body, 1024);
+    assert_eq!(
+        c.admin,
+        Some(AdminConfig {
+            listen: "127.0.0.1:9091".parse().unwrap(),
+            token: "s3cret".into()
+        })
+    );
+    assert_eq!(c.storage.on_store_error, OnStoreError::Closed);
+    assert_eq!(c.storage.store_timeout, Duration::from_millis(100));
+    assert_eq!(c.auth.header, "x-api-key");
+    assert!(!c.plans.watch);
+    let u = &c.upstreams[0];
+    assert_eq!(u.url, "http://127.0.0.1:8000/base");
+    assert_eq!(u.auth.as_deref(), Some("Bearer s3cret"));
+    assert_eq!(u.ca_file.as_deref(), Some(Path::new("conf/ca.pem")));
+    assert_eq!(
+        c.routes[0],
+        Route {
+            path: RoutePath::Exact("/v1/chat/completions".into()),
+            upstream: 0,
+            endpoint: EndpointSource::Model,
+            usage: vec![(
+                Unit::new("token"),
+                vec![
+                    ValueSource::Header(HeaderName::from_static("x-total-tokens")),
+                    ValueSource::Body(vec!["usage".into(), "total_tokens".into()]),
+                ]
+            )],
+            reserve: vec![(
+                Unit::new("token"),
+                ValueSource::Body(vec!["max_tokens".into()])
+            )],
+        }
+    );
+    assert_eq!(c.routes[1].path, RoutePath::Prefix("/v1/".into()));
+    assert_eq!(
+        c.routes[1].endpoint,
+        EndpointSource::Literal("other".into())
+    );
+    assert_eq!(
+        c.routes[1].usage,
+        vec![(
+            Unit::new("image"),
+            vec![ValueSource::Body(vec!["data".into(), "length".into()])]
+        )]
+    );
+}
+
+#[test]
+fn errors_are_located() {
+    let f = "conf/plangate.toml";
+    let table: Vec<(String, Vec<String>)> = vec![
+        (
+            format!("{MINIMAL}[server]\nlisten = \"0.0.0.0:8080\"\nlsten = \"x\"\n"),
+            vec![format!("{f}:5:1: server.lsten: unknown field `lsten`, expected one of `listen`, `tls_cert`, `tls_key`, `max_request_body`, `request_timeout`, `header_read_timeout`")],
+        ),
+        (
+            format!("{MINIMAL}[[upstreams]]\nname = \"a\"\nurl = \"http://x\"\n[[upstreams]]\nname = \"b\"\nurl = \"http://y\"\nsecret = 1\n"),
+            vec![format!("{f}:9:1: upstreams[1].secret: unknown field `secret`, expected one of `name`, `url`, `auth`, `ca_file`")],
+        ),
+        (
+            format!("{MINIMAL}[server]\nrequest_timeout = \"10 minutes\"\nheader_read_timeout = \"0s\"\nmax_request_body = \"10XB\"\n"),
+            vec![
+                format!("{f}:4:19: server.request_timeout: `10 minutes`: unknown unit `minutes` (use ms, s, m, h or d)"),
+                format!("{f}:5:23: server.header_read_timeout: must be longer than 0"),
+                format!("{f}:6:20: server.max_request_body: `10XB`: unknown unit `xb` (use B, KiB, MiB, GiB, KB, MB or GB)"),
+            ],
+        ),
+        (
+            format!("{MINIMAL}[admin]\ntoken = \"${{PLANGATE_TEST_UNSET_VAR}}\"\n"),
+            vec![format!("{f}:4:9: admin.token: environment variable `PLANGATE_TEST_UNSET_VAR` is not set")],
+        ),
+        (
+            format!("{MINIMAL}[admin]\ntoken = \"${{EMPTY}}\"\n"),
+            vec![format!("{f}:4:9: admin.token: must not be empty")],
+        ),
+        (
+            format!("{MINIMAL}[admin]\nlisten = \"127.0.0.1:9090\"\n"),
+            vec![format!("{f}:3:1: admin.token: missing: an [admin] section needs a `token` (e.g. \"${{PLANGATE_ADMIN_TOKEN}}\")")],
+        ),
+        (
+            format!("{MINIMAL}[[upstreams]]\nname = \"vllm\"\nurl = \"ftp://x\"\n[[routes]]\npath = \"/v1/chat\"\nupstream = \"vlm\"\nendpoint = \"{{model}}\"\n"),
+            vec![
+                format!("{f}:5:7: upstreams[0].url: `ftp://x`: unsupported scheme `ftp` (use http or https)"),
+                format!("{f}:8:12: routes[0].upstream: no upstream named `vlm` (defined: `vllm`)"),
+            ],
+        ),
+        (
+            format!("{MINIMAL}[[upstreams]]\nname = \"u\"\nurl = \"http://x\"\n[[routes]]\npath = \"v1/*/x\"\nupstream = \"u\"\nendpoint = \"{{modle}}\"\nusage.credit = \"body:x\"\nusage.token = [\"body:\", 3]\nreserve.token = \"max_tokens\"\n"),
+            vec![
+                format!("{f}:7:8: routes[0].path: a route path must start with `/`"),
+                format!("{f}:9:12: routes[0].endpoint: `{{modle}}`: the only placeholder is `{{model}}`, and it must stand alone"),
+                format!("{f}:10:7: routes[0].usage.credit: `credit` is a reserved unit name (credits are configured under `credits:`)"),
+                format!("{f}:11:15: routes[0].usage.token[0]: `` is not a dotted JSON path such as `usage.total_tokens`"),
+                format!("{f}:11:15: routes[0].usage.token[1]: expected a string, found integer"),
+                format!("{f}:12:17: routes[0].reserve.token: `max_tokens` is not a source: use \"header:<name>\" or \"body:<dotted.path>\""),
+            ],
+        ),
+        (
+            format!("{MINIMAL}[server]\ntls_cert = \"a.pem\"\n"),
+            vec![format!("{f}:4:12: server.tls_cert: `tls_cert` needs `tls_key` too (set both for HTTPS, or neither)")],
+        ),
+        (
+            "[server]\nlisten = \"localhost\"\n".to_string(),
+            vec![
+                format!("{f}: plans: missing [plans] section (e.g. `[plans]` with `file = \"plans.yaml\"`)"),
+                format!("{f}:2:10: server.listen: `localhost` is not an IP address and port such as \"0.0.0.0:8080\""),
+            ],
+        ),
+        (
+            format!("{MINIMAL}[storage]\non_store_error = \"maybe\"\nredis_url = \"http://x\"\n"),
+            vec![
+                format!("{f}:4:18: storage.on_store_error: `maybe` is neither \"open\" nor \"closed\""),
+                format!("{f}:5:13: storage.redis_url: `http://x` is not a Redis URL (redis://host:port or rediss://...)"),
+            ],
+        ),
+        (
+            format!("{MINIMAL}[server]\nrequest_timeout = 5\n"),
+            vec![format!("{f}:4:19: server.request_timeout: invalid type: integer `5`, expected a string")],
+        ),
+        (
+            format!("{MINIMAL}[server\n"),
+            vec![format!("{f}:3:8: server: invalid table header\nexpected `.`, `]`")],
+        ),
+        (
+            format!("{MINIMAL}[[upstreams]]\nname = \"u\"\nurl = \"http://x\"\n[[routes]]\npath = \"/a\"\nupstream = \"u\"\nendpoint = \"e\"\n[[routes]]\npath = \"/a\"\nupstream = \"u\"\nendpoint = \"e\"\n"),
+            vec![format!("{f}:11:8: routes[1].path: another route already has path `/a`")],
+        ),
+    ];
+    let mut mismatches = Vec::new();
+    for (text, expected) in &table {
+        let got = errors(text);
+        if &got != expected {
+            mismatches.push(format!(
+                "for:\n{text}\n  got: {got:#?}\n  expected: {expected:#?}"
+            ));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+#[test]
+fn line_col_counts_characters() {
+    assert_eq!(build::line_col("ab\ncé d", 7), (2, 4));
+    assert_eq!(build::line_col("x", 99), (1, 2));
+    // Inside a multi-byte character: rounds down, never panics.
+    assert_eq!(build::line_col("é", 1), (1, 1));
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+        let _ = load(&text);
+    }
+
+    #[test]
+    fn toml_like_text_never_panics(text in "[a-z_\\[\\]=\"$.{}:/* \n0-9,#]{0,300}") {
+        let _ = load(&text);
+    }
+
+    #[test]
+    fn substitution_never_panics(s in "\\PC{0,50}") {
+        let _ = substitute_env(&s, &env);
+        let _ = parse_size(&s);
+        let _ = parse_duration(&s);
+        let _ = parse_value_source(&s);
+    }
+}

@@ -1,0 +1,360 @@
+//! Property tests: window math, settlement, and the in-process store
+//! checked against a plain model of SPEC §4.
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+
+use super::memory::MemoryStore;
+use super::*;
+use crate::clock::window_start_ms;
+
+fn block_on<T>(f: impl Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+proptest! {
+    #[test]
+    fn window_alignment_and_reset(now in 0u64..=u64::MAX / 2, secs in 1u64..=10 * 86_400) {
+        let w = secs * 1000;
+        let start = window_start_ms(now, secs);
+        let reset = window_reset_ms(now, secs);
+        prop_assert!(start <= now && now < start + w);
+        prop_assert_eq!(start % w, 0);
+        prop_assert!((1..=w).contains(&reset));
+        prop_assert_eq!(now + reset, start + w);
+        prop_assert_eq!(window_index(now, secs), start / w);
+    }
+
+    #[test]
+    fn settlement_in_the_admission_window(
+        other in 0u64..1_000,
+        reserved in 0u64..1_000,
+        actual in 0u64..5_000,
+        end_after in 0u64..59_000,
+    ) {
+        let store = MemoryStore::new();
+        let now = 1_700_000_000_000 - 1_700_000_000_000 % 60_000;
+        let unit = Unit::new("token");
+        let spec = |amount| [WindowSpec { window_secs: 60, limit: 1_000_000, unit: unit.clone(), amount }];
+        let run = |id: &str, amount: u64| block_on(store.attempt(&AttemptRequest {
+            request_id: id, account: "a", endpoint: "e", now_ms: now,
+            windows: &spec(amount), max_concurrent: 0, lease_ms: 60_000,
+        })).expect("attempt");
+        prop_assert_eq!(run("other", other).verdict, Verdict::Admitted);
+        prop_assert_eq!(run("r", reserved).verdict, Verdict::Admitted);
+        let settle = [Settlement {
+            window_secs: 60, unit: unit.clone(), admitted_index: window_index(now, 60),
+            reserved, actual,
+        }];
+        let ended = block_on(store.end(&EndRequest {
+            request_id: "r", account: "a", endpoint: "e", now_ms: now + end_after,
+            settlements: &settle,
+        })).expect("end");
+        prop_assert!(ended);
+        let used = block_on(store.usage(&UsageRequest {
+            account: "a", endpoint: "e", now_ms: now + end_after,
+            windows: &[Window { window_secs: 60, limit: 1, unit: unit.clone() }],
+        })).expect("usage").used[0];
+        // reserved + (actual - reserved), on top of the other traffic.
+        prop_assert_eq!(used, other + actual);
+    }
+
+    #[test]
+    fn settlement_after_the_window_moved_on(reserved in 0u64..1_000, actual in 0u64..5_000) {
+        let store = MemoryStore::new();
+        let now = 1_700_000_000_000 - 1_700_000_000_000 % 60_000;
+        let unit = Unit::new("token");
+        let windows = [WindowSpec { window_secs: 60, limit: 1_000_000, unit: unit.clone(), amount: reserved }];
+        block_on(store.attempt(&AttemptRequest {
+            request_id: "r", account: "a", endpoint: "e", now_ms: now,
+            windows: &windows, max_concurrent: 0, lease_ms: 600_000,
+        })).expect("attempt");
+        let later = now + 90_000;
+        let settle = [Settlement {
+            window_secs: 60, unit: unit.clone(), admitted_index: window_index(now, 60),
+            reserved, actual,
+        }];
+        block_on(store.end(&EndRequest {
+            request_id: "r", account: "a", endpoint: "e", now_ms: later, settlements: &settle,
+        })).expect("end");
+        let used = block_on(store.usage(&UsageRequest {
+            account: "a", endpoint: "e", now_ms: later,
+            windows: &[Window { window_secs: 60, limit: 1, unit }],
+        })).expect("usage").used[0];
+        // Only an excess lands in the new window; a give-back never makes
+        // it negative (it cannot: u64) nor takes anything from it.
+        prop_assert_eq!(used, actual.saturating_sub(reserved));
+    }
+
+    #[test]
+    fn memory_store_matches_the_model(ops in proptest::collection::vec(op(), 1..80)) {
+        check_against_model(&ops)?;
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Attempt { id: u8, tokens: u64 },
+    End { id: u8, tokens: Option<u64> },
+    Renew { id: u8 },
+    Advance { ms: u64 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..6, 0u64..60).prop_map(|(id, tokens)| Op::Attempt { id, tokens }),
+        3 => (0u8..6, proptest::option::of(0u64..120)).prop_map(|(id, tokens)| Op::End { id, tokens }),
+        1 => (0u8..6).prop_map(|id| Op::Renew { id }),
+        2 => (0u64..45_000).prop_map(|ms| Op::Advance { ms }),
+        // Exactly one lease: lands on expiry boundaries.
+        1 => Just(Op::Advance { ms: 30_000 }),
+    ]
+}
+
+/// SPEC §4 the obvious way: every window of every index kept forever,
+/// in-flight records never pruned, liveness checked on read.
+#[derive(Default)]
+struct Model {
+    counts: HashMap<(u64, Unit, u64), u64>,
+    in_flight: HashMap<String, u64>,
+}
+
+impl Model {
+    fn live(&self, now: u64) -> u32 {
+        self.in_flight.values().filter(|&&e| e > now).count() as u32
+    }
+
+    fn used(&self, secs: u64, unit: &Unit, now: u64) -> u64 {
+        let key = (secs, unit.clone(), window_index(now, secs));
+        self.counts.get(&key).copied().unwrap_or(0)
+    }
+
+    fn attempt(&mut self, req: &AttemptRequest<'_>) -> AttemptOutcome {
+        let now = req.now_ms;
+        let used: Vec<u64> = req
+            .windows
+            .iter()
+            .map(|w| self.used(w.window_secs, &w.unit, now))
+            .collect();
+        let in_flight = self.live(now);
+        let verdict = if self.in_flight.get(req.request_id).is_some_and(|&e| e > now) {
+            Verdict::Duplicate
+        } else if let Some(index) = req
+            .windows
+            .iter()
+            .zip(&used)
+            .position(|(w, &u)| u + w.amount.max(1) > w.limit)
+        {
+            Verdict::WindowFull { index }
+        } else if req.max_concurrent > 0 && in_flight >= req.max_concurrent {
+            Verdict::ConcurrencyFull
+        } else {
+            Verdict::Admitted
+        };
+        if verdict != Verdict::Admitted {
+            return AttemptOutcome {
+                verdict,
+                used,
+                in_flight,
+            };
+        }
+        let mut after = Vec::new();
+        for w in req.windows {
+            let c = self
+                .counts
+                .entry((
+                    w.window_secs,
+                    w.unit.clone(),
+                    window_index(now, w.window_secs),
+                ))
+                .or_default();
+            *c += w.amount;
+            after.push(*c);
+        }
+        self.in_flight
+            .insert(req.request_id.to_owned(), now + req.lease_ms);
+        AttemptOutcome {
+            verdict,
+            used: after,
+            in_flight: in_flight + 1,
+        }
+    }
+
+    fn end(&mut self, req: &EndRequest<'_>) -> bool {
+        let now = req.now_ms;
+        match self.in_flight.remove(req.request_id) {
+            Some(exp) if exp > now => {}
+            _ => return false,
+        }
+        for s in req.settlements {
+            if s.actual > s.reserved {
+                let key = (
+                    s.window_secs,
+                    s.unit.clone(),
+                    window_index(now, s.window_secs),
+                );
+                *self.counts.entry(key).or_default() += s.actual - s.reserved;
+            } else if let Some(c) =
+                self.counts
+                    .get_mut(&(s.window_secs, s.unit.clone(), s.admitted_index))
+            {
+                *c = c.saturating_sub(s.reserved - s.actual);
+            }
+        }
+        true
+    }
+
+    fn renew(&mut self, req: &RenewRequest<'_>) -> bool {
+        match self.in_flight.get_mut(req.request_id) {
+            Some(exp) if *exp > req.now_ms => {
+                *exp = req.now_ms + req.lease_ms;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+fn check_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
+    // A small sweep interval so that sweeping happens during the run.
+    let store = MemoryStore::with_options(2, 3);
+    let mut model = Model::default();
+    let policy = Policy {
+        windows: vec![
+            Window {
+                window_secs: 60,
+                limit: 8,
+                unit: Unit::request(),
+            },
+            Window {
+                window_secs: 60,
+                limit: 150,
+                unit: Unit::new("token"),
+            },
+            Window {
+                window_secs: 3_600,
+                limit: 30,
+                unit: Unit::request(),
+            },
+        ],
+        max_concurrent: 3,
+        concurrency_expiry_secs: 30,
+        credits: None,
+    };
+    let lease_ms = 30_000;
+    let mut now = 1_700_000_000_000u64 + 12_345;
+    // id -> (admitted at, reserved per window)
+    let mut tickets: HashMap<u8, (u64, Vec<u64>)> = HashMap::new();
+    for op in ops {
+        match *op {
+            Op::Advance { ms } => now += ms,
+            Op::Attempt { id, tokens } => {
+                let start = [(Unit::new("token"), tokens)];
+                let specs = start_amounts(&policy, &start);
+                if too_large(&specs).is_some() {
+                    continue;
+                }
+                let rid = format!("r{id}");
+                let req = AttemptRequest {
+                    request_id: &rid,
+                    account: "a",
+                    endpoint: "e",
+                    now_ms: now,
+                    windows: &specs,
+                    max_concurrent: policy.max_concurrent,
+                    lease_ms,
+                };
+                let got = block_on(store.attempt(&req)).expect("attempt");
+                let want = model.attempt(&req);
+                prop_assert_eq!(&got, &want, "{:?} at {}", op, now);
+                if got.verdict == Verdict::Admitted {
+                    tickets.insert(id, (now, specs.iter().map(|s| s.amount).collect()));
+                }
+            }
+            Op::End { id, tokens } => {
+                let (admitted_ms, reserved) =
+                    tickets.get(&id).cloned().unwrap_or((now, vec![1, 0, 1]));
+                let ticket = Ticket {
+                    request_id: Arc::from(format!("r{id}").as_str()),
+                    account: Arc::from("a"),
+                    endpoint: Arc::from("e"),
+                    policy: Arc::new(policy.clone()),
+                    reserved,
+                    admitted_ms,
+                };
+                let finals: Vec<(Unit, u64)> = tokens
+                    .map(|t| (Unit::new("token"), t))
+                    .into_iter()
+                    .collect();
+                let settlements = ticket.settlements(&finals);
+                let req = EndRequest {
+                    request_id: &ticket.request_id,
+                    account: "a",
+                    endpoint: "e",
+                    now_ms: now,
+                    settlements: &settlements,
+                };
+                let got = block_on(store.end(&req)).expect("end");
+                prop_assert_eq!(got, model.end(&req), "{:?} at {}", op, now);
+            }
+            Op::Renew { id } => {
+                let rid = format!("r{id}");
+                let req = RenewRequest {
+                    request_id: &rid,
+                    account: "a",
+                    endpoint: "e",
+                    now_ms: now,
+                    lease_ms,
+                };
+                let got = block_on(store.renew(&req)).expect("renew");
+                prop_assert_eq!(got, model.renew(&req), "{:?} at {}", op, now);
+            }
+        }
+        let usage = block_on(store.usage(&UsageRequest {
+            account: "a",
+            endpoint: "e",
+            now_ms: now,
+            windows: &policy.windows,
+        }))
+        .expect("usage");
+        let want: Vec<u64> = policy
+            .windows
+            .iter()
+            .map(|w| model.used(w.window_secs, &w.unit, now))
+            .collect();
+        prop_assert_eq!(&usage.used, &want, "usage after {:?} at {}", op, now);
+        prop_assert_eq!(usage.in_flight, model.live(now));
+    }
+    Ok(())
+}
+
+#[test]
+fn info_prefers_fewest_remaining_then_later_reset() {
+    let w = |secs, limit| Window {
+        window_secs: secs,
+        limit,
+        unit: Unit::request(),
+    };
+    let now = 1_700_000_000_000 + 30_000;
+    // (windows, used, chosen window_secs)
+    let cases: [(Vec<Window>, Vec<u64>, u64); 4] = [
+        (vec![w(60, 3), w(86_400, 200)], vec![1, 1], 60),
+        (vec![w(60, 10), w(86_400, 5)], vec![1, 1], 86_400),
+        (vec![w(60, 3), w(3_600, 3)], vec![1, 1], 3_600),
+        (vec![w(3_600, 3), w(60, 3)], vec![0, 0], 3_600),
+    ];
+    for (windows, used, want) in cases {
+        let policy = Policy {
+            windows,
+            max_concurrent: 0,
+            concurrency_expiry_secs: 60,
+            credits: None,
+        };
+        let info = RateLimitInfo::from_usage(&policy, &used, 0, now);
+        assert_eq!(info.unit("request").map(|u| u.window_secs), Some(want));
+    }
+}

@@ -1,0 +1,598 @@
+use super::*;
+use http::HeaderValue;
+use proptest::prelude::*;
+
+fn p(s: &str) -> Vec<String> {
+    dotted(s)
+}
+
+#[test]
+fn amounts() {
+    let cases: &[(&str, Option<u64>)] = &[
+        ("42", Some(42)),
+        (" 42 ", Some(42)),
+        ("0", Some(0)),
+        ("1.2", Some(2)),
+        ("3.0", Some(3)),
+        ("18446744073709551615", Some(u64::MAX)),
+        ("-1", None),
+        ("", None),
+        ("abc", None),
+        ("1e3", None),
+        ("inf", None),
+        ("NaN", None),
+    ];
+    for &(s, want) in cases {
+        assert_eq!(parse_amount(s), want, "{s:?}");
+    }
+}
+
+#[test]
+fn json_paths() {
+    let cases: &[(&str, &str, Option<u64>)] = &[
+        (
+            r#"{"usage":{"total_tokens":42}}"#,
+            "usage.total_tokens",
+            Some(42),
+        ),
+        (
+            r#"{"id":"x","choices":[{"message":{"content":"usage total_tokens"}}],"usage":{"prompt_tokens":3,"total_tokens":13}}"#,
+            "usage.total_tokens",
+            Some(13),
+        ),
+        (
+            r#"{"usage":{"total_tokens":null}}"#,
+            "usage.total_tokens",
+            None,
+        ),
+        (r#"{"usage":null}"#, "usage.total_tokens", None),
+        (r#"{"usage":{}}"#, "usage.total_tokens", None),
+        (
+            r#"{"usage":{"gpu_seconds":1.2}}"#,
+            "usage.gpu_seconds",
+            Some(2),
+        ),
+        (
+            r#"{"usage":{"total_tokens":"7"}}"#,
+            "usage.total_tokens",
+            Some(7),
+        ),
+        (
+            r#"{"usage":{"total_tokens":-7}}"#,
+            "usage.total_tokens",
+            None,
+        ),
+        (
+            r#"{"usage":{"total_tokens":{"a":1}}}"#,
+            "usage.total_tokens",
+            None,
+        ),
+        (r#"{"data":[{"n":1},{"n":2}]}"#, "data.1.n", Some(2)),
+        (r#"{"data":[{"n":1}]}"#, "data.5.n", None),
+        (r#"{"n":1,"n":2}"#, "n", Some(2)),
+        (r#"{"n":1,"n":null}"#, "n", Some(1)),
+        (r#"  {"n" : 5 }  "#, "n", Some(5)),
+        (r#"{"n":5} trailing"#, "n", None),
+        (r#"{"n":5"#, "n", None),
+        ("not json", "n", None),
+        ("", "n", None),
+        ("[1,2]", "n", None),
+        (r#"{"a\"b":5}"#, "a\"b", Some(5)),
+        (r#"{"\u006e":5}"#, "n", Some(5)),
+    ];
+    for &(json, path, want) in cases {
+        assert_eq!(
+            json_number_at(json.as_bytes(), &p(path)),
+            want,
+            "{json} @ {path}"
+        );
+    }
+}
+
+#[test]
+fn model_from_request() {
+    let cases: &[(&str, Result<&str, ModelError>)] = &[
+        (r#"{"model":"gpt-4o","messages":[]}"#, Ok("gpt-4o")),
+        (r#"{"messages":[{"model":"x"}],"model":"m"}"#, Ok("m")),
+        (r#"{"model":"caf\u00e9"}"#, Ok("café")),
+        (r#"{"messages":[]}"#, Err(ModelError::NoModel)),
+        (r#"{"model":""}"#, Err(ModelError::NoModel)),
+        (r#"{"model":5}"#, Err(ModelError::NoModel)),
+        (r#"{"model":null}"#, Err(ModelError::NoModel)),
+        (r#"[1]"#, Err(ModelError::NoModel)),
+        ("", Err(ModelError::NotJson)),
+        ("model=gpt-4o", Err(ModelError::NotJson)),
+        (r#"{"model":"gpt-4o""#, Err(ModelError::NotJson)),
+        (r#"{"model":"gpt-4o"} x"#, Err(ModelError::NotJson)),
+    ];
+    for (body, want) in cases {
+        let got = request_model(body.as_bytes());
+        assert_eq!(got, want.clone().map(str::to_owned), "{body}");
+    }
+}
+
+#[test]
+fn sources_from_headers_and_bodies() {
+    let mut h = HeaderMap::new();
+    h.insert("x-total-tokens", HeaderValue::from_static("17"));
+    h.insert("x-bad", HeaderValue::from_static("lots"));
+    let body = br#"{"max_tokens":100}"#;
+    let header = |n: &'static str| ValueSource::Header(HeaderName::from_static(n));
+    assert_eq!(read_source(&header("x-total-tokens"), &h, None), Some(17));
+    assert_eq!(read_source(&header("x-bad"), &h, None), None);
+    assert_eq!(read_source(&header("x-missing"), &h, None), None);
+    let max = ValueSource::Body(p("max_tokens"));
+    assert_eq!(read_source(&max, &h, Some(body)), Some(100));
+    assert_eq!(read_source(&max, &h, None), None);
+}
+
+fn added(body: &str) -> serde_json::Value {
+    match ensure_include_usage(&Bytes::from(body.to_owned())) {
+        IncludeUsage::Added(b) => serde_json::from_slice(&b).expect("valid JSON"),
+        other => panic!("{body}: expected Added, got {other:?}"),
+    }
+}
+
+#[test]
+fn include_usage_injection() {
+    for body in [
+        r#"{"model":"m"}"#,
+        r#"{"model":"m","stream":false}"#,
+        r#"{"model":"m","stream":"true"}"#,
+        "not json",
+        r#"[{"stream":true}]"#,
+    ] {
+        assert_eq!(
+            ensure_include_usage(&Bytes::from(body)),
+            IncludeUsage::NotStreaming,
+            "{body}"
+        );
+    }
+    assert_eq!(
+        ensure_include_usage(&Bytes::from_static(
+            br#"{"stream":true,"stream_options":{"include_usage":true}}"#
+        )),
+        IncludeUsage::AlreadyRequested
+    );
+
+    // Absent: spliced in, everything else byte for byte.
+    let body = r#"  {"model":"m","stream":true,"messages":[{"role":"user","content":"{hi}"}]}"#;
+    let IncludeUsage::Added(out) = ensure_include_usage(&Bytes::from(body)) else {
+        panic!("expected Added");
+    };
+    let out = std::str::from_utf8(&out).unwrap();
+    assert_eq!(
+        out,
+        r#"  {"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[{"role":"user","content":"{hi}"}]}"#
+    );
+
+    // Present but off, null, or not an object: rewritten, other options kept,
+    // and never a duplicate key.
+    let v = added(r#"{"stream":true,"stream_options":{"include_usage":false,"x":1},"n":1.5}"#);
+    assert_eq!(
+        v["stream_options"],
+        serde_json::json!({"include_usage": true, "x": 1})
+    );
+    assert_eq!(v["n"], 1.5);
+    for body in [
+        r#"{"stream":true,"stream_options":null}"#,
+        r#"{"stream":true,"stream_options":7}"#,
+    ] {
+        let IncludeUsage::Added(out) = ensure_include_usage(&Bytes::from(body)) else {
+            panic!("{body}: expected Added");
+        };
+        assert_eq!(
+            std::str::from_utf8(&out)
+                .unwrap()
+                .matches("stream_options")
+                .count(),
+            1
+        );
+        assert_eq!(added(body)["stream_options"]["include_usage"], true);
+    }
+}
+
+#[test]
+fn usage_only_chunk_detection() {
+    let yes = br#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+    assert!(is_usage_only_chunk(yes));
+    for no in [
+        &br#"{"choices":[{"delta":{}}],"usage":{"total_tokens":3}}"#[..],
+        br#"{"choices":[],"usage":null}"#,
+        br#"{"choices":[{"delta":{"content":"hi"}}],"usage":null}"#,
+        br#"{"usage":{"total_tokens":3}}"#,
+        b"[DONE]",
+        b"",
+    ] {
+        assert!(!is_usage_only_chunk(no), "{}", String::from_utf8_lossy(no));
+    }
+}
+
+/// An OpenAI chat stream with `include_usage`: content chunks carry
+/// `"usage":null`, then the usage-only chunk, then `[DONE]`.
+fn openai_stream(eol: &str, total: u64) -> String {
+    let mut s = String::new();
+    for word in ["Hel", "lo", " \"usage\" ", "!"] {
+        let content = serde_json::to_string(word).unwrap();
+        s.push_str(&format!(
+            r#"data: {{"id":"c1","object":"chat.completion.chunk","choices":[{{"index":0,"delta":{{"content":{content}}}}}],"usage":null}}{eol}{eol}"#
+        ));
+    }
+    s.push_str(&format!(": keep-alive comment{eol}{eol}"));
+    s.push_str(&format!(
+        r#"data: {{"id":"c1","object":"chat.completion.chunk","choices":[],"usage":{{"prompt_tokens":9,"completion_tokens":{},"total_tokens":{total}}}}}{eol}{eol}"#,
+        total - 9
+    ));
+    s.push_str(&format!("data: [DONE]{eol}{eol}"));
+    s
+}
+
+fn usage_chunk_removed(stream: &str, eol: &str) -> String {
+    let usage_start = stream
+        .find(r#"data: {"id":"c1","object":"chat.completion.chunk","choices":[],"#)
+        .unwrap();
+    let usage_end =
+        usage_start + stream[usage_start..].find(&format!("{eol}{eol}")).unwrap() + 2 * eol.len();
+    format!("{}{}", &stream[..usage_start], &stream[usage_end..])
+}
+
+fn total_paths() -> Vec<Vec<String>> {
+    vec![p("usage.total_tokens"), p("usage.prompt_tokens")]
+}
+
+/// Feed `input` split at `cuts` and finish; returns values and output.
+fn run(scanner: &mut SseScanner, input: &[u8], cuts: &[usize]) -> (Vec<Option<u64>>, Vec<u8>) {
+    let mut out = Vec::new();
+    let mut last = 0;
+    for &c in cuts {
+        let c = c.clamp(last, input.len());
+        out.extend_from_slice(&scanner.feed(&Bytes::copy_from_slice(&input[last..c])));
+        last = c;
+    }
+    out.extend_from_slice(&scanner.feed(&Bytes::copy_from_slice(&input[last..])));
+    out.extend_from_slice(&scanner.finish());
+    (scanner.values().to_vec(), out)
+}
+
+#[test]
+fn sse_finds_the_usage_chunk_with_any_line_ending() {
+    for eol in ["\n", "\r\n", "\r"] {
+        let stream = openai_stream(eol, 120);
+        let mut s = SseScanner::new(total_paths());
+        let (values, out) = run(&mut s, stream.as_bytes(), &[]);
+        assert_eq!(values, vec![Some(120), Some(9)], "eol {eol:?}");
+        assert_eq!(out, stream.as_bytes(), "passes through untouched");
+
+        let mut s = SseScanner::dropping(total_paths());
+        let (values, out) = run(&mut s, stream.as_bytes(), &[]);
+        assert_eq!(values, vec![Some(120), Some(9)], "eol {eol:?}");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            usage_chunk_removed(&stream, eol)
+        );
+        assert_eq!(s.dropped(), 1);
+    }
+}
+
+#[test]
+fn sse_split_at_every_byte_gives_the_same_result() {
+    for eol in ["\n", "\r\n", "\r"] {
+        let stream = openai_stream(eol, 77);
+        let want_drop = usage_chunk_removed(&stream, eol);
+        for cut in 0..=stream.len() {
+            let mut s = SseScanner::new(total_paths());
+            let (values, out) = run(&mut s, stream.as_bytes(), &[cut]);
+            assert_eq!(values, vec![Some(77), Some(9)], "cut {cut} eol {eol:?}");
+            assert_eq!(out, stream.as_bytes());
+
+            let mut s = SseScanner::dropping(total_paths());
+            let (values, out) = run(&mut s, stream.as_bytes(), &[cut]);
+            assert_eq!(values, vec![Some(77), Some(9)], "cut {cut} eol {eol:?}");
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                want_drop,
+                "cut {cut} eol {eol:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn sse_event_details() {
+    let cases: &[(&str, Option<u64>)] = &[
+        // Last event carrying the path wins; later events without it keep it.
+        (
+            "data: {\"usage\":{\"total_tokens\":1}}\n\ndata: {\"usage\":{\"total_tokens\":2}}\n\ndata: {\"x\":1}\n\n",
+            Some(2),
+        ),
+        // `usage: null` does not erase an earlier value.
+        (
+            "data: {\"usage\":{\"total_tokens\":5}}\n\ndata: {\"usage\":null}\n\n",
+            Some(5),
+        ),
+        // Multi-line data is joined with newlines (valid JSON whitespace).
+        (
+            "data: {\"usage\":\ndata: {\"total_tokens\":8}}\n\n",
+            Some(8),
+        ),
+        // No space after the colon; other fields and ids ignored.
+        (
+            "event: message\nid: 3\nretry: 10\ndata:{\"usage\":{\"total_tokens\":4}}\n\n",
+            Some(4),
+        ),
+        // `[DONE]` and comments are ignored.
+        ("data: [DONE]\n\n: {\"usage\":{\"total_tokens\":9}}\n\n", None),
+        // A field named data with no colon adds an empty line: not JSON.
+        ("data\n\n", None),
+        // An unterminated last event still counts (the stream was cut short).
+        ("data: {\"usage\":{\"total_tokens\":6}}", Some(6)),
+        ("data: {\"usage\":{\"total_tokens\":6}}\n", Some(6)),
+        // Cut inside the JSON: nothing.
+        ("data: {\"usage\":{\"total_tokens\":6", None),
+        // Data without a terminating blank line in the middle is one event.
+        (
+            "data: {\"usage\":{\"total_tokens\":1}}\ndata: x\n\n",
+            None,
+        ),
+    ];
+    for &(stream, want) in cases {
+        let mut s = SseScanner::new(vec![p("usage.total_tokens")]);
+        let (values, _) = run(&mut s, stream.as_bytes(), &[]);
+        assert_eq!(values, vec![want], "{stream:?}");
+    }
+}
+
+#[test]
+fn sse_memory_is_bounded() {
+    let max = 256;
+    let mut s = SseScanner::with_options(vec![p("usage.total_tokens")], true, max);
+    // An endless line: memory stays bounded and the bytes still flow.
+    let junk = Bytes::from(vec![b'a'; 1000]);
+    let mut forwarded = 0;
+    forwarded += s.feed(&Bytes::from_static(b"data: ")).len();
+    for _ in 0..100 {
+        forwarded += s.feed(&junk).len();
+        assert!(
+            s.line.capacity() <= 2 * max,
+            "line buffer {}",
+            s.line.capacity()
+        );
+        assert!(s.raw.len() <= max + junk.len());
+        assert!(s.data.len() <= max);
+    }
+    forwarded += s.feed(&Bytes::from_static(b"\n\n")).len();
+    assert_eq!(
+        forwarded,
+        6 + 100 * 1000 + 2,
+        "an oversized event is forwarded, not dropped"
+    );
+    // The scanner recovers for the next event.
+    let tail = Bytes::from_static(b"data: {\"choices\":[],\"usage\":{\"total_tokens\":3}}\n\n");
+    assert!(s.feed(&tail).is_empty(), "the usage-only chunk is dropped");
+    assert_eq!(s.value(0), Some(3));
+}
+
+#[test]
+fn sse_oversized_event_is_skipped_not_parsed() {
+    let big = format!(
+        "data: {{\"pad\":\"{}\",\"usage\":{{\"total_tokens\":1}}}}\n\ndata: {{\"usage\":{{\"total_tokens\":2}}}}\n\n",
+        "x".repeat(500)
+    );
+    let mut s = SseScanner::with_options(vec![p("usage.total_tokens")], false, 100);
+    let (values, _) = run(&mut s, big.as_bytes(), &[]);
+    assert_eq!(values, vec![Some(2)]);
+}
+
+#[test]
+fn json_tail_small_and_large_bodies() {
+    let small = br#"{"object":"list","data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}"#;
+    let mut t = JsonTail::new(1024, 64);
+    t.feed(small);
+    assert_eq!(t.number_at(&p("usage.total_tokens")), Some(4));
+
+    // Too large to keep: found in the tail.
+    let mut big = String::from(r#"{"object":"list","data":[{"embedding":["#);
+    for i in 0..5_000 {
+        big.push_str(&format!("0.{i},"));
+    }
+    big.push_str(r#"0.1]}],"model":"m","usage":{"prompt_tokens":8,"total_tokens":8}}"#);
+    let mut t = JsonTail::new(1024, 128);
+    for chunk in big.as_bytes().chunks(333) {
+        t.feed(chunk);
+    }
+    assert!(t.buf.len() <= 256);
+    assert_eq!(t.number_at(&p("usage.total_tokens")), Some(8));
+    assert_eq!(t.number_at(&p("usage.prompt_tokens")), Some(8));
+    assert_eq!(t.number_at(&p("usage.missing")), None);
+    assert_eq!(t.number_at(&p("object")), None, "scrolled out of the tail");
+
+    // An escaped key inside a string in the tail is not taken for the key.
+    let mut tricky = "x".repeat(2_000);
+    tricky = format!(
+        r#"{{"pad":"{tricky}","usage":{{"total_tokens":5}},"content":"\"usage\":{{\"total_tokens\":99}}"}}"#
+    );
+    let mut t = JsonTail::new(100, 512);
+    t.feed(tricky.as_bytes());
+    assert_eq!(t.number_at(&p("usage.total_tokens")), Some(5));
+}
+
+fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.insert(*k, HeaderValue::from_static(v));
+    }
+    h
+}
+
+#[test]
+fn response_meter_first_source_wins() {
+    let usage = vec![
+        (
+            Unit::new("token"),
+            vec![
+                ValueSource::Header(HeaderName::from_static("x-total-tokens")),
+                ValueSource::Body(p("usage.total_tokens")),
+            ],
+        ),
+        (Unit::new("image"), vec![ValueSource::Body(p("n_images"))]),
+        (
+            Unit::new("gpu-second"),
+            vec![ValueSource::Body(p("usage.gpu"))],
+        ),
+    ];
+    let body = Bytes::from_static(br#"{"usage":{"total_tokens":12},"n_images":2}"#);
+
+    let h = headers(&[
+        ("content-type", "application/json"),
+        ("x-total-tokens", "40"),
+    ]);
+    let mut m = ResponseMeter::new(&usage, &h, false);
+    assert_eq!(m.feed(&body), body);
+    assert!(m.finish().is_empty());
+    assert_eq!(
+        m.units(),
+        vec![(Unit::new("token"), 40), (Unit::new("image"), 2)]
+    );
+
+    let h = headers(&[("content-type", "application/json")]);
+    let mut m = ResponseMeter::new(&usage, &h, false);
+    m.feed(&body.slice(..10));
+    m.feed(&body.slice(10..));
+    assert_eq!(
+        m.units(),
+        vec![(Unit::new("token"), 12), (Unit::new("image"), 2)]
+    );
+}
+
+#[test]
+fn response_meter_streams() {
+    let usage = vec![(
+        Unit::new("token"),
+        vec![ValueSource::Body(p("usage.total_tokens"))],
+    )];
+    let h = headers(&[("content-type", "Text/Event-Stream; charset=utf-8")]);
+    assert!(is_event_stream(&h));
+    let stream = openai_stream("\n", 50);
+    let mut m = ResponseMeter::new(&usage, &h, true);
+    let mut out = Vec::new();
+    for chunk in stream.as_bytes().chunks(7) {
+        out.extend_from_slice(&m.feed(&Bytes::copy_from_slice(chunk)));
+        // Valid at any time: a cut-short stream charges what it showed.
+        let _ = m.units();
+    }
+    out.extend_from_slice(&m.finish());
+    assert_eq!(m.units(), vec![(Unit::new("token"), 50)]);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        usage_chunk_removed(&stream, "\n")
+    );
+
+    // Cut short before the usage chunk: nothing measured from the body.
+    let mut m = ResponseMeter::new(&usage, &h, false);
+    m.feed(&Bytes::from(stream[..200].to_owned()));
+    assert_eq!(m.units(), vec![]);
+}
+
+#[test]
+fn no_body_sources_means_no_body_scan() {
+    let usage = vec![(
+        Unit::new("token"),
+        vec![ValueSource::Header(HeaderName::from_static(
+            "x-total-tokens",
+        ))],
+    )];
+    let m = ResponseMeter::new(&usage, &headers(&[("x-total-tokens", "3")]), false);
+    assert!(matches!(m.body, BodyScan::None));
+    assert_eq!(m.units(), vec![(Unit::new("token"), 3)]);
+}
+
+proptest! {
+    #[test]
+    fn sse_any_split_gives_the_same_result(
+        total in 10u64..1_000_000,
+        eol in prop::sample::select(vec!["\n", "\r\n", "\r"]),
+        mut cuts in prop::collection::vec(0usize..2_000, 0..8),
+        drop in any::<bool>(),
+    ) {
+        let stream = openai_stream(eol, total);
+        cuts.sort_unstable();
+        let make = || SseScanner::with_options(total_paths(), drop, DEFAULT_MAX_EVENT_BYTES);
+        let whole = run(&mut make(), stream.as_bytes(), &[]);
+        let split = run(&mut make(), stream.as_bytes(), &cuts);
+        prop_assert_eq!(&whole, &split);
+        prop_assert_eq!(whole.0, vec![Some(total), Some(9)]);
+    }
+
+    #[test]
+    fn sse_arbitrary_bytes_never_panic_and_split_consistently(
+        input in prop::collection::vec(
+            prop::sample::select(b"data: {}\"usage\":[]choices,total_tokens1\r\n:x".to_vec()),
+            0..400,
+        ),
+        mut cuts in prop::collection::vec(0usize..400, 0..6),
+        drop in any::<bool>(),
+        max in 1usize..64,
+    ) {
+        cuts.sort_unstable();
+        let make = || SseScanner::with_options(vec![p("usage.total_tokens"), p("total_tokens")], drop, max);
+        let whole = run(&mut make(), &input, &[]);
+        let split = run(&mut make(), &input, &cuts);
+        prop_assert_eq!(&whole, &split);
+        if !drop {
+            prop_assert_eq!(&whole.1, &input);
+        }
+    }
+
+    #[test]
+    fn sse_random_bytes_never_panic(input in prop::collection::vec(any::<u8>(), 0..512)) {
+        let mut s = SseScanner::dropping(total_paths());
+        let _ = run(&mut s, &input, &[input.len() / 2]);
+    }
+
+    #[test]
+    fn json_lookups_never_panic(input in "\\PC{0,200}", path in "[a-z0-9.]{0,12}") {
+        let _ = json_number_at(input.as_bytes(), &p(&path));
+        let _ = request_model(input.as_bytes());
+        let _ = ensure_include_usage(&Bytes::from(input.clone()));
+        let _ = is_usage_only_chunk(input.as_bytes());
+        let mut t = JsonTail::new(16, 8);
+        t.feed(input.as_bytes());
+        let _ = t.number_at(&p(&path));
+    }
+
+    #[test]
+    fn json_number_matches_a_full_parse(n in any::<u64>(), pad in 0usize..300, nest in any::<bool>()) {
+        let body = if nest {
+            format!(r#"{{"a":[1,{{"b":"{}"}}],"usage":{{"total_tokens":{n}}},"z":null}}"#, "y".repeat(pad))
+        } else {
+            format!(r#"{{"usage":{{"total_tokens":{n}}},"a":"{}"}}"#, "y".repeat(pad))
+        };
+        prop_assert_eq!(json_number_at(body.as_bytes(), &p("usage.total_tokens")), Some(n));
+        let mut t = JsonTail::new(64, 128);
+        for c in body.as_bytes().chunks(17) {
+            t.feed(c);
+        }
+        if nest || t.whole {
+            prop_assert_eq!(t.number_at(&p("usage.total_tokens")), Some(n));
+        }
+    }
+
+    #[test]
+    fn injected_include_usage_is_valid_and_keeps_the_rest(
+        model in "[a-z0-9-]{1,12}",
+        content in "\\PC{0,40}",
+        opts in prop::sample::select(vec!["", r#","stream_options":null"#, r#","stream_options":{"include_usage":false}"#]),
+    ) {
+        let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": content}]});
+        let raw = format!(r#"{{"stream":true{opts},{}"#, &body.to_string()[1..]);
+        match ensure_include_usage(&Bytes::from(raw)) {
+            IncludeUsage::Added(out) => {
+                let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+                prop_assert_eq!(&v["stream_options"]["include_usage"], &serde_json::Value::Bool(true));
+                prop_assert_eq!(&v["messages"], &body["messages"]);
+                prop_assert_eq!(request_model(&out), Ok(model));
+            }
+            other => prop_assert!(false, "expected Added, got {:?}", other),
+        }
+    }
+}
