@@ -104,7 +104,14 @@ fn db_err(e: tokio_postgres::Error) -> CatalogError {
         }
         return CatalogError::Unavailable(format!("{} ({})", db.message(), db.code().code()));
     }
-    CatalogError::Unavailable(e.to_string())
+    // tokio-postgres keeps the cause (e.g. "Connection refused") in `source`.
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        msg = format!("{msg}: {s}");
+        source = s.source();
+    }
+    CatalogError::Unavailable(msg)
 }
 
 fn pool_err(e: deadpool_postgres::PoolError) -> CatalogError {
@@ -448,22 +455,22 @@ impl PostgresCatalog {
             });
         }
         let deducted = amount - left;
-        if !ids.is_empty() {
-            let update = tx
-                .prepare_cached(
-                    "UPDATE quota_blocks q SET credits_remaining = q.credits_remaining - x.take
-                     FROM unnest($1::text[], $2::int8[]) AS x(id, take)
-                     WHERE q.id = x.id",
-                )
-                .await?;
-            tx.execute(&update, &[&ids, &takes]).await?;
-        }
-        let record = tx
-            .prepare_cached("UPDATE credit_ledger SET deducted = $2, draws = $3 WHERE seq = $1")
-            .await?;
         let draws_json = serde_json::to_value(&draws)
             .map_err(|e| CatalogError::Unavailable(format!("encoding draws: {e}")))?;
-        tx.execute(&record, &[&seq, &deducted, &draws_json]).await?;
+        // One statement for both writes: the row locks are held for as few
+        // round trips as possible. A data-modifying CTE always runs.
+        let record = tx
+            .prepare_cached(
+                "WITH drained AS (
+                     UPDATE quota_blocks q SET credits_remaining = q.credits_remaining - x.take
+                     FROM unnest($1::text[], $2::int8[]) AS x(id, take)
+                     WHERE q.id = x.id
+                     RETURNING 1)
+                 UPDATE credit_ledger SET deducted = $4, draws = $5 WHERE seq = $3",
+            )
+            .await?;
+        tx.execute(&record, &[&ids, &takes, &seq, &deducted, &draws_json])
+            .await?;
         tx.commit().await?;
         Ok(DeductResult {
             requested: d.amount,
