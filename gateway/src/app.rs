@@ -13,8 +13,8 @@ use tokio::net::TcpListener;
 use crate::admin::Admin;
 use crate::catalog::cache::{CacheConfig, CatalogCache};
 use crate::catalog::memory::MemoryCatalog;
-use crate::catalog::postgres::PostgresCatalog;
-use crate::catalog::{Catalog, Invalidation};
+use crate::catalog::postgres::{PgOptions, PostgresCatalog};
+use crate::catalog::{Catalog, CatalogError, Invalidation};
 use crate::cli::CliError;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
@@ -49,17 +49,23 @@ impl App {
     pub async fn build(config: Config, clock: SharedClock) -> Result<App, CliError> {
         let plans = load_plans_file(&config.plans.file).map_err(bad)?;
         let catalog: Arc<dyn Catalog> = match &config.storage.postgres_url {
-            Some(url) => Arc::new(
-                PostgresCatalog::connect(url, clock.clone())
-                    .await
-                    .map_err(|e| fail(format!("connecting to Postgres: {e}")))?,
-            ),
+            Some(url) => Arc::new(connect_postgres(url, clock.clone()).await?),
             None => Arc::new(MemoryCatalog::new(clock.clone())),
         };
-        catalog
-            .apply_plans(&plans, false)
-            .await
-            .map_err(|e| fail(format!("applying {}: {e}", config.plans.file.display())))?;
+        match catalog.apply_plans(&plans, false).await {
+            Ok(_) => {}
+            Err(CatalogError::Unavailable(e)) => {
+                // Start anyway (not ready); apply as soon as Postgres answers.
+                tracing::error!(error = %e, "Postgres unavailable at start: serving 503 until it returns");
+                tokio::spawn(apply_when_available(catalog.clone(), plans));
+            }
+            Err(e) => {
+                return Err(fail(format!(
+                    "applying {}: {e}",
+                    config.plans.file.display()
+                )))
+            }
+        }
         Self::assemble(config, clock, catalog).await
     }
 
@@ -77,7 +83,7 @@ impl App {
         } else {
             MemoryStore::new().into()
         };
-        let cache = CatalogCache::new(catalog.clone(), clock.clone(), CacheConfig::default())
+        let cache = CatalogCache::new_lazy(catalog.clone(), clock.clone(), CacheConfig::default())
             .await
             .map_err(|e| fail(format!("loading plans from the catalog: {e}")))?;
         let limiter = Limiter::new(store, clock.clone(), config.storage.store_timeout);
@@ -209,6 +215,47 @@ impl App {
                     tracing::error!("plans reload rejected; old plans stay in force: {e}");
                 }
                 false
+            }
+        }
+    }
+}
+
+/// Connect to Postgres; when it is down, connect lazily (the pool and the
+/// LISTEN connection retry by themselves) so the gateway still starts.
+async fn connect_postgres(url: &str, clock: SharedClock) -> Result<PostgresCatalog, CliError> {
+    match PostgresCatalog::connect(url, clock.clone()).await {
+        Ok(c) => Ok(c),
+        Err(CatalogError::Unavailable(e)) => {
+            tracing::error!(error = %e, "Postgres unavailable at start; retrying in the background");
+            let opts = PgOptions {
+                lazy: true,
+                ..PgOptions::default()
+            };
+            PostgresCatalog::connect_with(url, clock, opts)
+                .await
+                .map_err(|e| bad(format!("[storage] postgres_url: {e}")))
+        }
+        Err(e) => Err(bad(format!("[storage] postgres_url: {e}"))),
+    }
+}
+
+/// Apply the plans file once the catalog answers (after a start without
+/// Postgres).
+async fn apply_when_available(catalog: Arc<dyn Catalog>, plans: crate::plans::PlanSet) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match catalog.apply_plans(&plans, false).await {
+            Ok(_) => {
+                tracing::info!("Postgres is back: plans applied");
+                return;
+            }
+            Err(CatalogError::Unavailable(_)) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "applying plans failed");
+                return;
             }
         }
     }

@@ -102,6 +102,8 @@ pub struct Options {
     pub on_store_error: &'static str,
     /// Overrides `redis_url` (e.g. a dead port) for outage tests.
     pub redis_url: Option<String>,
+    /// Overrides `postgres_url` (e.g. a dead port) for outage tests.
+    pub postgres_url: Option<String>,
     pub extra_server: String,
     /// Replaces the mock as the upstream (e.g. an https server).
     pub upstream_url: Option<String>,
@@ -120,6 +122,7 @@ impl Options {
             plans: TEST_PLANS.to_owned(),
             on_store_error: "closed",
             redis_url: None,
+            postgres_url: None,
             extra_server: String::new(),
             upstream_url: None,
             upstream_extra: String::new(),
@@ -194,8 +197,14 @@ impl TestGateway {
         let storage = match opts.backend {
             Backend::Memory => String::new(),
             Backend::Real => {
-                let pg = crate::postgres_db("gw").await.expect("postgres");
-                migrate(&pg).await.expect("migrate");
+                let pg = match &opts.postgres_url {
+                    Some(url) => url.clone(),
+                    None => {
+                        let pg = crate::postgres_db("gw").await.expect("postgres");
+                        migrate(&pg).await.expect("migrate");
+                        pg
+                    }
+                };
                 let redis = match &opts.redis_url {
                     Some(r) => r.clone(),
                     None => crate::redis().await.expect("redis"),

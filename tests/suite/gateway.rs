@@ -592,3 +592,34 @@ async fn store_outage_open_admits_degraded_and_closed_refuses() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_without_postgres_not_ready_and_answering_503() {
+    if !Backend::all().await.contains(&Backend::Real) {
+        return;
+    }
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!(
+            "postgres://postgres@127.0.0.1:{}/nothing",
+            l.local_addr().unwrap().port()
+        )
+    };
+    let mut opts = Options::new(Backend::Real);
+    opts.postgres_url = Some(dead);
+    let gw = TestGateway::start(opts).await;
+    let get = |path: &str| {
+        Request::builder()
+            .uri(path)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(gw.send(get("/healthz")).await.status, 200);
+    assert_eq!(gw.send(get("/readyz")).await.status, 503);
+    let r = gw
+        .chat("pg_0123456789abcdef0123456789abcdef01234567890", "gpt-test")
+        .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.code(), "catalog_unavailable");
+    assert_eq!(gw.mock.requests(), 0);
+}

@@ -170,10 +170,37 @@ impl CatalogCache {
         clock: SharedClock,
         config: CacheConfig,
     ) -> CatalogResult<Self> {
+        Self::start(catalog, clock, config, false).await
+    }
+
+    /// Like [`CatalogCache::new`], but when the plans cannot be loaded the
+    /// cache starts empty and keeps retrying in the background: the gateway
+    /// starts (not ready) while the catalog is down and recovers by itself.
+    pub async fn new_lazy(
+        catalog: Arc<dyn Catalog>,
+        clock: SharedClock,
+        config: CacheConfig,
+    ) -> CatalogResult<Self> {
+        Self::start(catalog, clock, config, true).await
+    }
+
+    async fn start(
+        catalog: Arc<dyn Catalog>,
+        clock: SharedClock,
+        config: CacheConfig,
+        lazy: bool,
+    ) -> CatalogResult<Self> {
         // Subscribe before loading so no change between the two is missed.
         let events = catalog.subscribe();
-        let plans = catalog.list_plans().await?;
-        let now = clock.now_ms();
+        let (plans, loaded) = match catalog.list_plans().await {
+            Ok(plans) => (plans, true),
+            Err(e) if lazy => {
+                tracing::warn!(error = %e, "catalog unavailable at start; retrying in the background");
+                (PlanSet::default(), false)
+            }
+            Err(e) => return Err(e),
+        };
+        let now = if loaded { clock.now_ms().max(1) } else { 0 };
         let inner = Arc::new(Inner {
             catalog,
             clock,

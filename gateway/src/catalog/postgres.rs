@@ -64,6 +64,10 @@ pub struct PgOptions {
     /// Run the LISTEN connection that feeds [`Catalog::subscribe`] with
     /// other instances' changes. Off for one-shot admin commands.
     pub listen: bool,
+    /// Return at once without checking the database or waiting for
+    /// LISTEN: a gateway must start (not ready) while Postgres is down
+    /// and recover when it returns.
+    pub lazy: bool,
     /// Connect, pool wait and LISTEN start-up timeout.
     pub timeout: Duration,
 }
@@ -73,6 +77,7 @@ impl Default for PgOptions {
         Self {
             pool_size: 16,
             listen: true,
+            lazy: false,
             timeout: Duration::from_secs(5),
         }
     }
@@ -342,11 +347,16 @@ impl PostgresCatalog {
             events,
             listener: None,
         };
-        catalog.ping().await?;
+        if !opts.lazy {
+            catalog.ping().await?;
+        }
         if opts.listen {
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             let task = tokio::spawn(listen_loop(cfg, catalog.events.clone(), ready_tx));
             catalog.listener = Some(task.abort_handle());
+            if opts.lazy {
+                return Ok(catalog);
+            }
             match tokio::time::timeout(opts.timeout, ready_rx).await {
                 Ok(Ok(())) => {}
                 _ => {
