@@ -603,17 +603,12 @@ async fn read_admission(
             .iter()
             .any(|(_, s)| matches!(s, ValueSource::Body(_)));
     if !needs_body {
+        // Only literal endpoints get here: `{model}` needs the body.
         let endpoint = match &route.endpoint {
             EndpointSource::Literal(e) => e.clone(),
             EndpointSource::Model => String::new(),
         };
-        let start_units = route
-            .reserve
-            .iter()
-            .filter_map(|(unit, source)| {
-                usage::read_source(source, headers, None).map(|n| (unit.clone(), n))
-            })
-            .collect();
+        let start_units = reservations(route, headers, None);
         let limited = Limited::new(body, max_body as usize).map_err(BoxError::from);
         return Ok(Admission {
             endpoint,
@@ -641,13 +636,7 @@ async fn read_admission(
             usage::request_model(&bytes).map_err(|e| ApiError::invalid_request(e.to_string()))?
         }
     };
-    let start_units: Vec<(Unit, u64)> = route
-        .reserve
-        .iter()
-        .filter_map(|(unit, source)| {
-            usage::read_source(source, headers, Some(&bytes)).map(|n| (unit.clone(), n))
-        })
-        .collect();
+    let start_units = reservations(route, headers, Some(&bytes));
     let (bytes, injected_usage) = match usage::ensure_include_usage(&bytes) {
         usage::IncludeUsage::Added(rewritten) => (rewritten, true),
         usage::IncludeUsage::NotStreaming | usage::IncludeUsage::AlreadyRequested => (bytes, false),
@@ -658,6 +647,21 @@ async fn read_admission(
         body: full(bytes),
         injected_usage,
     })
+}
+
+/// Start amounts from the route's `reserve` sources. A request that does
+/// not say (no `n`, no `max_tokens`) reserves 1, OpenAI's default `n`: an
+/// image request without `n` still counts one image, and a token
+/// reservation is settled to the measured amount at the end anyway.
+fn reservations(route: &Route, headers: &HeaderMap, body: Option<&[u8]>) -> Vec<(Unit, u64)> {
+    route
+        .reserve
+        .iter()
+        .map(|(unit, source)| {
+            let n = usage::read_source(source, headers, body).unwrap_or(1);
+            (unit.clone(), n)
+        })
+        .collect()
 }
 
 /// Ends an admitted request: limiter end with the measured units, per-unit

@@ -623,3 +623,29 @@ async fn starts_without_postgres_not_ready_and_answering_503() {
     assert_eq!(r.code(), "catalog_unavailable");
     assert_eq!(gw.mock.requests(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_count_n_or_one_per_request() {
+    for gw in gateways().await {
+        let (_, key) = gw.account(None).await;
+        let path = "/v1/images/generations";
+        let r = gw.post(path, Some(&key), &json!({"prompt": "a cat"})).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.header("x-ratelimit-limit-images"), Some("2"));
+        assert_eq!(r.header("x-ratelimit-remaining-images"), Some("1"));
+        let r = gw
+            .post(path, Some(&key), &json!({"prompt": "a cat", "n": 5}))
+            .await;
+        assert_eq!(r.code(), "request_too_large");
+        let r = gw
+            .post(path, Some(&key), &json!({"prompt": "a dog", "n": 1}))
+            .await;
+        assert_eq!(r.status, 200);
+        gw.wait_settled().await;
+        let r = gw
+            .post(path, Some(&key), &json!({"prompt": "a bird"}))
+            .await;
+        assert_eq!(r.status, 429);
+        assert_eq!(r.json()["error"]["type"], "images");
+    }
+}

@@ -262,5 +262,117 @@ mod reqwest_like {
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             (status, String::from_utf8_lossy(&body).into_owned())
         }
+
+        pub async fn call_with(
+            &self,
+            url: &str,
+            key: &str,
+            body: &str,
+            headers: &[(&str, &str)],
+        ) -> (u16, String) {
+            let mut b = http::Request::builder()
+                .method("POST")
+                .uri(url)
+                .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {key}"));
+            for (n, v) in headers {
+                b = b.header(*n, *v);
+            }
+            let resp = self
+                .0
+                .request(b.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish() {
+    let mock = plangate::mock::start(Default::default()).await.unwrap();
+    let dir = std::env::temp_dir().join(plangate_tests::harness::unique("term"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("plans.yaml"), TEST_PLANS).unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    write_config(&dir, port, admin_port, &mock.url(), false);
+    let child = Command::new(plangate_tests::plangate_bin())
+        .args(["serve", "--config"])
+        .arg(dir.join("plangate.toml"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn plangate serve");
+    let mut served = Served {
+        child,
+        addr: format!("http://127.0.0.1:{port}"),
+        admin: format!("http://127.0.0.1:{admin_port}"),
+    };
+    let listening = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(listening, "plangate serve did not start");
+    let http = reqwest_like::Client::new();
+    let account = plangate_tests::harness::unique("term");
+    let (s, _) = http
+        .call(
+            "POST",
+            &format!("{}/admin/accounts", served.admin),
+            Some(ADMIN_TOKEN),
+            &format!("{{\"id\":\"{account}\"}}"),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (_, body) = http
+        .call(
+            "POST",
+            &format!("{}/admin/accounts/{account}/keys", served.admin),
+            Some(ADMIN_TOKEN),
+            "",
+        )
+        .await;
+    let key = serde_json::from_str::<serde_json::Value>(&body).unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // A slow request is in flight when SIGTERM arrives.
+    let url = format!("{}/v1/chat/completions", served.addr);
+    let slow = tokio::spawn(async move {
+        let client = reqwest_like::Client::new();
+        client
+            .call_with(
+                &url,
+                &key,
+                r#"{"model":"gpt-test","messages":[]}"#,
+                &[("x-mock-delay-ms", "1500")],
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let pid = served.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let (status, _) = slow.await.unwrap();
+    assert_eq!(status, 200, "the in-flight request finished");
+    let mut exited = None;
+    for _ in 0..100 {
+        if let Some(code) = served.child.try_wait().unwrap() {
+            exited = Some(code);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let code = exited.expect("plangate exits after draining");
+    assert!(code.success(), "clean exit: {code:?}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "no longer listening"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

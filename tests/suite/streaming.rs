@@ -156,3 +156,38 @@ async fn upstream_dying_mid_stream_ends_the_request_and_keeps_the_reservation() 
         assert_eq!(tokens_used(&limits, "gpt-test"), 300);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stream_renews_its_concurrency_lease() {
+    for backend in Backend::all().await {
+        let mut opts = Options::new(backend);
+        opts.plans = plangate_tests::harness::TEST_PLANS
+            .replace("concurrency_expiry: 30s", "concurrency_expiry: 2s");
+        let gw = TestGateway::start(opts).await;
+        let (_, key) = gw.account(None).await;
+        let mut s = gw
+            .post_streaming(
+                "/v1/chat/completions",
+                &key,
+                &stream_body(None),
+                &[("x-mock-chunks", "60"), ("x-mock-chunk-delay-ms", "100")],
+            )
+            .await;
+        s.next_data().await.expect("first chunk").expect("data");
+        // Admitted at t0 with a 2 s lease. Move to t0+1.5 s, let the
+        // renewal timer (every 1 s of real time) fire, then go past the
+        // original lease: the slot must still be held.
+        gw.clock.advance(Duration::from_millis(1500));
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        gw.clock.advance(Duration::from_millis(1500));
+        let limits = gw.limits(&key).await;
+        assert_eq!(
+            limits["endpoints"]["gpt-test"]["concurrency"]["in_use"], 1,
+            "lease renewed while streaming"
+        );
+        drop(s);
+        gw.wait_settled().await;
+        let limits = gw.limits(&key).await;
+        assert_eq!(limits["endpoints"]["gpt-test"]["concurrency"]["in_use"], 0);
+    }
+}
