@@ -540,36 +540,23 @@ pub async fn limits_json(
 }
 
 fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>) -> serde_json::Value {
-    let windows: Vec<serde_json::Value> = match &info {
-        Some(info) => info
-            .windows
-            .iter()
-            .map(|w| {
-                serde_json::json!({
-                    "unit": w.unit.as_str(),
-                    "window_seconds": w.window_secs,
-                    "limit": w.limit,
-                    "used": w.used,
-                    "remaining": w.remaining,
-                    "reset_ms": w.reset_ms,
-                })
+    // Without the counter store (degraded), limits are known but usage is not.
+    let windows: Vec<serde_json::Value> = policy
+        .windows
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let state = info.as_ref().and_then(|info| info.windows.get(i));
+            serde_json::json!({
+                "unit": w.unit.as_str(),
+                "window_seconds": w.window_secs,
+                "limit": w.limit,
+                "used": state.map(|s| s.used),
+                "remaining": state.map(|s| s.remaining),
+                "reset_ms": state.map(|s| s.reset_ms),
             })
-            .collect(),
-        None => policy
-            .windows
-            .iter()
-            .map(|w| {
-                serde_json::json!({
-                    "unit": w.unit.as_str(),
-                    "window_seconds": w.window_secs,
-                    "limit": w.limit,
-                    "used": null,
-                    "remaining": null,
-                    "reset_ms": null,
-                })
-            })
-            .collect(),
-    };
+        })
+        .collect();
     let concurrency = (policy.max_concurrent > 0).then(|| {
         let remaining = info
             .as_ref()

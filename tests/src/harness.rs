@@ -187,6 +187,15 @@ pub fn unique(prefix: &str) -> String {
 pub const T0_MS: u64 = 1_799_920_820_000;
 
 impl TestGateway {
+    /// One gateway per available backend, with default options.
+    pub async fn each_backend() -> Vec<TestGateway> {
+        let mut out = Vec::new();
+        for backend in Backend::all().await {
+            out.push(TestGateway::start(Options::new(backend)).await);
+        }
+        out
+    }
+
     pub async fn start(opts: Options) -> TestGateway {
         let dir = std::env::temp_dir().join(unique("plangate-test"));
         std::fs::create_dir_all(&dir).expect("temp dir");

@@ -10,11 +10,7 @@ use plangate_tests::harness::{Backend, Options, TestGateway, ADMIN_TOKEN};
 use serde_json::json;
 
 async fn gateways() -> Vec<TestGateway> {
-    let mut out = Vec::new();
-    for backend in Backend::all().await {
-        out.push(TestGateway::start(Options::new(backend)).await);
-    }
-    out
+    TestGateway::each_backend().await
 }
 
 fn chat_body(model: &str) -> serde_json::Value {

@@ -69,8 +69,68 @@ async fn plans_file_changes_apply_and_bad_files_are_rejected() {
 /// A `plangate serve` process; killed on drop.
 struct Served {
     child: Child,
+    port: u16,
+    admin_port: u16,
     addr: String,
     admin: String,
+}
+
+impl Served {
+    /// Start `plangate serve` on a fresh config (plans: TEST_PLANS) pointing
+    /// at `upstream`; waits until it listens.
+    fn start(dir: &std::path::Path, upstream: &str, stderr: Stdio) -> Served {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("plans.yaml"), TEST_PLANS).unwrap();
+        let (port, admin_port) = (free_port(), free_port());
+        write_config(dir, port, admin_port, upstream, false);
+        let child = Command::new(plangate_tests::plangate_bin())
+            .args(["serve", "--config"])
+            .arg(dir.join("plangate.toml"))
+            .env("RUST_LOG", "info")
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn plangate serve");
+        let listening = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(listening, "plangate serve did not start");
+        Served {
+            child,
+            port,
+            admin_port,
+            addr: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+        }
+    }
+
+    /// A new account with one key, through the admin API; returns the key.
+    async fn key(&self, http: &reqwest_like::Client) -> String {
+        let account = plangate_tests::harness::unique("proc");
+        let body = format!("{{\"id\":\"{account}\"}}");
+        let (s, _) = http
+            .call(
+                "POST",
+                &format!("{}/admin/accounts", self.admin),
+                Some(ADMIN_TOKEN),
+                &body,
+            )
+            .await;
+        assert_eq!(s, 201);
+        let (s, body) = http
+            .call(
+                "POST",
+                &format!("{}/admin/accounts/{account}/keys", self.admin),
+                Some(ADMIN_TOKEN),
+                "",
+            )
+            .await;
+        assert_eq!(s, 201);
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["key"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
 }
 
 impl Drop for Served {
@@ -124,60 +184,16 @@ usage.token = ["body:usage.total_tokens"]
 async fn sighup_reloads_routes_in_the_real_binary() {
     let mock = plangate::mock::start(Default::default()).await.unwrap();
     let dir = std::env::temp_dir().join(plangate_tests::harness::unique("sighup"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("plans.yaml"), TEST_PLANS).unwrap();
-    let (port, admin_port) = (free_port(), free_port());
-    write_config(&dir, port, admin_port, &mock.url(), false);
-    let mut child = Command::new(plangate_tests::plangate_bin())
-        .args(["serve", "--config"])
-        .arg(dir.join("plangate.toml"))
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn plangate serve");
-    let stderr = child.stderr.take().unwrap();
+    let mut served = Served::start(&dir, &mock.url(), Stdio::piped());
+    let stderr = served.child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
-    let served = Served {
-        child,
-        addr: format!("http://127.0.0.1:{port}"),
-        admin: format!("http://127.0.0.1:{admin_port}"),
-    };
-    // Wait until it listens.
-    let listening = (0..100).any(|_| {
-        std::thread::sleep(Duration::from_millis(50));
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    assert!(listening, "plangate serve did not start");
-
     let http = reqwest_like::Client::new();
-    let account = plangate_tests::harness::unique("hup");
-    let (s, _) = http
-        .call(
-            "POST",
-            &format!("{}/admin/accounts", served.admin),
-            Some(ADMIN_TOKEN),
-            &format!("{{\"id\":\"{account}\"}}"),
-        )
-        .await;
-    assert_eq!(s, 201);
-    let (s, body) = http
-        .call(
-            "POST",
-            &format!("{}/admin/accounts/{account}/keys", served.admin),
-            Some(ADMIN_TOKEN),
-            "",
-        )
-        .await;
-    assert_eq!(s, 201);
-    let key = serde_json::from_str::<serde_json::Value>(&body).unwrap()["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let key = served.key(&http).await;
     let embed = r#"{"model":"text-embedding-test","input":"hi"}"#;
     let (s, _) = http
         .call(
@@ -189,7 +205,7 @@ async fn sighup_reloads_routes_in_the_real_binary() {
         .await;
     assert_eq!(s, 404, "no embeddings route yet");
 
-    write_config(&dir, port, admin_port, &mock.url(), true);
+    write_config(&dir, served.port, served.admin_port, &mock.url(), true);
     let ok = Command::new("kill")
         .args(["-HUP", &served.child.id().to_string()])
         .status()
@@ -294,49 +310,10 @@ mod reqwest_like {
 async fn sigterm_lets_in_flight_requests_finish() {
     let mock = plangate::mock::start(Default::default()).await.unwrap();
     let dir = std::env::temp_dir().join(plangate_tests::harness::unique("term"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("plans.yaml"), TEST_PLANS).unwrap();
-    let (port, admin_port) = (free_port(), free_port());
-    write_config(&dir, port, admin_port, &mock.url(), false);
-    let child = Command::new(plangate_tests::plangate_bin())
-        .args(["serve", "--config"])
-        .arg(dir.join("plangate.toml"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn plangate serve");
-    let mut served = Served {
-        child,
-        addr: format!("http://127.0.0.1:{port}"),
-        admin: format!("http://127.0.0.1:{admin_port}"),
-    };
-    let listening = (0..100).any(|_| {
-        std::thread::sleep(Duration::from_millis(50));
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    assert!(listening, "plangate serve did not start");
+    let mut served = Served::start(&dir, &mock.url(), Stdio::null());
+    let port = served.port;
     let http = reqwest_like::Client::new();
-    let account = plangate_tests::harness::unique("term");
-    let (s, _) = http
-        .call(
-            "POST",
-            &format!("{}/admin/accounts", served.admin),
-            Some(ADMIN_TOKEN),
-            &format!("{{\"id\":\"{account}\"}}"),
-        )
-        .await;
-    assert_eq!(s, 201);
-    let (_, body) = http
-        .call(
-            "POST",
-            &format!("{}/admin/accounts/{account}/keys", served.admin),
-            Some(ADMIN_TOKEN),
-            "",
-        )
-        .await;
-    let key = serde_json::from_str::<serde_json::Value>(&body).unwrap()["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let key = served.key(&http).await;
 
     // A slow request is in flight when SIGTERM arrives.
     let url = format!("{}/v1/chat/completions", served.addr);

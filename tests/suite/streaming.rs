@@ -8,11 +8,7 @@ use plangate_tests::harness::{tokens_used, Backend, Options, TestGateway};
 use serde_json::json;
 
 async fn gateways() -> Vec<TestGateway> {
-    let mut out = Vec::new();
-    for backend in Backend::all().await {
-        out.push(TestGateway::start(Options::new(backend)).await);
-    }
-    out
+    TestGateway::each_backend().await
 }
 
 fn stream_body(include_usage: Option<bool>) -> serde_json::Value {
