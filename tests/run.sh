@@ -83,3 +83,6 @@ cargo build -p plangate --bins
 
 log "cargo test --workspace"
 cargo test --workspace --all-targets "$@"
+
+log "cargo test --workspace --doc"
+cargo test --workspace --doc
