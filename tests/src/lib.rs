@@ -6,6 +6,8 @@
 //! the test instead of skipping it.
 
 pub mod harness;
+pub mod procs;
+pub mod rig;
 
 use std::time::Duration;
 

@@ -5,3 +5,4 @@ mod catalog;
 mod config;
 mod gateway;
 mod limiter;
+mod reliability;
