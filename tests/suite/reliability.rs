@@ -15,8 +15,8 @@ use plangate::catalog::postgres::{migrate, PostgresCatalog};
 use plangate::catalog::Catalog;
 use plangate::clock::SystemClock;
 use plangate::mock::MockOptions;
-use plangate_tests::procs::GatewayProc;
-use plangate_tests::rig::{self, http_client, Setup, Tally};
+use plangate_tests::procs::{Blackhole, GatewayProc, RedisServer};
+use plangate_tests::rig::{self, http_client, Resp, Setup, Tally};
 
 /// The UTC day index now (day-long windows roll over at its change).
 fn day_now() -> u64 {
@@ -173,4 +173,286 @@ async fn exact_across_two_gateway_processes() {
     assert!(blocks.iter().all(|b| b.credits_remaining == 0), "{blocks:?}");
 
     assert!(a.alive() && b.alive(), "gateways still running");
+}
+
+/// One request of a [`Load`]: when it was sent and what came back.
+struct Rec {
+    sent: Instant,
+    resp: Resp,
+}
+
+/// Requests sent back to back by `concurrency` loops until stopped.
+struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    records: Arc<parking_lot::Mutex<Vec<Rec>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, key: &str, model: &str, concurrency: usize) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let records: Arc<parking_lot::Mutex<Vec<Rec>>> = Arc::default();
+        let client = http_client();
+        let tasks = (0..concurrency)
+            .map(|_| {
+                let (stop, records, client) = (stop.clone(), records.clone(), client.clone());
+                let (key, model) = (key.to_owned(), model.to_owned());
+                tokio::spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let sent = Instant::now();
+                        let resp =
+                            rig::chat(&client, addr, "/v1/chat/completions", &key, &model, &[])
+                                .await;
+                        records.lock().push(Rec { sent, resp });
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            records,
+            tasks,
+        }
+    }
+
+    async fn finish(self) -> Vec<Rec> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        std::mem::take(&mut *self.records.lock())
+    }
+}
+
+/// Tally of the records sent in `[from, to)`.
+fn tally_between(recs: &[Rec], from: Instant, to: Instant) -> Tally {
+    let mut t = Tally::default();
+    for r in recs.iter().filter(|r| r.sent >= from && r.sent < to) {
+        t.add(&r.resp);
+    }
+    t
+}
+
+/// How long after `from` the first request was sent from which on every
+/// request sent was `healthy`; `None` if the last one was not.
+fn recovery_after(recs: &[Rec], from: Instant, healthy: impl Fn(&Resp) -> bool) -> Option<Duration> {
+    let mut after: Vec<&Rec> = recs.iter().filter(|r| r.sent >= from).collect();
+    after.sort_by_key(|r| r.sent);
+    let last_bad = after.iter().rposition(|r| !healthy(&r.resp));
+    match last_bad {
+        None => Some(Duration::ZERO),
+        Some(i) if i + 1 < after.len() => Some(after[i + 1].sent - from),
+        Some(_) => None,
+    }
+}
+
+fn healthy_open(r: &Resp) -> bool {
+    r.status == 200 && r.header("x-ratelimit-degraded").is_none()
+}
+
+fn healthy_closed(r: &Resp) -> bool {
+    r.status == 200
+}
+
+/// `n` sequential requests for `small-model` (5 per day): how many passed,
+/// and whether any was marked degraded.
+async fn enforce_check(addr: std::net::SocketAddr, key: &str, n: usize) -> Tally {
+    let client = http_client();
+    let mut t = Tally::default();
+    for _ in 0..n {
+        let r = rig::chat(&client, addr, "/v1/chat/completions", key, "small-model", &[]).await;
+        t.add(&r);
+    }
+    t
+}
+
+/// Store timeout of the outage tests, and the margin a request may take
+/// beyond it (upstream round trip and scheduling on a busy 2-core CI box).
+const STORE_TIMEOUT: Duration = Duration::from_millis(100);
+const MARGIN: Duration = Duration::from_millis(400);
+
+struct RedisOutageRig {
+    redis: RedisServer,
+    open: GatewayProc,
+    closed: GatewayProc,
+    cat: Arc<PostgresCatalog>,
+    _mock: plangate::mock::MockHandle,
+}
+
+async fn redis_outage_rig(redis_url: Option<String>) -> Option<RedisOutageRig> {
+    let (pg, cat) = fresh_catalog("rel_redis").await?;
+    let redis = RedisServer::start();
+    let mock = plangate::mock::start(MockOptions::default())
+        .await
+        .expect("mock");
+    let mut setup = Setup::new(&mock.url());
+    setup.postgres_url = Some(pg);
+    setup.redis_url = Some(redis_url.unwrap_or_else(|| redis.url()));
+    setup.store_timeout = "100ms".into();
+    setup.on_store_error = "open".into();
+    let open = GatewayProc::spawn(&setup.write(), &[]);
+    setup.on_store_error = "closed".into();
+    let closed = GatewayProc::spawn(&setup.write(), &[]);
+    Some(RedisOutageRig {
+        redis,
+        open,
+        closed,
+        cat,
+        _mock: mock,
+    })
+}
+
+/// Drive both gateways through one outage made by `break_it` and ended by
+/// `mend_it`; assert the SPEC §9 behaviour and print the figures.
+async fn redis_outage_phase(
+    rig: &mut RedisOutageRig,
+    name: &str,
+    break_it: impl FnOnce(&mut RedisServer),
+    mend_it: impl FnOnce(&mut RedisServer),
+) {
+    let (_, key_open) = account_with_key(&*rig.cat, "ro").await;
+    let (_, key_closed) = account_with_key(&*rig.cat, "rc").await;
+    // Warm caches and connections: the figures are about the outage.
+    let client = http_client();
+    for (gw, key) in [(&rig.open, &key_open), (&rig.closed, &key_closed)] {
+        for _ in 0..3 {
+            rig::chat(&client, gw.main, "/v1/chat/completions", key, "free-model", &[]).await;
+        }
+    }
+    let load_open = Load::start(rig.open.main, &key_open, "free-model", 8);
+    let load_closed = Load::start(rig.closed.main, &key_closed, "free-model", 8);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    let broken = Instant::now();
+    break_it(&mut rig.redis);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mended_start = Instant::now();
+    mend_it(&mut rig.redis);
+    let mended = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let open = load_open.finish().await;
+    let closed = load_closed.finish().await;
+
+    // While down (after a grace period for requests admitted just before).
+    let grace = broken + Duration::from_millis(STORE_TIMEOUT.as_millis() as u64 + 50);
+    // ... and before the mend (a request still waiting on a paused Redis
+    // when it resumes is answered properly).
+    let down_end = mended_start - STORE_TIMEOUT - Duration::from_millis(50);
+    let down_open = tally_between(&open, grace, down_end);
+    let down_closed = tally_between(&closed, grace, down_end);
+    // Before: requests sent up to 200 ms before the break (later ones may
+    // reach the store after it).
+    let settled = broken - Duration::from_millis(200);
+    let before_open = tally_between(&open, broken - Duration::from_secs(10), settled);
+    let before_closed = tally_between(&closed, broken - Duration::from_secs(10), settled);
+    let rec_open = recovery_after(&open, mended, healthy_open);
+    let rec_closed = recovery_after(&closed, mended, healthy_closed);
+    // Latency of everything sent from the outage on (until recovered).
+    let max_latency = |recs: &[Rec]| {
+        recs.iter()
+            .filter(|r| r.sent >= broken)
+            .map(|r| r.resp.elapsed)
+            .max()
+            .unwrap_or_default()
+    };
+    let (lat_open, lat_closed) = (max_latency(&open), max_latency(&closed));
+    eprintln!("{}", before_open.line(&format!("{name}/open before")));
+    eprintln!(
+        "{} | recovered_after={rec_open:?} max_latency_from_outage={lat_open:?}",
+        down_open.line(&format!("{name}/open during"))
+    );
+    eprintln!("{}", before_closed.line(&format!("{name}/closed before")));
+    eprintln!(
+        "{} | recovered_after={rec_closed:?} max_latency_from_outage={lat_closed:?}",
+        down_closed.line(&format!("{name}/closed during"))
+    );
+
+    assert_eq!(before_open.admitted(), before_open.sent(), "{before_open:?}");
+    assert_eq!(before_open.degraded, 0);
+    assert_eq!(before_closed.admitted(), before_closed.sent());
+    assert!(down_open.sent() > 10 && down_closed.sent() > 10);
+    assert_eq!(
+        (down_open.admitted(), down_open.degraded),
+        (down_open.sent(), down_open.sent()),
+        "open: every request admitted and marked degraded: {down_open:?}"
+    );
+    assert_eq!(
+        down_closed.status(503),
+        down_closed.sent(),
+        "closed: every request 503: {down_closed:?}"
+    );
+    let code = closed
+        .iter()
+        .find(|r| r.sent >= grace && r.resp.status == 503)
+        .map(|r| r.resp.code());
+    assert_eq!(code.as_deref(), Some("limiter_unavailable"));
+    for (lat, which) in [(lat_open, "open"), (lat_closed, "closed")] {
+        assert!(
+            lat <= STORE_TIMEOUT + MARGIN,
+            "{which}: a request waited {lat:?} (store_timeout {STORE_TIMEOUT:?} + {MARGIN:?})"
+        );
+    }
+    for (rec, which) in [(rec_open, "open"), (rec_closed, "closed")] {
+        let rec = rec.unwrap_or_else(|| panic!("{which}: not recovered 1.5 s after Redis returned"));
+        assert!(rec <= Duration::from_secs(1), "{which}: recovered after {rec:?}");
+    }
+
+    // Limits are enforced again (no degraded admissions past the limit).
+    for gw in [&rig.open, &rig.closed] {
+        let (_, key) = account_with_key(&*rig.cat, "enf").await;
+        let t = enforce_check(gw.main, &key, 7).await;
+        eprintln!("{}", t.line(&format!("{name}/enforced after recovery (5/day)")));
+        assert_eq!((t.admitted(), t.denied(), t.degraded), (5, 2, 0), "{t:?}");
+    }
+    assert!(rig.open.alive() && rig.closed.alive(), "gateways never exit");
+}
+
+/// Redis killed under load (connections reset, port refusing), then
+/// restarted on the same port; then paused (SIGSTOP: connections accepted,
+/// nothing answered) and resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_outage_open_and_closed_recover_without_restart() {
+    if plangate_tests::redis().await.is_none() {
+        return;
+    }
+    let Some(mut rig) = redis_outage_rig(None).await else {
+        return;
+    };
+    redis_outage_phase(&mut rig, "redis killed", |r| r.kill(), |r| r.restart()).await;
+    redis_outage_phase(&mut rig, "redis paused", |r| r.pause(), |r| r.resume()).await;
+}
+
+/// A "Redis" that accepts connections and never answers, from the start:
+/// every request is decided within store_timeout (+ margin), admitted and
+/// marked degraded (open) or refused with 503 (closed); the process stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blackhole_redis_is_bounded_by_store_timeout() {
+    let hole = Blackhole::start().await;
+    let Some(mut rig) = redis_outage_rig(Some(format!("redis://{}", hole.addr))).await else {
+        return;
+    };
+    let (_, key_open) = account_with_key(&*rig.cat, "bo").await;
+    let (_, key_closed) = account_with_key(&*rig.cat, "bc").await;
+    let load_open = Load::start(rig.open.main, &key_open, "free-model", 8);
+    let load_closed = Load::start(rig.closed.main, &key_closed, "free-model", 8);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let open = load_open.finish().await;
+    let closed = load_closed.finish().await;
+    let far = Instant::now() + Duration::from_secs(3600);
+    let start = Instant::now() - Duration::from_secs(3600);
+    let t_open = tally_between(&open, start, far);
+    let t_closed = tally_between(&closed, start, far);
+    eprintln!("{}", t_open.line("blackhole redis/open"));
+    eprintln!("{}", t_closed.line("blackhole redis/closed"));
+    assert!(t_open.sent() > 10 && t_closed.sent() > 10);
+    assert_eq!((t_open.admitted(), t_open.degraded), (t_open.sent(), t_open.sent()));
+    assert_eq!(t_closed.status(503), t_closed.sent());
+    assert!(t_open.max_latency <= STORE_TIMEOUT + MARGIN, "{t_open:?}");
+    assert!(t_closed.max_latency <= STORE_TIMEOUT + MARGIN, "{t_closed:?}");
+    // Health is the process; readiness reports the store.
+    let client = http_client();
+    let health = rig::get(&client, rig.open.main, "/healthz", None).await;
+    let ready = rig::get(&client, rig.open.main, "/readyz", None).await;
+    assert_eq!((health.status.as_u16(), ready.status.as_u16()), (200, 503));
+    assert!(rig.open.alive() && rig.closed.alive());
 }
