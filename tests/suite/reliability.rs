@@ -15,8 +15,8 @@ use plangate::catalog::postgres::{migrate, PostgresCatalog};
 use plangate::catalog::Catalog;
 use plangate::clock::SystemClock;
 use plangate::mock::MockOptions;
-use plangate_tests::procs::{Blackhole, GatewayProc, RedisServer};
-use plangate_tests::rig::{self, http_client, Resp, Setup, Tally};
+use plangate_tests::procs::{Blackhole, GatewayProc, RedisServer, TcpCut};
+use plangate_tests::rig::{self, http_client, Resp, Rig, Setup, Tally};
 
 /// The UTC day index now (day-long windows roll over at its change).
 fn day_now() -> u64 {
@@ -455,4 +455,206 @@ async fn blackhole_redis_is_bounded_by_store_timeout() {
     let ready = rig::get(&client, rig.open.main, "/readyz", None).await;
     assert_eq!((health.status.as_u16(), ready.status.as_u16()), (200, 503));
     assert!(rig.open.alive() && rig.closed.alive());
+}
+
+/// Replace host:port of a Postgres URL (`postgres://user@host:port/db`).
+fn via(url: &str, addr: std::net::SocketAddr) -> String {
+    let (scheme_user, rest) = url.split_once('@').expect("user@ in URL");
+    let db = rest.split_once('/').map(|(_, db)| db).unwrap_or("");
+    format!("{scheme_user}@{addr}/{db}")
+}
+
+/// Poll `f` every 10 ms until it is true or `limit` passes; returns the
+/// time it took.
+async fn until<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() <= limit {
+        if f().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// Postgres cut (every connection closed, new ones refused) under a gateway
+/// with warm caches: cached keys and plans keep serving non-credit
+/// endpoints even past every cache TTL; credit endpoints and unknown keys
+/// fail closed with 503; per-unit charges and refunds of requests that end
+/// during the outage wait and are written exactly once when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_outage_serves_cached_fails_credits_closed_and_writes_charges_once() {
+    let Some(redis) = plangate_tests::redis().await else {
+        return;
+    };
+    let Some(db) = plangate_tests::postgres_db("rel_pg").await else {
+        return;
+    };
+    migrate(&db).await.expect("migrate");
+    let direct = PostgresCatalog::connect(&db, Arc::new(SystemClock))
+        .await
+        .expect("direct catalog");
+    let host_port = db
+        .split_once('@')
+        .and_then(|(_, r)| r.split_once('/'))
+        .map(|(hp, _)| hp.to_owned())
+        .expect("host:port in the Postgres URL");
+    let pg_addr = tokio::net::lookup_host(host_port)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .expect("postgres address");
+    let cut = TcpCut::start(pg_addr).await;
+    let mock = plangate::mock::start(MockOptions::default())
+        .await
+        .expect("mock");
+    let mut setup = Setup::new(&mock.url());
+    setup.postgres_url = Some(via(&db, cut.addr));
+    setup.redis_url = Some(redis);
+    setup.store_timeout = "1s".into();
+    setup.request_timeout = "5s".into();
+    let rig = Rig::start(&setup).await;
+    let (account, key) = rig.account().await;
+    direct
+        .create_quota_block(&account, 100, None, serde_json::json!({}))
+        .await
+        .expect("grant");
+    let tokens = [("x-mock-tokens", "250")]; // 3 credits per request at the end
+    let paid = |headers: &'static [(&'static str, &'static str)]| {
+        let (client, addr, key) = (rig.client.clone(), rig.addr, key.clone());
+        async move {
+            let mut h = vec![("x-mock-tokens", "250")];
+            h.extend_from_slice(headers);
+            rig::chat(&client, addr, "/v1/chat/completions", &key, "paid-model", &h).await
+        }
+    };
+
+    // Warm the caches (key, account, plans) and charge once normally.
+    assert_eq!(rig.chat(&key, "free-model", &tokens).await.status, 200);
+    assert_eq!(paid(&[]).await.status, 200);
+    until(Duration::from_secs(5), || async { rig.core.charges.pending() == 0 })
+        .await
+        .expect("warm-up charge written");
+
+    // Requests admitted (and charged 1 each) before the cut, ending during it.
+    const STREAMS: usize = 6;
+    const FAILING: usize = 4;
+    let mut inflight = Vec::new();
+    for _ in 0..STREAMS {
+        let (client, addr, key) = (rig.client.clone(), rig.addr, key.clone());
+        inflight.push(tokio::spawn(async move {
+            let h = [
+                ("x-mock-tokens", "250"),
+                ("x-mock-chunks", "20"),
+                ("x-mock-chunk-delay-ms", "50"),
+            ];
+            let body = rig::chat_body("paid-model", true);
+            rig::post_json(&client, addr, "/v1/chat/completions", &key, &body, &h).await
+        }));
+    }
+    for _ in 0..FAILING {
+        inflight.push(tokio::spawn(
+            paid(&[("x-mock-delay-ms", "600"), ("x-mock-status", "500")]),
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(rig.core.metrics.in_flight(), (STREAMS + FAILING) as u64);
+    cut.cut();
+    let cut_at = Instant::now();
+    let mut ended = Tally::default();
+    for t in inflight {
+        ended.add(&t.await.expect("in-flight request"));
+    }
+    assert_eq!(ended.status(200), STREAMS as u64, "{ended:?}");
+    assert_eq!(ended.status(500), FAILING as u64, "{ended:?}");
+
+    // Past every cache TTL: entries are stale, reloads fail, old ones serve.
+    rig.clock.advance(Duration::from_secs(120));
+    let mut free = Tally::default();
+    let mut credit = Tally::default();
+    for _ in 0..40 {
+        free.add(&rig.chat(&key, "free-model", &tokens).await);
+    }
+    for _ in 0..20 {
+        credit.add(&paid(&[]).await);
+    }
+    let stranger = rig
+        .chat("sk-not-cached-anywhere-0000000000", "free-model", &[])
+        .await;
+    let pending_during = rig.core.charges.pending();
+    eprintln!(
+        "{} | outage at {:?}",
+        free.line("postgres cut/non-credit endpoint, cached key"),
+        cut_at.elapsed()
+    );
+    eprintln!("{}", credit.line("postgres cut/credit endpoint"));
+    eprintln!(
+        "FIGURES postgres cut/uncached key: status={} code={} | charges pending during outage={pending_during}",
+        stranger.status,
+        stranger.code()
+    );
+    assert_eq!(free.admitted(), 40, "cached key and plan keep serving: {free:?}");
+    assert_eq!(credit.status(503), 20, "credits fail closed: {credit:?}");
+    assert!(credit.max_latency < Duration::from_secs(2), "{credit:?}");
+    assert_eq!(stranger.status, 503);
+    assert_eq!(stranger.code(), "catalog_unavailable");
+    assert_eq!(
+        pending_during,
+        (STREAMS + FAILING) as u64,
+        "each per-unit charge and refund waits for Postgres"
+    );
+    // Let the writers retry a few times against the dead database.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    cut.restore();
+    let credit_back = until(Duration::from_secs(10), || async {
+        paid(&[]).await.status == 200
+    })
+    .await;
+    let written = until(Duration::from_secs(15), || async {
+        rig.core.charges.pending() == 0
+    })
+    .await;
+
+    // Every charge exactly once: 4 per served paid request (1 at
+    // admission + 3 per-unit), the failed ones refunded.
+    let served = 1 + STREAMS as u64 + 1; // warm-up, streams, the recovery probe
+    let ledger = direct.ledger(&account).await.expect("ledger");
+    let balance = direct.balance(&account).await.expect("balance");
+    let net: u64 = ledger.iter().map(|e| e.deducted - e.refunded).sum();
+    let use_rows = ledger
+        .iter()
+        .filter(|e| e.idempotency_key.starts_with("use:"))
+        .count() as u64;
+    let refunded: u64 = ledger.iter().map(|e| e.refunded).sum();
+    let expected = 4 * served;
+    eprintln!(
+        "FIGURES postgres cut/charges: in flight at cut={} expected_net={expected} ledger_net={net} balance={balance} per_unit_rows={use_rows} refunded={refunded} lost={} doubled={} | credit endpoint back after {credit_back:?}, pending charges written after {written:?}",
+        STREAMS + FAILING,
+        expected.saturating_sub(net),
+        net.saturating_sub(expected),
+    );
+    assert!(credit_back.is_some(), "credit endpoint back after restore");
+    assert!(written.is_some(), "pending charges written after restore");
+    // The recovery probe's own per-unit charge may still be queued.
+    until(Duration::from_secs(5), || async { rig.core.charges.pending() == 0 })
+        .await
+        .expect("probe charge");
+    let ledger = direct.ledger(&account).await.expect("ledger");
+    let net: u64 = ledger.iter().map(|e| e.deducted - e.refunded).sum();
+    let balance = direct.balance(&account).await.expect("balance");
+    assert_eq!(net, expected, "no charge lost, none doubled: {ledger:#?}");
+    assert_eq!(balance, 100 - expected);
+    assert_eq!(refunded, FAILING as u64, "failed requests refunded once each");
+    assert_eq!(
+        ledger
+            .iter()
+            .filter(|e| e.idempotency_key.starts_with("use:"))
+            .count() as u64,
+        served
+    );
 }
