@@ -5,4 +5,3 @@ mod catalog;
 mod config;
 mod gateway;
 mod limiter;
-mod reliability;

@@ -199,6 +199,7 @@ enum Conn {
 pub struct RedisStore {
     conn: Conn,
     mode: RedisMode,
+    response_timeout: Duration,
     keys: Keys,
     attempt: Script,
     end: Script,
@@ -263,6 +264,7 @@ impl RedisStore {
         Ok(RedisStore {
             conn,
             mode: options.mode,
+            response_timeout: options.response_timeout,
             keys: Keys::new(&options.key_prefix),
             attempt: Script::new(ATTEMPT_LUA),
             end: Script::new(END_LUA),
@@ -303,21 +305,31 @@ impl RedisStore {
                 // Cloning a ConnectionManager is cheap: clones share the
                 // one multiplexed connection.
                 let mut c = m.clone();
-                invoke(inv, &mut c).await
+                self.invoke(inv, &mut c).await
             }
             Conn::Pooled(p) => {
                 let mut c = p.get().await.map_err(map_pool_err)?;
-                invoke(inv, &mut c).await
+                self.invoke(inv, &mut c).await
             }
         }
     }
-}
 
-async fn invoke(
-    inv: &ScriptInvocation<'_>,
-    c: &mut impl ConnectionLike,
-) -> Result<Value, StoreError> {
-    inv.invoke_async::<Value>(c).await.map_err(map_err)
+    async fn invoke(
+        &self,
+        inv: &ScriptInvocation<'_>,
+        c: &mut impl ConnectionLike,
+    ) -> Result<Value, StoreError> {
+        inv.invoke_async::<Value>(c).await.map_err(|e| {
+            // A reply that did not come in time is a timeout, not an
+            // outage: the script may still have run (the limiter then
+            // releases what it may have taken).
+            if e.is_timeout() {
+                StoreError::Timeout(self.response_timeout)
+            } else {
+                map_err(e)
+            }
+        })
+    }
 }
 
 fn map_err(e: RedisError) -> StoreError {
