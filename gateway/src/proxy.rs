@@ -157,6 +157,19 @@ pub fn extract_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a 
     (!key.is_empty()).then_some(key)
 }
 
+/// Whether an upstream client error was caused by the request body going
+/// over its [`Limited`] bound.
+fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// Whether a presented key is worth a lookup at all.
 fn plausible_key(key: &str) -> bool {
     key.len() <= MAX_KEY_LEN && key.bytes().all(|b| b.is_ascii_graphic())
@@ -343,6 +356,16 @@ impl Gateway {
         .await;
         let upstream_resp = match sent {
             Ok(Ok(resp)) => resp,
+            Ok(Err(e)) if body_too_large(&e) => {
+                // A streamed (undeclared-length) request body went over
+                // max_request_body while being forwarded: the client's
+                // fault, not the upstream's.
+                settle.fail().await;
+                core.metrics.request(endpoint, "body_too_large", 413);
+                return Err(ApiError::PayloadTooLarge {
+                    limit_bytes: table.max_request_body,
+                });
+            }
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");
                 settle.fail().await;

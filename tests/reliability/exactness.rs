@@ -28,15 +28,7 @@ async fn burst(
         let (key, model) = (key.to_owned(), model.to_owned());
         tasks.push(tokio::spawn(async move {
             start.wait().await;
-            let r = rig::chat(
-                &client,
-                addr,
-                "/v1/chat/completions",
-                &key,
-                &model,
-                &[],
-            )
-            .await;
+            let r = rig::chat(&client, addr, "/v1/chat/completions", &key, &model, &[]).await;
             (which, r)
         }));
     }
@@ -136,7 +128,10 @@ async fn exact_across_two_gateway_processes() {
     assert_eq!(charged, 70, "ledger sums to the credits spent");
     assert_eq!(charged_rows, 70, "one ledger row per admitted request");
     assert!(ledger.iter().all(|e| e.deducted <= 1 && e.refunded == 0));
-    assert!(blocks.iter().all(|b| b.credits_remaining == 0), "{blocks:?}");
+    assert!(
+        blocks.iter().all(|b| b.credits_remaining == 0),
+        "{blocks:?}"
+    );
 
     assert!(a.alive() && b.alive(), "gateways still running");
 }

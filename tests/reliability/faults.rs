@@ -23,9 +23,27 @@ async fn upstream_faults_release_slots_refund_and_charge_what_was_seen() {
 
     // Connection refused, timeout, 5xx: refunded, released.
     let cases: [(&str, &str, Vec<(&str, &str)>, u16, &str); 3] = [
-        ("connection refused", "/dead/v1/chat/completions", vec![], 502, "upstream_unavailable"),
-        ("timeout", "/v1/chat/completions", vec![("x-mock-delay-ms", "3000")], 504, "upstream_timeout"),
-        ("upstream 500", "/v1/chat/completions", vec![("x-mock-status", "500")], 500, ""),
+        (
+            "connection refused",
+            "/dead/v1/chat/completions",
+            vec![],
+            502,
+            "upstream_unavailable",
+        ),
+        (
+            "timeout",
+            "/v1/chat/completions",
+            vec![("x-mock-delay-ms", "3000")],
+            504,
+            "upstream_timeout",
+        ),
+        (
+            "upstream 500",
+            "/v1/chat/completions",
+            vec![("x-mock-status", "500")],
+            500,
+            "",
+        ),
     ];
     for (name, path, headers, status, code) in cases {
         let before = balance().await;
@@ -76,7 +94,11 @@ async fn upstream_faults_release_slots_refund_and_charge_what_was_seen() {
     // counted and charged (1 + ceil(250/100) = 4 credits).
     let before = balance().await;
     let tokens_before = tokens_used(&rig, &account, "paid-model").await;
-    let h = [("x-mock-die-after", "6"), ("x-mock-tokens", "250"), ("x-mock-chunks", "5")];
+    let h = [
+        ("x-mock-die-after", "6"),
+        ("x-mock-tokens", "250"),
+        ("x-mock-chunks", "5"),
+    ];
     let r = rig::post_json(client, rig.addr, "/v1/chat/completions", &key, &body, &h).await;
     let (took, slots) = settle_report(&rig, &account, "paid-model").await;
     let spent = before - balance().await;
@@ -91,7 +113,15 @@ async fn upstream_faults_release_slots_refund_and_charge_what_was_seen() {
 
     // Death mid-body of a plain JSON answer.
     let h = [("x-mock-die-after", "1")];
-    let r = rig::chat(client, rig.addr, "/v1/chat/completions", &key, "free-model", &h).await;
+    let r = rig::chat(
+        client,
+        rig.addr,
+        "/v1/chat/completions",
+        &key,
+        "free-model",
+        &h,
+    )
+    .await;
     let (took, slots) = settle_report(&rig, &account, "free-model").await;
     eprintln!(
         "FIGURES upstream died mid-body (json): status={} body_cut={} slots_in_use={slots} settled_in={took:?}",
@@ -127,7 +157,9 @@ async fn abandon_connections(addr: std::net::SocketAddr, key: &str, n: usize) {
                 }
                 _ => {
                     let extra = "x-mock-chunks: 100\r\nx-mock-chunk-delay-ms: 50\r\n";
-                    let _ = s.write_all(&raw_chat(&key, "free-model", true, extra)).await;
+                    let _ = s
+                        .write_all(&raw_chat(&key, "free-model", true, extra))
+                        .await;
                     let mut buf = [0u8; 1024];
                     let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
                 }
@@ -157,12 +189,19 @@ async fn client_disconnects_release_slots_and_leak_nothing() {
 
     // Mid-request: the upstream is still working when the client leaves.
     let mut s = tokio::net::TcpStream::connect(rig.addr).await.unwrap();
-    s.write_all(&raw_chat(&key, "free-model", false, "x-mock-delay-ms: 3000\r\n"))
-        .await
-        .unwrap();
-    until(Duration::from_secs(2), || async { rig.core.metrics.in_flight() == 1 })
-        .await
-        .expect("admitted");
+    s.write_all(&raw_chat(
+        &key,
+        "free-model",
+        false,
+        "x-mock-delay-ms: 3000\r\n",
+    ))
+    .await
+    .unwrap();
+    until(Duration::from_secs(2), || async {
+        rig.core.metrics.in_flight() == 1
+    })
+    .await
+    .expect("admitted");
     assert_eq!(rig.slots_in_use(&account, "free-model").await, 1);
     drop(s);
     let gone = Instant::now();
@@ -171,12 +210,17 @@ async fn client_disconnects_release_slots_and_leak_nothing() {
     })
     .await;
     eprintln!("FIGURES client gone mid-request: slot released after {released:?}");
-    assert!(released.is_some_and(|d| d <= Duration::from_secs(1)), "{released:?}");
+    assert!(
+        released.is_some_and(|d| d <= Duration::from_secs(1)),
+        "{released:?}"
+    );
 
     // Mid-stream: the client read a little of a long stream and left.
     let mut s = tokio::net::TcpStream::connect(rig.addr).await.unwrap();
     let extra = "x-mock-chunks: 100\r\nx-mock-chunk-delay-ms: 50\r\n";
-    s.write_all(&raw_chat(&key, "free-model", true, extra)).await.unwrap();
+    s.write_all(&raw_chat(&key, "free-model", true, extra))
+        .await
+        .unwrap();
     let mut buf = [0u8; 4096];
     let n = s.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
@@ -186,8 +230,14 @@ async fn client_disconnects_release_slots_and_leak_nothing() {
         rig.core.metrics.in_flight() == 0 && rig.slots_in_use(&account, "free-model").await == 0
     })
     .await;
-    eprintln!("FIGURES client gone mid-stream: slot released after {released:?} (since {:?})", gone.elapsed());
-    assert!(released.is_some_and(|d| d <= Duration::from_secs(1)), "{released:?}");
+    eprintln!(
+        "FIGURES client gone mid-stream: slot released after {released:?} (since {:?})",
+        gone.elapsed()
+    );
+    assert!(
+        released.is_some_and(|d| d <= Duration::from_secs(1)),
+        "{released:?}"
+    );
 
     // Half a body, then gone: never admitted, nothing forwarded.
     let upstream_before = mock.requests();
@@ -202,7 +252,10 @@ async fn client_disconnects_release_slots_and_leak_nothing() {
 
     // 1,000 abandoned connections, in-process: tasks and slots.
     abandon_connections(rig.addr, &key, 40).await; // warm pools
-    until(Duration::from_secs(5), || async { rig.core.metrics.in_flight() == 0 }).await;
+    until(Duration::from_secs(5), || async {
+        rig.core.metrics.in_flight() == 0
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let tasks_before = rig::alive_tasks();
     let started = Instant::now();
@@ -225,7 +278,10 @@ async fn client_disconnects_release_slots_and_leak_nothing() {
         rig.core.metrics.store_errors(),
     );
     assert!(settled.is_some(), "slots released");
-    assert!(tasks_back.is_some(), "tasks before={tasks_before} after={tasks_after}");
+    assert!(
+        tasks_back.is_some(),
+        "tasks before={tasks_before} after={tasks_after}"
+    );
 
     // The same against a real `plangate serve`: RSS, descriptors, gauge.
     let mut setup = Setup::new(&mock.url());
@@ -258,7 +314,11 @@ async fn client_disconnects_release_slots_and_leak_nothing() {
             .unwrap()
             .to_owned()
     };
-    let fds = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    let fds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
     // One round first: the allocator keeps its high-water mark, so growth
     // is measured from there over three more rounds.
     abandon_connections(gw.main, &key, 1000).await;
@@ -284,6 +344,8 @@ async fn client_disconnects_release_slots_and_leak_nothing() {
         rss_after <= rss_before + 16 * 1024,
         "RSS grew from {rss_before} KiB to {rss_after} KiB"
     );
-    assert!(fds_after <= fds_before + 16, "fds {fds_before} -> {fds_after}");
+    assert!(
+        fds_after <= fds_before + 16,
+        "fds {fds_before} -> {fds_after}"
+    );
 }
-

@@ -114,7 +114,10 @@ pub(crate) async fn real_rig(
 /// Tokens counted in the current token window of (account, endpoint).
 pub(crate) async fn tokens_used(rig: &Rig, account: &str, endpoint: &str) -> u64 {
     let plans = rig.core.cache.plans();
-    let policy = plans.plans["rel"].policy(endpoint).expect("endpoint").clone();
+    let policy = plans.plans["rel"]
+        .policy(endpoint)
+        .expect("endpoint")
+        .clone();
     let info = rig
         .core
         .limiter
@@ -150,7 +153,10 @@ pub(crate) fn raw_chat(key: &str, model: &str, stream: bool, extra: &str) -> Vec
 }
 
 /// Admin `/metrics` value of the in-flight gauge.
-pub(crate) async fn metrics_in_flight(client: &rig::HttpClient, admin: std::net::SocketAddr) -> Option<u64> {
+pub(crate) async fn metrics_in_flight(
+    client: &rig::HttpClient,
+    admin: std::net::SocketAddr,
+) -> Option<u64> {
     let r = rig::get(client, admin, "/metrics", Some(rig::REL_ADMIN_TOKEN)).await;
     String::from_utf8_lossy(&r.body)
         .lines()

@@ -72,7 +72,11 @@ fn tally_between(recs: &[Rec], from: Instant, to: Instant) -> Tally {
 
 /// How long after `from` the first request was sent from which on every
 /// request sent was `healthy`; `None` if the last one was not.
-fn recovery_after(recs: &[Rec], from: Instant, healthy: impl Fn(&Resp) -> bool) -> Option<Duration> {
+fn recovery_after(
+    recs: &[Rec],
+    from: Instant,
+    healthy: impl Fn(&Resp) -> bool,
+) -> Option<Duration> {
     let mut after: Vec<&Rec> = recs.iter().filter(|r| r.sent >= from).collect();
     after.sort_by_key(|r| r.sent);
     let last_bad = after.iter().rposition(|r| !healthy(&r.resp));
@@ -97,7 +101,15 @@ async fn enforce_check(addr: std::net::SocketAddr, key: &str, n: usize) -> Tally
     let client = http_client();
     let mut t = Tally::default();
     for _ in 0..n {
-        let r = rig::chat(&client, addr, "/v1/chat/completions", key, "small-model", &[]).await;
+        let r = rig::chat(
+            &client,
+            addr,
+            "/v1/chat/completions",
+            key,
+            "small-model",
+            &[],
+        )
+        .await;
         t.add(&r);
     }
     t
@@ -153,7 +165,15 @@ async fn redis_outage_phase(
     let client = http_client();
     for (gw, key) in [(&rig.open, &key_open), (&rig.closed, &key_closed)] {
         for _ in 0..3 {
-            rig::chat(&client, gw.main, "/v1/chat/completions", key, "free-model", &[]).await;
+            rig::chat(
+                &client,
+                gw.main,
+                "/v1/chat/completions",
+                key,
+                "free-model",
+                &[],
+            )
+            .await;
         }
     }
     let load_open = Load::start(rig.open.main, &key_open, "free-model", 8);
@@ -204,7 +224,11 @@ async fn redis_outage_phase(
         down_closed.line(&format!("{name}/closed during"))
     );
 
-    assert_eq!(before_open.admitted(), before_open.sent(), "{before_open:?}");
+    assert_eq!(
+        before_open.admitted(),
+        before_open.sent(),
+        "{before_open:?}"
+    );
     assert_eq!(before_open.degraded, 0);
     assert_eq!(before_closed.admitted(), before_closed.sent());
     assert!(down_open.sent() > 10 && down_closed.sent() > 10);
@@ -230,18 +254,28 @@ async fn redis_outage_phase(
         );
     }
     for (rec, which) in [(rec_open, "open"), (rec_closed, "closed")] {
-        let rec = rec.unwrap_or_else(|| panic!("{which}: not recovered 1.5 s after Redis returned"));
-        assert!(rec <= Duration::from_secs(1), "{which}: recovered after {rec:?}");
+        let rec =
+            rec.unwrap_or_else(|| panic!("{which}: not recovered 1.5 s after Redis returned"));
+        assert!(
+            rec <= Duration::from_secs(1),
+            "{which}: recovered after {rec:?}"
+        );
     }
 
     // Limits are enforced again (no degraded admissions past the limit).
     for gw in [&rig.open, &rig.closed] {
         let (_, key) = account_with_key(&*rig.cat, "enf").await;
         let t = enforce_check(gw.main, &key, 7).await;
-        eprintln!("{}", t.line(&format!("{name}/enforced after recovery (5/day)")));
+        eprintln!(
+            "{}",
+            t.line(&format!("{name}/enforced after recovery (5/day)"))
+        );
         assert_eq!((t.admitted(), t.denied(), t.degraded), (5, 2, 0), "{t:?}");
     }
-    assert!(rig.open.alive() && rig.closed.alive(), "gateways never exit");
+    assert!(
+        rig.open.alive() && rig.closed.alive(),
+        "gateways never exit"
+    );
 }
 
 /// Redis killed under load (connections reset, port refusing), then
@@ -284,10 +318,16 @@ async fn blackhole_redis_is_bounded_by_store_timeout() {
     eprintln!("{}", t_open.line("blackhole redis/open"));
     eprintln!("{}", t_closed.line("blackhole redis/closed"));
     assert!(t_open.sent() > 10 && t_closed.sent() > 10);
-    assert_eq!((t_open.admitted(), t_open.degraded), (t_open.sent(), t_open.sent()));
+    assert_eq!(
+        (t_open.admitted(), t_open.degraded),
+        (t_open.sent(), t_open.sent())
+    );
     assert_eq!(t_closed.status(503), t_closed.sent());
     assert!(t_open.max_latency <= STORE_TIMEOUT + MARGIN, "{t_open:?}");
-    assert!(t_closed.max_latency <= STORE_TIMEOUT + MARGIN, "{t_closed:?}");
+    assert!(
+        t_closed.max_latency <= STORE_TIMEOUT + MARGIN,
+        "{t_closed:?}"
+    );
     // Health is the process; readiness reports the store.
     let client = http_client();
     let health = rig::get(&client, rig.open.main, "/healthz", None).await;
@@ -352,16 +392,26 @@ async fn postgres_outage_serves_cached_fails_credits_closed_and_writes_charges_o
         async move {
             let mut h = vec![("x-mock-tokens", "250")];
             h.extend_from_slice(headers);
-            rig::chat(&client, addr, "/v1/chat/completions", &key, "paid-model", &h).await
+            rig::chat(
+                &client,
+                addr,
+                "/v1/chat/completions",
+                &key,
+                "paid-model",
+                &h,
+            )
+            .await
         }
     };
 
     // Warm the caches (key, account, plans) and charge once normally.
     assert_eq!(rig.chat(&key, "free-model", &tokens).await.status, 200);
     assert_eq!(paid(&[]).await.status, 200);
-    until(Duration::from_secs(5), || async { rig.core.charges.pending() == 0 })
-        .await
-        .expect("warm-up charge written");
+    until(Duration::from_secs(5), || async {
+        rig.core.charges.pending() == 0
+    })
+    .await
+    .expect("warm-up charge written");
 
     // Requests admitted (and charged 1 each) before the cut, ending during it.
     const STREAMS: usize = 6;
@@ -380,9 +430,10 @@ async fn postgres_outage_serves_cached_fails_credits_closed_and_writes_charges_o
         }));
     }
     for _ in 0..FAILING {
-        inflight.push(tokio::spawn(
-            paid(&[("x-mock-delay-ms", "600"), ("x-mock-status", "500")]),
-        ));
+        inflight.push(tokio::spawn(paid(&[
+            ("x-mock-delay-ms", "600"),
+            ("x-mock-status", "500"),
+        ])));
     }
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(rig.core.metrics.in_flight(), (STREAMS + FAILING) as u64);
@@ -420,7 +471,11 @@ async fn postgres_outage_serves_cached_fails_credits_closed_and_writes_charges_o
         stranger.status,
         stranger.code()
     );
-    assert_eq!(free.admitted(), 40, "cached key and plan keep serving: {free:?}");
+    assert_eq!(
+        free.admitted(),
+        40,
+        "cached key and plan keep serving: {free:?}"
+    );
     assert_eq!(credit.status(503), 20, "credits fail closed: {credit:?}");
     assert!(credit.max_latency < Duration::from_secs(2), "{credit:?}");
     assert_eq!(stranger.status, 503);
@@ -464,15 +519,20 @@ async fn postgres_outage_serves_cached_fails_credits_closed_and_writes_charges_o
     assert!(credit_back.is_some(), "credit endpoint back after restore");
     assert!(written.is_some(), "pending charges written after restore");
     // The recovery probe's own per-unit charge may still be queued.
-    until(Duration::from_secs(5), || async { rig.core.charges.pending() == 0 })
-        .await
-        .expect("probe charge");
+    until(Duration::from_secs(5), || async {
+        rig.core.charges.pending() == 0
+    })
+    .await
+    .expect("probe charge");
     let ledger = direct.ledger(&account).await.expect("ledger");
     let net: u64 = ledger.iter().map(|e| e.deducted - e.refunded).sum();
     let balance = direct.balance(&account).await.expect("balance");
     assert_eq!(net, expected, "no charge lost, none doubled: {ledger:#?}");
     assert_eq!(balance, 100 - expected);
-    assert_eq!(refunded, FAILING as u64, "failed requests refunded once each");
+    assert_eq!(
+        refunded, FAILING as u64,
+        "failed requests refunded once each"
+    );
     assert_eq!(
         ledger
             .iter()

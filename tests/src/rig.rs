@@ -252,7 +252,15 @@ impl Rig {
 
     /// Chat completion for `model` with extra headers.
     pub async fn chat(&self, key: &str, model: &str, headers: &[(&str, &str)]) -> Resp {
-        chat(&self.client, self.addr, "/v1/chat/completions", key, model, headers).await
+        chat(
+            &self.client,
+            self.addr,
+            "/v1/chat/completions",
+            key,
+            model,
+            headers,
+        )
+        .await
     }
 
     /// Wait (bounded by `limit`) until no admitted request is in flight;
@@ -319,7 +327,8 @@ impl Resp {
 
 /// A chat completion request body (`"stream": true` when `stream`).
 pub fn chat_body(model: &str, stream: bool) -> serde_json::Value {
-    let mut body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    let mut body =
+        serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
     if stream {
         body["stream"] = serde_json::Value::Bool(true);
     }
@@ -355,7 +364,11 @@ pub async fn post_json(
     for (n, v) in headers {
         b = b.header(*n, *v);
     }
-    send(client, b.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await
+    send(
+        client,
+        b.body(Full::new(Bytes::from(body.to_string()))).unwrap(),
+    )
+    .await
 }
 
 /// Send a request and read the whole response; a transport error becomes
@@ -488,7 +501,9 @@ pub fn raw_status(resp: &[u8]) -> Option<u16> {
 
 /// Tokio tasks alive in this process's runtime.
 pub fn alive_tasks() -> usize {
-    tokio::runtime::Handle::current().metrics().num_alive_tasks()
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
 }
 
 /// This process's resident set size in KiB.
