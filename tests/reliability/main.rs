@@ -163,3 +163,19 @@ pub(crate) async fn metrics_in_flight(
         .find_map(|l| l.strip_prefix("plangate_in_flight_requests "))
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// A short soak (the 10-minute one is `tests/soak.sh`): mixed traffic
+/// leaves RSS flat, nothing in flight, every Redis key with a TTL, and the
+/// ledger equal to the credits spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn short_soak_of_mixed_traffic() {
+    let _serial = serial().await;
+    if plangate_tests::postgres_db("soakprobe").await.is_none() {
+        return;
+    }
+    let report =
+        plangate_tests::soak::run(Duration::from_secs(15), 8, Duration::from_secs(1)).await;
+    eprintln!("{}", report.summary());
+    let failures = report.failures();
+    assert!(failures.is_empty(), "{failures:?}");
+}

@@ -8,6 +8,7 @@
 pub mod harness;
 pub mod procs;
 pub mod rig;
+pub mod soak;
 
 use std::time::Duration;
 
