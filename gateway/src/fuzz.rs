@@ -42,7 +42,9 @@ fn edit(text: &str, edits: &[(prop::sample::Index, usize, String)]) -> String {
     chars.into_iter().collect()
 }
 
-fn edits(alphabet: &'static str) -> impl Strategy<Value = Vec<(prop::sample::Index, usize, String)>> {
+fn edits(
+    alphabet: &'static str,
+) -> impl Strategy<Value = Vec<(prop::sample::Index, usize, String)>> {
     prop::collection::vec((any::<prop::sample::Index>(), 0usize..4, alphabet), 1..8)
 }
 
@@ -58,7 +60,10 @@ fn check_accepted(set: &PlanSet) -> Result<(), TestCaseError> {
                 prop_assert!(w.window_secs >= 1);
                 prop_assert!(w.limit >= 1);
                 prop_assert!(w.unit.as_str() != "credit");
-                prop_assert!(!seen.contains(&(w.window_secs, w.unit.clone())), "duplicate window");
+                prop_assert!(
+                    !seen.contains(&(w.window_secs, w.unit.clone())),
+                    "duplicate window"
+                );
                 seen.push((w.window_secs, w.unit.clone()));
             }
         }
@@ -69,18 +74,65 @@ fn check_accepted(set: &PlanSet) -> Result<(), TestCaseError> {
 /// YAML values that plans files get wrong in practice.
 fn yaml_scalar() -> impl Strategy<Value = String> {
     prop::sample::select(vec![
-        "60s", "86_400s", "1.5s", "0s", "-1s", "1m", "60", "0", "-3", "1_000", "99999999999999999999999",
-        "3.0", "null", "~", "''", "\"\"", "[]", "{}", "true", "request", "token", "credit", "gpu-second",
-        "\"✓ ünï\"", "&a x", "*a", "!!str 5", "0x10", "1e3", ".inf", "|\n  text",
+        "60s",
+        "86_400s",
+        "1.5s",
+        "0s",
+        "-1s",
+        "1m",
+        "60",
+        "0",
+        "-3",
+        "1_000",
+        "99999999999999999999999",
+        "3.0",
+        "null",
+        "~",
+        "''",
+        "\"\"",
+        "[]",
+        "{}",
+        "true",
+        "request",
+        "token",
+        "credit",
+        "gpu-second",
+        "\"✓ ünï\"",
+        "&a x",
+        "*a",
+        "!!str 5",
+        "0x10",
+        "1e3",
+        ".inf",
+        "|\n  text",
     ])
     .prop_map(str::to_owned)
 }
 
 fn yaml_key() -> impl Strategy<Value = String> {
     prop::sample::select(vec![
-        "default_plan", "plans", "name", "endpoints", "fixed_windows", "sliding_windows", "window",
-        "limit", "unit_type", "unit_kind", "max_concurrent", "concurrency_expiry", "credits",
-        "min_balance", "per_request", "per_unit", "token", "per", "free", "gpt-4", "\"a:b\"", "x",
+        "default_plan",
+        "plans",
+        "name",
+        "endpoints",
+        "fixed_windows",
+        "sliding_windows",
+        "window",
+        "limit",
+        "unit_type",
+        "unit_kind",
+        "max_concurrent",
+        "concurrency_expiry",
+        "credits",
+        "min_balance",
+        "per_request",
+        "per_unit",
+        "token",
+        "per",
+        "free",
+        "gpt-4",
+        "\"a:b\"",
+        "x",
     ])
     .prop_map(str::to_owned)
 }
@@ -267,7 +319,13 @@ proptest! {
 
 #[test]
 fn reference_duration_agrees_with_spec_examples() {
-    for (ms, text) in [(20, "20ms"), (1_000, "1s"), (1_500, "1.5s"), (360_000, "6m0s"), (3_723_000, "1h2m3s")] {
+    for (ms, text) in [
+        (20, "20ms"),
+        (1_000, "1s"),
+        (1_500, "1.5s"),
+        (360_000, "6m0s"),
+        (3_723_000, "1h2m3s"),
+    ] {
         assert_eq!(reference_duration(ms), text);
         assert_eq!(format_duration_ms(ms), text);
     }

@@ -173,8 +173,9 @@ pub trait CounterStore: Send + Sync + 'static {
 pub enum AnyStore {
     /// In-process counters (one gateway instance).
     Memory(memory::MemoryStore),
-    /// Shared counters in Redis (any number of instances).
-    Redis(redis::RedisStore),
+    /// Shared counters in Redis (any number of instances). Boxed: the
+    /// store is several times the size of the in-process one.
+    Redis(Box<redis::RedisStore>),
 }
 
 impl AnyStore {
@@ -196,7 +197,7 @@ impl From<memory::MemoryStore> for AnyStore {
 
 impl From<redis::RedisStore> for AnyStore {
     fn from(s: redis::RedisStore) -> Self {
-        AnyStore::Redis(s)
+        AnyStore::Redis(Box::new(s))
     }
 }
 

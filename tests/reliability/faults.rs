@@ -22,7 +22,9 @@ async fn upstream_faults_release_slots_refund_and_charge_what_was_seen() {
     let client = &rig.client;
 
     // Connection refused, timeout, 5xx: refunded, released.
-    let cases: [(&str, &str, Vec<(&str, &str)>, u16, &str); 3] = [
+    // (fault, path, headers, status, error code)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, u16, &'a str);
+    let cases: [Case; 3] = [
         (
             "connection refused",
             "/dead/v1/chat/completions",

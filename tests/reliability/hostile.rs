@@ -388,7 +388,7 @@ async fn absurd_keys_and_admin_tokens_are_refused() {
         ("valid key plus suffix", format!("{key}x").into_bytes()),
         (
             "valid key truncated",
-            key[..key.len() - 1].as_bytes().to_vec(),
+            key.as_bytes()[..key.len() - 1].to_vec(),
         ),
         ("empty", Vec::new()),
     ];

@@ -26,9 +26,7 @@ async fn api_keys_and_admin_token_never_appear_in_debug_logs() {
     let post_admin = |path: &str, body: serde_json::Value| {
         let client = client.clone();
         let path = path.to_owned();
-        async move {
-            rig::post_json(&client, admin, &path, REL_ADMIN_TOKEN, &body, &[]).await
-        }
+        async move { rig::post_json(&client, admin, &path, REL_ADMIN_TOKEN, &body, &[]).await }
     };
 
     let r = post_admin("/admin/accounts", serde_json::json!({"id": "logs"})).await;
@@ -48,7 +46,10 @@ async fn api_keys_and_admin_token_never_appear_in_debug_logs() {
     let wrong_key = format!("sk-wrong-{:032x}", rand::random::<u128>());
     let wrong_admin = format!("{REL_ADMIN_TOKEN}-typo");
     let main = gw.main;
-    let chat = |key: String, model: &'static str, path: &'static str, headers: Vec<(&'static str, &'static str)>| {
+    let chat = |key: String,
+                model: &'static str,
+                path: &'static str,
+                headers: Vec<(&'static str, &'static str)>| {
         let client = client.clone();
         async move { rig::chat(&client, main, path, &key, model, &headers).await }
     };
@@ -56,11 +57,31 @@ async fn api_keys_and_admin_token_never_appear_in_debug_logs() {
     for (k, model, path, headers) in [
         (key.clone(), "free-model", "/v1/chat/completions", vec![]),
         (key.clone(), "paid-model", "/v1/chat/completions", vec![]),
-        (key.clone(), "paid-model", "/v1/chat/completions", vec![("x-mock-status", "500")]),
-        (key.clone(), "free-model", "/dead/v1/chat/completions", vec![]),
-        (key.clone(), "free-model", "/v1/chat/completions", vec![("x-mock-die-after", "1")]),
+        (
+            key.clone(),
+            "paid-model",
+            "/v1/chat/completions",
+            vec![("x-mock-status", "500")],
+        ),
+        (
+            key.clone(),
+            "free-model",
+            "/dead/v1/chat/completions",
+            vec![],
+        ),
+        (
+            key.clone(),
+            "free-model",
+            "/v1/chat/completions",
+            vec![("x-mock-die-after", "1")],
+        ),
         (key.clone(), "no-such-model", "/v1/chat/completions", vec![]),
-        (wrong_key.clone(), "free-model", "/v1/chat/completions", vec![]),
+        (
+            wrong_key.clone(),
+            "free-model",
+            "/v1/chat/completions",
+            vec![],
+        ),
     ] {
         statuses.push(chat(k, model, path, headers).await.status.as_u16());
     }
@@ -71,7 +92,12 @@ async fn api_keys_and_admin_token_never_appear_in_debug_logs() {
     let r = rig::get(&client, main, &format!("/v1/limits?key={key}"), Some(&key)).await;
     statuses.push(r.status.as_u16());
     for token in [wrong_admin.as_str(), key.as_str()] {
-        statuses.push(rig::get(&client, admin, "/admin/plans", Some(token)).await.status.as_u16());
+        statuses.push(
+            rig::get(&client, admin, "/admin/plans", Some(token))
+                .await
+                .status
+                .as_u16(),
+        );
     }
     let r = rig::send(
         &client,
@@ -85,7 +111,12 @@ async fn api_keys_and_admin_token_never_appear_in_debug_logs() {
     .await;
     statuses.push(r.status.as_u16());
     tokio::time::sleep(Duration::from_millis(100)).await;
-    statuses.push(chat(key.clone(), "free-model", "/v1/chat/completions", vec![]).await.status.as_u16());
+    statuses.push(
+        chat(key.clone(), "free-model", "/v1/chat/completions", vec![])
+            .await
+            .status
+            .as_u16(),
+    );
 
     assert!(gw.terminate(), "graceful exit on SIGTERM");
     let log = gw.log();

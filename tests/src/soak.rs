@@ -92,10 +92,16 @@ impl SoakReport {
             f.push(format!("RSS grew from {warm} KiB to {end} KiB"));
         }
         if self.in_flight_end != Some(0) {
-            f.push(format!("in-flight gauge at the end: {:?}", self.in_flight_end));
+            f.push(format!(
+                "in-flight gauge at the end: {:?}",
+                self.in_flight_end
+            ));
         }
         if self.redis_keys_without_ttl > 0 {
-            f.push(format!("{} Redis keys without a TTL", self.redis_keys_without_ttl));
+            f.push(format!(
+                "{} Redis keys without a TTL",
+                self.redis_keys_without_ttl
+            ));
         }
         if !self.alive {
             f.push("the gateway exited".into());
@@ -136,7 +142,9 @@ const CREDITS: u64 = 1_000_000;
 /// [`crate::postgres_db`]) and a `redis-server` binary.
 pub async fn run(duration: Duration, workers: usize, sample_every: Duration) -> SoakReport {
     let redis = RedisServer::start();
-    let db = crate::postgres_db("soak").await.expect("postgres for the soak");
+    let db = crate::postgres_db("soak")
+        .await
+        .expect("postgres for the soak");
     migrate(&db).await.expect("migrate");
     let catalog = PostgresCatalog::connect(&db, Arc::new(SystemClock))
         .await
@@ -181,7 +189,12 @@ pub async fn run(duration: Duration, workers: usize, sample_every: Duration) -> 
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let (kind, status) = one_request(&client, addr, &key).await;
-                    *outcomes.lock().entry(kind).or_default().entry(status).or_default() += 1;
+                    *outcomes
+                        .lock()
+                        .entry(kind)
+                        .or_default()
+                        .entry(status)
+                        .or_default() += 1;
                 }
             })
         })
@@ -272,17 +285,31 @@ async fn one_request(client: &HttpClient, addr: SocketAddr, key: &str) -> (&'sta
         0..=29 => ("chat", post("free-model", false, vec![]).await),
         30..=44 => {
             let chunks = (5 + rand::random::<u32>() % 20).to_string();
-            let h = vec![("x-mock-chunks", chunks), ("x-mock-chunk-delay-ms", "10".into())];
+            let h = vec![
+                ("x-mock-chunks", chunks),
+                ("x-mock-chunk-delay-ms", "10".into()),
+            ];
             ("stream", post("free-model", true, h).await)
         }
-        45..=59 => ("paid", post("paid-model", rand::random::<bool>(), vec![]).await),
+        45..=59 => (
+            "paid",
+            post("paid-model", rand::random::<bool>(), vec![]).await,
+        ),
         60..=69 => ("limited", post("small-model", false, vec![]).await),
         70..=74 => (
             "upstream 500",
             post("paid-model", false, vec![("x-mock-status", "500".into())]).await,
         ),
         75..=79 => {
-            let r = rig::chat(client, addr, "/v1/chat/completions", "sk-soak-bad", "free-model", &[]).await;
+            let r = rig::chat(
+                client,
+                addr,
+                "/v1/chat/completions",
+                "sk-soak-bad",
+                "free-model",
+                &[],
+            )
+            .await;
             ("bad key", r.status.as_u16())
         }
         80..=84 => {
@@ -301,7 +328,10 @@ async fn hang_up(addr: SocketAddr, key: &str, stream: bool) -> u16 {
         return 599;
     };
     let (model, extra) = if stream {
-        ("free-model", "x-mock-chunks: 50\r\nx-mock-chunk-delay-ms: 20\r\n")
+        (
+            "free-model",
+            "x-mock-chunks: 50\r\nx-mock-chunk-delay-ms: 20\r\n",
+        )
     } else {
         ("free-model", "x-mock-delay-ms: 300\r\n")
     };
