@@ -76,10 +76,19 @@ impl App {
         catalog: Arc<dyn Catalog>,
     ) -> Result<App, CliError> {
         let store: AnyStore = if let Some(url) = &config.storage.redis_url {
-            RedisStore::connect(url)
+            let store = RedisStore::connect(url)
                 .await
-                .map_err(|e| bad(format!("[storage] redis_url: {e}")))?
-                .into()
+                .map_err(|e| bad(format!("[storage] redis_url: {e}")))?;
+            // The store connects lazily; without a warm-up the first requests
+            // pay for the connection and exceed `store_timeout`. An
+            // unreachable Redis is not fatal: the gateway follows
+            // `on_store_error` until it comes back.
+            match tokio::time::timeout(Duration::from_secs(1), store.ping()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "counter store unreachable at start"),
+                Err(_) => tracing::warn!("counter store did not answer at start"),
+            }
+            store.into()
         } else {
             MemoryStore::new().into()
         };

@@ -14,6 +14,8 @@ pub mod clock;
 pub mod config;
 pub mod credits;
 pub mod errors;
+#[cfg(test)]
+mod fuzz;
 pub mod headers;
 pub mod limiter;
 pub mod metrics;

@@ -13,7 +13,7 @@ pub mod redis;
 mod tests;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,8 +173,9 @@ pub trait CounterStore: Send + Sync + 'static {
 pub enum AnyStore {
     /// In-process counters (one gateway instance).
     Memory(memory::MemoryStore),
-    /// Shared counters in Redis (any number of instances).
-    Redis(redis::RedisStore),
+    /// Shared counters in Redis (any number of instances). Boxed: the
+    /// store is several times the size of the in-process one.
+    Redis(Box<redis::RedisStore>),
 }
 
 impl AnyStore {
@@ -196,7 +197,7 @@ impl From<memory::MemoryStore> for AnyStore {
 
 impl From<redis::RedisStore> for AnyStore {
     fn from(s: redis::RedisStore) -> Self {
-        AnyStore::Redis(s)
+        AnyStore::Redis(Box::new(s))
     }
 }
 
@@ -436,7 +437,13 @@ pub struct Limiter<S> {
     store: S,
     clock: SharedClock,
     timeout: Duration,
+    /// Background releases running (see [`Limiter::release_retrying`]).
+    releasing: AtomicUsize,
 }
+
+/// At most this many background releases at once; beyond it (a long store
+/// outage under heavy traffic) slots are left to their leases.
+const MAX_BACKGROUND_RELEASES: usize = 10_000;
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Limiter<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -453,6 +460,7 @@ impl<S: CounterStore> Limiter<S> {
             store,
             clock,
             timeout,
+            releasing: AtomicUsize::new(0),
         })
     }
 
@@ -503,19 +511,29 @@ impl<S: CounterStore> Limiter<S> {
             max_concurrent: policy.max_concurrent,
             lease_ms: policy.concurrency_expiry_secs.saturating_mul(1000).max(1),
         };
-        let outcome = self.timed(self.store.attempt(&req)).await?;
+        let ticket = || Ticket {
+            request_id: Arc::from(request_id),
+            account: Arc::from(account),
+            endpoint: Arc::from(endpoint),
+            policy: policy.clone(),
+            reserved: specs.iter().map(|s| s.amount).collect(),
+            admitted_ms: now_ms,
+        };
+        let outcome = match self.timed(self.store.attempt(&req)).await {
+            Ok(outcome) => outcome,
+            Err(e @ StoreError::Timeout(_)) => {
+                // The store may still run the attempt after we gave up on
+                // it, taking a slot no permit will release: release it once
+                // the store answers (ending an unknown id changes nothing).
+                tokio::spawn(self.clone().release_retrying(ticket()));
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         let info = RateLimitInfo::from_usage(policy, &outcome.used, outcome.in_flight, now_ms);
         let denial = match outcome.verdict {
             Verdict::Admitted => {
-                let ticket = Ticket {
-                    request_id: Arc::from(request_id),
-                    account: Arc::from(account),
-                    endpoint: Arc::from(endpoint),
-                    policy: policy.clone(),
-                    reserved: specs.iter().map(|s| s.amount).collect(),
-                    admitted_ms: now_ms,
-                };
-                return Ok(Attempt::Admitted(Permit::new(self.clone(), ticket), info));
+                return Ok(Attempt::Admitted(Permit::new(self.clone(), ticket()), info));
             }
             Verdict::WindowFull { index } => {
                 let window = policy.windows.get(index).cloned().ok_or_else(|| {
@@ -554,6 +572,37 @@ impl<S: CounterStore> Limiter<S> {
             settlements: &settlements,
         };
         self.timed(self.store.end(&req)).await
+    }
+
+    /// Release a ticket's slot (no settlement), retrying with backoff while
+    /// the store fails, for as long as the slot could still be live (its
+    /// lease); after that the store has expired it anyway.
+    async fn release_retrying(self: Arc<Self>, ticket: Ticket) {
+        if self.releasing.fetch_add(1, Ordering::SeqCst) >= MAX_BACKGROUND_RELEASES {
+            self.releasing.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(request_id = %ticket.request_id, "too many slots awaiting release; this one expires with its lease");
+            return;
+        }
+        self.release_loop(&ticket).await;
+        self.releasing.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    async fn release_loop(&self, ticket: &Ticket) {
+        let give_up = tokio::time::Instant::now() + Duration::from_millis(ticket.lease_ms());
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.end(ticket, &[]).await {
+                Ok(_) => return,
+                Err(e) if tokio::time::Instant::now() + backoff >= give_up => {
+                    tracing::warn!(request_id = %ticket.request_id, error = %e, "releasing a slot failed; it expires with its lease");
+                    return;
+                }
+                Err(_) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
     }
 
     /// Extend a live request's slot by its policy's `concurrency_expiry`.
@@ -649,11 +698,9 @@ impl<S: CounterStore> Drop for Permit<S> {
         let ticket = self.ticket.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(async move {
-                    if let Err(e) = limiter.end(&ticket, &[]).await {
-                        tracing::warn!(request_id = %ticket.request_id, error = %e, "releasing a dropped permit failed; its slot expires with its lease");
-                    }
-                });
+                // Retried: under overload a single end can time out, and a
+                // slot left behind would refuse requests until its lease ends.
+                rt.spawn(limiter.release_retrying(ticket));
             }
             Err(_) => {
                 tracing::warn!(request_id = %ticket.request_id, "permit dropped outside a runtime; its slot expires with its lease");

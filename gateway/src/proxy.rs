@@ -27,7 +27,7 @@ use crate::catalog::{hash_key, Catalog, CatalogError, Deduction};
 use crate::config::{Config, EndpointSource, OnStoreError, Route, ValueSource};
 use crate::errors::ApiError;
 use crate::headers;
-use crate::limiter::{AnyStore, Attempt, Limiter, Permit, RateLimitInfo};
+use crate::limiter::{AnyStore, Attempt, Limiter, Permit, RateLimitInfo, StoreError};
 use crate::metrics::Metrics;
 use crate::plans::{CreditCost, Plan, Policy, Unit};
 use crate::routes::Router;
@@ -157,6 +157,19 @@ pub fn extract_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a 
     (!key.is_empty()).then_some(key)
 }
 
+/// Whether an upstream client error was caused by the request body going
+/// over its [`Limited`] bound.
+fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// Whether a presented key is worth a lookup at all.
 fn plausible_key(key: &str) -> bool {
     key.len() <= MAX_KEY_LEN && key.bytes().all(|b| b.is_ascii_graphic())
@@ -237,16 +250,19 @@ impl Gateway {
 
         // Rate limits.
         let request_id = core.ids.next_id();
-        let attempt = core
-            .limiter
-            .attempt(
-                &request_id,
-                &account,
-                endpoint,
-                &policy,
-                &admission.start_units,
-            )
-            .await;
+        // The attempt runs in its own task. If the client goes away while
+        // the store decides, this future is dropped but the task finishes
+        // and drops its permit, which releases the slot; awaited in place,
+        // a cancelled attempt could leave a slot taken in the store with no
+        // permit to release it until its lease expired.
+        let attempt = {
+            let limiter = core.limiter.clone();
+            let (id, acct, ep) = (request_id.clone(), account.clone(), endpoint.to_owned());
+            let (pol, units) = (policy.clone(), admission.start_units.clone());
+            tokio::spawn(async move { limiter.attempt(&id, &acct, &ep, &pol, &units).await })
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("attempt task: {e}"))))
+        };
         core.metrics.admission_latency(started.elapsed());
         let (permit, info, degraded) = match attempt {
             Ok(Attempt::Admitted(permit, info)) => (Some(permit), Some(info), false),
@@ -340,6 +356,16 @@ impl Gateway {
         .await;
         let upstream_resp = match sent {
             Ok(Ok(resp)) => resp,
+            Ok(Err(e)) if body_too_large(&e) => {
+                // A streamed (undeclared-length) request body went over
+                // max_request_body while being forwarded: the client's
+                // fault, not the upstream's.
+                settle.fail().await;
+                core.metrics.request(endpoint, "body_too_large", 413);
+                return Err(ApiError::PayloadTooLarge {
+                    limit_bytes: table.max_request_body,
+                });
+            }
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");
                 settle.fail().await;
@@ -439,7 +465,26 @@ impl Gateway {
             request_id: Some(ledger_id),
             endpoint: Some(endpoint.to_owned()),
         };
-        match self.core.catalog.deduct(&deduction).await {
+        // Like the attempt, the deduction runs in its own task: if the client
+        // goes away meanwhile, the unclaimed result refunds itself.
+        let result = {
+            let catalog = self.core.catalog.clone();
+            let mut unclaimed = UnclaimedCharge {
+                result: None,
+                charges: self.core.charges.clone(),
+                key: deduction.idempotency_key.clone(),
+            };
+            let task = tokio::spawn(async move {
+                unclaimed.result = Some(catalog.deduct(&deduction).await);
+                unclaimed
+            });
+            match task.await {
+                Ok(mut claimed) => claimed.result.take(),
+                Err(e) => Some(Err(CatalogError::Unavailable(format!("credit task: {e}")))),
+            }
+            .unwrap_or_else(|| Err(CatalogError::Unavailable("credit task: no result".into())))
+        };
+        match result {
             Ok(r) if r.deducted == cost.per_request && (r.balance + r.deducted) >= threshold => {
                 self.core.metrics.credits_charged(r.deducted);
                 Ok(r.balance)
@@ -649,6 +694,25 @@ fn reservations(route: &Route, headers: &HeaderMap, body: Option<&[u8]>) -> Vec<
             (unit.clone(), n)
         })
         .collect()
+}
+
+/// The result of an admission deduction until the request handler claims
+/// it; dropped unclaimed (the handler was cancelled), it refunds what was
+/// deducted.
+struct UnclaimedCharge {
+    result: Option<Result<crate::catalog::DeductResult, CatalogError>>,
+    charges: crate::credits::ChargeQueue,
+    key: String,
+}
+
+impl Drop for UnclaimedCharge {
+    fn drop(&mut self) {
+        if let Some(Ok(r)) = &self.result {
+            if r.deducted > 0 && tokio::runtime::Handle::try_current().is_ok() {
+                self.charges.refund(std::mem::take(&mut self.key));
+            }
+        }
+    }
 }
 
 /// Ends an admitted request: limiter end with the measured units, per-unit

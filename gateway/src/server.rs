@@ -7,6 +7,7 @@ use std::future::Future;
 use std::io::BufReader;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -130,10 +131,14 @@ pub async fn serve_listener<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let first_request = Arc::new(AtomicBool::new(false));
+        let seen = first_request.clone();
         let service = hyper::service::service_fn(move |req| {
+            seen.store(true, Ordering::Relaxed);
             let fut = handler(req, peer);
             async move { Ok::<_, Infallible>(fut.await) }
         });
+        let header_timeout = opts.header_read_timeout;
         match &tls {
             None => {
                 let conn = builder
@@ -141,7 +146,17 @@ pub async fn serve_listener<H, F>(
                     .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let mut conn = std::pin::pin!(conn);
+                    let served = tokio::select! {
+                        out = conn.as_mut() => Some(out),
+                        _ = tokio::time::sleep(header_timeout) => None,
+                    };
+                    let out = match served {
+                        Some(out) => out,
+                        None if too_slow(&first_request) => return,
+                        None => conn.await,
+                    };
+                    if let Err(e) = out {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });
@@ -150,7 +165,6 @@ pub async fn serve_listener<H, F>(
                 let acceptor = acceptor.clone();
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
-                let header_timeout = opts.header_read_timeout;
                 tokio::spawn(async move {
                     // The TLS handshake is bounded by the same slowloris
                     // guard as the request head.
@@ -169,7 +183,17 @@ pub async fn serve_listener<H, F>(
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
                         .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
+                    let mut conn = std::pin::pin!(watcher.watch(conn));
+                    let served = tokio::select! {
+                        out = conn.as_mut() => Some(out),
+                        _ = tokio::time::sleep(header_timeout) => None,
+                    };
+                    let out = match served {
+                        Some(out) => out,
+                        None if too_slow(&first_request) => return,
+                        None => conn.await,
+                    };
+                    if let Err(e) = out {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });
@@ -183,6 +207,21 @@ pub async fn serve_listener<H, F>(
             tracing::warn!("drain timeout reached; closing remaining connections");
         }
     }
+}
+
+/// Whether a connection that has lived `header_read_timeout` must be
+/// closed because no request head arrived in that time. hyper's own
+/// `header_read_timeout` only starts once the auto builder has guessed the
+/// protocol, and guessing waits without limit for bytes that could still
+/// be the HTTP/2 preface; a client dribbling "PRI * HTTP/2.0..." (or
+/// HTTP/2 frames that never complete a request) would otherwise hold the
+/// connection forever. Dropping the connection future closes it.
+fn too_slow(first_request: &AtomicBool) -> bool {
+    let slow = !first_request.load(Ordering::Relaxed);
+    if slow {
+        tracing::debug!("no request head within header_read_timeout; closing the connection");
+    }
+    slow
 }
 
 /// A shutdown signal that flips on SIGTERM or Ctrl-C.

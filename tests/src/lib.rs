@@ -6,6 +6,9 @@
 //! the test instead of skipping it.
 
 pub mod harness;
+pub mod procs;
+pub mod rig;
+pub mod soak;
 
 use std::time::Duration;
 

@@ -1,0 +1,482 @@
+//! Hostile input: slowloris, request smuggling, oversized heads and
+//! bodies, absurd API keys and admin tokens. In-process stores: these are
+//! about the HTTP edge, not the stores.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use plangate::mock::{MockHandle, MockOptions};
+use plangate_tests::rig::{self, raw_exchange, raw_status, Rig, Setup, Tally};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::*;
+
+async fn edge_rig() -> (Rig, MockHandle, String) {
+    let mock = plangate::mock::start(MockOptions::default())
+        .await
+        .expect("mock");
+    let setup = Setup::new(&mock.url()); // header_read_timeout 2s, body 64KiB
+    let rig = Rig::start(&setup).await;
+    let (_, key) = rig.account().await;
+    (rig, mock, key)
+}
+
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Dribble a request head one byte per second until the server closes the
+/// connection; returns how long that took and what it answered.
+async fn slowloris(
+    addr: SocketAddr,
+    head: &'static [u8],
+    give_up: Duration,
+) -> (Option<Duration>, Vec<u8>) {
+    let start = Instant::now();
+    let Ok(s) = TcpStream::connect(addr).await else {
+        return (Some(Duration::ZERO), Vec::new());
+    };
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        for b in head.iter() {
+            if wr.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        // Keep the connection open (a closed write half would tell the
+        // server the client is gone).
+        std::future::pending::<()>().await;
+        drop(wr);
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let closed = loop {
+        match tokio::time::timeout(give_up.saturating_sub(start.elapsed()), rd.read(&mut buf)).await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => break Some(start.elapsed()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break None,
+        }
+    };
+    writer.abort();
+    (closed, got)
+}
+
+/// What slow clients send, one byte per second: an HTTP/1.1 head, the
+/// HTTP/2 connection preface (which keeps the server guessing the
+/// protocol), or nothing at all.
+const SLOW_HEADS: [&[u8]; 3] = [
+    b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r",
+    b"",
+];
+
+/// 60 connections dribbling their heads at 1 byte/s (an HTTP/1.1 head,
+/// the HTTP/2 preface, nothing) are closed once header_read_timeout
+/// passes, while normal requests keep succeeding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slowloris_is_cut_off_while_normal_traffic_flows() {
+    let _serial = serial().await;
+    let (rig, _mock, key) = edge_rig().await;
+    let slow: Vec<_> = (0..60)
+        .map(|i| {
+            tokio::spawn(slowloris(
+                rig.addr,
+                SLOW_HEADS[i % SLOW_HEADS.len()],
+                Duration::from_secs(8),
+            ))
+        })
+        .collect();
+    let mut normal = Tally::default();
+    let until = Instant::now() + HEADER_READ_TIMEOUT + Duration::from_millis(1500);
+    while Instant::now() < until {
+        normal.add(&rig.chat(&key, "free-model", &[]).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut closed_after = vec![Vec::new(); SLOW_HEADS.len()];
+    let mut answers = std::collections::BTreeMap::<Option<u16>, usize>::new();
+    for (i, t) in slow.into_iter().enumerate() {
+        let (closed, got) = t.await.expect("slowloris task");
+        *answers.entry(raw_status(&got)).or_default() += 1;
+        closed_after[i % SLOW_HEADS.len()].push(closed);
+    }
+    eprintln!("{}", normal.line("slowloris/normal traffic meanwhile"));
+    for (kind, closed) in ["HTTP/1.1 head", "HTTP/2 preface", "nothing"]
+        .iter()
+        .zip(&closed_after)
+    {
+        let max = closed.iter().flatten().max().copied();
+        let min = closed.iter().flatten().min().copied();
+        eprintln!(
+            "FIGURES slowloris/{kind} at 1 byte/s: closed {}/{} after min={min:?} max={max:?}",
+            closed.iter().flatten().count(),
+            closed.len()
+        );
+    }
+    eprintln!("FIGURES slowloris/answers: {answers:?}");
+    assert_eq!(normal.admitted(), normal.sent(), "{normal:?}");
+    assert!(
+        normal.max_latency < Duration::from_millis(500),
+        "{normal:?}"
+    );
+    for closed in &closed_after {
+        assert!(
+            closed.iter().all(Option::is_some),
+            "every slow connection closed: {closed:?}"
+        );
+        let min = closed.iter().flatten().min().unwrap();
+        let max = closed.iter().flatten().max().unwrap();
+        assert!(
+            *min >= HEADER_READ_TIMEOUT - Duration::from_millis(100),
+            "{min:?}"
+        );
+        assert!(
+            *max <= HEADER_READ_TIMEOUT + Duration::from_millis(500),
+            "{max:?}"
+        );
+    }
+}
+
+fn chat_json(model: &str) -> String {
+    rig::chat_body(model, false).to_string()
+}
+
+/// Ambiguous framing never reaches the upstream as two requests: CL+TE is
+/// framed by Transfer-Encoding alone and the connection closed after the
+/// answer (RFC 9112 §6.3), so a request smuggled in the body is never
+/// parsed; differing duplicate Content-Length, a Transfer-Encoding that is
+/// not chunked, and malformed lengths are 400 with nothing forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_smuggling_is_refused_or_neutralised() {
+    let _serial = serial().await;
+    let (rig, mock, key) = edge_rig().await;
+    let body = chat_json("free-model");
+    let head = |extra: &str| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\n{extra}\r\n"
+        )
+    };
+    let refused: Vec<(&str, String)> = vec![
+        (
+            "duplicate differing Content-Length",
+            format!(
+                "{}{body}",
+                head(&format!(
+                    "content-length: {}\r\ncontent-length: {}\r\n",
+                    body.len(),
+                    body.len() + 5
+                ))
+            ),
+        ),
+        (
+            "Transfer-Encoding not chunked",
+            format!(
+                "{}{body}",
+                head(&format!(
+                    "transfer-encoding: gzip\r\ncontent-length: {}\r\n",
+                    body.len()
+                ))
+            ),
+        ),
+        (
+            "Transfer-Encoding on HTTP/1.0",
+            format!(
+                "{}{:x}\r\n{body}\r\n0\r\n\r\n",
+                head("transfer-encoding: chunked\r\n").replace("HTTP/1.1", "HTTP/1.0"),
+                body.len()
+            ),
+        ),
+        (
+            "Content-Length with a sign",
+            format!(
+                "{}{body}",
+                head(&format!("content-length: +{}\r\n", body.len()))
+            ),
+        ),
+        (
+            "Content-Length list",
+            format!(
+                "{}{body}",
+                head(&format!("content-length: {0}, {0}0\r\n", body.len()))
+            ),
+        ),
+    ];
+    for (name, req) in &refused {
+        let before = mock.requests();
+        let resp = raw_exchange(rig.addr, req.as_bytes(), Duration::from_secs(3)).await;
+        let status = raw_status(&resp);
+        let forwarded = mock.requests() - before;
+        eprintln!("FIGURES smuggling/{name}: status={status:?} forwarded={forwarded}");
+        assert_eq!(status, Some(400), "{name}");
+        assert_eq!(forwarded, 0, "{name}: nothing forwarded");
+    }
+
+    // CL.TE and TE.CL with a second request hidden behind the chunked body.
+    let smuggled = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    for (name, framing) in [
+        (
+            "CL.TE",
+            format!(
+                "content-length: {}\r\ntransfer-encoding: chunked\r\n",
+                body.len()
+            ),
+        ),
+        (
+            "TE.CL",
+            format!(
+                "transfer-encoding: chunked\r\ncontent-length: {}\r\n",
+                body.len()
+            ),
+        ),
+    ] {
+        let before = mock.requests();
+        let req = format!(
+            "{}{:x}\r\n{body}\r\n0\r\n\r\n{smuggled}",
+            head(&framing),
+            body.len()
+        );
+        let resp = raw_exchange(rig.addr, req.as_bytes(), Duration::from_secs(3)).await;
+        let answers = resp.windows(9).filter(|w| w == b"HTTP/1.1 ").count();
+        let forwarded = mock.requests() - before;
+        eprintln!(
+            "FIGURES smuggling/{name} with a hidden second request: status={:?} responses={answers} forwarded={forwarded} (connection closed after the first answer)",
+            raw_status(&resp)
+        );
+        assert_eq!(answers, 1, "{name}: the hidden request is never answered");
+        assert!(
+            forwarded <= 1,
+            "{name}: the hidden request is never forwarded"
+        );
+        if forwarded == 1 {
+            let last = mock.stats().last_request().expect("forwarded request");
+            assert_eq!(
+                last.body,
+                body.as_bytes(),
+                "{name}: forwarded body is the chunked body alone"
+            );
+        }
+    }
+    // The gateway still serves.
+    assert_eq!(rig.chat(&key, "free-model", &[]).await.status, 200);
+}
+
+/// Heads over 64 KiB → 431; a declared body over max_request_body → 413
+/// at once; an undeclared (chunked) one → 413 long before the client has
+/// sent it all, on routes that read the body and routes that stream it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_heads_and_bodies_are_refused_early() {
+    let _serial = serial().await;
+    let (rig, mock, key) = edge_rig().await;
+    let body = chat_json("free-model");
+
+    let big_header = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\nx-pad: {}\r\ncontent-length: {}\r\n\r\n{body}",
+        "p".repeat(100 * 1024),
+        body.len()
+    );
+    let many_headers = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\n{}content-length: {}\r\n\r\n{body}",
+        (0..500).map(|i| format!("x-h{i}: v\r\n")).collect::<String>(),
+        body.len()
+    );
+    for (name, req) in [
+        ("100 KiB header", big_header),
+        ("500 headers", many_headers),
+    ] {
+        let resp = raw_exchange(rig.addr, req.as_bytes(), Duration::from_secs(3)).await;
+        eprintln!("FIGURES oversized/{name}: status={:?}", raw_status(&resp));
+        assert_eq!(raw_status(&resp), Some(431), "{name}");
+    }
+
+    // Declared 50 MiB: answered after the head, nothing read.
+    let mut s = TcpStream::connect(rig.addr).await.unwrap();
+    let started = Instant::now();
+    s.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\ncontent-length: {}\r\n\r\n{{\"model\":",
+            50 * 1024 * 1024
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let resp = rig::read_until_close(&mut s, Duration::from_secs(3)).await;
+    eprintln!(
+        "FIGURES oversized/declared 50 MiB body: status={:?} after {:?} with 10 bytes of body sent",
+        raw_status(&resp),
+        started.elapsed()
+    );
+    assert_eq!(raw_status(&resp), Some(413));
+
+    // Undeclared (chunked) 10 MiB, on a {model} route (body read for
+    // routing) and a literal route (body streamed to the upstream).
+    for path in ["/v1/chat/completions", "/v1/audio/speech"] {
+        let before = mock.requests();
+        let s = TcpStream::connect(rig.addr).await.unwrap();
+        let (mut rd, mut wr) = s.into_split();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let total = 10 * 1024 * 1024;
+        let writer = tokio::spawn(async move {
+            let chunk = format!("{:x}\r\n{}\r\n", 16 * 1024, "a".repeat(16 * 1024));
+            let mut sent = 0usize;
+            if wr.write_all(head.as_bytes()).await.is_err() {
+                return (sent, false);
+            }
+            while sent < total {
+                if wr.write_all(chunk.as_bytes()).await.is_err() {
+                    return (sent, false);
+                }
+                sent += 16 * 1024;
+            }
+            let done = wr.write_all(b"0\r\n\r\n").await.is_ok();
+            (sent, done)
+        });
+        let mut resp = Vec::new();
+        let mut buf = [0u8; 4096];
+        let started = Instant::now();
+        while resp.len() < 12 && started.elapsed() < Duration::from_secs(5) {
+            match tokio::time::timeout(Duration::from_secs(5), rd.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => resp.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        let answered_after = started.elapsed();
+        drop(rd);
+        let (sent, done) = tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .expect("writer stops once the gateway closes")
+            .expect("writer task");
+        let forwarded = mock.requests() - before;
+        eprintln!(
+            "FIGURES oversized/chunked 10 MiB body on {path}: status={:?} after {answered_after:?}; client got {} KiB out before the gateway closed; upstream requests={forwarded}",
+            raw_status(&resp),
+            sent / 1024
+        );
+        assert_eq!(raw_status(&resp), Some(413), "{path}");
+        assert!(
+            !done && sent < total,
+            "{path}: refused before the body was all sent"
+        );
+    }
+    assert_eq!(rig.chat(&key, "free-model", &[]).await.status, 200);
+}
+
+/// Absurd or odd API keys are 401 (or 400 where the HTTP parser refuses
+/// the bytes), never forwarded, never echoed whole, never a crash; the
+/// admin API refuses every token but the right one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn absurd_keys_and_admin_tokens_are_refused() {
+    let _serial = serial().await;
+    let (rig, mock, key) = edge_rig().await;
+    let body = chat_json("free-model");
+    let long = "k".repeat(60 * 1024);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("60 KiB key", long.clone().into_bytes()),
+        ("513-byte key", "a".repeat(513).into_bytes()),
+        ("control byte 0x01", b"sk-ab\x01cd".to_vec()),
+        ("NUL byte", b"sk-ab\x00cd".to_vec()),
+        ("DEL byte", b"sk-ab\x7fcd".to_vec()),
+        ("bytes 0xff 0xfe (not UTF-8)", b"sk-\xff\xfe".to_vec()),
+        ("UTF-8 letters", "sk-ключ".as_bytes().to_vec()),
+        ("space inside", b"sk-ab cd".to_vec()),
+        ("tab inside", b"sk-ab\tcd".to_vec()),
+        ("valid key plus suffix", format!("{key}x").into_bytes()),
+        (
+            "valid key truncated",
+            key.as_bytes()[..key.len() - 1].to_vec(),
+        ),
+        ("empty", Vec::new()),
+    ];
+    let mut summary = Vec::new();
+    for (name, k) in &cases {
+        let mut req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\nauthorization: Bearer ",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(k);
+        req.extend_from_slice(b"\r\n\r\n");
+        req.extend_from_slice(body.as_bytes());
+        let resp = raw_exchange(rig.addr, &req, Duration::from_secs(3)).await;
+        let status = raw_status(&resp);
+        summary.push(format!("{name}={status:?}"));
+        assert!(
+            matches!(status, Some(400) | Some(401)),
+            "{name}: {status:?}"
+        );
+        assert!(
+            resp.len() < 4096,
+            "{name}: response echoes the key ({} bytes)",
+            resp.len()
+        );
+        let text = String::from_utf8_lossy(&resp);
+        if k.len() >= 16 {
+            assert!(
+                !text.contains(&*String::from_utf8_lossy(k)),
+                "{name}: key echoed"
+            );
+        }
+    }
+    eprintln!(
+        "FIGURES hostile keys: {}; forwarded={}",
+        summary.join(" "),
+        mock.requests()
+    );
+    assert_eq!(mock.requests(), 0, "nothing forwarded");
+    // Keys the HTTP parser accepts reach the gateway and get its 401.
+    for name in [
+        "60 KiB key",
+        "513-byte key",
+        "bytes 0xff 0xfe (not UTF-8)",
+        "space inside",
+        "valid key plus suffix",
+    ] {
+        assert!(
+            summary.contains(&format!("{name}=Some(401)")),
+            "{name}: {summary:?}"
+        );
+    }
+
+    let token = rig::REL_ADMIN_TOKEN;
+    let client = &rig.client;
+    let mut admin = Vec::new();
+    for (name, presented) in [
+        ("no token", None),
+        ("wrong token", Some("nope".to_owned())),
+        (
+            "prefix of the token",
+            Some(token[..token.len() - 1].to_owned()),
+        ),
+        ("token plus a byte", Some(format!("{token}x"))),
+        ("upper-cased token", Some(token.to_uppercase())),
+        ("10 KiB token", Some("t".repeat(10 * 1024))),
+        ("an API key", Some(key.clone())),
+    ] {
+        let r = rig::get(client, rig.admin_addr, "/admin/plans", presented.as_deref()).await;
+        admin.push(format!("{name}={}", r.status.as_u16()));
+        assert_eq!(r.status, 401, "{name}");
+    }
+    let basic = rig::send(
+        client,
+        http::Request::builder()
+            .uri(format!("http://{}/metrics", rig.admin_addr))
+            .header("authorization", format!("Basic {token}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(basic.status, 401, "Basic scheme");
+    let ok = rig::get(client, rig.admin_addr, "/admin/plans", Some(token)).await;
+    assert_eq!(ok.status, 200);
+    eprintln!(
+        "FIGURES admin tokens: {} Basic={} right=200",
+        admin.join(" "),
+        basic.status.as_u16()
+    );
+    assert_eq!(rig.chat(&key, "free-model", &[]).await.status, 200);
+}

@@ -1,0 +1,404 @@
+//! Real processes and breakable network paths for the reliability tests:
+//! a private `redis-server` that can be killed, paused and restarted; a TCP
+//! proxy that can be cut and restored (for Postgres); a blackhole listener
+//! that accepts and never answers; and `plangate serve` processes built
+//! from `target/debug/plangate` (which `tests/run.sh` builds first).
+//!
+//! Nothing here touches the machine's shared Redis (6379) or Postgres
+//! (5432) beyond ordinary client connections: outages are made on private
+//! servers and proxies only.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// A port that was free a moment ago (bind :0, read it, release it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A private `redis-server` (no persistence) on its own port.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Start one on a free port and wait until it answers PING.
+    pub fn start() -> RedisServer {
+        let mut s = RedisServer {
+            port: free_port(),
+            child: None,
+        };
+        s.restart();
+        s
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's process id, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// (Re)start on the same port; waits until it answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis-server already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (tests/run.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if redis_ping(self.port) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("private redis-server on port {} did not start", self.port);
+    }
+
+    /// SIGKILL it (an abrupt outage: connections reset, port refuses).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP: the kernel still accepts connections but nothing answers.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`RedisServer::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.pid().expect("redis-server running");
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // A paused server would not die on SIGTERM; SIGKILL works anyway.
+            self.kill();
+        }
+    }
+}
+
+fn redis_ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+}
+
+/// A TCP proxy to `target` that can be cut (every open connection closed,
+/// new ones accepted and closed at once, so clients fail fast) and
+/// restored. Used between a gateway and the shared Postgres.
+pub struct TcpCut {
+    pub addr: SocketAddr,
+    cut: watch::Sender<bool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpCut {
+    /// Listen on a free local port, forwarding to `target`.
+    pub async fn start(target: SocketAddr) -> TcpCut {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let (cut, cut_rx) = watch::channel(false);
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let task_conns = conns.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if *cut_rx.borrow() {
+                    drop(client);
+                    continue;
+                }
+                let handle = tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let mut client = client;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+                let mut list = task_conns.lock();
+                list.retain(|h| !h.is_finished());
+                list.push(handle.abort_handle());
+            }
+        });
+        TcpCut {
+            addr,
+            cut,
+            conns,
+            task,
+        }
+    }
+
+    /// Close every proxied connection and refuse new ones.
+    pub fn cut(&self) {
+        let _ = self.cut.send(true);
+        for h in self.conns.lock().drain(..) {
+            h.abort();
+        }
+    }
+
+    /// Forward new connections again.
+    pub fn restore(&self) {
+        let _ = self.cut.send(false);
+    }
+}
+
+impl Drop for TcpCut {
+    fn drop(&mut self) {
+        self.task.abort();
+        for h in self.conns.lock().drain(..) {
+            h.abort();
+        }
+    }
+}
+
+/// A listener that accepts connections and never answers: a hung server.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Blackhole {
+    pub async fn start() -> Blackhole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            // Keep every socket open and unread.
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        Blackhole { addr, task }
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The `plangate` binary the black-box process tests run:
+/// `PLANGATE_BIN`, else `target/debug/plangate` of this workspace.
+pub fn plangate_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PLANGATE_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/plangate");
+    assert!(
+        bin.exists(),
+        "{} is missing: run ./tests/run.sh (or `cargo build -p plangate --bins`) first",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `plangate serve --config FILE` process. Its stderr (the log)
+/// is written to `log_path`; it is killed on drop.
+pub struct GatewayProc {
+    pub main: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub log_path: PathBuf,
+    child: Child,
+    exited: Arc<AtomicBool>,
+}
+
+impl GatewayProc {
+    /// Spawn `plangate serve --config <config>` with extra environment and
+    /// wait (up to 30 s) for its "plangate listening" log line.
+    pub fn spawn(config: &Path, env: &[(&str, &str)]) -> GatewayProc {
+        let log_path = config.with_extension(format!("{}.log", rand::random::<u32>()));
+        let mut cmd = Command::new(plangate_bin());
+        cmd.args(["serve", "--config"])
+            .arg(config)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn plangate serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel::<(SocketAddr, Option<SocketAddr>)>();
+        let exited = Arc::new(AtomicBool::new(false));
+        let path = log_path.clone();
+        let exited_flag = exited.clone();
+        // Copy the log to a file, and report the bound addresses once seen.
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&path).expect("log file");
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = writeln!(file, "{line}");
+                if line.contains("plangate listening") {
+                    if let (Some(t), Some(addrs)) = (&tx, parse_listening(&line)) {
+                        let _ = t.send(addrs);
+                        tx = None;
+                    }
+                }
+            }
+            exited_flag.store(true, Ordering::SeqCst);
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok((main, admin)) => GatewayProc {
+                main,
+                admin,
+                log_path,
+                child,
+                exited,
+            },
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                panic!("plangate serve did not start listening:\n{log}");
+            }
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None)) && !self.exited.load(Ordering::SeqCst)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in KiB (Linux `/proc/<pid>/status`).
+    pub fn rss_kib(&self) -> Option<u64> {
+        rss_kib(self.child.id())
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait (up to 15 s) for a graceful exit; the log is then
+    /// complete. Returns whether it exited on its own.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                // Let the log thread copy the last lines.
+                for _ in 0..100 {
+                    if self.exited.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        false
+    }
+}
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log_path);
+    }
+}
+
+/// Resident set size of a process in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// `... plangate listening listen=127.0.0.1:1234 admin=Some(127.0.0.1:5678)`.
+fn parse_listening(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map(|v| v.trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':'))
+    };
+    let main = field("listen=")?.parse().ok()?;
+    let admin = field("admin=Some(").and_then(|v| v.parse().ok());
+    Some((main, admin))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_line_parses() {
+        let line = "2026-01-01T00:00:00Z  INFO plangate::app: plangate listening listen=127.0.0.1:41000 admin=Some(127.0.0.1:41001)";
+        assert_eq!(
+            parse_listening(line),
+            Some((
+                "127.0.0.1:41000".parse().unwrap(),
+                Some("127.0.0.1:41001".parse().unwrap())
+            ))
+        );
+        let line = "INFO plangate listening listen=127.0.0.1:41000 admin=None";
+        assert_eq!(
+            parse_listening(line),
+            Some(("127.0.0.1:41000".parse().unwrap(), None))
+        );
+    }
+}
