@@ -20,7 +20,7 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::credits::ChargeQueue;
 use crate::limiter::memory::MemoryStore;
-use crate::limiter::redis::RedisStore;
+use crate::limiter::redis::{RedisOptions, RedisStore};
 use crate::limiter::{AnyStore, Limiter};
 use crate::metrics::Metrics;
 use crate::plans::parse::load_plans_file;
@@ -76,7 +76,16 @@ impl App {
         catalog: Arc<dyn Catalog>,
     ) -> Result<App, CliError> {
         let store: AnyStore = if let Some(url) = &config.storage.redis_url {
-            let store = RedisStore::connect(url)
+            // A reply slower than `store_timeout` is already a store error
+            // for the limiter; the connection itself gives up (and
+            // reconnects) only well after that, so a slow moment does not
+            // cost a reconnect.
+            let options = RedisOptions {
+                response_timeout: (config.storage.store_timeout + Duration::from_millis(100))
+                    .max(RedisOptions::default().response_timeout),
+                ..RedisOptions::default()
+            };
+            let store = RedisStore::connect_with(url, options)
                 .await
                 .map_err(|e| bad(format!("[storage] redis_url: {e}")))?;
             // The store connects lazily; without a warm-up the first requests
