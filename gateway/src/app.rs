@@ -399,6 +399,29 @@ pub async fn dev(config_path: Option<&Path>, listen: Option<&str>) -> Result<(),
     result
 }
 
+/// `plangate mock --listen ADDR`: the mock OpenAI upstream alone, until
+/// SIGTERM/Ctrl-C (the example upstream of deploy/docker-compose.yml).
+pub async fn mock(listen: &str) -> Result<(), CliError> {
+    let addr: SocketAddr = listen.parse().map_err(|_| {
+        bad(format!(
+            "--listen {listen}: not an address such as 0.0.0.0:8000"
+        ))
+    })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| fail(format!("binding {addr}: {e}")))?;
+    let mock = crate::mock::serve(listener, crate::mock::MockOptions::default())
+        .await
+        .map_err(|e| fail(format!("starting the mock upstream on {addr}: {e}")))?;
+    tracing::info!(listen = %mock.addr(), "mock OpenAI upstream listening");
+    let (_tx, mut shutdown) = server::shutdown_on_signals();
+    // Flips once, on SIGTERM or Ctrl-C; an error means the sender is gone,
+    // which also means shutting down.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+    mock.shutdown().await;
+    Ok(())
+}
+
 fn mock_address(config: &Config) -> Result<SocketAddr, CliError> {
     let up = config
         .upstreams
