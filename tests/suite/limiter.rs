@@ -334,6 +334,9 @@ async fn redis_options(mode: RedisMode) -> Option<(String, RedisOptions)> {
     let options = RedisOptions {
         mode,
         key_prefix: format!("pgt:{}:", unique("lim")),
+        // This machine is shared and often loaded: a slow reply is not
+        // what these tests are about.
+        response_timeout: Duration::from_secs(5),
         ..RedisOptions::default()
     };
     Some((url, options))
