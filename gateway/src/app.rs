@@ -20,7 +20,7 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::credits::ChargeQueue;
 use crate::limiter::memory::MemoryStore;
-use crate::limiter::redis::RedisStore;
+use crate::limiter::redis::{RedisOptions, RedisStore};
 use crate::limiter::{AnyStore, Limiter};
 use crate::metrics::Metrics;
 use crate::plans::parse::load_plans_file;
@@ -69,13 +69,27 @@ impl App {
         clock: SharedClock,
         catalog: Arc<dyn Catalog>,
     ) -> Result<App, CliError> {
-        let store: AnyStore = if let Some(url) = &config.storage.redis_url {
-            RedisStore::connect(url)
-                .await
-                .map_err(|e| bad(format!("[storage] redis_url: {e}")))?
-                .into()
+        let redis = if !config.storage.redis_cluster.is_empty() {
+            Some(
+                RedisStore::connect_cluster(&config.storage.redis_cluster, RedisOptions::default())
+                    .await
+                    .map_err(|e| bad(format!("[storage] redis_cluster: {e}")))?,
+            )
+        } else if let Some(url) = &config.storage.redis_url {
+            Some(
+                RedisStore::connect(url)
+                    .await
+                    .map_err(|e| bad(format!("[storage] redis_url: {e}")))?,
+            )
         } else {
-            MemoryStore::new().into()
+            None
+        };
+        let store: AnyStore = match redis {
+            Some(redis) => {
+                check_counter_store(&redis).await;
+                redis.into()
+            }
+            None => MemoryStore::new().into(),
         };
         let cache = CatalogCache::new(catalog.clone(), clock.clone(), CacheConfig::default())
             .await
@@ -201,6 +215,31 @@ impl App {
                 false
             }
         }
+    }
+}
+
+/// How long startup waits for the counter store's answers to
+/// [`RedisStore::check_server`] before going on without them.
+const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Log what the counter store is, and loudly (error level) when its
+/// scripts are not atomic or do not run: then limits can overshoot, or
+/// every counter call fails. A store that cannot be reached does not stop
+/// startup (it is lazy and `on_store_error` covers the outage), but it is
+/// logged, and the check is not repeated when the store comes back.
+async fn check_counter_store(store: &RedisStore) {
+    match tokio::time::timeout(STORE_CHECK_TIMEOUT, store.check_server()).await {
+        Ok(Ok(report)) => {
+            for p in &report.problems {
+                tracing::error!("COUNTER STORE NOT SAFE FOR LIMITS: {p}");
+            }
+            for w in &report.warnings {
+                tracing::warn!("counter store: {w}");
+            }
+            tracing::info!(servers = ?report.servers, mode = ?store.mode(), "counter store checked");
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "counter store unreachable at startup; could not check that it runs scripts atomically"),
+        Err(_) => tracing::warn!("counter store did not answer within {STORE_CHECK_TIMEOUT:?} at startup; could not check that it runs scripts atomically"),
     }
 }
 
@@ -338,10 +377,14 @@ pub async fn dev(config_path: Option<&Path>, listen: Option<&str>) -> Result<(),
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(DEV_CONFIG));
     let mut config = Config::load(&path).map_err(bad)?;
-    if config.storage.postgres_url.is_some() || config.storage.redis_url.is_some() {
+    if config.storage.postgres_url.is_some()
+        || config.storage.redis_url.is_some()
+        || !config.storage.redis_cluster.is_empty()
+    {
         tracing::info!("dev mode ignores [storage] URLs: using in-process stores");
         config.storage.postgres_url = None;
         config.storage.redis_url = None;
+        config.storage.redis_cluster.clear();
     }
     let listen: Option<SocketAddr> = match listen {
         Some(l) => Some(l.parse().map_err(|_| {
