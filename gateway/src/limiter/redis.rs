@@ -210,7 +210,8 @@ impl Default for RedisOptions {
 enum Conn {
     Multiplexed(ConnectionManager),
     Pooled(deadpool_redis::Pool),
-    Cluster(ClusterConnection),
+    // Boxed: the cluster handle is several times larger than the others.
+    Cluster(Box<ClusterConnection>),
 }
 
 /// The Redis-compatible [`CounterStore`] (Redis >= 6, Valkey; Garnet with
@@ -308,7 +309,7 @@ impl RedisStore {
             .set_response_timeout(options.response_timeout);
         let conn = client.get_pending_async_connection_with_config(config);
         Ok(Self::with_conn(
-            Conn::Cluster(conn),
+            Conn::Cluster(Box::new(conn)),
             &RedisOptions {
                 mode: RedisMode::Cluster,
                 ..options
@@ -354,7 +355,7 @@ impl RedisStore {
             // The cluster client sends PING to every master and succeeds
             // only if all answer: a store with a dead master is not ready.
             Conn::Cluster(c) => {
-                let mut c = c.clone();
+                let mut c = ClusterConnection::clone(c);
                 cmd.query_async::<()>(&mut c).await.map_err(map_err)
             }
         }
@@ -371,7 +372,7 @@ impl RedisStore {
         info.arg("server");
         let info_reply = match &self.conn {
             Conn::Cluster(c) => {
-                let mut c = c.clone();
+                let mut c = ClusterConnection::clone(c);
                 let all_masters = RoutingInfo::MultiNode((
                     MultipleNodeRoutingInfo::AllMasters,
                     Some(ResponsePolicy::Special),
@@ -410,7 +411,7 @@ impl RedisStore {
                 cmd.query_async(&mut c).await.map_err(map_err)
             }
             Conn::Cluster(c) => {
-                let mut c = c.clone();
+                let mut c = ClusterConnection::clone(c);
                 cmd.query_async(&mut c).await.map_err(map_err)
             }
         }
@@ -431,7 +432,7 @@ impl RedisStore {
             // Clones share the node connections. `EVALSHA` routes by its
             // first key; `SCRIPT LOAD` after a NOSCRIPT goes to every node.
             Conn::Cluster(c) => {
-                let mut c = c.clone();
+                let mut c = ClusterConnection::clone(c);
                 invoke(inv, &mut c).await
             }
         }
