@@ -52,7 +52,24 @@ ensure_redis() {
   echo "Redis did not come up on 127.0.0.1:6379" >&2; exit 1
 }
 
+ensure_python_openai() {
+  # The SDK end-to-end test drives the gateway with the official openai
+  # Python package.
+  if python3 -c 'import openai' 2>/dev/null; then return; fi
+  if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
+    apt_install python3 python3-pip
+  fi
+  log "installing the openai Python SDK"
+  python3 -m pip install -q openai 2>/dev/null || python3 -m pip install -q --break-system-packages openai
+}
+
+ensure_tools() {
+  command -v openssl >/dev/null || apt_install openssl
+}
+
 ensure_postgres
+ensure_python_openai
+ensure_tools
 ensure_redis
 log "PostgreSQL and Redis are up"
 # A 3-master Redis Cluster on loopback for tests/suite/cluster.rs (idempotent).
@@ -69,3 +86,6 @@ cargo build -p plangate --bins
 
 log "cargo test --workspace"
 cargo test --workspace --all-targets "$@"
+
+log "cargo test --workspace --doc"
+cargo test --workspace --doc

@@ -126,7 +126,7 @@ impl Admin {
         let segments: Vec<String> = path
             .trim_matches('/')
             .split('/')
-            .map(|s| percent_decode(s))
+            .map(percent_decode)
             .collect();
         let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
         let catalog: &dyn Catalog = &*self.core.catalog;

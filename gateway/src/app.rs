@@ -13,15 +13,15 @@ use tokio::net::TcpListener;
 use crate::admin::Admin;
 use crate::catalog::cache::{CacheConfig, CatalogCache};
 use crate::catalog::memory::MemoryCatalog;
-use crate::catalog::postgres::PostgresCatalog;
-use crate::catalog::{Catalog, Invalidation};
+use crate::catalog::postgres::{PgOptions, PostgresCatalog};
+use crate::catalog::{Catalog, CatalogError, Invalidation};
 use crate::cli::CliError;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::credits::ChargeQueue;
 use crate::limiter::memory::MemoryStore;
 use crate::limiter::redis::{RedisOptions, RedisStore};
-use crate::limiter::{AnyStore, Limiter};
+use crate::limiter::{AnyStore, Limiter, StoreError};
 use crate::metrics::Metrics;
 use crate::plans::parse::load_plans_file;
 use crate::proxy::{Core, Gateway, RequestIds, RouteTable};
@@ -49,17 +49,23 @@ impl App {
     pub async fn build(config: Config, clock: SharedClock) -> Result<App, CliError> {
         let plans = load_plans_file(&config.plans.file).map_err(bad)?;
         let catalog: Arc<dyn Catalog> = match &config.storage.postgres_url {
-            Some(url) => Arc::new(
-                PostgresCatalog::connect(url, clock.clone())
-                    .await
-                    .map_err(|e| fail(format!("connecting to Postgres: {e}")))?,
-            ),
+            Some(url) => Arc::new(connect_postgres(url, clock.clone()).await?),
             None => Arc::new(MemoryCatalog::new(clock.clone())),
         };
-        catalog
-            .apply_plans(&plans, false)
-            .await
-            .map_err(|e| fail(format!("applying {}: {e}", config.plans.file.display())))?;
+        match catalog.apply_plans(&plans, false).await {
+            Ok(_) => {}
+            Err(CatalogError::Unavailable(e)) => {
+                // Start anyway (not ready); apply as soon as Postgres answers.
+                tracing::error!(error = %e, "Postgres unavailable at start: serving 503 until it returns");
+                tokio::spawn(apply_when_available(catalog.clone(), plans));
+            }
+            Err(e) => {
+                return Err(fail(format!(
+                    "applying {}: {e}",
+                    config.plans.file.display()
+                )))
+            }
+        }
         Self::assemble(config, clock, catalog).await
     }
 
@@ -85,13 +91,10 @@ impl App {
             None
         };
         let store: AnyStore = match redis {
-            Some(redis) => {
-                check_counter_store(&redis).await;
-                redis.into()
-            }
+            Some(redis) => redis.into(),
             None => MemoryStore::new().into(),
         };
-        let cache = CatalogCache::new(catalog.clone(), clock.clone(), CacheConfig::default())
+        let cache = CatalogCache::new_lazy(catalog.clone(), clock.clone(), CacheConfig::default())
             .await
             .map_err(|e| fail(format!("loading plans from the catalog: {e}")))?;
         let limiter = Limiter::new(store, clock.clone(), config.storage.store_timeout);
@@ -104,6 +107,7 @@ impl App {
             ids: RequestIds::default(),
             charges: ChargeQueue::new(catalog),
         });
+        tokio::spawn(check_counter_store(core.clone()));
         let table = RouteTable::from_config(&config).map_err(bad)?;
         let gateway = Arc::new(Gateway {
             table: ArcSwap::from_pointee(table),
@@ -191,6 +195,16 @@ impl App {
         ))
     }
 
+    /// Start watching the plans file when `[plans] watch` is on; the watch
+    /// lasts as long as the returned handle.
+    pub fn watch_plans(&self) -> Option<notify::RecommendedWatcher> {
+        if self.config.plans.watch {
+            watch_plans(self.core.clone(), self.config.plans.file.clone())
+        } else {
+            None
+        }
+    }
+
     /// Re-read and apply the plans file. An invalid file leaves the plans
     /// in force, is logged with file:line and counted.
     pub async fn reload_plans(core: &Core, file: &Path) -> bool {
@@ -218,28 +232,87 @@ impl App {
     }
 }
 
-/// How long startup waits for the counter store's answers to
-/// [`RedisStore::check_server`] before going on without them.
+/// How long one startup check of the counter store may take.
 const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Log what the counter store is, and loudly (error level) when its
 /// scripts are not atomic or do not run: then limits can overshoot, or
-/// every counter call fails. A store that cannot be reached does not stop
-/// startup (it is lazy and `on_store_error` covers the outage), but it is
-/// logged, and the check is not repeated when the store comes back.
-async fn check_counter_store(store: &RedisStore) {
-    match tokio::time::timeout(STORE_CHECK_TIMEOUT, store.check_server()).await {
-        Ok(Ok(report)) => {
-            for p in &report.problems {
-                tracing::error!("COUNTER STORE NOT SAFE FOR LIMITS: {p}");
+/// every counter call fails. Runs in the background so that a store that
+/// is down does not delay startup; it checks once the store answers.
+async fn check_counter_store(core: Arc<Core>) {
+    let AnyStore::Redis(store) = core.limiter.store() else {
+        return;
+    };
+    let mut backoff = Duration::from_secs(1);
+    let mut told = false;
+    loop {
+        match tokio::time::timeout(STORE_CHECK_TIMEOUT, store.check_server()).await {
+            Ok(Ok(report)) => {
+                for p in &report.problems {
+                    tracing::error!("COUNTER STORE NOT SAFE FOR LIMITS: {p}");
+                }
+                for w in &report.warnings {
+                    tracing::warn!("counter store: {w}");
+                }
+                tracing::info!(servers = ?report.servers, mode = ?store.mode(), "counter store checked");
+                return;
             }
-            for w in &report.warnings {
-                tracing::warn!("counter store: {w}");
+            Ok(Err(StoreError::Protocol(e))) => {
+                tracing::warn!(error = %e, "could not check that the counter store runs scripts atomically");
+                return;
             }
-            tracing::info!(servers = ?report.servers, mode = ?store.mode(), "counter store checked");
+            Ok(Err(StoreError::Unavailable(_) | StoreError::Timeout(_))) | Err(_) => {
+                if !told {
+                    tracing::warn!(
+                        "counter store unreachable; its script check runs when it answers"
+                    );
+                    told = true;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
         }
-        Ok(Err(e)) => tracing::warn!(error = %e, "counter store unreachable at startup; could not check that it runs scripts atomically"),
-        Err(_) => tracing::warn!("counter store did not answer within {STORE_CHECK_TIMEOUT:?} at startup; could not check that it runs scripts atomically"),
+    }
+}
+
+/// Connect to Postgres; when it is down, connect lazily (the pool and the
+/// LISTEN connection retry by themselves) so the gateway still starts.
+async fn connect_postgres(url: &str, clock: SharedClock) -> Result<PostgresCatalog, CliError> {
+    match PostgresCatalog::connect(url, clock.clone()).await {
+        Ok(c) => Ok(c),
+        Err(CatalogError::Unavailable(e)) => {
+            tracing::error!(error = %e, "Postgres unavailable at start; retrying in the background");
+            let opts = PgOptions {
+                lazy: true,
+                ..PgOptions::default()
+            };
+            PostgresCatalog::connect_with(url, clock, opts)
+                .await
+                .map_err(|e| bad(format!("[storage] postgres_url: {e}")))
+        }
+        Err(e) => Err(bad(format!("[storage] postgres_url: {e}"))),
+    }
+}
+
+/// Apply the plans file once the catalog answers (after a start without
+/// Postgres).
+async fn apply_when_available(catalog: Arc<dyn Catalog>, plans: crate::plans::PlanSet) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match catalog.apply_plans(&plans, false).await {
+            Ok(_) => {
+                tracing::info!("Postgres is back: plans applied");
+                return;
+            }
+            Err(CatalogError::Unavailable(_)) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "applying plans failed");
+                return;
+            }
+        }
     }
 }
 
@@ -346,11 +419,7 @@ pub async fn run(
     let (bound, serving) = app.bind(listen, shutdown).await?;
     tracing::info!(listen = %bound.main, admin = ?bound.admin, "plangate listening");
     on_bound(&bound);
-    let _watcher = if app.config.plans.watch {
-        watch_plans(app.core.clone(), app.config.plans.file.clone())
-    } else {
-        None
-    };
+    let _watcher = app.watch_plans();
     reload_on_sighup(&app);
     serving.await;
     let left = app.core.charges.drain(Duration::from_secs(10)).await;

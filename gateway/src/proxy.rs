@@ -540,36 +540,23 @@ pub async fn limits_json(
 }
 
 fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>) -> serde_json::Value {
-    let windows: Vec<serde_json::Value> = match &info {
-        Some(info) => info
-            .windows
-            .iter()
-            .map(|w| {
-                serde_json::json!({
-                    "unit": w.unit.as_str(),
-                    "window_seconds": w.window_secs,
-                    "limit": w.limit,
-                    "used": w.used,
-                    "remaining": w.remaining,
-                    "reset_ms": w.reset_ms,
-                })
+    // Without the counter store (degraded), limits are known but usage is not.
+    let windows: Vec<serde_json::Value> = policy
+        .windows
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let state = info.as_ref().and_then(|info| info.windows.get(i));
+            serde_json::json!({
+                "unit": w.unit.as_str(),
+                "window_seconds": w.window_secs,
+                "limit": w.limit,
+                "used": state.map(|s| s.used),
+                "remaining": state.map(|s| s.remaining),
+                "reset_ms": state.map(|s| s.reset_ms),
             })
-            .collect(),
-        None => policy
-            .windows
-            .iter()
-            .map(|w| {
-                serde_json::json!({
-                    "unit": w.unit.as_str(),
-                    "window_seconds": w.window_secs,
-                    "limit": w.limit,
-                    "used": null,
-                    "remaining": null,
-                    "reset_ms": null,
-                })
-            })
-            .collect(),
-    };
+        })
+        .collect();
     let concurrency = (policy.max_concurrent > 0).then(|| {
         let remaining = info
             .as_ref()
@@ -603,17 +590,12 @@ async fn read_admission(
             .iter()
             .any(|(_, s)| matches!(s, ValueSource::Body(_)));
     if !needs_body {
+        // Only literal endpoints get here: `{model}` needs the body.
         let endpoint = match &route.endpoint {
             EndpointSource::Literal(e) => e.clone(),
             EndpointSource::Model => String::new(),
         };
-        let start_units = route
-            .reserve
-            .iter()
-            .filter_map(|(unit, source)| {
-                usage::read_source(source, headers, None).map(|n| (unit.clone(), n))
-            })
-            .collect();
+        let start_units = reservations(route, headers, None);
         let limited = Limited::new(body, max_body as usize).map_err(BoxError::from);
         return Ok(Admission {
             endpoint,
@@ -641,13 +623,7 @@ async fn read_admission(
             usage::request_model(&bytes).map_err(|e| ApiError::invalid_request(e.to_string()))?
         }
     };
-    let start_units: Vec<(Unit, u64)> = route
-        .reserve
-        .iter()
-        .filter_map(|(unit, source)| {
-            usage::read_source(source, headers, Some(&bytes)).map(|n| (unit.clone(), n))
-        })
-        .collect();
+    let start_units = reservations(route, headers, Some(&bytes));
     let (bytes, injected_usage) = match usage::ensure_include_usage(&bytes) {
         usage::IncludeUsage::Added(rewritten) => (rewritten, true),
         usage::IncludeUsage::NotStreaming | usage::IncludeUsage::AlreadyRequested => (bytes, false),
@@ -658,6 +634,21 @@ async fn read_admission(
         body: full(bytes),
         injected_usage,
     })
+}
+
+/// Start amounts from the route's `reserve` sources. A request that does
+/// not say (no `n`, no `max_tokens`) reserves 1, OpenAI's default `n`: an
+/// image request without `n` still counts one image, and a token
+/// reservation is settled to the measured amount at the end anyway.
+fn reservations(route: &Route, headers: &HeaderMap, body: Option<&[u8]>) -> Vec<(Unit, u64)> {
+    route
+        .reserve
+        .iter()
+        .map(|(unit, source)| {
+            let n = usage::read_source(source, headers, body).unwrap_or(1);
+            (unit.clone(), n)
+        })
+        .collect()
 }
 
 /// Ends an admitted request: limiter end with the measured units, per-unit

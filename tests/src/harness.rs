@@ -102,8 +102,17 @@ pub struct Options {
     pub on_store_error: &'static str,
     /// Overrides `redis_url` (e.g. a dead port) for outage tests.
     pub redis_url: Option<String>,
+    /// Overrides `postgres_url` (e.g. a dead port) for outage tests.
+    pub postgres_url: Option<String>,
     pub extra_server: String,
+    /// Replaces the mock as the upstream (e.g. an https server).
+    pub upstream_url: Option<String>,
+    /// Extra keys of the `[[upstreams]]` entry (e.g. `ca_file = "..."`).
+    pub upstream_extra: String,
     pub mock: MockOptions,
+    /// Use the real clock instead of the manual one (for clients that
+    /// really wait, like the openai SDK honouring retry-after).
+    pub system_clock: bool,
 }
 
 impl Options {
@@ -113,8 +122,12 @@ impl Options {
             plans: TEST_PLANS.to_owned(),
             on_store_error: "closed",
             redis_url: None,
+            postgres_url: None,
             extra_server: String::new(),
+            upstream_url: None,
+            upstream_extra: String::new(),
             mock: MockOptions::default(),
+            system_clock: false,
         }
     }
 }
@@ -130,6 +143,7 @@ pub struct TestGateway {
     pub config: Config,
     shutdown: watch::Sender<bool>,
     serving: Option<tokio::task::JoinHandle<()>>,
+    _watcher: Option<notify::RecommendedWatcher>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -173,6 +187,15 @@ pub fn unique(prefix: &str) -> String {
 pub const T0_MS: u64 = 1_799_920_820_000;
 
 impl TestGateway {
+    /// One gateway per available backend, with default options.
+    pub async fn each_backend() -> Vec<TestGateway> {
+        let mut out = Vec::new();
+        for backend in Backend::all().await {
+            out.push(TestGateway::start(Options::new(backend)).await);
+        }
+        out
+    }
+
     pub async fn start(opts: Options) -> TestGateway {
         let dir = std::env::temp_dir().join(unique("plangate-test"));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -183,8 +206,14 @@ impl TestGateway {
         let storage = match opts.backend {
             Backend::Memory => String::new(),
             Backend::Real => {
-                let pg = crate::postgres_db("gw").await.expect("postgres");
-                migrate(&pg).await.expect("migrate");
+                let pg = match &opts.postgres_url {
+                    Some(url) => url.clone(),
+                    None => {
+                        let pg = crate::postgres_db("gw").await.expect("postgres");
+                        migrate(&pg).await.expect("migrate");
+                        pg
+                    }
+                };
                 let redis = match &opts.redis_url {
                     Some(r) => r.clone(),
                     None => crate::redis().await.expect("redis"),
@@ -217,6 +246,7 @@ watch = true
 [[upstreams]]
 name = "mock"
 url = "{upstream}"
+{upstream_extra}
 
 [[routes]]
 path = "/v1/chat/completions"
@@ -239,13 +269,18 @@ reserve.image = "body:n"
 "#,
             extra_server = opts.extra_server,
             on_store_error = opts.on_store_error,
-            upstream = mock.url(),
+            upstream = opts.upstream_url.clone().unwrap_or_else(|| mock.url()),
+            upstream_extra = opts.upstream_extra,
         );
         let path = dir.join("plangate.toml");
         std::fs::write(&path, toml).expect("write config");
         let config = Config::load(&path).unwrap_or_else(|e| panic!("test config: {e}"));
         let clock = ManualClock::new(T0_MS);
-        let shared: SharedClock = Arc::new(clock.clone());
+        let shared: SharedClock = if opts.system_clock {
+            Arc::new(plangate::clock::SystemClock)
+        } else {
+            Arc::new(clock.clone())
+        };
         let app = App::build(config.clone(), shared)
             .await
             .unwrap_or_else(|e| panic!("build: {e}"));
@@ -255,6 +290,7 @@ reserve.image = "body:n"
             .await
             .unwrap_or_else(|e| panic!("bind: {e}"));
         let core = app.core.clone();
+        let watcher = app.watch_plans();
         let serving = tokio::spawn(serving);
         TestGateway {
             addr: bound.main,
@@ -266,6 +302,7 @@ reserve.image = "body:n"
             config,
             shutdown: tx,
             serving: Some(serving),
+            _watcher: watcher,
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
     }
@@ -387,4 +424,107 @@ pub async fn second_catalog(url: &str, clock: SharedClock) -> PostgresCatalog {
     PostgresCatalog::connect(url, clock)
         .await
         .expect("second catalog")
+}
+
+/// A response whose body is read frame by frame.
+pub struct Streaming {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: hyper::body::Incoming,
+}
+
+impl Streaming {
+    /// The next data frame, if any (None at the end or on error).
+    pub async fn next_data(&mut self) -> Option<Result<Bytes, String>> {
+        loop {
+            match self.body.frame().await {
+                None => return None,
+                Some(Err(e)) => return Some(Err(e.to_string())),
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        return Some(Ok(d));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Read to the end; returns the bytes read and whether it ended cleanly.
+    pub async fn read_all(&mut self) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        while let Some(r) = self.next_data().await {
+            match r {
+                Ok(d) => out.extend_from_slice(&d),
+                Err(_) => return (out, false),
+            }
+        }
+        (out, true)
+    }
+}
+
+impl TestGateway {
+    /// POST JSON and return the response without reading its body.
+    pub async fn post_streaming(
+        &self,
+        path: &str,
+        key: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> Streaming {
+        let mut b = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}{path}", self.addr))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {key}"));
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        let req = b.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+        let resp = self.client.request(req).await.expect("request to gateway");
+        let (parts, body) = resp.into_parts();
+        Streaming {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    /// Wait (bounded, 1 s) until no admitted request is in flight. It waits
+    /// for background settlement tasks, never for a window.
+    pub async fn wait_settled(&self) {
+        for _ in 0..200 {
+            if self.core.metrics.in_flight() == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        panic!(
+            "requests still in flight after 1 s: {}",
+            self.core.metrics.in_flight()
+        );
+    }
+
+    /// `GET /v1/limits` for `key`.
+    pub async fn limits(&self, key: &str) -> serde_json::Value {
+        let req = Request::builder()
+            .uri("/v1/limits")
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = self.send(req).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.json()
+    }
+}
+
+/// Tokens used in the current minute window of `endpoint` (window index 2
+/// of the test plan's gpt-test, or the token window of others).
+pub fn tokens_used(limits: &serde_json::Value, endpoint: &str) -> u64 {
+    limits["endpoints"][endpoint]["windows"]
+        .as_array()
+        .expect("windows")
+        .iter()
+        .find(|w| w["unit"] == "token" && w["window_seconds"] == 60)
+        .and_then(|w| w["used"].as_u64())
+        .expect("token window")
 }

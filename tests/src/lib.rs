@@ -98,3 +98,21 @@ pub async fn postgres_db(prefix: &str) -> Option<String> {
 }
 
 static NEXT_DB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The `plangate` binary next to this test binary
+/// (`target/debug/deps/suite-…` → `target/debug/plangate`). `tests/run.sh`
+/// builds it before the tests; a plain `cargo test` of this package does not.
+pub fn plangate_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(format!("plangate{}", std::env::consts::EXE_SUFFIX)))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p plangate, or ./tests/run.sh)",
+        bin.display()
+    );
+    bin
+}

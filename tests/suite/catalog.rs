@@ -1540,3 +1540,130 @@ async fn cli_end_to_end() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// --------------------------------------------------------------- Client
+
+mod client {
+    use super::*;
+    use plangate::client::{admin, Client, ClientError, DeductOptions};
+    use plangate::limiter::memory::MemoryStore;
+    use plangate::limiter::{Denial, Limiter};
+
+    async fn client() -> (Client<MemoryStore>, Arc<dyn Catalog>, ManualClock) {
+        let clock = ManualClock::new(T0);
+        let shared: SharedClock = Arc::new(clock.clone());
+        let catalog: Arc<dyn Catalog> = Arc::new(MemoryCatalog::new(shared.clone()));
+        let mut premium = (*plan("premium", 100)).clone();
+        premium.endpoints.insert("images".into(), policy(1));
+        admin::apply_plans(
+            &*catalog,
+            &set(Some("free"), &[plan("free", 2), Arc::new(premium)]),
+        )
+        .await
+        .unwrap();
+        let limiter = Limiter::new(MemoryStore::new(), shared, Duration::from_secs(1));
+        (
+            Client::new(catalog.clone(), limiter).await.unwrap(),
+            catalog,
+            clock,
+        )
+    }
+
+    #[tokio::test]
+    async fn attempt_end_and_info() {
+        let (c, _, clock) = client().await;
+        let a = c.attempt_request("r1", "u", "chat", &[]).await.unwrap();
+        assert!(a.allowed && a.denial.is_none());
+        assert_eq!(a.info.unit("request").unwrap().remaining, 1);
+        assert!(
+            c.attempt_request("r2", "u", "chat", &[])
+                .await
+                .unwrap()
+                .allowed
+        );
+        let denied = c.attempt_request("r3", "u", "chat", &[]).await.unwrap();
+        assert!(!denied.allowed);
+        assert!(matches!(denied.denial, Some(Denial::Window { .. })));
+        assert_eq!(denied.info.unit("request").unwrap().remaining, 0);
+        assert!(c.end_request("r1", &[]).await.unwrap());
+        assert!(!c.end_request("r1", &[]).await.unwrap());
+        assert!(!c.end_request("never", &[]).await.unwrap());
+        let info = c.get_rate_limit_info("u", "chat").await.unwrap();
+        assert_eq!(info.unit("request").unwrap().limit, 2);
+        assert!(matches!(
+            c.attempt_request("r4", "u", "images", &[]).await,
+            Err(ClientError::NoAccess(e)) if e == "images"
+        ));
+        // A window later the account may go again.
+        clock.advance(Duration::from_secs(60));
+        assert!(
+            c.attempt_request("r5", "u", "chat", &[])
+                .await
+                .unwrap()
+                .allowed
+        );
+    }
+
+    #[tokio::test]
+    async fn admin_functions_and_credits() {
+        let (c, db, _) = client().await;
+        let db = &*db;
+        // assign_plan creates the account, as the original did.
+        admin::assign_plan(db, "acct", "premium").await.unwrap();
+        assert_eq!(
+            admin::get_account_plan(db, "acct")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+            "premium"
+        );
+        assert_eq!(
+            admin::get_account_plan(db, "stranger")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+            "free"
+        );
+        wait_for(|| async { c.policy("acct", "images").await.is_ok() }).await;
+        admin::set_default_plan(db, "premium").await.unwrap();
+        assert!(matches!(
+            admin::delete_plan(db, "premium").await,
+            Err(CatalogError::Conflict(_))
+        ));
+        admin::delete_plan(db, "free").await.unwrap();
+        assert_eq!(
+            admin::list_plans(db)
+                .await
+                .unwrap()
+                .plans
+                .keys()
+                .collect::<Vec<_>>(),
+            ["premium"]
+        );
+
+        let b = admin::create_quota_block(db, "acct", 10, None, serde_json::Value::Null)
+            .await
+            .unwrap();
+        assert_eq!(c.get_balance("acct").await.unwrap(), 10);
+        assert!(c.has_min_balance("acct", 10).await.unwrap());
+        assert!(!c.has_min_balance("acct", 11).await.unwrap());
+        let opts = DeductOptions {
+            require_full: true,
+            request_id: Some("req-1".into()),
+            ..Default::default()
+        };
+        let r = c.deduct_credits("acct", 4, opts.clone()).await.unwrap();
+        assert_eq!((r.deducted, r.balance), (4, 6));
+        // Keyed by request id: a retry deducts nothing more.
+        assert!(c.deduct_credits("acct", 4, opts).await.unwrap().replayed);
+        assert_eq!(c.refund_credits("req-1").await.unwrap(), 4);
+        admin::delete_quota_block(db, &b.id).await.unwrap();
+        admin::create_quota_block(db, "acct", 3, None, serde_json::Value::Null)
+            .await
+            .unwrap();
+        assert_eq!(admin::expire_quota_blocks(db, "acct").await.unwrap(), 1);
+        assert_eq!(c.get_balance("acct").await.unwrap(), 0);
+    }
+}

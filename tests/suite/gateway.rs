@@ -10,11 +10,7 @@ use plangate_tests::harness::{Backend, Options, TestGateway, ADMIN_TOKEN};
 use serde_json::json;
 
 async fn gateways() -> Vec<TestGateway> {
-    let mut out = Vec::new();
-    for backend in Backend::all().await {
-        out.push(TestGateway::start(Options::new(backend)).await);
-    }
-    out
+    TestGateway::each_backend().await
 }
 
 fn chat_body(model: &str) -> serde_json::Value {
@@ -499,5 +495,153 @@ async fn limits_endpoint_reports_every_window() {
         assert!(w[2]["used"].as_u64().unwrap() > 0, "tokens counted: {w}");
         assert_eq!(v["endpoints"]["gpt-test"]["concurrency"]["in_use"], 0);
         assert_eq!(v["credits"]["balance"], 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_strips_hop_by_hop_and_the_clients_key_and_keeps_request_id() {
+    for gw in gateways().await {
+        let (_, key) = gw.account(None).await;
+        let r = gw
+            .post_with(
+                "/v1/chat/completions",
+                Some(&key),
+                &chat_body("gpt-test"),
+                &[
+                    ("x-request-id", "client-req-42"),
+                    ("connection", "x-private-hop"),
+                    ("x-private-hop", "1"),
+                    ("te", "trailers"),
+                    ("proxy-authorization", "Basic abc"),
+                    ("x-custom", "kept"),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-request-id"), Some("client-req-42"));
+        let fwd = gw.mock.stats().last_request().expect("forwarded");
+        let h = &fwd.headers;
+        assert_eq!(h.get("x-request-id").unwrap(), "client-req-42");
+        assert_eq!(h.get("x-custom").unwrap(), "kept");
+        for gone in ["x-private-hop", "te", "proxy-authorization"] {
+            assert!(h.get(gone).is_none(), "{gone} must not be forwarded");
+        }
+        assert!(
+            h.get("authorization").is_none(),
+            "the client's plangate key must not reach the upstream"
+        );
+        // Without a client id the gateway makes one.
+        let r = gw.chat(&key, "gpt-test").await;
+        assert!(r
+            .header("x-request-id")
+            .is_some_and(|v| v.starts_with("req_")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_readiness() {
+    for gw in gateways().await {
+        let get = |path: &str| {
+            Request::builder()
+                .uri(path)
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        };
+        let r = gw.send(get("/healthz")).await;
+        assert_eq!(r.status, 200);
+        let r = gw.send(get("/readyz")).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.json()["ready"], true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_outage_open_admits_degraded_and_closed_refuses() {
+    // A port nothing listens on: the counter store is down from the start.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("redis://127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    if Backend::all().await.contains(&Backend::Real) {
+        for (mode, status) in [("open", 200u16), ("closed", 503)] {
+            let mut opts = Options::new(Backend::Real);
+            opts.redis_url = Some(dead.clone());
+            opts.on_store_error = mode;
+            let gw = TestGateway::start(opts).await;
+            let (_, key) = gw.account(None).await;
+            let r = gw.chat(&key, "gpt-test").await;
+            assert_eq!(r.status, status, "on_store_error={mode}: {:?}", r.body);
+            if mode == "open" {
+                assert_eq!(r.header("x-ratelimit-degraded"), Some("true"));
+            } else {
+                assert_eq!(r.code(), "limiter_unavailable");
+            }
+            let ready = gw
+                .send(
+                    Request::builder()
+                        .uri("/readyz")
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+                .await;
+            assert_eq!(ready.status, 503, "not ready without the counter store");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_without_postgres_not_ready_and_answering_503() {
+    if !Backend::all().await.contains(&Backend::Real) {
+        return;
+    }
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!(
+            "postgres://postgres@127.0.0.1:{}/nothing",
+            l.local_addr().unwrap().port()
+        )
+    };
+    let mut opts = Options::new(Backend::Real);
+    opts.postgres_url = Some(dead);
+    let gw = TestGateway::start(opts).await;
+    let get = |path: &str| {
+        Request::builder()
+            .uri(path)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(gw.send(get("/healthz")).await.status, 200);
+    assert_eq!(gw.send(get("/readyz")).await.status, 503);
+    let r = gw
+        .chat("pg_0123456789abcdef0123456789abcdef01234567890", "gpt-test")
+        .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.code(), "catalog_unavailable");
+    assert_eq!(gw.mock.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_count_n_or_one_per_request() {
+    for gw in gateways().await {
+        let (_, key) = gw.account(None).await;
+        let path = "/v1/images/generations";
+        let r = gw.post(path, Some(&key), &json!({"prompt": "a cat"})).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.header("x-ratelimit-limit-images"), Some("2"));
+        assert_eq!(r.header("x-ratelimit-remaining-images"), Some("1"));
+        let r = gw
+            .post(path, Some(&key), &json!({"prompt": "a cat", "n": 5}))
+            .await;
+        assert_eq!(r.code(), "request_too_large");
+        let r = gw
+            .post(path, Some(&key), &json!({"prompt": "a dog", "n": 1}))
+            .await;
+        assert_eq!(r.status, 200);
+        gw.wait_settled().await;
+        let r = gw
+            .post(path, Some(&key), &json!({"prompt": "a bird"}))
+            .await;
+        assert_eq!(r.status, 429);
+        assert_eq!(r.json()["error"]["type"], "images");
     }
 }

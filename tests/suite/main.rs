@@ -6,3 +6,7 @@ mod cluster;
 mod config;
 mod gateway;
 mod limiter;
+mod reload;
+mod sdk;
+mod streaming;
+mod transport;

@@ -17,7 +17,7 @@
 //! [`CacheConfig::retry_after_error`], not on every request.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -107,21 +107,43 @@ enum Freshness<T> {
     Reload(Option<T>),
 }
 
-type Map<T> = RwLock<HashMap<String, Entry<T>>>;
+/// Entries plus an epoch bumped by every invalidation, so a load that
+/// started before an invalidation never stores its (possibly outdated)
+/// answer as fresh.
+struct Map<T> {
+    entries: RwLock<HashMap<String, Entry<T>>>,
+    epoch: AtomicU64,
+}
+
+impl<T> Map<T> {
+    fn new() -> Self {
+        Self {
+            entries: RwLock::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+}
 
 struct Inner {
     catalog: Arc<dyn Catalog>,
     clock: SharedClock,
     config: CacheConfig,
     plans: ArcSwap<PlanSet>,
-    plans_loaded_ms: std::sync::atomic::AtomicU64,
+    /// When the plan snapshot was loaded; 0 after an invalidation.
+    plans_loaded_ms: AtomicU64,
+    /// Bumped by every plan invalidation (see [`Map`]).
+    plans_epoch: AtomicU64,
     /// Account id → its assigned plan (`None`: default plan or unknown account).
     accounts: Map<Option<String>>,
     /// Key hash → owner (`None`: no such unrevoked key).
     keys: Map<Option<KeyOwner>>,
-    hits: std::sync::atomic::AtomicU64,
-    loads: std::sync::atomic::AtomicU64,
-    stale_served: std::sync::atomic::AtomicU64,
+    hits: AtomicU64,
+    loads: AtomicU64,
+    stale_served: AtomicU64,
 }
 
 /// The gateway's view of the catalog. Cheap to clone; clones share entries.
@@ -148,18 +170,46 @@ impl CatalogCache {
         clock: SharedClock,
         config: CacheConfig,
     ) -> CatalogResult<Self> {
+        Self::start(catalog, clock, config, false).await
+    }
+
+    /// Like [`CatalogCache::new`], but when the plans cannot be loaded the
+    /// cache starts empty and keeps retrying in the background: the gateway
+    /// starts (not ready) while the catalog is down and recovers by itself.
+    pub async fn new_lazy(
+        catalog: Arc<dyn Catalog>,
+        clock: SharedClock,
+        config: CacheConfig,
+    ) -> CatalogResult<Self> {
+        Self::start(catalog, clock, config, true).await
+    }
+
+    async fn start(
+        catalog: Arc<dyn Catalog>,
+        clock: SharedClock,
+        config: CacheConfig,
+        lazy: bool,
+    ) -> CatalogResult<Self> {
         // Subscribe before loading so no change between the two is missed.
         let events = catalog.subscribe();
-        let plans = catalog.list_plans().await?;
-        let now = clock.now_ms();
+        let (plans, loaded) = match catalog.list_plans().await {
+            Ok(plans) => (plans, true),
+            Err(e) if lazy => {
+                tracing::warn!(error = %e, "catalog unavailable at start; retrying in the background");
+                (PlanSet::default(), false)
+            }
+            Err(e) => return Err(e),
+        };
+        let now = if loaded { clock.now_ms().max(1) } else { 0 };
         let inner = Arc::new(Inner {
             catalog,
             clock,
             config,
             plans: ArcSwap::from_pointee(plans),
             plans_loaded_ms: now.into(),
-            accounts: RwLock::new(HashMap::new()),
-            keys: RwLock::new(HashMap::new()),
+            plans_epoch: 0.into(),
+            accounts: Map::new(),
+            keys: Map::new(),
             hits: 0.into(),
             loads: 0.into(),
             stale_served: 0.into(),
@@ -315,7 +365,9 @@ impl Inner {
     {
         let now = self.now();
         let map = map_of(self);
+        let epoch = map.epoch();
         let state = map
+            .entries
             .read()
             .get(id)
             .map(|e| self.freshness(e, ttl(&e.value), now));
@@ -333,7 +385,7 @@ impl Inner {
                         let result = load().await;
                         flag.store(false, Ordering::Release);
                         if let (Some(inner), Ok(v)) = (weak.upgrade(), result) {
-                            inner.store(map_of(&inner), &id, v);
+                            inner.store(map_of(&inner), &id, v, epoch);
                         }
                     });
                 }
@@ -345,7 +397,7 @@ impl Inner {
         self.loads.fetch_add(1, Ordering::Relaxed);
         match load().await {
             Ok(v) => {
-                self.store(map, id, v.clone());
+                self.store(map, id, v.clone(), epoch);
                 Ok(v)
             }
             Err(e) => match old {
@@ -353,7 +405,7 @@ impl Inner {
                     tracing::warn!(error = %e, "catalog reload failed; serving cached entry");
                     self.stale_served.fetch_add(1, Ordering::Relaxed);
                     let retry_at = self.now() + self.config.retry_after_error.as_millis() as u64;
-                    if let Some(entry) = map.write().get_mut(id) {
+                    if let Some(entry) = map.entries.write().get_mut(id) {
                         entry.retry_at_ms = retry_at;
                     }
                     Ok(v)
@@ -363,9 +415,11 @@ impl Inner {
         }
     }
 
-    fn store<T>(&self, map: &Map<T>, id: &str, v: T) {
+    /// Store a loaded value; stale at once if an invalidation arrived since
+    /// the load began (`epoch`), so the next use loads again.
+    fn store<T>(&self, map: &Map<T>, id: &str, v: T, epoch: u64) {
         let now = self.now();
-        let mut m = map.write();
+        let mut m = map.entries.write();
         if m.len() >= self.config.max_entries && !m.contains_key(id) {
             let horizon = self.config.account_ttl.max(self.config.key_ttl).as_millis() as u64;
             m.retain(|_, e| now.saturating_sub(e.loaded_ms) < horizon);
@@ -373,18 +427,22 @@ impl Inner {
                 m.clear();
             }
         }
-        m.insert(id.to_string(), Entry::new(v, now));
+        let mut entry = Entry::new(v, now);
+        entry.stale = map.epoch() != epoch;
+        m.insert(id.to_string(), entry);
     }
 
     fn mark_all_stale<T>(map: &Map<T>) {
-        for e in map.write().values_mut() {
+        map.epoch.fetch_add(1, Ordering::AcqRel);
+        for e in map.entries.write().values_mut() {
             e.stale = true;
             e.retry_at_ms = 0;
         }
     }
 
     fn mark_stale<T>(map: &Map<T>, id: &str) {
-        if let Some(e) = map.write().get_mut(id) {
+        map.epoch.fetch_add(1, Ordering::AcqRel);
+        if let Some(e) = map.entries.write().get_mut(id) {
             e.stale = true;
             e.retry_at_ms = 0;
         }
@@ -392,21 +450,33 @@ impl Inner {
 
     fn invalidate(&self, inv: &Invalidation) {
         match inv {
-            Invalidation::Plans => self.plans_loaded_ms.store(0, Ordering::Relaxed),
+            Invalidation::Plans => self.plans_stale(),
             Invalidation::Account(id) => Self::mark_stale(&self.accounts, id),
             Invalidation::Key(hash) => Self::mark_stale(&self.keys, hash),
             Invalidation::All => {
-                self.plans_loaded_ms.store(0, Ordering::Relaxed);
+                self.plans_stale();
                 Self::mark_all_stale(&self.accounts);
                 Self::mark_all_stale(&self.keys);
             }
         }
     }
 
+    fn plans_stale(&self) {
+        self.plans_epoch.fetch_add(1, Ordering::AcqRel);
+        self.plans_loaded_ms.store(0, Ordering::Release);
+    }
+
     async fn reload_plans(&self) -> CatalogResult<()> {
+        let epoch = self.plans_epoch.load(Ordering::Acquire);
         let set = self.catalog.list_plans().await?;
-        self.plans.store(Arc::new(set));
-        self.plans_loaded_ms.store(self.now(), Ordering::Relaxed);
+        // Invalidated while loading: this answer may predate the change (and
+        // a newer load may already have stored a later one), so drop it and
+        // leave the plans due for `follow` to load again.
+        if self.plans_epoch.load(Ordering::Acquire) == epoch {
+            self.plans.store(Arc::new(set));
+            self.plans_loaded_ms
+                .store(self.now().max(1), Ordering::Release);
+        }
         Ok(())
     }
 

@@ -41,6 +41,9 @@ struct State {
     key_by_hash: HashMap<String, String>,
     /// By block id.
     blocks: HashMap<String, BlockRow>,
+    /// Account id → its block ids, so credit operations do not scan every
+    /// block of every account.
+    blocks_of: HashMap<String, Vec<String>>,
     /// By idempotency key.
     ledger: HashMap<String, LedgerRow>,
     /// Creation order, the tie-breaker Postgres gets from `bigserial`.
@@ -127,23 +130,33 @@ impl State {
             .any(|a| a.plan_id.as_deref() == Some(id))
     }
 
+    /// The account's blocks, in no particular order.
+    fn blocks_of<'a>(
+        &'a self,
+        account_id: &str,
+    ) -> impl Iterator<Item = (&'a String, &'a BlockRow)> {
+        self.blocks_of
+            .get(account_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.blocks.get_key_value(id))
+    }
+
     /// Live blocks of an account with credits left, in drain order:
     /// earliest expiry first, never-expiring last, then creation order.
     fn drain_order(&self, account_id: &str, now: SystemTime) -> Vec<String> {
         let mut live: Vec<(&String, &BlockRow)> = self
-            .blocks
-            .iter()
-            .filter(|(_, b)| b.account_id == account_id && b.remaining > 0 && b.live(now))
+            .blocks_of(account_id)
+            .filter(|(_, b)| b.remaining > 0 && b.live(now))
             .collect();
         live.sort_by_key(|(_, b)| (b.expires_at.is_none(), b.expires_at, b.seq));
         live.into_iter().map(|(id, _)| id.clone()).collect()
     }
 
     fn balance(&self, account_id: &str, now: SystemTime) -> u64 {
-        self.blocks
-            .values()
-            .filter(|b| b.account_id == account_id && b.live(now))
-            .map(|b| b.remaining)
+        self.blocks_of(account_id)
+            .filter(|(_, b)| b.live(now))
+            .map(|(_, b)| b.remaining)
             .fold(0u64, u64::saturating_add)
     }
 
@@ -430,28 +443,38 @@ impl Catalog for MemoryCatalog {
             created_at: trunc_micros(self.now()),
         };
         let block = row.to_block(&id);
+        st.blocks_of
+            .entry(account_id.to_string())
+            .or_default()
+            .push(id.clone());
         st.blocks.insert(id, row);
         Ok(block)
     }
 
     async fn delete_quota_block(&self, block_id: &str) -> CatalogResult<()> {
-        self.state
-            .lock()
+        let mut st = self.state.lock();
+        let row = st
             .blocks
             .remove(block_id)
-            .map(|_| ())
-            .ok_or_else(|| CatalogError::not_found("quota block", block_id))
+            .ok_or_else(|| CatalogError::not_found("quota block", block_id))?;
+        if let Some(ids) = st.blocks_of.get_mut(&row.account_id) {
+            ids.retain(|id| id != block_id);
+        }
+        Ok(())
     }
 
     async fn expire_quota_blocks(&self, account_id: &str) -> CatalogResult<u64> {
         let now = trunc_micros(self.now());
         let mut st = self.state.lock();
         st.require_account(account_id)?;
+        let ids = st.blocks_of.get(account_id).cloned().unwrap_or_default();
         let mut n = 0;
-        for b in st.blocks.values_mut() {
-            if b.account_id == account_id && b.live(now) {
-                b.expires_at = Some(now);
-                n += 1;
+        for id in ids {
+            if let Some(b) = st.blocks.get_mut(&id) {
+                if b.live(now) {
+                    b.expires_at = Some(now);
+                    n += 1;
+                }
             }
         }
         Ok(n)
@@ -460,11 +483,7 @@ impl Catalog for MemoryCatalog {
     async fn list_quota_blocks(&self, account_id: &str) -> CatalogResult<Vec<QuotaBlock>> {
         let st = self.state.lock();
         st.require_account(account_id)?;
-        let mut rows: Vec<(&String, &BlockRow)> = st
-            .blocks
-            .iter()
-            .filter(|(_, b)| b.account_id == account_id)
-            .collect();
+        let mut rows: Vec<(&String, &BlockRow)> = st.blocks_of(account_id).collect();
         rows.sort_by_key(|(_, b)| b.seq);
         Ok(rows.into_iter().map(|(id, b)| b.to_block(id)).collect())
     }

@@ -64,6 +64,10 @@ pub struct PgOptions {
     /// Run the LISTEN connection that feeds [`Catalog::subscribe`] with
     /// other instances' changes. Off for one-shot admin commands.
     pub listen: bool,
+    /// Return at once without checking the database or waiting for
+    /// LISTEN: a gateway must start (not ready) while Postgres is down
+    /// and recover when it returns.
+    pub lazy: bool,
     /// Connect, pool wait and LISTEN start-up timeout.
     pub timeout: Duration,
 }
@@ -73,6 +77,7 @@ impl Default for PgOptions {
         Self {
             pool_size: 16,
             listen: true,
+            lazy: false,
             timeout: Duration::from_secs(5),
         }
     }
@@ -104,7 +109,14 @@ fn db_err(e: tokio_postgres::Error) -> CatalogError {
         }
         return CatalogError::Unavailable(format!("{} ({})", db.message(), db.code().code()));
     }
-    CatalogError::Unavailable(e.to_string())
+    // tokio-postgres keeps the cause (e.g. "Connection refused") in `source`.
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        msg = format!("{msg}: {s}");
+        source = s.source();
+    }
+    CatalogError::Unavailable(msg)
 }
 
 fn pool_err(e: deadpool_postgres::PoolError) -> CatalogError {
@@ -335,11 +347,16 @@ impl PostgresCatalog {
             events,
             listener: None,
         };
-        catalog.ping().await?;
+        if !opts.lazy {
+            catalog.ping().await?;
+        }
         if opts.listen {
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             let task = tokio::spawn(listen_loop(cfg, catalog.events.clone(), ready_tx));
             catalog.listener = Some(task.abort_handle());
+            if opts.lazy {
+                return Ok(catalog);
+            }
             match tokio::time::timeout(opts.timeout, ready_rx).await {
                 Ok(Ok(())) => {}
                 _ => {
@@ -448,22 +465,22 @@ impl PostgresCatalog {
             });
         }
         let deducted = amount - left;
-        if !ids.is_empty() {
-            let update = tx
-                .prepare_cached(
-                    "UPDATE quota_blocks q SET credits_remaining = q.credits_remaining - x.take
-                     FROM unnest($1::text[], $2::int8[]) AS x(id, take)
-                     WHERE q.id = x.id",
-                )
-                .await?;
-            tx.execute(&update, &[&ids, &takes]).await?;
-        }
-        let record = tx
-            .prepare_cached("UPDATE credit_ledger SET deducted = $2, draws = $3 WHERE seq = $1")
-            .await?;
         let draws_json = serde_json::to_value(&draws)
             .map_err(|e| CatalogError::Unavailable(format!("encoding draws: {e}")))?;
-        tx.execute(&record, &[&seq, &deducted, &draws_json]).await?;
+        // One statement for both writes: the row locks are held for as few
+        // round trips as possible. A data-modifying CTE always runs.
+        let record = tx
+            .prepare_cached(
+                "WITH drained AS (
+                     UPDATE quota_blocks q SET credits_remaining = q.credits_remaining - x.take
+                     FROM unnest($1::text[], $2::int8[]) AS x(id, take)
+                     WHERE q.id = x.id
+                     RETURNING 1)
+                 UPDATE credit_ledger SET deducted = $4, draws = $5 WHERE seq = $3",
+            )
+            .await?;
+        tx.execute(&record, &[&ids, &takes, &seq, &deducted, &draws_json])
+            .await?;
         tx.commit().await?;
         Ok(DeductResult {
             requested: d.amount,

@@ -118,6 +118,7 @@ pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliErro
         PgOptions {
             pool_size: 2,
             listen: false,
+            lazy: false,
             timeout: Duration::from_secs(5),
         },
     )
