@@ -72,6 +72,9 @@ ensure_python_openai
 ensure_tools
 ensure_redis
 log "PostgreSQL and Redis are up"
+# A 3-master Redis Cluster on loopback for tests/suite/cluster.rs (idempotent).
+PLANGATE_TEST_REDIS_CLUSTER="${PLANGATE_TEST_REDIS_CLUSTER:-$(./tests/cluster.sh)}"
+export PLANGATE_TEST_REDIS_CLUSTER
 
 export PLANGATE_REQUIRE_SERVICES=1
 export PLANGATE_TEST_POSTGRES_URL="${PLANGATE_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"

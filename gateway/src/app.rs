@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::credits::ChargeQueue;
 use crate::limiter::memory::MemoryStore;
 use crate::limiter::redis::{RedisOptions, RedisStore};
-use crate::limiter::{AnyStore, Limiter};
+use crate::limiter::{AnyStore, Limiter, StoreError};
 use crate::metrics::Metrics;
 use crate::plans::parse::load_plans_file;
 use crate::proxy::{Core, Gateway, RequestIds, RouteTable};
@@ -75,19 +75,30 @@ impl App {
         clock: SharedClock,
         catalog: Arc<dyn Catalog>,
     ) -> Result<App, CliError> {
-        let store: AnyStore = if let Some(url) = &config.storage.redis_url {
-            // A reply slower than `store_timeout` is already a store error
-            // for the limiter; the connection itself gives up (and
-            // reconnects) only well after that, so a slow moment does not
-            // cost a reconnect.
-            let options = RedisOptions {
-                response_timeout: (config.storage.store_timeout + Duration::from_millis(100))
-                    .max(RedisOptions::default().response_timeout),
-                ..RedisOptions::default()
-            };
-            let store = RedisStore::connect_with(url, options)
-                .await
-                .map_err(|e| bad(format!("[storage] redis_url: {e}")))?;
+        // A reply slower than `store_timeout` is already a store error for
+        // the limiter; the connection itself gives up (and reconnects) only
+        // well after that, so a slow moment does not cost a reconnect.
+        let options = RedisOptions {
+            response_timeout: (config.storage.store_timeout + Duration::from_millis(100))
+                .max(RedisOptions::default().response_timeout),
+            ..RedisOptions::default()
+        };
+        let redis = if !config.storage.redis_cluster.is_empty() {
+            Some(
+                RedisStore::connect_cluster(&config.storage.redis_cluster, options)
+                    .await
+                    .map_err(|e| bad(format!("[storage] redis_cluster: {e}")))?,
+            )
+        } else if let Some(url) = &config.storage.redis_url {
+            Some(
+                RedisStore::connect_with(url, options)
+                    .await
+                    .map_err(|e| bad(format!("[storage] redis_url: {e}")))?,
+            )
+        } else {
+            None
+        };
+        if let Some(store) = &redis {
             // The store connects lazily; without a warm-up the first requests
             // pay for the connection and exceed `store_timeout`. An
             // unreachable Redis is not fatal: the gateway follows
@@ -97,9 +108,10 @@ impl App {
                 Ok(Err(e)) => tracing::warn!(error = %e, "counter store unreachable at start"),
                 Err(_) => tracing::warn!("counter store did not answer at start"),
             }
-            store.into()
-        } else {
-            MemoryStore::new().into()
+        }
+        let store: AnyStore = match redis {
+            Some(redis) => redis.into(),
+            None => MemoryStore::new().into(),
         };
         let cache = CatalogCache::new_lazy(catalog.clone(), clock.clone(), CacheConfig::default())
             .await
@@ -114,6 +126,7 @@ impl App {
             ids: RequestIds::default(),
             charges: ChargeQueue::new(catalog),
         });
+        tokio::spawn(check_counter_store(core.clone()));
         let table = RouteTable::from_config(&config).map_err(bad)?;
         let gateway = Arc::new(Gateway {
             table: ArcSwap::from_pointee(table),
@@ -233,6 +246,49 @@ impl App {
                     tracing::error!("plans reload rejected; old plans stay in force: {e}");
                 }
                 false
+            }
+        }
+    }
+}
+
+/// How long one startup check of the counter store may take.
+const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Log what the counter store is, and loudly (error level) when its
+/// scripts are not atomic or do not run: then limits can overshoot, or
+/// every counter call fails. Runs in the background so that a store that
+/// is down does not delay startup; it checks once the store answers.
+async fn check_counter_store(core: Arc<Core>) {
+    let AnyStore::Redis(store) = core.limiter.store() else {
+        return;
+    };
+    let mut backoff = Duration::from_secs(1);
+    let mut told = false;
+    loop {
+        match tokio::time::timeout(STORE_CHECK_TIMEOUT, store.check_server()).await {
+            Ok(Ok(report)) => {
+                for p in &report.problems {
+                    tracing::error!("COUNTER STORE NOT SAFE FOR LIMITS: {p}");
+                }
+                for w in &report.warnings {
+                    tracing::warn!("counter store: {w}");
+                }
+                tracing::info!(servers = ?report.servers, mode = ?store.mode(), "counter store checked");
+                return;
+            }
+            Ok(Err(StoreError::Protocol(e))) => {
+                tracing::warn!(error = %e, "could not check that the counter store runs scripts atomically");
+                return;
+            }
+            Ok(Err(StoreError::Unavailable(_) | StoreError::Timeout(_))) | Err(_) => {
+                if !told {
+                    tracing::warn!(
+                        "counter store unreachable; its script check runs when it answers"
+                    );
+                    told = true;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }
@@ -409,10 +465,14 @@ pub async fn dev(config_path: Option<&Path>, listen: Option<&str>) -> Result<(),
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(DEV_CONFIG));
     let mut config = Config::load(&path).map_err(bad)?;
-    if config.storage.postgres_url.is_some() || config.storage.redis_url.is_some() {
+    if config.storage.postgres_url.is_some()
+        || config.storage.redis_url.is_some()
+        || !config.storage.redis_cluster.is_empty()
+    {
         tracing::info!("dev mode ignores [storage] URLs: using in-process stores");
         config.storage.postgres_url = None;
         config.storage.redis_url = None;
+        config.storage.redis_cluster.clear();
     }
     let listen: Option<SocketAddr> = match listen {
         Some(l) => Some(l.parse().map_err(|_| {
@@ -468,6 +528,29 @@ pub async fn dev(config_path: Option<&Path>, listen: Option<&str>) -> Result<(),
     .await;
     mock.shutdown().await;
     result
+}
+
+/// `plangate mock --listen ADDR`: the mock OpenAI upstream alone, until
+/// SIGTERM/Ctrl-C (the example upstream of deploy/docker-compose.yml).
+pub async fn mock(listen: &str) -> Result<(), CliError> {
+    let addr: SocketAddr = listen.parse().map_err(|_| {
+        bad(format!(
+            "--listen {listen}: not an address such as 0.0.0.0:8000"
+        ))
+    })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| fail(format!("binding {addr}: {e}")))?;
+    let mock = crate::mock::serve(listener, crate::mock::MockOptions::default())
+        .await
+        .map_err(|e| fail(format!("starting the mock upstream on {addr}: {e}")))?;
+    tracing::info!(listen = %mock.addr(), "mock OpenAI upstream listening");
+    let (_tx, mut shutdown) = server::shutdown_on_signals();
+    // Flips once, on SIGTERM or Ctrl-C; an error means the sender is gone,
+    // which also means shutting down.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+    mock.shutdown().await;
+    Ok(())
 }
 
 fn mock_address(config: &Config) -> Result<SocketAddr, CliError> {

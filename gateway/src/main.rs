@@ -33,6 +33,11 @@ enum Cmd {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Run only the built-in mock OpenAI upstream (demos, compose, load tests).
+    Mock {
+        #[arg(long, default_value = "127.0.0.1:18080")]
+        listen: String,
+    },
     /// Create or upgrade the Postgres schema (idempotent).
     Migrate {
         #[command(flatten)]
@@ -98,6 +103,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Dev { config, listen } => {
             runtime()?.block_on(plangate::app::dev(config.as_deref(), listen.as_deref()))
         }
+        Cmd::Mock { listen } => runtime()?.block_on(plangate::app::mock(&listen)),
         Cmd::Migrate { target } => admin(target, AdminCmd::Migrate),
         Cmd::Plans { target, cmd } => admin(target, AdminCmd::Plans(cmd)),
         Cmd::Accounts { target, cmd } => admin(target, AdminCmd::Accounts(cmd)),

@@ -2,6 +2,7 @@
 //! Tests that need Postgres or Redis talk to the real servers.
 
 mod catalog;
+mod cluster;
 mod config;
 mod gateway;
 mod limiter;

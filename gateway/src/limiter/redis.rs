@@ -11,12 +11,23 @@
 //! and tests can drive time with a `ManualClock`. TTLs are therefore set
 //! relative (`PEXPIRE`), computed from the caller's time.
 //!
-//! Two connection modes sit behind [`RedisStore`]; see [`RedisMode`] and
-//! docs/LIMITER.md for the measurements that chose the default.
+//! Three connection modes sit behind [`RedisStore`]; see [`RedisMode`] and
+//! docs/LIMITER.md for the measurements that chose the default. On Redis
+//! Cluster ([`RedisStore::connect_cluster`]) redis-rs' cluster client routes
+//! each `EVALSHA` by its first key — every key of a call shares that key's
+//! hash tag, so the whole script runs on the one master owning the slot —
+//! follows MOVED/ASK redirections and re-reads the slot map on failover.
+//!
+//! Not every Redis-compatible server runs scripts atomically (Garnet only
+//! with `--lua --lua-transaction-mode`): [`RedisStore::check_server`] finds
+//! out at startup what it can and says what it found.
 
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
 use redis::{AsyncConnectionConfig, RedisError, Script, ScriptInvocation, Value};
 
 use super::keys::{Keys, DEFAULT_PREFIX};
@@ -164,6 +175,10 @@ pub enum RedisMode {
     /// pings a connection on every checkout, so each operation costs an
     /// extra round trip; broken connections are replaced on checkout.
     Pooled { max_size: usize },
+    /// redis-rs' async Redis Cluster client: one multiplexed connection per
+    /// node, calls routed by key slot, MOVED/ASK and failover handled by
+    /// the client. Set by [`RedisStore::connect_cluster`].
+    Cluster,
 }
 
 /// Options of a [`RedisStore`].
@@ -195,6 +210,8 @@ impl Default for RedisOptions {
 enum Conn {
     Multiplexed(ConnectionManager),
     Pooled(deadpool_redis::Pool),
+    // Boxed: the cluster handle is several times larger than the others.
+    Cluster(Box<ClusterConnection>),
 }
 
 /// The Redis-compatible [`CounterStore`] (Redis >= 6, Valkey; Garnet with
@@ -229,6 +246,9 @@ impl RedisStore {
 
     /// A store on `url` with `options`; lazy like [`RedisStore::connect`].
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
+        if options.mode == RedisMode::Cluster {
+            return Self::connect_cluster(&[url], options).await;
+        }
         let bad_url = |e: RedisError| StoreError::Unavailable(format!("bad redis url: {e}"));
         let conn = match options.mode {
             RedisMode::Multiplexed => {
@@ -267,8 +287,47 @@ impl RedisStore {
                     .map_err(|e| StoreError::Unavailable(format!("redis pool: {e}")))?;
                 Conn::Pooled(pool)
             }
+            RedisMode::Cluster => {
+                return Err(StoreError::Unavailable(
+                    "a Redis Cluster is opened with RedisStore::connect_cluster".into(),
+                ))
+            }
         };
-        Ok(RedisStore {
+        Ok(Self::with_conn(conn, &options))
+    }
+
+    /// A store on the Redis Cluster that `nodes` belong to (any reachable
+    /// subset of its nodes; the client discovers the rest from the slot
+    /// map). `options.mode` is ignored. Lazy like [`RedisStore::connect`]:
+    /// the nodes are contacted on the first call, and a cluster that is
+    /// down then is retried on later calls.
+    pub async fn connect_cluster(
+        nodes: &[impl AsRef<str>],
+        options: RedisOptions,
+    ) -> Result<Self, StoreError> {
+        if nodes.is_empty() {
+            return Err(StoreError::Unavailable(
+                "redis cluster: no node urls given".into(),
+            ));
+        }
+        let client = ClusterClientBuilder::new(nodes.iter().map(|n| n.as_ref()))
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("bad redis cluster url: {e}")))?;
+        let config = ClusterConfig::new()
+            .set_connection_timeout(options.connect_timeout)
+            .set_response_timeout(options.response_timeout);
+        let conn = client.get_pending_async_connection_with_config(config);
+        Ok(Self::with_conn(
+            Conn::Cluster(Box::new(conn)),
+            &RedisOptions {
+                mode: RedisMode::Cluster,
+                ..options
+            },
+        ))
+    }
+
+    fn with_conn(conn: Conn, options: &RedisOptions) -> Self {
+        RedisStore {
             conn,
             mode: options.mode,
             response_timeout: options.response_timeout,
@@ -277,7 +336,7 @@ impl RedisStore {
             end: Script::new(END_LUA),
             usage: Script::new(USAGE_LUA),
             renew: Script::new(RENEW_LUA),
-        })
+        }
     }
 
     /// The key names this store uses.
@@ -303,6 +362,68 @@ impl RedisStore {
                 let mut c = p.get().await.map_err(map_pool_err)?;
                 cmd.query_async::<()>(&mut c).await.map_err(map_err)
             }
+            // The cluster client sends PING to every master and succeeds
+            // only if all answer: a store with a dead master is not ready.
+            Conn::Cluster(c) => {
+                let mut c = ClusterConnection::clone(c);
+                cmd.query_async::<()>(&mut c).await.map_err(map_err)
+            }
+        }
+    }
+
+    /// Find out, once at startup, whether the server runs our scripts
+    /// atomically. Reads `INFO server` (on a cluster, from every master)
+    /// and loads the scripts (`SCRIPT LOAD`, on a cluster on every node,
+    /// which also saves the first calls a `NOSCRIPT` round trip). Fails
+    /// only when the server cannot be reached; everything else is in the
+    /// report, for the caller to log.
+    pub async fn check_server(&self) -> Result<ServerReport, StoreError> {
+        let mut info = redis::cmd("INFO");
+        info.arg("server");
+        let info_reply = match &self.conn {
+            Conn::Cluster(c) => {
+                let mut c = ClusterConnection::clone(c);
+                let all_masters = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::Special),
+                ));
+                c.route_command(info, all_masters).await.map_err(map_err)?
+            }
+            _ => self.query(&info).await?,
+        };
+        let mut infos = Vec::new();
+        collect_text(&info_reply, &mut infos);
+        let mut load_error = None;
+        for script in [ATTEMPT_LUA, END_LUA, USAGE_LUA, RENEW_LUA] {
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(script);
+            match self.query(&load).await {
+                Ok(_) => {}
+                Err(StoreError::Protocol(e)) => {
+                    load_error = Some(e);
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(assess_server(&infos, load_error.as_deref()))
+    }
+
+    /// Run one command on whatever connection this store has.
+    async fn query(&self, cmd: &redis::Cmd) -> Result<Value, StoreError> {
+        match &self.conn {
+            Conn::Multiplexed(m) => {
+                let mut c = m.clone();
+                cmd.query_async(&mut c).await.map_err(map_err)
+            }
+            Conn::Pooled(p) => {
+                let mut c = p.get().await.map_err(map_pool_err)?;
+                cmd.query_async(&mut c).await.map_err(map_err)
+            }
+            Conn::Cluster(c) => {
+                let mut c = ClusterConnection::clone(c);
+                cmd.query_async(&mut c).await.map_err(map_err)
+            }
         }
     }
 
@@ -316,6 +437,12 @@ impl RedisStore {
             }
             Conn::Pooled(p) => {
                 let mut c = p.get().await.map_err(map_pool_err)?;
+                self.invoke(inv, &mut c).await
+            }
+            // Clones share the node connections. `EVALSHA` routes by its
+            // first key; `SCRIPT LOAD` after a NOSCRIPT goes to every node.
+            Conn::Cluster(c) => {
+                let mut c = ClusterConnection::clone(c);
                 self.invoke(inv, &mut c).await
             }
         }
@@ -336,6 +463,110 @@ impl RedisStore {
                 map_err(e)
             }
         })
+    }
+}
+
+/// What [`RedisStore::check_server`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerReport {
+    /// The servers, e.g. `redis 7.0.15` or `garnet 1.0.44` (one per
+    /// cluster master, duplicates removed).
+    pub servers: Vec<String>,
+    /// Scripts are not atomic or do not run at all: limits can overshoot
+    /// or every call fails. Log at error level.
+    pub problems: Vec<String>,
+    /// Things that could not be verified or are outside what plangate is
+    /// tested on. Log at warn level.
+    pub warnings: Vec<String>,
+}
+
+/// Judge `INFO server` replies (one per node) and the outcome of loading
+/// the scripts (`Some(error)` if the server refused). Pure, for tests.
+pub fn assess_server(infos: &[String], script_load_error: Option<&str>) -> ServerReport {
+    let mut report = ServerReport::default();
+    let mut garnet = false;
+    for info in infos {
+        let field = |name: &str| {
+            info.lines().find_map(|l| {
+                l.trim_end_matches('\r')
+                    .strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(':'))
+                    .map(str::to_owned)
+            })
+        };
+        // Valkey and Garnet also report a `redis_version` for
+        // compatibility: their own fields decide.
+        let (name, version) = if let Some(v) = field("garnet_version") {
+            garnet = true;
+            ("garnet", v)
+        } else if let Some(v) = field("valkey_version") {
+            ("valkey", v)
+        } else if let Some(v) = field("dragonfly_version") {
+            ("dragonfly", v)
+        } else if let Some(v) = field("redis_version") {
+            let name = match field("server_name").as_deref() {
+                Some("valkey") => "valkey",
+                _ => "redis",
+            };
+            (name, v)
+        } else {
+            report.warnings.push(
+                "the counter store did not identify itself in INFO server; plangate is tested \
+                 on Redis >= 6, Valkey and Garnet (--lua --lua-transaction-mode)"
+                    .into(),
+            );
+            continue;
+        };
+        let server = format!("{name} {version}");
+        if name == "redis" {
+            let major = version
+                .split('.')
+                .next()
+                .and_then(|m| m.parse::<u32>().ok());
+            if major.is_some_and(|m| m < 6) {
+                report.warnings.push(format!(
+                    "{server}: plangate is tested on Redis >= 6; upgrade the counter store"
+                ));
+            }
+        }
+        if !report.servers.contains(&server) {
+            report.servers.push(server);
+        }
+    }
+    match (script_load_error, garnet) {
+        (Some(e), true) => report.problems.push(format!(
+            "Garnet refused to load the limiter's Lua scripts ({e}): start Garnet with \
+             `--lua --lua-transaction-mode`. Until then every counter call fails and \
+             on_store_error decides (open: nothing is limited; closed: every request gets 503)"
+        )),
+        (Some(e), false) => report.problems.push(format!(
+            "the counter store refused to load the limiter's Lua scripts ({e}): every counter \
+             call will fail and on_store_error decides (open: nothing is limited; closed: \
+             every request gets 503)"
+        )),
+        (None, true) => report.warnings.push(
+            "Garnet runs Lua scripts atomically only when started with \
+             `--lua-transaction-mode`, which a client cannot verify: without it concurrent \
+             requests can overshoot limits. Make sure the flag is set"
+                .into(),
+        ),
+        (None, false) => {}
+    }
+    report
+}
+
+/// Every text blob in a reply: a plain `INFO` reply is one string; the
+/// cluster client answers a multi-node `INFO` with a map from node
+/// address to that node's reply.
+fn collect_text(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::BulkString(b) => out.push(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) | Value::VerbatimString { text: s, .. } => out.push(s.clone()),
+        Value::Array(items) | Value::Set(items) => {
+            items.iter().for_each(|i| collect_text(i, out));
+        }
+        Value::Map(pairs) => pairs.iter().for_each(|(_, v)| collect_text(v, out)),
+        _ => {}
     }
 }
 
@@ -514,5 +745,123 @@ impl CounterStore for RedisStore {
             .arg(req.now_ms.saturating_add(req.lease_ms))
             .arg(req.lease_ms.saturating_add(TTL_SLACK_MS));
         flag("renew", self.run(&inv).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(fields: &[&str]) -> String {
+        let mut s = String::from("# Server\r\n");
+        for f in fields {
+            s.push_str(f);
+            s.push_str("\r\n");
+        }
+        s
+    }
+
+    #[test]
+    fn assess_server_cases() {
+        struct Case {
+            infos: Vec<String>,
+            load_error: Option<&'static str>,
+            servers: &'static [&'static str],
+            problems: usize,
+            warnings: usize,
+        }
+        let cases = [
+            Case {
+                infos: vec![info(&["redis_version:7.0.15", "redis_mode:standalone"])],
+                load_error: None,
+                servers: &["redis 7.0.15"],
+                problems: 0,
+                warnings: 0,
+            },
+            Case {
+                infos: vec![info(&["redis_version:5.0.7"])],
+                load_error: None,
+                servers: &["redis 5.0.7"],
+                problems: 0,
+                warnings: 1,
+            },
+            Case {
+                infos: vec![info(&[
+                    "redis_version:7.2.4",
+                    "server_name:valkey",
+                    "valkey_version:8.0.1",
+                ])],
+                load_error: None,
+                servers: &["valkey 8.0.1"],
+                problems: 0,
+                warnings: 0,
+            },
+            // Garnet with Lua: atomic only with --lua-transaction-mode,
+            // which cannot be seen from a client.
+            Case {
+                infos: vec![info(&["garnet_version:1.0.44", "redis_version:7.2.5"])],
+                load_error: None,
+                servers: &["garnet 1.0.44"],
+                problems: 0,
+                warnings: 1,
+            },
+            // Garnet without --lua: every script call fails.
+            Case {
+                infos: vec![info(&["garnet_version:1.0.44"])],
+                load_error: Some("ERR unknown command"),
+                servers: &["garnet 1.0.44"],
+                problems: 1,
+                warnings: 0,
+            },
+            Case {
+                infos: vec![info(&["redis_version:7.0.15"])],
+                load_error: Some("NOPERM this user has no permissions"),
+                servers: &["redis 7.0.15"],
+                problems: 1,
+                warnings: 0,
+            },
+            // Three cluster masters of one version: reported once.
+            Case {
+                infos: vec![info(&["redis_version:7.0.15"]); 3],
+                load_error: None,
+                servers: &["redis 7.0.15"],
+                problems: 0,
+                warnings: 0,
+            },
+            Case {
+                infos: vec![info(&["uptime_in_seconds:5"])],
+                load_error: None,
+                servers: &[],
+                problems: 0,
+                warnings: 1,
+            },
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let r = assess_server(&c.infos, c.load_error);
+            assert_eq!(r.servers, c.servers, "case {i}: {r:?}");
+            assert_eq!(r.problems.len(), c.problems, "case {i}: {r:?}");
+            assert_eq!(r.warnings.len(), c.warnings, "case {i}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn cluster_info_map_is_flattened() {
+        let reply = Value::Map(vec![
+            (
+                Value::SimpleString("127.0.0.1:7001".into()),
+                Value::BulkString(info(&["redis_version:7.0.15"]).into_bytes()),
+            ),
+            (
+                Value::SimpleString("127.0.0.1:7002".into()),
+                Value::VerbatimString {
+                    format: redis::VerbatimFormat::Text,
+                    text: info(&["redis_version:7.0.14"]),
+                },
+            ),
+        ]);
+        let mut out = Vec::new();
+        collect_text(&reply, &mut out);
+        let r = assess_server(&out, None);
+        assert_eq!(r.servers, ["redis 7.0.15", "redis 7.0.14"]);
     }
 }
