@@ -109,22 +109,29 @@ EOF
 export KEYS_FILE="$work/keys"
 
 rps() { sed -n 's/^Requests\/sec: *//p' "$1"; }
-non2xx() { sed -n 's/^ *Non-2xx or 3xx responses: *//p' "$1"; }
+non2xx() { local n; n=$(sed -n 's/^ *Non-2xx or 3xx responses: *//p' "$1"); echo "${n:-0}"; }
+# CPU seconds (user + system) a process has used so far.
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
+served() { sed -n 's/^ *\([0-9]*\) requests in.*/\1/p' "$1"; }
+per_cpu() { python3 -c "print(round($1 / max($3 - $2, 0.01)))"; }
 run_single() {
+  local c0; c0=$(cpu "${gw[single]}")
   wrk -t2 -c64 -d"${secs}s" -s "$work/load.lua" http://127.0.0.1:18701 > "$work/w1" 2>&1
-  echo "one gateway, one Redis:            $(rps "$work/w1") req/s (non-2xx: $(non2xx "$work/w1"))"
+  echo "one gateway, one Redis:            $(rps "$work/w1") req/s (non-2xx: $(non2xx "$work/w1"); $(per_cpu "$(served "$work/w1")" "$c0" "$(cpu "${gw[single]}")") req per gateway CPU-second)"
 }
 run_cluster() {
+  local c2 c3; c2=$(cpu "${gw[replica]}"); c3=$(cpu "${gw[replica2]}")
   wrk -t1 -c32 -d"${secs}s" -s "$work/load.lua" http://127.0.0.1:18702 > "$work/w2" 2>&1 &
   local a=$!
   wrk -t1 -c32 -d"${secs}s" -s "$work/load.lua" http://127.0.0.1:18703 > "$work/w3" 2>&1
   wait "$a"
-  local total
+  local total per
   total=$(python3 -c "print(round($(rps "$work/w2") + $(rps "$work/w3"), 2))")
-  echo "two gateways, 3-master cluster:    $total req/s ($(rps "$work/w2") + $(rps "$work/w3"); non-2xx: $(non2xx "$work/w2")$(non2xx "$work/w3"))"
+  per=$(python3 -c "print(round(($(served "$work/w2") + $(served "$work/w3")) / max($(cpu "${gw[replica]}") - $c2 + $(cpu "${gw[replica2]}") - $c3, 0.01)))")
+  echo "two gateways, 3-master cluster:    $total req/s ($(rps "$work/w2") + $(rps "$work/w3"); non-2xx: $(non2xx "$work/w2") + $(non2xx "$work/w3"); $per req per gateway CPU-second)"
 }
 echo "load: wrk, 64 connections, ${secs}s per run, $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
-for round in 1 2; do
+for round in 1 2 3; do
   echo "round $round"
   run_single
   run_cluster
@@ -134,9 +141,11 @@ echo "peak RSS (VmHWM):"
 for name in single replica replica2; do
   echo "  $name: $(sed -n 's/^VmHWM: *//p' "/proc/${gw[$name]}/status")"
 done
-echo "counter keys per cluster master (pg: prefix, 64 accounts):"
+echo "benchmark accounts (hash tags) and counter keys per cluster master:"
 for url in ${nodes//,/ }; do
   port=${url##*:}
-  n=$(redis-cli -p "$port" --scan --pattern 'pg:{bench-'"$$"'-*' | wc -l)
-  echo "  127.0.0.1:$port: $n keys"
+  redis-cli -p "$port" --scan --pattern 'pg:{bench-'"$$"'-*' > "$work/scan"
+  tags=$(sed 's/^[^{]*{\([^}]*\)}.*/\1/' "$work/scan" | sort -u | wc -l)
+  echo "  127.0.0.1:$port: $tags accounts, $(wc -l < "$work/scan") keys"
 done
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
