@@ -87,7 +87,14 @@ pub fn unit_header_names(plural: &str) -> Option<UnitNames> {
 /// Units whose names cannot form a header name are skipped.
 pub fn insert_rate_limit(headers: &mut HeaderMap, info: &RateLimitInfo) {
     for u in &info.units {
-        let Some([limit, remaining, reset]) = unit_header_names(&u.unit.plural()) else {
+        let names = match u.unit.as_str() {
+            // The common units: static names, no plural string built.
+            "request" | "requests" => static_unit_names("requests"),
+            "token" | "tokens" => static_unit_names("tokens"),
+            "image" | "images" => static_unit_names("images"),
+            _ => unit_header_names(&u.unit.plural()),
+        };
+        let Some([limit, remaining, reset]) = names else {
             continue;
         };
         headers.insert(limit, HeaderValue::from(u.limit));

@@ -18,6 +18,8 @@
 #      the request has `x-bench-stream: 1`), an nginx proxy_pass with upstream
 #      keepalive, a private redis-server (clean INFO commandstats), a fresh
 #      Postgres database, and plangate in several configurations;
+#      (plus examples/bare_proxy, "hyper-floor": the same listener and upstream
+#      client with no gateway logic, the floor plangate cannot go below);
 #   4. runs wrk in ALTERNATING rounds over the targets (so drift, noise from
 #      other processes and thermal effects hit every target alike) and prints
 #      a markdown table: median requests/s, p50, p99, ratio to nginx from the
@@ -63,6 +65,7 @@ P_NGINX=18102     # nginx proxy_pass -> upstream, keepalive
 P_MEM=18103       # plangate, in-process catalog + counters
 P_REDIS=18104     # plangate, Postgres catalog + Redis counters
 P_PGMEM=18105     # plangate, Postgres catalog + in-process counters (100k keys)
+P_FLOOR=18106     # examples/bare_proxy: plangate's listener + upstream client, no logic
 P_REDIS_SRV=16399 # private redis-server
 DB=plangate_bench
 PG_ADMIN="postgres://postgres@127.0.0.1:5432/postgres"
@@ -91,7 +94,7 @@ pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL is not answering on 127
 # --- 2. build ----------------------------------------------------------------
 if [ "$BUILD" = 1 ]; then
   log "building plangate --release"
-  cargo build --release -q -p plangate --bin plangate
+  cargo build --release -q -p plangate --bin plangate --example bare_proxy
 fi
 PLANGATE="$ROOT/target/release/plangate"
 [ -x "$PLANGATE" ] || { echo "no $PLANGATE (drop --no-build)" >&2; exit 1; }
@@ -277,6 +280,15 @@ curl -sf -H "authorization: Bearer $ADMIN_TOKEN" -H 'content-type: application/j
 curl -sf -X POST -H "authorization: Bearer $ADMIN_TOKEN" \
   "http://127.0.0.1:18113/admin/accounts/bench-one/keys" | jq -r .key >"$OUT/key-mem.txt"
 
+FLOOR="$ROOT/target/release/examples/bare_proxy"
+if [ -x "$FLOOR" ]; then
+  log "starting the hyper floor (examples/bare_proxy) :$P_FLOOR"
+  "$FLOOR" "127.0.0.1:$P_FLOOR" "http://127.0.0.1:$P_UP" >"$OUT/floor.log" 2>&1 &
+  GW_PID[floor]=$!
+  PIDS+=($!)
+  wait_port "$P_FLOOR"
+fi
+
 if [ "$SCALING" = 1 ]; then
   log "inserting $ACCOUNTS accounts with one key each (SQL, hashed like catalog::hash_key)"
   psql -q "$PG_URL" <<EOF
@@ -316,11 +328,12 @@ curl -s -D - -o /dev/null -H "authorization: Bearer $(cat "$OUT/key-pg.txt")" \
 # --- 4. measurement -----------------------------------------------------------
 # Target table: name | port | gateway process (for RSS) | env for chat.lua.
 TARGETS=(
-  "direct|$P_UP||KEY=x"
-  "nginx|$P_NGINX||KEY=x"
+  "direct|$P_UP|nginx-up|KEY=x"
+  "nginx|$P_NGINX|nginx-proxy|KEY=x"
   "plangate-mem|$P_MEM|mem|KEY=$(cat "$OUT/key-mem.txt")"
   "plangate-redis|$P_REDIS|redis|KEY=$(cat "$OUT/key-pg.txt")"
 )
+[ -n "${GW_PID[floor]:-}" ] && TARGETS+=("hyper-floor|$P_FLOOR|floor|KEY=x")
 if [ "$SCALING" = 1 ]; then
   TARGETS+=(
     "redis-1key-rotating|$P_REDIS|redis|KEYS_FILE=$OUT/keys-1.txt"
@@ -333,13 +346,35 @@ if [ "$SCALING" = 1 ]; then
     "redis-10-windows|$P_REDIS|redis|KEY=$(cat "$OUT/key-pg.txt") MODEL=gpt-bench-10w"
     "mem-concurrency|$P_MEM|mem|KEY=$(cat "$OUT/key-mem.txt") MODEL=gpt-bench-conc"
     "redis-concurrency|$P_REDIS|redis|KEY=$(cat "$OUT/key-pg.txt") MODEL=gpt-bench-conc"
-    "sse-direct|$P_UP||KEY=x STREAM=1"
-    "sse-nginx|$P_NGINX||KEY=x STREAM=1"
+    "sse-direct|$P_UP|nginx-up|KEY=x STREAM=1"
+    "sse-nginx|$P_NGINX|nginx-proxy|KEY=x STREAM=1"
     "sse-plangate-mem|$P_MEM|mem|KEY=$(cat "$OUT/key-mem.txt") STREAM=1"
     "sse-plangate-redis|$P_REDIS|redis|KEY=$(cat "$OUT/key-pg.txt") STREAM=1"
   )
 fi
 
+# CPU time (user + system, clock ticks) of every thread of the given pids.
+cpu_ticks() {
+  local s=0 p t f
+  for p in "$@"; do
+    for t in /proc/"$p"/task/*/stat; do
+      f=$(sed 's/.*) //' "$t" 2>/dev/null) || continue
+      set -- $f
+      s=$((s + ${12} + ${13}))
+    done
+  done
+  echo "$s"
+}
+# The processes doing the proxying of a target: nginx workers or the gateway.
+pids_of() {
+  case "$1" in
+    "") ;;
+    nginx-up) pgrep -P "$(cat "$OUT/nginx-up.pid")" | xargs ;;
+    nginx-proxy) pgrep -P "$(cat "$OUT/nginx-proxy.pid")" | xargs ;;
+    *) echo "${GW_PID[$1]}" ;;
+  esac
+}
+HZ=$(getconf CLK_TCK)
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 redis_calls() { # total calls of the scripts (evalsha + eval) and of all commands
   "${REDIS_CLI[@]}" info commandstats | tr -d '\r' | awk -F'[:=,]' '
@@ -367,27 +402,31 @@ if [ "$SCALING" = 1 ]; then
   run_wrk warm-pgmem "$P_PGMEM" "KEYS_FILE=$OUT/keys-100k.txt" "$CONNS" 10 >/dev/null
 fi
 
-printf 'round\ttarget\trps\tp50_us\tp99_us\trequests\tnon2xx\tsock_err\trss_kb\tredis_scripts_per_req\tredis_cmds_per_req\n' >"$RESULTS"
+printf 'round\ttarget\trps\tp50_us\tp99_us\trequests\tnon2xx\tsock_err\trss_kb\tredis_scripts_per_req\tredis_cmds_per_req\tcpu_us_per_req\n' >"$RESULTS"
 log "measuring: $ROUNDS rounds x ${#TARGETS[@]} targets x ${DURATION}s, $CONNS connections, wrk -t$THREADS"
 for round in $(seq 1 "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
     IFS='|' read -r name port gw env <<<"$t"
     selected "$name" || continue
-    before=$(redis_calls)
+    pids=$(pids_of "$gw")
+    before=$(redis_calls); cpu0=$(cpu_ticks $pids)
     read -r rps p50 p99 reqs non2xx sock <<<"$(run_wrk "$name" "$port" "$env")"
-    after=$(redis_calls)
+    cpu1=$(cpu_ticks $pids); after=$(redis_calls)
     sleep 0.5 # let settlements of the last requests land before the next target
-    rss=0; per_script=""; per_cmd=""
-    if [ -n "$gw" ]; then rss=$(rss_kb "${GW_PID[$gw]}"); fi
+    rss=0; per_script=""; per_cmd=""; cpu_us=""
+    if [ -n "${GW_PID[$gw]:-}" ]; then rss=$(rss_kb "${GW_PID[$gw]}"); fi
+    if [ "$reqs" -gt 0 ]; then
+      cpu_us=$(awk -v t="$((cpu1 - cpu0))" -v hz="$HZ" -v r="$reqs" 'BEGIN { printf "%.1f", t * 1e6 / hz / r }')
+    fi
     if [ "$gw" = redis ] && [ "$reqs" -gt 0 ]; then
       read -r s0 c0 <<<"$before"; read -r s1 c1 <<<"$after"
       per_script=$(awk -v a="$((s1 - s0))" -v r="$reqs" 'BEGIN { printf "%.3f", a / r }')
       per_cmd=$(awk -v a="$((c1 - c0))" -v r="$reqs" 'BEGIN { printf "%.3f", a / r }')
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p50" "$p99" \
-      "$reqs" "$non2xx" "$sock" "$rss" "$per_script" "$per_cmd" >>"$RESULTS"
-    printf '  round %s  %-22s %9s req/s  p50 %6s us  p99 %6s us  non-2xx %s  rss %s kB\n' \
-      "$round" "$name" "$rps" "$p50" "$p99" "$non2xx" "$rss" >&2
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p50" "$p99" \
+      "$reqs" "$non2xx" "$sock" "$rss" "$per_script" "$per_cmd" "$cpu_us" >>"$RESULTS"
+    printf '  round %s  %-22s %9s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  non-2xx %s  rss %s kB\n' \
+      "$round" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$non2xx" "$rss" >&2
   done
 done
 
@@ -400,13 +439,13 @@ if [ "$LATENCY" = 1 ]; then
   delay=$(awk -v r="$rate" -v c="$CONNS" 'BEGIN { d = c * 1000 / r; if (d < 1) d = 1; printf "%d", d }')
   log "fixed-rate latency runs: target ~$rate req/s ($CONNS connections, ${delay} ms pause each)"
   for round in $(seq 1 "$ROUNDS"); do
-    for t in "direct|$P_UP||KEY=x" "nginx|$P_NGINX||KEY=x" \
+    for t in "direct|$P_UP|nginx-up|KEY=x" "nginx|$P_NGINX|nginx-proxy|KEY=x" \
              "plangate-mem|$P_MEM|mem|KEY=$(cat "$OUT/key-mem.txt")" \
              "plangate-redis|$P_REDIS|redis|KEY=$(cat "$OUT/key-pg.txt")"; do
       IFS='|' read -r name port gw env <<<"$t"
       read -r rps p50 p99 reqs non2xx sock <<<"$(run_wrk "halfload-$name" "$port" "$env DELAY_MS=$delay")"
-      rss=0; [ -n "$gw" ] && rss=$(rss_kb "${GW_PID[$gw]}")
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\t\n' "$round" "halfload-$name" "$rps" "$p50" "$p99" \
+      rss=0; [ -n "${GW_PID[$gw]:-}" ] && rss=$(rss_kb "${GW_PID[$gw]}")
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\t\t\n' "$round" "halfload-$name" "$rps" "$p50" "$p99" \
         "$reqs" "$non2xx" "$sock" "$rss" >>"$RESULTS"
       printf '  round %s  %-22s %9s req/s  p50 %6s us  p99 %6s us\n' "$round" "halfload-$name" "$rps" "$p50" "$p99" >&2
     done

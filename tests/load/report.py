@@ -34,8 +34,8 @@ def main(path: str) -> None:
     throughput = [n for n in rows if not n.startswith("halfload-")]
     halfload = [n for n in rows if n.startswith("halfload-")]
 
-    print("| target | req/s (median) | rounds | p50 | p99 | vs nginx | non-2xx | RSS | Redis scripts/req | Redis cmds/req |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| target | req/s (median) | rounds | p50 | p99 | vs nginx | proxy CPU/req | non-2xx | RSS | Redis scripts/req | Redis cmds/req |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in throughput:
         rs = rows[n]
         rps = med(n, "rps")
@@ -47,9 +47,11 @@ def main(path: str) -> None:
         rss_s = f"{rss / 1024:.0f} MiB" if rss else "-"
         scripts = rs[-1]["redis_scripts_per_req"] or "-"
         cmds = rs[-1]["redis_cmds_per_req"] or "-"
+        cpu_v = med(n, "cpu_us_per_req")
+        cpu = f"{cpu_v:.0f} µs" if cpu_v else "-"
         print(
             f"| {n} | {rps:.0f} | {rounds} | {fmt_us(med(n, 'p50_us'))} | {fmt_us(med(n, 'p99_us'))} "
-            f"| {ratio} | {non2xx} | {rss_s} | {scripts} | {cmds} |"
+            f"| {ratio} | {cpu} | {non2xx} | {rss_s} | {scripts} | {cmds} |"
         )
 
     if halfload:

@@ -189,8 +189,6 @@ impl CatalogCache {
     /// only when the catalog is unreachable and nothing is cached.
     pub async fn resolve_key(&self, key_hash: &str) -> CatalogResult<Option<KeyOwner>> {
         let inner = &self.inner;
-        let cat = inner.catalog.clone();
-        let owned = key_hash.to_string();
         inner
             .lookup(
                 |i| &i.keys,
@@ -202,10 +200,14 @@ impl CatalogCache {
                         inner.config.negative_ttl
                     }
                 },
-                move || {
-                    let cat = cat.clone();
-                    let h = owned.clone();
-                    async move { cat.lookup_key(&h).await }
+                || {
+                    let cat = inner.catalog.clone();
+                    let owned = key_hash.to_string();
+                    move || {
+                        let cat = cat.clone();
+                        let h = owned.clone();
+                        async move { cat.lookup_key(&h).await }
+                    }
                 },
             )
             .await
@@ -252,21 +254,23 @@ impl CatalogCache {
 
     async fn assigned_plan(&self, account: &str) -> CatalogResult<Option<String>> {
         let inner = &self.inner;
-        let cat = inner.catalog.clone();
-        let owned = account.to_string();
         inner
             .lookup(
                 |i| &i.accounts,
                 account,
                 |_| inner.config.account_ttl,
-                move || {
-                    let cat = cat.clone();
-                    let id = owned.clone();
-                    async move {
-                        match cat.get_account(&id).await {
-                            Ok(a) => Ok(a.plan_id),
-                            Err(CatalogError::NotFound { .. }) => Ok(None),
-                            Err(e) => Err(e),
+                || {
+                    let cat = inner.catalog.clone();
+                    let owned = account.to_string();
+                    move || {
+                        let cat = cat.clone();
+                        let id = owned.clone();
+                        async move {
+                            match cat.get_account(&id).await {
+                                Ok(a) => Ok(a.plan_id),
+                                Err(CatalogError::NotFound { .. }) => Ok(None),
+                                Err(e) => Err(e),
+                            }
                         }
                     }
                 },
@@ -300,13 +304,14 @@ impl Inner {
 
     /// Read through `map`: serve fresh entries, refresh ageing ones in the
     /// background, reload expired ones (falling back to the old value when
-    /// the catalog fails).
+    /// the catalog fails). `make_load` builds the loader only when one is
+    /// needed, so a cache hit allocates nothing.
     async fn lookup<T, F, Fut>(
         self: &Arc<Self>,
         map_of: fn(&Inner) -> &Map<T>,
         id: &str,
         ttl: impl Fn(&T) -> Duration,
-        load: F,
+        make_load: impl FnOnce() -> F,
     ) -> CatalogResult<T>
     where
         T: Clone + Send + Sync + 'static,
@@ -327,6 +332,7 @@ impl Inner {
             Some(Freshness::Refresh(v, flag)) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 if !flag.swap(true, Ordering::AcqRel) {
+                    let load = make_load();
                     let weak = Arc::downgrade(self);
                     let id = id.to_string();
                     tokio::spawn(async move {
@@ -343,6 +349,7 @@ impl Inner {
             None => None,
         };
         self.loads.fetch_add(1, Ordering::Relaxed);
+        let load = make_load();
         match load().await {
             Ok(v) => {
                 self.store(map, id, v.clone());
