@@ -297,6 +297,15 @@ pub trait Catalog: Send + Sync + 'static {
     /// instance sharing the database.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Invalidation>;
 
+    /// A time (catalog clock, ms) before which every committed change has
+    /// been delivered to [`Catalog::subscribe`], as last confirmed over the
+    /// notification channel; `None` when the catalog cannot vouch for its
+    /// notifications. Lets caches keep entries past their TTL while the
+    /// channel is known to work (see `cache::CacheConfig::trusted_ttl`).
+    fn invalidations_confirmed_ms(&self) -> Option<u64> {
+        None
+    }
+
     /// Whether the backing store answers (for `/readyz`).
     async fn ping(&self) -> CatalogResult<()>;
 }
