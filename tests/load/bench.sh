@@ -400,28 +400,41 @@ run_wrk() { # label port env... ; prints the RESULT fields
 
 selected() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
 
+pg_xacts() {
+  psql -tA "$PG_ADMIN" -c "SELECT xact_commit FROM pg_stat_database WHERE datname = '$DB'"
+}
 if [ "$SCALING" = 1 ]; then
-  # Warm the 100k keys into the caches (first use of a key is a Postgres read).
-  log "warming $ACCOUNTS keys"
-  run_wrk warm-redis "$P_REDIS" "KEYS_FILE=$OUT/keys-100k.txt" "$CONNS" 10 >/dev/null
-  run_wrk warm-pgmem "$P_PGMEM" "KEYS_FILE=$OUT/keys-100k.txt" "$CONNS" 10 >/dev/null
+  # Warm the keys into the gateways' caches: the first use of a key is a
+  # Postgres read. Until (nearly) no request reads Postgres any more.
+  for gw in redis pgmem; do
+    port=$P_REDIS; [ "$gw" = pgmem ] && port=$P_PGMEM
+    for i in 1 2 3 4 5 6 7 8; do
+      x0=$(pg_xacts)
+      read -r _ _ _ reqs _ _ <<<"$(run_wrk "warm-$gw" "$port" "KEYS_FILE=$OUT/keys-100k.txt" "$CONNS" 10)"
+      x1=$(pg_xacts)
+      log "warming $ACCOUNTS keys on $gw: $reqs requests, $((x1 - x0)) Postgres transactions"
+      [ $(((x1 - x0) * 200)) -le "${reqs:-0}" ] && break
+    done
+  done
 fi
 
-printf 'round\ttarget\trps\tp50_us\tp99_us\trequests\tnon2xx\tsock_err\trss_kb\tredis_scripts_per_req\tredis_cmds_per_req\tcpu_us_per_req\tredis_cpu_us_per_req\n' >"$RESULTS"
+printf 'round\ttarget\trps\tp50_us\tp99_us\trequests\tnon2xx\tsock_err\trss_kb\tredis_scripts_per_req\tredis_cmds_per_req\tcpu_us_per_req\tredis_cpu_us_per_req\tpg_xacts_per_req\n' >"$RESULTS"
 log "measuring: $ROUNDS rounds x ${#TARGETS[@]} targets x ${DURATION}s, $CONNS connections, wrk -t$THREADS"
 for round in $(seq 1 "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
     IFS='|' read -r name port gw env <<<"$t"
     selected "$name" || continue
     pids=$(pids_of "$gw")
-    before=$(redis_calls); cpu0=$(cpu_ticks $pids); rcpu0=$(cpu_ticks "$REDIS_PID")
+    before=$(redis_calls); cpu0=$(cpu_ticks $pids); rcpu0=$(cpu_ticks "$REDIS_PID"); pg0=$(pg_xacts)
     read -r rps p50 p99 reqs non2xx sock <<<"$(run_wrk "$name" "$port" "$env")"
-    cpu1=$(cpu_ticks $pids); rcpu1=$(cpu_ticks "$REDIS_PID"); after=$(redis_calls)
+    cpu1=$(cpu_ticks $pids); rcpu1=$(cpu_ticks "$REDIS_PID"); after=$(redis_calls); pg1=$(pg_xacts)
     sleep 0.5 # let settlements of the last requests land before the next target
-    rss=0; per_script=""; per_cmd=""; cpu_us=""; redis_us=""
+    rss=0; per_script=""; per_cmd=""; cpu_us=""; redis_us=""; pg_per=""
     if [ -n "${GW_PID[$gw]:-}" ]; then rss=$(rss_kb "${GW_PID[$gw]}"); fi
     if [ "$reqs" -gt 0 ]; then
       cpu_us=$(awk -v t="$((cpu1 - cpu0))" -v hz="$HZ" -v r="$reqs" 'BEGIN { printf "%.1f", t * 1e6 / hz / r }')
+      [ -n "$gw" ] && [ "$gw" != floor ] && [ "$gw" != mem ] && [ "${gw#nginx}" = "$gw" ] &&
+        pg_per=$(awk -v a="$((pg1 - pg0))" -v r="$reqs" 'BEGIN { printf "%.4f", a / r }')
     fi
     if [ "$gw" = redis ] && [ "$reqs" -gt 0 ]; then
       read -r s0 c0 <<<"$before"; read -r s1 c1 <<<"$after"
@@ -429,8 +442,8 @@ for round in $(seq 1 "$ROUNDS"); do
       per_cmd=$(awk -v a="$((c1 - c0))" -v r="$reqs" 'BEGIN { printf "%.3f", a / r }')
       redis_us=$(awk -v t="$((rcpu1 - rcpu0))" -v hz="$HZ" -v r="$reqs" 'BEGIN { printf "%.1f", t * 1e6 / hz / r }')
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p50" "$p99" \
-      "$reqs" "$non2xx" "$sock" "$rss" "$per_script" "$per_cmd" "$cpu_us" "$redis_us" >>"$RESULTS"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p50" "$p99" \
+      "$reqs" "$non2xx" "$sock" "$rss" "$per_script" "$per_cmd" "$cpu_us" "$redis_us" "$pg_per" >>"$RESULTS"
     printf '  round %s  %-22s %9s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  non-2xx %s  rss %s kB\n' \
       "$round" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$non2xx" "$rss" >&2
   done
@@ -451,7 +464,7 @@ if [ "$LATENCY" = 1 ]; then
       IFS='|' read -r name port gw env <<<"$t"
       read -r rps p50 p99 reqs non2xx sock <<<"$(run_wrk "halfload-$name" "$port" "$env DELAY_MS=$delay")"
       rss=0; [ -n "${GW_PID[$gw]:-}" ] && rss=$(rss_kb "${GW_PID[$gw]}")
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\t\t\t\n' "$round" "halfload-$name" "$rps" "$p50" "$p99" \
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\t\t\t\t\n' "$round" "halfload-$name" "$rps" "$p50" "$p99" \
         "$reqs" "$non2xx" "$sock" "$rss" >>"$RESULTS"
       printf '  round %s  %-22s %9s req/s  p50 %6s us  p99 %6s us\n' "$round" "halfload-$name" "$rps" "$p50" "$p99" >&2
     done

@@ -56,8 +56,11 @@ local i = 0
 
 function init(args)
   if keys then
-    -- Spread the threads over the key list so they do not walk in step.
-    i = math.floor((thread_id or 0) * #keys / 2)
+    -- Start each thread (and each run) at its own random place in the key
+    -- list, so threads do not walk in step and successive runs cover
+    -- different keys.
+    math.randomseed(os.time() * 1000 + (thread_id or 0) * 7919)
+    i = math.random(#keys) - 1
   end
 end
 

@@ -34,8 +34,8 @@ def main(path: str) -> None:
     throughput = [n for n in rows if not n.startswith("halfload-")]
     halfload = [n for n in rows if n.startswith("halfload-")]
 
-    print("| target | req/s (median) | rounds | p50 | p99 | vs nginx | proxy CPU/req | non-2xx | RSS | Redis scripts/req | Redis cmds/req | redis-server CPU/req |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| target | req/s (median) | rounds | p50 | p99 | vs nginx | proxy CPU/req | non-2xx | RSS | Redis scripts/req | Redis cmds/req | redis-server CPU/req | Postgres xacts/req |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in throughput:
         rs = rows[n]
         rps = med(n, "rps")
@@ -51,9 +51,10 @@ def main(path: str) -> None:
         cpu = f"{cpu_v:.0f} µs" if cpu_v else "-"
         rcpu_v = med(n, "redis_cpu_us_per_req")
         rcpu = f"{rcpu_v:.0f} µs" if rcpu_v else "-"
+        pg = rs[-1].get("pg_xacts_per_req") or "-"
         print(
             f"| {n} | {rps:.0f} | {rounds} | {fmt_us(med(n, 'p50_us'))} | {fmt_us(med(n, 'p99_us'))} "
-            f"| {ratio} | {cpu} | {non2xx} | {rss_s} | {scripts} | {cmds} | {rcpu} |"
+            f"| {ratio} | {cpu} | {non2xx} | {rss_s} | {scripts} | {cmds} | {rcpu} | {pg} |"
         )
 
     if halfload:

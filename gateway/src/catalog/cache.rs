@@ -73,7 +73,9 @@ impl Default for CacheConfig {
             // About 200 bytes an entry: 1M keys (and as many accounts)
             // stay within a few hundred MB.
             max_entries: 1_000_000,
-            trusted_ttl: Duration::from_secs(600),
+            // Refreshed in the background from half of it on: about one
+            // read per active key every 30 minutes.
+            trusted_ttl: Duration::from_secs(3_600),
         }
     }
 }
