@@ -34,26 +34,31 @@ pub const DEGRADED: HeaderName = HeaderName::from_static("x-ratelimit-degraded")
 type UnitNames = [HeaderName; 3];
 
 /// Static names for the unit types nearly every policy uses, so the hot path
-/// does not build (and allocate) them per response.
+/// does not build (and allocate) them per response. `const`, so that even
+/// `from_static`'s validation happens at compile time.
+const REQUESTS_NAMES: UnitNames = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+const TOKENS_NAMES: UnitNames = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+const IMAGES_NAMES: UnitNames = [
+    HeaderName::from_static("x-ratelimit-limit-images"),
+    HeaderName::from_static("x-ratelimit-remaining-images"),
+    HeaderName::from_static("x-ratelimit-reset-images"),
+];
+
 fn static_unit_names(plural: &str) -> Option<UnitNames> {
-    Some(match plural {
-        "requests" => [
-            HeaderName::from_static("x-ratelimit-limit-requests"),
-            HeaderName::from_static("x-ratelimit-remaining-requests"),
-            HeaderName::from_static("x-ratelimit-reset-requests"),
-        ],
-        "tokens" => [
-            HeaderName::from_static("x-ratelimit-limit-tokens"),
-            HeaderName::from_static("x-ratelimit-remaining-tokens"),
-            HeaderName::from_static("x-ratelimit-reset-tokens"),
-        ],
-        "images" => [
-            HeaderName::from_static("x-ratelimit-limit-images"),
-            HeaderName::from_static("x-ratelimit-remaining-images"),
-            HeaderName::from_static("x-ratelimit-reset-images"),
-        ],
-        _ => return None,
-    })
+    match plural {
+        "requests" => Some(REQUESTS_NAMES),
+        "tokens" => Some(TOKENS_NAMES),
+        "images" => Some(IMAGES_NAMES),
+        _ => None,
+    }
 }
 
 /// The header names for a unit's plural form, or `None` when the unit name
@@ -87,7 +92,14 @@ pub fn unit_header_names(plural: &str) -> Option<UnitNames> {
 /// Units whose names cannot form a header name are skipped.
 pub fn insert_rate_limit(headers: &mut HeaderMap, info: &RateLimitInfo) {
     for u in &info.units {
-        let Some([limit, remaining, reset]) = unit_header_names(&u.unit.plural()) else {
+        let names = match u.unit.as_str() {
+            // The common units: static names, no plural string built.
+            "request" | "requests" => Some(REQUESTS_NAMES),
+            "token" | "tokens" => Some(TOKENS_NAMES),
+            "image" | "images" => Some(IMAGES_NAMES),
+            _ => unit_header_names(&u.unit.plural()),
+        };
+        let Some([limit, remaining, reset]) = names else {
             continue;
         };
         headers.insert(limit, HeaderValue::from(u.limit));

@@ -201,32 +201,37 @@ impl From<redis::RedisStore> for AnyStore {
     }
 }
 
+// The Redis futures are boxed: redis-rs' script invocation state is several
+// kilobytes, and without the box every future that awaits the store (the
+// whole request handler) would carry that size inline and memcpy it on each
+// move, even with the in-process store. One allocation per Redis round trip
+// is cheap next to the round trip; the in-process path allocates nothing.
 impl CounterStore for AnyStore {
     async fn attempt(&self, req: &AttemptRequest<'_>) -> Result<AttemptOutcome, StoreError> {
         match self {
             AnyStore::Memory(s) => s.attempt(req).await,
-            AnyStore::Redis(s) => s.attempt(req).await,
+            AnyStore::Redis(s) => Box::pin(s.attempt(req)).await,
         }
     }
 
     async fn end(&self, req: &EndRequest<'_>) -> Result<bool, StoreError> {
         match self {
             AnyStore::Memory(s) => s.end(req).await,
-            AnyStore::Redis(s) => s.end(req).await,
+            AnyStore::Redis(s) => Box::pin(s.end(req)).await,
         }
     }
 
     async fn usage(&self, req: &UsageRequest<'_>) -> Result<Usage, StoreError> {
         match self {
             AnyStore::Memory(s) => s.usage(req).await,
-            AnyStore::Redis(s) => s.usage(req).await,
+            AnyStore::Redis(s) => Box::pin(s.usage(req)).await,
         }
     }
 
     async fn renew(&self, req: &RenewRequest<'_>) -> Result<bool, StoreError> {
         match self {
             AnyStore::Memory(s) => s.renew(req).await,
-            AnyStore::Redis(s) => s.renew(req).await,
+            AnyStore::Redis(s) => Box::pin(s.renew(req)).await,
         }
     }
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -839,7 +840,14 @@ impl MeteredBody {
         self.renew_timer = None;
         if let Some(settle) = self.settle.take() {
             let units = self.meter.units();
-            tokio::spawn(settle.finish(units));
+            // Settle right here when that needs no waiting (the in-process
+            // store, no credits to write): spawning a task per request cost
+            // more than the settlement itself. Otherwise (a Redis round
+            // trip), the first poll has sent the call and a task finishes it.
+            let mut settling = Box::pin(settle.finish(units));
+            if (&mut settling).now_or_never().is_none() {
+                tokio::spawn(settling);
+            }
         }
     }
 

@@ -138,8 +138,10 @@ fn client_tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::Client
     Ok(config)
 }
 
+const HOP_COUNT: usize = 8;
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded in either direction.
-pub const HOP_BY_HOP: [HeaderName; 8] = [
+pub const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::TRANSFER_ENCODING,
@@ -152,17 +154,101 @@ pub const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Remove hop-by-hop headers, including any named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+    // Runs twice per request. Most messages carry none of these, or only
+    // `connection: keep-alive`: one pass over the (few) names present finds
+    // out, instead of hashing all eight names into the map every time.
+    let mut present = [false; HOP_COUNT];
+    let mut names_others = false;
+    for (name, value) in headers.iter() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+            if *name == header::CONNECTION {
+                names_others |= value.as_bytes().split(|b| *b == b',').any(|t| {
+                    let t = t.trim_ascii();
+                    !t.is_empty()
+                        && !t.eq_ignore_ascii_case(b"keep-alive")
+                        && !t.eq_ignore_ascii_case(b"close")
+                });
+            }
+        }
+    }
+    if names_others {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<String> {
+        let mut v: Vec<String> = h.keys().map(|k| k.as_str().to_owned()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        // (headers in, header names left)
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case] = &[
+            (
+                &[("content-type", "a"), ("x-request-id", "b")],
+                &["content-type", "x-request-id"],
+            ),
+            (
+                &[("connection", "keep-alive"), ("content-length", "5")],
+                &["content-length"],
+            ),
+            (
+                &[
+                    ("connection", "close, X-Secret"),
+                    ("x-secret", "1"),
+                    ("keep-alive", "timeout=5"),
+                    ("transfer-encoding", "chunked"),
+                    ("te", "trailers"),
+                    ("upgrade", "h2c"),
+                    ("proxy-authorization", "Basic x"),
+                    ("proxy-authenticate", "Basic"),
+                    ("proxy-connection", "keep-alive"),
+                    ("accept", "*/*"),
+                ],
+                &["accept"],
+            ),
+            (
+                &[
+                    ("connection", "Keep-Alive"),
+                    ("connection", "x-a"),
+                    ("x-a", "1"),
+                    ("x-b", "2"),
+                ],
+                &["x-b"],
+            ),
+        ];
+        for (input, expected) in cases {
+            let mut h = map(input);
+            strip_hop_by_hop(&mut h);
+            assert_eq!(names(&h), *expected, "input {input:?}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! plangate's black-box test suite: one test binary, one module per area.
 //! Tests that need Postgres or Redis talk to the real servers.
 
+mod cache_trust;
 mod catalog;
 mod cluster;
 mod config;

@@ -11,6 +11,16 @@
 //!   background once it is older than half its TTL and reloaded before use
 //!   once older than its TTL (5 s by default), so a revoked key stops
 //!   working within 5 s even if no notification arrives.
+//! * While the catalog vouches for its notifications
+//!   ([`Catalog::invalidations_confirmed_ms`]: Postgres round-trips a query
+//!   on its LISTEN connection every second), an entry cannot have missed an
+//!   invalidation older than that confirmation. As long as the confirmation
+//!   is younger than the entry's TTL, any change it might have missed is
+//!   younger than the TTL too, so the entry is kept — up to
+//!   [`CacheConfig::trusted_ttl`] — without the per-TTL reload. This keeps
+//!   100,000 keys used once a minute each off the database, and the TTL
+//!   guarantee holds: if the channel goes deaf, confirmations stop and the
+//!   plain TTLs apply again within one TTL.
 //!
 //! When the catalog is unreachable, entries already held keep serving
 //! (stale but usable, SPEC §9); a failed reload is retried after
@@ -47,6 +57,9 @@ pub struct CacheConfig {
     /// At most this many account and (separately) key entries; beyond it
     /// expired entries are dropped, then everything.
     pub max_entries: usize,
+    /// How long account and key entries are kept while the catalog
+    /// confirms that its invalidations arrive (see the module docs).
+    pub trusted_ttl: Duration,
 }
 
 impl Default for CacheConfig {
@@ -57,7 +70,12 @@ impl Default for CacheConfig {
             key_ttl: Duration::from_secs(5),
             negative_ttl: Duration::from_secs(2),
             retry_after_error: Duration::from_secs(1),
-            max_entries: 100_000,
+            // About 200 bytes an entry: 1M keys (and as many accounts)
+            // stay within a few hundred MB.
+            max_entries: 1_000_000,
+            // Refreshed in the background from half of it on: about one
+            // read per active key every 30 minutes.
+            trusted_ttl: Duration::from_secs(3_600),
         }
     }
 }
@@ -239,8 +257,6 @@ impl CatalogCache {
     /// only when the catalog is unreachable and nothing is cached.
     pub async fn resolve_key(&self, key_hash: &str) -> CatalogResult<Option<KeyOwner>> {
         let inner = &self.inner;
-        let cat = inner.catalog.clone();
-        let owned = key_hash.to_string();
         inner
             .lookup(
                 |i| &i.keys,
@@ -252,10 +268,14 @@ impl CatalogCache {
                         inner.config.negative_ttl
                     }
                 },
-                move || {
-                    let cat = cat.clone();
-                    let h = owned.clone();
-                    async move { cat.lookup_key(&h).await }
+                || {
+                    let cat = inner.catalog.clone();
+                    let owned = key_hash.to_string();
+                    move || {
+                        let cat = cat.clone();
+                        let h = owned.clone();
+                        async move { cat.lookup_key(&h).await }
+                    }
                 },
             )
             .await
@@ -302,21 +322,23 @@ impl CatalogCache {
 
     async fn assigned_plan(&self, account: &str) -> CatalogResult<Option<String>> {
         let inner = &self.inner;
-        let cat = inner.catalog.clone();
-        let owned = account.to_string();
         inner
             .lookup(
                 |i| &i.accounts,
                 account,
                 |_| inner.config.account_ttl,
-                move || {
-                    let cat = cat.clone();
-                    let id = owned.clone();
-                    async move {
-                        match cat.get_account(&id).await {
-                            Ok(a) => Ok(a.plan_id),
-                            Err(CatalogError::NotFound { .. }) => Ok(None),
-                            Err(e) => Err(e),
+                || {
+                    let cat = inner.catalog.clone();
+                    let owned = account.to_string();
+                    move || {
+                        let cat = cat.clone();
+                        let id = owned.clone();
+                        async move {
+                            match cat.get_account(&id).await {
+                                Ok(a) => Ok(a.plan_id),
+                                Err(CatalogError::NotFound { .. }) => Ok(None),
+                                Err(e) => Err(e),
+                            }
                         }
                     }
                 },
@@ -332,7 +354,10 @@ impl Inner {
 
     fn freshness<T: Clone>(&self, e: &Entry<T>, ttl: Duration, now: u64) -> Freshness<T> {
         let age = now.saturating_sub(e.loaded_ms);
-        let ttl_ms = ttl.as_millis() as u64;
+        let mut ttl_ms = ttl.as_millis() as u64;
+        if self.invalidations_trusted(ttl_ms, now) {
+            ttl_ms = ttl_ms.max(self.config.trusted_ttl.as_millis() as u64);
+        }
         let must_reload = e.stale || age >= ttl_ms;
         if must_reload && now >= e.retry_at_ms {
             return Freshness::Reload(Some(e.value.clone()));
@@ -348,15 +373,23 @@ impl Inner {
         Freshness::Fresh(e.value.clone())
     }
 
+    /// Whether every change an entry with this TTL could have missed is
+    /// younger than the TTL: the catalog confirmed delivery of all
+    /// invalidations up to less than `ttl_ms` ago.
+    fn invalidations_trusted(&self, ttl_ms: u64, now: u64) -> bool {
+        trusted(self.catalog.invalidations_confirmed_ms(), ttl_ms, now)
+    }
+
     /// Read through `map`: serve fresh entries, refresh ageing ones in the
     /// background, reload expired ones (falling back to the old value when
-    /// the catalog fails).
+    /// the catalog fails). `make_load` builds the loader only when one is
+    /// needed, so a cache hit allocates nothing.
     async fn lookup<T, F, Fut>(
         self: &Arc<Self>,
         map_of: fn(&Inner) -> &Map<T>,
         id: &str,
         ttl: impl Fn(&T) -> Duration,
-        load: F,
+        make_load: impl FnOnce() -> F,
     ) -> CatalogResult<T>
     where
         T: Clone + Send + Sync + 'static,
@@ -379,6 +412,7 @@ impl Inner {
             Some(Freshness::Refresh(v, flag)) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 if !flag.swap(true, Ordering::AcqRel) {
+                    let load = make_load();
                     let weak = Arc::downgrade(self);
                     let id = id.to_string();
                     tokio::spawn(async move {
@@ -395,6 +429,7 @@ impl Inner {
             None => None,
         };
         self.loads.fetch_add(1, Ordering::Relaxed);
+        let load = make_load();
         match load().await {
             Ok(v) => {
                 self.store(map, id, v.clone(), epoch);
@@ -421,7 +456,11 @@ impl Inner {
         let now = self.now();
         let mut m = map.entries.write();
         if m.len() >= self.config.max_entries && !m.contains_key(id) {
-            let horizon = self.config.account_ttl.max(self.config.key_ttl).as_millis() as u64;
+            let mut horizon = self.config.account_ttl.max(self.config.key_ttl);
+            if self.invalidations_trusted(self.config.key_ttl.as_millis() as u64, now) {
+                horizon = horizon.max(self.config.trusted_ttl);
+            }
+            let horizon = horizon.as_millis() as u64;
             m.retain(|_, e| now.saturating_sub(e.loaded_ms) < horizon);
             if m.len() >= self.config.max_entries {
                 m.clear();
@@ -486,6 +525,13 @@ impl Inner {
     }
 }
 
+/// Whether an entry with a TTL of `ttl_ms` can have missed no invalidation
+/// older than its TTL at `now`: delivery of everything before `confirmed`
+/// was confirmed less than `ttl_ms` ago.
+fn trusted(confirmed: Option<u64>, ttl_ms: u64, now: u64) -> bool {
+    confirmed.is_some_and(|c| now < c.saturating_add(ttl_ms))
+}
+
 /// Follow invalidations and keep the plan snapshot fresh until the cache
 /// is dropped. Plans are reloaded here, off the request path.
 async fn follow(weak: Weak<Inner>, mut events: tokio::sync::broadcast::Receiver<Invalidation>) {
@@ -512,6 +558,32 @@ async fn follow(weak: Weak<Inner>, mut events: tokio::sync::broadcast::Receiver<
                 tracing::warn!(error = %e, "reloading plans failed; keeping the cached plans");
                 retry_at = tokio::time::Instant::now() + inner.config.retry_after_error;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trusted;
+
+    #[test]
+    fn trust_lasts_one_ttl_past_the_last_confirmation() {
+        let cases = [
+            // (confirmed, ttl, now, trusted)
+            (None, 5_000, 1_000, false),
+            (Some(1_000), 5_000, 1_000, true),
+            (Some(1_000), 5_000, 5_999, true),
+            (Some(1_000), 5_000, 6_000, false),
+            (Some(1_000), 2_000, 3_500, false),
+            (Some(10_000), 5_000, 9_000, true),
+            (Some(u64::MAX), 5_000, 0, true),
+        ];
+        for (confirmed, ttl, now, expected) in cases {
+            assert_eq!(
+                trusted(confirmed, ttl, now),
+                expected,
+                "confirmed {confirmed:?} ttl {ttl} now {now}"
+            );
         }
     }
 }

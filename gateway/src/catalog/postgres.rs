@@ -6,6 +6,7 @@
 //! row per idempotency key (UNIQUE). Changes are announced with
 //! `NOTIFY plangate_catalog`, which every instance LISTENs to.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -292,6 +293,8 @@ pub struct PostgresCatalog {
     clock: SharedClock,
     events: broadcast::Sender<Invalidation>,
     listener: Option<tokio::task::AbortHandle>,
+    /// See [`Catalog::invalidations_confirmed_ms`]; 0: never confirmed.
+    confirmed_ms: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for PostgresCatalog {
@@ -346,13 +349,23 @@ impl PostgresCatalog {
             clock,
             events,
             listener: None,
+            confirmed_ms: Arc::new(AtomicU64::new(0)),
         };
         if !opts.lazy {
             catalog.ping().await?;
         }
         if opts.listen {
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-            let task = tokio::spawn(listen_loop(cfg, catalog.events.clone(), ready_tx));
+            let heartbeat = Heartbeat {
+                clock: catalog.clock.clone(),
+                confirmed_ms: catalog.confirmed_ms.clone(),
+            };
+            let task = tokio::spawn(listen_loop(
+                cfg,
+                catalog.events.clone(),
+                ready_tx,
+                heartbeat,
+            ));
             catalog.listener = Some(task.abort_handle());
             if opts.lazy {
                 return Ok(catalog);
@@ -782,6 +795,41 @@ fn parse_plan(id: &str, policy: &serde_json::Value) -> CatalogResult<Arc<Plan>> 
         .map_err(|e| CatalogError::Unavailable(format!("stored plan `{id}` is unreadable: {e}")))
 }
 
+/// How often the LISTEN connection proves it still hears notifications.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// Where the LISTEN connection records its last proof of hearing.
+struct Heartbeat {
+    clock: SharedClock,
+    confirmed_ms: Arc<AtomicU64>,
+}
+
+impl Heartbeat {
+    /// Round-trip a query on the LISTEN connection every
+    /// [`HEARTBEAT_EVERY`] until one fails. Postgres sends a listening
+    /// session its pending notifications before the answer to its next
+    /// query, and the connection task forwards them as it reads them, so
+    /// when the answer arrives every change committed before the query was
+    /// sent has been delivered: record the send time.
+    async fn run(&self, client: &tokio_postgres::Client) {
+        loop {
+            let sent = self.clock.now_ms();
+            match tokio::time::timeout(HEARTBEAT_EVERY * 2, client.simple_query("SELECT 1")).await {
+                Ok(Ok(_)) => self.confirmed_ms.store(sent.max(1), Ordering::Release),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "catalog LISTEN heartbeat failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!("catalog LISTEN heartbeat timed out");
+                    return;
+                }
+            }
+            tokio::time::sleep(HEARTBEAT_EVERY).await;
+        }
+    }
+}
+
 /// Keep a LISTEN connection open for the catalog's lifetime, forwarding
 /// notifications; after a reconnect send [`Invalidation::All`], since
 /// anything may have changed while it was down.
@@ -789,6 +837,7 @@ async fn listen_loop(
     cfg: tokio_postgres::Config,
     events: broadcast::Sender<Invalidation>,
     ready: tokio::sync::oneshot::Sender<()>,
+    heartbeat: Heartbeat,
 ) {
     let mut ready = Some(ready);
     let mut backoff = Duration::from_millis(250);
@@ -823,7 +872,11 @@ async fn listen_loop(
                                 let _ = events.send(Invalidation::All);
                             }
                         }
-                        let _ = driver.await;
+                        let mut driver = driver;
+                        tokio::select! {
+                            _ = &mut driver => {}
+                            _ = heartbeat.run(&client) => driver.abort(),
+                        }
                         // Caches must not trust what they hold while deaf.
                         let _ = events.send(Invalidation::All);
                     }
@@ -1188,6 +1241,13 @@ impl Catalog for PostgresCatalog {
 
     fn subscribe(&self) -> broadcast::Receiver<Invalidation> {
         self.events.subscribe()
+    }
+
+    fn invalidations_confirmed_ms(&self) -> Option<u64> {
+        match self.confirmed_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(ms),
+        }
     }
 
     async fn ping(&self) -> CatalogResult<()> {
