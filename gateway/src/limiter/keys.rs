@@ -122,7 +122,11 @@ impl Keys {
 /// char by char.
 fn escape_into(out: &mut String, s: &str) {
     let mut rest = s;
-    while let Some(i) = rest.find(['%', '{', '}', ':']) {
+    // Byte search: the four are ASCII, so a match is a char boundary.
+    while let Some(i) = rest
+        .bytes()
+        .position(|b| matches!(b, b'%' | b'{' | b'}' | b':'))
+    {
         out.push_str(&rest[..i]);
         out.push_str(match rest.as_bytes()[i] {
             b'%' => "%25",
