@@ -363,6 +363,12 @@ pub enum IncludeUsage {
 /// in after the opening brace, leaving the rest of the body byte for byte
 /// as the client sent it.
 pub fn ensure_include_usage(body: &Bytes) -> IncludeUsage {
+    // Most requests do not stream: skip the parse when the body cannot name
+    // `stream` — neither literally nor through a `\u` escape, which JSON
+    // allows in keys and would otherwise let a stream go unmetered.
+    if !contains(body, br#""stream""#) && !contains(body, br"\u") {
+        return IncludeUsage::NotStreaming;
+    }
     if json_value_at(body, &[String::from("stream")]) != Some(serde_json::Value::Bool(true)) {
         return IncludeUsage::NotStreaming;
     }

@@ -104,24 +104,39 @@ impl Keys {
     }
 
     fn base(&self, account: &str, endpoint: &str) -> String {
-        let mut k = String::with_capacity(self.prefix.len() + account.len() + endpoint.len() + 32);
+        // Built in place (no intermediate tag string): this runs for every
+        // key of every attempt and end.
+        let mut k = String::with_capacity(self.prefix.len() + account.len() + endpoint.len() + 40);
         k.push_str(&self.prefix);
-        k.push_str(&Self::tag(account, endpoint));
+        k.push('{');
+        escape_into(&mut k, account);
+        k.push(':');
+        escape_into(&mut k, endpoint);
+        k.push('}');
         k
     }
 }
 
-/// Percent-escape the characters that carry meaning in a key.
+/// Percent-escape the characters that carry meaning in a key. Ids rarely
+/// contain any, so whole runs between them are copied at once rather than
+/// char by char.
 fn escape_into(out: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '%' => out.push_str("%25"),
-            '{' => out.push_str("%7B"),
-            '}' => out.push_str("%7D"),
-            ':' => out.push_str("%3A"),
-            c => out.push(c),
-        }
+    let mut rest = s;
+    // Byte search: the four are ASCII, so a match is a char boundary.
+    while let Some(i) = rest
+        .bytes()
+        .position(|b| matches!(b, b'%' | b'{' | b'}' | b':'))
+    {
+        out.push_str(&rest[..i]);
+        out.push_str(match rest.as_bytes()[i] {
+            b'%' => "%25",
+            b'{' => "%7B",
+            b'}' => "%7D",
+            _ => "%3A",
+        });
+        rest = &rest[i + 1..];
     }
+    out.push_str(rest);
 }
 
 /// The hash tag Redis Cluster would hash for `key`: the part between the

@@ -154,6 +154,12 @@ fn include_usage_injection() {
         )),
         IncludeUsage::AlreadyRequested
     );
+    // A key spelled with an escape is still `stream` to JSON (and to the
+    // upstream): the quick substring check must not skip it.
+    assert_eq!(
+        added(r#"{"model":"m","\u0073tream":true}"#)["stream_options"]["include_usage"],
+        serde_json::Value::Bool(true)
+    );
 
     // Absent: spliced in, everything else byte for byte.
     let body = r#"  {"model":"m","stream":true,"messages":[{"role":"user","content":"{hi}"}]}"#;
