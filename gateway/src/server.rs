@@ -145,21 +145,7 @@ pub async fn serve_listener<H, F>(
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
                 let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let mut conn = std::pin::pin!(conn);
-                    let served = tokio::select! {
-                        out = conn.as_mut() => Some(out),
-                        _ = tokio::time::sleep(header_timeout) => None,
-                    };
-                    let out = match served {
-                        Some(out) => out,
-                        None if too_slow(&first_request) => return,
-                        None => conn.await,
-                    };
-                    if let Err(e) = out {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
+                tokio::spawn(drive(conn, header_timeout, first_request, peer));
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
@@ -183,19 +169,7 @@ pub async fn serve_listener<H, F>(
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
                         .into_owned();
-                    let mut conn = std::pin::pin!(watcher.watch(conn));
-                    let served = tokio::select! {
-                        out = conn.as_mut() => Some(out),
-                        _ = tokio::time::sleep(header_timeout) => None,
-                    };
-                    let out = match served {
-                        Some(out) => out,
-                        None if too_slow(&first_request) => return,
-                        None => conn.await,
-                    };
-                    if let Err(e) = out {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
+                    drive(watcher.watch(conn), header_timeout, first_request, peer).await;
                 });
             }
         }
@@ -216,6 +190,34 @@ pub async fn serve_listener<H, F>(
 /// be the HTTP/2 preface; a client dribbling "PRI * HTTP/2.0..." (or
 /// HTTP/2 frames that never complete a request) would otherwise hold the
 /// connection forever. Dropping the connection future closes it.
+/// Serve one connection; close it if no request head arrived within
+/// `header_timeout` (hyper's own timeout starts only once it knows the
+/// protocol, so a client dribbling the HTTP/2 preface would otherwise hold
+/// the connection forever).
+async fn drive<C, E>(
+    conn: C,
+    header_timeout: Duration,
+    first_request: Arc<AtomicBool>,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut conn = std::pin::pin!(conn);
+    let served = tokio::select! {
+        out = conn.as_mut() => Some(out),
+        _ = tokio::time::sleep(header_timeout) => None,
+    };
+    let out = match served {
+        Some(out) => out,
+        None if too_slow(&first_request) => return,
+        None => conn.await,
+    };
+    if let Err(e) = out {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
 fn too_slow(first_request: &AtomicBool) -> bool {
     let slow = !first_request.load(Ordering::Relaxed);
     if slow {
