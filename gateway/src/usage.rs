@@ -431,7 +431,29 @@ pub fn is_usage_only_chunk(data: &[u8]) -> bool {
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+    // Runs on every SSE event: `windows(n).any(..)` called memcmp at every
+    // byte and was most of a stream's cost. Compare only where the first
+    // two bytes match (`"` and the key's first letter, for our needles).
+    let Some((&first, rest)) = needle.split_first() else {
+        return false;
+    };
+    if hay.len() < needle.len() {
+        return false;
+    }
+    let last_start = hay.len() - needle.len();
+    let mut from = 0;
+    while let Some(p) = hay[from..=last_start].iter().position(|&b| b == first) {
+        let at = from + p;
+        let tail = &hay[at + 1..at + needle.len()];
+        if tail.first() == rest.first() && tail == rest {
+            return true;
+        }
+        from = at + 1;
+        if from > last_start {
+            break;
+        }
+    }
+    false
 }
 
 // ---------------------------------------------------------------- SSE

@@ -602,3 +602,48 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn substring_search_matches_the_naive_one() {
+    let naive = |h: &[u8], n: &[u8]| !n.is_empty() && h.windows(n.len()).any(|w| w == n);
+    let hays: [&[u8]; 8] = [
+        b"",
+        b"\"",
+        b"\"usage\"",
+        b"{\"usage\":{\"total_tokens\":3}}",
+        b"\"\"\"\"usag\"usage",
+        b"xx\"us\"usage\"",
+        b"\"usage",
+        br#"{"choices":[],"usage":{"total_tokens":62}}"#,
+    ];
+    let needles: [&[u8]; 6] = [
+        b"",
+        b"\"",
+        b"\"usage\"",
+        b"\"choices\"",
+        b"\"total_tokens\"",
+        b"\\u",
+    ];
+    for h in hays {
+        for n in needles {
+            assert_eq!(
+                contains(h, n),
+                naive(h, n),
+                "{:?} in {:?}",
+                String::from_utf8_lossy(n),
+                String::from_utf8_lossy(h)
+            );
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn substring_search_agrees_on_random_bytes(
+        hay in proptest::collection::vec(prop::sample::select(b"\"us:{}a".to_vec()), 0..40),
+        needle in proptest::collection::vec(prop::sample::select(b"\"us:{}a".to_vec()), 0..5),
+    ) {
+        let naive = !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle.as_slice());
+        prop_assert_eq!(contains(&hay, &needle), naive);
+    }
+}
