@@ -6,6 +6,7 @@
 #   tests/load/bench.sh --latency       # plus fixed-rate latency at half of max load
 #   tests/load/bench.sh --all           # everything
 #
+# Environment: PLANGATE_BIN=path measures that plangate binary instead.
 # Options: --rounds N (3)  --duration S (10)  --connections C (50)
 #          --threads T (2)  --accounts N (100000)  --no-build  --keep (leave
 #          the servers running)  --only "target ..." (subset of targets).
@@ -96,7 +97,8 @@ if [ "$BUILD" = 1 ]; then
   log "building plangate --release"
   cargo build --release -q -p plangate --bin plangate --example bare_proxy
 fi
-PLANGATE="$ROOT/target/release/plangate"
+# PLANGATE_BIN: measure another build (e.g. an older commit's binary).
+PLANGATE="${PLANGATE_BIN:-$ROOT/target/release/plangate}"
 [ -x "$PLANGATE" ] || { echo "no $PLANGATE (drop --no-build)" >&2; exit 1; }
 
 # --- 3. servers --------------------------------------------------------------
