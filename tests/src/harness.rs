@@ -147,6 +147,34 @@ pub struct TestGateway {
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
+/// An app built from a config and serving on 127.0.0.1:0 in the background.
+pub struct Served {
+    pub app: App,
+    pub bound: Bound,
+    /// Send `true` to stop serving.
+    pub shutdown: watch::Sender<bool>,
+    pub serving: tokio::task::JoinHandle<()>,
+}
+
+/// Build `config` into an app (panicking on errors: this is test setup),
+/// bind it on an ephemeral port and serve it in the background.
+pub async fn serve_app(config: Config, clock: SharedClock) -> Served {
+    let app = App::build(config, clock)
+        .await
+        .unwrap_or_else(|e| panic!("build: {e}"));
+    let (shutdown, rx) = watch::channel(false);
+    let (bound, serving) = app
+        .bind(Some("127.0.0.1:0".parse().unwrap()), rx)
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    Served {
+        app,
+        bound,
+        shutdown,
+        serving: tokio::spawn(serving),
+    }
+}
+
 /// A response, fully read.
 #[derive(Debug)]
 pub struct Resp {
@@ -281,17 +309,14 @@ reserve.image = "body:n"
         } else {
             Arc::new(clock.clone())
         };
-        let app = App::build(config.clone(), shared)
-            .await
-            .unwrap_or_else(|e| panic!("build: {e}"));
-        let (tx, rx) = watch::channel(false);
-        let (bound, serving): (Bound, _) = app
-            .bind(Some("127.0.0.1:0".parse().unwrap()), rx)
-            .await
-            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let Served {
+            app,
+            bound,
+            shutdown: tx,
+            serving,
+        } = serve_app(config.clone(), shared).await;
         let core = app.core.clone();
         let watcher = app.watch_plans();
-        let serving = tokio::spawn(serving);
         TestGateway {
             addr: bound.main,
             admin_addr: bound.admin.expect("admin listener"),

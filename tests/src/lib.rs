@@ -102,20 +102,25 @@ pub async fn postgres_db(prefix: &str) -> Option<String> {
 
 static NEXT_DB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// The `plangate` binary next to this test binary
+/// The `plangate` binary the process tests run, if it is there:
+/// `PLANGATE_BIN`, else the one next to this test binary
 /// (`target/debug/deps/suite-…` → `target/debug/plangate`). `tests/run.sh`
 /// builds it before the tests; a plain `cargo test` of this package does not.
-pub fn plangate_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
+pub fn built_plangate() -> Option<std::path::PathBuf> {
+    if let Ok(p) = std::env::var("PLANGATE_BIN") {
+        return Some(std::path::PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
     let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join(format!("plangate{}", std::env::consts::EXE_SUFFIX)))
-        .expect("target dir");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p plangate, or ./tests/run.sh)",
-        bin.display()
-    );
-    bin
+        .parent()?
+        .parent()?
+        .join(format!("plangate{}", std::env::consts::EXE_SUFFIX));
+    bin.exists().then_some(bin)
+}
+
+/// [`built_plangate`], or a panic saying how to build it.
+pub fn plangate_bin() -> std::path::PathBuf {
+    built_plangate().expect(
+        "target/debug/plangate is missing: build it first (cargo build -p plangate, or ./tests/run.sh)",
+    )
 }

@@ -224,23 +224,7 @@ impl Drop for Blackhole {
     }
 }
 
-/// The `plangate` binary the black-box process tests run:
-/// `PLANGATE_BIN`, else `target/debug/plangate` of this workspace.
-pub fn plangate_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("PLANGATE_BIN") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let bin = target.join("debug/plangate");
-    assert!(
-        bin.exists(),
-        "{} is missing: run ./tests/run.sh (or `cargo build -p plangate --bins`) first",
-        bin.display()
-    );
-    bin
-}
+pub use crate::plangate_bin;
 
 /// A running `plangate serve --config FILE` process. Its stderr (the log)
 /// is written to `log_path`; it is killed on drop.

@@ -17,7 +17,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use plangate::app::App;
 use plangate::clock::{ManualClock, SharedClock};
 use plangate::config::Config;
 use plangate::proxy::Core;
@@ -219,15 +218,12 @@ impl Rig {
         let config = Config::load(&path).unwrap_or_else(|e| panic!("rig config: {e}"));
         let clock = ManualClock::new(T0_MS);
         let shared: SharedClock = Arc::new(clock.clone());
-        let app = App::build(config, shared)
-            .await
-            .unwrap_or_else(|e| panic!("build: {e}"));
-        let (tx, rx) = watch::channel(false);
-        let (bound, serving) = app
-            .bind(Some("127.0.0.1:0".parse().unwrap()), rx)
-            .await
-            .unwrap_or_else(|e| panic!("bind: {e}"));
-        tokio::spawn(serving);
+        let crate::harness::Served {
+            app,
+            bound,
+            shutdown: tx,
+            ..
+        } = crate::harness::serve_app(config, shared).await;
         Rig {
             addr: bound.main,
             admin_addr: bound.admin.expect("admin listener"),

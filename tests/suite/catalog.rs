@@ -1355,22 +1355,6 @@ async fn postgres_down_serves_cached_entries() {
 
 // ------------------------------------------------------------------ CLI
 
-fn plangate_bin() -> std::path::PathBuf {
-    // target/debug/deps/suite-... -> target/debug/plangate
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join(format!("plangate{}", std::env::consts::EXE_SUFFIX)))
-        .unwrap();
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p plangate, or ./tests/run.sh)",
-        bin.display()
-    );
-    bin
-}
-
 struct Run {
     code: i32,
     stdout: String,
@@ -1378,7 +1362,7 @@ struct Run {
 }
 
 fn cli(url: &str, args: &[&str]) -> Run {
-    let out = std::process::Command::new(plangate_bin())
+    let out = std::process::Command::new(plangate_tests::plangate_bin())
         .args(args)
         .env("PLANGATE_POSTGRES_URL", url)
         .env_remove("RUST_LOG")

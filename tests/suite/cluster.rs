@@ -19,7 +19,6 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use plangate::app::App;
 use plangate::catalog::postgres::migrate;
 use plangate::clock::{ManualClock, SharedClock};
 use plangate::config::Config;
@@ -363,15 +362,12 @@ struct Running {
 
 async fn start_gateway(config: Config, clock: &ManualClock) -> Running {
     let shared: SharedClock = Arc::new(clock.clone());
-    let app = App::build(config, shared)
-        .await
-        .unwrap_or_else(|e| panic!("build: {e}"));
-    let (tx, rx) = watch::channel(false);
-    let (bound, serving) = app
-        .bind(Some("127.0.0.1:0".parse().unwrap()), rx)
-        .await
-        .unwrap_or_else(|e| panic!("bind: {e}"));
-    tokio::spawn(serving);
+    let plangate_tests::harness::Served {
+        app,
+        bound,
+        shutdown: tx,
+        ..
+    } = plangate_tests::harness::serve_app(config, shared).await;
     Running {
         addr: bound.main,
         app_core: app.core.clone(),
@@ -494,16 +490,6 @@ impl Drop for Serve {
     }
 }
 
-fn plangate_bin() -> Option<PathBuf> {
-    // target/debug/deps/suite-... -> target/debug/plangate
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe
-        .parent()?
-        .parent()?
-        .join(format!("plangate{}", std::env::consts::EXE_SUFFIX));
-    bin.exists().then_some(bin)
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -543,7 +529,7 @@ fn kubelet_write(dir: &Path, version: &str, files: &[(&str, &str)]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configmap_symlink_swap_reloads_plans() {
-    let Some(bin) = plangate_bin() else {
+    let Some(bin) = plangate_tests::built_plangate() else {
         assert!(
             std::env::var("PLANGATE_REQUIRE_SERVICES").is_err(),
             "target/debug/plangate is missing (tests/run.sh builds it)"
