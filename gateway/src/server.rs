@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,6 +23,11 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsFiles;
+use crate::errors::ApiError;
+
+mod edge;
+
+pub use edge::{EdgeGuard, Rejection};
 
 /// Boxed error type of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -75,6 +80,9 @@ pub struct ListenerOptions {
     pub header_read_timeout: Duration,
     /// How long in-flight requests may run after shutdown begins.
     pub drain_timeout: Duration,
+    /// Headers that carry credentials (API keys, the admin token): a
+    /// control byte in one is answered 401 rather than 400.
+    pub credential_headers: Arc<[HeaderName]>,
 }
 
 impl Default for ListenerOptions {
@@ -82,6 +90,7 @@ impl Default for ListenerOptions {
         Self {
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
+            credential_headers: Arc::from([http::header::AUTHORIZATION]),
         }
     }
 }
@@ -133,16 +142,31 @@ pub async fn serve_listener<H, F>(
         let handler = handler.clone();
         let first_request = Arc::new(AtomicBool::new(false));
         let seen = first_request.clone();
-        let service = hyper::service::service_fn(move |req| {
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             seen.store(true, Ordering::Relaxed);
-            let fut = handler(req, peer);
-            async move { Ok::<_, Infallible>(fut.await) }
+            // A head the edge guard refused arrives as its stand-in and is
+            // answered before any routing.
+            let refused = Rejection::of(req.headers());
+            let fut = match refused {
+                None => Some(handler(req, peer)),
+                Some(_) => None,
+            };
+            async move {
+                Ok::<_, Infallible>(match (fut, refused) {
+                    (Some(fut), _) => fut.await,
+                    (None, rejection) => refusal(rejection.unwrap_or(Rejection::Malformed)),
+                })
+            }
         });
+        let credentials = opts.credential_headers.clone();
         let header_timeout = opts.header_read_timeout;
         match &tls {
             None => {
                 let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(EdgeGuard::new(stream, credentials)),
+                        service,
+                    )
                     .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(drive(conn, header_timeout, first_request, peer));
@@ -167,7 +191,10 @@ pub async fn serve_listener<H, F>(
                             }
                         };
                     let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
+                        .serve_connection_with_upgrades(
+                            TokioIo::new(EdgeGuard::new(tls_stream, credentials)),
+                            service,
+                        )
                         .into_owned();
                     drive(watcher.watch(conn), header_timeout, first_request, peer).await;
                 });
@@ -183,13 +210,6 @@ pub async fn serve_listener<H, F>(
     }
 }
 
-/// Whether a connection that has lived `header_read_timeout` must be
-/// closed because no request head arrived in that time. hyper's own
-/// `header_read_timeout` only starts once the auto builder has guessed the
-/// protocol, and guessing waits without limit for bytes that could still
-/// be the HTTP/2 preface; a client dribbling "PRI * HTTP/2.0..." (or
-/// HTTP/2 frames that never complete a request) would otherwise hold the
-/// connection forever. Dropping the connection future closes it.
 /// Serve one connection; close it if no request head arrived within
 /// `header_timeout` (hyper's own timeout starts only once it knows the
 /// protocol, so a client dribbling the HTTP/2 preface would otherwise hold
@@ -216,6 +236,22 @@ async fn drive<C, E>(
     if let Err(e) = out {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
+}
+
+/// The answer to a head the edge guard refused; the connection closes
+/// after it.
+fn refusal(rejection: Rejection) -> Response<Body> {
+    let mut resp = error_response(&rejection.error());
+    resp.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// An [`ApiError`] as a response with the handlers' body type.
+pub fn error_response(e: &ApiError) -> Response<Body> {
+    use http_body_util::BodyExt;
+    e.to_response::<http_body_util::Full<Bytes>>()
+        .map(|b| b.map_err(|never| match never {}).boxed_unsync())
 }
 
 fn too_slow(first_request: &AtomicBool) -> bool {
