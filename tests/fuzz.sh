@@ -19,5 +19,6 @@ echo "==> fuzzing with PROPTEST_CASES=$PROPTEST_CASES (timeout ${FUZZ_TIMEOUT:-3
 start=$(date +%s)
 timeout "${FUZZ_TIMEOUT:-3600}" cargo test -p plangate --lib -- --test-threads 2 \
   fuzz:: never_panic arbitrary_text yaml_like toml_like substitution \
-  sse_ json_ duration_round_trips parse_never any_unit_name edited_example
+  sse_ json_ duration_round_trips parse_never any_unit_name edited_example \
+  server::edge::
 echo "==> fuzzing passed in $(( $(date +%s) - start ))s" >&2

@@ -117,7 +117,10 @@ async fn enforce_check(addr: std::net::SocketAddr, key: &str, n: usize) -> Tally
 
 /// Store timeout of the outage tests, and the margin a request may take
 /// beyond it (upstream round trip and scheduling on a busy 2-core CI box).
-const STORE_TIMEOUT: Duration = Duration::from_millis(100);
+/// Long enough that a healthy Redis on a loaded 2-core box (builds
+/// running beside the tests) does not time out before the outage: at 100 ms
+/// one request in ~200 did.
+const STORE_TIMEOUT: Duration = Duration::from_millis(250);
 const MARGIN: Duration = Duration::from_millis(400);
 
 struct RedisOutageRig {
@@ -137,7 +140,7 @@ async fn redis_outage_rig(redis_url: Option<String>) -> Option<RedisOutageRig> {
     let mut setup = Setup::new(&mock.url());
     setup.postgres_url = Some(pg);
     setup.redis_url = Some(redis_url.unwrap_or_else(|| redis.url()));
-    setup.store_timeout = "100ms".into();
+    setup.store_timeout = format!("{}ms", STORE_TIMEOUT.as_millis());
     setup.on_store_error = "open".into();
     let open = GatewayProc::spawn(&setup.write(), &[]);
     setup.on_store_error = "closed".into();

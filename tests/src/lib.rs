@@ -103,19 +103,21 @@ pub async fn postgres_db(prefix: &str) -> Option<String> {
 static NEXT_DB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The `plangate` binary the process tests run, if it is there:
-/// `PLANGATE_BIN`, else the one next to this test binary
-/// (`target/debug/deps/suite-…` → `target/debug/plangate`). `tests/run.sh`
-/// builds it before the tests; a plain `cargo test` of this package does not.
+/// `PLANGATE_BIN`, else the one in the same target directory as this
+/// executable: a test binary lives in `target/debug/deps/`, a helper binary
+/// such as `soak` in `target/debug/`. `tests/run.sh` builds it before the
+/// tests; a plain `cargo test` of this package does not.
 pub fn built_plangate() -> Option<std::path::PathBuf> {
     if let Ok(p) = std::env::var("PLANGATE_BIN") {
         return Some(std::path::PathBuf::from(p));
     }
     let exe = std::env::current_exe().ok()?;
-    let bin = exe
-        .parent()?
-        .parent()?
-        .join(format!("plangate{}", std::env::consts::EXE_SUFFIX));
-    bin.exists().then_some(bin)
+    let name = format!("plangate{}", std::env::consts::EXE_SUFFIX);
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(&name))
+        .find(|bin| bin.is_file())
 }
 
 /// [`built_plangate`], or a panic saying how to build it.
