@@ -251,16 +251,15 @@ impl Gateway {
 
         // Rate limits.
         let request_id = core.ids.next_id();
-        // The attempt runs in its own task. If the client goes away while
-        // the store decides, this future is dropped but the task finishes
-        // and drops its permit, which releases the slot; awaited in place,
-        // a cancelled attempt could leave a slot taken in the store with no
-        // permit to release it until its lease expired.
+        // The attempt must run to completion even if the client goes away
+        // while the store decides: a cancelled attempt could leave a slot
+        // taken in the store with no permit to release it until its lease
+        // expired. Finished, its permit is dropped and releases the slot.
         let attempt = {
             let limiter = core.limiter.clone();
             let (id, acct, ep) = (request_id.clone(), account.clone(), endpoint.to_owned());
             let (pol, units) = (policy.clone(), admission.start_units.clone());
-            tokio::spawn(async move { limiter.attempt(&id, &acct, &ep, &pol, &units).await })
+            run_to_completion(async move { limiter.attempt(&id, &acct, &ep, &pol, &units).await })
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("attempt task: {e}"))))
         };
@@ -466,7 +465,7 @@ impl Gateway {
             request_id: Some(ledger_id),
             endpoint: Some(endpoint.to_owned()),
         };
-        // Like the attempt, the deduction runs in its own task: if the client
+        // Like the attempt, the deduction runs to completion: if the client
         // goes away meanwhile, the unclaimed result refunds itself.
         let result = {
             let catalog = self.core.catalog.clone();
@@ -475,7 +474,7 @@ impl Gateway {
                 charges: self.core.charges.clone(),
                 key: deduction.idempotency_key.clone(),
             };
-            let task = tokio::spawn(async move {
+            let task = run_to_completion(async move {
                 unclaimed.result = Some(catalog.deduct(&deduction).await);
                 unclaimed
             });
@@ -695,6 +694,23 @@ fn reservations(route: &Route, headers: &HeaderMap, body: Option<&[u8]>) -> Vec<
             (unit.clone(), n)
         })
         .collect()
+}
+
+/// Run `fut` to its end even if the caller's future is dropped meanwhile:
+/// here, if it finishes on its first poll (the in-process stores), else in
+/// a task of its own whose result the caller awaits (its first poll has
+/// already sent the store call). Spawning every time cost a task per
+/// request, more than an in-process attempt itself.
+async fn run_to_completion<T, F>(fut: F) -> Result<T, tokio::task::JoinError>
+where
+    T: Send + 'static,
+    F: Future<Output = T> + Send + 'static,
+{
+    let mut fut = Box::pin(fut);
+    match (&mut fut).now_or_never() {
+        Some(out) => Ok(out),
+        None => tokio::spawn(fut).await,
+    }
 }
 
 /// The result of an admission deduction until the request handler claims
