@@ -80,6 +80,9 @@ export PLANGATE_REQUIRE_SERVICES=1
 export PLANGATE_TEST_POSTGRES_URL="${PLANGATE_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export PLANGATE_TEST_REDIS_URL="${PLANGATE_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 export PROPTEST_CASES="${PROPTEST_CASES:-256}"
+# Every gateway the tests start keeps its log here; scanned for secrets last.
+PLANGATE_TEST_LOG_DIR="$(mktemp -d -t plangate-test-logs.XXXXXX)"
+export PLANGATE_TEST_LOG_DIR
 
 log "cargo build (the binary is exercised by black-box tests)"
 cargo build -p plangate --bins
@@ -89,3 +92,7 @@ cargo test --workspace --all-targets "$@"
 
 log "cargo test --workspace --doc"
 cargo test --workspace --doc
+
+log "scanning the logs of every gateway the tests started for API keys and admin tokens"
+./tests/scan_logs.sh "$PLANGATE_TEST_LOG_DIR"
+rm -rf "$PLANGATE_TEST_LOG_DIR"

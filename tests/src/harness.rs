@@ -225,6 +225,7 @@ impl TestGateway {
     }
 
     pub async fn start(opts: Options) -> TestGateway {
+        crate::capture_logs();
         let dir = std::env::temp_dir().join(unique("plangate-test"));
         std::fs::create_dir_all(&dir).expect("temp dir");
         std::fs::write(dir.join("plans.yaml"), &opts.plans).expect("write plans");

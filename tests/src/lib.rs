@@ -120,6 +120,45 @@ pub fn built_plangate() -> Option<std::path::PathBuf> {
         .find(|bin| bin.is_file())
 }
 
+/// Where gateways started by tests keep their logs: `PLANGATE_TEST_LOG_DIR`
+/// (set by tests/run.sh, which greps them all for API keys and admin
+/// tokens once every test has run).
+pub fn test_log_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("PLANGATE_TEST_LOG_DIR")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+}
+
+/// Send the logs of in-process gateways of this test binary to a file in
+/// [`test_log_dir`] (at `RUST_LOG`, default `info,plangate=debug`), once
+/// per process. A
+/// no-op without that directory, or if a test installed its own subscriber.
+pub fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let Some(dir) = test_log_dir() else {
+        return;
+    };
+    ONCE.call_once(|| {
+        let exe = std::env::current_exe().ok();
+        let name = exe
+            .as_deref()
+            .and_then(|e| e.file_stem())
+            .and_then(|s| s.to_str())
+            .unwrap_or("tests");
+        let path = dir.join(format!("in-process-{name}-{}.log", std::process::id()));
+        let Ok(file) = std::fs::File::create(&path) else {
+            return;
+        };
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,plangate=debug"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .try_init();
+    });
+}
+
 /// [`built_plangate`], or a panic saying how to build it.
 pub fn plangate_bin() -> std::path::PathBuf {
     built_plangate().expect(

@@ -240,7 +240,11 @@ impl GatewayProc {
     /// Spawn `plangate serve --config <config>` with extra environment and
     /// wait (up to 30 s) for its "plangate listening" log line.
     pub fn spawn(config: &Path, env: &[(&str, &str)]) -> GatewayProc {
-        let log_path = config.with_extension(format!("{}.log", rand::random::<u32>()));
+        // Under tests/run.sh the log is kept for the whole-run secrets scan.
+        let log_path = match crate::test_log_dir() {
+            Some(dir) => dir.join(format!("plangate-serve-{}.log", rand::random::<u64>())),
+            None => config.with_extension(format!("{}.log", rand::random::<u32>())),
+        };
         let mut cmd = Command::new(plangate_bin());
         cmd.args(["serve", "--config"])
             .arg(config)
@@ -340,7 +344,9 @@ impl Drop for GatewayProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log_path);
+        if crate::test_log_dir().is_none() {
+            let _ = std::fs::remove_file(&self.log_path);
+        }
     }
 }
 

@@ -214,6 +214,7 @@ pub fn http_client() -> HttpClient {
 
 impl Rig {
     pub async fn start(setup: &Setup) -> Rig {
+        crate::capture_logs();
         let path = setup.write();
         let config = Config::load(&path).unwrap_or_else(|e| panic!("rig config: {e}"));
         let clock = ManualClock::new(T0_MS);

@@ -496,6 +496,11 @@ impl<T> EdgeGuard<T> {
         buf.put_slice(&self.held[..n]);
         self.held.drain(..n);
         self.released -= n;
+        // A head dribbled in can grow the buffer to 64 KiB; an idle
+        // keep-alive connection should not keep that.
+        if self.held.is_empty() && self.held.capacity() > 8 * 1024 {
+            self.held = Vec::new();
+        }
     }
 }
 
