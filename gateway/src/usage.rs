@@ -676,7 +676,7 @@ impl SseScanner {
                     let v = &line[c + 1..];
                     (&line[..c], v.strip_prefix(b" ").unwrap_or(v))
                 }
-                None => (&line[..], &[][..]),
+                None => (line, &[][..]),
             };
             if name == b"data" {
                 let extra = value.len() + usize::from(self.has_data);

@@ -1081,7 +1081,6 @@ async fn redis_ttls_cover_windows_and_the_longest_lease() {
         async move { raw.key_state(&k).await.pttl }
     };
     let set_covers = |lease_ms: i64| {
-        let pttl = pttl.clone();
         let set = set.clone();
         async move {
             let left = pttl(set.clone()).await;
