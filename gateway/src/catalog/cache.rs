@@ -75,7 +75,7 @@ impl Default for CacheConfig {
             key_ttl: Duration::from_secs(5),
             negative_ttl: Duration::from_secs(2),
             retry_after_error: Duration::from_secs(1),
-            // About 400 bytes a key and its account (measured with
+            // About 350 bytes a key and its account (measured with
             // 100,000 of each, short ids): 1M of each stay within 500 MB.
             max_entries: 1_000_000,
             // Refreshed in the background from half of it on: about one
