@@ -310,19 +310,52 @@ pub trait Catalog: Send + Sync + 'static {
     async fn ping(&self) -> CatalogResult<()>;
 }
 
+/// SHA-256 of an API key, raw; [`hash_key`] is its hex form.
+pub type KeyDigest = [u8; 32];
+
+/// The SHA-256 of an API key (what [`hash_key`] renders in hex).
+pub fn key_digest(key: &str) -> KeyDigest {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(key.as_bytes()).into()
+}
+
 /// Hex SHA-256 of an API key: the only form in which keys are stored.
 pub fn hash_key(key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    // Runs on every request: a table lookup per nibble instead of 32
-    // `write!("{:02x}")` calls, which cost twice as much as the hash itself.
+    hex_digest(&key_digest(key))
+}
+
+/// Lowercase hex of a digest, as [`hash_key`] renders it.
+pub fn hex_digest(digest: &KeyDigest) -> String {
+    // A table lookup per nibble instead of 32 `write!("{:02x}")` calls,
+    // which cost twice as much as the hash itself.
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = Sha256::digest(key.as_bytes());
     let mut out = String::with_capacity(64);
-    for b in digest {
+    for &b in digest {
         out.push(char::from(HEX[usize::from(b >> 4)]));
         out.push(char::from(HEX[usize::from(b & 0x0f)]));
     }
     out
+}
+
+/// The digest a [`hash_key`] string encodes; `None` for anything
+/// `hash_key` does not produce (wrong length, uppercase, not hex).
+pub fn parse_hex_digest(hex: &str) -> Option<KeyDigest> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    let hex = hex.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *o = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
 }
 
 /// Longest plan or account id, in bytes (SPEC §3).
@@ -412,6 +445,28 @@ mod humantime_serde_opt {
         match t {
             Some(t) => s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string()),
             None => s.serialize_none(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{hash_key, key_digest, parse_hex_digest};
+
+    #[test]
+    fn hex_digests_round_trip_and_only_hash_key_forms_parse() {
+        let hex = hash_key("pg_example");
+        assert_eq!(hex.len(), 64);
+        assert_eq!(parse_hex_digest(&hex), Some(key_digest("pg_example")));
+        let cases = [
+            ("", false),
+            (&hex[..62], false),
+            (&hex.to_uppercase(), hex.to_uppercase() == hex),
+            (&format!("{}g", &hex[..63]), false),
+            ("ab12", false),
+        ];
+        for (input, parses) in cases {
+            assert_eq!(parse_hex_digest(input).is_some(), parses, "{input:?}");
         }
     }
 }

@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::catalog::cache::CatalogCache;
-use crate::catalog::{hash_key, Catalog, CatalogError, Deduction};
+use crate::catalog::{key_digest, Catalog, CatalogError, Deduction};
 use crate::config::{Config, EndpointSource, OnStoreError, Route, ValueSource};
 use crate::errors::ApiError;
 use crate::headers;
@@ -418,7 +418,7 @@ impl Gateway {
         if !plausible_key(key) {
             return Err(ApiError::invalid_api_key(key));
         }
-        match self.core.cache.resolve_key(&hash_key(key)).await {
+        match self.core.cache.resolve_key_digest(&key_digest(key)).await {
             Ok(Some(owner)) => Ok(owner.account_id),
             Ok(None) => Err(ApiError::invalid_api_key(key)),
             Err(e) => {

@@ -431,29 +431,9 @@ pub fn is_usage_only_chunk(data: &[u8]) -> bool {
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    // Runs on every SSE event: `windows(n).any(..)` called memcmp at every
-    // byte and was most of a stream's cost. Compare only where the first
-    // two bytes match (`"` and the key's first letter, for our needles).
-    let Some((&first, rest)) = needle.split_first() else {
-        return false;
-    };
-    if hay.len() < needle.len() {
-        return false;
-    }
-    let last_start = hay.len() - needle.len();
-    let mut from = 0;
-    while let Some(p) = hay[from..=last_start].iter().position(|&b| b == first) {
-        let at = from + p;
-        let tail = &hay[at + 1..at + needle.len()];
-        if tail.first() == rest.first() && tail == rest {
-            return true;
-        }
-        from = at + 1;
-        if from > last_start {
-            break;
-        }
-    }
-    false
+    // memchr's vectorized search: JSON is full of the needles' first byte
+    // (`"`), so a byte-at-a-time scan for it cost most of a stream.
+    !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
 }
 
 // ---------------------------------------------------------------- SSE
@@ -473,7 +453,8 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[derive(Debug)]
 pub struct SseScanner {
     paths: Vec<Vec<String>>,
-    needles: Vec<Vec<u8>>,
+    /// `"<last key>"` of each path, searched for in every event.
+    needles: Vec<memchr::memmem::Finder<'static>>,
     values: Vec<Option<u64>>,
     max_event: usize,
     drop_usage_only: bool,
@@ -519,7 +500,7 @@ impl SseScanner {
                 n.push(b'"');
                 n.extend_from_slice(key.as_bytes());
                 n.push(b'"');
-                n
+                memchr::memmem::Finder::new(&n).into_owned()
             })
             .collect();
         let values = vec![None; paths.len()];
@@ -619,23 +600,39 @@ impl SseScanner {
                 }
             }
             let rest = &chunk[i..];
-            match rest.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            match memchr::memchr2(b'\n', b'\r', rest) {
                 None => {
                     self.push_line(rest);
                     self.emit(rest, out);
                     break;
                 }
                 Some(j) => {
-                    self.push_line(&rest[..j]);
+                    // A line that starts and ends in this chunk (the usual
+                    // case) is read in place; only a line split across
+                    // chunks is gathered in `self.line`.
+                    let whole = self.line.is_empty() && !self.line_overflow;
+                    if !whole {
+                        self.push_line(&rest[..j]);
+                    }
                     self.emit(&rest[..=j], out);
                     if rest[j] == b'\r' {
                         self.after_cr = true;
                     }
                     i += j + 1;
                     // A blank line (not an overlong one) dispatches the event.
-                    let dispatches = self.line.is_empty() && !self.line_overflow;
+                    let dispatches = if whole {
+                        j == 0
+                    } else {
+                        self.line.is_empty() && !self.line_overflow
+                    };
                     let dropped_before = self.dropped;
-                    self.end_line(out);
+                    if !whole {
+                        self.end_line(out);
+                    } else if j > self.max_event {
+                        self.event_overflow = true;
+                    } else {
+                        self.take_line(&rest[..j], out);
+                    }
                     if self.after_cr && dispatches {
                         self.lf_after_dispatch = Some(self.dropped != dropped_before);
                     }
@@ -662,6 +659,15 @@ impl SseScanner {
             return;
         }
         let line = std::mem::take(&mut self.line);
+        self.take_line(&line, out);
+        // Reuse the line's allocation for the next line.
+        self.line = line;
+        self.line.clear();
+    }
+
+    /// Act on one complete line (without its terminator), at most
+    /// `max_event` bytes long.
+    fn take_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
         if line.is_empty() {
             self.dispatch(out);
         } else if line[0] != b':' {
@@ -670,7 +676,7 @@ impl SseScanner {
                     let v = &line[c + 1..];
                     (&line[..c], v.strip_prefix(b" ").unwrap_or(v))
                 }
-                None => (&line[..], &[][..]),
+                None => (line, &[][..]),
             };
             if name == b"data" {
                 let extra = value.len() + usize::from(self.has_data);
@@ -685,16 +691,13 @@ impl SseScanner {
                 self.has_data = true;
             }
         }
-        // Reuse the line's allocation for the next line.
-        self.line = line;
-        self.line.clear();
     }
 
     fn dispatch(&mut self, out: &mut Vec<u8>) {
         let mut drop = false;
         if self.has_data && !self.event_overflow && self.data != b"[DONE]" {
             for (i, needle) in self.needles.iter().enumerate() {
-                if contains(&self.data, needle) {
+                if needle.find(&self.data).is_some() {
                     if let Some(v) = json_number_at(&self.data, &self.paths[i]) {
                         self.values[i] = Some(v);
                     }

@@ -59,19 +59,27 @@ async fn missing_and_invalid_keys_are_401_and_never_reach_upstream() {
         assert_eq!(gw.chat(&key, "gpt-test").await.status, 200);
         let keys = gw.catalog().list_keys(&account).await.unwrap();
         gw.catalog().revoke_key(&keys[0].id).await.unwrap();
+        // The invalidation reaches the cache through its follow task, so a
+        // request right after the revocation may still pass on a loaded
+        // machine: those are counted, not failed.
         let mut revoked = false;
+        let mut admitted_while_revoking = 0;
         for _ in 0..100 {
-            if gw.chat(&key, "gpt-test").await.status == 401 {
-                revoked = true;
-                break;
+            match gw.chat(&key, "gpt-test").await.status.as_u16() {
+                401 => {
+                    revoked = true;
+                    break;
+                }
+                200 => admitted_while_revoking += 1,
+                _ => {}
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(revoked, "revoked key still admitted after 5 s");
         assert_eq!(
             gw.mock.requests(),
-            1,
-            "only the one valid request reached the upstream"
+            1 + admitted_while_revoking,
+            "only requests with the valid key reached the upstream"
         );
     }
 }

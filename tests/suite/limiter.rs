@@ -1061,6 +1061,67 @@ async fn redis_pooled_recovers_after_outage() {
     recovers_after_outage(RedisMode::Pooled { max_size: 4 }).await;
 }
 
+/// The scripts set a counter's TTL only when `INCRBY` creates it and extend
+/// the in-flight set's TTL only when it would not cover the new lease: the
+/// TTLs they leave must still cover every window and every lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_ttls_cover_windows_and_the_longest_lease() {
+    let Some(h) = redis_harness(RedisMode::Multiplexed).await else {
+        return;
+    };
+    let raw = h.raw.clone().expect("redis harness");
+    let slack = plangate::limiter::redis::TTL_SLACK_MS as i64;
+    let set = raw.keys.in_flight(&h.account, "e");
+    let counter = raw
+        .keys
+        .window(&h.account, "e", 60, "request", window_index(T0, 60));
+    // Real time passes between the scripts and the PTTL reads: allow 2 s.
+    let pttl = |k: String| {
+        let raw = raw.clone();
+        async move { raw.key_state(&k).await.pttl }
+    };
+    let set_covers = |lease_ms: i64| {
+        let set = set.clone();
+        async move {
+            let left = pttl(set.clone()).await;
+            assert!(
+                left >= lease_ms + slack - 2_000,
+                "{set}: {left} ms left, lease {lease_ms} ms"
+            );
+        }
+    };
+    let short = policy(&[(60, 100, "request")], 0, 30);
+    let long = policy(&[(60, 100, "request")], 0, 600);
+
+    let (_a, _) = h.admit("a", "e", &short, &[]).await;
+    let window_left = (minute_end(T0) - T0) as i64 + slack;
+    let left = pttl(counter.clone()).await;
+    assert!(left > 0 && left <= window_left, "counter: {left} ms left");
+    set_covers(30_000).await;
+
+    // A set whose TTL runs short (as time passes) is extended by the next
+    // admission; a counter that exists keeps the TTL it was created with.
+    let mut c = raw.conn.clone();
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(&set)
+        .arg(1_000)
+        .query_async(&mut c)
+        .await
+        .expect("PEXPIRE");
+    let (_b, _) = h.admit("b", "e", &short, &[]).await;
+    set_covers(30_000).await;
+    assert!(pttl(counter.clone()).await <= left);
+
+    // A longer lease (after a plan change) extends the set; a shorter one
+    // after it does not shorten it.
+    let (_c, _) = h.admit("c", "e", &long, &[]).await;
+    set_covers(600_000).await;
+    let (_d, _) = h.admit("d", "e", &short, &[]).await;
+    set_covers(600_000).await;
+    assert_eq!(h.usage("e", &short).await, (vec![4], 4));
+    h.finish().await;
+}
+
 #[tokio::test]
 async fn malformed_redis_url_is_an_error() {
     let err = RedisStore::connect("not a url").await;

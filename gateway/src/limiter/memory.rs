@@ -9,12 +9,17 @@
 //! Ended windows and expired records are dropped whenever their pair is
 //! touched, and every `sweep_every` operations one shard is swept (round
 //! robin), so pairs nobody touches again vanish too.
+//!
+//! Entries are compact, because a gateway may hold one per account: with
+//! 100,000 accounts and 3 windows, a pair costs about 280 bytes of RSS (one
+//! flat table slot, one allocation for its name, one for its counters; the
+//! in-flight list is freed when empty), where nested maps took about 850.
 
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use hashbrown::HashTable;
 use parking_lot::Mutex;
 
 use super::{
@@ -39,17 +44,45 @@ pub struct MemoryStore {
     sweep_every: u64,
 }
 
-/// account -> endpoint -> entry. Nested so that lookups borrow the `&str`s
-/// of the request instead of allocating a key per operation.
-type Shard = HashMap<Box<str>, HashMap<Box<str>, Entry>>;
+/// One flat table of pairs per shard, hashed like the shard choice
+/// (`MemoryStore::hash`), so that lookups borrow the `&str`s of the request
+/// instead of allocating a key per operation.
+type Shard = HashTable<Pair>;
+
+/// An (account, endpoint) pair and its entry.
+#[derive(Debug)]
+struct Pair {
+    /// The account id followed by the endpoint name, in one allocation.
+    name: Box<str>,
+    /// Length of the account id in `name`.
+    split: usize,
+    entry: Entry,
+}
+
+impl Pair {
+    fn account(&self) -> &str {
+        &self.name[..self.split]
+    }
+
+    fn endpoint(&self) -> &str {
+        &self.name[self.split..]
+    }
+
+    fn is(&self, account: &str, endpoint: &str) -> bool {
+        self.account() == account && self.endpoint() == endpoint
+    }
+}
 
 /// Everything kept for one (account, endpoint).
 #[derive(Debug, Default)]
 struct Entry {
     /// The current (or most recent) window of each (length, unit).
     counters: Vec<Counter>,
-    /// Request id -> lease expiry (ms). A record is live while expiry > now.
-    in_flight: HashMap<Box<str>, u64>,
+    /// Request id and lease expiry (ms). A record is live while expiry > now.
+    /// A list rather than a map: counting the live records (every
+    /// admission) scans them all anyway, most pairs have none or a few in
+    /// flight, and an empty list holds no memory.
+    in_flight: Vec<(Box<str>, u64)>,
     /// A lower bound of the earliest expiry in `in_flight` (u64::MAX when
     /// empty), so pruning is O(1) until something can have expired.
     next_expiry: u64,
@@ -92,10 +125,7 @@ impl MemoryStore {
 
     /// Number of (account, endpoint) pairs currently held.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().values().map(HashMap::len).sum::<usize>())
-            .sum()
+        self.shards.iter().map(|s| s.lock().len()).sum()
     }
 
     /// Whether no pair is held.
@@ -107,13 +137,29 @@ impl MemoryStore {
     /// and every pair left with nothing.
     pub fn sweep_all(&self, now_ms: u64) {
         for shard in self.shards.iter() {
-            sweep(&mut shard.lock(), now_ms);
+            self.sweep(&mut shard.lock(), now_ms);
         }
     }
 
-    fn shard(&self, account: &str, endpoint: &str) -> &Mutex<Shard> {
-        let h = self.hasher.hash_one((account, endpoint));
-        &self.shards[(h % self.shards.len() as u64) as usize]
+    fn hash(&self, account: &str, endpoint: &str) -> u64 {
+        self.hasher.hash_one((account, endpoint))
+    }
+
+    /// The shard of a pair with hash `h`: chosen by the upper half of the
+    /// hash, since the table inside uses its low bits (and top 7).
+    fn shard(&self, h: u64) -> &Mutex<Shard> {
+        &self.shards[((h >> 32) % self.shards.len() as u64) as usize]
+    }
+
+    fn sweep(&self, shard: &mut Shard, now_ms: u64) {
+        shard.retain(|p| {
+            p.entry.prune(now_ms);
+            !p.entry.is_empty()
+        });
+        // Give memory back after a burst: a table never shrinks by itself.
+        if shard.capacity() > 64 && shard.len() < shard.capacity() / 4 {
+            shard.shrink_to_fit(|p| self.hash(p.account(), p.endpoint()));
+        }
     }
 
     /// Count an operation; every `sweep_every`th sweeps the next shard in
@@ -122,7 +168,7 @@ impl MemoryStore {
         let n = self.ops.fetch_add(1, Ordering::Relaxed) + 1;
         if n % self.sweep_every == 0 {
             let i = (n / self.sweep_every) % self.shards.len() as u64;
-            sweep(&mut self.shards[i as usize].lock(), now_ms);
+            self.sweep(&mut self.shards[i as usize].lock(), now_ms);
         }
     }
 
@@ -135,25 +181,29 @@ impl MemoryStore {
         now_ms: u64,
         f: impl FnOnce(&mut Entry) -> T,
     ) -> T {
+        let h = self.hash(account, endpoint);
         let out = {
-            let mut shard = self.shard(account, endpoint).lock();
-            match shard.get_mut(account).and_then(|m| m.get_mut(endpoint)) {
-                Some(entry) => {
+            let mut shard = self.shard(h).lock();
+            match shard.find_entry(h, |p| p.is(account, endpoint)) {
+                Ok(mut found) => {
+                    let entry = &mut found.get_mut().entry;
                     entry.prune(now_ms);
                     let out = f(entry);
                     if entry.is_empty() {
-                        remove(&mut shard, account, endpoint);
+                        found.remove();
                     }
                     out
                 }
-                None => {
+                Err(_) => {
                     let mut entry = Entry::new();
                     let out = f(&mut entry);
                     if !entry.is_empty() {
-                        shard
-                            .entry(Box::from(account))
-                            .or_default()
-                            .insert(Box::from(endpoint), entry);
+                        let pair = Pair {
+                            name: [account, endpoint].concat().into_boxed_str(),
+                            split: account.len(),
+                            entry,
+                        };
+                        shard.insert_unique(h, pair, |p| self.hash(p.account(), p.endpoint()));
                     }
                     out
                 }
@@ -164,39 +214,11 @@ impl MemoryStore {
     }
 }
 
-fn remove(shard: &mut Shard, account: &str, endpoint: &str) {
-    if let Some(m) = shard.get_mut(account) {
-        m.remove(endpoint);
-        if m.is_empty() {
-            shard.remove(account);
-        }
-    }
-}
-
-fn sweep(shard: &mut Shard, now_ms: u64) {
-    shard.retain(|_, endpoints| {
-        endpoints.retain(|_, entry| {
-            entry.prune(now_ms);
-            !entry.is_empty()
-        });
-        shrink(endpoints);
-        !endpoints.is_empty()
-    });
-    shrink(shard);
-}
-
-/// Give memory back after a burst: a map's capacity never shrinks by itself.
-fn shrink<K: Eq + std::hash::Hash, V>(m: &mut HashMap<K, V>) {
-    if m.capacity() > 64 && m.len() < m.capacity() / 4 {
-        m.shrink_to_fit();
-    }
-}
-
 impl Entry {
     fn new() -> Self {
         Entry {
             counters: Vec::new(),
-            in_flight: HashMap::new(),
+            in_flight: Vec::new(),
             next_expiry: u64::MAX,
         }
     }
@@ -210,14 +232,32 @@ impl Entry {
         self.counters
             .retain(|c| c.index >= window_index(now_ms, c.window_secs));
         if now_ms >= self.next_expiry {
-            self.in_flight.retain(|_, &mut exp| exp > now_ms);
-            self.next_expiry = self.in_flight.values().copied().min().unwrap_or(u64::MAX);
-            if self.in_flight.capacity() > 64
-                && self.in_flight.len() < self.in_flight.capacity() / 4
-            {
-                self.in_flight.shrink_to_fit();
-            }
+            self.in_flight.retain(|&(_, exp)| exp > now_ms);
+            self.next_expiry = self
+                .in_flight
+                .iter()
+                .map(|&(_, exp)| exp)
+                .min()
+                .unwrap_or(u64::MAX);
+            self.shrink_in_flight();
         }
+    }
+
+    /// Free the in-flight list when it is empty (most pairs, most of the
+    /// time) and give memory back after a burst.
+    fn shrink_in_flight(&mut self) {
+        let (len, cap) = (self.in_flight.len(), self.in_flight.capacity());
+        if len == 0 && cap > 0 {
+            self.in_flight = Vec::new();
+        } else if cap > 64 && len < cap / 4 {
+            self.in_flight.shrink_to_fit();
+        }
+    }
+
+    fn in_flight_pos(&self, request_id: &str) -> Option<usize> {
+        self.in_flight
+            .iter()
+            .position(|(id, _)| **id == *request_id)
     }
 
     /// Units used in the window of length `window_secs` on `unit` that
@@ -241,6 +281,10 @@ impl Entry {
         let pos = match pos {
             Some(p) => p,
             None => {
+                // Grown one at a time: a pair has a handful of counters
+                // (one per window), and the default growth to 4 would
+                // waste a quarter of a 3-window pair's counter memory.
+                self.counters.reserve_exact(1);
                 self.counters.push(Counter {
                     window_secs,
                     unit: unit.clone(),
@@ -259,7 +303,7 @@ impl Entry {
     }
 
     fn live(&self, now_ms: u64) -> u32 {
-        let n = self.in_flight.values().filter(|&&e| e > now_ms).count();
+        let n = self.in_flight.iter().filter(|&&(_, e)| e > now_ms).count();
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
@@ -271,10 +315,8 @@ impl Entry {
             .map(|w| self.used(w.window_secs, &w.unit, now))
             .collect();
         let in_flight = self.live(now);
-        let duplicate = self
-            .in_flight
-            .get(req.request_id)
-            .is_some_and(|&exp| exp > now);
+        let record = self.in_flight_pos(req.request_id);
+        let duplicate = record.is_some_and(|i| self.in_flight[i].1 > now);
         let full = req
             .windows
             .iter()
@@ -306,7 +348,12 @@ impl Entry {
             }
         }
         let expiry = now.saturating_add(req.lease_ms);
-        self.in_flight.insert(Box::from(req.request_id), expiry);
+        match record {
+            // An expired record of the same id (pruning keeps none, but
+            // this does not rely on it): replaced, as a map insert would.
+            Some(i) => self.in_flight[i].1 = expiry,
+            None => self.in_flight.push((Box::from(req.request_id), expiry)),
+        }
         self.next_expiry = self.next_expiry.min(expiry);
         AttemptOutcome {
             verdict,
@@ -318,9 +365,11 @@ impl Entry {
     fn end(&mut self, req: &EndRequest<'_>) -> bool {
         // Pruning already dropped the record if its lease ran out: an
         // expired request is no longer in flight and is not settled.
-        if self.in_flight.remove(req.request_id).is_none() {
+        let Some(i) = self.in_flight_pos(req.request_id) else {
             return false;
-        }
+        };
+        self.in_flight.swap_remove(i);
+        self.shrink_in_flight();
         let now = req.now_ms;
         for s in req.settlements {
             if s.actual > s.reserved {
@@ -365,10 +414,10 @@ impl CounterStore for MemoryStore {
 
     async fn renew(&self, req: &RenewRequest<'_>) -> Result<bool, StoreError> {
         Ok(self.with_entry(req.account, req.endpoint, req.now_ms, |e| {
-            match e.in_flight.get_mut(req.request_id) {
-                Some(exp) => {
+            match e.in_flight_pos(req.request_id) {
+                Some(i) => {
                     // Pruning ran first, so a record still here is live.
-                    *exp = req.now_ms.saturating_add(req.lease_ms);
+                    e.in_flight[i].1 = req.now_ms.saturating_add(req.lease_ms);
                     true
                 }
                 None => false,
@@ -439,6 +488,52 @@ mod tests {
         .expect("usage");
         assert_eq!(usage.in_flight, 0);
         assert_eq!(s.len(), 0);
+    }
+
+    #[test]
+    fn pairs_are_told_apart_by_both_parts() {
+        // "ab" + "c" and "a" + "bc" are stored under the same bytes.
+        let s = MemoryStore::with_options(1, u64::MAX);
+        let windows = [spec(60, 1, 1)];
+        let try_pair = |account: &str, endpoint: &str| {
+            run(s.attempt(&AttemptRequest {
+                request_id: "r",
+                account,
+                endpoint,
+                now_ms: T0,
+                windows: &windows,
+                max_concurrent: 0,
+                lease_ms: 1_000,
+            }))
+            .expect("attempt")
+            .verdict
+        };
+        assert_eq!(try_pair("ab", "c"), Verdict::Admitted);
+        assert_eq!(try_pair("a", "bc"), Verdict::Admitted);
+        assert_eq!(try_pair("ab", "c"), Verdict::Duplicate);
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn ended_requests_leave_no_in_flight_memory() {
+        let s = MemoryStore::with_options(1, u64::MAX);
+        assert_eq!(attempt(&s, "a", "r1", T0, 1_000), Verdict::Admitted);
+        assert_eq!(attempt(&s, "a", "r2", T0, 1_000), Verdict::Admitted);
+        for id in ["r2", "r1"] {
+            let ended = run(s.end(&EndRequest {
+                request_id: id,
+                account: "a",
+                endpoint: "e",
+                now_ms: T0 + 10,
+                settlements: &[],
+            }))
+            .expect("end");
+            assert!(ended, "{id}");
+        }
+        let shard = s.shards[0].lock();
+        let pair = shard.iter().next().expect("the window counter is live");
+        assert_eq!(pair.entry.in_flight.capacity(), 0);
+        assert_eq!(pair.entry.counters.capacity(), 1);
     }
 
     #[test]

@@ -4,7 +4,12 @@
 //! on `NOSCRIPT` — a fresh or restarted server — loads the script and
 //! retries once). Every key a script touches is passed in `KEYS` and shares
 //! one hash tag (see [`super::keys`]), so the scripts also run on Redis
-//! Cluster. Every key written gets a TTL in the same script that writes it.
+//! Cluster. Every key written gets a TTL in the same script that writes it:
+//! a counter when `INCRBY` creates it (its name holds its window, so the
+//! first TTL, the window's end plus [`TTL_SLACK_MS`], is the right one and
+//! later writes need not repeat it), the in-flight set whenever its TTL
+//! would no longer cover the lease just added. Only `PEXPIRE` without
+//! options and `PTTL` are used, so Redis 6 and Garnet run the scripts too.
 //!
 //! Times come from the caller (`now_ms`), never from the server clock, so
 //! every gateway instance agrees on window boundaries with its own clock
@@ -62,7 +67,8 @@ for i = 1, n do
 end
 local live = redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[1], '+inf')
 local verdict, at = 0, 0
-local score = redis.call('ZSCORE', KEYS[1], id)
+-- A live duplicate would be one of the live records.
+local score = live > 0 and redis.call('ZSCORE', KEYS[1], id)
 if score and tonumber(score) > now then
   verdict = 3
 else
@@ -80,18 +86,29 @@ else
 end
 if verdict == 0 then
   for i = 1, n do
-    if ARGV[4 + 3 * i] ~= '0' then
-      used[i] = redis.call('INCRBY', KEYS[i + 1], ARGV[4 + 3 * i])
-      redis.call('PEXPIRE', KEYS[i + 1], ARGV[5 + 3 * i])
+    local amount = ARGV[4 + 3 * i]
+    if amount ~= '0' then
+      used[i] = redis.call('INCRBY', KEYS[i + 1], amount)
+      -- Equal to the amount: this INCRBY created the key (or found the 0
+      -- a give-back left, where a fresh TTL is harmless).
+      if used[i] == tonumber(amount) then
+        redis.call('PEXPIRE', KEYS[i + 1], ARGV[5 + 3 * i])
+      end
     end
   end
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
   redis.call('ZADD', KEYS[1], ARGV[4], id)
+  -- The set must live as long as its longest lease plus the slack. With
+  -- nothing live, ZREMRANGEBYSCORE emptied (deleted) it and ZADD made a
+  -- new one without a TTL. Otherwise its TTL already covers the older
+  -- leases (every write keeps it so), and is extended only if it falls
+  -- short of this one; by one lease more than needed, so that a busy set
+  -- pays one PTTL per admission and one PEXPIRE per lease.
+  local lease = expiry - now
+  if live == 0 or redis.call('PTTL', KEYS[1]) < lease + slack then
+    redis.call('PEXPIRE', KEYS[1], 2 * lease + slack)
+  end
   live = live + 1
-  -- The set lives as long as its longest lease (leases may differ after
-  -- a plan change).
-  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-  redis.call('PEXPIRE', KEYS[1], math.max(tonumber(last[2]), expiry) - now + slack)
 end
 local out = {verdict, at, live}
 for i = 1, n do
@@ -120,8 +137,10 @@ for i = 1, n do
   local add = ARGV[3 * i]
   local back = tonumber(ARGV[3 * i + 1])
   if add ~= '0' then
-    redis.call('INCRBY', KEYS[2 * i], add)
-    redis.call('PEXPIRE', KEYS[2 * i], ARGV[3 * i + 2])
+    -- As in the attempt: a TTL when INCRBY created the key.
+    if redis.call('INCRBY', KEYS[2 * i], add) == tonumber(add) then
+      redis.call('PEXPIRE', KEYS[2 * i], ARGV[3 * i + 2])
+    end
   elseif back > 0 then
     local v = redis.call('GET', KEYS[2 * i + 1])
     if v then

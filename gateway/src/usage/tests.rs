@@ -303,6 +303,42 @@ fn sse_split_at_every_byte_gives_the_same_result() {
     }
 }
 
+/// Lines read in place (whole in one chunk) and lines gathered across
+/// chunks must agree: one byte per chunk takes only the second way, one
+/// chunk only the first, and both with a bound small enough to overflow.
+#[test]
+fn sse_byte_at_a_time_matches_one_chunk() {
+    let paths = || vec![p("usage.total_tokens"), p("total_tokens")];
+    for eol in ["\n", "\r\n", "\r"] {
+        let mut stream = openai_stream(eol, 1234);
+        stream.push_str(&format!(
+            "data: {{\"total_tokens\":5}}{eol}data: x{eol}{eol}"
+        ));
+        stream.push_str(&format!(
+            "data:{{\"total_tokens\":6}}{eol}{eol}event: e{eol}data{eol}{eol}"
+        ));
+        stream.push_str(&format!(
+            "data: {{\"total_tokens\":7, \"padding\": \"{}\"}}{eol}{eol}",
+            "x".repeat(200)
+        ));
+        let input = stream.as_bytes();
+        let every_byte: Vec<usize> = (1..input.len()).collect();
+        for drop in [false, true] {
+            for max in [DEFAULT_MAX_EVENT_BYTES, 150, 40] {
+                let make = || SseScanner::with_options(paths(), drop, max);
+                let whole = run(&mut make(), input, &[]);
+                let bytes = run(&mut make(), input, &every_byte);
+                assert_eq!(whole, bytes, "eol {eol:?} drop {drop} max {max}");
+                if !drop {
+                    assert_eq!(whole.1, input);
+                }
+            }
+        }
+        let (values, _) = run(&mut SseScanner::new(paths()), input, &[]);
+        assert_eq!(values, vec![Some(1234), Some(7)], "eol {eol:?}");
+    }
+}
+
 #[test]
 fn sse_event_details() {
     let cases: &[(&str, Option<u64>)] = &[
