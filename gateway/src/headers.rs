@@ -149,32 +149,58 @@ pub fn format_duration_ms(ms: u64) -> String {
 
 /// [`format_duration_ms`] into any writer.
 pub fn write_duration_ms<W: fmt::Write>(out: &mut W, ms: u64) -> fmt::Result {
+    // Numbers go through `write_u64`, not `write!`: the formatting
+    // machinery cost ~1,000 instructions per value, and every response
+    // renders one or more of these.
     if ms == 0 {
         return out.write_str("0s");
     }
     if ms < 1_000 {
-        return write!(out, "{ms}ms");
+        write_u64(out, ms)?;
+        return out.write_str("ms");
     }
     let hours = ms / 3_600_000;
     let minutes = ms % 3_600_000 / 60_000;
     let secs = ms % 60_000 / 1_000;
     let frac = ms % 1_000;
     if hours > 0 {
-        write!(out, "{hours}h{minutes}m")?;
-    } else if minutes > 0 {
-        write!(out, "{minutes}m")?;
+        write_u64(out, hours)?;
+        out.write_char('h')?;
     }
-    write!(out, "{secs}")?;
+    if hours > 0 || minutes > 0 {
+        write_u64(out, minutes)?;
+        out.write_char('m')?;
+    }
+    write_u64(out, secs)?;
     if frac > 0 {
         // Three digits, trailing zeros trimmed: 500 -> ".5", 50 -> ".05".
-        let (mut digits, mut n) = (frac, 3);
-        while digits % 10 == 0 {
-            digits /= 10;
-            n -= 1;
-        }
-        write!(out, ".{digits:0n$}")?;
+        let digits = [frac / 100, frac / 10 % 10, frac % 10].map(|d| b'0' + d as u8);
+        let n = if frac % 100 == 0 {
+            1
+        } else if frac % 10 == 0 {
+            2
+        } else {
+            3
+        };
+        out.write_char('.')?;
+        out.write_str(std::str::from_utf8(&digits[..n]).map_err(|_| fmt::Error)?)?;
     }
     out.write_char('s')
+}
+
+/// A decimal integer, rendered on the stack.
+fn write_u64<W: fmt::Write>(out: &mut W, mut n: u64) -> fmt::Result {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.write_str(std::str::from_utf8(&buf[i..]).map_err(|_| fmt::Error)?)
 }
 
 /// Parse a duration in the format of [`format_duration_ms`] back into
