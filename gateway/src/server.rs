@@ -7,8 +7,10 @@ use std::future::Future;
 use std::io::BufReader;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -146,16 +148,13 @@ pub async fn serve_listener<H, F>(
             seen.store(true, Ordering::Relaxed);
             // A head the edge guard refused arrives as its stand-in and is
             // answered before any routing.
-            let refused = Rejection::of(req.headers());
-            let fut = match refused {
-                None => Some(handler(req, peer)),
-                Some(_) => None,
-            };
-            async move {
-                Ok::<_, Infallible>(match (fut, refused) {
-                    (Some(fut), _) => fut.await,
-                    (None, rejection) => refusal(rejection.unwrap_or(Rejection::Malformed)),
-                })
+            match Rejection::of(req.headers()) {
+                None => Served::Handler {
+                    fut: handler(req, peer),
+                },
+                Some(rejection) => Served::Refused {
+                    resp: Some(refusal(rejection)),
+                },
             }
         });
         let credentials = opts.credential_headers.clone();
@@ -235,6 +234,32 @@ async fn drive<C, E>(
     };
     if let Err(e) = out {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The service future of a connection: the handler's future, polled as
+    /// it is, or a refusal. (An async block that took the handler's future
+    /// out of an `Option` or a tuple would hold it twice — kilobytes — and
+    /// hyper moves the service future by memcpy once per request: +15,000
+    /// instructions per request, measured with callgrind.)
+    #[project = ServedProj]
+    enum Served<F> {
+        Handler { #[pin] fut: F },
+        Refused { resp: Option<Response<Body>> },
+    }
+}
+
+impl<F: Future<Output = Response<Body>>> Future for Served<F> {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ServedProj::Handler { fut } => fut.poll(cx).map(Ok),
+            ServedProj::Refused { resp } => Poll::Ready(Ok(resp
+                .take()
+                .unwrap_or_else(|| refusal(Rejection::Malformed)))),
+        }
     }
 }
 
