@@ -17,7 +17,7 @@ use crate::catalog::{Catalog, CatalogError, Invalidation};
 use crate::errors::ApiError;
 use crate::plans::parse::{parse_plans, plan_to_json, plans_to_json};
 use crate::proxy::{limits_json, Core};
-use crate::server::Body;
+use crate::server::{error_response, Body};
 
 /// Largest admin request body (plans files are small).
 const MAX_ADMIN_BODY: usize = 4 * 1024 * 1024;
@@ -42,11 +42,6 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     resp
-}
-
-fn error(e: &ApiError) -> Response<Body> {
-    e.to_response::<Full<Bytes>>()
-        .map(|b| b.map_err(|never| match never {}).boxed_unsync())
 }
 
 fn catalog_error(e: CatalogError) -> ApiError {
@@ -111,11 +106,11 @@ impl Admin {
             return json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
         }
         if !self.authorized(&req) {
-            return error(&ApiError::AdminUnauthorized);
+            return error_response(&ApiError::AdminUnauthorized);
         }
         match self.route(req).await {
             Ok(resp) => resp,
-            Err(e) => error(&e),
+            Err(e) => error_response(&e),
         }
     }
 

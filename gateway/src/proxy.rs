@@ -32,7 +32,7 @@ use crate::limiter::{AnyStore, Attempt, Limiter, Permit, RateLimitInfo, StoreErr
 use crate::metrics::Metrics;
 use crate::plans::{CreditCost, Plan, Policy, Unit};
 use crate::routes::Router;
-use crate::server::{Body, BoxError};
+use crate::server::{error_response, Body, BoxError};
 use crate::upstream::{strip_hop_by_hop, UpstreamClient};
 use crate::usage::{self, ResponseMeter};
 
@@ -119,11 +119,6 @@ fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
-}
-
-fn error_response(e: &ApiError) -> Response<Body> {
-    e.to_response::<Full<Bytes>>()
-        .map(|b| b.map_err(|never| match never {}).boxed_unsync())
 }
 
 fn error_with_info(e: &ApiError, info: &RateLimitInfo) -> Response<Body> {
