@@ -162,8 +162,9 @@ pub struct Route {
     pub endpoint: EndpointSource,
     /// Per unit, sources tried in order; the first that yields a number wins.
     pub usage: Vec<(Unit, Vec<ValueSource>)>,
-    /// Per unit, the request-side amount reserved at admission.
-    pub reserve: Vec<(Unit, ValueSource)>,
+    /// Per unit, the request-side amount reserved at admission: sources
+    /// tried in order, the first that yields a number wins.
+    pub reserve: Vec<(Unit, Vec<ValueSource>)>,
 }
 
 /// The whole checked configuration.

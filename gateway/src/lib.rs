@@ -13,6 +13,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod credits;
+pub mod decode;
 pub mod errors;
 #[cfg(test)]
 mod fuzz;

@@ -21,6 +21,17 @@
 //! | `x-mock-chunk-delay-ms: N` | pause between stream chunks |
 //! | `x-mock-die-after: N` | break the connection after N chunks (non-stream: mid-body) |
 //! | `x-mock-tokens: T` | report T total tokens |
+//! | `x-mock-encoding: E` | compress with E (`gzip`, `deflate`) whatever the request accepts; `br` sends the body unchanged but labelled `br` |
+//! | `x-mock-trailing-bytes: N` | a JSON answer carries a `prompt_logprobs` field of about N bytes after `usage`, as vLLM's does |
+//!
+//! Like the servers it stands in for, the mock
+//! - compresses with gzip when the request accepts it (`accept-encoding`
+//!   naming `gzip`), as nginx with `gzip on` does, streams included (each
+//!   event flushed);
+//! - reads the request leniently, as pydantic does: `stream` and
+//!   `stream_options.include_usage` are truthy (`true`, `1`, `"true"`,
+//!   `"1"`, `"yes"`, `"on"`), `n` may be a numeric string; of duplicate
+//!   keys the last wins.
 
 use std::convert::Infallible;
 use std::io;
@@ -246,6 +257,8 @@ struct Knobs {
     chunk_delay_ms: Option<u64>,
     die_after: Option<u32>,
     tokens: Option<u64>,
+    encoding: Option<String>,
+    trailing_bytes: Option<usize>,
 }
 
 impl Knobs {
@@ -260,6 +273,19 @@ impl Knobs {
             chunk_delay_ms: num(h, "x-mock-chunk-delay-ms"),
             die_after: num(h, "x-mock-die-after"),
             tokens: num(h, "x-mock-tokens"),
+            encoding: h
+                .get("x-mock-encoding")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .or_else(|| {
+                    let accepts = h
+                        .get_all(http::header::ACCEPT_ENCODING)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .any(|v| v.split(',').any(|c| c.trim().starts_with("gzip")));
+                    accepts.then(|| "gzip".to_owned())
+                }),
+            trailing_bytes: num(h, "x-mock-trailing-bytes"),
         }
     }
 }
@@ -314,11 +340,10 @@ async fn handle(
     let resp = match (&parts.method, path) {
         (&Method::POST, "/v1/chat/completions") | (&Method::POST, "/v1/completions") => {
             let chat = path == "/v1/chat/completions";
-            if json.get("stream") == Some(&Value::Bool(true)) {
+            if json.get("stream").is_some_and(truthy) {
                 let include_usage = json
                     .pointer("/stream_options/include_usage")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
+                    .is_some_and(truthy);
                 let plan = StreamPlan {
                     chat,
                     model,
@@ -331,7 +356,7 @@ async fn handle(
                     include_usage,
                     usage: (prompt, completion),
                 };
-                return stream_response(plan, guard);
+                return stream_response(plan, knobs.encoding.as_deref(), guard);
             }
             let text = "mock ".repeat(chunks as usize);
             let choice = if chat {
@@ -365,7 +390,11 @@ async fn handle(
             })
         }
         (&Method::POST, "/v1/images/generations") => {
-            let n = json.get("n").and_then(Value::as_u64).unwrap_or(1).min(100);
+            let n = json
+                .get("n")
+                .and_then(|n| n.as_u64().or_else(|| n.as_str()?.trim().parse().ok()))
+                .unwrap_or(1)
+                .min(100);
             let data: Vec<Value> = (0..n)
                 .map(|i| json!({"url": format!("https://mock.invalid/images/{i}.png")}))
                 .collect();
@@ -385,7 +414,22 @@ async fn handle(
             )
         }
     };
-    let bytes = Bytes::from(serde_json::to_vec(&resp).unwrap_or_default());
+    let mut raw = serde_json::to_vec(&resp).unwrap_or_default();
+    if let (Some(n), Some(b'}')) = (knobs.trailing_bytes, raw.last()) {
+        // After `usage` (serde_json writes keys in order, so splice it in).
+        raw.pop();
+        raw.extend_from_slice(br#","prompt_logprobs":["#);
+        let item: &[u8] = br#"{"12":{"logprob":-1.5,"rank":1,"decoded_token":"usage"}},"#;
+        while raw.len() < n {
+            raw.extend_from_slice(item);
+        }
+        raw.extend_from_slice(br#"null]}"#);
+    }
+    let encoded = knobs.encoding.as_deref().and_then(|e| encode(e, &[&raw]));
+    let bytes = match &encoded {
+        Some((_, frames)) => Bytes::from(frames.concat()),
+        None => Bytes::from(raw),
+    };
     let mut response = match knobs.die_after {
         // Send half the body, then break the connection.
         Some(_) => {
@@ -414,6 +458,12 @@ async fn handle(
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some((coding, _)) = encoded {
+        response.headers_mut().insert(
+            http::header::CONTENT_ENCODING,
+            HeaderValue::from_static(coding),
+        );
+    }
     if let Some(name) = &opts.usage_header {
         if resp.get("usage").is_some() {
             let total = resp["usage"]["total_tokens"].as_u64().unwrap_or(0);
@@ -497,8 +547,86 @@ fn sse(v: &Value) -> Bytes {
     Bytes::from(out)
 }
 
-fn stream_response(plan: StreamPlan, guard: InFlight) -> Response<MockBody> {
-    let events = plan.events();
+/// A JSON value read as pydantic reads a `bool` in lax mode.
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => matches!(
+            s.trim().to_ascii_lowercase().as_str(),
+            "true" | "1" | "yes" | "on" | "y" | "t"
+        ),
+        _ => false,
+    }
+}
+
+/// Compress `pieces` as one body in `coding`, one output frame per piece
+/// (each flushed, as a streaming nginx does) plus the trailer in the last.
+/// `br` is only a label (the mock cannot brotli): the pieces go unchanged.
+fn encode(coding: &str, pieces: &[&[u8]]) -> Option<(&'static str, Vec<Vec<u8>>)> {
+    use flate2::write::{GzEncoder, ZlibEncoder};
+    use flate2::Compression;
+    use std::io::Write;
+    fn run<W: Write>(
+        mut enc: W,
+        pieces: &[&[u8]],
+        take: impl Fn(&mut W) -> Vec<u8>,
+        finish: impl FnOnce(W) -> Vec<u8>,
+    ) -> Vec<Vec<u8>> {
+        let mut frames: Vec<Vec<u8>> = pieces
+            .iter()
+            .map(|p| {
+                let _ = enc.write_all(p);
+                let _ = enc.flush();
+                take(&mut enc)
+            })
+            .collect();
+        let tail = finish(enc);
+        match frames.last_mut() {
+            Some(last) => last.extend_from_slice(&tail),
+            None => frames.push(tail),
+        }
+        frames
+    }
+    match coding.trim() {
+        "gzip" => Some((
+            "gzip",
+            run(
+                GzEncoder::new(Vec::new(), Compression::fast()),
+                pieces,
+                |e| std::mem::take(e.get_mut()),
+                |e| e.finish().unwrap_or_default(),
+            ),
+        )),
+        "deflate" => Some((
+            "deflate",
+            run(
+                ZlibEncoder::new(Vec::new(), Compression::fast()),
+                pieces,
+                |e| std::mem::take(e.get_mut()),
+                |e| e.finish().unwrap_or_default(),
+            ),
+        )),
+        "br" => Some(("br", pieces.iter().map(|p| p.to_vec()).collect())),
+        _ => None,
+    }
+}
+
+fn stream_response(
+    plan: StreamPlan,
+    encoding: Option<&str>,
+    guard: InFlight,
+) -> Response<MockBody> {
+    let mut events = plan.events();
+    let encoded = encoding.and_then(|e| {
+        let pieces: Vec<&[u8]> = events.iter().map(|b| &b[..]).collect();
+        encode(e, &pieces)
+    });
+    let mut coding = None;
+    if let Some((c, frames)) = encoded {
+        coding = Some(c);
+        events = frames.into_iter().map(Bytes::from).collect();
+    }
     let delay = plan.chunk_delay;
     let die_after = plan.die_after.map(|n| n as usize);
     // State: next event index; the guard lives as long as the stream.
@@ -524,6 +652,10 @@ fn stream_response(plan: StreamPlan, guard: InFlight) -> Response<MockBody> {
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     r.headers_mut()
         .insert("cache-control", HeaderValue::from_static("no-cache"));
+    if let Some(c) = coding {
+        r.headers_mut()
+            .insert(http::header::CONTENT_ENCODING, HeaderValue::from_static(c));
+    }
     r
 }
 

@@ -25,13 +25,14 @@ use hyper::body::Incoming;
 
 use crate::catalog::cache::CatalogCache;
 use crate::catalog::{key_digest, Catalog, CatalogError, Deduction};
-use crate::config::{Config, EndpointSource, OnStoreError, Route, ValueSource};
+use crate::config::{Config, EndpointSource, OnStoreError, Route};
+use crate::decode::{ContentDecoder, Unsupported};
 use crate::errors::ApiError;
 use crate::headers;
 use crate::limiter::{AnyStore, Attempt, Limiter, Permit, RateLimitInfo, StoreError};
 use crate::metrics::Metrics;
 use crate::plans::{CreditCost, Plan, Policy, Unit};
-use crate::routes::Router;
+use crate::routes::{self, Router};
 use crate::server::{error_response, Body, BoxError};
 use crate::upstream::{strip_hop_by_hop, UpstreamClient};
 use crate::usage::{self, ResponseMeter};
@@ -180,6 +181,9 @@ struct Admission {
     /// The gateway turned on `stream_options.include_usage`; drop the extra
     /// usage chunk before the client sees it.
     injected_usage: bool,
+    /// Size of the request body (read, or as declared), for the prompt
+    /// estimate of a stream cut short.
+    body_bytes: u64,
 }
 
 impl Gateway {
@@ -327,6 +331,15 @@ impl Gateway {
             // The body was rewritten; its length changed.
             parts.headers.remove(header::CONTENT_LENGTH);
         }
+        let meters_body = routes::meters_body(route);
+        if meters_body {
+            // The meter reads the body: ask for it uncompressed (an upstream
+            // that compresses anyway is decoded below).
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, admission.body);
@@ -340,7 +353,10 @@ impl Gateway {
             request_id,
             ledger_request_id: client_request_id.to_str().unwrap_or("").to_owned(),
             credits: policy.credits.clone(),
+            reserved: admission.start_units.clone(),
+            prompt_tokens: admission.body_bytes.div_ceil(usage::BYTES_PER_TOKEN as u64),
             upstream_failed: false,
+            answered_ok: true,
             _in_flight: in_flight,
         };
 
@@ -381,9 +397,29 @@ impl Gateway {
         if status.is_server_error() {
             settle.upstream_failed = true;
         }
+        settle.answered_ok = status.is_success();
         strip_hop_by_hop(&mut resp_parts.headers);
+        let decoder = if meters_body {
+            match ContentDecoder::for_headers(&resp_parts.headers) {
+                Ok(d) => d,
+                Err(Unsupported(coding)) => {
+                    // Asked for identity, sent something the meter cannot
+                    // read: refused rather than forwarded uncounted.
+                    tracing::warn!(upstream = %upstream.name, %coding, "upstream response in a content-encoding the gateway cannot meter");
+                    settle.fail().await;
+                    core.metrics.request(endpoint, "upstream_error", 502);
+                    return Err(ApiError::UpstreamUnavailable);
+                }
+            }
+        } else {
+            None
+        };
+        if decoder.is_some() {
+            resp_parts.headers.remove(header::CONTENT_ENCODING);
+        }
         let meter = ResponseMeter::new(&route.usage, &resp_parts.headers, admission.injected_usage);
-        let rewrites_body = admission.injected_usage && usage::is_event_stream(&resp_parts.headers);
+        let rewrites_body = decoder.is_some()
+            || (admission.injected_usage && usage::is_event_stream(&resp_parts.headers));
         if let Some(info) = &info {
             headers::insert_rate_limit(&mut resp_parts.headers, info);
         }
@@ -397,7 +433,7 @@ impl Gateway {
         if rewrites_body {
             resp_parts.headers.remove(header::CONTENT_LENGTH);
         }
-        let body = MeteredBody::new(resp_body, meter, settle, rewrites_body);
+        let body = MeteredBody::new(resp_body, meter, decoder, settle, rewrites_body);
         Ok(Response::from_parts(resp_parts, body.boxed_unsync()))
     }
 
@@ -616,32 +652,36 @@ fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>) -> serde_json::Va
 }
 
 /// Read what admission needs from the request body: the endpoint id
-/// (`{model}`) and reservations. Reads the body (bounded) only when one of
-/// them needs it; otherwise the body streams through untouched.
+/// (`{model}`), reservations, and whether a stream needs `include_usage`
+/// (see `usage::request` for the strict reading). Reads the body (bounded)
+/// only when one of them needs it; otherwise the body streams through
+/// untouched.
 async fn read_admission(
     route: &Route,
     headers: &HeaderMap,
     body: Incoming,
     max_body: u64,
 ) -> Result<Admission, ApiError> {
-    let needs_body = matches!(route.endpoint, EndpointSource::Model)
-        || route
-            .reserve
-            .iter()
-            .any(|(_, s)| matches!(s, ValueSource::Body(_)));
-    if !needs_body {
+    let bad = |e: usage::request::BadRequest| ApiError::invalid_request(e.0);
+    if !routes::needs_request_body(route) {
         // Only literal endpoints get here: `{model}` needs the body.
         let endpoint = match &route.endpoint {
             EndpointSource::Literal(e) => e.clone(),
             EndpointSource::Model => String::new(),
         };
-        let start_units = reservations(route, headers, None);
+        let reserved = usage::request::header_reservations(headers, &route.reserve).map_err(bad)?;
+        let body_bytes = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
         let limited = Limited::new(body, max_body as usize).map_err(BoxError::from);
         return Ok(Admission {
             endpoint,
-            start_units,
+            start_units: default_reservations(reserved),
             body: limited.boxed_unsync(),
             injected_usage: false,
+            body_bytes,
         });
     }
     let bytes = match Limited::new(body, max_body as usize).collect().await {
@@ -657,22 +697,38 @@ async fn read_admission(
             return Err(ApiError::invalid_request("could not read the request body"));
         }
     };
+    let facts = usage::request::read_request(&bytes, headers, &route.reserve).map_err(bad)?;
     let endpoint = match &route.endpoint {
         EndpointSource::Literal(e) => e.clone(),
-        EndpointSource::Model => {
-            usage::request_model(&bytes).map_err(|e| ApiError::invalid_request(e.to_string()))?
+        EndpointSource::Model => match facts.model.as_deref() {
+            Some(m) if !m.is_empty() => m.to_owned(),
+            _ if facts.json => {
+                return Err(ApiError::invalid_request(
+                    usage::ModelError::NoModel.to_string(),
+                ))
+            }
+            _ => {
+                return Err(ApiError::invalid_request(
+                    usage::ModelError::NotJson.to_string(),
+                ))
+            }
+        },
+    };
+    let body_bytes = bytes.len() as u64;
+    let mut injected_usage = false;
+    let mut bytes = bytes;
+    if facts.stream && !facts.include_usage && routes::meters_body(route) {
+        if let Some(rewritten) = usage::request::with_include_usage(&bytes, &facts) {
+            bytes = Bytes::from(rewritten);
+            injected_usage = true;
         }
-    };
-    let start_units = reservations(route, headers, Some(&bytes));
-    let (bytes, injected_usage) = match usage::ensure_include_usage(&bytes) {
-        usage::IncludeUsage::Added(rewritten) => (rewritten, true),
-        usage::IncludeUsage::NotStreaming | usage::IncludeUsage::AlreadyRequested => (bytes, false),
-    };
+    }
     Ok(Admission {
         endpoint,
-        start_units,
+        start_units: default_reservations(facts.reserved),
         body: full(bytes),
         injected_usage,
+        body_bytes,
     })
 }
 
@@ -680,14 +736,10 @@ async fn read_admission(
 /// not say (no `n`, no `max_tokens`) reserves 1, OpenAI's default `n`: an
 /// image request without `n` still counts one image, and a token
 /// reservation is settled to the measured amount at the end anyway.
-fn reservations(route: &Route, headers: &HeaderMap, body: Option<&[u8]>) -> Vec<(Unit, u64)> {
-    route
-        .reserve
-        .iter()
-        .map(|(unit, source)| {
-            let n = usage::read_source(source, headers, body).unwrap_or(1);
-            (unit.clone(), n)
-        })
+fn default_reservations(reserved: Vec<(Unit, Option<u64>)>) -> Vec<(Unit, u64)> {
+    reserved
+        .into_iter()
+        .map(|(unit, n)| (unit, n.unwrap_or(1)))
         .collect()
 }
 
@@ -738,7 +790,15 @@ struct Settle {
     request_id: String,
     ledger_request_id: String,
     credits: Option<CreditCost>,
+    /// The start amounts reserved at admission (the route's `reserve`).
+    reserved: Vec<(Unit, u64)>,
+    /// Estimated prompt tokens (request body bytes / 4), for a stream cut
+    /// short before its usage chunk.
+    prompt_tokens: u64,
     upstream_failed: bool,
+    /// The upstream answered 2xx. Otherwise (a 4xx refusal) reserved units
+    /// the response did not report are given back, not charged.
+    answered_ok: bool,
     /// Counts the request in the in-flight gauge until settled.
     _in_flight: Option<InFlightGuard>,
 }
@@ -821,6 +881,8 @@ impl Settle {
 pub struct MeteredBody {
     inner: Incoming,
     meter: ResponseMeter,
+    /// Decodes a compressed upstream body before it is metered.
+    decoder: Option<ContentDecoder>,
     rewrites_body: bool,
     settle: Option<Settle>,
     renew_every: Option<Duration>,
@@ -829,7 +891,13 @@ pub struct MeteredBody {
 }
 
 impl MeteredBody {
-    fn new(inner: Incoming, meter: ResponseMeter, settle: Settle, rewrites_body: bool) -> Self {
+    fn new(
+        inner: Incoming,
+        meter: ResponseMeter,
+        decoder: Option<ContentDecoder>,
+        settle: Settle,
+        rewrites_body: bool,
+    ) -> Self {
         let renew_every = settle.permit.as_ref().map(|p| {
             let expiry = p.ticket().policy.concurrency_expiry_secs.max(1);
             Duration::from_millis(expiry * 1000 / 2)
@@ -838,6 +906,7 @@ impl MeteredBody {
         Self {
             inner,
             meter,
+            decoder,
             rewrites_body,
             settle: Some(settle),
             renew_every,
@@ -850,7 +919,20 @@ impl MeteredBody {
         self.done = true;
         self.renew_timer = None;
         if let Some(settle) = self.settle.take() {
-            let units = self.meter.units();
+            let units = if settle.answered_ok {
+                self.meter
+                    .settle_units(&settle.reserved, settle.prompt_tokens)
+            } else {
+                // Refused upstream: only what it reported; reservations
+                // are given back.
+                let mut units = self.meter.units();
+                for (u, _) in &settle.reserved {
+                    if !units.iter().any(|(m, _)| m == u) {
+                        units.push((u.clone(), 0));
+                    }
+                }
+                units
+            };
             // Settle right here when that needs no waiting (the in-process
             // store, no credits to write): spawning a task per request cost
             // more than the settlement itself. Otherwise (a Redis round
@@ -900,9 +982,19 @@ impl HttpBody for MeteredBody {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
-                    let tail = this.meter.finish();
+                    let mut tail = Vec::new();
+                    if let Some(d) = &mut this.decoder {
+                        match d.finish() {
+                            Ok(rest) => tail.extend_from_slice(&this.meter.feed(&rest)),
+                            Err(e) => {
+                                this.finish();
+                                return Poll::Ready(Some(Err(Box::new(e))));
+                            }
+                        }
+                    }
+                    tail.extend_from_slice(&this.meter.finish());
                     this.finish();
-                    return Poll::Ready((!tail.is_empty()).then(|| Ok(Frame::data(tail))));
+                    return Poll::Ready((!tail.is_empty()).then(|| Ok(Frame::data(tail.into()))));
                 }
                 Poll::Ready(Some(Err(e))) => {
                     // The upstream died mid-body: charge what was seen.
@@ -911,6 +1003,18 @@ impl HttpBody for MeteredBody {
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
+                        let data = match &mut this.decoder {
+                            None => data,
+                            Some(d) => match d.feed(&data) {
+                                Ok(decoded) => decoded,
+                                Err(e) => {
+                                    // A broken encoding is a broken upstream
+                                    // body: charge what was seen.
+                                    this.finish();
+                                    return Poll::Ready(Some(Err(Box::new(e))));
+                                }
+                            },
+                        };
                         let out = this.meter.feed(&data);
                         if out.is_empty() {
                             continue;

@@ -89,13 +89,23 @@ fn normalize_prefix(p: &str) -> &str {
 }
 
 /// Whether handling a request on `route` needs its JSON body before it is
-/// forwarded: for `{model}` routing or a reservation read from the body.
+/// forwarded: for `{model}` routing, a reservation read from the body, or
+/// a body-measured route (a streaming request's `include_usage`).
 pub fn needs_request_body(route: &Route) -> bool {
     matches!(route.endpoint, EndpointSource::Model)
-        || route
-            .reserve
-            .iter()
-            .any(|(_, s)| matches!(s, ValueSource::Body(_)))
+        || any_body_source(&route.reserve)
+        || meters_body(route)
+}
+
+/// Whether `route` measures units from the response body.
+pub fn meters_body(route: &Route) -> bool {
+    any_body_source(&route.usage)
+}
+
+fn any_body_source(sources: &[(crate::plans::Unit, Vec<ValueSource>)]) -> bool {
+    sources
+        .iter()
+        .any(|(_, s)| s.iter().any(|s| matches!(s, ValueSource::Body(_))))
 }
 
 /// The endpoint id of a request on `route`: the literal, or the `model` of
@@ -201,7 +211,7 @@ mod tests {
         let reserve = Route {
             reserve: vec![(
                 Unit::new("token"),
-                ValueSource::Body(vec!["max_tokens".into()]),
+                vec![ValueSource::Body(vec!["max_tokens".into()])],
             )],
             ..lit
         };

@@ -20,6 +20,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use crate::config::ValueSource;
 use crate::plans::Unit;
 
+pub mod request;
+
 /// Default bound on one SSE line / event, and on a JSON body kept whole.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
 /// How much of the end of a large JSON body is kept to find the usage in.
@@ -436,6 +438,93 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
 }
 
+// ---------------------------------------------------------------- estimates
+
+/// Bytes of generated text counted as one token when a stream is cut short
+/// before its usage chunk. English averages about four bytes per token.
+pub const BYTES_PER_TOKEN: usize = 4;
+
+/// Keys whose string values are generated text in the stream shapes the
+/// gateway meets: OpenAI chat (`content`, `reasoning_content`, `refusal`,
+/// tool-call `arguments`), completions (`text`), Responses (`delta`),
+/// Anthropic (`text`, `thinking`, `partial_json`), vLLM (`reasoning`).
+const CONTENT_KEYS: [&[u8]; 9] = [
+    b"content",
+    b"text",
+    b"reasoning_content",
+    b"reasoning",
+    b"refusal",
+    b"arguments",
+    b"delta",
+    b"thinking",
+    b"partial_json",
+];
+
+/// Estimated tokens of one SSE event: `ceil(text bytes / 4)`, and at least
+/// one for an event that carries any text. Servers that stream one token
+/// per event (OpenAI, vLLM, TGI, llama.cpp) are never undercounted; text
+/// longer than four bytes per token counts more. Escapes count at their
+/// escaped length (more, never less).
+pub fn content_tokens(data: &[u8]) -> u64 {
+    let bytes = content_bytes(data);
+    if bytes == 0 {
+        0
+    } else {
+        bytes.div_ceil(BYTES_PER_TOKEN) as u64
+    }
+}
+
+/// Total length of the string values of [`CONTENT_KEYS`] in a JSON text,
+/// found lexically (no parse, no allocation).
+fn content_bytes(data: &[u8]) -> usize {
+    let mut total = 0usize;
+    let mut i = 0;
+    while let Some(q) = data.get(i..).and_then(|rest| memchr::memchr(b'"', rest)) {
+        let start = i + q + 1;
+        let Some(end) = string_end(data, start) else {
+            break;
+        };
+        let mut j = skip_ws(data, end + 1);
+        if data.get(j) != Some(&b':') {
+            // A string value not directly under a content key.
+            i = end + 1;
+            continue;
+        }
+        let key = &data[start..end];
+        j = skip_ws(data, j + 1);
+        if data.get(j) == Some(&b'"') && CONTENT_KEYS.contains(&key) {
+            let Some(vend) = string_end(data, j + 1) else {
+                // Cut inside the value: count what is there.
+                total += data.len() - (j + 1);
+                break;
+            };
+            total += vend - (j + 1);
+            i = vend + 1;
+        } else {
+            i = j;
+        }
+    }
+    total
+}
+
+/// Index of the quote that closes a string whose content starts at `from`.
+fn string_end(data: &[u8], mut from: usize) -> Option<usize> {
+    loop {
+        let k = memchr::memchr2(b'"', b'\\', data.get(from..)?)?;
+        if data[from + k] == b'"' {
+            return Some(from + k);
+        }
+        from += k + 2;
+    }
+}
+
+fn skip_ws(data: &[u8], mut i: usize) -> usize {
+    while data.get(i).is_some_and(u8::is_ascii_whitespace) {
+        i += 1;
+    }
+    i
+}
+
 // ---------------------------------------------------------------- SSE
 
 /// An incremental `text/event-stream` scanner. Feed it the response body in
@@ -475,6 +564,9 @@ pub struct SseScanner {
     /// (`Some(true)`: dropped).
     lf_after_dispatch: Option<bool>,
     dropped: usize,
+    /// Estimated completion tokens of the events forwarded so far (see
+    /// [`content_tokens`]).
+    content_tokens: u64,
 }
 
 impl SseScanner {
@@ -520,6 +612,7 @@ impl SseScanner {
             raw_flushed: false,
             lf_after_dispatch: None,
             dropped: 0,
+            content_tokens: 0,
         }
     }
 
@@ -564,6 +657,12 @@ impl SseScanner {
     /// How many usage-only events were dropped.
     pub fn dropped(&self) -> usize {
         self.dropped
+    }
+
+    /// Estimated completion tokens of the events forwarded so far: the
+    /// fallback measurement of a stream cut short before its usage chunk.
+    pub fn content_tokens(&self) -> u64 {
+        self.content_tokens
     }
 
     fn emit(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
@@ -704,6 +803,16 @@ impl SseScanner {
                 }
             }
             drop = self.drop_usage_only && !self.raw_flushed && is_usage_only_chunk(&self.data);
+            if !drop {
+                self.content_tokens = self
+                    .content_tokens
+                    .saturating_add(content_tokens(&self.data));
+            }
+        } else if self.has_data && self.event_overflow {
+            // Too large to look into: at least what its size allows.
+            self.content_tokens = self
+                .content_tokens
+                .saturating_add(self.max_event.div_ceil(BYTES_PER_TOKEN) as u64);
         }
         if self.drop_usage_only {
             if drop {
@@ -940,6 +1049,65 @@ impl ResponseMeter {
                     .map(|v| (unit.clone(), v))
             })
             .collect()
+    }
+
+    /// What the request is settled with, per unit (windows and per-unit
+    /// credits alike):
+    /// - the amount the response reported, when it did (at most
+    ///   [`request::MAX_REQUEST_AMOUNT`]);
+    /// - else, for an event stream (finished or cut short before its usage
+    ///   chunk), the larger of the reservation and an estimate of what was
+    ///   delivered: the completion from the streamed text
+    ///   ([`content_tokens`]) plus `prompt_tokens`, by the measuring path's
+    ///   last key (`*prompt*`/`*input*`: the prompt; `*completion*`/
+    ///   `*output*`: the completion; anything else, e.g. `total_tokens`:
+    ///   both);
+    /// - else the reservation: a unit reserved but not measured (images
+    ///   from `n`) is charged what was reserved.
+    ///
+    /// Units with none of these are left out.
+    pub fn settle_units(&self, reserved: &[(Unit, u64)], prompt_tokens: u64) -> Vec<(Unit, u64)> {
+        let measured = self.units();
+        let mut out: Vec<(Unit, u64)> = measured
+            .iter()
+            .map(|(u, n)| (u.clone(), (*n).min(request::MAX_REQUEST_AMOUNT)))
+            .collect();
+        for (unit, sources) in &self.units {
+            if measured.iter().any(|(u, _)| u == unit) {
+                continue;
+            }
+            let reserve = reserved.iter().find(|(u, _)| u == unit).map(|(_, n)| *n);
+            let estimate = match &self.body {
+                BodyScan::Sse(scan) => sources.iter().find_map(|s| match s {
+                    Resolved::Body(i) => self.body_path(*i).map(|path| {
+                        let completion = scan.content_tokens();
+                        let last = path.last().map(String::as_str).unwrap_or("");
+                        if last.contains("prompt") || last.contains("input") {
+                            prompt_tokens
+                        } else if last.contains("completion") || last.contains("output") {
+                            completion
+                        } else {
+                            prompt_tokens.saturating_add(completion)
+                        }
+                    }),
+                    Resolved::Header(_) => None,
+                }),
+                _ => None,
+            };
+            let amount = match (reserve, estimate) {
+                (Some(r), Some(e)) => Some(r.max(e)),
+                (r, e) => r.or(e),
+            };
+            if let Some(n) = amount {
+                out.push((unit.clone(), n.min(request::MAX_REQUEST_AMOUNT)));
+            }
+        }
+        for (unit, n) in reserved {
+            if !out.iter().any(|(u, _)| u == unit) {
+                out.push((unit.clone(), *n));
+            }
+        }
+        out
     }
 
     fn body_value(&self, i: usize) -> Option<u64> {

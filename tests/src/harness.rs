@@ -282,7 +282,7 @@ path = "/v1/chat/completions"
 upstream = "mock"
 endpoint = "{{model}}"
 usage.token = ["body:usage.total_tokens"]
-reserve.token = "body:max_tokens"
+reserve.token = ["body:max_completion_tokens", "body:max_tokens", "body:max_output_tokens"]
 
 [[routes]]
 path = "/v1/embeddings"

@@ -6,6 +6,7 @@ mod catalog;
 mod cluster;
 mod config;
 mod gateway;
+mod integrity;
 mod limiter;
 mod reload;
 mod sdk;

@@ -571,8 +571,8 @@ impl Builder<'_> {
                 found
             });
             let endpoint = self.endpoint(&r.endpoint, &format!("{key}.endpoint"));
-            let usage = self.usage(&r.usage, &format!("{key}.usage"));
-            let reserve = self.reserve(&r.reserve, &format!("{key}.reserve"));
+            let usage = self.sources(&r.usage, &format!("{key}.usage"));
+            let reserve = self.sources(&r.reserve, &format!("{key}.reserve"));
             if let (Some(path), Some(upstream), Some(endpoint)) = (path, upstream, endpoint) {
                 out.push(Route {
                     path,
@@ -651,7 +651,8 @@ impl Builder<'_> {
         }
     }
 
-    fn usage(
+    /// `usage.<unit>` or `reserve.<unit>`: a source or a list of them.
+    fn sources(
         &mut self,
         raw: &BTreeMap<Str, toml::Spanned<toml::Value>>,
         key: &str,
@@ -705,19 +706,6 @@ impl Builder<'_> {
             };
             if let (Some(unit), Some(sources)) = (unit, sources) {
                 out.push((unit, sources));
-            }
-        }
-        out
-    }
-
-    fn reserve(&mut self, raw: &BTreeMap<Str, Str>, key: &str) -> Vec<(Unit, ValueSource)> {
-        let mut out = Vec::new();
-        for (name, value) in raw {
-            let key = format!("{key}.{}", name.get_ref());
-            let unit = self.unit(name, &key);
-            let source = self.source(value.get_ref(), value.span(), &key);
-            if let (Some(unit), Some(source)) = (unit, source) {
-                out.push((unit, source));
             }
         }
         out

@@ -96,7 +96,7 @@ pub struct RawRoute {
     /// `usage.<unit> = "source"` or `["source", ...]`.
     #[serde(default)]
     pub usage: BTreeMap<Str, Spanned<toml::Value>>,
-    /// `reserve.<unit> = "source"`.
+    /// `reserve.<unit> = "source"` or `["source", ...]`.
     #[serde(default)]
-    pub reserve: BTreeMap<Str, Str>,
+    pub reserve: BTreeMap<Str, Spanned<toml::Value>>,
 }

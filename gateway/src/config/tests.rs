@@ -219,7 +219,7 @@ usage.image = "body:data.length"
             )],
             reserve: vec![(
                 Unit::new("token"),
-                ValueSource::Body(vec!["max_tokens".into()])
+                vec![ValueSource::Body(vec!["max_tokens".into()])]
             )],
         }
     );

@@ -1,0 +1,505 @@
+//! Metering integrity, tried as a client that wants free units would, with
+//! an upstream that behaves like the real ones (compresses when asked,
+//! reads JSON leniently, streams long answers, puts `usage` before a large
+//! trailing field, answers slowly). Every case runs on both backends and
+//! asserts on the counters (`/v1/limits`) and the credit ledger, not only
+//! on status codes.
+//!
+//! Each case prints one `integrity:` line: units the upstream delivered,
+//! units counted in the windows, credits charged per unit (run with
+//! `--nocapture` to read them).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::Full;
+use plangate::mock::MockOptions;
+use plangate_tests::harness::{tokens_used, Backend, Options, Resp, TestGateway};
+use serde_json::{json, Value};
+
+/// One token per streamed chunk (as OpenAI and vLLM stream), so that what
+/// the mock reports is what a real server would.
+const PLANS: &str = r#"
+default_plan: metered
+plans:
+  metered:
+    endpoints:
+      "gpt-test":
+        fixed_windows:
+          - window: 60s
+            limit: 1000
+          - window: 60s
+            limit: 10_000_000
+            unit_type: token
+        max_concurrent: 4
+        credits:
+          min_balance: 1
+          per_request: 1
+          per_unit: { token: { credits: 1, per: 1 } }
+      "small-window":
+        fixed_windows:
+          - window: 60s
+            limit: 60
+            unit_type: token
+      "text-embedding-test":
+        fixed_windows:
+          - window: 60s
+            limit: 10_000_000
+            unit_type: token
+      "dall-e-3":
+        fixed_windows:
+          - window: 60s
+            limit: 100
+            unit_type: image
+        credits:
+          min_balance: 1
+          per_request: 1
+          per_unit: { image: { credits: 4, per: 1 } }
+"#;
+
+async fn gateways() -> Vec<TestGateway> {
+    let mut out = Vec::new();
+    for backend in Backend::all().await {
+        let mut o = Options::new(backend);
+        o.plans = PLANS.to_owned();
+        o.mock = MockOptions {
+            tokens_per_chunk: 1,
+            ..MockOptions::default()
+        };
+        out.push(TestGateway::start(o).await);
+    }
+    out
+}
+
+/// A funded account: (id, key).
+async fn account(gw: &TestGateway) -> (String, String) {
+    let (id, key) = gw.account(None).await;
+    gw.catalog()
+        .create_quota_block(&id, 100_000_000, None, json!({}))
+        .await
+        .expect("grant");
+    (id, key)
+}
+
+/// POST a raw body (possibly not canonical JSON).
+async fn post_raw(
+    gw: &TestGateway,
+    path: &str,
+    key: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Resp {
+    let mut b = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {key}"));
+    for (n, v) in headers {
+        b = b.header(*n, *v);
+    }
+    gw.send(b.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+        .await
+}
+
+/// Requests counted in the 60 s window of `endpoint`.
+fn requests_used(limits: &Value, endpoint: &str) -> u64 {
+    limits["endpoints"][endpoint]["windows"]
+        .as_array()
+        .expect("windows")
+        .iter()
+        .find(|w| w["unit"] == "request" && w["window_seconds"] == 60)
+        .and_then(|w| w["used"].as_u64())
+        .expect("request window")
+}
+
+fn units_used(limits: &Value, endpoint: &str, unit: &str) -> u64 {
+    limits["endpoints"][endpoint]["windows"]
+        .as_array()
+        .expect("windows")
+        .iter()
+        .find(|w| w["unit"] == unit)
+        .and_then(|w| w["used"].as_u64())
+        .expect("window")
+}
+
+/// Per-unit credits charged to `account` (ledger rows `use:*`), once the
+/// background charge has landed (bounded wait, never for a window).
+async fn unit_credits(gw: &TestGateway, account: &str, expect_rows: usize) -> u64 {
+    let mut sum = 0;
+    for _ in 0..300 {
+        let ledger = gw.catalog().ledger(account).await.expect("ledger");
+        let rows: Vec<_> = ledger
+            .iter()
+            .filter(|e| e.idempotency_key.starts_with("use:"))
+            .collect();
+        sum = rows.iter().map(|e| e.requested).sum();
+        if rows.len() >= expect_rows {
+            return sum;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sum
+}
+
+fn report(case: &str, backend: Backend, delivered: u64, counted: u64, charged: u64) {
+    eprintln!(
+        "integrity: {case:<34} {backend:?}: delivered {delivered}, counted {counted}, credits charged {charged}"
+    );
+}
+
+fn chat(stream: bool) -> Value {
+    json!({
+        "model": "gpt-test",
+        "stream": stream,
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_upstream_answers_are_metered() {
+    for gw in gateways().await {
+        let backend = gw
+            .config
+            .storage
+            .redis_url
+            .as_ref()
+            .map_or(Backend::Memory, |_| Backend::Real);
+        let (account_id, key) = account(&gw).await;
+        let mut delivered = 0;
+        let mut rows = 0;
+        // The client accepts gzip (the openai SDK does): the gateway asks
+        // the upstream for identity, so a compressing upstream does not.
+        let r = gw
+            .post_with(
+                "/v1/chat/completions",
+                Some(&key),
+                &chat(false),
+                &[("accept-encoding", "gzip, deflate")],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let forwarded = gw.mock.stats().last_request().expect("forwarded");
+        assert_eq!(forwarded.headers["accept-encoding"], "identity");
+        delivered += r.json()["usage"]["total_tokens"].as_u64().unwrap();
+        rows += 1;
+        // An upstream (or CDN) that compresses whatever it is asked:
+        // decoded, metered, and forwarded decoded.
+        for coding in ["gzip", "deflate"] {
+            let r = gw
+                .post_with(
+                    "/v1/chat/completions",
+                    Some(&key),
+                    &chat(false),
+                    &[("x-mock-encoding", coding), ("accept-encoding", "gzip")],
+                )
+                .await;
+            assert_eq!(r.status, 200, "{coding}");
+            assert!(r.header("content-encoding").is_none(), "{coding}");
+            delivered += r.json()["usage"]["total_tokens"].as_u64().unwrap();
+            rows += 1;
+            // And a compressed stream, whose usage chunk the client did not
+            // ask for and must not see.
+            let mut s = gw
+                .post_streaming(
+                    "/v1/chat/completions",
+                    &key,
+                    &chat(true),
+                    &[("x-mock-encoding", coding), ("x-mock-chunks", "20")],
+                )
+                .await;
+            assert_eq!(s.status, 200);
+            assert!(s.headers.get("content-encoding").is_none());
+            let (body, clean) = s.read_all().await;
+            assert!(clean);
+            let text = String::from_utf8(body).expect("decoded text");
+            assert!(text.contains("data: [DONE]"), "{text}");
+            assert!(!text.contains("total_tokens"), "usage chunk leaked: {text}");
+            let forwarded = gw.mock.stats().last_request().unwrap();
+            delivered += forwarded.body.len().div_ceil(4) as u64 + 20;
+            rows += 1;
+        }
+        gw.wait_settled().await;
+        let counted = tokens_used(&gw.limits(&key).await, "gpt-test");
+        let charged = unit_credits(&gw, &account_id, rows).await;
+        report("compressed responses", backend, delivered, counted, charged);
+        assert_eq!(counted, delivered);
+        assert_eq!(charged, delivered);
+
+        // A coding the gateway cannot read is refused, not served free.
+        let before = gw.limits(&key).await;
+        let r = gw
+            .post_with(
+                "/v1/chat/completions",
+                Some(&key),
+                &chat(false),
+                &[("x-mock-encoding", "br")],
+            )
+            .await;
+        assert_eq!(r.status, 502);
+        assert_eq!(r.code(), "upstream_unavailable");
+        gw.wait_settled().await;
+        let after = gw.limits(&key).await;
+        assert_eq!(
+            tokens_used(&after, "gpt-test"),
+            tokens_used(&before, "gpt-test")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_canonical_and_duplicate_fields_are_refused_before_anything_runs() {
+    for gw in gateways().await {
+        let (_, key) = account(&gw).await;
+        let msgs = r#""messages":[{"role":"user","content":"hi"}]"#;
+        for body in [
+            format!(r#"{{"model":"gpt-test","stream":1,{msgs}}}"#),
+            format!(r#"{{"model":"gpt-test","stream":"true",{msgs}}}"#),
+            format!(
+                r#"{{"model":"gpt-test","stream":true,"stream_options":{{"include_usage":"false"}},{msgs}}}"#
+            ),
+            format!(r#"{{"model":"gpt-test","n":"2",{msgs}}}"#),
+            format!(r#"{{"model":"gpt-test","max_tokens":"100000",{msgs}}}"#),
+            format!(r#"{{"model":"gpt-test","max_tokens":1e19,{msgs}}}"#),
+            format!(
+                r#"{{"model":"gpt-test","max_completion_tokens":100000000000000000000,{msgs}}}"#
+            ),
+            format!(r#"{{"model":"small-window","stream":false,{msgs},"model":"gpt-test"}}"#),
+            format!(r#"{{"model":"gpt-test","stream":false,{msgs},"stream":true}}"#),
+            format!(r#"{{"model":"gpt-test","max_tokens":1,{msgs},"max_tokens":100000}}"#),
+        ] {
+            let r = post_raw(&gw, "/v1/chat/completions", &key, &body, &[]).await;
+            assert_eq!(r.status, 400, "{body}: {:?}", r.body);
+            assert_eq!(r.code(), "invalid_request", "{body}");
+            let stream_like = body.contains(r#""stream":"true""#) || body.contains(r#""stream":1"#);
+            if stream_like {
+                let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+                assert!(msg.contains("'stream'"), "{msg}");
+            }
+        }
+        // Nothing reached the upstream, nothing was counted.
+        assert_eq!(gw.mock.requests(), 0);
+        let limits = gw.limits(&key).await;
+        assert_eq!(requests_used(&limits, "gpt-test"), 0);
+        assert_eq!(tokens_used(&limits, "gpt-test"), 0);
+    }
+}
+
+/// Reads a stream until `events` content events arrived, then hangs up.
+async fn read_events_then_hang_up(
+    gw: &TestGateway,
+    key: &str,
+    body: &Value,
+    events: usize,
+) -> usize {
+    let mut s = gw
+        .post_streaming(
+            "/v1/chat/completions",
+            key,
+            body,
+            &[("x-mock-chunks", "200"), ("x-mock-chunk-delay-ms", "3")],
+        )
+        .await;
+    assert_eq!(s.status, 200);
+    let mut seen = 0;
+    let mut text = Vec::new();
+    while seen < events {
+        match s.next_data().await {
+            Some(Ok(d)) => {
+                text.extend_from_slice(&d);
+                seen = memchr::memmem::find_iter(&text, b"\"content\"").count();
+            }
+            _ => break,
+        }
+    }
+    assert!(seen >= events, "the stream ended early after {seen} events");
+    drop(s);
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_short_is_charged_what_was_delivered() {
+    for gw in gateways().await {
+        let backend = gw
+            .config
+            .storage
+            .redis_url
+            .as_ref()
+            .map_or(Backend::Memory, |_| Backend::Real);
+        let (account_id, key) = account(&gw).await;
+        // No max_tokens: the reservation is 1 token.
+        let seen = read_events_then_hang_up(&gw, &key, &chat(true), 150).await;
+        gw.wait_settled().await;
+        let forwarded = gw.mock.stats().last_request().expect("forwarded");
+        // What the upstream's usage would have said for what was delivered.
+        let prompt = forwarded.body.len().div_ceil(4) as u64;
+        let delivered = prompt + seen as u64;
+        let counted = tokens_used(&gw.limits(&key).await, "gpt-test");
+        let charged = unit_credits(&gw, &account_id, 1).await;
+        report(
+            "stream cut by the client",
+            backend,
+            delivered,
+            counted,
+            charged,
+        );
+        assert!(
+            counted >= delivered,
+            "counted {counted} < delivered {delivered}"
+        );
+        // The estimate's margin: "mock " is 5 bytes, two tokens at four
+        // bytes a token; at most the 200 chunks the upstream could send.
+        assert!(counted <= prompt + 2 * 200, "counted {counted}");
+        assert_eq!(charged, counted);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_upstream_cuts_is_charged_what_was_delivered() {
+    for gw in gateways().await {
+        let backend = gw
+            .config
+            .storage
+            .redis_url
+            .as_ref()
+            .map_or(Backend::Memory, |_| Backend::Real);
+        let (account_id, key) = account(&gw).await;
+        let mut s = gw
+            .post_streaming(
+                "/v1/chat/completions",
+                &key,
+                &chat(true),
+                &[("x-mock-chunks", "100"), ("x-mock-die-after", "60")],
+            )
+            .await;
+        let (body, clean) = s.read_all().await;
+        assert!(!clean);
+        let seen = memchr::memmem::find_iter(&body, b"\"content\"").count() as u64;
+        gw.wait_settled().await;
+        let forwarded = gw.mock.stats().last_request().unwrap();
+        let delivered = forwarded.body.len().div_ceil(4) as u64 + seen;
+        let counted = tokens_used(&gw.limits(&key).await, "gpt-test");
+        let charged = unit_credits(&gw, &account_id, 1).await;
+        report(
+            "stream cut by the upstream",
+            backend,
+            delivered,
+            counted,
+            charged,
+        );
+        assert_eq!(seen, 60);
+        assert!(
+            counted >= delivered,
+            "counted {counted} < delivered {delivered}"
+        );
+        assert!(counted <= delivered + seen, "counted {counted}");
+        assert_eq!(charged, counted);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_only_units_are_charged_credits_for_what_was_reserved() {
+    for gw in gateways().await {
+        let backend = gw
+            .config
+            .storage
+            .redis_url
+            .as_ref()
+            .map_or(Backend::Memory, |_| Backend::Real);
+        let (account_id, key) = account(&gw).await;
+        let r = gw
+            .post(
+                "/v1/images/generations",
+                Some(&key),
+                &json!({"prompt": "a cat", "n": 3}),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let delivered = r.json()["data"].as_array().unwrap().len() as u64;
+        gw.wait_settled().await;
+        let counted = units_used(&gw.limits(&key).await, "dall-e-3", "image");
+        let charged = unit_credits(&gw, &account_id, 1).await;
+        report(
+            "images reserved from n",
+            backend,
+            delivered,
+            counted,
+            charged,
+        );
+        assert_eq!(delivered, 3);
+        assert_eq!(counted, 3);
+        assert_eq!(charged, 3 * 4);
+
+        // A refused request (the upstream's 4xx) is not charged its images.
+        let r = gw
+            .post_with(
+                "/v1/images/generations",
+                Some(&key),
+                &json!({"prompt": "a cat", "n": 2}),
+                &[("x-mock-status", "400")],
+            )
+            .await;
+        assert_eq!(r.status, 400);
+        gw.wait_settled().await;
+        assert_eq!(units_used(&gw.limits(&key).await, "dall-e-3", "image"), 3);
+        assert_eq!(unit_credits(&gw, &account_id, 1).await, 12);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_output_token_field_is_reserved() {
+    for gw in gateways().await {
+        let (_, key) = account(&gw).await;
+        // A 60-token window: a request that may produce 200,000 tokens does
+        // not fit, whatever the field is called.
+        for field in ["max_tokens", "max_completion_tokens", "max_output_tokens"] {
+            let mut body =
+                json!({"model": "small-window", "messages": [{"role": "user", "content": "hi"}]});
+            body[field] = json!(200_000);
+            let r = gw.post("/v1/chat/completions", Some(&key), &body).await;
+            assert_eq!(r.status, 429, "{field}");
+            assert_eq!(r.code(), "request_too_large", "{field}");
+        }
+        assert_eq!(gw.mock.requests(), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_before_a_large_trailing_field_is_found() {
+    for gw in gateways().await {
+        let backend = gw
+            .config
+            .storage
+            .redis_url
+            .as_ref()
+            .map_or(Backend::Memory, |_| Backend::Real);
+        let (account_id, key) = account(&gw).await;
+        let r = gw
+            .post_with(
+                "/v1/chat/completions",
+                Some(&key),
+                &chat(false),
+                &[
+                    ("x-mock-trailing-bytes", "3000000"),
+                    ("x-mock-tokens", "777"),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        assert!(r.body.len() > 3_000_000);
+        let delivered = r.json()["usage"]["total_tokens"].as_u64().unwrap();
+        gw.wait_settled().await;
+        let counted = tokens_used(&gw.limits(&key).await, "gpt-test");
+        let charged = unit_credits(&gw, &account_id, 1).await;
+        report(
+            "usage before 3 MB of logprobs",
+            backend,
+            delivered,
+            counted,
+            charged,
+        );
+        assert_eq!(delivered, 777);
+        assert_eq!(counted, 777);
+        assert_eq!(charged, 777);
+    }
+}
