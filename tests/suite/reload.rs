@@ -172,6 +172,11 @@ path = "/v1/chat/completions"
 upstream = "mock"
 endpoint = "{{model}}"
 usage.token = ["body:usage.total_tokens"]
+[[routes]]
+path = "/v1/images/generations"
+upstream = "mock"
+endpoint = "dall-e-3"
+reserve.image = "body:n"
 "#
     );
     if extra_route {
