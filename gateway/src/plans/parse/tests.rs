@@ -430,7 +430,7 @@ fn units_no_route_measures_are_refused_with_a_suggestion() {
         ]
     );
     // `request` needs no route; the SPEC example passes with its units.
-    assert!(parse_plans_for(&SPEC_EXAMPLE, "plans.yaml", &routes_units()).is_ok());
+    assert!(parse_plans_for(SPEC_EXAMPLE, "plans.yaml", &routes_units()).is_ok());
     let only_requests = KnownUnits::new([]);
     let errs = parse_plans_for(SPEC_EXAMPLE, "plans.yaml", &only_requests).unwrap_err();
     let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
