@@ -15,7 +15,8 @@ use subtle::ConstantTimeEq;
 
 use crate::catalog::{Catalog, CatalogError, Invalidation};
 use crate::errors::ApiError;
-use crate::plans::parse::{parse_plans, plan_to_json, plans_to_json};
+use crate::plans::parse::{parse_plans_for, plan_to_json, plans_to_json};
+use crate::plans::{KnownUnits, MAX_AMOUNT};
 use crate::proxy::{limits_json, Core};
 use crate::server::{error_response, Body};
 
@@ -26,6 +27,8 @@ const MAX_ADMIN_BODY: usize = 4 * 1024 * 1024;
 pub struct Admin {
     token: String,
     core: Arc<Core>,
+    /// The units plans may name (those of the routes in force).
+    units: Arc<arc_swap::ArcSwap<KnownUnits>>,
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -80,8 +83,9 @@ struct NewBlock {
 }
 
 impl Admin {
-    pub fn new(token: String, core: Arc<Core>) -> Self {
-        Self { token, core }
+    /// `units`: the units plans may name, shared with the reload of routes.
+    pub fn new(token: String, core: Arc<Core>, units: Arc<arc_swap::ArcSwap<KnownUnits>>) -> Self {
+        Self { token, core, units }
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
@@ -142,7 +146,7 @@ impl Admin {
                 let body = read_body(req).await?;
                 let text = std::str::from_utf8(&body)
                     .map_err(|_| ApiError::invalid_request("plans must be UTF-8 YAML or JSON"))?;
-                let plans = parse_plans(text, "<request body>")
+                let plans = parse_plans_for(text, "<request body>", &self.units.load())
                     .map_err(|e| ApiError::invalid_request(e.to_string()))?;
                 let report = catalog
                     .apply_plans(&plans, false)
@@ -236,6 +240,12 @@ impl Admin {
             }
             (&Method::POST, ["admin", "accounts", id, "quota-blocks"]) => {
                 let b: NewBlock = read_json(req).await?;
+                if b.credits > MAX_AMOUNT {
+                    return Err(ApiError::invalid_request(format!(
+                        "credits: {} is more than the largest grant, {MAX_AMOUNT}",
+                        b.credits
+                    )));
+                }
                 let expires_at = match &b.expires_at {
                     None => None,
                     Some(s) => Some(parse_rfc3339(s)?),

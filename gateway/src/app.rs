@@ -23,7 +23,8 @@ use crate::limiter::memory::MemoryStore;
 use crate::limiter::redis::{RedisOptions, RedisStore};
 use crate::limiter::{AnyStore, Limiter, StoreError};
 use crate::metrics::Metrics;
-use crate::plans::parse::load_plans_file;
+use crate::plans::parse::{check_plan_units, load_plans_file_for};
+use crate::plans::KnownUnits;
 use crate::proxy::{Core, Gateway, RequestIds, RouteTable};
 use crate::server::{self, ListenerOptions, ShutdownSignal};
 
@@ -33,6 +34,10 @@ pub struct App {
     pub core: Arc<Core>,
     pub gateway: Arc<Gateway>,
     pub admin: Option<Arc<Admin>>,
+    /// The units plans may name under the routes in force (swapped when a
+    /// SIGHUP reloads the routes); plans loads and the admin API check
+    /// against it.
+    pub units: Arc<ArcSwap<KnownUnits>>,
 }
 
 fn bad(e: impl std::fmt::Display) -> CliError {
@@ -44,10 +49,10 @@ fn fail(e: impl std::fmt::Display) -> CliError {
 }
 
 impl App {
-    /// Build everything `config` describes. The plans file is validated and
-    /// applied to the catalog.
+    /// Build everything `config` describes. The plans file is validated
+    /// (against the routes' units too) and applied to the catalog.
     pub async fn build(config: Config, clock: SharedClock) -> Result<App, CliError> {
-        let plans = load_plans_file(&config.plans.file).map_err(bad)?;
+        let plans = load_plans_file_for(&config.plans.file, &config.known_units()).map_err(bad)?;
         let catalog: Arc<dyn Catalog> = match &config.storage.postgres_url {
             Some(url) => Arc::new(connect_postgres(url, clock.clone()).await?),
             None => Arc::new(MemoryCatalog::new(clock.clone())),
@@ -132,15 +137,17 @@ impl App {
             table: ArcSwap::from_pointee(table),
             core: core.clone(),
         });
+        let units = Arc::new(ArcSwap::from_pointee(config.known_units()));
         let admin = config
             .admin
             .as_ref()
-            .map(|a| Arc::new(Admin::new(a.token.clone(), core.clone())));
+            .map(|a| Arc::new(Admin::new(a.token.clone(), core.clone(), units.clone())));
         Ok(App {
             config,
             core,
             gateway,
             admin,
+            units,
         })
     }
 
@@ -225,16 +232,21 @@ impl App {
     /// lasts as long as the returned handle.
     pub fn watch_plans(&self) -> Option<notify::RecommendedWatcher> {
         if self.config.plans.watch {
-            watch_plans(self.core.clone(), self.config.plans.file.clone())
+            watch_plans(
+                self.core.clone(),
+                self.config.plans.file.clone(),
+                self.units.clone(),
+            )
         } else {
             None
         }
     }
 
-    /// Re-read and apply the plans file. An invalid file leaves the plans
-    /// in force, is logged with file:line and counted.
-    pub async fn reload_plans(core: &Core, file: &Path) -> bool {
-        match load_plans_file(file) {
+    /// Re-read and apply the plans file, checked against `units` (those of
+    /// the routes in force). An invalid file leaves the plans in force, is
+    /// logged with file:line and counted.
+    pub async fn reload_plans(core: &Core, file: &Path, units: &KnownUnits) -> bool {
+        match load_plans_file_for(file, units) {
             Ok(plans) => match core.catalog.apply_plans(&plans, false).await {
                 Ok(_) => {
                     core.cache.invalidate(&Invalidation::Plans);
@@ -351,7 +363,11 @@ pub struct Bound {
 
 /// Watch the plans file's directory (so editors' atomic renames and
 /// Kubernetes ConfigMap symlink swaps are seen) and reload on change.
-fn watch_plans(core: Arc<Core>, file: PathBuf) -> Option<notify::RecommendedWatcher> {
+fn watch_plans(
+    core: Arc<Core>,
+    file: PathBuf,
+    units: Arc<ArcSwap<KnownUnits>>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
     let dir = file
         .parent()
@@ -385,7 +401,7 @@ fn watch_plans(core: Arc<Core>, file: PathBuf) -> Option<notify::RecommendedWatc
                 continue;
             }
             last = now;
-            App::reload_plans(&core, &file).await;
+            App::reload_plans(&core, &file, &units.load()).await;
         }
     });
     Some(watcher)
@@ -398,6 +414,7 @@ fn reload_on_sighup(app: &App) {
         use tokio::signal::unix::{signal, SignalKind};
         let core = app.core.clone();
         let gateway = app.gateway.clone();
+        let units = app.units.clone();
         let config_path = app.config.path.clone();
         let plans_file = app.config.plans.file.clone();
         tokio::spawn(async move {
@@ -408,18 +425,33 @@ fn reload_on_sighup(app: &App) {
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading routes and plans");
                 match Config::load(&config_path) {
-                    Ok(config) => match RouteTable::from_config(&config) {
-                        Ok(table) => {
-                            gateway.table.store(Arc::new(table));
-                            tracing::info!(routes = config.routes.len(), "routes reloaded");
+                    Ok(config) => {
+                        let known = config.known_units();
+                        let fit = plans_fit_routes(&core, &plans_file, &known).await;
+                        match fit.and_then(|()| {
+                            RouteTable::from_config(&config).map_err(RoutesError::Table)
+                        }) {
+                            Ok(table) => {
+                                gateway.table.store(Arc::new(table));
+                                units.store(Arc::new(known));
+                                tracing::info!(routes = config.routes.len(), "routes reloaded");
+                            }
+                            Err(RoutesError::Units(errors)) => {
+                                core.metrics.reload_failure();
+                                for e in &errors.0 {
+                                    tracing::error!(
+                                        "routes reload rejected (plans in force would name a unit no route measures); old routes stay in force: {e}"
+                                    );
+                                }
+                            }
+                            Err(RoutesError::Table(e)) => {
+                                core.metrics.reload_failure();
+                                tracing::error!(
+                                    "routes reload rejected; old routes stay in force: {e}"
+                                );
+                            }
                         }
-                        Err(e) => {
-                            core.metrics.reload_failure();
-                            tracing::error!(
-                                "routes reload rejected; old routes stay in force: {e}"
-                            );
-                        }
-                    },
+                    }
                     Err(errors) => {
                         core.metrics.reload_failure();
                         for e in &errors.0 {
@@ -429,10 +461,39 @@ fn reload_on_sighup(app: &App) {
                         }
                     }
                 }
-                App::reload_plans(&core, &plans_file).await;
+                App::reload_plans(&core, &plans_file, &units.load()).await;
             }
         });
     }
+}
+
+/// Why new routes were not put in force.
+#[cfg(unix)]
+enum RoutesError {
+    /// Plans in force name units the new routes neither measure nor reserve.
+    Units(crate::config::ConfigErrors),
+    Table(String),
+}
+
+/// The plans that would be in force after reloading with routes whose
+/// units are `known` — those in the catalog, less the ones the plans file
+/// replaces when it is valid under them — name no other unit. When the
+/// catalog cannot be read the check is skipped (the file is still checked
+/// when it is applied).
+#[cfg(unix)]
+async fn plans_fit_routes(
+    core: &Core,
+    plans_file: &Path,
+    known: &KnownUnits,
+) -> Result<(), RoutesError> {
+    let Ok(mut in_force) = core.catalog.list_plans().await else {
+        tracing::warn!("catalog unavailable: new routes not checked against the plans in force");
+        return Ok(());
+    };
+    if let Ok(file) = load_plans_file_for(plans_file, known) {
+        in_force.plans.retain(|id, _| !file.plans.contains_key(id));
+    }
+    check_plan_units(&in_force, known, "plans in force").map_err(RoutesError::Units)
 }
 
 /// Run a built app until SIGTERM/Ctrl-C: listeners, plan watching, SIGHUP.

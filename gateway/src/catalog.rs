@@ -15,7 +15,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::plans::{Plan, PlanSet};
+use crate::plans::{Plan, PlanSet, MAX_AMOUNT};
 
 /// A catalog operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -267,7 +267,9 @@ pub trait Catalog: Send + Sync + 'static {
     async fn list_keys(&self, account_id: &str) -> CatalogResult<Vec<ApiKeyInfo>>;
 
     // --- credits
-    /// Grant credits to an existing account as a new block.
+    /// Grant credits to an existing account as a new block. Invalid when
+    /// `credits` is above [`MAX_AMOUNT`] or would take the account's
+    /// balance above it (checked atomically with the grant).
     async fn create_quota_block(
         &self,
         account_id: &str,
@@ -382,11 +384,30 @@ pub(crate) fn check_id(kind: &str, id: &str) -> CatalogResult<()> {
     Ok(())
 }
 
-/// Credits are stored as Postgres `bigint`; both backends refuse amounts
-/// that do not fit so they behave the same.
+/// Credit amounts (grants, deductions, balances needed) are at most
+/// [`MAX_AMOUNT`] on both backends, so that they behave the same and sums
+/// of them never leave Postgres `bigint` (README "Limits on numbers").
 pub(crate) fn check_credits(credits: u64) -> CatalogResult<i64> {
-    i64::try_from(credits)
-        .map_err(|_| CatalogError::Invalid(format!("{credits} credits is more than supported")))
+    if credits > MAX_AMOUNT {
+        return Err(CatalogError::Invalid(format!(
+            "{credits} credits is more than the largest amount, {MAX_AMOUNT}"
+        )));
+    }
+    // MAX_AMOUNT < i64::MAX.
+    Ok(credits as i64)
+}
+
+/// A grant of `credits` to an account whose balance is `balance`: refused
+/// when the balance would go above [`MAX_AMOUNT`]. Both backends call it
+/// with the account locked against concurrent grants.
+pub(crate) fn check_grant(account_id: &str, balance: u64, credits: u64) -> CatalogResult<()> {
+    if balance.saturating_add(credits) > MAX_AMOUNT {
+        return Err(CatalogError::Invalid(format!(
+            "granting {credits} credits would take the balance of account `{account_id}` \
+             ({balance}) above the largest balance, {MAX_AMOUNT}"
+        )));
+    }
+    Ok(())
 }
 
 /// `null` metadata is stored as `{}`; anything else must be a JSON object.

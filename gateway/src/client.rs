@@ -231,7 +231,7 @@ impl<S: CounterStore> Client<S> {
     }
 
     /// The original library's `EndRequest`: release the slot and add the
-    /// final units. Returns whether the request was in flight; ending an
+    /// final units (each at most [`crate::plans::MAX_AMOUNT`]). Returns whether the request was in flight; ending an
     /// unknown or already ended request changes nothing.
     pub async fn end_request(
         &self,
@@ -241,7 +241,12 @@ impl<S: CounterStore> Client<S> {
         let Some(ticket) = self.in_flight.lock().remove(request_id) else {
             return Ok(false);
         };
-        match self.limiter.end(&ticket, final_units).await {
+        // The work was done: an absurd amount is clamped, not refused.
+        let final_units: Vec<(Unit, u64)> = final_units
+            .iter()
+            .map(|(u, n)| (u.clone(), crate::plans::clamp_amount(*n)))
+            .collect();
+        match self.limiter.end(&ticket, &final_units).await {
             Ok(ended) => Ok(ended),
             Err(e) => {
                 // Keep it so the caller can retry; the lease bounds the slot.

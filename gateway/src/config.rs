@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use http::header::HeaderName;
 
-use crate::plans::Unit;
+use crate::plans::{KnownUnits, Unit};
 
 /// One problem in a config or plans file, located as precisely as possible.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,6 +199,14 @@ pub mod defaults {
     pub const AUTH_HEADER: &str = "authorization";
 }
 
+/// The longest duration a setting may be (`request_timeout`,
+/// `header_read_timeout`, `store_timeout`): one day. Longer ones are
+/// refused; timers that far out only overflow.
+pub const MAX_SETTING_SECS: u64 = 86_400;
+
+/// The largest `max_request_body`: 1 TiB.
+pub const MAX_REQUEST_BODY_BYTES: u64 = 1 << 40;
+
 impl Config {
     /// Read, substitute `${VAR}`s, parse and check `path`. Collects every
     /// problem rather than stopping at the first.
@@ -224,6 +232,17 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
         build::build(text, path, env)
+    }
+
+    /// The units plans may name under these routes: every `usage.<unit>`
+    /// and `reserve.<unit>` of every route, plus `request`.
+    pub fn known_units(&self) -> KnownUnits {
+        KnownUnits::new(self.routes.iter().flat_map(|r| {
+            r.usage
+                .iter()
+                .map(|(u, _)| u.clone())
+                .chain(r.reserve.iter().map(|(u, _)| u.clone()))
+        }))
     }
 }
 

@@ -14,6 +14,103 @@ use serde::Serialize;
 /// The unit every request counts as unless told otherwise.
 pub const REQUEST_UNIT: &str = "request";
 
+// --- Bounds on numbers (README "Limits on numbers").
+//
+// Every number that reaches a store is bounded here, once, so that all
+// stores can hold it: Redis scripts compute in Lua doubles (exact only
+// below 2^53), Postgres holds credits as `bigint`, and counters may grow
+// past a limit (ends add measured units even past it) without overflowing.
+// Input above a bound is refused at the edge (config, plans, admin API,
+// request fields); measured amounts, which cannot be refused after the
+// fact, are clamped with [`clamp_amount`].
+
+/// The largest amount anywhere: window limits, units in one request
+/// (reserved or measured), credit costs, one grant, an account's balance.
+/// 10^15, far below 2^53 (~9.007 * 10^15) so that Lua doubles stay exact
+/// and a counter can take thousands of such amounts without leaving i64.
+pub const MAX_AMOUNT: u64 = 1_000_000_000_000_000;
+
+/// The longest window: 10 years (of 365 days), in seconds.
+pub const MAX_WINDOW_SECS: u64 = 10 * 365 * 86_400;
+
+/// The longest `concurrency_expiry`: one day, in seconds.
+pub const MAX_CONCURRENCY_EXPIRY_SECS: u64 = 86_400;
+
+/// The largest `max_concurrent`.
+pub const MAX_CONCURRENT: u32 = 1_000_000;
+
+/// A measured amount as the stores may hold it: saturates at
+/// [`MAX_AMOUNT`]. For amounts that cannot be refused (units an upstream
+/// reports after the work was done); amounts a client asks for are refused
+/// above the bound instead.
+pub fn clamp_amount(amount: u64) -> u64 {
+    amount.min(MAX_AMOUNT)
+}
+
+/// The units plans may limit or charge for: every unit some route measures
+/// (`usage.<unit>`) or reserves (`reserve.<unit>`), plus `request`, which
+/// every request counts as. A plan naming any other unit would never be
+/// enforced, so it is refused (see `plans::parse::parse_plans_for`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownUnits(std::collections::BTreeSet<Unit>);
+
+impl KnownUnits {
+    /// `request` plus `units`.
+    pub fn new(units: impl IntoIterator<Item = Unit>) -> Self {
+        let mut set: std::collections::BTreeSet<Unit> = units.into_iter().collect();
+        set.insert(Unit::request());
+        KnownUnits(set)
+    }
+
+    pub fn contains(&self, unit: &str) -> bool {
+        self.0.iter().any(|u| u.as_str() == unit)
+    }
+
+    /// The names, `request` first, then in name order.
+    pub fn names(&self) -> Vec<&str> {
+        let mut out = vec![REQUEST_UNIT];
+        out.extend(
+            self.0
+                .iter()
+                .map(Unit::as_str)
+                .filter(|u| *u != REQUEST_UNIT),
+        );
+        out
+    }
+
+    /// The known unit `unit` is most likely a typo of, if any: the same
+    /// name without a trailing `s`, or one at most two edits away.
+    pub fn suggest(&self, unit: &str) -> Option<&str> {
+        let names = self.names();
+        if let Some(singular) = unit.strip_suffix('s') {
+            if let Some(n) = names.iter().find(|n| **n == singular) {
+                return Some(n);
+            }
+        }
+        names
+            .into_iter()
+            .map(|n| (edit_distance(unit, n), n))
+            .filter(|(d, n)| *d <= 2 && *d < n.len().max(unit.len()))
+            .min_by_key(|(d, _)| *d)
+            .map(|(_, n)| n)
+    }
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let subst = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = subst.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
 /// A unit name (`request`, `token`, `image`, `gpu-second`, ...).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
@@ -65,9 +162,9 @@ impl From<&str> for Unit {
 /// aligned to the Unix epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
-    /// Window length in whole seconds (>= 1).
+    /// Window length in whole seconds (1 to [`MAX_WINDOW_SECS`]).
     pub window_secs: u64,
-    /// Units allowed per window (>= 1).
+    /// Units allowed per window (1 to [`MAX_AMOUNT`]).
     pub limit: u64,
     pub unit: Unit,
 }
@@ -89,12 +186,15 @@ impl CreditCost {
         self.min_balance.max(self.per_request)
     }
 
-    /// Credits owed for the measured units, rounded up per unit type.
+    /// Credits owed for the measured units, rounded up per unit type;
+    /// at most [`MAX_AMOUNT`] (a charge the catalog can always hold).
     pub fn unit_charge(&self, units: &[(Unit, u64)]) -> u64 {
-        units
-            .iter()
-            .filter_map(|(u, n)| self.per_unit.get(u).map(|p| p.charge(*n)))
-            .fold(0u64, u64::saturating_add)
+        clamp_amount(
+            units
+                .iter()
+                .filter_map(|(u, n)| self.per_unit.get(u).map(|p| p.charge(*n)))
+                .fold(0u64, u64::saturating_add),
+        )
     }
 }
 
@@ -107,11 +207,11 @@ pub struct PerUnit {
 }
 
 impl PerUnit {
-    /// `ceil(units * credits / per)`, saturating.
+    /// `ceil(units * credits / per)`, saturating at [`MAX_AMOUNT`].
     pub fn charge(&self, units: u64) -> u64 {
         let num = (units as u128) * (self.credits as u128);
         let per = self.per.max(1) as u128;
-        num.div_ceil(per).min(u64::MAX as u128) as u64
+        num.div_ceil(per).min(MAX_AMOUNT as u128) as u64
     }
 }
 
@@ -119,9 +219,10 @@ impl PerUnit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub windows: Vec<Window>,
-    /// 0 means no concurrency limit.
+    /// 0 means no concurrency limit; at most [`MAX_CONCURRENT`].
     pub max_concurrent: u32,
-    /// How long a concurrency slot lives without renewal.
+    /// How long a concurrency slot lives without renewal (1 s to
+    /// [`MAX_CONCURRENCY_EXPIRY_SECS`]).
     pub concurrency_expiry_secs: u64,
     pub credits: Option<CreditCost>,
 }

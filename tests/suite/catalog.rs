@@ -510,6 +510,87 @@ async fn quota_blocks_and_expiry(f: Fixture) {
 
 // ------------------------------------------------------------- deduction
 
+/// Grants are bounded so that no balance leaves what every store holds:
+/// one grant of more than MAX_AMOUNT, or one that would take the balance
+/// above it, is refused (Invalid: 400 in the admin API) and changes
+/// nothing, also when grants race.
+async fn grants_are_bounded(f: Fixture) {
+    use plangate::plans::MAX_AMOUNT;
+    let c = &f.catalog;
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    for huge in [MAX_AMOUNT + 1, i64::MAX as u64, u64::MAX] {
+        let r = c
+            .create_quota_block("acct", huge, None, serde_json::Value::Null)
+            .await;
+        assert!(is_invalid(r), "a grant of {huge}");
+    }
+    c.create_quota_block("acct", MAX_AMOUNT - 10, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let r = c
+        .create_quota_block("acct", 11, None, serde_json::Value::Null)
+        .await;
+    let Err(CatalogError::Invalid(message)) = r else {
+        panic!("expected Invalid, got {r:?}")
+    };
+    assert!(message.contains("above the largest balance"), "{message}");
+    // Exactly up to the bound is fine; the balance reads back whole.
+    c.create_quota_block("acct", 10, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(c.balance("acct").await.unwrap(), MAX_AMOUNT);
+    assert_eq!(c.list_quota_blocks("acct").await.unwrap().len(), 2);
+    // Expired blocks do not count: room again once they lapse.
+    c.create_account("exp", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    c.create_quota_block(
+        "exp",
+        MAX_AMOUNT,
+        Some(f.at(Duration::from_secs(10))),
+        serde_json::Value::Null,
+    )
+    .await
+    .unwrap();
+    assert!(is_invalid(
+        c.create_quota_block("exp", 1, None, serde_json::Value::Null)
+            .await
+    ));
+    f.clock.advance(Duration::from_secs(11));
+    c.create_quota_block("exp", MAX_AMOUNT, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(c.balance("exp").await.unwrap(), MAX_AMOUNT);
+    // Racing grants: exactly as many fit as the bound allows.
+    c.create_account("race", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let share = MAX_AMOUNT / 4;
+    let grants = (0..8).map(|_| {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.create_quota_block("race", share, None, serde_json::Value::Null)
+                .await
+        })
+    });
+    let mut granted = 0;
+    for g in grants {
+        match g.await.unwrap() {
+            Ok(_) => granted += 1,
+            Err(CatalogError::Invalid(_)) => {}
+            Err(e) => panic!("grant failed: {e}"),
+        }
+    }
+    assert_eq!(granted, 4);
+    assert_eq!(c.balance("race").await.unwrap(), MAX_AMOUNT);
+    // Deductions above the bound are refused too.
+    assert!(is_invalid(
+        c.deduct(&deduction("race", MAX_AMOUNT + 1, "over")).await
+    ));
+}
+
 async fn deduct_order_and_partial(f: Fixture) {
     let c = &f.catalog;
     c.create_account("acct", None, serde_json::Value::Null)
@@ -1110,6 +1191,7 @@ conformance!(
     accounts,
     keys,
     quota_blocks_and_expiry,
+    grants_are_bounded,
     deduct_order_and_partial,
     deduct_refusals,
     idempotency_and_refund,
@@ -1505,6 +1587,16 @@ async fn cli_end_to_end() {
             "tomorrow",
         ]));
         bad_input(run(&["credits", "grant", "alice", "0"]));
+        // Above the largest grant, or past the largest balance: exit 2.
+        bad_input(run(&["credits", "grant", "alice", "1000000000000001"]));
+        ok(run(&["credits", "grant", "alice", "999999999999999"]));
+        let err = run(&["credits", "grant", "alice", "2"]);
+        assert_eq!(err.code, 2, "{}", err.stderr);
+        assert!(
+            err.stderr.contains("above the largest balance"),
+            "{}",
+            err.stderr
+        );
         bad_input(run(&["credits", "delete", "qb_missing"]));
         let missing = dir.join("missing.yaml");
         bad_input(run(&["plans", "apply", missing.to_str().unwrap()]));

@@ -234,7 +234,7 @@ fn good_config_resolves_paths_and_substitutes() {
     let summary = check::run(&path).unwrap();
     assert!(
         summary.starts_with("ok: ")
-            && summary.contains("1 upstream, 1 route")
+            && summary.contains("1 upstream, 2 routes")
             && summary.contains("1 plan,"),
         "{summary}"
     );
@@ -340,4 +340,90 @@ fn binary_exits_2_and_prints_every_error() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: "));
+}
+
+/// The errors of `check-config` on a config fixture, with fixture paths
+/// shortened to their names.
+fn check_errors(name: &str) -> Vec<String> {
+    set_env();
+    let err = check::run(&fixture(&format!("config/{name}"))).unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_BAD_INPUT);
+    let root = fixture("").display().to_string();
+    err.to_string()
+        .lines()
+        .map(|l| {
+            l.replace(&format!("{root}config/../plans/"), "")
+                .replace(&format!("{root}plans/"), "")
+                .replace(&format!("{root}config/"), "")
+        })
+        .collect()
+}
+
+#[test]
+fn check_config_refuses_plan_units_no_route_measures() {
+    assert_eq!(
+        check_errors("unmeasured_units.toml"),
+        vec![
+            "unmeasured_units.yaml:8:24: plans.free.endpoints.gpt-4o.fixed_windows[0].unit_type: \
+             unit `tokens` is not measured or reserved by any route (known: request, image, token); \
+             did you mean `token`?",
+            "unmeasured_units.yaml:13:13: plans.free.endpoints.gpt-4o.credits.per_unit.gpu-second: \
+             unit `gpu-second` is not measured or reserved by any route (known: request, image, token); \
+             add `usage.gpu-second` or `reserve.gpu-second` to a route in the config",
+        ]
+    );
+    // The plans file alone (no routes to check against) is fine.
+    load_plans_file(&fixture("plans/unmeasured_units.yaml")).unwrap();
+}
+
+#[test]
+fn check_config_refuses_numbers_the_stores_cannot_hold() {
+    assert_eq!(
+        check_errors("too_large.toml"),
+        vec![
+            "too_large.toml:3:19: server.request_timeout: `100000000d` is too long: must be at most 86400s (1 day)",
+            "too_large.yaml:7:20: plans.free.endpoints.gpt-4o.fixed_windows[0].limit: `18446744073709551615` \
+             is too large: must be at most 1000000000000000 (10^15, the largest amount plangate stores)",
+            "too_large.yaml:8:21: plans.free.endpoints.gpt-4o.fixed_windows[1].window: `10000000000000000s` \
+             is too long: must be at most 315360000s (10 years)",
+            "too_large.yaml:11:24: plans.free.endpoints.gpt-4o.credits.per_request: `9223372036854775807` \
+             is too large: must be at most 1000000000000000 (10^15, the largest amount plangate stores)",
+        ]
+    );
+}
+
+#[test]
+fn binary_check_config_exits_2_on_unmeasured_units_and_large_numbers() {
+    let Some(bin) = built_binary() else {
+        eprintln!(
+            "\n*** SKIPPING binary_check_config_exits_2_on_unmeasured_units_and_large_numbers: \
+             no target/debug/plangate (run `cargo build -p plangate` first)\n"
+        );
+        return;
+    };
+    set_env();
+    for (fixture_name, needles) in [
+        (
+            "unmeasured_units.toml",
+            &[
+                "unmeasured_units.yaml:8:24: plans.free.endpoints.gpt-4o.fixed_windows[0].unit_type: unit `tokens`",
+                "did you mean `token`?",
+            ][..],
+        ),
+        (
+            "too_large.toml",
+            &["too_large.yaml:7:20: plans.free.endpoints.gpt-4o.fixed_windows[0].limit:"][..],
+        ),
+    ] {
+        let out = Command::new(&bin)
+            .args(["check-config", "--config"])
+            .arg(fixture(&format!("config/{fixture_name}")))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{fixture_name}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for needle in needles {
+            assert!(stderr.contains(needle), "missing {needle} in:\n{stderr}");
+        }
+    }
 }

@@ -682,3 +682,101 @@ async fn raw_status(addr: std::net::SocketAddr, request: &[u8]) -> Option<u16> {
     let text = String::from_utf8_lossy(&buf);
     text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
+
+/// Metering integrity: the admin API refuses plans whose units no route
+/// measures or reserves and numbers the stores cannot hold (400 with
+/// where and why), and bounds grants so no balance can overflow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_refuses_unmeasured_units_and_numbers_beyond_the_bounds() {
+    const MAX: u64 = plangate::plans::MAX_AMOUNT;
+    for gw in gateways().await {
+        use http::Method as M;
+        let t = Some(ADMIN_TOKEN);
+        let typo = "plans:\n  extra:\n    endpoints:\n      \"x\":\n        fixed_windows:\n          - window: 1m\n            limit: 7\n            unit_type: tokens\n";
+        let r = gw.admin(M::PUT, "/admin/plans", t, typo).await;
+        assert_eq!(r.status, 400, "{:?}", r.body);
+        assert_eq!(r.code(), "invalid_request");
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert_eq!(
+            message,
+            "<request body>:8:24: plans.extra.endpoints.x.fixed_windows[0].unit_type: unit `tokens` \
+             is not measured or reserved by any route (known: request, image, token); did you mean `token`?"
+        );
+        let r = gw.admin(M::GET, "/admin/plans/extra", t, "").await;
+        assert_eq!(r.status, 404, "nothing applied");
+        // Units the test routes do measure or reserve are fine.
+        let fine = typo.replace("tokens", "image");
+        let r = gw.admin(M::PUT, "/admin/plans", t, &fine).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+
+        let huge = json!({"plans": {"big": {"endpoints": {"x": {
+            "fixed_windows": [{"window": "60s", "limit": 18446744073709551615u64}],
+            "credits": {"per_request": 9223372036854775807u64}
+        }}}}});
+        let r = gw.admin(M::PUT, "/admin/plans", t, &huge.to_string()).await;
+        assert_eq!(r.status, 400, "{:?}", r.body);
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        for needle in [
+            "plans.big.endpoints.x.fixed_windows[0].limit: `18446744073709551615` is too large: must be at most 1000000000000000",
+            "plans.big.endpoints.x.credits.per_request: `9223372036854775807` is too large",
+        ] {
+            assert!(message.contains(needle), "missing {needle} in {message}");
+        }
+
+        let id = plangate_tests::harness::unique("bounds");
+        let r = gw
+            .admin(
+                M::POST,
+                "/admin/accounts",
+                t,
+                &json!({"id": id}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 201);
+        let blocks = format!("/admin/accounts/{id}/quota-blocks");
+        for credits in [
+            json!(MAX + 1),
+            json!(i64::MAX),
+            json!(u64::MAX),
+            json!(1e19),
+        ] {
+            let r = gw
+                .admin(
+                    M::POST,
+                    &blocks,
+                    t,
+                    &json!({"credits": credits}).to_string(),
+                )
+                .await;
+            assert_eq!(r.status, 400, "credits {credits}: {:?}", r.body);
+            assert_eq!(r.code(), "invalid_request");
+        }
+        let r = gw
+            .admin(
+                M::POST,
+                &blocks,
+                t,
+                &json!({"credits": MAX - 5}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        let r = gw
+            .admin(M::POST, &blocks, t, &json!({"credits": 6}).to_string())
+            .await;
+        assert_eq!(r.status, 400, "{:?}", r.body);
+        assert_eq!(r.code(), "invalid_request");
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("above the largest balance, 1000000000000000"),
+            "{:?}",
+            r.body
+        );
+        let r = gw
+            .admin(M::GET, &format!("/admin/accounts/{id}/balance"), t, "")
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.json()["balance"], MAX - 5);
+    }
+}

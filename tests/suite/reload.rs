@@ -66,6 +66,37 @@ async fn plans_file_changes_apply_and_bad_files_are_rejected() {
     }
 }
 
+/// A plans file naming a unit no route measures or reserves (a typo) is
+/// refused on reload like any invalid file: old plans stay, it is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_naming_units_no_route_measures_are_rejected_on_reload() {
+    let gw = TestGateway::start(Options::new(Backend::Memory)).await;
+    let (_, key) = gw.account(None).await;
+    assert_eq!(limit_header(&gw, &key).await, "3");
+    gw.wait_settled().await;
+    let failures = gw.core.metrics.reload_failures();
+    let typo = TEST_PLANS.replacen("limit: 3\n", "limit: 7\n", 1).replacen(
+        "unit_type: token\n",
+        "unit_type: tokens\n",
+        1,
+    );
+    assert_ne!(typo, TEST_PLANS);
+    atomic_write(&gw.dir.join("plans.yaml"), &typo);
+    for _ in 0..60 {
+        if gw.core.metrics.reload_failures() > failures {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gw.core.metrics.reload_failures(), failures + 1);
+    gw.clock.advance(Duration::from_secs(60));
+    assert_eq!(
+        limit_header(&gw, &key).await,
+        "3",
+        "old plans still in force"
+    );
+}
+
 /// A `plangate serve` process; killed on drop.
 struct Served {
     child: Child,
@@ -172,6 +203,11 @@ path = "/v1/chat/completions"
 upstream = "mock"
 endpoint = "{{model}}"
 usage.token = ["body:usage.total_tokens"]
+[[routes]]
+path = "/v1/images/generations"
+upstream = "mock"
+endpoint = "dall-e-3"
+reserve.image = "body:n"
 "#
     );
     if extra_route {
@@ -228,11 +264,47 @@ async fn sighup_reloads_routes_in_the_real_binary() {
         }
     }
     assert_eq!(status, 200, "route added by SIGHUP");
-    let logs: Vec<String> = rx.try_iter().collect();
+    let mut logs: Vec<String> = rx.try_iter().collect();
     assert!(
         logs.iter().any(|l| l.contains("routes reloaded")),
         "{logs:?}"
     );
+
+    // Routes that no longer reserve `image`, which the plans in force
+    // limit: refused, the old routes (embeddings included) stay.
+    let config = dir.join("plangate.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without_images = text.replace("reserve.image = \"body:n\"", "");
+    assert_ne!(without_images, text);
+    let without_embeddings =
+        without_images.replace("path = \"/v1/embeddings\"", "path = \"/v1/gone\"");
+    atomic_write(&config, &without_embeddings);
+    assert!(Command::new("kill")
+        .args(["-HUP", &served.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let mut refused = false;
+    for _ in 0..60 {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(50)) {
+            refused |= line.contains("routes reload rejected")
+                && line.contains("fixed_windows[0].unit_type: unit `image` is not measured or reserved by any route");
+            logs.push(line);
+            if refused {
+                break;
+            }
+        }
+    }
+    assert!(refused, "{logs:?}");
+    let (status, _) = http
+        .call(
+            "POST",
+            &format!("{}/v1/embeddings", served.addr),
+            Some(&key),
+            embed,
+        )
+        .await;
+    assert_eq!(status, 200, "old routes still in force");
     assert!(
         !logs.iter().any(|l| l.contains(&key)),
         "API key leaked into logs"

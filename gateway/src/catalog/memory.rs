@@ -10,9 +10,10 @@ use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
 use super::{
-    check_credits, check_id, generate_id, generate_key, hash_key, ms_to_time, normalize_metadata,
-    trunc_micros, Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError, CatalogResult,
-    DeductResult, Deduction, Draw, Invalidation, KeyOwner, LedgerEntry, NewApiKey, QuotaBlock,
+    check_credits, check_grant, check_id, generate_id, generate_key, hash_key, ms_to_time,
+    normalize_metadata, trunc_micros, Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError,
+    CatalogResult, DeductResult, Deduction, Draw, Invalidation, KeyOwner, LedgerEntry, NewApiKey,
+    QuotaBlock,
 };
 use crate::clock::SharedClock;
 use crate::plans::{Plan, PlanSet};
@@ -430,8 +431,10 @@ impl Catalog for MemoryCatalog {
         check_credits(credits)?;
         let metadata = normalize_metadata(metadata)?;
         let id = generate_id("qb_");
+        let now = self.now();
         let mut st = self.state.lock();
         st.require_account(account_id)?;
+        check_grant(account_id, st.balance(account_id, now), credits)?;
         let seq = st.seq();
         let row = BlockRow {
             seq,
@@ -440,7 +443,7 @@ impl Catalog for MemoryCatalog {
             remaining: credits,
             expires_at: expires_at.map(trunc_micros),
             metadata,
-            created_at: trunc_micros(self.now()),
+            created_at: trunc_micros(now),
         };
         let block = row.to_block(&id);
         st.blocks_of

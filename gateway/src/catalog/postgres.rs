@@ -16,9 +16,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::{
-    check_credits, check_id, generate_id, generate_key, hash_key, ms_to_time, normalize_metadata,
-    Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError, CatalogResult, DeductResult,
-    Deduction, Draw, Invalidation, KeyOwner, LedgerEntry, NewApiKey, QuotaBlock,
+    check_credits, check_grant, check_id, generate_id, generate_key, hash_key, ms_to_time,
+    normalize_metadata, Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError, CatalogResult,
+    DeductResult, Deduction, Draw, Invalidation, KeyOwner, LedgerEntry, NewApiKey, QuotaBlock,
 };
 use crate::clock::SharedClock;
 use crate::plans::parse::{plan_from_json, plan_to_json};
@@ -763,7 +763,8 @@ async fn balance_of<C: deadpool_postgres::GenericClient>(
 ) -> Result<Option<u64>, tokio_postgres::Error> {
     let stmt = client
         .prepare_cached(
-            "SELECT (SELECT COALESCE(SUM(q.credits_remaining), 0)::int8 FROM quota_blocks q
+            "SELECT (SELECT LEAST(COALESCE(SUM(q.credits_remaining), 0), 9223372036854775807)::int8
+                     FROM quota_blocks q
                      WHERE q.account_id = a.id AND (q.expires_at IS NULL OR q.expires_at > $2))
              FROM accounts a WHERE a.id = $1",
         )
@@ -1126,8 +1127,28 @@ impl Catalog for PostgresCatalog {
         let metadata = normalize_metadata(metadata)?;
         let id = generate_id("qb_");
         let now = self.now();
-        let conn = self.conn().await?;
-        let row = conn
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        // The account row, locked against concurrent grants (FOR NO KEY
+        // UPDATE does not block deductions, whose ledger rows only take
+        // KEY SHARE on it), so that the balance check below holds when
+        // the block is inserted.
+        let locked = tx
+            .query_opt(
+                "SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
+                &[&account_id],
+            )
+            .await
+            .map_err(db_err)?;
+        if locked.is_none() {
+            return Err(CatalogError::not_found("account", account_id));
+        }
+        let balance = balance_of(&tx, account_id, now)
+            .await
+            .map_err(db_err)?
+            .unwrap_or(0);
+        check_grant(account_id, balance, credits as u64)?;
+        let row = tx
             .query_one(
                 &format!(
                     "INSERT INTO quota_blocks
@@ -1139,6 +1160,7 @@ impl Catalog for PostgresCatalog {
             )
             .await
             .map_err(|e| CatalogError::from(fk_not_found(e, "account", account_id)))?;
+        tx.commit().await.map_err(db_err)?;
         Ok(block_from_row(&row))
     }
 

@@ -9,8 +9,8 @@ use crate::catalog::postgres::{migrate, PgOptions, PostgresCatalog};
 use crate::catalog::{Catalog, CatalogError};
 use crate::clock::SystemClock;
 use crate::config::Config;
-use crate::plans::parse::{load_plans_file, plan_to_json, plans_to_json};
-use crate::plans::Plan;
+use crate::plans::parse::{load_plans_file, load_plans_file_for, plan_to_json, plans_to_json};
+use crate::plans::{KnownUnits, Plan, MAX_AMOUNT};
 
 /// Where the catalog lives: a config file's `[storage] postgres_url`, or a URL.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,6 +29,8 @@ pub struct DbTarget {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum PlansCmd {
     /// Upsert every plan in FILE (and its default_plan) in one transaction.
+    /// With --config, plans may name only units its routes measure or
+    /// reserve.
     Apply {
         file: PathBuf,
         /// Also delete plans not in FILE that no account uses.
@@ -126,7 +128,17 @@ pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliErro
     .map_err(catalog_err)?;
     match cmd {
         AdminCmd::Migrate => migrate_cmd(&url, json).await,
-        AdminCmd::Plans(c) => plans(&catalog, c, json).await,
+        AdminCmd::Plans(c) => {
+            let known = match &target.config {
+                Some(path) => Some(
+                    Config::load(path)
+                        .map_err(|e| CliError::BadInput(e.to_string()))?
+                        .known_units(),
+                ),
+                None => None,
+            };
+            plans(&catalog, c, json, known.as_ref()).await
+        }
         AdminCmd::Accounts(c) => accounts(&catalog, c, json).await,
         AdminCmd::Keys(c) => keys(&catalog, c, json).await,
         AdminCmd::Credits(c) => credits(&catalog, c, json).await,
@@ -190,10 +202,19 @@ fn time(t: Option<SystemTime>) -> String {
     )
 }
 
-async fn plans(catalog: &PostgresCatalog, cmd: PlansCmd, json: bool) -> Result<String, CliError> {
+async fn plans(
+    catalog: &PostgresCatalog,
+    cmd: PlansCmd,
+    json: bool,
+    known: Option<&KnownUnits>,
+) -> Result<String, CliError> {
     match cmd {
         PlansCmd::Apply { file, prune } => {
-            let set = load_plans_file(&file).map_err(|e| CliError::BadInput(e.to_string()))?;
+            let set = match known {
+                Some(known) => load_plans_file_for(&file, known),
+                None => load_plans_file(&file),
+            }
+            .map_err(|e| CliError::BadInput(e.to_string()))?;
             let r = catalog
                 .apply_plans(&set, prune)
                 .await
@@ -402,6 +423,11 @@ async fn credits(
         } => {
             if amount == 0 {
                 return Err(CliError::BadInput("AMOUNT must be at least 1".into()));
+            }
+            if amount > MAX_AMOUNT {
+                return Err(CliError::BadInput(format!(
+                    "AMOUNT {amount} is more than the largest grant, {MAX_AMOUNT}"
+                )));
             }
             let expires_at = expires
                 .as_deref()

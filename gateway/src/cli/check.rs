@@ -1,12 +1,13 @@
 //! `plangate check-config`: validate the config file and the plans file it
-//! names, offline, and report every problem of both in one run.
+//! names, offline, and report every problem of both in one run, including
+//! plan units that no route measures or reserves.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
 use super::CliError;
 use crate::config::{self, Config, ConfigError, EndpointSource};
-use crate::plans::parse::load_plans_file;
+use crate::plans::parse::{load_plans_file, load_plans_file_for};
 use crate::plans::PlanSet;
 
 /// Validate the config file and the plans file it names; on failure the
@@ -25,11 +26,20 @@ pub fn run(config: &Path) -> Result<String, CliError> {
         Some(c) => Some(c.plans.file.clone()),
         None => config::plans_file_hint(config),
     };
-    let plans = plans_path.and_then(|p| match load_plans_file(&p) {
-        Ok(set) => Some(set),
-        Err(e) => {
-            errors.extend(e.0);
-            None
+    // With the config loaded, plans may name only units its routes measure
+    // or reserve; without it, the plans file is checked on its own.
+    let known = loaded.as_ref().map(Config::known_units);
+    let plans = plans_path.and_then(|p| {
+        let result = match &known {
+            Some(known) => load_plans_file_for(&p, known),
+            None => load_plans_file(&p),
+        };
+        match result {
+            Ok(set) => Some(set),
+            Err(e) => {
+                errors.extend(e.0);
+                None
+            }
         }
     });
     if let Some(c) = &loaded {

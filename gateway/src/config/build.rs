@@ -17,6 +17,7 @@ use super::{
     defaults, parse_duration, parse_size, parse_value_source, substitute_env, AdminConfig,
     AuthConfig, Config, ConfigError, ConfigErrors, EndpointSource, OnStoreError, PlansConfig,
     Route, RoutePath, ServerConfig, StorageConfig, TlsFiles, Upstream, ValueSource,
+    MAX_REQUEST_BODY_BYTES, MAX_SETTING_SECS,
 };
 use crate::plans::parse::{check_unit_name, MAX_ID_BYTES};
 use crate::plans::Unit;
@@ -201,6 +202,14 @@ impl Builder<'_> {
                 self.error_at(s.span(), key, "must be longer than 0");
                 default
             }
+            Ok(d) if d > Duration::from_secs(MAX_SETTING_SECS) => {
+                self.error_at(
+                    s.span(),
+                    key,
+                    format!("`{v}` is too long: must be at most {MAX_SETTING_SECS}s (1 day)"),
+                );
+                default
+            }
             Ok(d) => d,
             Err(e) => {
                 self.error_at(s.span(), key, e);
@@ -306,6 +315,16 @@ impl Builder<'_> {
         match parsed {
             Ok(0) => {
                 self.error_at(v.span(), key, "must be at least 1 byte");
+                None
+            }
+            Ok(n) if n > MAX_REQUEST_BODY_BYTES => {
+                self.error_at(
+                    v.span(),
+                    key,
+                    format!(
+                        "{n} bytes is too large: must be at most {MAX_REQUEST_BODY_BYTES} (1 TiB)"
+                    ),
+                );
                 None
             }
             Ok(n) => Some(n),

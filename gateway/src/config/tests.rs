@@ -357,3 +357,47 @@ proptest! {
         let _ = parse_value_source(&s);
     }
 }
+
+#[test]
+fn known_units_are_request_and_every_measured_or_reserved_unit() {
+    let c = load(&format!(
+        "{MINIMAL}\n[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1\"\n\n\
+         [[routes]]\npath = \"/a\"\nupstream = \"u\"\nendpoint = \"a\"\nusage.token = \"body:usage.total_tokens\"\n\n\
+         [[routes]]\npath = \"/b\"\nupstream = \"u\"\nendpoint = \"b\"\nreserve.image = \"body:n\"\n\n\
+         [[routes]]\npath = \"/c\"\nupstream = \"u\"\nendpoint = \"c\"\n"
+    ))
+    .unwrap();
+    let known = c.known_units();
+    assert_eq!(known.names(), vec!["request", "image", "token"]);
+    assert!(known.contains("token") && !known.contains("tokens"));
+    assert_eq!(known.suggest("tokens"), Some("token"));
+    assert_eq!(known.suggest("imag"), Some("image"));
+    assert_eq!(known.suggest("requests"), Some("request"));
+    assert_eq!(known.suggest("gpu-second"), None);
+    let bare = load(MINIMAL).unwrap().known_units();
+    assert_eq!(bare.names(), vec!["request"]);
+}
+
+#[test]
+fn settings_above_their_bounds_are_refused() {
+    let errs = errors(&format!(
+        "{MINIMAL}[server]\nrequest_timeout = \"2d\"\nheader_read_timeout = \"100000000000s\"\nmax_request_body = \"2TiB\"\n\
+         [storage]\nstore_timeout = \"86401s\"\n"
+    ));
+    assert_eq!(
+        errs,
+        vec![
+            "conf/plangate.toml:4:19: server.request_timeout: `2d` is too long: must be at most 86400s (1 day)",
+            "conf/plangate.toml:5:23: server.header_read_timeout: `100000000000s` is too long: must be at most 86400s (1 day)",
+            "conf/plangate.toml:6:20: server.max_request_body: 2199023255552 bytes is too large: must be at most 1099511627776 (1 TiB)",
+            "conf/plangate.toml:8:17: storage.store_timeout: `86401s` is too long: must be at most 86400s (1 day)",
+        ]
+    );
+    // At the bounds: fine.
+    let c = load(&format!(
+        "{MINIMAL}[server]\nrequest_timeout = \"1d\"\nmax_request_body = \"1TiB\"\n"
+    ))
+    .unwrap();
+    assert_eq!(c.server.request_timeout, Duration::from_secs(86_400));
+    assert_eq!(c.server.max_request_body, 1 << 40);
+}

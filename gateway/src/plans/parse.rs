@@ -18,8 +18,9 @@ use serde_json::{json, Map as JsonMap, Value as Json};
 use self::tree::{Node, Pos, Value};
 use crate::config::{parse_duration, ConfigError, ConfigErrors};
 use crate::plans::{
-    CreditCost, PerUnit, Plan, PlanSet, Policy, Unit, Window, DEFAULT_CONCURRENCY_EXPIRY_SECS,
-    REQUEST_UNIT,
+    CreditCost, KnownUnits, PerUnit, Plan, PlanSet, Policy, Unit, Window,
+    DEFAULT_CONCURRENCY_EXPIRY_SECS, MAX_AMOUNT, MAX_CONCURRENCY_EXPIRY_SECS, MAX_CONCURRENT,
+    MAX_WINDOW_SECS, REQUEST_UNIT,
 };
 
 /// Plan and endpoint ids are opaque strings of at most this many bytes.
@@ -36,8 +37,29 @@ pub const JSON_ORIGIN: &str = "<json>";
 
 /// Parse the text of a plans file (YAML, or JSON, which is YAML too).
 /// `origin` names it in errors. Returns every problem found, in file order.
+///
+/// This checks the file on its own; a gateway checks it against its routes
+/// with [`parse_plans_for`].
 pub fn parse_plans(text: &str, origin: &str) -> Result<PlanSet, ConfigErrors> {
+    parse(text, origin, None)
+}
+
+/// [`parse_plans`], and also refuse (located) every window `unit_type`
+/// and credits `per_unit` unit that is not in `known`: no route measures
+/// or reserves it, so it would never be enforced. What `check-config`,
+/// `serve`, reloads and the admin API use, with
+/// [`crate::config::Config::known_units`].
+pub fn parse_plans_for(
+    text: &str,
+    origin: &str,
+    known: &KnownUnits,
+) -> Result<PlanSet, ConfigErrors> {
+    parse(text, origin, Some(known))
+}
+
+fn parse(text: &str, origin: &str, known: Option<&KnownUnits>) -> Result<PlanSet, ConfigErrors> {
     let mut checker = Checker::new(origin);
+    checker.known = known;
     let root = match tree::parse_yaml(text) {
         Ok(Some(root)) => root,
         Ok(None) => {
@@ -59,6 +81,16 @@ pub fn parse_plans(text: &str, origin: &str) -> Result<PlanSet, ConfigErrors> {
 
 /// Read and parse a plans file.
 pub fn load_plans_file(path: &Path) -> Result<PlanSet, ConfigErrors> {
+    load(path, None)
+}
+
+/// Read and parse a plans file, checking its units against `known` (see
+/// [`parse_plans_for`]).
+pub fn load_plans_file_for(path: &Path, known: &KnownUnits) -> Result<PlanSet, ConfigErrors> {
+    load(path, Some(known))
+}
+
+fn load(path: &Path, known: Option<&KnownUnits>) -> Result<PlanSet, ConfigErrors> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
@@ -69,7 +101,64 @@ pub fn load_plans_file(path: &Path) -> Result<PlanSet, ConfigErrors> {
             message: format!("cannot read: {e}"),
         }])
     })?;
-    parse_plans(&text, &origin)
+    parse(&text, &origin, known)
+}
+
+/// The units of already parsed plans that are not in `known`, as errors
+/// without a line (the plans are not text any more): for plans in force
+/// when the routes change. `origin` names where the plans came from.
+pub fn check_plan_units(
+    plans: &PlanSet,
+    known: &KnownUnits,
+    origin: &str,
+) -> Result<(), ConfigErrors> {
+    let mut checker = Checker::new(origin);
+    for (id, plan) in &plans.plans {
+        let plan_path = format!("plans.{}.endpoints", segment(id));
+        for (endpoint, policy) in &plan.endpoints {
+            let path = join(&plan_path, &segment(endpoint));
+            for (i, w) in policy.windows.iter().enumerate() {
+                if let Some(message) = unknown_unit(known, w.unit.as_str()) {
+                    checker.error(
+                        Pos::default(),
+                        &format!("{path}.fixed_windows[{i}].unit_type"),
+                        message,
+                    );
+                }
+            }
+            for unit in policy.credits.iter().flat_map(|c| c.per_unit.keys()) {
+                if let Some(message) = unknown_unit(known, unit.as_str()) {
+                    checker.error(
+                        Pos::default(),
+                        &join(
+                            &path,
+                            &format!("credits.per_unit.{}", segment(unit.as_str())),
+                        ),
+                        message,
+                    );
+                }
+            }
+        }
+    }
+    checker.finish(())
+}
+
+/// Why `unit` may not be used in plans, if it may not.
+fn unknown_unit(known: &KnownUnits, unit: &str) -> Option<String> {
+    if known.contains(unit) {
+        return None;
+    }
+    let mut message = format!(
+        "unit `{unit}` is not measured or reserved by any route (known: {})",
+        known.names().join(", ")
+    );
+    match known.suggest(unit) {
+        Some(s) => message.push_str(&format!("; did you mean `{s}`?")),
+        None => message.push_str(&format!(
+            "; add `usage.{unit}` or `reserve.{unit}` to a route in the config"
+        )),
+    }
+    Some(message)
 }
 
 /// One plan in the plans.yaml schema (`{"name":..., "endpoints": {...}}`),
@@ -132,8 +221,13 @@ fn render_secs(secs: u64) -> String {
 /// The inverse of [`plan_to_json`], with the same checks as the file.
 /// Errors name the pseudo file [`JSON_ORIGIN`] and the key path
 /// `plans.<id>...`.
+///
+/// Numbers above their bounds (stored by a version that did not bound
+/// them) are clamped to the bounds rather than refused, so that such a
+/// plan keeps loading.
 pub fn plan_from_json(id: &str, value: &Json) -> Result<Plan, ConfigErrors> {
     let mut checker = Checker::new(JSON_ORIGIN);
+    checker.clamp = true;
     let node = match tree::from_json(value) {
         Ok(node) => node,
         Err(e) => {
@@ -240,6 +334,11 @@ impl<'n> Fields<'n> {
 struct Checker<'a> {
     origin: &'a str,
     errors: Vec<ConfigError>,
+    /// When set, units outside it are refused.
+    known: Option<&'a KnownUnits>,
+    /// Clamp numbers above their bounds instead of refusing them (plans
+    /// read back from storage).
+    clamp: bool,
 }
 
 impl<'a> Checker<'a> {
@@ -247,6 +346,23 @@ impl<'a> Checker<'a> {
         Checker {
             origin,
             errors: Vec::new(),
+            known: None,
+            clamp: false,
+        }
+    }
+
+    /// Refuse `unit` (at `pos`, key `path`) if a set of known units is
+    /// given and it is not in it.
+    fn check_known(&mut self, pos: Pos, path: &str, unit: &str) -> bool {
+        let Some(known) = self.known else {
+            return true;
+        };
+        match unknown_unit(known, unit) {
+            Some(message) => {
+                self.error(pos, path, message);
+                false
+            }
+            None => true,
         }
     }
 
@@ -367,9 +483,9 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// A non-negative integer at least `min`; underscores between digits
-    /// (`40_000`) are allowed, as in the original format.
-    fn uint(&mut self, node: &Node, path: &str, min: u64) -> Option<u64> {
+    /// A non-negative integer from `min` to `max`; underscores between
+    /// digits (`40_000`) are allowed, as in the original format.
+    fn uint(&mut self, node: &Node, path: &str, min: u64, max: u64) -> Option<u64> {
         let Value::Scalar { text, .. } = &node.value else {
             self.error(
                 node.pos,
@@ -379,6 +495,12 @@ impl<'a> Checker<'a> {
             return None;
         };
         match parse_uint(text) {
+            Ok(n) if n > max && self.clamp => Some(max),
+            Err(UintError::TooLarge) if self.clamp => Some(max),
+            Ok(n) if n > max => {
+                self.error(node.pos, path, too_large(text, max));
+                None
+            }
             Ok(n) if n >= min => Some(n),
             Ok(_) | Err(UintError::Negative) => {
                 let message = if min == 0 {
@@ -390,7 +512,7 @@ impl<'a> Checker<'a> {
                 None
             }
             Err(UintError::TooLarge) => {
-                self.error(node.pos, path, format!("`{text}` is too large"));
+                self.error(node.pos, path, too_large(text, max));
                 None
             }
             Err(UintError::Fraction) => {
@@ -408,8 +530,8 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// A duration of whole seconds, at least one second.
-    fn seconds(&mut self, node: &Node, path: &str) -> Option<u64> {
+    /// A duration of whole seconds, from one second to `max` seconds.
+    fn seconds(&mut self, node: &Node, path: &str, max: u64) -> Option<u64> {
         let Value::Scalar { text, .. } = &node.value else {
             self.error(
                 node.pos,
@@ -434,6 +556,20 @@ impl<'a> Checker<'a> {
                 node.pos,
                 path,
                 format!("`{text}` is not a whole number of seconds"),
+            );
+            return None;
+        }
+        if d.as_secs() > max {
+            if self.clamp {
+                return Some(max);
+            }
+            self.error(
+                node.pos,
+                path,
+                format!(
+                    "`{text}` is too long: must be at most {}",
+                    describe_secs(max)
+                ),
             );
             return None;
         }
@@ -469,6 +605,13 @@ impl<'a> Checker<'a> {
                 None
             }
         }
+    }
+
+    /// [`Checker::unit`], also refused when not among the known units.
+    fn known_unit(&mut self, node: &Node, path: &str) -> Option<Unit> {
+        let unit = self.unit(node, path)?;
+        self.check_known(node.pos, path, unit.as_str())
+            .then_some(unit)
     }
 
     fn plan_set(&mut self, root: &Node) -> PlanSet {
@@ -577,15 +720,14 @@ impl<'a> Checker<'a> {
         }
         if let Some(node) = fields.value("max_concurrent") {
             let key = join(path, "max_concurrent");
-            if let Some(n) = self.uint(node, &key, 0) {
-                match u32::try_from(n) {
-                    Ok(n) => policy.max_concurrent = n,
-                    Err(_) => self.error(node.pos, &key, format!("must be at most {}", u32::MAX)),
-                }
+            if let Some(n) = self.uint(node, &key, 0, u64::from(MAX_CONCURRENT)) {
+                // At most MAX_CONCURRENT, which is a u32.
+                policy.max_concurrent = n as u32;
             }
         }
         if let Some(expiry) = fields.value("concurrency_expiry") {
-            if let Some(secs) = self.seconds(expiry, &join(path, "concurrency_expiry")) {
+            let key = join(path, "concurrency_expiry");
+            if let Some(secs) = self.seconds(expiry, &key, MAX_CONCURRENCY_EXPIRY_SECS) {
                 policy.concurrency_expiry_secs = secs;
             }
         }
@@ -631,7 +773,7 @@ impl<'a> Checker<'a> {
     fn window(&mut self, node: &Node, path: &str) -> Option<Window> {
         let fields = self.fields(node, path, &["window", "limit", "unit_type", "unit_kind"])?;
         let secs = match fields.value("window") {
-            Some(w) => self.seconds(w, &join(path, "window")),
+            Some(w) => self.seconds(w, &join(path, "window"), MAX_WINDOW_SECS),
             None => {
                 self.error(
                     fields.pos,
@@ -642,7 +784,7 @@ impl<'a> Checker<'a> {
             }
         };
         let limit = match fields.value("limit") {
-            Some(l) => self.uint(l, &join(path, "limit"), 1),
+            Some(l) => self.uint(l, &join(path, "limit"), 1, MAX_AMOUNT),
             None => {
                 self.error(fields.pos, &join(path, "limit"), "missing `limit`");
                 None
@@ -657,8 +799,8 @@ impl<'a> Checker<'a> {
                 );
                 None
             }
-            (Some(u), None) => self.unit(u, &join(path, "unit_type")),
-            (None, Some(u)) => self.unit(u, &join(path, "unit_kind")),
+            (Some(u), None) => self.known_unit(u, &join(path, "unit_type")),
+            (None, Some(u)) => self.known_unit(u, &join(path, "unit_kind")),
             (None, None) => Some(Unit::new(REQUEST_UNIT)),
         };
         Some(Window {
@@ -677,7 +819,7 @@ impl<'a> Checker<'a> {
             ("per_request", &mut cost.per_request),
         ] {
             if let Some(n) = fields.value(name) {
-                match self.uint(n, &join(path, name), 0) {
+                match self.uint(n, &join(path, name), 0, MAX_AMOUNT) {
                     Some(n) => *slot = n,
                     None => ok = false,
                 }
@@ -690,6 +832,10 @@ impl<'a> Checker<'a> {
                 let unit_path = join(&path, &segment(name));
                 if let Err(e) = check_unit_name(name) {
                     self.error(key.pos, &unit_path, e);
+                    ok = false;
+                    continue;
+                }
+                if !self.check_known(key.pos, &unit_path, name) {
                     ok = false;
                     continue;
                 }
@@ -707,7 +853,7 @@ impl<'a> Checker<'a> {
     fn per_unit(&mut self, node: &Node, path: &str) -> Option<PerUnit> {
         let fields = self.fields(node, path, &["credits", "per"])?;
         let credits = match fields.value("credits") {
-            Some(c) => self.uint(c, &join(path, "credits"), 0),
+            Some(c) => self.uint(c, &join(path, "credits"), 0, MAX_AMOUNT),
             None => {
                 self.error(fields.pos, &join(path, "credits"), "missing `credits`");
                 None
@@ -715,7 +861,7 @@ impl<'a> Checker<'a> {
         };
         // `per` defaults to 1: "credits per unit".
         let per = match fields.value("per") {
-            Some(p) => self.uint(p, &join(path, "per"), 1),
+            Some(p) => self.uint(p, &join(path, "per"), 1, MAX_AMOUNT),
             None => Some(1),
         };
         Some(PerUnit {
@@ -723,6 +869,30 @@ impl<'a> Checker<'a> {
             per: per?,
         })
     }
+}
+
+/// The message for an integer above its bound.
+fn too_large(text: &str, max: u64) -> String {
+    if max == MAX_AMOUNT {
+        format!("`{text}` is too large: must be at most {MAX_AMOUNT} (10^15, the largest amount plangate stores)")
+    } else {
+        format!("`{text}` is too large: must be at most {max}")
+    }
+}
+
+/// `315360000s (10 years)`, `86400s (1 day)`: a bound on a duration.
+fn describe_secs(secs: u64) -> String {
+    const YEAR: u64 = 365 * 86_400;
+    let human = if secs % YEAR == 0 {
+        let n = secs / YEAR;
+        format!("{n} year{}", if n == 1 { "" } else { "s" })
+    } else if secs % 86_400 == 0 {
+        let n = secs / 86_400;
+        format!("{n} day{}", if n == 1 { "" } else { "s" })
+    } else {
+        return format!("{secs}s");
+    };
+    format!("{secs}s ({human})")
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -1,6 +1,9 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::plans::{
+    KnownUnits, MAX_AMOUNT, MAX_CONCURRENCY_EXPIRY_SECS, MAX_CONCURRENT, MAX_WINDOW_SECS,
+};
 
 /// SPEC §3's example, verbatim.
 const SPEC_EXAMPLE: &str = r#"default_plan: free_tier            # optional; admin can change it later
@@ -301,6 +304,195 @@ fn uint_forms() {
     assert_eq!(parse_uint(""), Err(UintError::NotANumber));
 }
 
+/// A plan with one endpoint `e` whose policy is `policy` (YAML lines,
+/// indented under the endpoint).
+fn one_policy(policy: &str) -> String {
+    let body: String = policy.lines().map(|l| format!("        {l}\n")).collect();
+    format!("plans:\n  p:\n    endpoints:\n      e:\n{body}")
+}
+
+#[test]
+fn numbers_above_their_bounds_are_refused_naming_key_and_bound() {
+    let amount = "is too large: must be at most 1000000000000000 (10^15, the largest amount plangate stores)";
+    let text = one_policy(
+        "fixed_windows:\n\
+         \x20 - {window: 60s, limit: 1_000_000_000_000_001}\n\
+         \x20 - {window: 1d, limit: 18446744073709551615}\n\
+         \x20 - {window: 99999999999999999999s, limit: 1}\n\
+         \x20 - {window: 10000000000000000s, limit: 1}\n\
+         \x20 - {window: 315360001s, limit: 1}\n\
+         max_concurrent: 1_000_001\n\
+         concurrency_expiry: 2d\n\
+         credits:\n\
+         \x20 min_balance: 1000000000000001\n\
+         \x20 per_request: 9223372036854775807\n\
+         \x20 per_unit: {token: {credits: 1000000000000001, per: 1000000000000001}}\n",
+    );
+    let expected = vec![
+        format!("plans.yaml:6:34: plans.p.endpoints.e.fixed_windows[0].limit: `1_000_000_000_000_001` {amount}"),
+        format!("plans.yaml:7:33: plans.p.endpoints.e.fixed_windows[1].limit: `18446744073709551615` {amount}"),
+        "plans.yaml:8:22: plans.p.endpoints.e.fixed_windows[2].window: `99999999999999999999s`: number out of range".to_string(),
+        "plans.yaml:9:22: plans.p.endpoints.e.fixed_windows[3].window: `10000000000000000s` is too long: must be at most 315360000s (10 years)".to_string(),
+        "plans.yaml:10:22: plans.p.endpoints.e.fixed_windows[4].window: `315360001s` is too long: must be at most 315360000s (10 years)".to_string(),
+        "plans.yaml:11:25: plans.p.endpoints.e.max_concurrent: `1_000_001` is too large: must be at most 1000000".to_string(),
+        "plans.yaml:12:29: plans.p.endpoints.e.concurrency_expiry: `2d` is too long: must be at most 86400s (1 day)".to_string(),
+        format!("plans.yaml:14:24: plans.p.endpoints.e.credits.min_balance: `1000000000000001` {amount}"),
+        format!("plans.yaml:15:24: plans.p.endpoints.e.credits.per_request: `9223372036854775807` {amount}"),
+        format!("plans.yaml:16:39: plans.p.endpoints.e.credits.per_unit.token.credits: `1000000000000001` {amount}"),
+        format!("plans.yaml:16:62: plans.p.endpoints.e.credits.per_unit.token.per: `1000000000000001` {amount}"),
+    ];
+    assert_eq!(errors(&text), expected);
+}
+
+#[test]
+fn numbers_at_their_bounds_load() {
+    let text = one_policy(
+        "fixed_windows:\n\
+         \x20 - {window: 315360000s, limit: 1_000_000_000_000_000}\n\
+         max_concurrent: 1_000_000\n\
+         concurrency_expiry: 1d\n\
+         credits:\n\
+         \x20 min_balance: 1000000000000000\n\
+         \x20 per_request: 1000000000000000\n\
+         \x20 per_unit: {token: {credits: 1000000000000000, per: 1000000000000000}}\n",
+    );
+    let set = parse_plans(&text, "plans.yaml").unwrap();
+    let policy = &set.plans["p"].endpoints["e"];
+    assert_eq!(policy.windows[0].window_secs, MAX_WINDOW_SECS);
+    assert_eq!(policy.windows[0].limit, MAX_AMOUNT);
+    assert_eq!(policy.max_concurrent, MAX_CONCURRENT);
+    assert_eq!(policy.concurrency_expiry_secs, MAX_CONCURRENCY_EXPIRY_SECS);
+    let credits = policy.credits.as_ref().unwrap();
+    assert_eq!(
+        (credits.min_balance, credits.per_request),
+        (MAX_AMOUNT, MAX_AMOUNT)
+    );
+}
+
+#[test]
+fn stored_plans_above_the_bounds_are_clamped_not_refused() {
+    let plan = plan_from_json(
+        "old",
+        &json!({"endpoints": {"e": {
+            "fixed_windows": [{"window": "10000000000000000s", "limit": 18446744073709551615u64}],
+            "max_concurrent": 4294967295u64,
+            "concurrency_expiry": "3650d",
+            "credits": {"per_request": 9223372036854775807u64, "per_unit": {"token": {"credits": 1, "per": 99999999999999999u64}}}
+        }}}),
+    )
+    .unwrap();
+    let policy = &plan.endpoints["e"];
+    assert_eq!(
+        (policy.windows[0].window_secs, policy.windows[0].limit),
+        (MAX_WINDOW_SECS, MAX_AMOUNT)
+    );
+    assert_eq!(policy.max_concurrent, MAX_CONCURRENT);
+    assert_eq!(policy.concurrency_expiry_secs, MAX_CONCURRENCY_EXPIRY_SECS);
+    let credits = policy.credits.as_ref().unwrap();
+    assert_eq!(credits.per_request, MAX_AMOUNT);
+    assert_eq!(credits.per_unit[&Unit::new("token")].per, MAX_AMOUNT);
+}
+
+fn routes_units() -> KnownUnits {
+    KnownUnits::new([Unit::new("token"), Unit::new("image")])
+}
+
+#[test]
+fn units_no_route_measures_are_refused_with_a_suggestion() {
+    let text = one_policy(
+        "fixed_windows:\n\
+         \x20 - {window: 60s, limit: 5}\n\
+         \x20 - {window: 60s, limit: 5, unit_type: tokens}\n\
+         \x20 - {window: 60s, limit: 5, unit_kind: imgae}\n\
+         \x20 - {window: 60s, limit: 5, unit_type: gpu-second}\n\
+         \x20 - {window: 60s, limit: 5, unit_type: token}\n\
+         credits:\n\
+         \x20 per_unit:\n\
+         \x20   images: {credits: 1}\n\
+         \x20   image: {credits: 1}\n",
+    );
+    // Without routes to check against, the file is fine on its own.
+    assert!(parse_plans(&text, "plans.yaml").is_ok());
+    let known = "(known: request, image, token)";
+    let got: Vec<String> = parse_plans_for(&text, "plans.yaml", &routes_units())
+        .unwrap_err()
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            format!("plans.yaml:7:48: plans.p.endpoints.e.fixed_windows[1].unit_type: unit `tokens` is not measured or reserved by any route {known}; did you mean `token`?"),
+            format!("plans.yaml:8:48: plans.p.endpoints.e.fixed_windows[2].unit_kind: unit `imgae` is not measured or reserved by any route {known}; did you mean `image`?"),
+            format!("plans.yaml:9:48: plans.p.endpoints.e.fixed_windows[3].unit_type: unit `gpu-second` is not measured or reserved by any route {known}; add `usage.gpu-second` or `reserve.gpu-second` to a route in the config"),
+            format!("plans.yaml:13:13: plans.p.endpoints.e.credits.per_unit.images: unit `images` is not measured or reserved by any route {known}; did you mean `image`?"),
+        ]
+    );
+    // `request` needs no route; the SPEC example passes with its units.
+    assert!(parse_plans_for(SPEC_EXAMPLE, "plans.yaml", &routes_units()).is_ok());
+    let only_requests = KnownUnits::new([]);
+    let errs = parse_plans_for(SPEC_EXAMPLE, "plans.yaml", &only_requests).unwrap_err();
+    let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        vec![
+            "plans.free_tier.endpoints.gpt-4-turbo.fixed_windows[2].unit_type",
+            "plans.free_tier.endpoints.gpt-4-turbo.credits.per_unit.token",
+            "plans.free_tier.endpoints.dall-e-3.fixed_windows[0].unit_type",
+        ]
+    );
+}
+
+#[test]
+fn units_of_parsed_plans_are_checked_without_lines() {
+    let set = parse_plans(SPEC_EXAMPLE, "plans.yaml").unwrap();
+    assert!(check_plan_units(&set, &routes_units(), "plans in force").is_ok());
+    let err = check_plan_units(
+        &set,
+        &KnownUnits::new([Unit::new("token")]),
+        "plans in force",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "plans in force: plans.free_tier.endpoints.dall-e-3.fixed_windows[0].unit_type: \
+         unit `image` is not measured or reserved by any route (known: request, token); \
+         add `usage.image` or `reserve.image` to a route in the config"
+    );
+}
+
+#[test]
+fn measured_amounts_saturate_at_the_largest_amount() {
+    use crate::plans::clamp_amount;
+    assert_eq!(clamp_amount(5), 5);
+    assert_eq!(clamp_amount(MAX_AMOUNT), MAX_AMOUNT);
+    assert_eq!(clamp_amount(u64::MAX), MAX_AMOUNT);
+    let cost = CreditCost {
+        min_balance: 0,
+        per_request: 0,
+        per_unit: [
+            (
+                Unit::new("token"),
+                PerUnit {
+                    credits: MAX_AMOUNT,
+                    per: 1,
+                },
+            ),
+            (Unit::new("image"), PerUnit { credits: 3, per: 2 }),
+        ]
+        .into(),
+    };
+    assert_eq!(cost.unit_charge(&[(Unit::new("image"), 3)]), 5);
+    assert_eq!(
+        cost.unit_charge(&[
+            (Unit::new("token"), u64::MAX),
+            (Unit::new("image"), u64::MAX)
+        ]),
+        MAX_AMOUNT
+    );
+}
+
 fn unit_strategy() -> impl Strategy<Value = Unit> {
     prop_oneof![
         Just(Unit::request()),
@@ -312,13 +504,20 @@ fn unit_strategy() -> impl Strategy<Value = Unit> {
 
 fn policy_strategy() -> impl Strategy<Value = Policy> {
     (
-        prop::collection::vec((1u64..10_000_000, 1u64..u64::MAX, unit_strategy()), 0..5),
-        any::<u32>(),
-        1u64..100_000,
+        prop::collection::vec(
+            (1u64..=MAX_WINDOW_SECS, 1u64..=MAX_AMOUNT, unit_strategy()),
+            0..5,
+        ),
+        0u32..=MAX_CONCURRENT,
+        1u64..=MAX_CONCURRENCY_EXPIRY_SECS,
         prop::option::of((
-            any::<u64>(),
-            any::<u64>(),
-            prop::collection::btree_map(unit_strategy(), (any::<u64>(), 1u64..u64::MAX), 0..3),
+            0u64..=MAX_AMOUNT,
+            0u64..=MAX_AMOUNT,
+            prop::collection::btree_map(
+                unit_strategy(),
+                (0u64..=MAX_AMOUNT, 1u64..=MAX_AMOUNT),
+                0..3,
+            ),
         )),
     )
         .prop_map(|(windows, max_concurrent, expiry, credits)| {
