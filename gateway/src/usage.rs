@@ -1054,7 +1054,7 @@ impl ResponseMeter {
     /// What the request is settled with, per unit (windows and per-unit
     /// credits alike):
     /// - the amount the response reported, when it did (at most
-    ///   [`request::MAX_REQUEST_AMOUNT`]);
+    ///   [`crate::plans::MAX_AMOUNT`]);
     /// - else, for an event stream (finished or cut short before its usage
     ///   chunk), the larger of the reservation and an estimate of what was
     ///   delivered: the completion from the streamed text
@@ -1070,7 +1070,7 @@ impl ResponseMeter {
         let measured = self.units();
         let mut out: Vec<(Unit, u64)> = measured
             .iter()
-            .map(|(u, n)| (u.clone(), (*n).min(request::MAX_REQUEST_AMOUNT)))
+            .map(|(u, n)| (u.clone(), crate::plans::clamp_amount(*n)))
             .collect();
         for (unit, sources) in &self.units {
             if measured.iter().any(|(u, _)| u == unit) {
@@ -1099,7 +1099,7 @@ impl ResponseMeter {
                 (r, e) => r.or(e),
             };
             if let Some(n) = amount {
-                out.push((unit.clone(), n.min(request::MAX_REQUEST_AMOUNT)));
+                out.push((unit.clone(), crate::plans::clamp_amount(n)));
             }
         }
         for (unit, n) in reserved {

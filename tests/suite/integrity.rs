@@ -518,3 +518,45 @@ async fn usage_before_a_large_trailing_field_is_found() {
         assert_eq!(charged, 777);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_reported_amount_is_clamped_and_keeps_the_store_working() {
+    for gw in gateways().await {
+        let backend = gw
+            .config
+            .storage
+            .redis_url
+            .as_ref()
+            .map_or(Backend::Memory, |_| Backend::Real);
+        let (account_id, key) = account(&gw).await;
+        // 10^19 tokens: beyond Redis' INCRBY range and Lua's exact doubles.
+        let r = gw
+            .post_with(
+                "/v1/chat/completions",
+                Some(&key),
+                &chat(false),
+                &[("x-mock-tokens", "10000000000000000000")],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        gw.wait_settled().await;
+        let counted = tokens_used(&gw.limits(&key).await, "gpt-test");
+        let charged = unit_credits(&gw, &account_id, 1).await;
+        report(
+            "10^19 tokens reported",
+            backend,
+            10_000_000_000_000_000_000,
+            counted,
+            charged,
+        );
+        assert_eq!(counted, plangate::plans::MAX_AMOUNT);
+        // The store took it: the next request is refused by the full token
+        // window, not admitted as degraded.
+        let r = gw
+            .post("/v1/chat/completions", Some(&key), &chat(false))
+            .await;
+        assert_eq!(r.status, 429, "{:?}", r.body);
+        assert_eq!(r.code(), "rate_limit_exceeded");
+        assert!(r.header("x-ratelimit-degraded").is_none());
+    }
+}

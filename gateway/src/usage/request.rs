@@ -28,8 +28,9 @@ use super::header_amount;
 use crate::config::ValueSource;
 use crate::plans::Unit;
 
-/// Largest amount a request may reserve (what every store holds exactly).
-pub const MAX_REQUEST_AMOUNT: u64 = 1_000_000_000_000_000;
+/// Largest amount a request may reserve: what every store holds exactly
+/// ([`crate::plans::MAX_AMOUNT`]).
+pub const MAX_REQUEST_AMOUNT: u64 = crate::plans::MAX_AMOUNT;
 
 /// Top-level fields always checked when present: those the gateway reads,
 /// and the token and choice counts OpenAI-compatible servers read for the
