@@ -6,6 +6,7 @@
 //! sees) as pure functions; a store only does the atomic
 //! check-and-increment over the counters it keeps.
 
+mod keeper;
 pub mod keys;
 pub mod memory;
 pub mod redis;
@@ -14,11 +15,29 @@ mod tests;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+use futures_util::StreamExt;
 
 use crate::clock::{window_index, window_reset_ms, SharedClock};
 use crate::plans::{Policy, Unit, Window};
+use keeper::{due_after, retry_after, DueLease, Keeper, LeaseKey};
+
+/// How long an in-flight record is kept after its lease ran out, so that a
+/// request whose lease expired (a store outage longer than half a lease
+/// kept the keeper from renewing it, or its gateway stalled) is still
+/// settled when it ends. During the grace the record is not in flight: it
+/// takes no slot, is no duplicate and cannot be renewed; only an end finds
+/// it (and settles it, once).
+pub const SETTLE_GRACE_MS: u64 = 3_600_000;
+
+/// How often the lease keeper's background task looks for leases due for
+/// renewal (see [`Limiter::renew_due`]).
+pub const DEFAULT_KEEPER_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Renewals one keeper pass runs at once.
+const KEEPER_CONCURRENCY: usize = 64;
 
 /// A counter store failed or did not answer in time.
 #[derive(Debug, thiserror::Error)]
@@ -144,14 +163,18 @@ pub trait CounterStore: Send + Sync + 'static {
     /// no counter changes. Admit only if for every window
     /// `used + max(amount, 1) <= limit`, the request id is not in flight, and
     /// (with `max_concurrent > 0`) fewer than `max_concurrent` requests are.
-    /// Expired in-flight records are dropped first.
+    /// Only live records (expiry > now) count; an expired record of the
+    /// same id is replaced by the admission.
     fn attempt(
         &self,
         req: &AttemptRequest<'_>,
     ) -> impl Future<Output = Result<AttemptOutcome, StoreError>> + Send;
 
-    /// Remove the request from the in-flight set and, only if it was there,
-    /// apply the settlements. Returns whether it was in flight.
+    /// Remove the request from the in-flight set and, only if its record
+    /// was there — live, or expired less than [`SETTLE_GRACE_MS`] ago —
+    /// apply the settlements. Returns whether the record was there (so
+    /// whether this end settled it: a second end, or the end of an unknown
+    /// id, changes nothing and returns `false`).
     fn end(&self, req: &EndRequest<'_>) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Current usage, without changing anything.
@@ -437,13 +460,34 @@ pub enum Attempt<S: CounterStore> {
     Denied(Denial, RateLimitInfo),
 }
 
-/// The limiter: a counter store, a clock and a timeout per store call.
+/// The limiter: a counter store, a clock, a timeout per store call, and the
+/// lease keeper that renews the concurrency leases of live permits.
 pub struct Limiter<S> {
     store: S,
     clock: SharedClock,
     timeout: Duration,
     /// Background releases running (see [`Limiter::release_retrying`]).
     releasing: AtomicUsize,
+    /// Live permits whose leases are renewed (see [`Limiter::renew_due`]).
+    keeper: Keeper,
+    /// How often the keeper task runs a pass; `None`: no task.
+    keeper_interval: Option<Duration>,
+    /// Whether the keeper task has been spawned (at the first admission).
+    keeper_started: AtomicBool,
+    /// One pass at a time, so that a pass a caller runs finds every
+    /// renewal of an earlier pass done.
+    keeper_pass: tokio::sync::Mutex<()>,
+}
+
+/// Marks a limiter's keeper task as gone when the task ends or is dropped.
+struct KeeperGuard<S>(Weak<Limiter<S>>);
+
+impl<S> Drop for KeeperGuard<S> {
+    fn drop(&mut self) {
+        if let Some(limiter) = self.0.upgrade() {
+            limiter.keeper_started.store(false, Ordering::Release);
+        }
+    }
 }
 
 /// At most this many background releases at once; beyond it (a long store
@@ -460,12 +504,32 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Limiter<S> {
 }
 
 impl<S: CounterStore> Limiter<S> {
+    /// A limiter whose lease keeper runs a pass every
+    /// [`DEFAULT_KEEPER_INTERVAL`] (in a task spawned at the first
+    /// admission, on that admission's runtime).
     pub fn new(store: S, clock: SharedClock, timeout: Duration) -> Arc<Self> {
+        Self::with_keeper_interval(store, clock, timeout, Some(DEFAULT_KEEPER_INTERVAL))
+    }
+
+    /// A limiter whose lease keeper runs a pass every `keeper_interval` of
+    /// real time; with `None` there is no background task, and leases are
+    /// renewed only by explicit [`Limiter::renew_due`] calls (tests that
+    /// drive time with a `ManualClock`).
+    pub fn with_keeper_interval(
+        store: S,
+        clock: SharedClock,
+        timeout: Duration,
+        keeper_interval: Option<Duration>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             clock,
             timeout,
             releasing: AtomicUsize::new(0),
+            keeper: Keeper::default(),
+            keeper_interval,
+            keeper_started: AtomicBool::new(false),
+            keeper_pass: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -538,6 +602,7 @@ impl<S: CounterStore> Limiter<S> {
         let info = RateLimitInfo::from_usage(policy, &outcome.used, outcome.in_flight, now_ms);
         let denial = match outcome.verdict {
             Verdict::Admitted => {
+                self.start_keeper();
                 return Ok(Attempt::Admitted(Permit::new(self.clone(), ticket()), info));
             }
             Verdict::WindowFull { index } => {
@@ -622,6 +687,107 @@ impl<S: CounterStore> Limiter<S> {
         self.timed(self.store.renew(&req)).await
     }
 
+    /// Spawn the keeper task, once, if this limiter has one. It holds only
+    /// a `Weak`: it ends at its first tick after the limiter is dropped
+    /// (or with its runtime).
+    fn start_keeper(self: &Arc<Self>) {
+        let Some(every) = self.keeper_interval else {
+            return;
+        };
+        if self.keeper_started.load(Ordering::Relaxed)
+            || self.keeper_started.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.keeper_started.store(false, Ordering::Release);
+            return;
+        };
+        let weak: Weak<Self> = Arc::downgrade(self);
+        // Dropped with the task, even one never polled (its runtime shut
+        // down while the limiter lives on): the next admission starts a
+        // new one.
+        let restart = KeeperGuard(weak.clone());
+        rt.spawn(async move {
+            let _restart = restart;
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(limiter) = weak.upgrade() else {
+                    return;
+                };
+                limiter.renew_due().await;
+            }
+        });
+    }
+
+    /// One pass of the lease keeper: renew the lease of every live permit
+    /// that is due, by the limiter's clock (half a lease after admission or
+    /// after its last renewal). The background task calls this every
+    /// keeper interval; tests call it after moving a `ManualClock`. A pass
+    /// waits for one already running, so when it returns, every renewal
+    /// due by the clock at its start has been tried.
+    ///
+    /// A renewal that fails is tried again an eighth of a lease later; a
+    /// lease the store no longer holds live (it ran out, e.g. during a
+    /// store outage) is no longer kept — the request still settles when it
+    /// ends, within [`SETTLE_GRACE_MS`].
+    pub async fn renew_due(&self) {
+        let _pass = self.keeper_pass.lock().await;
+        let now_ms = self.clock.now_ms();
+        let due = self.keeper.due(now_ms);
+        if due.is_empty() {
+            return;
+        }
+        let failed = AtomicUsize::new(0);
+        futures_util::stream::iter(due)
+            .for_each_concurrent(KEEPER_CONCURRENCY, |lease| async {
+                if let Err(e) = self.renew_kept(lease, now_ms).await {
+                    if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                        tracing::warn!(error = %e, "renewing a concurrency lease failed; retrying");
+                    }
+                }
+            })
+            .await;
+        let failed = failed.into_inner();
+        if failed > 1 {
+            tracing::warn!(failed, "renewing concurrency leases failed; retrying");
+        }
+    }
+
+    async fn renew_kept(&self, lease: DueLease, now_ms: u64) -> Result<(), StoreError> {
+        let req = RenewRequest {
+            request_id: &lease.request_id,
+            account: &lease.account,
+            endpoint: &lease.endpoint,
+            now_ms,
+            lease_ms: lease.lease_ms,
+        };
+        match self.timed(self.store.renew(&req)).await {
+            Ok(true) => {
+                self.keeper
+                    .reschedule(lease.key, due_after(now_ms, lease.lease_ms));
+                Ok(())
+            }
+            Ok(false) => {
+                // Ended meanwhile (then already deregistered), or expired.
+                self.keeper.deregister(lease.key);
+                Ok(())
+            }
+            Err(e) => {
+                self.keeper
+                    .reschedule(lease.key, retry_after(now_ms, lease.lease_ms));
+                Err(e)
+            }
+        }
+    }
+
+    /// Number of live permits whose leases the keeper renews.
+    pub fn leases_kept(&self) -> usize {
+        self.keeper.len()
+    }
+
     /// SPEC §4 Info: where (account, endpoint) stands, without changing it.
     pub async fn info(
         &self,
@@ -649,19 +815,35 @@ impl<S: CounterStore> Limiter<S> {
 /// An admitted request. Dropping it without [`Permit::end`] still ends the
 /// request (in a background task, with no final units), so no path — error,
 /// panic, client disconnect — leaks a concurrency slot.
+///
+/// While it lives, the limiter's lease keeper renews its concurrency lease
+/// (see [`Limiter::renew_due`]), however long the request waits for the
+/// upstream or for the client to read; ending, handing over or dropping
+/// the permit stops that.
 #[derive(Debug)]
 pub struct Permit<S: CounterStore> {
     limiter: Arc<Limiter<S>>,
     ticket: Ticket,
     ended: AtomicBool,
+    /// Its entry in the limiter's keeper, until ended, handed over or dropped.
+    lease: Option<LeaseKey>,
 }
 
 impl<S: CounterStore> Permit<S> {
     fn new(limiter: Arc<Limiter<S>>, ticket: Ticket) -> Self {
+        let lease = Some(limiter.keeper.register(&ticket, ticket.lease_ms()));
         Self {
             limiter,
             ticket,
             ended: AtomicBool::new(false),
+            lease,
+        }
+    }
+
+    /// Stop the keeper renewing this permit's lease.
+    fn unkeep(&mut self) {
+        if let Some(key) = self.lease.take() {
+            self.limiter.keeper.deregister(key);
         }
     }
 
@@ -674,7 +856,8 @@ impl<S: CounterStore> Permit<S> {
     /// The permit counts as ended only once the store confirmed it: if the
     /// call fails, or its future is dropped mid-way, the permit's `Drop`
     /// still releases the slot (ending twice is harmless).
-    pub async fn end(self, final_units: &[(Unit, u64)]) -> Result<bool, StoreError> {
+    pub async fn end(mut self, final_units: &[(Unit, u64)]) -> Result<bool, StoreError> {
+        self.unkeep();
         let result = self.limiter.end(&self.ticket, final_units).await;
         if result.is_ok() {
             self.ended.store(true, Ordering::SeqCst);
@@ -682,13 +865,17 @@ impl<S: CounterStore> Permit<S> {
         result
     }
 
-    /// Renew the lease of a long-running request (e.g. a stream).
+    /// Renew the lease now (the keeper does it by itself; this is for
+    /// callers and tests that want it at once).
     pub async fn renew(&self) -> Result<bool, StoreError> {
         self.limiter.renew(&self.ticket).await
     }
 
     /// Give up responsibility for ending: the caller ends the ticket itself.
-    pub fn into_ticket(self) -> Ticket {
+    /// The keeper no longer renews its lease: the slot lasts until the
+    /// caller ends it or its lease runs out.
+    pub fn into_ticket(mut self) -> Ticket {
+        self.unkeep();
         self.ended.store(true, Ordering::SeqCst);
         self.ticket.clone()
     }
@@ -696,6 +883,7 @@ impl<S: CounterStore> Permit<S> {
 
 impl<S: CounterStore> Drop for Permit<S> {
     fn drop(&mut self) {
+        self.unkeep();
         if self.ended.load(Ordering::SeqCst) {
             return;
         }

@@ -876,8 +876,9 @@ impl Settle {
 }
 
 /// The response body: passes frames through unchanged (but for the dropped
-/// usage chunk), measures units, keeps a streaming request's lease alive,
-/// and settles the request when it ends — or when it is dropped.
+/// usage chunk), measures units, and settles the request when it ends — or
+/// when it is dropped. (The limiter's lease keeper keeps the request's
+/// concurrency lease alive meanwhile.)
 pub struct MeteredBody {
     inner: Incoming,
     meter: ResponseMeter,
@@ -885,8 +886,6 @@ pub struct MeteredBody {
     decoder: Option<ContentDecoder>,
     rewrites_body: bool,
     settle: Option<Settle>,
-    renew_every: Option<Duration>,
-    renew_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     done: bool,
 }
 
@@ -898,26 +897,18 @@ impl MeteredBody {
         settle: Settle,
         rewrites_body: bool,
     ) -> Self {
-        let renew_every = settle.permit.as_ref().map(|p| {
-            let expiry = p.ticket().policy.concurrency_expiry_secs.max(1);
-            Duration::from_millis(expiry * 1000 / 2)
-        });
-        let renew_timer = renew_every.map(|d| Box::pin(tokio::time::sleep(d)));
         Self {
             inner,
             meter,
             decoder,
             rewrites_body,
             settle: Some(settle),
-            renew_every,
-            renew_timer,
             done: false,
         }
     }
 
     fn finish(&mut self) {
         self.done = true;
-        self.renew_timer = None;
         if let Some(settle) = self.settle.take() {
             let units = if settle.answered_ok {
                 self.meter
@@ -943,26 +934,6 @@ impl MeteredBody {
             }
         }
     }
-
-    fn poll_renew(&mut self, cx: &mut Context<'_>) {
-        let (Some(timer), Some(every)) = (self.renew_timer.as_mut(), self.renew_every) else {
-            return;
-        };
-        if timer.as_mut().poll(cx).is_ready() {
-            if let Some(settle) = &self.settle {
-                if let Some(permit) = &settle.permit {
-                    let limiter = settle.core.limiter.clone();
-                    let ticket = permit.ticket().clone();
-                    tokio::spawn(async move {
-                        let _ = limiter.renew(&ticket).await;
-                    });
-                }
-            }
-            timer.as_mut().reset(tokio::time::Instant::now() + every);
-            // Register the new deadline with this task's waker.
-            let _ = timer.as_mut().poll(cx);
-        }
-    }
 }
 
 impl HttpBody for MeteredBody {
@@ -977,7 +948,6 @@ impl HttpBody for MeteredBody {
         if this.done {
             return Poll::Ready(None);
         }
-        this.poll_renew(cx);
         loop {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,

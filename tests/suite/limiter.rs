@@ -2,7 +2,9 @@
 //! over the store, run against the in-process store and against real Redis
 //! in both connection modes. A behaviour difference is a bug.
 //!
-//! Time is a `ManualClock`; nothing sleeps to wait out a window. On Redis,
+//! Time is a `ManualClock`; nothing sleeps to wait out a window. The
+//! limiter's lease keeper has no background task here: tests run its passes
+//! (`Limiter::renew_due`) themselves, after moving the clock. On Redis,
 //! every test uses its own key prefix, checks that a denied attempt left
 //! the raw keys untouched, and at the end that none of its keys lacks a TTL.
 
@@ -17,7 +19,7 @@ use plangate::limiter::memory::MemoryStore;
 use plangate::limiter::redis::{RedisMode, RedisOptions, RedisStore};
 use plangate::limiter::{
     Attempt, AttemptRequest, CounterStore, Denial, EndRequest, Limiter, Permit, RateLimitInfo,
-    RenewRequest, UsageRequest, Verdict, WindowSpec,
+    RenewRequest, UsageRequest, Verdict, WindowSpec, SETTLE_GRACE_MS,
 };
 use plangate::plans::{Policy, Unit, Window};
 use redis::aio::MultiplexedConnection;
@@ -212,8 +214,15 @@ struct Harness<S: CounterStore> {
 impl<S: CounterStore + Debug> Harness<S> {
     fn new(store: S, raw: Option<Raw>) -> Self {
         let clock = ManualClock::new(T0);
+        // No keeper task: its passes run when a test says so.
+        let limiter = Limiter::with_keeper_interval(
+            store,
+            Arc::new(clock.clone()),
+            Duration::from_secs(5),
+            None,
+        );
         Harness {
-            limiter: Limiter::new(store, Arc::new(clock.clone()), Duration::from_secs(5)),
+            limiter,
             clock,
             raw,
             account: unique("acct"),
@@ -412,7 +421,9 @@ conformance!(
     plan_change_keeps_counts_of_windows_that_stay,
     dropped_permit_releases_its_slot,
     usage_writes_nothing,
-    expired_request_is_not_settled,
+    expired_request_is_still_settled_once,
+    keeper_keeps_a_live_permits_slot,
+    keeper_stops_with_the_permit,
 );
 
 async fn free_plan_fourth_request_in_a_minute_is_denied<S: CounterStore + Debug>(h: &Harness<S>) {
@@ -646,8 +657,9 @@ async fn concurrency_slots_count_release_and_expire<S: CounterStore + Debug>(h: 
     assert_eq!(h.usage("e", &p).await.1, 0);
     let (_d, _) = h.admit("d", "e", &p, &[]).await;
     let (_e, _) = h.admit("e", "e", &p, &[]).await;
-    // An expired request's permit ending late is not in flight any more.
-    assert!(!c.end(&[]).await.expect("late end"));
+    // An expired request's permit ending late is not in flight any more
+    // (its end still settles it, and frees no slot of d's or e's).
+    assert!(c.end(&[]).await.expect("late end"));
     assert_eq!(h.usage("e", &p).await.1, 2);
 }
 
@@ -773,12 +785,99 @@ async fn usage_writes_nothing<S: CounterStore + Debug>(h: &Harness<S>) {
     }
 }
 
-async fn expired_request_is_not_settled<S: CounterStore + Debug>(h: &Harness<S>) {
-    let p = policy(&[(3_600, 1_000, "token")], 0, 10);
-    let (permit, _) = h.admit("a", "e", &p, &tokens(100)).await;
+/// A request whose lease expired (no keeper pass ran: a store outage, a
+/// stalled gateway) is out of flight, but its end still settles its units,
+/// once; only after the settle grace is its record gone.
+async fn expired_request_is_still_settled_once<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = policy(&[(86_400, 1_000_000, "token")], 0, 10);
+    let (a, _) = h.admit("a", "e", &p, &tokens(300)).await;
+    let a = a.into_ticket();
     h.clock.advance(Duration::from_secs(10));
-    assert!(!permit.end(&tokens(500)).await.expect("end"));
-    assert_eq!(h.usage("e", &p).await, (vec![100], 0));
+    assert_eq!(h.usage("e", &p).await, (vec![300], 0), "a's lease ran out");
+    // A give-back to the admission window.
+    assert!(h.limiter.end(&a, &tokens(50)).await.expect("end a"));
+    assert_eq!(h.usage("e", &p).await, (vec![50], 0));
+    assert!(!h.limiter.end(&a, &tokens(900)).await.expect("end a again"));
+    assert_eq!(h.usage("e", &p).await, (vec![50], 0), "settled once");
+
+    // Units past the reservation, ended long after the lease.
+    let (b, _) = h.admit("b", "e", &p, &[]).await;
+    h.clock.advance(Duration::from_secs(25));
+    assert!(b.end(&tokens(500)).await.expect("end b"));
+    assert_eq!(h.usage("e", &p).await, (vec![550], 0));
+
+    // At the end of the grace the record is gone: nothing is settled.
+    let (c, _) = h.admit("c", "e", &p, &tokens(100)).await;
+    h.clock
+        .advance(Duration::from_millis(10_000 + SETTLE_GRACE_MS - 1));
+    let c = c.into_ticket();
+    let (d, _) = h.admit("d", "e", &p, &tokens(100)).await;
+    h.clock.advance(Duration::from_millis(1));
+    assert!(!h.limiter.end(&c, &tokens(900)).await.expect("end c"));
+    assert_eq!(h.usage("e", &p).await, (vec![750], 1));
+    // One millisecond short of its grace, d still settles.
+    h.clock
+        .advance(Duration::from_millis(10_000 + SETTLE_GRACE_MS - 2));
+    assert!(d.end(&tokens(0)).await.expect("end d"));
+    assert_eq!(h.usage("e", &p).await, (vec![650], 0));
+}
+
+/// With the keeper's passes, a permit nobody renews by hand (a request
+/// waiting for its upstream, a stream whose client stopped reading) keeps
+/// its slot for as long as it lives.
+async fn keeper_keeps_a_live_permits_slot<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = policy(&[(86_400, 100, "request")], 1, 10);
+    let (a, _) = h.admit("a", "e", &p, &[]).await;
+    // Steps shorter than half the lease, a pass after each: 32 s in all,
+    // more than three leases.
+    for step in 1..=8 {
+        h.clock.advance(Duration::from_secs(4));
+        h.limiter.renew_due().await;
+        assert_eq!(h.usage("e", &p).await.1, 1, "step {step}");
+    }
+    let (denial, _) = h.deny("b", "e", &p, &[]).await;
+    assert_eq!(denial, Denial::Concurrency { limit: 1 });
+    assert_eq!(h.limiter.leases_kept(), 1);
+    assert!(a.end(&tokens(7)).await.expect("end"));
+    let (b, _) = h.admit("b", "e", &p, &[]).await;
+    b.end(&[]).await.expect("end b");
+}
+
+/// Once its permit is ended or handed over, the keeper renews a lease no
+/// more: the slot is free at once, or (handed over, never ended) when its
+/// lease runs out.
+async fn keeper_stops_with_the_permit<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = policy(&[(86_400, 100, "request")], 1, 10);
+    let (a, _) = h.admit("a", "e", &p, &[]).await;
+    h.clock.advance(Duration::from_secs(6));
+    h.limiter.renew_due().await;
+    assert!(a.end(&[]).await.expect("end"));
+    assert_eq!(h.limiter.leases_kept(), 0);
+    assert_eq!(h.usage("e", &p).await.1, 0, "the slot is free");
+
+    // Handed over (the caller ends it, or its lease does): not renewed.
+    let (b, _) = h.admit("b", "e", &p, &[]).await;
+    let _b = b.into_ticket();
+    assert_eq!(h.limiter.leases_kept(), 0);
+    for _ in 0..3 {
+        h.clock.advance(Duration::from_secs(4));
+        h.limiter.renew_due().await;
+    }
+    assert_eq!(h.usage("e", &p).await.1, 0, "b's lease ran out");
+    let (c, _) = h.admit("c", "e", &p, &[]).await;
+
+    // Dropped: released, and not renewed either.
+    drop(c);
+    assert_eq!(h.limiter.leases_kept(), 0);
+    for _ in 0..500 {
+        if h.usage("e", &p).await.1 == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.clock.advance(Duration::from_secs(6));
+    h.limiter.renew_due().await;
+    assert_eq!(h.usage("e", &p).await.1, 0, "c's slot was released");
 }
 
 // ---------------------------------------------------------------------
@@ -1080,12 +1179,14 @@ async fn redis_ttls_cover_windows_and_the_longest_lease() {
         let raw = raw.clone();
         async move { raw.key_state(&k).await.pttl }
     };
+    // Expired records are kept for the settle grace: the set covers it too.
+    let grace = SETTLE_GRACE_MS as i64;
     let set_covers = |lease_ms: i64| {
         let set = set.clone();
         async move {
             let left = pttl(set.clone()).await;
             assert!(
-                left >= lease_ms + slack - 2_000,
+                left >= lease_ms + grace + slack - 2_000,
                 "{set}: {left} ms left, lease {lease_ms} ms"
             );
         }

@@ -170,9 +170,10 @@ async fn a_long_stream_renews_its_concurrency_lease() {
             )
             .await;
         s.next_data().await.expect("first chunk").expect("data");
-        // Admitted at t0 with a 2 s lease. Move to t0+1.5 s, let the
-        // renewal timer (every 1 s of real time) fire, then go past the
-        // original lease: the slot must still be held.
+        // Admitted at t0 with a 2 s lease. Move to t0+1.5 s (past half the
+        // lease: due), let the limiter's lease keeper run a pass (every
+        // 200 ms of real time), then go past the original lease: the slot
+        // must still be held.
         gw.clock.advance(Duration::from_millis(1500));
         tokio::time::sleep(Duration::from_millis(1300)).await;
         gw.clock.advance(Duration::from_millis(1500));
@@ -185,5 +186,55 @@ async fn a_long_stream_renews_its_concurrency_lease() {
         gw.wait_settled().await;
         let limits = gw.limits(&key).await;
         assert_eq!(limits["endpoints"]["gpt-test"]["concurrency"]["in_use"], 0);
+    }
+}
+
+/// The lease is kept by the limiter, not by polling the body: a request
+/// still waiting for the upstream's response head keeps its slot past its
+/// original lease, and its usage is counted when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_its_upstream_keeps_its_slot() {
+    for backend in Backend::all().await {
+        let mut opts = Options::new(backend);
+        opts.plans = plangate_tests::harness::TEST_PLANS
+            .replace("concurrency_expiry: 30s", "concurrency_expiry: 2s");
+        let gw = TestGateway::start(opts).await;
+        let (_, key) = gw.account(None).await;
+        let body = json!({
+            "model": "gpt-test",
+            "messages": [{"role": "user", "content": "slow please"}],
+        });
+        let request = gw.post_with(
+            "/v1/chat/completions",
+            Some(&key),
+            &body,
+            &[("x-mock-delay-ms", "1500"), ("x-mock-tokens", "77")],
+        );
+        let watch = async {
+            // Wait (bounded) until the request is admitted and waiting.
+            for _ in 0..200 {
+                let limits = gw.limits(&key).await;
+                if limits["endpoints"]["gpt-test"]["concurrency"]["in_use"] == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // As in the stream test: past half the lease, a keeper pass,
+            // then past the original lease.
+            gw.clock.advance(Duration::from_millis(1500));
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            gw.clock.advance(Duration::from_millis(1500));
+            gw.limits(&key).await
+        };
+        let (resp, limits) = tokio::join!(request, watch);
+        assert_eq!(
+            limits["endpoints"]["gpt-test"]["concurrency"]["in_use"], 1,
+            "lease kept while waiting for the response head"
+        );
+        assert_eq!(resp.status, 200);
+        gw.wait_settled().await;
+        let limits = gw.limits(&key).await;
+        assert_eq!(limits["endpoints"]["gpt-test"]["concurrency"]["in_use"], 0);
+        assert_eq!(tokens_used(&limits, "gpt-test"), 77);
     }
 }

@@ -5,9 +5,10 @@
 //! operation on one pair is atomic (it runs under that pair's shard lock).
 //!
 //! Memory stays bounded by what is live: a pair keeps only the current
-//! window of each (window length, unit) and its unexpired in-flight records.
-//! Ended windows and expired records are dropped whenever their pair is
-//! touched, and every `sweep_every` operations one shard is swept (round
+//! window of each (window length, unit) and its in-flight records (an
+//! expired one for [`SETTLE_GRACE_MS`] more, so that its end still settles).
+//! Ended windows and records past their grace are dropped whenever their
+//! pair is touched, and every `sweep_every` operations one shard is swept (round
 //! robin), so pairs nobody touches again vanish too.
 //!
 //! Entries are compact, because a gateway may hold one per account: with
@@ -24,7 +25,7 @@ use parking_lot::Mutex;
 
 use super::{
     AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
-    UsageRequest, Verdict,
+    UsageRequest, Verdict, SETTLE_GRACE_MS,
 };
 use crate::clock::window_index;
 use crate::plans::Unit;
@@ -78,14 +79,16 @@ impl Pair {
 struct Entry {
     /// The current (or most recent) window of each (length, unit).
     counters: Vec<Counter>,
-    /// Request id and lease expiry (ms). A record is live while expiry > now.
+    /// Request id and lease expiry (ms). A record is live while expiry > now,
+    /// and kept until expiry + [`SETTLE_GRACE_MS`] so that an end settles it.
     /// A list rather than a map: counting the live records (every
     /// admission) scans them all anyway, most pairs have none or a few in
     /// flight, and an empty list holds no memory.
     in_flight: Vec<(Box<str>, u64)>,
-    /// A lower bound of the earliest expiry in `in_flight` (u64::MAX when
-    /// empty), so pruning is O(1) until something can have expired.
-    next_expiry: u64,
+    /// A lower bound of the earliest expiry + grace in `in_flight`
+    /// (u64::MAX when empty), so pruning is O(1) until a record can be past
+    /// its grace.
+    next_drop: u64,
 }
 
 #[derive(Debug)]
@@ -133,8 +136,8 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// Drop every ended window and expired in-flight record as of `now_ms`,
-    /// and every pair left with nothing.
+    /// Drop every ended window and every in-flight record past its grace as
+    /// of `now_ms`, and every pair left with nothing.
     pub fn sweep_all(&self, now_ms: u64) {
         for shard in self.shards.iter() {
             self.sweep(&mut shard.lock(), now_ms);
@@ -219,7 +222,7 @@ impl Entry {
         Entry {
             counters: Vec::new(),
             in_flight: Vec::new(),
-            next_expiry: u64::MAX,
+            next_drop: u64::MAX,
         }
     }
 
@@ -227,16 +230,16 @@ impl Entry {
         self.counters.is_empty() && self.in_flight.is_empty()
     }
 
-    /// Drop ended windows and expired in-flight records.
+    /// Drop ended windows and in-flight records past their grace.
     fn prune(&mut self, now_ms: u64) {
         self.counters
             .retain(|c| c.index >= window_index(now_ms, c.window_secs));
-        if now_ms >= self.next_expiry {
-            self.in_flight.retain(|&(_, exp)| exp > now_ms);
-            self.next_expiry = self
+        if now_ms >= self.next_drop {
+            self.in_flight.retain(|&(_, exp)| drop_at(exp) > now_ms);
+            self.next_drop = self
                 .in_flight
                 .iter()
-                .map(|&(_, exp)| exp)
+                .map(|&(_, exp)| drop_at(exp))
                 .min()
                 .unwrap_or(u64::MAX);
             self.shrink_in_flight();
@@ -349,12 +352,12 @@ impl Entry {
         }
         let expiry = now.saturating_add(req.lease_ms);
         match record {
-            // An expired record of the same id (pruning keeps none, but
-            // this does not rely on it): replaced, as a map insert would.
+            // An expired record of the same id, still in its grace:
+            // replaced, as a map insert (Redis' ZADD) would.
             Some(i) => self.in_flight[i].1 = expiry,
             None => self.in_flight.push((Box::from(req.request_id), expiry)),
         }
-        self.next_expiry = self.next_expiry.min(expiry);
+        self.next_drop = self.next_drop.min(drop_at(expiry));
         AttemptOutcome {
             verdict,
             used,
@@ -363,8 +366,8 @@ impl Entry {
     }
 
     fn end(&mut self, req: &EndRequest<'_>) -> bool {
-        // Pruning already dropped the record if its lease ran out: an
-        // expired request is no longer in flight and is not settled.
+        // Pruning already dropped the record if its grace ran out; a
+        // record still here is settled, whether its lease expired or not.
         let Some(i) = self.in_flight_pos(req.request_id) else {
             return false;
         };
@@ -388,6 +391,11 @@ impl Entry {
         }
         true
     }
+}
+
+/// When an in-flight record with lease expiry `expiry` is dropped.
+fn drop_at(expiry: u64) -> u64 {
+    expiry.saturating_add(SETTLE_GRACE_MS)
 }
 
 impl CounterStore for MemoryStore {
@@ -415,12 +423,13 @@ impl CounterStore for MemoryStore {
     async fn renew(&self, req: &RenewRequest<'_>) -> Result<bool, StoreError> {
         Ok(self.with_entry(req.account, req.endpoint, req.now_ms, |e| {
             match e.in_flight_pos(req.request_id) {
-                Some(i) => {
-                    // Pruning ran first, so a record still here is live.
+                // Only a live record: an expired one (in its grace) is no
+                // longer in flight.
+                Some(i) if e.in_flight[i].1 > req.now_ms => {
                     e.in_flight[i].1 = req.now_ms.saturating_add(req.lease_ms);
                     true
                 }
-                None => false,
+                _ => false,
             }
         }))
     }
@@ -551,7 +560,14 @@ mod tests {
         let minute_end = (T0 / 60_000 + 1) * 60_000;
         s.sweep_all(minute_end - 1);
         assert_eq!(s.len(), 1_000);
+        // The window ended, but the expired records are kept for their
+        // grace (an end would still settle them).
         s.sweep_all(minute_end);
+        assert_eq!(s.len(), 1_000);
+        let dropped = T0 + 5_000 + SETTLE_GRACE_MS;
+        s.sweep_all(dropped - 1);
+        assert_eq!(s.len(), 1_000);
+        s.sweep_all(dropped);
         assert_eq!(s.len(), 0);
         assert!(s.is_empty());
     }
@@ -564,9 +580,10 @@ mod tests {
             attempt(&s, &account, "r", T0, 1_000);
         }
         assert_eq!(s.len(), 100);
-        // Operations on one unrelated pair, long after: the round-robin
-        // sweep visits every shard within shards * sweep_every operations.
-        let later = T0 + 3_600_000;
+        // Operations on one unrelated pair, long after (past the leases'
+        // grace): the round-robin sweep visits every shard within
+        // shards * sweep_every operations.
+        let later = T0 + 1_000 + SETTLE_GRACE_MS;
         for i in 0..8 {
             attempt(&s, "busy", &format!("b{i}"), later, 1_000);
         }
@@ -578,24 +595,73 @@ mod tests {
         let s = MemoryStore::new();
         assert_eq!(attempt(&s, "a", "r1", T0, 1_000), Verdict::Admitted);
         assert_eq!(attempt(&s, "a", "r1", T0 + 999, 1_000), Verdict::Duplicate);
-        // Lease over: the same id is admitted again, and ending the old
-        // one afterwards ends the new one (ids are the caller's business).
+        // Lease over: the same id is admitted again (its expired record
+        // replaced, not duplicated), and ending the old one afterwards ends
+        // the new one (ids are the caller's business).
         assert_eq!(attempt(&s, "a", "r1", T0 + 1_000, 1_000), Verdict::Admitted);
         let settle = [Settlement {
             window_secs: 60,
             unit: Unit::request(),
             admitted_index: window_index(T0, 60),
             reserved: 1,
-            actual: 1,
+            actual: 3,
         }];
-        let ended = run(s.end(&EndRequest {
-            request_id: "r1",
-            account: "a",
-            endpoint: "e",
-            now_ms: T0 + 2_500,
-            settlements: &settle,
-        }))
-        .expect("end");
-        assert!(!ended, "its lease ran out at T0+2000");
+        let end = |now_ms| {
+            run(s.end(&EndRequest {
+                request_id: "r1",
+                account: "a",
+                endpoint: "e",
+                now_ms,
+                settlements: &settle,
+            }))
+            .expect("end")
+        };
+        let usage = |now_ms| {
+            run(s.usage(&UsageRequest {
+                account: "a",
+                endpoint: "e",
+                now_ms,
+                windows: &[crate::plans::Window {
+                    window_secs: 60,
+                    limit: 100,
+                    unit: Unit::request(),
+                }],
+            }))
+            .expect("usage")
+        };
+        // Its lease ran out at T0+2000: not in flight, but still settled.
+        let u = usage(T0 + 2_500);
+        assert_eq!((u.used.clone(), u.in_flight), (vec![2], 0));
+        assert!(end(T0 + 2_500), "settled within the grace");
+        assert_eq!(usage(T0 + 2_500).used, vec![4]);
+        assert!(!end(T0 + 2_600), "settled once");
+        assert_eq!(usage(T0 + 2_600).used, vec![4]);
+        let shard = s
+            .shards
+            .iter()
+            .find(|s| !s.lock().is_empty())
+            .expect("pair");
+        let shard = shard.lock();
+        let pair = shard.iter().next().expect("pair");
+        assert!(pair.entry.in_flight.is_empty());
+    }
+
+    #[test]
+    fn expired_records_are_dropped_after_their_grace() {
+        let s = MemoryStore::with_options(1, u64::MAX);
+        assert_eq!(attempt(&s, "a", "r1", T0, 1_000), Verdict::Admitted);
+        let end = |now_ms| {
+            run(s.end(&EndRequest {
+                request_id: "r1",
+                account: "a",
+                endpoint: "e",
+                now_ms,
+                settlements: &[],
+            }))
+            .expect("end")
+        };
+        // Past the grace: the record is gone, the end changes nothing.
+        assert!(!end(T0 + 1_000 + SETTLE_GRACE_MS));
+        assert_eq!(s.len(), 0);
     }
 }

@@ -8,7 +8,9 @@
 //! a counter when `INCRBY` creates it (its name holds its window, so the
 //! first TTL, the window's end plus [`TTL_SLACK_MS`], is the right one and
 //! later writes need not repeat it), the in-flight set whenever its TTL
-//! would no longer cover the lease just added. Only `PEXPIRE` without
+//! would no longer cover the lease just added plus the settle grace
+//! ([`SETTLE_GRACE_MS`]: expired records are kept that long, so that their
+//! end still settles them). Only `PEXPIRE` without
 //! options and `PTTL` are used, so Redis 6 and Garnet run the scripts too.
 //!
 //! Times come from the caller (`now_ms`), never from the server clock, so
@@ -38,7 +40,7 @@ use redis::{AsyncConnectionConfig, RedisError, Script, ScriptInvocation, Value};
 use super::keys::{Keys, DEFAULT_PREFIX};
 use super::{
     AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
-    UsageRequest, Verdict,
+    UsageRequest, Verdict, SETTLE_GRACE_MS,
 };
 use crate::clock::{window_index, window_reset_ms};
 
@@ -48,8 +50,8 @@ use crate::clock::{window_index, window_reset_ms};
 pub const TTL_SLACK_MS: u64 = 5_000;
 
 /// Admit or deny. KEYS[1] in-flight zset, KEYS[1+i] window i's counter.
-/// ARGV: now, request id, max concurrent, lease expiry ms, slack ms, then per
-/// window: limit, amount, ttl ms.
+/// ARGV: now, request id, max concurrent, lease expiry ms, slack ms, settle
+/// grace ms, then per window: limit, amount, ttl ms.
 /// Returns {verdict, window index (1-based, 0 if none), in flight, used...}
 /// with verdict 0 admitted, 1 window full, 2 concurrency full, 3 duplicate.
 /// Nothing is written unless admitted. Public for benchmarks that load it
@@ -60,6 +62,7 @@ local id = ARGV[2]
 local max_conc = tonumber(ARGV[3])
 local expiry = tonumber(ARGV[4])
 local slack = tonumber(ARGV[5])
+local grace = tonumber(ARGV[6])
 local n = #KEYS - 1
 local used = {}
 for i = 1, n do
@@ -73,8 +76,8 @@ if score and tonumber(score) > now then
   verdict = 3
 else
   for i = 1, n do
-    local limit = tonumber(ARGV[3 + 3 * i])
-    local amount = tonumber(ARGV[4 + 3 * i])
+    local limit = tonumber(ARGV[4 + 3 * i])
+    local amount = tonumber(ARGV[5 + 3 * i])
     if tonumber(used[i]) + math.max(amount, 1) > limit then
       verdict, at = 1, i
       break
@@ -86,27 +89,30 @@ else
 end
 if verdict == 0 then
   for i = 1, n do
-    local amount = ARGV[4 + 3 * i]
+    local amount = ARGV[5 + 3 * i]
     if amount ~= '0' then
       used[i] = redis.call('INCRBY', KEYS[i + 1], amount)
       -- Equal to the amount: this INCRBY created the key (or found the 0
       -- a give-back left, where a fresh TTL is harmless).
       if used[i] == tonumber(amount) then
-        redis.call('PEXPIRE', KEYS[i + 1], ARGV[5 + 3 * i])
+        redis.call('PEXPIRE', KEYS[i + 1], ARGV[6 + 3 * i])
       end
     end
   end
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+  -- Expired records are kept for the grace (an end still settles them);
+  -- past it they go.
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - grace)
   redis.call('ZADD', KEYS[1], ARGV[4], id)
-  -- The set must live as long as its longest lease plus the slack. With
-  -- nothing live, ZREMRANGEBYSCORE emptied (deleted) it and ZADD made a
-  -- new one without a TTL. Otherwise its TTL already covers the older
-  -- leases (every write keeps it so), and is extended only if it falls
-  -- short of this one; by one lease more than needed, so that a busy set
-  -- pays one PTTL per admission and one PEXPIRE per lease.
-  local lease = expiry - now
-  if live == 0 or redis.call('PTTL', KEYS[1]) < lease + slack then
-    redis.call('PEXPIRE', KEYS[1], 2 * lease + slack)
+  -- The set must live as long as its longest lease plus the grace plus
+  -- the slack. With nothing live, every record left has expired and needs
+  -- at most grace + slack, and the set may be new (no TTL): set it. Else
+  -- its TTL already covers the older leases (every write keeps it so), and
+  -- is extended only if it falls short of this one; by one lease more than
+  -- needed, so that a busy set pays one PTTL per admission and one PEXPIRE
+  -- per lease.
+  local keep = expiry - now + grace + slack
+  if live == 0 or redis.call('PTTL', KEYS[1]) < keep then
+    redis.call('PEXPIRE', KEYS[1], keep + expiry - now)
   end
   live = live + 1
 end
@@ -119,9 +125,10 @@ return out
 
 /// End a request. KEYS[1] in-flight zset; per settlement i:
 /// KEYS[2i] counter of the current window, KEYS[2i+1] counter of the
-/// admission window. ARGV: now, request id, then per settlement: units to
-/// add, units to give back, ttl ms of the current window's counter.
-/// Returns 1 if the request was in flight (and settles only then).
+/// admission window. ARGV: now, request id, settle grace ms, then per
+/// settlement: units to add, units to give back, ttl ms of the current
+/// window's counter. Returns 1 if the request's record was there, live or
+/// expired less than the grace ago (and settles only then).
 const END_LUA: &str = r#"
 local now = tonumber(ARGV[1])
 local score = redis.call('ZSCORE', KEYS[1], ARGV[2])
@@ -129,17 +136,17 @@ if not score then
   return 0
 end
 redis.call('ZREM', KEYS[1], ARGV[2])
-if tonumber(score) <= now then
+if tonumber(score) + tonumber(ARGV[3]) <= now then
   return 0
 end
 local n = (#KEYS - 1) / 2
 for i = 1, n do
-  local add = ARGV[3 * i]
-  local back = tonumber(ARGV[3 * i + 1])
+  local add = ARGV[3 * i + 1]
+  local back = tonumber(ARGV[3 * i + 2])
   if add ~= '0' then
     -- As in the attempt: a TTL when INCRBY created the key.
     if redis.call('INCRBY', KEYS[2 * i], add) == tonumber(add) then
-      redis.call('PEXPIRE', KEYS[2 * i], ARGV[3 * i + 2])
+      redis.call('PEXPIRE', KEYS[2 * i], ARGV[3 * i + 3])
     end
   elseif back > 0 then
     local v = redis.call('GET', KEYS[2 * i + 1])
@@ -165,7 +172,8 @@ return out
 "#;
 
 /// Renew a lease. KEYS[1] in-flight zset. ARGV: now, request id, new lease
-/// expiry ms, the set's minimum TTL ms. Returns 1 if the request was (live) in flight.
+/// expiry ms, the set's minimum TTL ms (lease + grace + slack). Returns 1
+/// if the request was (live) in flight.
 const RENEW_LUA: &str = r#"
 local now = tonumber(ARGV[1])
 local score = redis.call('ZSCORE', KEYS[1], ARGV[2])
@@ -658,7 +666,8 @@ impl CounterStore for RedisStore {
             .arg(req.request_id)
             .arg(req.max_concurrent)
             .arg(req.now_ms.saturating_add(req.lease_ms))
-            .arg(TTL_SLACK_MS);
+            .arg(TTL_SLACK_MS)
+            .arg(SETTLE_GRACE_MS);
         for w in req.windows {
             let index = window_index(req.now_ms, w.window_secs);
             inv.key(self.keys.window(
@@ -705,7 +714,8 @@ impl CounterStore for RedisStore {
         let mut inv = self.end.prepare_invoke();
         inv.key(self.keys.in_flight(req.account, req.endpoint))
             .arg(req.now_ms)
-            .arg(req.request_id);
+            .arg(req.request_id)
+            .arg(SETTLE_GRACE_MS);
         for s in req.settlements {
             let unit = s.unit.as_str();
             let current = window_index(req.now_ms, s.window_secs);
@@ -762,7 +772,11 @@ impl CounterStore for RedisStore {
             .arg(req.now_ms)
             .arg(req.request_id)
             .arg(req.now_ms.saturating_add(req.lease_ms))
-            .arg(req.lease_ms.saturating_add(TTL_SLACK_MS));
+            .arg(
+                req.lease_ms
+                    .saturating_add(SETTLE_GRACE_MS)
+                    .saturating_add(TTL_SLACK_MS),
+            );
         flag("renew", self.run(&inv).await?)
     }
 }

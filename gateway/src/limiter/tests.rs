@@ -2,6 +2,7 @@
 //! checked against a plain model of SPEC §4.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use proptest::prelude::*;
 
@@ -112,11 +113,15 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u64..45_000).prop_map(|ms| Op::Advance { ms }),
         // Exactly one lease: lands on expiry boundaries.
         1 => Just(Op::Advance { ms: 30_000 }),
+        // Exactly the settle grace: lands on the boundary where an expired
+        // record is dropped (after a lease-long advance).
+        1 => Just(Op::Advance { ms: SETTLE_GRACE_MS }),
     ]
 }
 
 /// SPEC §4 the obvious way: every window of every index kept forever,
-/// in-flight records never pruned, liveness checked on read.
+/// in-flight records never pruned, liveness (and the settle grace) checked
+/// on read.
 #[derive(Default)]
 struct Model {
     counts: HashMap<(u64, Unit, u64), u64>,
@@ -187,7 +192,7 @@ impl Model {
     fn end(&mut self, req: &EndRequest<'_>) -> bool {
         let now = req.now_ms;
         match self.in_flight.remove(req.request_id) {
-            Some(exp) if exp > now => {}
+            Some(exp) if exp + SETTLE_GRACE_MS > now => {}
             _ => return false,
         }
         for s in req.settlements {
@@ -357,4 +362,224 @@ fn info_prefers_fewest_remaining_then_later_reset() {
         let info = RateLimitInfo::from_usage(&policy, &used, 0, now);
         assert_eq!(info.unit("request").map(|u| u.window_secs), Some(want));
     }
+}
+
+// ---------------------------------------------------------------------
+// The lease keeper.
+
+/// The in-process store, counting renewals and failing them on demand.
+#[derive(Debug, Default)]
+struct Counting {
+    inner: MemoryStore,
+    renews: AtomicUsize,
+    fail_renew: AtomicBool,
+}
+
+impl CounterStore for Counting {
+    async fn attempt(&self, req: &AttemptRequest<'_>) -> Result<AttemptOutcome, StoreError> {
+        self.inner.attempt(req).await
+    }
+
+    async fn end(&self, req: &EndRequest<'_>) -> Result<bool, StoreError> {
+        self.inner.end(req).await
+    }
+
+    async fn usage(&self, req: &UsageRequest<'_>) -> Result<Usage, StoreError> {
+        self.inner.usage(req).await
+    }
+
+    async fn renew(&self, req: &RenewRequest<'_>) -> Result<bool, StoreError> {
+        self.renews.fetch_add(1, Ordering::SeqCst);
+        if self.fail_renew.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("down".into()));
+        }
+        self.inner.renew(req).await
+    }
+}
+
+const KEEPER_T0: u64 = 1_700_000_000_000 - 1_700_000_000_000 % 86_400_000 + 3_600_000;
+
+/// One request slot, a 10 s lease.
+fn keeper_policy() -> Arc<Policy> {
+    Arc::new(Policy {
+        windows: vec![Window {
+            window_secs: 86_400,
+            limit: 1_000,
+            unit: Unit::request(),
+        }],
+        max_concurrent: 1,
+        concurrency_expiry_secs: 10,
+        credits: None,
+    })
+}
+
+async fn admit(limiter: &Arc<Limiter<Counting>>, id: &str) -> Permit<Counting> {
+    match limiter
+        .attempt(id, "a", "e", &keeper_policy(), &[])
+        .await
+        .expect("attempt")
+    {
+        Attempt::Admitted(p, _) => p,
+        Attempt::Denied(d, _) => panic!("{id} denied: {d:?}"),
+    }
+}
+
+async fn in_flight(limiter: &Limiter<Counting>) -> u32 {
+    limiter
+        .info("a", "e", &keeper_policy())
+        .await
+        .expect("info")
+        .concurrent
+        .map(|c| c.limit - c.remaining)
+        .expect("concurrency info")
+}
+
+fn keeper_limiter(
+    interval: Option<Duration>,
+) -> (Arc<Limiter<Counting>>, crate::clock::ManualClock) {
+    let clock = crate::clock::ManualClock::new(KEEPER_T0);
+    let limiter = Limiter::with_keeper_interval(
+        Counting::default(),
+        Arc::new(clock.clone()),
+        Duration::from_secs(1),
+        interval,
+    );
+    (limiter, clock)
+}
+
+#[tokio::test]
+async fn keeper_renews_only_what_is_due() {
+    let (limiter, clock) = keeper_limiter(None);
+    let renews = || limiter.store().renews.load(Ordering::SeqCst);
+    let permit = admit(&limiter, "r").await;
+    assert_eq!(limiter.leases_kept(), 1);
+    // Before half the lease: a pass makes no store call (a quick request
+    // costs no renewal).
+    clock.advance(Duration::from_millis(4_999));
+    limiter.renew_due().await;
+    assert_eq!(renews(), 0);
+    clock.advance(Duration::from_millis(1));
+    limiter.renew_due().await;
+    assert_eq!(renews(), 1);
+    limiter.renew_due().await;
+    assert_eq!(renews(), 1, "renewed at T+5 s: next due at T+10 s");
+    // A failed renewal is retried an eighth of a lease later.
+    clock.advance(Duration::from_secs(5));
+    limiter.store().fail_renew.store(true, Ordering::SeqCst);
+    limiter.renew_due().await;
+    assert_eq!(renews(), 2);
+    clock.advance(Duration::from_millis(1_249));
+    limiter.renew_due().await;
+    assert_eq!(renews(), 2);
+    limiter.store().fail_renew.store(false, Ordering::SeqCst);
+    clock.advance(Duration::from_millis(1));
+    limiter.renew_due().await;
+    assert_eq!(renews(), 3);
+    // T+11.25 s, lease renewed to T+21.25 s.
+    clock.advance(Duration::from_secs(9));
+    assert_eq!(in_flight(&limiter).await, 1);
+    assert!(permit.end(&[]).await.expect("end"));
+    assert_eq!(limiter.leases_kept(), 0);
+    clock.advance(Duration::from_secs(60));
+    limiter.renew_due().await;
+    assert_eq!(renews(), 3, "an ended permit is not renewed");
+}
+
+#[tokio::test]
+async fn a_lost_lease_is_no_longer_kept_but_still_settles() {
+    let (limiter, clock) = keeper_limiter(None);
+    let permit = admit(&limiter, "r").await;
+    // No pass ran for a whole lease (say the store was down).
+    clock.advance(Duration::from_secs(10));
+    limiter.renew_due().await;
+    assert_eq!(limiter.leases_kept(), 0, "the store no longer holds it");
+    assert_eq!(in_flight(&limiter).await, 0);
+    assert!(permit.end(&[(Unit::request(), 3)]).await.expect("late end"));
+    let info = limiter
+        .info("a", "e", &keeper_policy())
+        .await
+        .expect("info");
+    assert_eq!(info.windows[0].used, 3, "settled after its lease expired");
+}
+
+#[tokio::test]
+async fn handed_over_and_dropped_permits_are_not_kept() {
+    let (limiter, _clock) = keeper_limiter(None);
+    let ticket = admit(&limiter, "r1").await.into_ticket();
+    assert_eq!(limiter.leases_kept(), 0);
+    assert!(limiter.end(&ticket, &[]).await.expect("end"));
+    drop(admit(&limiter, "r2").await);
+    assert_eq!(limiter.leases_kept(), 0);
+}
+
+#[tokio::test]
+async fn keeper_task_renews_without_anyone_polling() {
+    let (limiter, clock) = keeper_limiter(Some(Duration::from_millis(10)));
+    let renews = || limiter.store().renews.load(Ordering::SeqCst);
+    let permit = admit(&limiter, "r").await;
+    clock.advance(Duration::from_secs(6));
+    // Waiting for the task (bounded), not for a window: the clock is manual.
+    for _ in 0..500 {
+        if renews() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(renews(), 1, "the keeper task renewed the lease");
+    // Past the original lease (T+10 s): renewed at T+6 s to T+16 s.
+    clock.advance(Duration::from_secs(8));
+    assert_eq!(in_flight(&limiter).await, 1);
+    drop(permit);
+}
+
+#[tokio::test]
+async fn keeper_task_ends_with_its_limiter() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let (limiter, _clock) = keeper_limiter(Some(Duration::from_millis(10)));
+    let permit = admit(&limiter, "r").await;
+    assert!(permit.end(&[]).await.expect("end"));
+    assert_eq!(metrics.num_alive_tasks(), 1, "the keeper task");
+    let weak = Arc::downgrade(&limiter);
+    drop(limiter);
+    assert!(
+        weak.upgrade().is_none(),
+        "the task holds no strong reference"
+    );
+    for _ in 0..500 {
+        if metrics.num_alive_tasks() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metrics.num_alive_tasks(), 0, "the keeper task ended");
+}
+
+fn timed_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn keeper_task_restarts_on_a_new_runtime() {
+    let (limiter, clock) = keeper_limiter(Some(Duration::from_millis(10)));
+    let renews = || limiter.store().renews.load(Ordering::SeqCst);
+    // The first runtime starts the task, then goes away with it.
+    timed_runtime().block_on(async {
+        let permit = admit(&limiter, "r1").await;
+        assert!(permit.end(&[]).await.expect("end"));
+    });
+    timed_runtime().block_on(async {
+        let permit = admit(&limiter, "r2").await;
+        clock.advance(Duration::from_secs(6));
+        for _ in 0..500 {
+            if renews() > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(renews(), 1, "a new keeper task renewed the lease");
+        assert!(permit.end(&[]).await.expect("end"));
+    });
 }
