@@ -37,6 +37,19 @@ plans:
           min_balance: 1
           per_request: 1
           per_unit: { token: { credits: 1, per: 1 } }
+      "one-slot":
+        fixed_windows:
+          - window: 60s
+            limit: 1000
+          - window: 60s
+            limit: 10_000_000
+            unit_type: token
+        max_concurrent: 1
+        concurrency_expiry: 5s
+        credits:
+          min_balance: 1
+          per_request: 1
+          per_unit: { token: { credits: 1, per: 1 } }
       "small-window":
         fixed_windows:
           - window: 60s
@@ -558,5 +571,115 @@ async fn an_absurd_reported_amount_is_clamped_and_keeps_the_store_working() {
         assert_eq!(r.status, 429, "{:?}", r.body);
         assert_eq!(r.code(), "rate_limit_exceeded");
         assert!(r.header("x-ratelimit-degraded").is_none());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_its_client_stops_reading_keeps_its_slot_and_is_counted() {
+    for gw in gateways().await {
+        let backend = gw
+            .config
+            .storage
+            .redis_url
+            .as_ref()
+            .map_or(Backend::Memory, |_| Backend::Real);
+        let (account_id, key) = account(&gw).await;
+        let body = json!({
+            "model": "one-slot",
+            "stream": true,
+            "messages": [{"role": "user", "content": "a long answer"}],
+        });
+        let mut s = gw
+            .post_streaming(
+                "/v1/chat/completions",
+                &key,
+                &body,
+                &[("x-mock-chunks", "3000")],
+            )
+            .await;
+        assert_eq!(s.status, 200);
+        let first = s.next_data().await.expect("a first chunk").expect("data");
+        assert!(!first.is_empty());
+        // The client stops reading (backpressure) while time passes: 16 s,
+        // more than three 5 s leases, with a keeper pass every 2 s.
+        for _ in 0..8 {
+            gw.clock.advance(Duration::from_secs(2));
+            gw.core.limiter.renew_due().await;
+        }
+        let second = gw
+            .post(
+                "/v1/chat/completions",
+                Some(&key),
+                &json!({"model": "one-slot", "messages": []}),
+            )
+            .await;
+        assert_eq!(second.status, 429, "{:?}", second.body);
+        assert_eq!(second.code(), "concurrency_limit_exceeded");
+        // The client reads on to the end: every token is counted.
+        let (rest, clean) = s.read_all().await;
+        assert!(clean);
+        assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
+        gw.wait_settled().await;
+        let forwarded = gw.mock.stats().last_request().unwrap();
+        let delivered = forwarded.body.len().div_ceil(4) as u64 + 3000;
+        let counted = tokens_used(&gw.limits(&key).await, "one-slot");
+        let charged = unit_credits(&gw, &account_id, 1).await;
+        report(
+            "stream not read for 3 leases",
+            backend,
+            delivered,
+            counted,
+            charged,
+        );
+        assert_eq!(counted, delivered);
+        assert_eq!(charged, delivered);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_lease_ran_out_is_still_counted_when_it_ends() {
+    for gw in gateways().await {
+        let backend = gw
+            .config
+            .storage
+            .redis_url
+            .as_ref()
+            .map_or(Backend::Memory, |_| Backend::Real);
+        let (account_id, key) = account(&gw).await;
+        let body = json!({
+            "model": "one-slot",
+            "stream": true,
+            "messages": [{"role": "user", "content": "a long answer"}],
+        });
+        let mut s = gw
+            .post_streaming(
+                "/v1/chat/completions",
+                &key,
+                &body,
+                &[("x-mock-chunks", "3000")],
+            )
+            .await;
+        assert_eq!(s.status, 200);
+        s.next_data().await.expect("a first chunk").expect("data");
+        // The lease runs out before any renewal could run (as when the
+        // counter store is unreachable for longer than a lease).
+        gw.clock.advance(Duration::from_secs(20));
+        gw.core.limiter.renew_due().await;
+        let (_, clean) = s.read_all().await;
+        assert!(clean);
+        gw.wait_settled().await;
+        let forwarded = gw.mock.stats().last_request().unwrap();
+        let delivered = forwarded.body.len().div_ceil(4) as u64 + 3000;
+        let counted = tokens_used(&gw.limits(&key).await, "one-slot");
+        let charged = unit_credits(&gw, &account_id, 1).await;
+        report(
+            "stream whose lease ran out",
+            backend,
+            delivered,
+            counted,
+            charged,
+        );
+        assert_eq!(counted, delivered);
+        assert_eq!(charged, delivered);
     }
 }

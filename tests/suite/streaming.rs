@@ -222,7 +222,7 @@ async fn a_request_waiting_for_its_upstream_keeps_its_slot() {
             // As in the stream test: past half the lease, a keeper pass,
             // then past the original lease.
             gw.clock.advance(Duration::from_millis(1500));
-            tokio::time::sleep(Duration::from_millis(600)).await;
+            gw.core.limiter.renew_due().await;
             gw.clock.advance(Duration::from_millis(1500));
             gw.limits(&key).await
         };
