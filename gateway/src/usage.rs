@@ -10,6 +10,13 @@
 //! [`ResponseMeter::feed`] (which returns the bytes to forward), call
 //! [`ResponseMeter::finish`] at the end (or not, when the stream was cut
 //! short) and read [`ResponseMeter::units`].
+//!
+//! A JSON response body is never kept whole: [`JsonScanner`]
+//! (`usage/json_scan.rs`) follows it chunk by chunk, captures only the
+//! values of the top-level keys that head a path (bounded), and skips
+//! everything else, so `usage` is found wherever it sits — before a
+//! multi-megabyte `prompt_logprobs` (vLLM) or after a large embedding. An
+//! SSE stream is read event by event by [`SseScanner`].
 
 use std::fmt;
 
@@ -22,10 +29,13 @@ use crate::plans::Unit;
 
 pub mod request;
 
-/// Default bound on one SSE line / event, and on a JSON body kept whole.
+mod json_scan;
+
+pub use json_scan::{JsonScanner, DEFAULT_MAX_KEY_BYTES};
+
+/// Default bound on one SSE line / event, and on the value of one
+/// top-level JSON key captured by [`JsonScanner`].
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
-/// How much of the end of a large JSON body is kept to find the usage in.
-pub const DEFAULT_TAIL_BYTES: usize = 64 << 10;
 
 // ---------------------------------------------------------------- numbers
 
@@ -60,8 +70,9 @@ pub fn header_amount(headers: &HeaderMap, name: &HeaderName) -> Option<u64> {
 
 /// Walks a dotted path (object keys; decimal segments also index arrays)
 /// and hands the value found there to a leaf seed. Everything off the path
-/// is skipped with [`IgnoredAny`]. With duplicate keys the last one wins,
-/// as in most JSON parsers.
+/// is skipped with [`IgnoredAny`]. With duplicate keys the last one that
+/// has a value at the rest of the path wins (a later `null` does not erase
+/// an earlier number); a path through a scalar finds nothing.
 struct PathSeed<'p, L> {
     path: &'p [String],
     leaf: L,
@@ -102,6 +113,28 @@ where
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "an object with key `{}`", self.head)
+    }
+
+    // A path through a scalar finds nothing there, and is no error: the
+    // walk goes on, so a later duplicate key can still be found (and a
+    // response scanned member by member agrees with one parsed whole).
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Option<T>, E> {
+        Ok(None)
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<T>, A::Error> {
@@ -654,6 +687,11 @@ impl SseScanner {
         &self.values
     }
 
+    /// Path `i`, as given.
+    pub fn path(&self, i: usize) -> Option<&[String]> {
+        self.paths.get(i).map(Vec::as_slice)
+    }
+
     /// How many usage-only events were dropped.
     pub fn dropped(&self) -> usize {
         self.dropped
@@ -829,99 +867,6 @@ impl SseScanner {
     }
 }
 
-// ---------------------------------------------------------------- JSON bodies
-
-/// Watches a JSON response body go by, keeping it whole up to a bound and
-/// after that only its tail, and finds amounts at dotted paths at the end.
-///
-/// OpenAI puts `usage` last, so for a body too large to keep (say, a big
-/// embeddings response) the tail is searched for the last `"<first key>":`
-/// and the path is followed from there. That fallback is a heuristic: it
-/// reads a key at any depth, so it is only used when the body was too large
-/// to parse properly.
-#[derive(Debug)]
-pub struct JsonTail {
-    buf: Vec<u8>,
-    whole: bool,
-    max_whole: usize,
-    tail: usize,
-}
-
-impl Default for JsonTail {
-    fn default() -> Self {
-        Self::new(DEFAULT_MAX_EVENT_BYTES, DEFAULT_TAIL_BYTES)
-    }
-}
-
-impl JsonTail {
-    /// Keep bodies up to `max_whole` bytes whole, else the last `tail` bytes.
-    pub fn new(max_whole: usize, tail: usize) -> Self {
-        Self {
-            buf: Vec::new(),
-            whole: true,
-            max_whole,
-            tail: tail.max(1),
-        }
-    }
-
-    /// Record a chunk of the body.
-    pub fn feed(&mut self, chunk: &[u8]) {
-        self.buf.extend_from_slice(chunk);
-        if self.whole && self.buf.len() > self.max_whole {
-            self.whole = false;
-        }
-        // Trim lazily (at twice the tail) so trimming is amortised O(1).
-        if !self.whole && self.buf.len() > self.tail * 2 {
-            let cut = self.buf.len() - self.tail;
-            self.buf.drain(..cut);
-        }
-    }
-
-    /// The amount at `path` in what was seen.
-    pub fn number_at(&self, path: &[String]) -> Option<u64> {
-        if self.whole {
-            return json_number_at(&self.buf, path);
-        }
-        let (head, rest) = path.split_first()?;
-        let mut needle = Vec::with_capacity(head.len() + 2);
-        needle.push(b'"');
-        needle.extend_from_slice(head.as_bytes());
-        needle.push(b'"');
-        let buf = &self.buf;
-        let mut end = buf.len();
-        // Latest occurrence first: usage is at the end.
-        while let Some(pos) = rfind(&buf[..end], &needle) {
-            end = pos;
-            if pos > 0 && buf[pos - 1] == b'\\' {
-                continue;
-            }
-            let after = &buf[pos + needle.len()..];
-            let skip = after.iter().take_while(|b| b.is_ascii_whitespace()).count();
-            if after.get(skip) != Some(&b':') {
-                continue;
-            }
-            let mut de = serde_json::Deserializer::from_slice(&after[skip + 1..]);
-            let seed = PathSeed {
-                path: rest,
-                leaf: AmountLeaf,
-            };
-            if let Ok(Some(v)) = seed.deserialize(&mut de) {
-                return Some(v);
-            }
-        }
-        None
-    }
-}
-
-fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
-    }
-    (0..=hay.len() - needle.len())
-        .rev()
-        .find(|&i| &hay[i..i + needle.len()] == needle)
-}
-
 // ---------------------------------------------------------------- one response
 
 /// A source resolved for one response.
@@ -936,7 +881,7 @@ enum Resolved {
 #[derive(Debug)]
 enum BodyScan {
     None,
-    Json(JsonTail),
+    Json(JsonScanner),
     Sse(SseScanner),
 }
 
@@ -960,16 +905,17 @@ enum BodyScan {
 #[derive(Debug)]
 pub struct ResponseMeter {
     units: Vec<(Unit, Vec<Resolved>)>,
-    /// Distinct body paths; `Resolved::Body` indexes into them.
-    paths: Vec<Vec<String>>,
+    /// Finds the distinct body paths; `Resolved::Body` indexes into them.
     body: BodyScan,
 }
 
 impl ResponseMeter {
     /// Build from a route's `usage` and the response headers. The body is
-    /// scanned as SSE when the content type is `text/event-stream`, else as
-    /// JSON. `drop_usage_chunk`: the gateway injected `include_usage`, so
-    /// the usage-only SSE event is removed from the forwarded bytes.
+    /// scanned as SSE ([`SseScanner`]) when the content type is
+    /// `text/event-stream`, else as one JSON document ([`JsonScanner`]: the
+    /// top-level keys heading the paths, wherever they are in the body).
+    /// `drop_usage_chunk`: the gateway injected `include_usage`, so the
+    /// usage-only SSE event is removed from the forwarded bytes.
     pub fn new(
         usage: &[(Unit, Vec<ValueSource>)],
         headers: &HeaderMap,
@@ -1000,24 +946,24 @@ impl ResponseMeter {
             .collect();
         let body = if is_event_stream(headers) {
             if drop_usage_chunk {
-                BodyScan::Sse(SseScanner::dropping(paths.clone()))
+                BodyScan::Sse(SseScanner::dropping(paths))
             } else {
-                BodyScan::Sse(SseScanner::new(paths.clone()))
+                BodyScan::Sse(SseScanner::new(paths))
             }
         } else if paths.is_empty() {
             BodyScan::None
         } else {
-            BodyScan::Json(JsonTail::default())
+            BodyScan::Json(JsonScanner::new(paths))
         };
-        Self { units, paths, body }
+        Self { units, body }
     }
 
     /// Watch a body chunk; returns the bytes to forward to the client.
     pub fn feed(&mut self, chunk: &Bytes) -> Bytes {
         match &mut self.body {
             BodyScan::None => chunk.clone(),
-            BodyScan::Json(t) => {
-                t.feed(chunk);
+            BodyScan::Json(s) => {
+                s.feed(chunk);
                 chunk.clone()
             }
             BodyScan::Sse(s) => s.feed(chunk),
@@ -1079,7 +1025,7 @@ impl ResponseMeter {
             let reserve = reserved.iter().find(|(u, _)| u == unit).map(|(_, n)| *n);
             let estimate = match &self.body {
                 BodyScan::Sse(scan) => sources.iter().find_map(|s| match s {
-                    Resolved::Body(i) => self.body_path(*i).map(|path| {
+                    Resolved::Body(i) => scan.path(*i).map(|path| {
                         let completion = scan.content_tokens();
                         let last = path.last().map(String::as_str).unwrap_or("");
                         if last.contains("prompt") || last.contains("input") {
@@ -1113,13 +1059,9 @@ impl ResponseMeter {
     fn body_value(&self, i: usize) -> Option<u64> {
         match &self.body {
             BodyScan::None => None,
-            BodyScan::Json(t) => self.body_path(i).and_then(|p| t.number_at(p)),
+            BodyScan::Json(s) => s.value(i),
             BodyScan::Sse(s) => s.value(i),
         }
-    }
-
-    fn body_path(&self, i: usize) -> Option<&[String]> {
-        self.paths.get(i).map(Vec::as_slice)
     }
 }
 

@@ -71,6 +71,19 @@ fn json_paths() {
         (r#"{"data":[{"n":1}]}"#, "data.5.n", None),
         (r#"{"n":1,"n":2}"#, "n", Some(2)),
         (r#"{"n":1,"n":null}"#, "n", Some(1)),
+        // A path through a scalar finds nothing, and a later or earlier
+        // duplicate is still read.
+        (
+            r#"{"usage":{"total_tokens":1},"usage":null}"#,
+            "usage.total_tokens",
+            Some(1),
+        ),
+        (
+            r#"{"usage":"x","usage":{"total_tokens":2},"usage":[1]}"#,
+            "usage.total_tokens",
+            Some(2),
+        ),
+        (r#"{"usage":5}"#, "usage.total_tokens", None),
         (r#"  {"n" : 5 }  "#, "n", Some(5)),
         (r#"{"n":5} trailing"#, "n", None),
         (r#"{"n":5"#, "n", None),
@@ -425,39 +438,6 @@ fn sse_oversized_event_is_skipped_not_parsed() {
     assert_eq!(values, vec![Some(2)]);
 }
 
-#[test]
-fn json_tail_small_and_large_bodies() {
-    let small = br#"{"object":"list","data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}"#;
-    let mut t = JsonTail::new(1024, 64);
-    t.feed(small);
-    assert_eq!(t.number_at(&p("usage.total_tokens")), Some(4));
-
-    // Too large to keep: found in the tail.
-    let mut big = String::from(r#"{"object":"list","data":[{"embedding":["#);
-    for i in 0..5_000 {
-        big.push_str(&format!("0.{i},"));
-    }
-    big.push_str(r#"0.1]}],"model":"m","usage":{"prompt_tokens":8,"total_tokens":8}}"#);
-    let mut t = JsonTail::new(1024, 128);
-    for chunk in big.as_bytes().chunks(333) {
-        t.feed(chunk);
-    }
-    assert!(t.buf.len() <= 256);
-    assert_eq!(t.number_at(&p("usage.total_tokens")), Some(8));
-    assert_eq!(t.number_at(&p("usage.prompt_tokens")), Some(8));
-    assert_eq!(t.number_at(&p("usage.missing")), None);
-    assert_eq!(t.number_at(&p("object")), None, "scrolled out of the tail");
-
-    // An escaped key inside a string in the tail is not taken for the key.
-    let mut tricky = "x".repeat(2_000);
-    tricky = format!(
-        r#"{{"pad":"{tricky}","usage":{{"total_tokens":5}},"content":"\"usage\":{{\"total_tokens\":99}}"}}"#
-    );
-    let mut t = JsonTail::new(100, 512);
-    t.feed(tricky.as_bytes());
-    assert_eq!(t.number_at(&p("usage.total_tokens")), Some(5));
-}
-
 fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
     let mut h = HeaderMap::new();
     for (k, v) in pairs {
@@ -597,9 +577,9 @@ proptest! {
         let _ = request_model(input.as_bytes());
         let _ = ensure_include_usage(&Bytes::from(input.clone()));
         let _ = is_usage_only_chunk(input.as_bytes());
-        let mut t = JsonTail::new(16, 8);
-        t.feed(input.as_bytes());
-        let _ = t.number_at(&p(&path));
+        let mut s = JsonScanner::with_limits(vec![p(&path)], 4, 8);
+        s.feed(input.as_bytes());
+        let _ = s.number_at(&p(&path));
     }
 
     #[test]
@@ -610,13 +590,11 @@ proptest! {
             format!(r#"{{"usage":{{"total_tokens":{n}}},"a":"{}"}}"#, "y".repeat(pad))
         };
         prop_assert_eq!(json_number_at(body.as_bytes(), &p("usage.total_tokens")), Some(n));
-        let mut t = JsonTail::new(64, 128);
+        let mut s = JsonScanner::with_limits(vec![p("usage.total_tokens")], 16, 64);
         for c in body.as_bytes().chunks(17) {
-            t.feed(c);
+            s.feed(c);
         }
-        if nest || t.whole {
-            prop_assert_eq!(t.number_at(&p("usage.total_tokens")), Some(n));
-        }
+        prop_assert_eq!(s.value(0), Some(n));
     }
 
     #[test]
