@@ -394,61 +394,20 @@ pub enum IncludeUsage {
 
 /// For a streaming chat request (`"stream": true`), make sure
 /// `stream_options.include_usage` is `true`, so the upstream reports usage
-/// in a final chunk. When `stream_options` is absent the member is spliced
-/// in after the opening brace, leaving the rest of the body byte for byte
-/// as the client sent it.
+/// in a final chunk (see [`request::with_include_usage`]). A body the
+/// strict reading of [`request::read_request`] refuses is `NotStreaming`
+/// here; the gateway refuses it with 400 before it gets this far.
 pub fn ensure_include_usage(body: &Bytes) -> IncludeUsage {
-    // Most requests do not stream: skip the parse when the body cannot name
-    // `stream` — neither literally nor through a `\u` escape, which JSON
-    // allows in keys and would otherwise let a stream go unmetered.
-    if !contains(body, br#""stream""#) && !contains(body, br"\u") {
-        return IncludeUsage::NotStreaming;
-    }
-    if json_value_at(body, &[String::from("stream")]) != Some(serde_json::Value::Bool(true)) {
-        return IncludeUsage::NotStreaming;
-    }
-    let options_path = [String::from("stream_options")];
-    match json_value_at(body, &options_path) {
-        None => {
-            // `stream` was found, so the body is an object: it starts with
-            // optional whitespace and `{`.
-            let Some(brace) = body.iter().position(|b| *b == b'{') else {
-                return IncludeUsage::NotStreaming;
-            };
-            let member: &[u8] = br#""stream_options":{"include_usage":true},"#;
-            let mut out = Vec::with_capacity(body.len() + member.len());
-            out.extend_from_slice(&body[..=brace]);
-            out.extend_from_slice(member);
-            out.extend_from_slice(&body[brace + 1..]);
-            IncludeUsage::Added(Bytes::from(out))
-        }
-        Some(serde_json::Value::Object(o))
-            if o.get("include_usage") == Some(&serde_json::Value::Bool(true)) =>
-        {
-            IncludeUsage::AlreadyRequested
-        }
-        Some(_) => rewrite_options(body),
-    }
-}
-
-/// Parse the whole body, set `stream_options.include_usage = true` and
-/// serialize it again (key order may change; the content does not).
-fn rewrite_options(body: &[u8]) -> IncludeUsage {
-    let Ok(serde_json::Value::Object(mut obj)) = serde_json::from_slice(body) else {
+    let Ok(facts) = request::read_request(body, &HeaderMap::new(), &[]) else {
         return IncludeUsage::NotStreaming;
     };
-    let opts = obj
-        .entry("stream_options")
-        .or_insert_with(|| serde_json::Value::Object(Default::default()));
-    if !opts.is_object() {
-        *opts = serde_json::Value::Object(Default::default());
-    }
-    if let Some(o) = opts.as_object_mut() {
-        o.insert("include_usage".into(), serde_json::Value::Bool(true));
-    }
-    match serde_json::to_vec(&obj) {
-        Ok(v) => IncludeUsage::Added(Bytes::from(v)),
-        Err(_) => IncludeUsage::NotStreaming,
+    if !facts.stream {
+        IncludeUsage::NotStreaming
+    } else if facts.include_usage {
+        IncludeUsage::AlreadyRequested
+    } else {
+        request::with_include_usage(body, &facts)
+            .map_or(IncludeUsage::NotStreaming, |b| IncludeUsage::Added(Bytes::from(b)))
     }
 }
 

@@ -187,15 +187,20 @@ fn include_usage_injection() {
 
     // Present but off, null, or not an object: rewritten, other options kept,
     // and never a duplicate key.
-    let v = added(r#"{"stream":true,"stream_options":{"include_usage":false,"x":1},"n":1.5}"#);
+    let v = added(r#"{"stream":true,"stream_options":{"include_usage":false,"x":1},"t":1.5}"#);
     assert_eq!(
         v["stream_options"],
         serde_json::json!({"include_usage": true, "x": 1})
     );
-    assert_eq!(v["n"], 1.5);
+    assert_eq!(v["t"], 1.5);
+    // Mistyped: refused by the strict reading (the gateway answers 400).
+    assert_eq!(
+        ensure_include_usage(&Bytes::from_static(br#"{"stream":true,"stream_options":7}"#)),
+        IncludeUsage::NotStreaming
+    );
     for body in [
         r#"{"stream":true,"stream_options":null}"#,
-        r#"{"stream":true,"stream_options":7}"#,
+        r#"{"stream":true,"stream_options":{}}"#,
     ] {
         let IncludeUsage::Added(out) = ensure_include_usage(&Bytes::from(body)) else {
             panic!("{body}: expected Added");
