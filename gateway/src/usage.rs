@@ -406,8 +406,9 @@ pub fn ensure_include_usage(body: &Bytes) -> IncludeUsage {
     } else if facts.include_usage {
         IncludeUsage::AlreadyRequested
     } else {
-        request::with_include_usage(body, &facts)
-            .map_or(IncludeUsage::NotStreaming, |b| IncludeUsage::Added(Bytes::from(b)))
+        request::with_include_usage(body, &facts).map_or(IncludeUsage::NotStreaming, |b| {
+            IncludeUsage::Added(Bytes::from(b))
+        })
     }
 }
 

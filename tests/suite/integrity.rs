@@ -155,10 +155,59 @@ async fn unit_credits(gw: &TestGateway, account: &str, expect_rows: usize) -> u6
     sum
 }
 
-fn report(case: &str, backend: Backend, delivered: u64, counted: u64, charged: u64) {
+fn backend_of(gw: &TestGateway) -> Backend {
+    match gw.config.storage.redis_url {
+        Some(_) => Backend::Real,
+        None => Backend::Memory,
+    }
+}
+
+/// Units counted in the window of (`endpoint`, `unit`) and per-unit credits
+/// charged, once the request has settled.
+/// Reports them next to what the upstream `delivered`.
+async fn figures(
+    gw: &TestGateway,
+    case: &str,
+    account: &str,
+    key: &str,
+    (endpoint, unit): (&str, &str),
+    rows: usize,
+    delivered: u64,
+) -> (u64, u64) {
+    gw.wait_settled().await;
+    let counted = units_used(&gw.limits(key).await, endpoint, unit);
+    let charged = unit_credits(gw, account, rows).await;
     eprintln!(
-        "integrity: {case:<34} {backend:?}: delivered {delivered}, counted {counted}, credits charged {charged}"
+        "integrity: {case:<34} {:?}: delivered {delivered}, counted {counted}, credits charged {charged}",
+        backend_of(gw)
     );
+    (counted, charged)
+}
+
+/// What the mock's usage says for the last request: its prompt
+/// (`ceil(body bytes / 4)`) plus `completion` tokens.
+fn mock_delivered(gw: &TestGateway, completion: u64) -> u64 {
+    let forwarded = gw.mock.stats().last_request().expect("forwarded");
+    forwarded.body.len().div_ceil(4) as u64 + completion
+}
+
+/// A 3,000-chunk stream on the one-slot endpoint, its head read.
+async fn one_slot_stream(gw: &TestGateway, key: &str) -> plangate_tests::harness::Streaming {
+    let body = json!({
+        "model": "one-slot",
+        "stream": true,
+        "messages": [{"role": "user", "content": "a long answer"}],
+    });
+    let s = gw
+        .post_streaming(
+            "/v1/chat/completions",
+            key,
+            &body,
+            &[("x-mock-chunks", "3000")],
+        )
+        .await;
+    assert_eq!(s.status, 200);
+    s
 }
 
 fn chat(stream: bool) -> Value {
@@ -172,12 +221,6 @@ fn chat(stream: bool) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_upstream_answers_are_metered() {
     for gw in gateways().await {
-        let backend = gw
-            .config
-            .storage
-            .redis_url
-            .as_ref()
-            .map_or(Backend::Memory, |_| Backend::Real);
         let (account_id, key) = account(&gw).await;
         let mut delivered = 0;
         let mut rows = 0;
@@ -239,10 +282,16 @@ async fn compressed_upstream_answers_are_metered() {
             delivered += forwarded.body.len().div_ceil(4) as u64 + 20;
             rows += 1;
         }
-        gw.wait_settled().await;
-        let counted = tokens_used(&gw.limits(&key).await, "gpt-test");
-        let charged = unit_credits(&gw, &account_id, rows).await;
-        report("compressed responses", backend, delivered, counted, charged);
+        let (counted, charged) = figures(
+            &gw,
+            "compressed responses",
+            &account_id,
+            &key,
+            ("gpt-test", "token"),
+            rows,
+            delivered,
+        )
+        .await;
         assert_eq!(
             asked_identity.as_ref().map(|v| v.as_bytes()),
             Some(&b"identity"[..])
@@ -348,12 +397,6 @@ async fn read_events_then_hang_up(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_short_is_charged_what_was_delivered() {
     for gw in gateways().await {
-        let backend = gw
-            .config
-            .storage
-            .redis_url
-            .as_ref()
-            .map_or(Backend::Memory, |_| Backend::Real);
         let (account_id, key) = account(&gw).await;
         // No max_tokens: the reservation is 1 token.
         let seen = read_events_then_hang_up(&gw, &key, &chat(true), 150).await;
@@ -362,15 +405,16 @@ async fn a_stream_cut_short_is_charged_what_was_delivered() {
         // What the upstream's usage would have said for what was delivered.
         let prompt = forwarded.body.len().div_ceil(4) as u64;
         let delivered = prompt + seen as u64;
-        let counted = tokens_used(&gw.limits(&key).await, "gpt-test");
-        let charged = unit_credits(&gw, &account_id, 1).await;
-        report(
+        let (counted, charged) = figures(
+            &gw,
             "stream cut by the client",
-            backend,
+            &account_id,
+            &key,
+            ("gpt-test", "token"),
+            1,
             delivered,
-            counted,
-            charged,
-        );
+        )
+        .await;
         assert!(
             counted >= delivered,
             "counted {counted} < delivered {delivered}"
@@ -385,12 +429,6 @@ async fn a_stream_cut_short_is_charged_what_was_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_the_upstream_cuts_is_charged_what_was_delivered() {
     for gw in gateways().await {
-        let backend = gw
-            .config
-            .storage
-            .redis_url
-            .as_ref()
-            .map_or(Backend::Memory, |_| Backend::Real);
         let (account_id, key) = account(&gw).await;
         let mut s = gw
             .post_streaming(
@@ -403,18 +441,17 @@ async fn a_stream_the_upstream_cuts_is_charged_what_was_delivered() {
         let (body, clean) = s.read_all().await;
         assert!(!clean);
         let seen = memchr::memmem::find_iter(&body, b"\"content\"").count() as u64;
-        gw.wait_settled().await;
-        let forwarded = gw.mock.stats().last_request().unwrap();
-        let delivered = forwarded.body.len().div_ceil(4) as u64 + seen;
-        let counted = tokens_used(&gw.limits(&key).await, "gpt-test");
-        let charged = unit_credits(&gw, &account_id, 1).await;
-        report(
+        let delivered = mock_delivered(&gw, seen);
+        let (counted, charged) = figures(
+            &gw,
             "stream cut by the upstream",
-            backend,
+            &account_id,
+            &key,
+            ("gpt-test", "token"),
+            1,
             delivered,
-            counted,
-            charged,
-        );
+        )
+        .await;
         assert_eq!(seen, 60);
         assert!(
             counted >= delivered,
@@ -428,12 +465,6 @@ async fn a_stream_the_upstream_cuts_is_charged_what_was_delivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserved_only_units_are_charged_credits_for_what_was_reserved() {
     for gw in gateways().await {
-        let backend = gw
-            .config
-            .storage
-            .redis_url
-            .as_ref()
-            .map_or(Backend::Memory, |_| Backend::Real);
         let (account_id, key) = account(&gw).await;
         let r = gw
             .post(
@@ -444,16 +475,16 @@ async fn reserved_only_units_are_charged_credits_for_what_was_reserved() {
             .await;
         assert_eq!(r.status, 200);
         let delivered = r.json()["data"].as_array().unwrap().len() as u64;
-        gw.wait_settled().await;
-        let counted = units_used(&gw.limits(&key).await, "dall-e-3", "image");
-        let charged = unit_credits(&gw, &account_id, 1).await;
-        report(
+        let (counted, charged) = figures(
+            &gw,
             "images reserved from n",
-            backend,
+            &account_id,
+            &key,
+            ("dall-e-3", "image"),
+            1,
             delivered,
-            counted,
-            charged,
-        );
+        )
+        .await;
         assert_eq!(delivered, 3);
         assert_eq!(counted, 3);
         assert_eq!(charged, 3 * 4);
@@ -495,12 +526,6 @@ async fn every_output_token_field_is_reserved() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_before_a_large_trailing_field_is_found() {
     for gw in gateways().await {
-        let backend = gw
-            .config
-            .storage
-            .redis_url
-            .as_ref()
-            .map_or(Backend::Memory, |_| Backend::Real);
         let (account_id, key) = account(&gw).await;
         let r = gw
             .post_with(
@@ -516,16 +541,16 @@ async fn usage_before_a_large_trailing_field_is_found() {
         assert_eq!(r.status, 200);
         assert!(r.body.len() > 3_000_000);
         let delivered = r.json()["usage"]["total_tokens"].as_u64().unwrap();
-        gw.wait_settled().await;
-        let counted = tokens_used(&gw.limits(&key).await, "gpt-test");
-        let charged = unit_credits(&gw, &account_id, 1).await;
-        report(
+        let (counted, charged) = figures(
+            &gw,
             "usage before 3 MB of logprobs",
-            backend,
+            &account_id,
+            &key,
+            ("gpt-test", "token"),
+            1,
             delivered,
-            counted,
-            charged,
-        );
+        )
+        .await;
         assert_eq!(delivered, 777);
         assert_eq!(counted, 777);
         assert_eq!(charged, 777);
@@ -535,12 +560,6 @@ async fn usage_before_a_large_trailing_field_is_found() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_absurd_reported_amount_is_clamped_and_keeps_the_store_working() {
     for gw in gateways().await {
-        let backend = gw
-            .config
-            .storage
-            .redis_url
-            .as_ref()
-            .map_or(Backend::Memory, |_| Backend::Real);
         let (account_id, key) = account(&gw).await;
         // 10^19 tokens: beyond Redis' INCRBY range and Lua's exact doubles.
         let r = gw
@@ -552,17 +571,19 @@ async fn an_absurd_reported_amount_is_clamped_and_keeps_the_store_working() {
             )
             .await;
         assert_eq!(r.status, 200);
-        gw.wait_settled().await;
-        let counted = tokens_used(&gw.limits(&key).await, "gpt-test");
-        let charged = unit_credits(&gw, &account_id, 1).await;
-        report(
+        let (counted, charged) = figures(
+            &gw,
             "10^19 tokens reported",
-            backend,
+            &account_id,
+            &key,
+            ("gpt-test", "token"),
+            1,
             10_000_000_000_000_000_000,
-            counted,
-            charged,
-        );
+        )
+        .await;
         assert_eq!(counted, plangate::plans::MAX_AMOUNT);
+        // Charged in full; what the balance cannot cover is a shortfall.
+        assert_eq!(charged, plangate::plans::MAX_AMOUNT);
         // The store took it: the next request is refused by the full token
         // window, not admitted as degraded.
         let r = gw
@@ -577,27 +598,8 @@ async fn an_absurd_reported_amount_is_clamped_and_keeps_the_store_working() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_its_client_stops_reading_keeps_its_slot_and_is_counted() {
     for gw in gateways().await {
-        let backend = gw
-            .config
-            .storage
-            .redis_url
-            .as_ref()
-            .map_or(Backend::Memory, |_| Backend::Real);
         let (account_id, key) = account(&gw).await;
-        let body = json!({
-            "model": "one-slot",
-            "stream": true,
-            "messages": [{"role": "user", "content": "a long answer"}],
-        });
-        let mut s = gw
-            .post_streaming(
-                "/v1/chat/completions",
-                &key,
-                &body,
-                &[("x-mock-chunks", "3000")],
-            )
-            .await;
-        assert_eq!(s.status, 200);
+        let mut s = one_slot_stream(&gw, &key).await;
         let first = s.next_data().await.expect("a first chunk").expect("data");
         assert!(!first.is_empty());
         // The client stops reading (backpressure) while time passes: 16 s,
@@ -619,18 +621,17 @@ async fn a_stream_its_client_stops_reading_keeps_its_slot_and_is_counted() {
         let (rest, clean) = s.read_all().await;
         assert!(clean);
         assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
-        gw.wait_settled().await;
-        let forwarded = gw.mock.stats().last_request().unwrap();
-        let delivered = forwarded.body.len().div_ceil(4) as u64 + 3000;
-        let counted = tokens_used(&gw.limits(&key).await, "one-slot");
-        let charged = unit_credits(&gw, &account_id, 1).await;
-        report(
+        let delivered = mock_delivered(&gw, 3000);
+        let (counted, charged) = figures(
+            &gw,
             "stream not read for 3 leases",
-            backend,
+            &account_id,
+            &key,
+            ("one-slot", "token"),
+            1,
             delivered,
-            counted,
-            charged,
-        );
+        )
+        .await;
         assert_eq!(counted, delivered);
         assert_eq!(charged, delivered);
     }
@@ -639,27 +640,8 @@ async fn a_stream_its_client_stops_reading_keeps_its_slot_and_is_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_lease_ran_out_is_still_counted_when_it_ends() {
     for gw in gateways().await {
-        let backend = gw
-            .config
-            .storage
-            .redis_url
-            .as_ref()
-            .map_or(Backend::Memory, |_| Backend::Real);
         let (account_id, key) = account(&gw).await;
-        let body = json!({
-            "model": "one-slot",
-            "stream": true,
-            "messages": [{"role": "user", "content": "a long answer"}],
-        });
-        let mut s = gw
-            .post_streaming(
-                "/v1/chat/completions",
-                &key,
-                &body,
-                &[("x-mock-chunks", "3000")],
-            )
-            .await;
-        assert_eq!(s.status, 200);
+        let mut s = one_slot_stream(&gw, &key).await;
         s.next_data().await.expect("a first chunk").expect("data");
         // The lease runs out before any renewal could run (as when the
         // counter store is unreachable for longer than a lease).
@@ -667,18 +649,17 @@ async fn a_request_whose_lease_ran_out_is_still_counted_when_it_ends() {
         gw.core.limiter.renew_due().await;
         let (_, clean) = s.read_all().await;
         assert!(clean);
-        gw.wait_settled().await;
-        let forwarded = gw.mock.stats().last_request().unwrap();
-        let delivered = forwarded.body.len().div_ceil(4) as u64 + 3000;
-        let counted = tokens_used(&gw.limits(&key).await, "one-slot");
-        let charged = unit_credits(&gw, &account_id, 1).await;
-        report(
+        let delivered = mock_delivered(&gw, 3000);
+        let (counted, charged) = figures(
+            &gw,
             "stream whose lease ran out",
-            backend,
+            &account_id,
+            &key,
+            ("one-slot", "token"),
+            1,
             delivered,
-            counted,
-            charged,
-        );
+        )
+        .await;
         assert_eq!(counted, delivered);
         assert_eq!(charged, delivered);
     }

@@ -195,7 +195,9 @@ fn include_usage_injection() {
     assert_eq!(v["t"], 1.5);
     // Mistyped: refused by the strict reading (the gateway answers 400).
     assert_eq!(
-        ensure_include_usage(&Bytes::from_static(br#"{"stream":true,"stream_options":7}"#)),
+        ensure_include_usage(&Bytes::from_static(
+            br#"{"stream":true,"stream_options":7}"#
+        )),
         IncludeUsage::NotStreaming
     );
     for body in [
