@@ -468,36 +468,57 @@ pub fn content_tokens(data: &[u8]) -> u64 {
 }
 
 /// Total length of the string values of [`CONTENT_KEYS`] in a JSON text,
-/// found lexically (no parse, no allocation).
+/// found lexically (no parse, no allocation): every `:` that follows one
+/// of the keys (its quotes unescaped, so text inside a string never
+/// matches) and precedes a string. About 85 ns for an OpenAI chat chunk
+/// (release build, the 2-core dev box; a byte-at-a-time state machine took
+/// 126 ns, a search for `":"` alone 65 ns but misses `": "`).
 fn content_bytes(data: &[u8]) -> usize {
     let mut total = 0usize;
-    let mut i = 0;
-    while let Some(q) = data.get(i..).and_then(|rest| memchr::memchr(b'"', rest)) {
-        let start = i + q + 1;
-        let Some(end) = string_end(data, start) else {
-            break;
-        };
-        let mut j = skip_ws(data, end + 1);
-        if data.get(j) != Some(&b':') {
-            // A string value not directly under a content key.
-            i = end + 1;
+    // Colons inside a value already counted are skipped.
+    let mut counted_to = 0;
+    for colon in memchr::memchr_iter(b':', data) {
+        if colon < counted_to {
             continue;
         }
-        let key = &data[start..end];
-        j = skip_ws(data, j + 1);
-        if data.get(j) == Some(&b'"') && CONTENT_KEYS.contains(&key) {
-            let Some(vend) = string_end(data, j + 1) else {
+        // Most members are not strings (numbers, objects, null): that is
+        // the cheaper test, so it goes first.
+        let j = skip_ws(data, colon + 1);
+        if data.get(j) != Some(&b'"') {
+            continue;
+        }
+        let mut q = colon;
+        while q > 0 && data[q - 1].is_ascii_whitespace() {
+            q -= 1;
+        }
+        if q == 0 || data[q - 1] != b'"' || !ends_with_content_key(&data[..q - 1]) {
+            continue;
+        }
+        match string_end(data, j + 1) {
+            Some(end) => {
+                total += end - (j + 1);
+                counted_to = end + 1;
+            }
+            None => {
                 // Cut inside the value: count what is there.
                 total += data.len() - (j + 1);
                 break;
-            };
-            total += vend - (j + 1);
-            i = vend + 1;
-        } else {
-            i = j;
+            }
         }
     }
     total
+}
+
+/// Whether `before` ends with `"<content key>` whose opening quote is not
+/// escaped.
+fn ends_with_content_key(before: &[u8]) -> bool {
+    CONTENT_KEYS.iter().any(|key| {
+        let n = key.len();
+        before.ends_with(key)
+            && before.len() > n
+            && before[before.len() - n - 1] == b'"'
+            && (before.len() == n + 1 || before[before.len() - n - 2] != b'\\')
+    })
 }
 
 /// Index of the quote that closes a string whose content starts at `from`.

@@ -668,3 +668,147 @@ proptest! {
         prop_assert_eq!(contains(&hay, &needle), naive);
     }
 }
+
+// ---------------------------------------------------------------- estimates
+
+#[test]
+fn content_tokens_count_generated_text_only() {
+    // OpenAI chat: one token per delta, never less.
+    let chunk = br#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#;
+    assert_eq!(content_tokens(chunk), 1);
+    // Longer text: four bytes a token, rounded up.
+    let long = br#"{"choices":[{"delta":{"content":"Hello world!!"}}]}"#;
+    assert_eq!(content_tokens(long), 4);
+    // Role and finish chunks carry no text.
+    assert_eq!(
+        content_tokens(br#"{"choices":[{"delta":{"role":"assistant"}}]}"#),
+        0
+    );
+    assert_eq!(
+        content_tokens(br#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#),
+        0
+    );
+    assert_eq!(
+        content_tokens(br#"{"choices":[],"usage":{"total_tokens":9}}"#),
+        0
+    );
+    // Completions, reasoning, tool calls, Responses and Anthropic shapes;
+    // pretty-printed JSON too.
+    for (event, want) in [
+        (&br#"{"choices":[{"text":"abcd"}]}"#[..], 1),
+        (
+            br#"{"choices":[{"delta":{"reasoning_content":"abcdefgh"}}]}"#,
+            2,
+        ),
+        (
+            br#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"a\":1}"}}]}}]}"#,
+            3,
+        ),
+        (
+            br#"{"type":"response.output_text.delta","delta":"abcde"}"#,
+            2,
+        ),
+        (
+            br#"{"type":"content_block_delta","delta":{"type":"text_delta","text":"abc"}}"#,
+            1,
+        ),
+        (
+            b"{\"choices\": [{\"delta\": {\"content\" :  \"abcd\"}}]}",
+            1,
+        ),
+    ] {
+        assert_eq!(
+            content_tokens(event),
+            want,
+            "{}",
+            String::from_utf8_lossy(event)
+        );
+    }
+    // Text that looks like a key inside a string is text, counted once.
+    let tricky = br#"{"choices":[{"delta":{"content":"say \"content\":\"xxxxxxxx\""}}]}"#;
+    assert_eq!(content_tokens(tricky), 28usize.div_ceil(4) as u64);
+    // A value cut short counts what is there; garbage never panics.
+    assert_eq!(content_tokens(br#"{"content":"abcdefgh"#), 2);
+    for junk in [
+        &b""[..],
+        b"\"",
+        b"\":",
+        b"\"content\":",
+        b"\"content\":\"",
+        b"\\\":\"x",
+    ] {
+        let _ = content_tokens(junk);
+    }
+}
+
+fn sse_meter(path: &str) -> ResponseMeter {
+    let usage = vec![(Unit::new("token"), vec![ValueSource::Body(p(path))])];
+    let mut h = HeaderMap::new();
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
+    ResponseMeter::new(&usage, &h, true)
+}
+
+#[test]
+fn settle_units_estimate_a_stream_cut_before_its_usage() {
+    let event =
+        Bytes::from_static(b"data: {\"choices\":[{\"delta\":{\"content\":\"abcdef\"}}]}\n\n");
+    let reserved = [(Unit::new("token"), 1)];
+    // Three events of six bytes: two tokens each; the prompt is 10.
+    let mut m = sse_meter("usage.total_tokens");
+    for _ in 0..3 {
+        m.feed(&event);
+    }
+    assert_eq!(
+        m.settle_units(&reserved, 10),
+        vec![(Unit::new("token"), 16)]
+    );
+    // The reservation wins when larger.
+    assert_eq!(
+        m.settle_units(&[(Unit::new("token"), 500)], 10),
+        vec![(Unit::new("token"), 500)]
+    );
+    // A completion-only path does not add the prompt; a prompt-only path
+    // takes only the prompt.
+    let mut m = sse_meter("usage.completion_tokens");
+    m.feed(&event);
+    assert_eq!(m.settle_units(&reserved, 10), vec![(Unit::new("token"), 2)]);
+    let mut m = sse_meter("usage.prompt_tokens");
+    m.feed(&event);
+    assert_eq!(
+        m.settle_units(&reserved, 10),
+        vec![(Unit::new("token"), 10)]
+    );
+    // Once usage arrived, it is what counts.
+    let mut m = sse_meter("usage.total_tokens");
+    m.feed(&event);
+    m.feed(&Bytes::from_static(
+        b"data: {\"choices\":[],\"usage\":{\"total_tokens\":7}}\n\n",
+    ));
+    assert_eq!(m.settle_units(&reserved, 10), vec![(Unit::new("token"), 7)]);
+}
+
+#[test]
+fn settle_units_charge_reserved_only_units_and_clamp_reported_ones() {
+    let usage = vec![(
+        Unit::new("token"),
+        vec![ValueSource::Body(p("usage.total_tokens"))],
+    )];
+    let mut h = HeaderMap::new();
+    h.insert("content-type", HeaderValue::from_static("application/json"));
+    let mut m = ResponseMeter::new(&usage, &h, false);
+    m.feed(&Bytes::from_static(
+        br#"{"usage":{"total_tokens":10000000000000000000}}"#,
+    ));
+    m.finish();
+    let reserved = [(Unit::new("image"), 3), (Unit::new("token"), 5)];
+    assert_eq!(
+        m.settle_units(&reserved, 0),
+        vec![
+            (Unit::new("token"), crate::plans::MAX_AMOUNT),
+            (Unit::new("image"), 3),
+        ]
+    );
+}
