@@ -57,6 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         url: url.parse()?,
         auth: None,
         ca_file: None,
+        drop_response_headers: Vec::new(),
     };
     if !tpc {
         let up = Arc::new(UpstreamClient::new(&upstream)?);

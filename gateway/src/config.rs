@@ -125,6 +125,10 @@ pub struct Upstream {
     pub auth: Option<String>,
     /// Extra CA bundle (PEM) for an https upstream, resolved like `plans.file`.
     pub ca_file: Option<PathBuf>,
+    /// Response header names (lower-case globs, `*` for any run of
+    /// characters) removed before a response reaches the client; by default
+    /// [`defaults::DROP_RESPONSE_HEADERS`].
+    pub drop_response_headers: Vec<String>,
 }
 
 /// How a route matches the request path.
@@ -197,6 +201,21 @@ pub mod defaults {
     pub const STORE_TIMEOUT_MS: u64 = 50;
     /// `[auth] header`.
     pub const AUTH_HEADER: &str = "authorization";
+    /// `[[upstreams]] drop_response_headers`: what upstreams say about
+    /// themselves and the operator's account with them, which customers
+    /// should not see — LiteLLM's cost, key spend, API base and provider
+    /// headers; OpenAI's organization, project and timing; the upstream's
+    /// own rate limits (plangate's `x-ratelimit-*` are added after).
+    pub const DROP_RESPONSE_HEADERS: &[&str] = &[
+        "x-litellm-*",
+        "llm_provider-*",
+        "openai-organization",
+        "openai-project",
+        "openai-processing-ms",
+        "openai-version",
+        "x-ratelimit-*",
+        "anthropic-ratelimit-*",
+    ];
 }
 
 /// The longest duration a setting may be (`request_timeout`,

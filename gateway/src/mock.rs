@@ -22,6 +22,7 @@
 //! | `x-mock-die-after: N` | break the connection after N chunks (non-stream: mid-body) |
 //! | `x-mock-tokens: T` | report T total tokens |
 //! | `x-mock-encoding: E` | compress with E (`gzip`, `deflate`) whatever the request accepts; `br` sends the body unchanged but labelled `br` |
+//! | `x-mock-response-headers: a=1,b=2` | add these response headers |
 //! | `x-mock-trailing-bytes: N` | a JSON answer carries a `prompt_logprobs` field of about N bytes after `usage`, as vLLM's does |
 //!
 //! Like the servers it stands in for, the mock
@@ -291,6 +292,36 @@ impl Knobs {
 }
 
 async fn handle(
+    req: Request<Incoming>,
+    opts: &MockOptions,
+    stats: Arc<MockStats>,
+) -> Response<MockBody> {
+    // `x-mock-response-headers: a=1,b=2`: extra response headers, as
+    // proxies such as LiteLLM add about cost and topology.
+    let extra: Vec<(HeaderName, HeaderValue)> = req
+        .headers()
+        .get("x-mock-response-headers")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(',')
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once('=')?;
+                    Some((
+                        HeaderName::from_bytes(k.trim().as_bytes()).ok()?,
+                        HeaderValue::from_str(v.trim()).ok()?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut resp = answer(req, opts, stats).await;
+    for (k, v) in extra {
+        resp.headers_mut().append(k, v);
+    }
+    resp
+}
+
+async fn answer(
     req: Request<Incoming>,
     opts: &MockOptions,
     stats: Arc<MockStats>,

@@ -399,6 +399,7 @@ impl Gateway {
         }
         settle.answered_ok = status.is_success();
         strip_hop_by_hop(&mut resp_parts.headers);
+        upstream.drop_response_headers(&mut resp_parts.headers);
         let decoder = if meters_body {
             match ContentDecoder::for_headers(&resp_parts.headers) {
                 Ok(d) => d,

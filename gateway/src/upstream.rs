@@ -26,6 +26,8 @@ pub struct UpstreamClient {
     base_path: String,
     /// Replaces the client's credential upstream, when configured.
     pub auth: Option<HeaderValue>,
+    /// Response headers never forwarded to clients.
+    drop_headers: Vec<Glob>,
     client: Client<HttpsConnector<HttpConnector>, Body>,
 }
 
@@ -60,6 +62,11 @@ impl UpstreamClient {
                 })?),
                 None => None,
             };
+        let drop_headers = up
+            .drop_response_headers
+            .iter()
+            .map(|g| Glob::new(g))
+            .collect();
         let tls = client_tls_config(up.ca_file.as_deref())
             .map_err(|e| format!("upstream {}: {e}", up.name))?;
         let mut http = HttpConnector::new();
@@ -82,6 +89,7 @@ impl UpstreamClient {
             authority,
             base_path,
             auth,
+            drop_headers,
             client,
         })
     }
@@ -152,6 +160,68 @@ pub const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
+/// A lower-case header-name pattern: `*` stands for any run of characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Glob {
+    /// The literal pieces between the `*`s.
+    parts: Vec<String>,
+    starts_open: bool,
+    ends_open: bool,
+}
+
+impl Glob {
+    fn new(pattern: &str) -> Self {
+        Self {
+            parts: pattern
+                .split('*')
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            starts_open: pattern.starts_with('*'),
+            ends_open: pattern.ends_with('*'),
+        }
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        let mut rest = name;
+        let last = self.parts.len().wrapping_sub(1);
+        for (i, part) in self.parts.iter().enumerate() {
+            if i == 0 && !self.starts_open {
+                let Some(r) = rest.strip_prefix(part.as_str()) else {
+                    return false;
+                };
+                rest = r;
+            } else if i == last && !self.ends_open {
+                return rest.len() >= part.len() && rest.ends_with(part.as_str());
+            } else {
+                let Some(at) = rest.find(part.as_str()) else {
+                    return false;
+                };
+                rest = &rest[at + part.len()..];
+            }
+        }
+        self.ends_open || rest.is_empty() || (self.parts.is_empty() && self.starts_open)
+    }
+}
+
+impl UpstreamClient {
+    /// Remove the response headers this upstream must not show clients
+    /// (`drop_response_headers`).
+    pub fn drop_response_headers(&self, headers: &mut HeaderMap) {
+        if self.drop_headers.is_empty() {
+            return;
+        }
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| self.drop_headers.iter().any(|g| g.matches(name.as_str())))
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(&name);
+        }
+    }
+}
+
 /// Remove hop-by-hop headers, including any named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Runs twice per request. Most messages carry none of these, or only
@@ -191,6 +261,34 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn header_globs() {
+        let cases = [
+            ("x-litellm-*", "x-litellm-response-cost", true),
+            ("x-litellm-*", "x-litellm-", true),
+            ("x-litellm-*", "x-litellm", false),
+            ("x-litellm-*", "y-x-litellm-a", false),
+            ("openai-version", "openai-version", true),
+            ("openai-version", "openai-versions", false),
+            ("*-cost", "x-litellm-response-cost", true),
+            ("*-cost", "x-cost-y", false),
+            ("x-*-cost", "x-litellm-response-cost", true),
+            ("x-*-cost", "x-cost", false),
+            ("*", "anything", true),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "acb", false),
+        ];
+        for (pattern, name, want) in cases {
+            assert_eq!(
+                Glob::new(pattern).matches(name),
+                want,
+                "{pattern} vs {name}"
+            );
+        }
+    }
+
     use super::*;
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {

@@ -425,6 +425,115 @@ pub fn is_usage_only_chunk(data: &[u8]) -> bool {
         && matches!(o.get("usage"), Some(serde_json::Value::Object(_)))
 }
 
+/// What the gateway does with an event of a stream whose usage it asked
+/// for on behalf of a client that did not ([`injected_usage_event`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InjectedUsage {
+    /// No usage object in it: forward as is.
+    Forward,
+    /// A usage object and nothing the client needs (no text, no
+    /// `finish_reason`, whatever `choices` holds: OpenAI's `[]`, LiteLLM's
+    /// `[{"index":0,"delta":{}}]`): withhold it.
+    Withhold,
+    /// A usage object beside content (vLLM's `continuous_usage_stats`,
+    /// llama.cpp and TGI putting usage beside `finish_reason`): forward this
+    /// data instead, the same event without its `usage`.
+    Strip(Vec<u8>),
+}
+
+/// Decide what a client that did not ask for usage gets of one SSE event
+/// (its data). Events without `"usage"` or with `"usage": null` cost a
+/// substring search, nothing more.
+pub fn injected_usage_event(data: &[u8]) -> InjectedUsage {
+    if !usage_object_possible(data) {
+        return InjectedUsage::Forward;
+    }
+    let Ok(serde_json::Value::Object(mut o)) = serde_json::from_slice::<serde_json::Value>(data)
+    else {
+        return InjectedUsage::Forward;
+    };
+    if !matches!(o.get("usage"), Some(serde_json::Value::Object(_))) {
+        return InjectedUsage::Forward;
+    }
+    let nothing_else = match o.get("choices") {
+        None | Some(serde_json::Value::Null) => true,
+        Some(serde_json::Value::Array(choices)) => choices.iter().all(empty_choice),
+        Some(_) => false,
+    };
+    if nothing_else {
+        return InjectedUsage::Withhold;
+    }
+    o.remove("usage");
+    match serde_json::to_vec(&o) {
+        Ok(v) => InjectedUsage::Strip(v),
+        Err(_) => InjectedUsage::Forward,
+    }
+}
+
+/// Whether `data` may hold a `"usage"` member that is not `null`.
+fn usage_object_possible(data: &[u8]) -> bool {
+    memchr::memmem::find_iter(data, b"\"usage\"").any(|at| {
+        let rest = &data[at + 7..];
+        let colon = skip_ws(rest, 0);
+        if rest.get(colon) != Some(&b':') {
+            return true;
+        }
+        let v = skip_ws(rest, colon + 1);
+        !rest[v.min(rest.len())..].starts_with(b"null")
+    })
+}
+
+/// A choice that carries nothing but its index: every other member null,
+/// empty, or an object of such (`{"index":0,"delta":{}}`,
+/// `{"delta":{"content":""},"finish_reason":null}`).
+fn empty_choice(choice: &serde_json::Value) -> bool {
+    fn empty(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Null => true,
+            serde_json::Value::String(s) => s.is_empty(),
+            serde_json::Value::Array(a) => a.is_empty(),
+            serde_json::Value::Object(o) => o.values().all(empty),
+            serde_json::Value::Bool(_) | serde_json::Value::Number(_) => false,
+        }
+    }
+    match choice {
+        serde_json::Value::Object(o) => o.iter().all(|(k, v)| k == "index" || empty(v)),
+        other => empty(other),
+    }
+}
+
+/// The raw bytes of an SSE event with its data replaced by `data`: the
+/// first `data:` line carries it, later ones go, every other line and
+/// every line terminator stay as they were.
+fn replace_event_data(raw: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len() + data.len());
+    let mut replaced = false;
+    let mut i = 0;
+    while i < raw.len() {
+        let rest = &raw[i..];
+        let (line_len, term_len) = match memchr::memchr2(b'\n', b'\r', rest) {
+            None => (rest.len(), 0),
+            Some(j) if rest[j] == b'\r' && rest.get(j + 1) == Some(&b'\n') => (j, 2),
+            Some(j) => (j, 1),
+        };
+        let line = &rest[..line_len];
+        let term = &rest[line_len..line_len + term_len];
+        if line.starts_with(b"data:") {
+            if !replaced {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(data);
+                out.extend_from_slice(term);
+                replaced = true;
+            }
+        } else {
+            out.extend_from_slice(line);
+            out.extend_from_slice(term);
+        }
+        i += line_len + term_len;
+    }
+    out
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     // memchr's vectorized search: JSON is full of the needles' first byte
     // (`"`), so a byte-at-a-time scan for it cost most of a stream.
@@ -578,6 +687,8 @@ pub struct SseScanner {
     /// (`Some(true)`: dropped).
     lf_after_dispatch: Option<bool>,
     dropped: usize,
+    /// How many events were forwarded without their usage object.
+    stripped: usize,
     /// Estimated completion tokens of the events forwarded so far (see
     /// [`content_tokens`]).
     content_tokens: u64,
@@ -626,6 +737,7 @@ impl SseScanner {
             raw_flushed: false,
             lf_after_dispatch: None,
             dropped: 0,
+            stripped: 0,
             content_tokens: 0,
         }
     }
@@ -676,6 +788,11 @@ impl SseScanner {
     /// How many usage-only events were dropped.
     pub fn dropped(&self) -> usize {
         self.dropped
+    }
+
+    /// How many events were forwarded without their usage object.
+    pub fn stripped(&self) -> usize {
+        self.stripped
     }
 
     /// Estimated completion tokens of the events forwarded so far: the
@@ -821,7 +938,16 @@ impl SseScanner {
                     }
                 }
             }
-            drop = self.drop_usage_only && !self.raw_flushed && is_usage_only_chunk(&self.data);
+            if self.drop_usage_only && !self.raw_flushed {
+                match injected_usage_event(&self.data) {
+                    InjectedUsage::Forward => {}
+                    InjectedUsage::Withhold => drop = true,
+                    InjectedUsage::Strip(data) => {
+                        self.raw = replace_event_data(&self.raw, &data);
+                        self.stripped += 1;
+                    }
+                }
+            }
             if !drop {
                 self.content_tokens = self
                     .content_tokens

@@ -12,3 +12,4 @@ mod reload;
 mod sdk;
 mod streaming;
 mod transport;
+mod upstreams;

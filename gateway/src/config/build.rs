@@ -520,6 +520,19 @@ impl Builder<'_> {
                 .ca_file
                 .as_ref()
                 .and_then(|f| self.path(f, &format!("{key}.ca_file")));
+            let drop_response_headers = match &u.drop_response_headers {
+                None => super::defaults::DROP_RESPONSE_HEADERS
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect(),
+                Some(list) => list
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, g)| {
+                        self.header_glob(g, &format!("{key}.drop_response_headers[{j}]"))
+                    })
+                    .collect(),
+            };
             // A broken entry is still pushed (with a placeholder) so that
             // routes naming it are not also reported as unknown.
             out.push(Upstream {
@@ -527,9 +540,28 @@ impl Builder<'_> {
                 url: url.unwrap_or_else(|| http::Uri::from_static("http://invalid")),
                 auth,
                 ca_file,
+                drop_response_headers,
             });
         }
         out
+    }
+
+    /// A header-name glob: header-name characters and `*`, lower-cased.
+    fn header_glob(&mut self, s: &Str, key: &str) -> Option<String> {
+        let v = self.nonempty(s, key)?.to_ascii_lowercase();
+        let ok = v
+            .split('*')
+            .all(|part| part.is_empty() || http::HeaderName::from_bytes(part.as_bytes()).is_ok());
+        if ok {
+            Some(v)
+        } else {
+            self.error_at(
+                s.span(),
+                key,
+                format!("`{v}` is not a header name pattern (header-name characters and `*`)"),
+            );
+            None
+        }
     }
 
     fn upstream_url(&mut self, s: &Str, key: &str) -> Option<http::Uri> {

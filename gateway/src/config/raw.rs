@@ -84,6 +84,8 @@ pub struct RawUpstream {
     pub url: Str,
     pub auth: Option<Str>,
     pub ca_file: Option<Str>,
+    /// Globs of response header names never forwarded to clients.
+    pub drop_response_headers: Option<Vec<Str>>,
 }
 
 /// `[[routes]]`

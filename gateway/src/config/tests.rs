@@ -247,7 +247,7 @@ fn errors_are_located() {
         ),
         (
             format!("{MINIMAL}[[upstreams]]\nname = \"a\"\nurl = \"http://x\"\n[[upstreams]]\nname = \"b\"\nurl = \"http://y\"\nsecret = 1\n"),
-            vec![format!("{f}:9:1: upstreams[1].secret: unknown field `secret`, expected one of `name`, `url`, `auth`, `ca_file`")],
+            vec![format!("{f}:9:1: upstreams[1].secret: unknown field `secret`, expected one of `name`, `url`, `auth`, `ca_file`, `drop_response_headers`")],
         ),
         (
             format!("{MINIMAL}[server]\nrequest_timeout = \"10 minutes\"\nheader_read_timeout = \"0s\"\nmax_request_body = \"10XB\"\n"),
@@ -285,6 +285,13 @@ fn errors_are_located() {
                 format!("{f}:11:15: routes[0].usage.token[0]: `` is not a dotted JSON path such as `usage.total_tokens`"),
                 format!("{f}:11:15: routes[0].usage.token[1]: expected a string, found integer"),
                 format!("{f}:12:17: routes[0].reserve.token: `max_tokens` is not a source: use \"header:<name>\" or \"body:<dotted.path>\""),
+            ],
+        ),
+        (
+            format!("{MINIMAL}[[upstreams]]\nname = \"u\"\nurl = \"http://x\"\ndrop_response_headers = [\"x-ok-*\", \"bad header\", \"\"]\n"),
+            vec![
+                format!("{f}:6:36: upstreams[0].drop_response_headers[1]: `bad header` is not a header name pattern (header-name characters and `*`)"),
+                format!("{f}:6:50: upstreams[0].drop_response_headers[2]: must not be empty"),
             ],
         ),
         (

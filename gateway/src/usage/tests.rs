@@ -812,3 +812,177 @@ fn settle_units_charge_reserved_only_units_and_clamp_reported_ones() {
         ]
     );
 }
+
+// ---------------------------------------------------------------- upstream shapes
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/../tests/fixtures/upstreams/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// The data of every event of an SSE text.
+fn events(sse: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(sse)
+        .replace("\r\n", "\n")
+        .split("\n\n")
+        .filter_map(|e| {
+            let data: Vec<&str> = e
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:").map(str::trim_start))
+                .collect();
+            (!data.is_empty()).then(|| data.join("\n"))
+        })
+        .collect()
+}
+
+/// Text deltas and finish reasons of a stream, in order.
+fn visible(sse: &[u8]) -> (String, Vec<String>) {
+    let mut text = String::new();
+    let mut finish = Vec::new();
+    for e in events(sse) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&e) else {
+            continue;
+        };
+        for c in v["choices"].as_array().into_iter().flatten() {
+            if let Some(t) = c["delta"]["content"].as_str() {
+                text.push_str(t);
+            }
+            if let Some(f) = c["finish_reason"].as_str() {
+                finish.push(f.to_owned());
+            }
+        }
+    }
+    (text, finish)
+}
+
+fn meter_stream(sse: &[u8], injected: bool, piece: usize) -> (Vec<u8>, Vec<(Unit, u64)>) {
+    let usage = vec![(
+        Unit::new("token"),
+        vec![ValueSource::Body(p("usage.total_tokens"))],
+    )];
+    let mut h = HeaderMap::new();
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
+    let mut m = ResponseMeter::new(&usage, &h, injected);
+    let mut out = Vec::new();
+    for c in sse.chunks(piece) {
+        out.extend_from_slice(&m.feed(&Bytes::copy_from_slice(c)));
+    }
+    out.extend_from_slice(&m.finish());
+    (out, m.units())
+}
+
+#[test]
+fn upstream_shapes_are_counted_once_and_hide_usage_from_clients_that_did_not_ask() {
+    for (name, total) in [
+        ("vllm_continuous_usage.sse", 22),
+        ("tgi_usage_beside_finish.sse", 26),
+        ("llamacpp_usage_beside_finish.sse", 14),
+        ("llamacpp_usage_chunk.sse", 14),
+        ("ollama_usage.sse", 35),
+    ] {
+        let sse = fixture(name);
+        let (want_text, want_finish) = visible(&sse);
+        assert_eq!(want_text, "Hello there, friend!", "{name}");
+        for piece in [1, 7, 64, sse.len()] {
+            // The client asked for usage: bytes untouched, counted once.
+            let (out, units) = meter_stream(&sse, false, piece);
+            assert_eq!(out, sse, "{name}");
+            assert_eq!(units, vec![(Unit::new("token"), total)], "{name}");
+            // The gateway asked: same count, same text and finish reasons,
+            // no usage object left anywhere.
+            let (out, units) = meter_stream(&sse, true, piece);
+            assert_eq!(units, vec![(Unit::new("token"), total)], "{name}/{piece}");
+            assert_eq!(
+                visible(&out),
+                (want_text.clone(), want_finish.clone()),
+                "{name}/{piece}"
+            );
+            let evs = events(&out);
+            assert_eq!(evs.last().map(String::as_str), Some("[DONE]"), "{name}");
+            for e in &evs[..evs.len() - 1] {
+                let v: serde_json::Value = serde_json::from_str(e)
+                    .unwrap_or_else(|err| panic!("{name}/{piece}: {err}: {e}"));
+                assert!(
+                    !v["usage"].is_object(),
+                    "{name}/{piece}: usage reached the client: {e}"
+                );
+            }
+        }
+    }
+    // llama.cpp's timings stay with the chunk they came in.
+    let (out, _) = meter_stream(&fixture("llamacpp_usage_beside_finish.sse"), true, 64);
+    assert!(String::from_utf8_lossy(&out).contains("\"timings\""));
+}
+
+#[test]
+fn a_stream_without_usage_is_estimated() {
+    let sse = fixture("ollama_no_usage.sse");
+    let (out, units) = meter_stream(&sse, true, 16);
+    assert_eq!(out, sse);
+    assert!(units.is_empty());
+    let usage = vec![(
+        Unit::new("token"),
+        vec![ValueSource::Body(p("usage.total_tokens"))],
+    )];
+    let mut h = HeaderMap::new();
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
+    let mut m = ResponseMeter::new(&usage, &h, true);
+    m.feed(&Bytes::from(sse));
+    // "Hello", " there", ",", " friend", "!": 2 + 2 + 1 + 2 + 1.
+    assert_eq!(
+        m.settle_units(&[(Unit::new("token"), 1)], 30),
+        vec![(Unit::new("token"), 30 + 8)]
+    );
+}
+
+#[test]
+fn injected_usage_events() {
+    use InjectedUsage::*;
+    let cases: &[(&str, InjectedUsage)] = &[
+        (r#"{"choices":[{"delta":{"content":"a"}}]}"#, Forward),
+        (
+            r#"{"choices":[{"delta":{"content":"a"}}],"usage":null}"#,
+            Forward,
+        ),
+        (r#"{"choices":[],"usage":{"total_tokens":3}}"#, Withhold),
+        (
+            r#"{"choices":[{"index":0,"delta":{}}],"usage":{"total_tokens":3},"cost":1e-5}"#,
+            Withhold,
+        ),
+        (
+            r#"{"choices":[{"index":0,"delta":{"content":""},"finish_reason":null}],"usage":{"total_tokens":3}}"#,
+            Withhold,
+        ),
+        (r#"{"usage":{"total_tokens":3}}"#, Withhold),
+        (
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"total_tokens":3}}"#,
+            Strip(br#"{"choices":[{"delta":{},"finish_reason":"stop","index":0}]}"#.to_vec()),
+        ),
+        (
+            r#"{"choices":[{"delta":{"content":"a"}}],"usage" : {"total_tokens":3}}"#,
+            Strip(br#"{"choices":[{"delta":{"content":"a"}}]}"#.to_vec()),
+        ),
+        ("not json \"usage\":{", Forward),
+    ];
+    for (data, want) in cases {
+        assert_eq!(&injected_usage_event(data.as_bytes()), want, "{data}");
+    }
+}
+
+#[test]
+fn replaced_event_data_keeps_other_lines_and_terminators() {
+    let raw = b"event: message\r\ndata: {\"a\":\r\ndata: 1}\r\nid: 7\r\n\r\n";
+    assert_eq!(
+        replace_event_data(raw, b"{}"),
+        b"event: message\r\ndata: {}\r\nid: 7\r\n\r\n".to_vec()
+    );
+}
