@@ -659,9 +659,10 @@ fn skip_ws(data: &[u8], mut i: usize) -> usize {
 ///   in quotes (a cheap substring check), so content chunks cost a scan.
 ///   A key spelled with JSON escapes (`"\u0075sage"`) is not recognised.
 /// - Memory is bounded: a line or event longer than the limit is skipped.
-/// - In dropping mode ([`SseScanner::dropping`]) it also removes the
-///   usage-only chunk from the bytes it returns; otherwise it returns every
-///   chunk untouched.
+/// - In dropping mode ([`SseScanner::dropping`]) it also keeps the usage
+///   the gateway asked for from the client ([`injected_usage_event`]):
+///   events that carry nothing else are withheld, others lose their
+///   `usage` member; otherwise it returns every chunk untouched.
 #[derive(Debug)]
 pub struct SseScanner {
     paths: Vec<Vec<String>>,
@@ -701,8 +702,8 @@ impl SseScanner {
         Self::with_options(paths, false, DEFAULT_MAX_EVENT_BYTES)
     }
 
-    /// Like [`SseScanner::new`], but also drop the usage-only chunk from
-    /// the forwarded bytes (when the gateway injected `include_usage`).
+    /// Like [`SseScanner::new`], but also keep usage out of the forwarded
+    /// bytes (when the gateway injected `include_usage`).
     pub fn dropping(paths: Vec<Vec<String>>) -> Self {
         Self::with_options(paths, true, DEFAULT_MAX_EVENT_BYTES)
     }
