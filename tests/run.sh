@@ -2,8 +2,10 @@
 # Runs every plangate test against real PostgreSQL and Redis.
 #
 # Makes sure both are reachable on 127.0.0.1 first: starts them if installed
-# but stopped, installs the Debian packages if missing. Under this script a
-# test that needs a service and cannot reach it FAILS (it never skips).
+# but stopped, installs the Debian packages if missing. Also pip-installs the
+# openai SDK and the LiteLLM proxy (a real upstream the suite starts itself)
+# if missing. Under this script a test that needs a service and cannot reach
+# it FAILS (it never skips).
 #
 # Usage: ./tests/run.sh [extra cargo test args]
 set -euo pipefail
@@ -63,12 +65,35 @@ ensure_python_openai() {
   python3 -m pip install -q openai 2>/dev/null || python3 -m pip install -q --break-system-packages openai
 }
 
+python_has_litellm_proxy() {
+  # Metadata only (importing litellm's proxy takes ~10 s): litellm and
+  # what its [proxy] extra installs.
+  python3 - <<'PY' 2>/dev/null
+import importlib.metadata as m
+for dist in ("litellm", "litellm-proxy-extras", "fastapi", "uvicorn", "pyyaml", "orjson"):
+    m.version(dist)
+PY
+}
+
+ensure_python_litellm() {
+  # tests/suite/litellm.rs runs a real LiteLLM proxy (offline, answering
+  # with its mock_response) as the gateway's upstream.
+  if python_has_litellm_proxy; then return; fi
+  if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
+    apt_install python3 python3-pip
+  fi
+  log "installing the LiteLLM proxy (pip install 'litellm[proxy]')"
+  python3 -m pip install -q 'litellm[proxy]' 2>/dev/null ||
+    python3 -m pip install -q --break-system-packages 'litellm[proxy]'
+}
+
 ensure_tools() {
   command -v openssl >/dev/null || apt_install openssl
 }
 
 ensure_postgres
 ensure_python_openai
+ensure_python_litellm
 ensure_tools
 ensure_redis
 log "PostgreSQL and Redis are up"

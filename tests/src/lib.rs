@@ -6,6 +6,7 @@
 //! the test instead of skipping it.
 
 pub mod harness;
+pub mod litellm;
 pub mod procs;
 pub mod rig;
 pub mod soak;

@@ -8,6 +8,7 @@ mod config;
 mod gateway;
 mod integrity;
 mod limiter;
+mod litellm;
 mod reload;
 mod sdk;
 mod streaming;
