@@ -11,10 +11,18 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 
-/// Distinct (endpoint, decision, status) label sets kept; beyond this,
-/// new endpoints are counted under `endpoint="_other"` so a client sending
-/// random model names cannot grow memory without bound.
-const MAX_LABEL_SETS: usize = 2_000;
+/// Distinct endpoint labels kept; beyond this, new endpoints are counted
+/// under `endpoint="_other"`. Endpoint labels come from plans (the proxy
+/// labels an endpoint no plan grants `_unknown`), so this only bounds a
+/// catalog with very many endpoint ids.
+const MAX_ENDPOINTS: usize = 1_000;
+
+/// Longest endpoint label kept (plan endpoint ids are at most 200 bytes);
+/// a longer one is counted as `_other`.
+const MAX_LABEL_BYTES: usize = 200;
+
+/// Per endpoint label: (decision, status) → count.
+type Decisions = HashMap<(&'static str, u16), AtomicU64>;
 
 /// Upper bounds (seconds) of the admission latency histogram.
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -24,7 +32,8 @@ const LATENCY_BUCKETS: [f64; 12] = [
 /// Every metric the gateway exports.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    requests: RwLock<HashMap<(String, &'static str, u16), AtomicU64>>,
+    /// Looked up by `&str`: counting allocates only for a new label.
+    requests: RwLock<HashMap<Box<str>, Decisions>>,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_ns: AtomicU64,
@@ -45,20 +54,27 @@ impl Metrics {
     pub fn request(&self, endpoint: &str, decision: &'static str, status: u16) {
         {
             let map = self.requests.read();
-            if let Some(c) = map.get(&(endpoint.to_owned(), decision, status)) {
+            if let Some(c) = map.get(endpoint).and_then(|d| d.get(&(decision, status))) {
                 c.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
         let mut map = self.requests.write();
-        let endpoint = if map.len() >= MAX_LABEL_SETS {
-            "_other".to_owned()
+        let label = if endpoint.len() > MAX_LABEL_BYTES
+            || (!map.contains_key(endpoint) && map.len() >= MAX_ENDPOINTS)
+        {
+            "_other"
         } else {
-            endpoint.to_owned()
+            endpoint
         };
-        map.entry((endpoint, decision, status))
-            .or_default()
-            .fetch_add(1, Ordering::Relaxed);
+        if !map.contains_key(label) {
+            map.insert(label.into(), Decisions::default());
+        }
+        if let Some(d) = map.get_mut(label) {
+            d.entry((decision, status))
+                .or_default()
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Record how long admission (key, plan, limiter) took.
@@ -115,8 +131,14 @@ impl Metrics {
         );
         out.push_str("# TYPE plangate_requests_total counter\n");
         let map = self.requests.read();
-        let mut rows: Vec<_> = map.iter().collect();
-        rows.sort_by(|a, b| a.0.cmp(b.0));
+        let mut rows: Vec<_> = map
+            .iter()
+            .flat_map(|(endpoint, d)| {
+                d.iter()
+                    .map(move |((dec, st), c)| ((endpoint, *dec, *st), c))
+            })
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
         for ((endpoint, decision, status), c) in rows {
             let _ = writeln!(
                 out,
@@ -222,10 +244,16 @@ mod tests {
     #[test]
     fn label_sets_are_bounded() {
         let m = Metrics::new();
-        for i in 0..(MAX_LABEL_SETS + 50) {
-            m.request(&format!("model-{i}"), "no_access", 403);
+        for i in 0..(MAX_ENDPOINTS + 50) {
+            m.request(&format!("model-{i}"), "denied", 429);
         }
-        assert!(m.requests.read().len() <= MAX_LABEL_SETS + 1);
+        assert!(m.requests.read().len() <= MAX_ENDPOINTS + 1);
+        assert!(m.render().contains("endpoint=\"_other\""));
+        // A label longer than any endpoint id is never kept.
+        let long = "x".repeat(MAX_LABEL_BYTES + 1);
+        let m = Metrics::new();
+        m.request(&long, "denied", 429);
+        assert!(!m.render().contains(&long));
         assert!(m.render().contains("endpoint=\"_other\""));
     }
 }

@@ -242,7 +242,9 @@ impl Gateway {
 
         let plan = self.plan_of(&account).await?;
         let Some(policy) = plan.as_ref().and_then(|p| p.policy(endpoint)).cloned() else {
-            core.metrics.request(endpoint, "no_access", 403);
+            // Not an endpoint of the caller's plan: the id is the client's
+            // choice (any model name), never a metrics label.
+            core.metrics.request("_unknown", "no_access", 403);
             return Err(ApiError::EndpointNotAllowed {
                 endpoint: endpoint.to_owned(),
             });

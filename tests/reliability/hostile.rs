@@ -499,3 +499,42 @@ async fn absurd_keys_and_admin_tokens_are_refused() {
     );
     assert_eq!(rig.chat(&key, "free-model", &[]).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invented_model_names_do_not_grow_metrics_or_memory() {
+    let (rig, _mock, key) = edge_rig().await;
+    let metrics = |rig: &Rig| {
+        let (client, addr) = (rig.client.clone(), rig.admin_addr);
+        async move { rig::get(&client, addr, "/metrics", Some(rig::REL_ADMIN_TOKEN)).await }
+    };
+    let rss_before = rig::self_rss_kib();
+    // 1,000 names of 32 KiB each: 32 MiB of labels if they were kept.
+    for i in 0..1_000 {
+        let model = format!("{i:04}{}", "m".repeat(32 << 10));
+        let r = rig.chat(&key, &model, &[]).await;
+        assert_eq!(r.status, 403, "{i}");
+    }
+    let page = metrics(&rig).await;
+    let rss_after = rig::self_rss_kib();
+    eprintln!(
+        "FIGURES 1000 invented 32 KiB model names: /metrics {} bytes, RSS {} -> {} KiB",
+        page.body.len(),
+        rss_before,
+        rss_after
+    );
+    assert_eq!(page.status, 200);
+    let text = String::from_utf8_lossy(&page.body);
+    assert!(text.contains(
+        "plangate_requests_total{endpoint=\"_unknown\",decision=\"no_access\",status=\"403\"} 1000"
+    ));
+    assert!(
+        page.body.len() < 16 << 10,
+        "/metrics is {} bytes",
+        page.body.len()
+    );
+    assert!(
+        rss_after.saturating_sub(rss_before) < 24 << 10,
+        "RSS grew {} KiB",
+        rss_after.saturating_sub(rss_before)
+    );
+}
