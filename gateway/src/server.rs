@@ -148,7 +148,18 @@ pub async fn serve_listener<H, F>(
             seen.store(true, Ordering::Relaxed);
             // A head the edge guard refused arrives as its stand-in and is
             // answered before any routing.
-            match Rejection::of(req.headers()) {
+            // HTTP/2 heads do not pass the edge guard (HPACK): hyper bounds
+            // their size (`max_header_list_size`), the count is checked here,
+            // with the same limit and answer as HTTP/1's.
+            let rejection = match Rejection::of(req.headers()) {
+                None if req.version() == http::Version::HTTP_2
+                    && req.headers().len() > edge::MAX_HEADERS =>
+                {
+                    Some(Rejection::HeadTooLarge)
+                }
+                other => other,
+            };
+            match rejection {
                 None => Served::Handler {
                     fut: handler(req, peer),
                 },

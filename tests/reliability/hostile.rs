@@ -538,3 +538,40 @@ async fn invented_model_names_do_not_grow_metrics_or_memory() {
         rss_after.saturating_sub(rss_before)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http2_heads_have_the_http1_header_limits() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let (rig, mock, key) = edge_rig().await;
+    // HTTP/2 with prior knowledge (h2c), as gRPC-style clients speak it.
+    let mut b = Client::builder(TokioExecutor::new());
+    b.http2_only(true);
+    let h2: rig::HttpClient = b.build_http();
+    let send = |headers: usize| {
+        let mut req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}/v1/chat/completions", rig.addr))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json");
+        for i in 0..headers {
+            req = req.header(format!("f{i}"), "v");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(chat_json("free-model"))))
+            .unwrap();
+        let h2 = h2.clone();
+        async move { rig::send(&h2, req).await }
+    };
+    let ok = send(50).await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    let before = mock.requests();
+    let many = send(150).await;
+    eprintln!("FIGURES HTTP/2 request with 150 headers: {}", many.status);
+    assert_eq!(many.status, 431, "{:?}", many.body);
+    assert_eq!(many.code(), "headers_too_large");
+    assert_eq!(mock.requests(), before, "nothing forwarded");
+}

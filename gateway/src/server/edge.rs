@@ -51,7 +51,7 @@ pub const REJECT_HEADER: HeaderName = HeaderName::from_static("x-plangate-edge-r
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Header lines hyper accepts in one head; more is 431, as with hyper.
-const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 
 /// Why a request head was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
