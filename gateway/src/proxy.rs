@@ -167,6 +167,19 @@ fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Longest client `x-request-id` kept as a correlation id.
+const MAX_CLIENT_REQUEST_ID: usize = 128;
+
+/// The client's `x-request-id`, if it is a plausible correlation id: 1 to
+/// 128 visible ASCII characters. Anything else is replaced by the
+/// gateway's own id (it is never stored: ledger rows carry the gateway's).
+fn client_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
+    let v = headers.get(&REQUEST_ID)?;
+    let b = v.as_bytes();
+    (!b.is_empty() && b.len() <= MAX_CLIENT_REQUEST_ID && b.iter().all(u8::is_ascii_graphic))
+        .then(|| v.clone())
+}
+
 /// Whether a presented key is worth a lookup at all.
 fn plausible_key(key: &str) -> bool {
     key.len() <= MAX_KEY_LEN && key.bytes().all(|b| b.is_ascii_graphic())
@@ -196,19 +209,34 @@ impl Gateway {
                 return json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
             }
             "/readyz" => return self.readyz().await,
-            "/v1/limits" => return self.limits(req).await,
             _ => {}
         }
-        let table = self.table.load_full();
-        let Some((route_index, _)) = table.router.match_path(path) else {
-            return error_response(&ApiError::UnknownRoute {
-                method: req.method().to_string(),
-                path: path.to_owned(),
-            });
+        // Every API response carries `x-request-id`: the client's, when it
+        // is a plausible correlation id, else the gateway's own. Ledger
+        // rows are keyed by the gateway's id only.
+        let request_id = self.core.ids.next_id();
+        let echoed = client_request_id(req.headers()).unwrap_or_else(|| {
+            HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("req"))
+        });
+        let mut resp = if path == "/v1/limits" {
+            self.limits(req).await
+        } else {
+            let table = self.table.load_full();
+            match table.router.match_path(path) {
+                None => error_response(&ApiError::UnknownRoute {
+                    method: req.method().to_string(),
+                    path: path.to_owned(),
+                }),
+                Some((route_index, _)) => {
+                    let route = &table.routes[route_index];
+                    self.proxy(req, &table, route, started, request_id, echoed.clone())
+                        .await
+                        .unwrap_or_else(|e| error_response(&e))
+                }
+            }
         };
-        let route = &table.routes[route_index];
-        let resp = self.proxy(req, &table, route, started).await;
-        resp.unwrap_or_else(|e| error_response(&e))
+        resp.headers_mut().entry(REQUEST_ID).or_insert(echoed);
+        resp
     }
 
     async fn proxy(
@@ -217,6 +245,8 @@ impl Gateway {
         table: &Arc<RouteTable>,
         route: &Route,
         started: Instant,
+        request_id: String,
+        client_request_id: HeaderValue,
     ) -> Result<Response<Body>, ApiError> {
         let core = &self.core;
         // Who is calling.
@@ -251,7 +281,6 @@ impl Gateway {
         };
 
         // Rate limits.
-        let request_id = core.ids.next_id();
         // The attempt must run to completion even if the client goes away
         // while the store decides: a cancelled attempt could leave a slot
         // taken in the store with no permit to release it until its lease
@@ -292,7 +321,7 @@ impl Gateway {
         let credit_balance = match &policy.credits {
             None => None,
             Some(cost) => match self
-                .charge_admission(&account, endpoint, &request_id, cost, &parts.headers)
+                .charge_admission(&account, endpoint, &request_id, cost)
                 .await
             {
                 Ok(balance) => Some(balance),
@@ -316,9 +345,6 @@ impl Gateway {
 
         // Forward.
         let upstream = &table.upstreams[route.upstream];
-        let client_request_id = parts.headers.get(&REQUEST_ID).cloned().unwrap_or_else(|| {
-            HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("req"))
-        });
         let uri = upstream
             .uri_for(parts.uri.path_and_query())
             .map_err(|_| ApiError::invalid_request("request path cannot be forwarded"))?;
@@ -353,7 +379,6 @@ impl Gateway {
             account: account.clone(),
             endpoint: endpoint.to_owned(),
             request_id,
-            ledger_request_id: client_request_id.to_str().unwrap_or("").to_owned(),
             credits: policy.credits.clone(),
             reserved: admission.start_units.clone(),
             prompt_tokens: admission.body_bytes.div_ceil(usage::BYTES_PER_TOKEN as u64),
@@ -482,21 +507,15 @@ impl Gateway {
         endpoint: &str,
         request_id: &str,
         cost: &CreditCost,
-        headers: &HeaderMap,
     ) -> Result<u64, ApiError> {
         let threshold = cost.admission_threshold();
-        let ledger_id = headers
-            .get(&REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(request_id)
-            .to_owned();
         let deduction = Deduction {
             account_id: account.to_owned(),
             amount: cost.per_request,
             require_full: true,
             min_balance: threshold,
             idempotency_key: format!("adm:{request_id}"),
-            request_id: Some(ledger_id),
+            request_id: Some(request_id.to_owned()),
             endpoint: Some(endpoint.to_owned()),
         };
         // Like the attempt, the deduction runs to completion: if the client
@@ -791,7 +810,6 @@ struct Settle {
     account: String,
     endpoint: String,
     request_id: String,
-    ledger_request_id: String,
     credits: Option<CreditCost>,
     /// The start amounts reserved at admission (the route's `reserve`).
     reserved: Vec<(Unit, u64)>,
@@ -869,7 +887,7 @@ impl Settle {
             require_full: false,
             min_balance: 0,
             idempotency_key: format!("use:{}", self.request_id),
-            request_id: Some(self.ledger_request_id.clone()),
+            request_id: Some(self.request_id.clone()),
             endpoint: Some(self.endpoint.clone()),
         };
         self.core.metrics.credits_charged(amount);

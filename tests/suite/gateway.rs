@@ -780,3 +780,93 @@ async fn admin_api_refuses_unmeasured_units_and_numbers_beyond_the_bounds() {
         assert_eq!(r.json()["balance"], MAX - 5);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_request_ids_are_bounded_correlation_ids_never_ledger_keys() {
+    for gw in gateways().await {
+        let (a, key_a) = gw.account(None).await;
+        let (b, key_b) = gw.account(None).await;
+        for (acct, _) in [(&a, &key_a), (&b, &key_b)] {
+            gw.catalog()
+                .create_quota_block(acct, 100, None, json!({}))
+                .await
+                .unwrap();
+        }
+        // Tenant A's request, correlated by A's id.
+        let r = gw
+            .post_with(
+                "/v1/chat/completions",
+                Some(&key_a),
+                &chat_body("paid-model"),
+                &[("x-request-id", "tenant-a-0001")],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-request-id"), Some("tenant-a-0001"));
+        // Tenant B puts A's id on its own request, then a 30 KB one.
+        let r = gw
+            .post_with(
+                "/v1/chat/completions",
+                Some(&key_b),
+                &chat_body("paid-model"),
+                &[("x-request-id", "tenant-a-0001")],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let huge = "x".repeat(30_000);
+        let r = gw
+            .post_with(
+                "/v1/chat/completions",
+                Some(&key_b),
+                &chat_body("paid-model"),
+                &[("x-request-id", &huge)],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let echoed = r.header("x-request-id").unwrap().to_owned();
+        assert!(echoed.starts_with("req_") && echoed.len() < 64, "{echoed}");
+        gw.wait_settled().await;
+        // Ledger rows carry the gateway's ids only.
+        for acct in [&a, &b] {
+            let mut rows = Vec::new();
+            for _ in 0..100 {
+                rows = gw.catalog().ledger(acct).await.unwrap();
+                if rows
+                    .iter()
+                    .filter(|e| e.idempotency_key.starts_with("use:"))
+                    .count()
+                    >= if acct == &a { 1 } else { 2 }
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(!rows.is_empty());
+            for e in rows {
+                let id = e.request_id.unwrap_or_default();
+                assert!(id.starts_with("req_") && id.len() < 64, "{acct}: {id}");
+            }
+        }
+        // Every response carries one, refusals included.
+        let r = gw
+            .post("/v1/chat/completions", None, &chat_body("gpt-test"))
+            .await;
+        assert_eq!(r.status, 401);
+        assert!(r.header("x-request-id").unwrap().starts_with("req_"));
+        let r = gw
+            .post("/v1/nowhere", Some(&key_a), &chat_body("gpt-test"))
+            .await;
+        assert_eq!(r.status, 404);
+        assert!(r.header("x-request-id").is_some());
+        let r = gw
+            .post_with(
+                "/v1/chat/completions",
+                Some(&key_a),
+                &json!({"model": "gpt-test", "stream": "yes"}),
+                &[("x-request-id", "bad-request-7")],
+            )
+            .await;
+        assert_eq!(r.status, 400);
+        assert_eq!(r.header("x-request-id"), Some("bad-request-7"));
+    }
+}
