@@ -130,6 +130,7 @@ impl App {
             metrics: Arc::new(Metrics::new()),
             ids: RequestIds::default(),
             charges: ChargeQueue::new(catalog),
+            bodies: Arc::new(crate::proxy::BodyBudget::default()),
         });
         tokio::spawn(check_counter_store(core.clone()));
         let table = RouteTable::from_config(&config).map_err(bad)?;

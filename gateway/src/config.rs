@@ -85,6 +85,13 @@ pub struct ServerConfig {
     pub max_request_body: u64,
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
+    /// Deadline for reading a request body the gateway must see before
+    /// admission: 408 when it passes.
+    pub body_read_timeout: Duration,
+    /// Bytes of such bodies held at once, in all (503 beyond) and per
+    /// account (429 beyond).
+    pub unadmitted_body_budget: u64,
+    pub unadmitted_body_per_account: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +204,12 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT_SECS: u64 = 600;
     /// `[server] header_read_timeout`, seconds.
     pub const HEADER_READ_TIMEOUT_SECS: u64 = 10;
+    /// `[server] body_read_timeout`, seconds.
+    pub const BODY_READ_TIMEOUT_SECS: u64 = 30;
+    /// `[server] unadmitted_body_budget`: 256 MiB.
+    pub const UNADMITTED_BODY_BUDGET: u64 = 256 * 1024 * 1024;
+    /// `[server] unadmitted_body_per_account`: 32 MiB.
+    pub const UNADMITTED_BODY_PER_ACCOUNT: u64 = 32 * 1024 * 1024;
     /// `[storage] store_timeout`, milliseconds.
     pub const STORE_TIMEOUT_MS: u64 = 50;
     /// `[auth] header`.

@@ -80,6 +80,13 @@ pub enum ApiError {
     PayloadTooLarge { limit_bytes: u64 },
     /// 431 `headers_too_large`.
     HeadersTooLarge,
+    /// 408 `request_timeout`: a body the gateway reads before admission
+    /// did not arrive within `body_read_timeout`.
+    BodyTimeout { secs: u64 },
+    /// Too many bytes of request bodies read before admission: 429
+    /// `too_many_pending_bodies` for one account's share, 503 `server_busy`
+    /// for the gateway's whole budget.
+    BodiesPending { whole_gateway: bool },
     /// 503 `limiter_unavailable`: the counter store failed and
     /// `on_store_error = "closed"`.
     LimiterUnavailable,
@@ -162,6 +169,13 @@ impl ApiError {
             DuplicateRequest | Conflict { .. } => StatusCode::CONFLICT,
             PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            BodiesPending {
+                whole_gateway: false,
+            } => StatusCode::TOO_MANY_REQUESTS,
+            BodiesPending {
+                whole_gateway: true,
+            } => StatusCode::SERVICE_UNAVAILABLE,
             LimiterUnavailable | CatalogUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -186,6 +200,13 @@ impl ApiError {
             InsufficientQuota { .. } => "insufficient_quota",
             PayloadTooLarge { .. } => "payload_too_large",
             HeadersTooLarge => "headers_too_large",
+            BodyTimeout { .. } => "request_timeout",
+            BodiesPending {
+                whole_gateway: false,
+            } => "too_many_pending_bodies",
+            BodiesPending {
+                whole_gateway: true,
+            } => "server_busy",
             LimiterUnavailable => "limiter_unavailable",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
@@ -211,13 +232,23 @@ impl ApiError {
             MissingApiKey | InvalidApiKey { .. } | AdminUnauthorized => {
                 "authentication_error".to_owned()
             }
-            LimiterUnavailable | UpstreamUnavailable | UpstreamTimeout | CatalogUnavailable
+            LimiterUnavailable
+            | UpstreamUnavailable
+            | UpstreamTimeout
+            | CatalogUnavailable
+            | BodiesPending {
+                whole_gateway: true,
+            }
             | Internal => "server_error".to_owned(),
+            BodiesPending {
+                whole_gateway: false,
+            } => "requests".to_owned(),
             UnknownRoute { .. }
             | InvalidRequest { .. }
             | DuplicateRequest
             | PayloadTooLarge { .. }
             | HeadersTooLarge
+            | BodyTimeout { .. }
             | NotFound { .. }
             | Conflict { .. }
             | MethodNotAllowed => "invalid_request_error".to_owned(),
@@ -278,6 +309,17 @@ impl ApiError {
                 "You exceeded your current quota: {endpoint} needs a credit balance of at least \
                  {required}, you have {balance}. Please check your plan and billing details."
             ),
+            BodyTimeout { secs } => format!(
+                "The request body did not arrive within {secs}s; send it without pauses."
+            ),
+            BodiesPending {
+                whole_gateway: false,
+            } => "Too many unfinished request bodies for this account at once; \
+                 finish sending the ones in progress, then retry."
+                .to_owned(),
+            BodiesPending {
+                whole_gateway: true,
+            } => "The server is busy reading other requests; retry shortly.".to_owned(),
             PayloadTooLarge { limit_bytes } => {
                 format!("Request body too large: the limit is {limit_bytes} bytes.")
             }

@@ -7,6 +7,7 @@
 //! comes first — the body's end, an error, or the body being dropped
 //! because the client went away — settles it.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,6 +55,9 @@ pub struct RouteTable {
     pub auth_header: HeaderName,
     pub max_request_body: u64,
     pub request_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub unadmitted_body_budget: u64,
+    pub unadmitted_body_per_account: u64,
 }
 
 impl RouteTable {
@@ -71,7 +75,79 @@ impl RouteTable {
             auth_header: config.auth.header.clone(),
             max_request_body: config.server.max_request_body,
             request_timeout: config.server.request_timeout,
+            body_read_timeout: config.server.body_read_timeout,
+            unadmitted_body_budget: config.server.unadmitted_body_budget,
+            unadmitted_body_per_account: config.server.unadmitted_body_per_account,
         })
+    }
+}
+
+/// Bytes of request bodies held by requests not yet admitted (read for
+/// `{model}` routing, reservations or `include_usage`), in all and per
+/// account, so that clients trickling bodies cannot hold the gateway's
+/// memory: one account's share is bounded (429), and so is the whole
+/// (503), before more is read.
+#[derive(Debug, Default)]
+pub struct BodyBudget {
+    total: AtomicU64,
+    per_account: parking_lot::Mutex<HashMap<String, u64>>,
+}
+
+/// Bytes held against a [`BodyBudget`]; given back when dropped.
+struct BodyHold {
+    budget: Arc<BodyBudget>,
+    account: String,
+    bytes: u64,
+}
+
+impl BodyHold {
+    fn new(budget: &Arc<BodyBudget>, account: &str) -> Self {
+        Self {
+            budget: budget.clone(),
+            account: account.to_owned(),
+            bytes: 0,
+        }
+    }
+
+    /// Hold `n` more bytes, if both limits allow it.
+    fn grow(&mut self, n: u64, table: &RouteTable) -> Result<(), ApiError> {
+        let b = &self.budget;
+        let total = b.total.fetch_add(n, Ordering::AcqRel) + n;
+        if total > table.unadmitted_body_budget {
+            b.total.fetch_sub(n, Ordering::AcqRel);
+            return Err(ApiError::BodiesPending {
+                whole_gateway: true,
+            });
+        }
+        let mut map = b.per_account.lock();
+        let held = map.entry(self.account.clone()).or_insert(0);
+        if *held + n > table.unadmitted_body_per_account {
+            drop(map);
+            b.total.fetch_sub(n, Ordering::AcqRel);
+            return Err(ApiError::BodiesPending {
+                whole_gateway: false,
+            });
+        }
+        *held += n;
+        self.bytes += n;
+        Ok(())
+    }
+}
+
+impl Drop for BodyHold {
+    fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        let b = &self.budget;
+        b.total.fetch_sub(self.bytes, Ordering::AcqRel);
+        let mut map = b.per_account.lock();
+        if let Some(held) = map.get_mut(&self.account) {
+            *held = held.saturating_sub(self.bytes);
+            if *held == 0 {
+                map.remove(&self.account);
+            }
+        }
     }
 }
 
@@ -108,6 +184,8 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     pub ids: RequestIds,
     pub charges: crate::credits::ChargeQueue,
+    /// Bytes of request bodies read before admission.
+    pub bodies: Arc<BodyBudget>,
 }
 
 /// The main listener's handler.
@@ -267,7 +345,10 @@ impl Gateway {
         }
 
         let (mut parts, body) = req.into_parts();
-        let admission = read_admission(route, &parts.headers, body, table.max_request_body).await?;
+        // The bytes of a body read before admission are held against the
+        // budget until the attempt is decided.
+        let mut hold = BodyHold::new(&core.bodies, &account);
+        let admission = read_admission(route, &parts.headers, body, table, &mut hold).await?;
         let endpoint = admission.endpoint.as_str();
 
         let plan = self.plan_of(&account).await?;
@@ -294,6 +375,7 @@ impl Gateway {
                 .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("attempt task: {e}"))))
         };
         core.metrics.admission_latency(started.elapsed());
+        drop(hold);
         let (permit, info, degraded) = match attempt {
             Ok(Attempt::Admitted(permit, info)) => (Some(permit), Some(info), false),
             Ok(Attempt::Denied(denial, info)) => {
@@ -682,8 +764,10 @@ async fn read_admission(
     route: &Route,
     headers: &HeaderMap,
     body: Incoming,
-    max_body: u64,
+    table: &RouteTable,
+    hold: &mut BodyHold,
 ) -> Result<Admission, ApiError> {
+    let max_body = table.max_request_body;
     let bad = |e: usage::request::BadRequest| ApiError::invalid_request(e.0);
     if !routes::needs_request_body(route) {
         // Only literal endpoints get here: `{model}` needs the body.
@@ -706,19 +790,7 @@ async fn read_admission(
             body_bytes,
         });
     }
-    let bytes = match Limited::new(body, max_body as usize).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                return Err(ApiError::PayloadTooLarge {
-                    limit_bytes: max_body,
-                });
-            }
-            return Err(ApiError::invalid_request("could not read the request body"));
-        }
-    };
+    let bytes = read_body(body, table, hold).await?;
     let facts = usage::request::read_request(&bytes, headers, &route.reserve).map_err(bad)?;
     let endpoint = match &route.endpoint {
         EndpointSource::Literal(e) => e.clone(),
@@ -752,6 +824,41 @@ async fn read_admission(
         injected_usage,
         body_bytes,
     })
+}
+
+/// Read a request body before admission: at most `max_request_body`
+/// bytes (413), within `body_read_timeout` (408), each chunk held against
+/// the body budget before it is kept (429 / 503).
+async fn read_body(
+    mut body: Incoming,
+    table: &RouteTable,
+    hold: &mut BodyHold,
+) -> Result<Bytes, ApiError> {
+    let max_body = table.max_request_body;
+    let read = async {
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|_| ApiError::invalid_request("could not read the request body"))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if buf.len() as u64 + data.len() as u64 > max_body {
+                return Err(ApiError::PayloadTooLarge {
+                    limit_bytes: max_body,
+                });
+            }
+            hold.grow(data.len() as u64, table)?;
+            buf.extend_from_slice(&data);
+        }
+        Ok(buf.freeze())
+    };
+    match tokio::time::timeout(table.body_read_timeout, read).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::BodyTimeout {
+            secs: table.body_read_timeout.as_secs().max(1),
+        }),
+    }
 }
 
 /// Start amounts from the route's `reserve` sources. A request that does

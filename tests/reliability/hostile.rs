@@ -575,3 +575,74 @@ async fn http2_heads_have_the_http1_header_limits() {
     assert_eq!(many.code(), "headers_too_large");
     assert_eq!(mock.requests(), before, "nothing forwarded");
 }
+
+/// Open a request whose head promises `len` body bytes, send `sent` of
+/// them, and keep the connection open (the caller holds the stream).
+async fn unfinished_body(addr: SocketAddr, key: &str, len: usize, sent: usize) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut body = format!(r#"{{"model":"free-model","messages":[],"pad":""#).into_bytes();
+    body.resize(sent, b'x');
+    s.write_all(&body).await.unwrap();
+    s
+}
+
+async fn status_of(s: &mut TcpStream, wait: Duration) -> Option<u16> {
+    let mut buf = vec![0u8; 4096];
+    match tokio::time::timeout(wait, s.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => raw_status(&buf[..n]),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trickled_bodies_meet_a_deadline_and_a_memory_budget() {
+    let mock = plangate::mock::start(MockOptions::default())
+        .await
+        .expect("mock");
+    let mut setup = Setup::new(&mock.url());
+    setup.max_request_body = "64KiB".into();
+    setup.extra_server = "body_read_timeout = \"1s\"\n\
+                          unadmitted_body_per_account = \"100KiB\"\n\
+                          unadmitted_body_budget = \"1MiB\""
+        .into();
+    let rig = Rig::start(&setup).await;
+    let (_, key) = rig.account().await;
+    let (_, other_key) = rig.account().await;
+
+    // Two bodies of 40 KiB held unfinished fit one account's 100 KiB; the
+    // third does not and is refused at once, without waiting for it.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(unfinished_body(rig.addr, &key, 60_000, 40_000).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let mut third = unfinished_body(rig.addr, &key, 60_000, 40_000).await;
+    let third_status = status_of(&mut third, Duration::from_millis(900)).await;
+    let third_took = started.elapsed();
+    // Another account is not affected, and normal traffic flows.
+    let r = rig.chat(&other_key, "free-model", &[]).await;
+    assert_eq!(r.status, 200);
+    // The held ones are cut at the deadline with 408.
+    let mut deadline_statuses = Vec::new();
+    for s in &mut held {
+        deadline_statuses.push(status_of(s, Duration::from_secs(3)).await);
+    }
+    let held_for = started.elapsed();
+    eprintln!(
+        "FIGURES trickled bodies: third of one account -> {third_status:?} in {third_took:?}; \
+         held ones -> {deadline_statuses:?} after {held_for:?}"
+    );
+    assert_eq!(third_status, Some(429));
+    assert!(third_took < Duration::from_millis(900));
+    assert_eq!(deadline_statuses, vec![Some(408), Some(408)]);
+    assert!(held_for < Duration::from_secs(3));
+    // Everything given back: the account can send again.
+    let r = rig.chat(&key, "free-model", &[]).await;
+    assert_eq!(r.status, 200);
+}

@@ -95,6 +95,8 @@ pub struct Setup {
     pub header_read_timeout: String,
     pub max_request_body: String,
     pub admin_token: String,
+    /// Extra `[server]` lines (e.g. `body_read_timeout = "1s"`).
+    pub extra_server: String,
 }
 
 impl Setup {
@@ -112,6 +114,7 @@ impl Setup {
             header_read_timeout: "2s".into(),
             max_request_body: "64KiB".into(),
             admin_token: REL_ADMIN_TOKEN.to_owned(),
+            extra_server: String::new(),
         }
     }
 
@@ -131,6 +134,7 @@ listen = "127.0.0.1:0"
 max_request_body = "{max_body}"
 request_timeout = "{request_timeout}"
 header_read_timeout = "{header_timeout}"
+{extra_server}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -171,6 +175,7 @@ endpoint = "tts"
             max_body = self.max_request_body,
             request_timeout = self.request_timeout,
             header_timeout = self.header_read_timeout,
+            extra_server = self.extra_server,
             token = self.admin_token,
             store_timeout = self.store_timeout,
             on_store_error = self.on_store_error,

@@ -291,12 +291,35 @@ impl Builder<'_> {
             "server.header_read_timeout",
             Duration::from_secs(defaults::HEADER_READ_TIMEOUT_SECS),
         );
+        let body_read_timeout = self.duration(
+            raw.and_then(|r| r.body_read_timeout.as_ref()),
+            "server.body_read_timeout",
+            Duration::from_secs(defaults::BODY_READ_TIMEOUT_SECS),
+        );
+        let mut size_or = |v: Option<&toml::Spanned<toml::Value>>, key: &str, default: u64| match v
+        {
+            None => default,
+            Some(v) => self.size(v, key).unwrap_or(default),
+        };
+        let unadmitted_body_budget = size_or(
+            raw.and_then(|r| r.unadmitted_body_budget.as_ref()),
+            "server.unadmitted_body_budget",
+            defaults::UNADMITTED_BODY_BUDGET,
+        );
+        let unadmitted_body_per_account = size_or(
+            raw.and_then(|r| r.unadmitted_body_per_account.as_ref()),
+            "server.unadmitted_body_per_account",
+            defaults::UNADMITTED_BODY_PER_ACCOUNT,
+        );
         ServerConfig {
             listen,
             tls,
             max_request_body,
             request_timeout,
             header_read_timeout,
+            body_read_timeout,
+            unadmitted_body_budget,
+            unadmitted_body_per_account,
         }
     }
 

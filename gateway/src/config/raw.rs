@@ -40,6 +40,11 @@ pub struct RawServer {
     pub max_request_body: Option<Spanned<toml::Value>>,
     pub request_timeout: Option<Str>,
     pub header_read_timeout: Option<Str>,
+    pub body_read_timeout: Option<Str>,
+    /// Sizes: bytes of request bodies read before admission, in all and
+    /// per account.
+    pub unadmitted_body_budget: Option<Spanned<toml::Value>>,
+    pub unadmitted_body_per_account: Option<Spanned<toml::Value>>,
 }
 
 /// `[admin]`
