@@ -585,7 +585,7 @@ async fn unfinished_body(addr: SocketAddr, key: &str, len: usize, sent: usize) -
          content-type: application/json\r\ncontent-length: {len}\r\n\r\n"
     );
     s.write_all(head.as_bytes()).await.unwrap();
-    let mut body = format!(r#"{{"model":"free-model","messages":[],"pad":""#).into_bytes();
+    let mut body = br#"{"model":"free-model","messages":[],"pad":""#.to_vec();
     body.resize(sent, b'x');
     s.write_all(&body).await.unwrap();
     s
