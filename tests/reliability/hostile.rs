@@ -219,6 +219,59 @@ async fn request_smuggling_is_refused() {
             ),
         ),
         (
+            "Transfer-Encoding gzip then chunked, two lines",
+            format!(
+                "{}{chunked}{hidden}",
+                head("transfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n")
+            ),
+        ),
+        (
+            "Transfer-Encoding identity, chunked",
+            format!(
+                "{}{chunked}{hidden}",
+                head("transfer-encoding: identity, chunked\r\n")
+            ),
+        ),
+        (
+            "Transfer-Encoding gzip, chunked",
+            format!(
+                "{}{chunked}{hidden}",
+                head("Transfer-Encoding: gzip, Chunked\r\n")
+            ),
+        ),
+        (
+            "Transfer-Encoding chunked, chunked",
+            format!(
+                "{}{chunked}{hidden}",
+                head("transfer-encoding: chunked, chunked\r\n")
+            ),
+        ),
+        (
+            "bare LF line ends throughout",
+            format!(
+                "{}{body}",
+                head(&format!("content-length: {len}\r\n")).replace("\r\n", "\n")
+            ),
+        ),
+        (
+            "bare LF ending the request line",
+            format!(
+                "{}{body}",
+                head(&format!("content-length: {len}\r\n")).replacen(
+                    "HTTP/1.1\r\n",
+                    "HTTP/1.1\n",
+                    1
+                )
+            ),
+        ),
+        (
+            "bare LF ending one header line",
+            format!(
+                "{}{body}",
+                head(&format!("x-lf: 1\ncontent-length: {len}\r\n"))
+            ),
+        ),
+        (
             "Content-Length with a sign",
             format!("{}{body}", head(&format!("content-length: +{len}\r\n"))),
         ),
@@ -273,6 +326,45 @@ async fn request_smuggling_is_refused() {
         forwarded, 2,
         "only the two valid requests reach the upstream"
     );
+
+    // Keep-alive: a valid chunked request, then stacked codings hiding a
+    // request, then a valid one that must never be read; and a valid
+    // request followed by a bare-LF head.
+    for (name, second) in [
+        (
+            "valid chunked, gzip+chunked",
+            format!(
+                "{}{chunked}{hidden}{hidden}",
+                head("transfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n")
+            ),
+        ),
+        (
+            "valid chunked, bare LF",
+            format!(
+                "{}{body}{hidden}",
+                head(&format!("content-length: {len}\r\n")).replace("\r\n", "\n")
+            ),
+        ),
+    ] {
+        let before = mock.requests();
+        let pipelined = format!(
+            "{}{chunked}{second}",
+            head("transfer-encoding: chunked\r\n")
+        );
+        let resp = raw_exchange(rig.addr, pipelined.as_bytes(), Duration::from_secs(3)).await;
+        let text = String::from_utf8_lossy(&resp);
+        let statuses: Vec<&str> = text
+            .match_indices("HTTP/1.1 ")
+            .map(|(i, _)| &text[i + 9..i + 12])
+            .collect();
+        let forwarded = mock.requests() - before;
+        eprintln!(
+            "FIGURES smuggling/pipelined {name}: statuses={statuses:?} forwarded={forwarded}"
+        );
+        assert_eq!(statuses, ["200", "400"], "{name}");
+        assert_eq!(forwarded, 1, "{name}: only the valid request is forwarded");
+    }
+
     // The gateway still serves.
     assert_eq!(rig.chat(&key, "free-model", &[]).await.status, 200);
 }

@@ -3,9 +3,11 @@
 //! until it is complete and has been checked. hyper accepts or quietly
 //! repairs a few heads that a gateway must refuse outright (RFC 9112 §6.3,
 //! request smuggling): `Content-Length` together with `Transfer-Encoding`
-//! (hyper drops the length and frames by the encoding), and repeated
-//! `Content-Length` lines. It also answers malformed or oversized heads
-//! with an empty body. The guard refuses all of these with an OpenAI-shaped
+//! (hyper drops the length and frames by the encoding), repeated
+//! `Content-Length` lines, stacked transfer codings (`gzip, chunked`, or
+//! `gzip` and `chunked` on two lines: hyper frames by the last and ignores
+//! the rest) and lines ending in a bare LF instead of CRLF. It also answers
+//! malformed or oversized heads with an empty body. The guard refuses all of these with an OpenAI-shaped
 //! error instead, and a credential header carrying control bytes with 401.
 //!
 //! To refuse a head the guard never hands it to hyper. It hands hyper a
@@ -62,8 +64,11 @@ pub enum Rejection {
     DuplicateLength,
     /// A `Content-Length` that is not a plain decimal number.
     InvalidLength,
-    /// `Transfer-Encoding` on HTTP/1.0, or not ending in `chunked`.
+    /// `Transfer-Encoding` on HTTP/1.0, or anything but exactly one
+    /// `chunked` coding across all its lines.
     BadTransferEncoding,
+    /// A line of the head ends in a bare LF instead of CRLF.
+    BareLf,
     /// A head the HTTP/1 parser refuses.
     Malformed,
     /// The API-key (or admin token) header carries control bytes.
@@ -73,11 +78,12 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    const ALL: [Rejection; 7] = [
+    const ALL: [Rejection; 8] = [
         Rejection::AmbiguousLength,
         Rejection::DuplicateLength,
         Rejection::InvalidLength,
         Rejection::BadTransferEncoding,
+        Rejection::BareLf,
         Rejection::Malformed,
         Rejection::Credentials,
         Rejection::HeadTooLarge,
@@ -89,6 +95,7 @@ impl Rejection {
             Rejection::DuplicateLength => "duplicate-length",
             Rejection::InvalidLength => "invalid-length",
             Rejection::BadTransferEncoding => "bad-transfer-encoding",
+            Rejection::BareLf => "bare-lf",
             Rejection::Malformed => "malformed",
             Rejection::Credentials => "credentials",
             Rejection::HeadTooLarge => "head-too-large",
@@ -118,7 +125,10 @@ impl Rejection {
             }
             Rejection::InvalidLength => invalid("The request's Content-Length is not a number."),
             Rejection::BadTransferEncoding => invalid(
-                "The request's Transfer-Encoding is not supported: only chunked, on HTTP/1.1.",
+                "The request's Transfer-Encoding is not supported: only a single chunked coding, on HTTP/1.1.",
+            ),
+            Rejection::BareLf => invalid(
+                "The request head has a line ending in a bare LF; every line must end in CRLF.",
             ),
             Rejection::Malformed => invalid("The request head is not valid HTTP/1.1."),
             Rejection::Credentials => ApiError::invalid_api_key(""),
@@ -177,6 +187,9 @@ fn inspect(bytes: &[u8], scanned: usize, credentials: &[HeaderName]) -> Head {
         }
         Err(_) => return Head::Refused(Rejection::Malformed),
     };
+    if has_bare_lf(&bytes[..len]) {
+        return Head::Refused(Rejection::BareLf);
+    }
     match framing(req.version == Some(0), req.headers) {
         Ok(framing) => Head::Complete(len, framing),
         Err(rejection) => Head::Refused(rejection),
@@ -198,19 +211,35 @@ fn has_head_end(bytes: &[u8], scanned: usize) -> bool {
     false
 }
 
+/// Whether a line of `head` (which httparse accepted) ends in a bare LF:
+/// httparse and hyper take one as a line end, the guard wants CRLF. A CR
+/// is only ever accepted right before an LF, so every LF must follow one.
+fn has_bare_lf(head: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', head).any(|i| i == 0 || head[i - 1] != b'\r')
+}
+
 /// The framing of the body after a head with these headers, or why the
 /// head is refused.
 fn framing(http10: bool, headers: &[httparse::Header<'_>]) -> Result<Framing, Rejection> {
     let mut length = None;
     let mut lengths = 0;
+    // Whether any `Transfer-Encoding` was sent, and whether its codings,
+    // over all its lines, are exactly one `chunked`. hyper looks only at
+    // the last coding and ignores the others (`gzip, chunked` is plain
+    // chunked to it); the guard refuses any other coding.
     let mut chunked = None;
+    let mut codings = 0usize;
     for h in headers {
         if h.name.eq_ignore_ascii_case("content-length") {
             lengths += 1;
             length = parse_length(h.value);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            // As hyper: the last encoding of the last such line decides.
-            chunked = Some(ends_in_chunked(h.value));
+            for coding in h.value.split(|&b| b == b',') {
+                codings += 1;
+                // True only while the one coding seen so far is chunked.
+                let only = codings == 1 && coding.trim_ascii().eq_ignore_ascii_case(b"chunked");
+                chunked = Some(only);
+            }
         }
     }
     match (chunked, lengths) {
@@ -236,11 +265,6 @@ fn parse_length(value: &[u8]) -> Option<u64> {
     value.iter().try_fold(0u64, |n, &b| {
         b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
     })
-}
-
-fn ends_in_chunked(value: &[u8]) -> bool {
-    let last = value.rsplit(|&b| b == b',').next().unwrap_or(value);
-    last.trim_ascii().eq_ignore_ascii_case(b"chunked")
 }
 
 /// Whether a line of the head names one of `credentials` and carries a

@@ -27,11 +27,7 @@ fn heads_are_framed_or_refused() {
         ok("content-length: 17\r\n", Length(17)),
         ok("Content-Length:  0017 \r\n", Length(17)),
         ok("transfer-encoding: chunked\r\n", Chunked),
-        ok("Transfer-Encoding: gzip, CHUNKED\r\n", Chunked),
-        ok(
-            "transfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n",
-            Chunked,
-        ),
+        ok("Transfer-Encoding:  CHUNKED \r\n", Chunked),
         ok("authorization: Bearer sk-\u{e9}\r\n", None),
         no(
             "content-length: 5\r\ntransfer-encoding: chunked\r\n",
@@ -111,11 +107,85 @@ fn heads_are_framed_or_refused() {
             "{partial:?}"
         );
     }
-    // Bare LF line ends, as hyper accepts them.
+}
+
+/// hyper takes `gzip` + `chunked` (on one line or two) as plain chunked,
+/// silently ignoring the other coding; the guard accepts exactly one
+/// `chunked` and nothing else.
+#[test]
+fn stacked_transfer_codings_are_refused() {
+    for extra in [
+        "transfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n",
+        "Transfer-Encoding: gzip, CHUNKED\r\n",
+        "transfer-encoding: identity, chunked\r\n",
+        "transfer-encoding: identity\r\ntransfer-encoding: chunked\r\n",
+        "transfer-encoding: chunked, chunked\r\n",
+        "transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n",
+        "transfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n",
+        "transfer-encoding: , chunked\r\n",
+        "transfer-encoding: chunked,\r\n",
+        "transfer-encoding:\r\ntransfer-encoding: chunked\r\n",
+        "transfer-encoding: chunked;q=1\r\n",
+    ] {
+        let text = head(extra);
+        assert_eq!(
+            inspect(text.as_bytes(), 0, &creds()),
+            Head::Refused(Rejection::BadTransferEncoding),
+            "{text:?}"
+        );
+    }
+    for extra in [
+        "transfer-encoding: chunked\r\n",
+        "Transfer-Encoding: Chunked\r\n",
+        "TRANSFER-ENCODING:\tchunked \t\r\n",
+    ] {
+        let text = head(extra);
+        assert_eq!(
+            inspect(text.as_bytes(), 0, &creds()),
+            Head::Complete(text.len(), Framing::Chunked),
+            "{text:?}"
+        );
+    }
+}
+
+/// hyper (and httparse) take a bare LF as a line end; the guard wants
+/// CRLF on the request line, every header line and the blank line.
+#[test]
+fn bare_lf_line_ends_are_refused() {
+    let crlf = head("content-length: 2\r\n");
     assert_eq!(
-        inspect(b"GET / HTTP/1.1\nhost: gw\n\n", 0, &creds()),
-        Head::Complete(25, Framing::None)
+        inspect(crlf.as_bytes(), 0, &creds()),
+        Head::Complete(crlf.len(), Framing::Length(2))
     );
+    let cases = [
+        crlf.replace("\r\n", "\n"),
+        crlf.replacen("HTTP/1.1\r\n", "HTTP/1.1\n", 1),
+        crlf.replacen("host: gw\r\n", "host: gw\n", 1),
+        crlf.replacen("content-length: 2\r\n", "content-length: 2\n", 1),
+        format!("{}\n", crlf.strip_suffix("\r\n").unwrap()),
+        format!("\n{crlf}"),
+        "GET / HTTP/1.1\nhost: gw\n\n".to_string(),
+        "GET /healthz HTTP/1.0\nhost: gw\n\n".to_string(),
+    ];
+    for text in cases {
+        assert_eq!(
+            inspect(text.as_bytes(), 0, &creds()),
+            Head::Refused(Rejection::BareLf),
+            "{text:?}"
+        );
+    }
+    // Through the guard, after valid requests, whole or byte by byte: the
+    // valid ones pass, the bare-LF head becomes the stand-in.
+    let mut attack = pipeline();
+    attack.extend_from_slice(b"GET /v1/models HTTP/1.1\nhost: gw\n\n");
+    let mut want = pipeline();
+    want.extend_from_slice(&Rejection::BareLf.stand_in());
+    assert_eq!(
+        read_through(vec![attack.clone()], 8192),
+        (want.clone(), false)
+    );
+    let one_by_one = attack.iter().map(|b| vec![*b]).collect();
+    assert_eq!(read_through(one_by_one, 8192), (want, false));
 }
 
 #[test]
@@ -235,7 +305,7 @@ fn pipeline() -> Vec<u8> {
     bytes.extend_from_slice(head("transfer-encoding: chunked\r\n").as_bytes());
     bytes.extend_from_slice(CHUNKED);
     bytes.extend_from_slice(b"GET /v1/models HTTP/1.1\r\nhost: gw\r\n\r\n");
-    bytes.extend_from_slice(b"GET /healthz HTTP/1.0\nhost: gw\n\n");
+    bytes.extend_from_slice(b"GET /healthz HTTP/1.0\r\nhost: gw\r\n\r\n");
     bytes
 }
 
@@ -263,6 +333,20 @@ fn valid_streams_pass_unchanged_and_refused_heads_become_stand_ins() {
         (want.clone(), false)
     );
     assert_eq!(read_through(vec![attack], 5), (want, false));
+
+    // Stacked codings after the valid requests: the same.
+    let mut stacked = valid.clone();
+    stacked.extend_from_slice(
+        head("transfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n").as_bytes(),
+    );
+    stacked.extend_from_slice(b"0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n");
+    let mut want = valid.clone();
+    want.extend_from_slice(&Rejection::BadTransferEncoding.stand_in());
+    assert_eq!(
+        read_through(vec![stacked.clone()], 8192),
+        (want.clone(), false)
+    );
+    assert_eq!(read_through(vec![stacked], 3), (want, false));
 
     // HTTP/2 passes untouched, even where it looks like a bad HTTP/1 head.
     let mut h2 = H2_PREFACE.to_vec();
