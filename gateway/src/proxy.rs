@@ -338,6 +338,7 @@ impl Gateway {
             .and_then(|v| v.parse::<u64>().ok())
         {
             if len > table.max_request_body {
+                linger(req.into_body(), table.max_request_body);
                 return Err(ApiError::PayloadTooLarge {
                     limit_bytes: table.max_request_body,
                 });
@@ -853,12 +854,48 @@ async fn read_body(
         }
         Ok(buf.freeze())
     };
-    match tokio::time::timeout(table.body_read_timeout, read).await {
+    let result = match tokio::time::timeout(table.body_read_timeout, read).await {
         Ok(r) => r,
         Err(_) => Err(ApiError::BodyTimeout {
             secs: table.body_read_timeout.as_secs().max(1),
         }),
+    };
+    if matches!(result, Err(ApiError::PayloadTooLarge { .. })) {
+        linger(body, max_body);
     }
+    result
+}
+
+/// How long the rest of a refused body is read and dropped after the 413.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// At least this much of a refused body is read and dropped (more for
+/// large limits: four times the limit).
+const LINGER_MIN_BYTES: u64 = 16 << 20;
+
+/// Like nginx's lingering close: after refusing a body as too large, read
+/// and discard what the client still sends (for at most [`LINGER_TIME`]
+/// and four times the body limit, at least [`LINGER_MIN_BYTES`]) so that it finishes writing and reads the 413
+/// instead of a reset connection; then drop the connection.
+fn linger(mut body: Incoming, max_body: u64) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    let budget = max_body.saturating_mul(4).max(LINGER_MIN_BYTES);
+    tokio::spawn(async move {
+        let drain = async {
+            let mut seen = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(d) = frame.data_ref() {
+                    seen += d.len() as u64;
+                    if seen > budget {
+                        break;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    });
 }
 
 /// Start amounts from the route's `reserve` sources. A request that does

@@ -738,3 +738,71 @@ async fn trickled_bodies_meet_a_deadline_and_a_memory_budget() {
     let r = rig.chat(&key, "free-model", &[]).await;
     assert_eq!(r.status, 200);
 }
+
+/// Send a whole oversize request the way simple clients do (write it all,
+/// then read); the status read back, or None when the connection broke.
+async fn oversize_exchange(
+    addr: SocketAddr,
+    key: &str,
+    body_len: usize,
+    chunked: bool,
+) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    let framing = if chunked {
+        "transfer-encoding: chunked".to_owned()
+    } else {
+        format!("content-length: {body_len}")
+    };
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\n{framing}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.ok()?;
+    let mut body = br#"{"model":"free-model","messages":[],"pad":""#.to_vec();
+    body.resize(body_len, b'x');
+    for piece in body.chunks(16 << 10) {
+        if chunked {
+            s.write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                .await
+                .ok()?;
+            s.write_all(piece).await.ok()?;
+            s.write_all(b"\r\n").await.ok()?;
+        } else {
+            s.write_all(piece).await.ok()?;
+        }
+    }
+    if chunked {
+        s.write_all(b"0\r\n\r\n").await.ok()?;
+    }
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    raw_status(&buf[..n])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversize_bodies_are_answered_413_not_reset() {
+    let (rig, _mock, key) = edge_rig().await; // max_request_body 64 KiB
+    for chunked in [false, true] {
+        let clients: Vec<_> = (0..20)
+            .map(|_| {
+                let key = key.clone();
+                let addr = rig.addr;
+                tokio::spawn(async move { oversize_exchange(addr, &key, 256 << 10, chunked).await })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for c in clients {
+            statuses.push(c.await.unwrap());
+        }
+        let answered = statuses.iter().filter(|s| **s == Some(413)).count();
+        eprintln!(
+            "FIGURES 20 clients x 256 KiB to a 64 KiB limit ({}): {answered} read the 413, {} saw a broken connection",
+            if chunked { "chunked" } else { "content-length" },
+            20 - answered
+        );
+        assert_eq!(answered, 20, "{statuses:?}");
+    }
+}
