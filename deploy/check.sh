@@ -51,7 +51,7 @@ fi
 "$bin" --version
 
 log "the image's config and the k8s ConfigMap pass check-config"
-export PLANGATE_ADMIN_TOKEN=check PLANGATE_POSTGRES_URL=postgres://u:p@postgres:5432/plangate \
+export PLANGATE_ADMIN_TOKEN=check PLANGATE_METRICS_TOKEN=check-metrics PLANGATE_POSTGRES_URL=postgres://u:p@postgres:5432/plangate \
   PLANGATE_REDIS_URL=redis://garnet:6379 PLANGATE_UPSTREAM_URL=http://upstream:8000
 mkdir -p "$tmp/image"
 cp deploy/plangate.toml config/plans.yaml "$tmp/image/"

@@ -26,6 +26,7 @@ const MAX_ADMIN_BODY: usize = 4 * 1024 * 1024;
 /// The admin listener's handler.
 pub struct Admin {
     token: String,
+    metrics_token: Option<String>,
     core: Arc<Core>,
     /// The units plans may name (those of the routes in force).
     units: Arc<arc_swap::ArcSwap<KnownUnits>>,
@@ -85,23 +86,43 @@ struct NewBlock {
 impl Admin {
     /// `units`: the units plans may name, shared with the reload of routes.
     pub fn new(token: String, core: Arc<Core>, units: Arc<arc_swap::ArcSwap<KnownUnits>>) -> Self {
-        Self { token, core, units }
+        Self {
+            token,
+            metrics_token: None,
+            core,
+            units,
+        }
+    }
+
+    /// Also accept `token` for `GET /metrics` (and nothing else).
+    pub fn with_metrics_token(mut self, token: Option<String>) -> Self {
+        self.metrics_token = token;
+        self
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(presented) = req
-            .headers()
+        let presented = Self::presented(req);
+        let matches = |t: &str| {
+            !t.is_empty() && presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(t.as_bytes())))
+        };
+        if matches(&self.token) {
+            return true;
+        }
+        // The read-only token scrapes metrics and does nothing else.
+        req.method() == Method::GET
+            && req.uri().path() == "/metrics"
+            && self.metrics_token.as_deref().is_some_and(matches)
+    }
+
+    fn presented(req: &Request<Incoming>) -> Option<&str> {
+        req.headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| {
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
             })
-        else {
-            return false;
-        };
-        !self.token.is_empty()
-            && bool::from(presented.trim().as_bytes().ct_eq(self.token.as_bytes()))
+            .map(str::trim)
     }
 
     /// Handle one admin request.
@@ -127,6 +148,13 @@ impl Admin {
             .split('/')
             .map(percent_decode)
             .collect();
+        if segments.iter().any(|seg| seg.chars().any(char::is_control)) {
+            // No id contains a control character (Postgres cannot even
+            // store NUL): refused here instead of failing in the catalog.
+            return Err(ApiError::invalid_request(
+                "ids in the path must not contain control characters",
+            ));
+        }
         let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
         let catalog: &dyn Catalog = &*self.core.catalog;
         match (&method, segs.as_slice()) {

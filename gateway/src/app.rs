@@ -139,10 +139,12 @@ impl App {
             core: core.clone(),
         });
         let units = Arc::new(ArcSwap::from_pointee(config.known_units()));
-        let admin = config
-            .admin
-            .as_ref()
-            .map(|a| Arc::new(Admin::new(a.token.clone(), core.clone(), units.clone())));
+        let admin = config.admin.as_ref().map(|a| {
+            Arc::new(
+                Admin::new(a.token.clone(), core.clone(), units.clone())
+                    .with_metrics_token(a.metrics_token.clone()),
+            )
+        });
         Ok(App {
             config,
             core,
@@ -201,9 +203,13 @@ impl App {
                     .map_err(|e| fail(format!("binding admin {}: {e}", cfg.listen)))?;
                 let local = listener.local_addr().map_err(fail)?;
                 let admin = admin.clone();
+                let admin_tls = match &cfg.tls {
+                    Some(files) => Some(server::tls_acceptor(files).map_err(bad)?),
+                    None => None,
+                };
                 let task = server::serve_listener(
                     listener,
-                    None,
+                    admin_tls,
                     opts,
                     move |req, _peer| admin.clone().handle(req),
                     shutdown,

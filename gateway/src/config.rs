@@ -98,6 +98,10 @@ pub struct ServerConfig {
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token: String,
+    /// A read-only token: `GET /metrics` only.
+    pub metrics_token: Option<String>,
+    /// HTTPS for the admin listener.
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

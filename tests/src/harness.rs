@@ -105,6 +105,8 @@ pub struct Options {
     /// Overrides `postgres_url` (e.g. a dead port) for outage tests.
     pub postgres_url: Option<String>,
     pub extra_server: String,
+    /// Extra `[admin]` lines (e.g. `metrics_token = "..."`).
+    pub extra_admin: String,
     /// Replaces the mock as the upstream (e.g. an https server).
     pub upstream_url: Option<String>,
     /// Extra keys of the `[[upstreams]]` entry (e.g. `ca_file = "..."`).
@@ -124,6 +126,7 @@ impl Options {
             redis_url: None,
             postgres_url: None,
             extra_server: String::new(),
+            extra_admin: String::new(),
             upstream_url: None,
             upstream_extra: String::new(),
             mock: MockOptions::default(),
@@ -262,6 +265,7 @@ header_read_timeout = "2s"
 [admin]
 listen = "127.0.0.1:0"
 token = "{ADMIN_TOKEN}"
+{extra_admin}
 
 [storage]
 {storage}
@@ -297,6 +301,7 @@ endpoint = "dall-e-3"
 reserve.image = "body:n"
 "#,
             extra_server = opts.extra_server,
+            extra_admin = opts.extra_admin,
             on_store_error = opts.on_store_error,
             upstream = opts.upstream_url.clone().unwrap_or_else(|| mock.url()),
             upstream_extra = opts.upstream_extra,

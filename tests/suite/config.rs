@@ -184,7 +184,7 @@ fn config_errors_name_file_line_and_key() {
     let table: Vec<(&str, Vec<&str>)> = vec![
         (
             "unknown_key.toml",
-            vec!["unknown_key.toml:3:1: server.request_timout: unknown field `request_timout`, expected one of `listen`, `tls_cert`, `tls_key`, `max_request_body`, `request_timeout`, `header_read_timeout`"],
+            vec!["unknown_key.toml:3:1: server.request_timout: unknown field `request_timout`, expected one of `listen`, `tls_cert`, `tls_key`, `max_request_body`, `request_timeout`, `header_read_timeout`, `body_read_timeout`, `unadmitted_body_budget`, `unadmitted_body_per_account`"],
         ),
         (
             "bad_duration.toml",

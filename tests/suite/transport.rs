@@ -232,3 +232,81 @@ async fn https_in_with_h2_and_http1_and_https_upstream() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listener_over_tls_with_a_read_only_metrics_token() {
+    let dir = std::env::temp_dir().join(plangate_tests::harness::unique("admintls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (files, ca) = make_cert(&dir);
+    let mut opts = Options::new(Backend::Memory);
+    opts.extra_admin = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\nmetrics_token = \"scrape-only-0123456789\"",
+        files.cert.display(),
+        files.key.display()
+    );
+    let gw = TestGateway::start(opts).await;
+    let port = gw.admin_addr.port();
+    let client = client_trusting(&ca, false);
+    let call = |method: &str, path: &str, token: &str| {
+        Request::builder()
+            .method(method)
+            .uri(format!("https://localhost:{port}{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::from_static(b"{\"id\":\"acme-tls\"}")))
+            .unwrap()
+    };
+    let status = |r: Result<Response<hyper::body::Incoming>, _>| r.expect("https").status();
+    let admin = plangate_tests::harness::ADMIN_TOKEN;
+    // The admin token works over TLS, for reads and writes.
+    assert_eq!(
+        status(client.request(call("GET", "/metrics", admin)).await),
+        200
+    );
+    assert_eq!(
+        status(client.request(call("POST", "/admin/accounts", admin)).await),
+        201
+    );
+    // The metrics token scrapes and does nothing else.
+    let scrape = "scrape-only-0123456789";
+    assert_eq!(
+        status(client.request(call("GET", "/metrics", scrape)).await),
+        200
+    );
+    assert_eq!(
+        status(
+            client
+                .request(call("POST", "/admin/accounts", scrape))
+                .await
+        ),
+        401
+    );
+    assert_eq!(
+        status(
+            client
+                .request(call("GET", "/admin/accounts/acme-tls", scrape))
+                .await
+        ),
+        401
+    );
+    // A control character in an id is a bad request, not a store failure.
+    assert_eq!(
+        status(
+            client
+                .request(call("GET", "/admin/accounts/%00", admin))
+                .await
+        ),
+        400
+    );
+    // Plain HTTP to the admin port is not served.
+    let plain = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let r = plain
+        .request(
+            Request::get(format!("http://127.0.0.1:{port}/metrics"))
+                .header("authorization", format!("Bearer {admin}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert!(r.is_err() || r.unwrap().status() != 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}

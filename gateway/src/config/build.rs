@@ -251,30 +251,11 @@ impl Builder<'_> {
             "server.listen",
             defaults::LISTEN,
         );
-        let tls = match raw.map(|r| (r.tls_cert.as_ref(), r.tls_key.as_ref())) {
-            Some((Some(cert), Some(key))) => {
-                let cert = self.path(cert, "server.tls_cert");
-                let key = self.path(key, "server.tls_key");
-                cert.zip(key).map(|(cert, key)| TlsFiles { cert, key })
-            }
-            Some((Some(only), None)) => {
-                self.error_at(
-                    only.span(),
-                    "server.tls_cert",
-                    "`tls_cert` needs `tls_key` too (set both for HTTPS, or neither)",
-                );
-                None
-            }
-            Some((None, Some(only))) => {
-                self.error_at(
-                    only.span(),
-                    "server.tls_key",
-                    "`tls_key` needs `tls_cert` too (set both for HTTPS, or neither)",
-                );
-                None
-            }
-            _ => None,
-        };
+        let tls = self.tls_files(
+            raw.and_then(|r| r.tls_cert.as_ref()),
+            raw.and_then(|r| r.tls_key.as_ref()),
+            "server",
+        );
         let max_request_body = match raw.and_then(|r| r.max_request_body.as_ref()) {
             None => defaults::MAX_REQUEST_BODY,
             Some(v) => self
@@ -358,6 +339,39 @@ impl Builder<'_> {
         }
     }
 
+    /// `tls_cert` + `tls_key` of `section`: both or neither.
+    fn tls_files(
+        &mut self,
+        cert: Option<&Str>,
+        key: Option<&Str>,
+        section: &str,
+    ) -> Option<TlsFiles> {
+        match (cert, key) {
+            (Some(cert), Some(key)) => {
+                let cert = self.path(cert, &format!("{section}.tls_cert"));
+                let key = self.path(key, &format!("{section}.tls_key"));
+                cert.zip(key).map(|(cert, key)| TlsFiles { cert, key })
+            }
+            (Some(only), None) => {
+                self.error_at(
+                    only.span(),
+                    &format!("{section}.tls_cert"),
+                    "`tls_cert` needs `tls_key` too (set both for HTTPS, or neither)",
+                );
+                None
+            }
+            (None, Some(only)) => {
+                self.error_at(
+                    only.span(),
+                    &format!("{section}.tls_key"),
+                    "`tls_key` needs `tls_cert` too (set both for HTTPS, or neither)",
+                );
+                None
+            }
+            (None, None) => None,
+        }
+    }
+
     fn admin(
         &mut self,
         spanned: &toml::Spanned<RawAdmin>,
@@ -385,9 +399,25 @@ impl Builder<'_> {
                 None
             }
         };
+        let metrics_token = raw
+            .metrics_token
+            .as_ref()
+            .and_then(|t| self.nonempty(t, "admin.metrics_token"));
+        if let (Some(m), Some(t), Some(raw_m)) = (&metrics_token, &token, &raw.metrics_token) {
+            if m == t {
+                self.error_at(
+                    raw_m.span(),
+                    "admin.metrics_token",
+                    "must differ from `admin.token` (it is the read-only one)",
+                );
+            }
+        }
+        let tls = self.tls_files(raw.tls_cert.as_ref(), raw.tls_key.as_ref(), "admin");
         Some(AdminConfig {
             listen,
             token: token?,
+            metrics_token,
+            tls,
         })
     }
 

@@ -53,6 +53,9 @@ pub struct RawServer {
 pub struct RawAdmin {
     pub listen: Option<Str>,
     pub token: Option<Str>,
+    pub metrics_token: Option<Str>,
+    pub tls_cert: Option<Str>,
+    pub tls_key: Option<Str>,
 }
 
 /// `[storage]`

@@ -193,7 +193,9 @@ usage.image = "body:data.length"
         c.admin,
         Some(AdminConfig {
             listen: "127.0.0.1:9091".parse().unwrap(),
-            token: "s3cret".into()
+            token: "s3cret".into(),
+            metrics_token: None,
+            tls: None,
         })
     );
     assert_eq!(c.storage.on_store_error, OnStoreError::Closed);
@@ -243,7 +245,7 @@ fn errors_are_located() {
     let table: Vec<(String, Vec<String>)> = vec![
         (
             format!("{MINIMAL}[server]\nlisten = \"0.0.0.0:8080\"\nlsten = \"x\"\n"),
-            vec![format!("{f}:5:1: server.lsten: unknown field `lsten`, expected one of `listen`, `tls_cert`, `tls_key`, `max_request_body`, `request_timeout`, `header_read_timeout`")],
+            vec![format!("{f}:5:1: server.lsten: unknown field `lsten`, expected one of `listen`, `tls_cert`, `tls_key`, `max_request_body`, `request_timeout`, `header_read_timeout`, `body_read_timeout`, `unadmitted_body_budget`, `unadmitted_body_per_account`")],
         ),
         (
             format!("{MINIMAL}[[upstreams]]\nname = \"a\"\nurl = \"http://x\"\n[[upstreams]]\nname = \"b\"\nurl = \"http://y\"\nsecret = 1\n"),
