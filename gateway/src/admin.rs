@@ -172,10 +172,22 @@ impl Admin {
             }
             (&Method::PUT, ["admin", "plans"]) => {
                 let body = read_body(req).await?;
-                let text = std::str::from_utf8(&body)
-                    .map_err(|_| ApiError::invalid_request("plans must be UTF-8 YAML or JSON"))?;
-                let plans = parse_plans_for(text, "<request body>", &self.units.load())
-                    .map_err(|e| ApiError::invalid_request(e.to_string()))?;
+                // Parsing and checking a document of up to 4 MiB is work
+                // for a blocking thread, not for the workers that serve
+                // requests.
+                let units = self.units.load_full();
+                let parsed = tokio::task::spawn_blocking(move || {
+                    let text = std::str::from_utf8(&body).map_err(|_| {
+                        ApiError::invalid_request("plans must be UTF-8 YAML or JSON")
+                    })?;
+                    parse_plans_for(text, "<request body>", &units)
+                        .map_err(|e| ApiError::invalid_request(e.to_string()))
+                })
+                .await;
+                let plans = parsed.map_err(|e| {
+                    tracing::error!(error = %e, "parsing plans failed");
+                    ApiError::Internal
+                })??;
                 let report = catalog
                     .apply_plans(&plans, false)
                     .await

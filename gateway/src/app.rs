@@ -253,7 +253,7 @@ impl App {
     /// the routes in force). An invalid file leaves the plans in force, is
     /// logged with file:line and counted.
     pub async fn reload_plans(core: &Core, file: &Path, units: &KnownUnits) -> bool {
-        match load_plans_file_for(file, units) {
+        match load_plans_off_runtime(file, units).await {
             Ok(plans) => match core.catalog.apply_plans(&plans, false).await {
                 Ok(_) => {
                     core.cache.invalidate(&Invalidation::Plans);
@@ -337,6 +337,28 @@ async fn connect_postgres(url: &str, clock: SharedClock) -> Result<PostgresCatal
         }
         Err(e) => Err(bad(format!("[storage] postgres_url: {e}"))),
     }
+}
+
+/// [`load_plans_file_for`] on a blocking thread: reading and checking a
+/// plans file (up to 4 MiB) is no work for the workers serving requests.
+async fn load_plans_off_runtime(
+    file: &Path,
+    units: &KnownUnits,
+) -> Result<crate::plans::PlanSet, crate::config::ConfigErrors> {
+    let (path, known) = (file.to_path_buf(), units.clone());
+    tokio::task::spawn_blocking(move || load_plans_file_for(&path, &known))
+        .await
+        .unwrap_or_else(|e| {
+            Err(crate::config::ConfigErrors(vec![
+                crate::config::ConfigError {
+                    file: file.display().to_string(),
+                    line: None,
+                    column: None,
+                    key: String::new(),
+                    message: format!("reading the plans failed: {e}"),
+                },
+            ]))
+        })
 }
 
 /// Apply the plans file once the catalog answers (after a start without
@@ -497,7 +519,7 @@ async fn plans_fit_routes(
         tracing::warn!("catalog unavailable: new routes not checked against the plans in force");
         return Ok(());
     };
-    if let Ok(file) = load_plans_file_for(plans_file, known) {
+    if let Ok(file) = load_plans_off_runtime(plans_file, known).await {
         in_force.plans.retain(|id, _| !file.plans.contains_key(id));
     }
     check_plan_units(&in_force, known, "plans in force").map_err(RoutesError::Units)

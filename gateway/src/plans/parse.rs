@@ -9,7 +9,8 @@
 
 mod tree;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -71,7 +72,12 @@ fn parse(text: &str, origin: &str, known: Option<&KnownUnits>) -> Result<PlanSet
             return Err(checker.into_errors());
         }
         Err(e) => {
-            checker.error(e.pos, "", format!("YAML syntax error: {}", e.message));
+            let message = if e.limit {
+                e.message
+            } else {
+                format!("YAML syntax error: {}", e.message)
+            };
+            checker.error(e.pos, "", message);
             return Err(checker.into_errors());
         }
     };
@@ -92,15 +98,29 @@ pub fn load_plans_file_for(path: &Path, known: &KnownUnits) -> Result<PlanSet, C
 
 fn load(path: &Path, known: Option<&KnownUnits>) -> Result<PlanSet, ConfigErrors> {
     let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let fail = |message: String| {
         ConfigErrors(vec![ConfigError {
             file: origin.clone(),
             line: None,
             column: None,
             key: String::new(),
-            message: format!("cannot read: {e}"),
+            message,
         }])
-    })?;
+    };
+    // Read one byte past the bound at most: a larger file is refused
+    // without being read whole.
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(tree::MAX_TEXT_BYTES as u64 + 1)
+                .read_to_end(&mut bytes)
+        })
+        .map_err(|e| fail(format!("cannot read: {e}")))?;
+    if bytes.len() > tree::MAX_TEXT_BYTES {
+        return Err(fail(tree::too_long().message));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|_| fail("cannot read: stream did not contain valid UTF-8".into()))?;
     parse(&text, &origin, known)
 }
 
@@ -442,9 +462,10 @@ impl<'a> Checker<'a> {
             }
         };
         let mut out: Vec<(&'n str, &'n Node, &'n Node)> = Vec::with_capacity(entries.len());
-        for (key, value) in entries {
+        let mut seen: HashSet<&'n str> = HashSet::with_capacity(entries.len());
+        for (key, value) in entries.iter() {
             let name = match &key.value {
-                Value::Scalar { text, .. } => text.as_str(),
+                Value::Scalar { text, .. } => &**text,
                 // `~:` as a key is odd but is the text "~" to a reader.
                 Value::Null => "~",
                 _ => {
@@ -456,7 +477,7 @@ impl<'a> Checker<'a> {
                     continue;
                 }
             };
-            if out.iter().any(|(k, _, _)| *k == name) {
+            if !seen.insert(name) {
                 self.error(
                     key.pos,
                     &join(path, &segment(name)),
@@ -471,7 +492,7 @@ impl<'a> Checker<'a> {
 
     fn string(&mut self, node: &Node, path: &str) -> Option<String> {
         match &node.value {
-            Value::Scalar { text, .. } => Some(text.clone()),
+            Value::Scalar { text, .. } => Some(text.to_string()),
             _ => {
                 self.error(
                     node.pos,

@@ -615,3 +615,77 @@ proptest! {
         }
     }
 }
+
+/// An alias bomb is one located error naming the bound, not an
+/// out-of-memory kill or minutes of work.
+#[test]
+fn alias_bombs_are_refused_with_a_located_error() {
+    let mut doc = String::from("plans:\n  a0: &a0 [x, x]\n");
+    for i in 1..=30 {
+        let p = i - 1;
+        doc.push_str(&format!("  a{i}: &a{i} [*a{p}, *a{p}]\n"));
+    }
+    let errs = errors(&doc);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    // Line 19 is `  a17: &a17 [*a16, *a16]`: its second alias takes the
+    // count past 2^20 nodes.
+    assert_eq!(
+        errs[0],
+        "plans.yaml:19:20: the document expands to more than 1000000 nodes \
+         (aliases count as many nodes as they name)"
+    );
+}
+
+#[test]
+fn plans_over_the_size_bound_are_refused() {
+    let mut doc = String::from("plans:\n  p:\n    name: big\n    endpoints: {}\n#");
+    doc.push_str(&"x".repeat(4 * 1024 * 1024 + 1 - doc.len()));
+    assert!(parse_plans(&doc[..doc.len() - 1], "plans.yaml").is_ok());
+    let errs = errors(&doc);
+    assert_eq!(
+        errs,
+        ["plans.yaml: the document is longer than 4194304 bytes (4 MiB), the most allowed"]
+    );
+    let dir = std::env::temp_dir().join(format!("plangate-big-plans-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("plans.yaml");
+    std::fs::write(&path, &doc).unwrap();
+    let errs = load_plans_file(&path).unwrap_err();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        errs.to_string(),
+        format!(
+            "{}: the document is longer than 4194304 bytes (4 MiB), the most allowed",
+            path.display()
+        )
+    );
+}
+
+/// 225k anchors, each aliased once, in a list under an unknown key: the
+/// whole document is read and checked (one error, for the key) rather than
+/// stopped by the bound on nodes.
+#[test]
+fn many_anchors_are_read_and_checked() {
+    let mut doc = String::from("plans:\n  p:\n    endpoints: {}\njunk: [");
+    for i in 0..225_000 {
+        doc.push_str(&format!("&a{i:x} v,*a{i:x},"));
+    }
+    doc.push_str("end]\n");
+    assert!(doc.len() <= 4 << 20);
+    assert_eq!(
+        errors(&doc),
+        ["plans.yaml:4:1: junk: unknown key `junk` (expected one of `default_plan`, `plans`)"]
+    );
+}
+
+/// A mapping with many keys is checked for duplicates in linear time.
+#[test]
+fn many_keys_are_checked_for_duplicates() {
+    let mut doc = String::from("plans:\n");
+    for i in 0..100_000 {
+        doc.push_str(&format!("  p{i}: {{}}\n"));
+    }
+    doc.push_str("  p7: {}\n");
+    let errs = errors(&doc);
+    assert_eq!(errs, ["plans.yaml:100002:3: plans.p7: duplicate key `p7`"]);
+}
