@@ -871,12 +871,13 @@ const LINGER_TIME: Duration = Duration::from_secs(5);
 
 /// At least this much of a refused body is read and dropped (more for
 /// large limits: four times the limit).
-const LINGER_MIN_BYTES: u64 = 16 << 20;
+const LINGER_MIN_BYTES: u64 = 1 << 20;
 
 /// Like nginx's lingering close: after refusing a body as too large, read
 /// and discard what the client still sends (for at most [`LINGER_TIME`]
-/// and four times the body limit, at least [`LINGER_MIN_BYTES`]) so that it finishes writing and reads the 413
-/// instead of a reset connection; then drop the connection.
+/// and four times the body limit, at least [`LINGER_MIN_BYTES`]) so that
+/// it finishes writing and reads the 413 instead of a reset connection;
+/// then drop the connection. A client sending far more is still cut off.
 fn linger(mut body: Incoming, max_body: u64) {
     if tokio::runtime::Handle::try_current().is_err() {
         return;
