@@ -20,6 +20,7 @@ use std::time::SystemTime;
 
 use deadpool_postgres::Pool;
 use tokio::sync::oneshot;
+use tokio_postgres::error::SqlState;
 
 use super::{balance_of, fk_not_found, pool_err, PgErr, RETRIES};
 use crate::catalog::{
@@ -29,6 +30,14 @@ use crate::clock::SharedClock;
 
 /// Most deductions one batch transaction applies.
 pub const MAX_BATCH: usize = 256;
+
+/// Batch transactions one catalog runs at once. One: a batch holds its
+/// accounts' row locks through its commit (a durable WAL flush), so on a
+/// hot account a second batch in flight only waits, and splits what would
+/// have been one batch into two commits (measured with
+/// `examples/catalog_bench`: 2,550 against 3,000 deductions/s on one hot
+/// account with 32 workers).
+pub const MAX_IN_FLIGHT: usize = 1;
 
 /// What the deduction batcher has done (see [`super::PostgresCatalog::batch_stats`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -49,12 +58,13 @@ type Reply = oneshot::Sender<CatalogResult<DeductResult>>;
 #[derive(Default)]
 struct Queue {
     pending: Vec<(Deduction, Reply)>,
-    /// A batcher task is running (it takes `pending` until it is empty).
-    running: bool,
+    /// Batcher tasks running (each takes batches from `pending` until it
+    /// is empty), at most [`MAX_IN_FLIGHT`].
+    running: usize,
 }
 
-/// The group commit of deductions: a queue and at most one batcher task
-/// (one batch transaction in flight per catalog).
+/// The group commit of deductions: a queue and at most [`MAX_IN_FLIGHT`]
+/// batcher tasks (each with one batch transaction in flight).
 pub(super) struct Batcher {
     pool: Pool,
     clock: SharedClock,
@@ -95,7 +105,11 @@ impl Batcher {
         let start = {
             let mut q = self.queue.lock();
             q.pending.push((d, reply));
-            !std::mem::replace(&mut q.running, true)
+            let start = q.running < MAX_IN_FLIGHT;
+            if start {
+                q.running += 1;
+            }
+            start
         };
         if start {
             tokio::spawn(self.clone().run());
@@ -116,7 +130,7 @@ impl Batcher {
         impl Drop for Running<'_> {
             fn drop(&mut self) {
                 if self.1 {
-                    self.0.queue.lock().running = false;
+                    self.0.queue.lock().running -= 1;
                 }
             }
         }
@@ -125,7 +139,7 @@ impl Batcher {
             let batch: Vec<(Deduction, Reply)> = {
                 let mut q = self.queue.lock();
                 if q.pending.is_empty() {
-                    q.running = false;
+                    q.running -= 1;
                     guard.1 = false;
                     return;
                 }
@@ -222,11 +236,26 @@ struct Pending {
     account: String,
 }
 
-/// The batch transaction. Statements: BEGIN; the accounts, the locked
-/// blocks and the ledger rows of the batch's keys (pipelined, in that
-/// order, so the ledger is read after the locks are held); one statement
-/// writing the ledger rows and the blocks; COMMIT.
+/// The batch transaction, in two round trips: BEGIN with the reads (the
+/// batch's accounts, their live blocks locked FOR UPDATE, the ledger rows
+/// of its keys), pipelined and run by the server in that order, so the
+/// ledger is read once the locks are held; then the write (ledger rows and
+/// blocks in one statement) with COMMIT. Any failure rolls back.
 async fn batch_tx(
+    conn: &mut deadpool_postgres::Object,
+    clock: &SharedClock,
+    ds: &[Deduction],
+) -> Result<Vec<CatalogResult<DeductResult>>, PgErr> {
+    let r = batch_in_tx(conn, clock, ds).await;
+    if r.is_err() {
+        // Whatever state the session is in: outside a transaction this is
+        // only a warning. The connection goes back to the pool clean.
+        let _ = conn.batch_execute("ROLLBACK").await;
+    }
+    r
+}
+
+async fn batch_in_tx(
     conn: &mut deadpool_postgres::Object,
     clock: &SharedClock,
     ds: &[Deduction],
@@ -237,14 +266,13 @@ async fn batch_tx(
     accounts.dedup();
     let keys: Vec<&str> = ds.iter().map(|d| d.idempotency_key.as_str()).collect();
 
-    let tx = conn.transaction().await?;
-    let known = tx
+    let known = conn
         .prepare_cached("SELECT id FROM accounts WHERE id = ANY($1)")
         .await?;
     // Accounts in id order, each one's blocks in drain order: every
     // batch (and deduct_tx, and refund_tx, which lock one account's
     // blocks in drain order) takes the locks in one global order.
-    let lock = tx
+    let lock = conn
         .prepare_cached(
             "SELECT account_id, id, credits_remaining FROM quota_blocks
              WHERE account_id = ANY($1) AND credits_remaining > 0
@@ -253,21 +281,45 @@ async fn batch_tx(
              FOR UPDATE",
         )
         .await?;
-    let used = tx
+    let used = conn
         .prepare_cached(
             "SELECT idempotency_key, account_id, requested, deducted FROM credit_ledger
              WHERE idempotency_key = ANY($1)",
         )
         .await?;
+    let write = conn
+        .prepare_cached(
+            "WITH ins AS (
+                 INSERT INTO credit_ledger (idempotency_key, account_id, request_id, endpoint,
+                                            requested, deducted, draws, created_at)
+                 SELECT k, a, r, e, q, d, w, $8
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                             $5::int8[], $6::int8[], $7::jsonb[]) AS x(k, a, r, e, q, d, w)
+                 ON CONFLICT (idempotency_key) DO NOTHING
+                 RETURNING 1),
+             drained AS (
+                 UPDATE quota_blocks q SET credits_remaining = q.credits_remaining - x.take
+                 FROM unnest($9::text[], $10::int8[]) AS x(id, take)
+                 WHERE q.id = x.id
+                 RETURNING 1)
+             -- Every row written, or an error (division by zero), so that
+             -- the COMMIT sent behind this statement rolls back instead.
+             SELECT 1 / (CASE WHEN (SELECT count(*) FROM ins) = $11
+                               AND (SELECT count(*) FROM drained) = $12
+                              THEN 1 ELSE 0 END)",
+        )
+        .await?;
     let known_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&accounts];
     let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&accounts, &now];
     let used_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&keys];
-    // Sent together (tokio-postgres pipelines concurrent queries), run by
+    // Sent together (tokio-postgres pipelines concurrent requests), run by
     // the server in this order.
-    let (known, locked, used) = tokio::try_join!(
-        tx.query(&known, &known_params),
-        tx.query(&lock, &lock_params),
-        tx.query(&used, &used_params),
+    let client: &tokio_postgres::Client = conn;
+    let ((), known, locked, used) = tokio::try_join!(
+        client.batch_execute("BEGIN"),
+        client.query(&known, &known_params),
+        client.query(&lock, &lock_params),
+        client.query(&used, &used_params),
     )?;
 
     let known: HashSet<String> = known.iter().map(|r| r.get(0)).collect();
@@ -382,67 +434,54 @@ async fn batch_tx(
         }));
     }
 
-    if !rows.keys.is_empty() {
-        let (ids, takes): (Vec<&str>, Vec<i64>) = books
-            .values()
-            .flat_map(|b| b.blocks.iter())
-            .filter(|(_, _, taken)| *taken > 0)
-            .map(|(id, _, taken)| (id.as_str(), *taken))
-            .unzip();
-        let write = tx
-            .prepare_cached(
-                "WITH ins AS (
-                     INSERT INTO credit_ledger (idempotency_key, account_id, request_id, endpoint,
-                                                requested, deducted, draws, created_at)
-                     SELECT k, a, r, e, q, d, w, $8
-                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
-                                 $5::int8[], $6::int8[], $7::jsonb[]) AS x(k, a, r, e, q, d, w)
-                     ON CONFLICT (idempotency_key) DO NOTHING
-                     RETURNING 1),
-                 drained AS (
-                     UPDATE quota_blocks q SET credits_remaining = q.credits_remaining - x.take
-                     FROM unnest($9::text[], $10::int8[]) AS x(id, take)
-                     WHERE q.id = x.id
-                     RETURNING 1)
-                 SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM drained)",
-            )
-            .await?;
-        let row = tx
-            .query_one(
-                &write,
-                &[
-                    &rows.keys,
-                    &rows.accounts,
-                    &rows.request_ids,
-                    &rows.endpoints,
-                    &rows.requested,
-                    &rows.deducted,
-                    &rows.draws,
-                    &now,
-                    &ids,
-                    &takes,
-                ],
-            )
-            .await?;
-        let (inserted, drained): (i64, i64) = (row.get(0), row.get(1));
-        if inserted as usize != rows.keys.len() || drained as usize != ids.len() {
-            // A key was written meanwhile by a transaction that did not
-            // wait for these blocks (deduct_tx inserts its ledger row
-            // first): the decisions above are void. Dropping `tx` rolls
-            // back; one by one, such a key replays.
-            return Err(PgErr::Catalog(CatalogError::Conflict(
-                "an idempotency key of the batch was used concurrently".into(),
-            )));
-        }
-    }
     for p in need_balance {
-        let balance = balance_of(&tx, &p.account, now).await?.unwrap_or(0);
+        let balance = balance_of(&*conn, &p.account, now).await?.unwrap_or(0);
         if let Ok(r) = &mut out[p.index] {
             r.balance = balance;
         }
     }
-    tx.commit().await?;
-    Ok(out)
+    if rows.keys.is_empty() {
+        client.batch_execute("COMMIT").await?;
+        return Ok(out);
+    }
+    let (ids, takes): (Vec<&str>, Vec<i64>) = books
+        .values()
+        .flat_map(|b| b.blocks.iter())
+        .filter(|(_, _, taken)| *taken > 0)
+        .map(|(id, _, taken)| (id.as_str(), *taken))
+        .unzip();
+    let (n_rows, n_blocks) = (rows.keys.len() as i64, ids.len() as i64);
+    let write_params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+        &rows.keys,
+        &rows.accounts,
+        &rows.request_ids,
+        &rows.endpoints,
+        &rows.requested,
+        &rows.deducted,
+        &rows.draws,
+        &now,
+        &ids,
+        &takes,
+        &n_rows,
+        &n_blocks,
+    ];
+    let written = tokio::try_join!(
+        client.query_one(&write, &write_params),
+        client.batch_execute("COMMIT"),
+    );
+    match written {
+        Ok(_) => Ok(out),
+        Err(e) if e.code() == Some(&SqlState::DIVISION_BY_ZERO) => {
+            // A key was written meanwhile by a transaction that did not
+            // wait for these blocks (deduct_tx inserts its ledger row
+            // first): the decisions above are void and were rolled back.
+            // One by one, such a key replays.
+            Err(PgErr::Catalog(CatalogError::Conflict(
+                "an idempotency key of the batch was used concurrently".into(),
+            )))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The ledger rows a batch writes, as columns.
