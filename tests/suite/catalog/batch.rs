@@ -360,6 +360,25 @@ async fn postgres_batch_duplicate_key_deducts_once() {
     // Replays across batches too.
     let r = a.deduct(&deduction("dup", 7, "k")).await.unwrap();
     assert!(r.replayed && r.deducted == 7 && r.balance == 81);
+    // A key used by another account replays that deduction and its
+    // account's balance, as one transaction would (the ledger conflict
+    // comes before the account's blocks matter).
+    a.create_account("other", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    a.create_quota_block("other", 5, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let r = a
+        .deduct_batch(&[deduction("other", 1, "old"), deduction("other", 1, "o1")])
+        .await;
+    assert_eq!(result(&r[0]), (10, 10, 0, 81, true));
+    assert_eq!(result(&r[1]), (1, 1, 0, 4, false));
+    let u = a
+        .deduct_unbatched(&deduction("other", 1, "old"))
+        .await
+        .unwrap();
+    assert_eq!((u.deducted, u.balance, u.replayed), (10, 81, true));
 }
 
 /// An unknown account in a batch fails alone (NotFound) and the others
