@@ -42,7 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     migrate(url).await?;
     let clock = Arc::new(SystemClock);
-    let pg: Arc<dyn Catalog> = Arc::new(
+    let pg_cat = Arc::new(
         PostgresCatalog::connect_with(
             url,
             clock.clone(),
@@ -53,6 +53,7 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         )
         .await?,
     );
+    let pg: Arc<dyn Catalog> = pg_cat.clone();
     let mem: Arc<dyn Catalog> = Arc::new(MemoryCatalog::new(clock.clone()));
     println!("{WORKERS} concurrent workers, {RUN:?} per run, deductions of 1 credit\n");
     for (label, cat) in [("postgres", &pg), ("in-process", &mem)] {
@@ -60,6 +61,15 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         let spread = deductions(cat, 100, label).await?;
         println!("{label:>10}: 1 hot account: {hot:>8.0} deductions/s; 100 accounts: {spread:>8.0} deductions/s");
     }
+    let s = pg_cat.batch_stats();
+    println!(
+        "  postgres batches: {} for {} deductions (mean {:.1}, largest {}), {} fell back",
+        s.batches,
+        s.deductions,
+        s.deductions as f64 / s.batches.max(1) as f64,
+        s.largest,
+        s.fallbacks
+    );
     println!();
     for (label, cat) in [("postgres", &pg), ("in-process", &mem)] {
         lookups(cat, label).await?;

@@ -200,6 +200,15 @@ plans:
           - { window: 60s, limit: $BIG, unit_type: request }
           - { window: 86_400s, limit: $BIG, unit_type: request }
           - { window: 60s, limit: $BIG, unit_type: token }
+      "gpt-bench-credits":          # gpt-bench + credits: a deduction at
+        fixed_windows:              # admission and a per-unit charge at the end
+          - { window: 60s, limit: $BIG, unit_type: request }
+          - { window: 86_400s, limit: $BIG, unit_type: request }
+          - { window: 60s, limit: $BIG, unit_type: token }
+        credits:
+          min_balance: 1
+          per_request: 1
+          per_unit: { token: { credits: 1, per: 1000 } }
       "gpt-bench-1w":
         fixed_windows:
           - { window: 60s, limit: $BIG, unit_type: request }
@@ -273,6 +282,9 @@ psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/
 "$PLANGATE" plans apply "$OUT/plans.yaml" --postgres-url "$PG_URL" >/dev/null
 "$PLANGATE" accounts create bench-one --postgres-url "$PG_URL" >/dev/null
 "$PLANGATE" keys create bench-one --json --postgres-url "$PG_URL" | jq -r .key >"$OUT/key-pg.txt"
+# Credits for redis-credits (gpt-bench-credits on the same one hot account
+# and key): far more than any run spends (2 credits a request).
+"$PLANGATE" credits grant bench-one 1000000000000 --postgres-url "$PG_URL" >/dev/null
 
 plangate_conf mem "$P_MEM" 18113 ""
 plangate_conf redis "$P_REDIS" 18114 "postgres_url = \"$PG_URL\"
@@ -316,10 +328,10 @@ EOF
 fi
 
 # Sanity: each target answers 200 with usage before anything is measured.
-check() { # url key
+check() { # url key [model]
   local code
   code=$(curl -s -o "$OUT/check.out" -w '%{http_code}' -H "authorization: Bearer $2" \
-    -H 'content-type: application/json' -d '{"model":"gpt-bench","messages":[]}' "$1")
+    -H 'content-type: application/json' -d '{"model":"'"${3:-gpt-bench}"'","messages":[]}' "$1")
   if [ "$code" != 200 ] || ! grep -q total_tokens "$OUT/check.out"; then
     echo "sanity check of $1 failed: HTTP $code: $(head -c 300 "$OUT/check.out")" >&2; exit 1
   fi
@@ -328,6 +340,7 @@ check "http://127.0.0.1:$P_UP/v1/chat/completions" x
 check "http://127.0.0.1:$P_NGINX/v1/chat/completions" x
 check "http://127.0.0.1:$P_MEM/v1/chat/completions" "$(cat "$OUT/key-mem.txt")"
 check "http://127.0.0.1:$P_REDIS/v1/chat/completions" "$(cat "$OUT/key-pg.txt")"
+check "http://127.0.0.1:$P_REDIS/v1/chat/completions" "$(cat "$OUT/key-pg.txt")" gpt-bench-credits
 curl -s -D - -o /dev/null -H "authorization: Bearer $(cat "$OUT/key-pg.txt")" \
   -H 'content-type: application/json' -d '{"model":"gpt-bench","messages":[]}' \
   "http://127.0.0.1:$P_REDIS/v1/chat/completions" >"$OUT/headers-redis.txt"
@@ -339,6 +352,9 @@ TARGETS=(
   "nginx|$P_NGINX|nginx-proxy|KEY=x"
   "plangate-mem|$P_MEM|mem|KEY=$(cat "$OUT/key-mem.txt")"
   "plangate-redis|$P_REDIS|redis|KEY=$(cat "$OUT/key-pg.txt")"
+  # plangate-redis' plan with credits: every request deducts at admission
+  # and charges per unit at the end, all on one hot account (one key).
+  "redis-credits|$P_REDIS|redis|KEY=$(cat "$OUT/key-pg.txt") MODEL=gpt-bench-credits"
 )
 [ -n "${GW_PID[floor]:-}" ] && TARGETS+=("hyper-floor|$P_FLOOR|floor|KEY=x")
 if [ "$SCALING" = 1 ]; then

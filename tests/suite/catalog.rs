@@ -13,6 +13,8 @@ use plangate::catalog::{hash_key, Catalog, CatalogError, Deduction, Invalidation
 use plangate::clock::{Clock, ManualClock, SharedClock, SystemClock};
 use plangate::plans::{CreditCost, PerUnit, Plan, PlanSet, Policy, Unit, Window};
 
+mod batch;
+
 const T0: u64 = 1_700_000_000_000;
 
 struct Fixture {

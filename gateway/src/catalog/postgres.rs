@@ -24,6 +24,10 @@ use crate::clock::SharedClock;
 use crate::plans::parse::{plan_from_json, plan_to_json};
 use crate::plans::{Plan, PlanSet};
 
+mod deduct;
+
+pub use deduct::{BatchStats, MAX_BATCH};
+
 /// The NOTIFY channel every instance listens on.
 pub const CHANNEL: &str = "plangate_catalog";
 
@@ -295,6 +299,8 @@ pub struct PostgresCatalog {
     listener: Option<tokio::task::AbortHandle>,
     /// See [`Catalog::invalidations_confirmed_ms`]; 0: never confirmed.
     confirmed_ms: Arc<AtomicU64>,
+    /// The group commit of [`Catalog::deduct`].
+    batcher: Arc<deduct::Batcher>,
 }
 
 impl std::fmt::Debug for PostgresCatalog {
@@ -344,12 +350,14 @@ impl PostgresCatalog {
             .build()
             .map_err(|e| CatalogError::Invalid(format!("Postgres pool: {e}")))?;
         let (events, _) = broadcast::channel(1024);
+        let batcher = Arc::new(deduct::Batcher::new(pool.clone(), clock.clone()));
         let mut catalog = Self {
             pool,
             clock,
             events,
             listener: None,
             confirmed_ms: Arc::new(AtomicU64::new(0)),
+            batcher,
         };
         if !opts.lazy {
             catalog.ping().await?;
@@ -387,6 +395,46 @@ impl PostgresCatalog {
         &self.pool
     }
 
+    /// What the deduction batcher has done so far.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.batcher.stats()
+    }
+
+    /// Apply `ds` as one batch, exactly as the batcher applies the
+    /// deductions it finds pending (for tests and tools: `deduct` batches
+    /// whatever is concurrent). One result per deduction, in order.
+    pub async fn deduct_batch(&self, ds: &[Deduction]) -> Vec<CatalogResult<DeductResult>> {
+        let mut out: Vec<Option<CatalogResult<DeductResult>>> = Vec::with_capacity(ds.len());
+        let mut valid = Vec::with_capacity(ds.len());
+        for d in ds {
+            match check_credits(d.amount).and_then(|_| check_credits(d.min_balance)) {
+                Ok(_) => {
+                    out.push(None);
+                    valid.push(d.clone());
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        let mut applied = if valid.is_empty() {
+            Vec::new()
+        } else {
+            self.batcher.apply(&valid).await
+        }
+        .into_iter();
+        out.into_iter()
+            .map(|r| {
+                r.or_else(|| applied.next())
+                    .expect("one result per deduction")
+            })
+            .collect()
+    }
+
+    /// One deduction in a transaction of its own, without the batcher (the
+    /// path a failed batch falls back to; for comparisons).
+    pub async fn deduct_unbatched(&self, d: &Deduction) -> CatalogResult<DeductResult> {
+        deduct::deduct_one(&self.pool, &self.clock, d).await
+    }
+
     fn now(&self) -> SystemTime {
         ms_to_time(self.clock.now_ms())
     }
@@ -400,133 +448,6 @@ impl PostgresCatalog {
     /// [`notify_sql`].
     fn notify_local(&self, inv: Invalidation) {
         let _ = self.events.send(inv);
-    }
-
-    async fn deduct_tx(&self, d: &Deduction) -> Result<DeductResult, PgErr> {
-        let now = self.now();
-        let amount = check_credits(d.amount)?;
-        let min_balance = check_credits(d.min_balance)?;
-        let mut conn = self.conn().await?;
-        let tx = conn.transaction().await?;
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO credit_ledger
-                     (idempotency_key, account_id, request_id, endpoint, requested, deducted, created_at)
-                 VALUES ($1, $2, $3, $4, $5, 0, $6)
-                 ON CONFLICT (idempotency_key) DO NOTHING
-                 RETURNING seq",
-            )
-            .await?;
-        // A concurrent insert of the same key waits here for the other
-        // transaction: if it commits, this one sees the conflict and replays.
-        let inserted = tx
-            .query(
-                &insert,
-                &[
-                    &d.idempotency_key,
-                    &d.account_id,
-                    &d.request_id,
-                    &d.endpoint,
-                    &amount,
-                    &now,
-                ],
-            )
-            .await
-            .map_err(|e| fk_not_found(e, "account", &d.account_id))?;
-        let Some(seq) = inserted.first().map(|r| r.get::<_, i64>(0)) else {
-            tx.rollback().await?;
-            return self.replay(&conn, &d.idempotency_key, now).await;
-        };
-        let select = tx
-            .prepare_cached(
-                "SELECT id, credits_remaining FROM quota_blocks
-                 WHERE account_id = $1 AND credits_remaining > 0
-                   AND (expires_at IS NULL OR expires_at > $2)
-                 ORDER BY expires_at ASC NULLS LAST, seq
-                 FOR UPDATE",
-            )
-            .await?;
-        let blocks = tx.query(&select, &[&d.account_id, &now]).await?;
-        let blocks: Vec<(String, i64)> = blocks.iter().map(|r| (r.get(0), r.get(1))).collect();
-        let available: i64 = blocks.iter().map(|(_, c)| *c).sum();
-        if available < min_balance || (d.require_full && available < amount) {
-            // Refused: the rollback also frees the idempotency key.
-            tx.rollback().await?;
-            return Ok(DeductResult {
-                requested: d.amount,
-                deducted: 0,
-                shortfall: d.amount,
-                balance: available as u64,
-                replayed: false,
-            });
-        }
-        let mut left = amount;
-        let mut ids = Vec::new();
-        let mut takes = Vec::new();
-        let mut draws = Vec::new();
-        for (id, remaining) in blocks {
-            if left == 0 {
-                break;
-            }
-            let take = left.min(remaining);
-            left -= take;
-            ids.push(id.clone());
-            takes.push(take);
-            draws.push(Draw {
-                block_id: id,
-                credits: take as u64,
-            });
-        }
-        let deducted = amount - left;
-        let draws_json = serde_json::to_value(&draws)
-            .map_err(|e| CatalogError::Unavailable(format!("encoding draws: {e}")))?;
-        // One statement for both writes: the row locks are held for as few
-        // round trips as possible. A data-modifying CTE always runs.
-        let record = tx
-            .prepare_cached(
-                "WITH drained AS (
-                     UPDATE quota_blocks q SET credits_remaining = q.credits_remaining - x.take
-                     FROM unnest($1::text[], $2::int8[]) AS x(id, take)
-                     WHERE q.id = x.id
-                     RETURNING 1)
-                 UPDATE credit_ledger SET deducted = $4, draws = $5 WHERE seq = $3",
-            )
-            .await?;
-        tx.execute(&record, &[&ids, &takes, &seq, &deducted, &draws_json])
-            .await?;
-        tx.commit().await?;
-        Ok(DeductResult {
-            requested: d.amount,
-            deducted: deducted as u64,
-            shortfall: left as u64,
-            balance: (available - deducted) as u64,
-            replayed: false,
-        })
-    }
-
-    async fn replay(
-        &self,
-        conn: &deadpool_postgres::Object,
-        key: &str,
-        now: SystemTime,
-    ) -> Result<DeductResult, PgErr> {
-        let row = conn
-            .query_one(
-                "SELECT account_id, requested, deducted FROM credit_ledger WHERE idempotency_key = $1",
-                &[&key],
-            )
-            .await?;
-        let account: String = row.get(0);
-        let requested: i64 = row.get(1);
-        let deducted: i64 = row.get(2);
-        let balance = balance_of(conn, &account, now).await?.unwrap_or(0);
-        Ok(DeductResult {
-            requested: requested as u64,
-            deducted: deducted as u64,
-            shortfall: (requested - deducted) as u64,
-            balance,
-            replayed: true,
-        })
     }
 
     async fn refund_tx(&self, key: &str) -> Result<u64, PgErr> {
@@ -1220,7 +1141,7 @@ impl Catalog for PostgresCatalog {
     }
 
     async fn deduct(&self, d: &Deduction) -> CatalogResult<DeductResult> {
-        retrying!(self.deduct_tx(d))
+        self.batcher.submit(d.clone()).await
     }
 
     async fn refund(&self, idempotency_key: &str) -> CatalogResult<u64> {
