@@ -94,24 +94,25 @@ pub struct BodyBudget {
 }
 
 /// Bytes held against a [`BodyBudget`]; given back when dropped.
-struct BodyHold {
-    budget: Arc<BodyBudget>,
-    account: String,
+struct BodyHold<'a> {
+    budget: &'a BodyBudget,
+    account: &'a str,
     bytes: u64,
 }
 
-impl BodyHold {
-    fn new(budget: &Arc<BodyBudget>, account: &str) -> Self {
+impl<'a> BodyHold<'a> {
+    /// Costs nothing until bytes are held.
+    fn new(budget: &'a BodyBudget, account: &'a str) -> Self {
         Self {
-            budget: budget.clone(),
-            account: account.to_owned(),
+            budget,
+            account,
             bytes: 0,
         }
     }
 
     /// Hold `n` more bytes, if both limits allow it.
     fn grow(&mut self, n: u64, table: &RouteTable) -> Result<(), ApiError> {
-        let b = &self.budget;
+        let b = self.budget;
         let total = b.total.fetch_add(n, Ordering::AcqRel) + n;
         if total > table.unadmitted_body_budget {
             b.total.fetch_sub(n, Ordering::AcqRel);
@@ -120,32 +121,37 @@ impl BodyHold {
             });
         }
         let mut map = b.per_account.lock();
-        let held = map.entry(self.account.clone()).or_insert(0);
-        if *held + n > table.unadmitted_body_per_account {
+        let held = map.get(self.account).copied().unwrap_or(0);
+        if held + n > table.unadmitted_body_per_account {
             drop(map);
             b.total.fetch_sub(n, Ordering::AcqRel);
             return Err(ApiError::BodiesPending {
                 whole_gateway: false,
             });
         }
-        *held += n;
+        match map.get_mut(self.account) {
+            Some(h) => *h += n,
+            None => {
+                map.insert(self.account.to_owned(), n);
+            }
+        }
         self.bytes += n;
         Ok(())
     }
 }
 
-impl Drop for BodyHold {
+impl Drop for BodyHold<'_> {
     fn drop(&mut self) {
         if self.bytes == 0 {
             return;
         }
-        let b = &self.budget;
+        let b = self.budget;
         b.total.fetch_sub(self.bytes, Ordering::AcqRel);
         let mut map = b.per_account.lock();
-        if let Some(held) = map.get_mut(&self.account) {
+        if let Some(held) = map.get_mut(self.account) {
             *held = held.saturating_sub(self.bytes);
             if *held == 0 {
-                map.remove(&self.account);
+                map.remove(self.account);
             }
         }
     }
@@ -766,7 +772,7 @@ async fn read_admission(
     headers: &HeaderMap,
     body: Incoming,
     table: &RouteTable,
-    hold: &mut BodyHold,
+    hold: &mut BodyHold<'_>,
 ) -> Result<Admission, ApiError> {
     let max_body = table.max_request_body;
     let bad = |e: usage::request::BadRequest| ApiError::invalid_request(e.0);
@@ -833,7 +839,7 @@ async fn read_admission(
 async fn read_body(
     mut body: Incoming,
     table: &RouteTable,
-    hold: &mut BodyHold,
+    hold: &mut BodyHold<'_>,
 ) -> Result<Bytes, ApiError> {
     let max_body = table.max_request_body;
     let read = async {
