@@ -191,6 +191,22 @@ fn mock_delivered(gw: &TestGateway, completion: u64) -> u64 {
     forwarded.body.len().div_ceil(4) as u64 + completion
 }
 
+/// The one-slot stream's every token was counted and charged: the mock's
+/// prompt plus `completion`.
+async fn counted_and_charged_in_full(
+    gw: &TestGateway,
+    case: &str,
+    account: &str,
+    key: &str,
+    completion: u64,
+) {
+    let delivered = mock_delivered(gw, completion);
+    let (counted, charged) =
+        figures(gw, case, account, key, ("one-slot", "token"), 1, delivered).await;
+    assert_eq!(counted, delivered);
+    assert_eq!(charged, delivered);
+}
+
 /// A 3,000-chunk stream on the one-slot endpoint, its head read.
 async fn one_slot_stream(gw: &TestGateway, key: &str) -> plangate_tests::harness::Streaming {
     let body = json!({
@@ -621,19 +637,8 @@ async fn a_stream_its_client_stops_reading_keeps_its_slot_and_is_counted() {
         let (rest, clean) = s.read_all().await;
         assert!(clean);
         assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
-        let delivered = mock_delivered(&gw, 3000);
-        let (counted, charged) = figures(
-            &gw,
-            "stream not read for 3 leases",
-            &account_id,
-            &key,
-            ("one-slot", "token"),
-            1,
-            delivered,
-        )
-        .await;
-        assert_eq!(counted, delivered);
-        assert_eq!(charged, delivered);
+        counted_and_charged_in_full(&gw, "stream not read for 3 leases", &account_id, &key, 3000)
+            .await;
     }
 }
 
@@ -649,18 +654,7 @@ async fn a_request_whose_lease_ran_out_is_still_counted_when_it_ends() {
         gw.core.limiter.renew_due().await;
         let (_, clean) = s.read_all().await;
         assert!(clean);
-        let delivered = mock_delivered(&gw, 3000);
-        let (counted, charged) = figures(
-            &gw,
-            "stream whose lease ran out",
-            &account_id,
-            &key,
-            ("one-slot", "token"),
-            1,
-            delivered,
-        )
-        .await;
-        assert_eq!(counted, delivered);
-        assert_eq!(charged, delivered);
+        counted_and_charged_in_full(&gw, "stream whose lease ran out", &account_id, &key, 3000)
+            .await;
     }
 }

@@ -742,13 +742,19 @@ fn content_tokens_count_generated_text_only() {
 }
 
 fn sse_meter(path: &str) -> ResponseMeter {
+    sse_meter_with(path, true)
+}
+
+/// A meter of `usage.<path>` tokens over an event stream; `injected`: the
+/// gateway asked for the usage chunk.
+fn sse_meter_with(path: &str, injected: bool) -> ResponseMeter {
     let usage = vec![(Unit::new("token"), vec![ValueSource::Body(p(path))])];
     let mut h = HeaderMap::new();
     h.insert(
         "content-type",
         HeaderValue::from_static("text/event-stream"),
     );
-    ResponseMeter::new(&usage, &h, true)
+    ResponseMeter::new(&usage, &h, injected)
 }
 
 #[test]
@@ -859,16 +865,7 @@ fn visible(sse: &[u8]) -> (String, Vec<String>) {
 }
 
 fn meter_stream(sse: &[u8], injected: bool, piece: usize) -> (Vec<u8>, Vec<(Unit, u64)>) {
-    let usage = vec![(
-        Unit::new("token"),
-        vec![ValueSource::Body(p("usage.total_tokens"))],
-    )];
-    let mut h = HeaderMap::new();
-    h.insert(
-        "content-type",
-        HeaderValue::from_static("text/event-stream"),
-    );
-    let mut m = ResponseMeter::new(&usage, &h, injected);
+    let mut m = sse_meter_with("usage.total_tokens", injected);
     let mut out = Vec::new();
     for c in sse.chunks(piece) {
         out.extend_from_slice(&m.feed(&Bytes::copy_from_slice(c)));
@@ -928,16 +925,7 @@ fn a_stream_without_usage_is_estimated() {
     let (out, units) = meter_stream(&sse, true, 16);
     assert_eq!(out, sse);
     assert!(units.is_empty());
-    let usage = vec![(
-        Unit::new("token"),
-        vec![ValueSource::Body(p("usage.total_tokens"))],
-    )];
-    let mut h = HeaderMap::new();
-    h.insert(
-        "content-type",
-        HeaderValue::from_static("text/event-stream"),
-    );
-    let mut m = ResponseMeter::new(&usage, &h, true);
+    let mut m = sse_meter("usage.total_tokens");
     m.feed(&Bytes::from(sse));
     // "Hello", " there", ",", " friend", "!": 2 + 2 + 1 + 2 + 1.
     assert_eq!(
