@@ -801,19 +801,10 @@ async fn read_admission(
     let facts = usage::request::read_request(&bytes, headers, &route.reserve).map_err(bad)?;
     let endpoint = match &route.endpoint {
         EndpointSource::Literal(e) => e.clone(),
-        EndpointSource::Model => match facts.model.as_deref() {
-            Some(m) if !m.is_empty() => m.to_owned(),
-            _ if facts.json => {
-                return Err(ApiError::invalid_request(
-                    usage::ModelError::NoModel.to_string(),
-                ))
-            }
-            _ => {
-                return Err(ApiError::invalid_request(
-                    usage::ModelError::NotJson.to_string(),
-                ))
-            }
-        },
+        EndpointSource::Model => facts
+            .routing_model()
+            .map_err(|e| ApiError::invalid_request(e.to_string()))?
+            .to_owned(),
     };
     let body_bytes = bytes.len() as u64;
     let mut injected_usage = false;

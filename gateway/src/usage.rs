@@ -1,5 +1,7 @@
-//! Units measured from a response: headers, JSON body, SSE stream; and the
-//! request-side reads (`model`, reservations, `stream_options`).
+//! Units measured from a response: headers, JSON body, SSE stream. The
+//! request side (`model`, reservations, `stream_options`) is read in one
+//! strict pass by [`request::read_request`]; [`request_model`] and
+//! [`ensure_include_usage`] are thin library faces over it.
 //!
 //! Everything here is pure and bounded. JSON is never parsed into a tree to
 //! find one number: a path lookup walks the document with serde and skips
@@ -9,7 +11,8 @@
 //! `usage` sources and the response headers, pass every body chunk through
 //! [`ResponseMeter::feed`] (which returns the bytes to forward), call
 //! [`ResponseMeter::finish`] at the end (or not, when the stream was cut
-//! short) and read [`ResponseMeter::units`].
+//! short) and settle with [`ResponseMeter::settle_units`] (reported
+//! usage, else the stream estimate or the reservation).
 //!
 //! A JSON response body is never kept whole: [`JsonScanner`]
 //! (`usage/json_scan.rs`) follows it chunk by chunk, captures only the
@@ -244,61 +247,6 @@ impl<'de> Visitor<'de> for AmountLeaf {
     }
 }
 
-/// Leaf: a string (anything else is "no string").
-#[derive(Clone, Copy)]
-struct StringLeaf;
-
-impl<'de> DeserializeSeed<'de> for StringLeaf {
-    type Value = Option<String>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for StringLeaf {
-    type Value = Option<String>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a string")
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<String>, E> {
-        Ok(Some(v.to_owned()))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(None)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<String>, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(None)
-    }
-}
-
-/// Leaf: the whole value as a tree (for small subtrees only).
-#[derive(Clone, Copy)]
-struct ValueLeaf;
-
-impl<'de> DeserializeSeed<'de> for ValueLeaf {
-    type Value = Option<serde_json::Value>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        serde::Deserialize::deserialize(d).map(Some)
-    }
-}
-
 fn lookup<'de, T, L>(
     json: &'de [u8],
     path: &[String],
@@ -319,11 +267,6 @@ where
 /// numeric strings count).
 pub fn json_number_at(json: &[u8], path: &[String]) -> Option<u64> {
     lookup(json, path, AmountLeaf).ok().flatten()
-}
-
-/// The subtree at dotted `path`, as a `serde_json::Value`.
-pub fn json_value_at(json: &[u8], path: &[String]) -> Option<serde_json::Value> {
-    lookup(json, path, ValueLeaf).ok().flatten()
 }
 
 /// Split `"usage.total_tokens"` into path segments.
@@ -359,23 +302,15 @@ impl fmt::Display for ModelError {
 impl std::error::Error for ModelError {}
 
 /// The top-level `model` string of a JSON request body (for `{model}`
-/// routing). The caller bounds the body (`max_request_body`).
+/// routing), read as the gateway reads every request
+/// ([`request::read_request`]): a body whose interpreted fields are
+/// mistyped or repeated names no model. The caller bounds the body
+/// (`max_request_body`).
 pub fn request_model(body: &[u8]) -> Result<String, ModelError> {
-    let path = [String::from("model")];
-    match lookup(body, &path, StringLeaf) {
-        Ok(Some(m)) if !m.is_empty() => Ok(m),
-        Ok(_) => Err(ModelError::NoModel),
-        Err(e) if e.is_data() => Err(ModelError::NoModel),
-        Err(_) => Err(ModelError::NotJson),
-    }
-}
-
-/// Read a reservation or measurement from request or response parts: a
-/// header, or a dotted path in a JSON body (`None` when there is no body).
-pub fn read_source(source: &ValueSource, headers: &HeaderMap, body: Option<&[u8]>) -> Option<u64> {
-    match source {
-        ValueSource::Header(name) => header_amount(headers, name),
-        ValueSource::Body(path) => body.and_then(|b| json_number_at(b, path)),
+    match request::read_request(body, &HeaderMap::new(), &[]) {
+        Ok(facts) => facts.routing_model().map(str::to_owned),
+        Err(request::BadRequest(m)) if m == request::NOT_JSON => Err(ModelError::NotJson),
+        Err(_) => Err(ModelError::NoModel),
     }
 }
 
@@ -410,19 +345,6 @@ pub fn ensure_include_usage(body: &Bytes) -> IncludeUsage {
             IncludeUsage::Added(Bytes::from(b))
         })
     }
-}
-
-/// Whether an SSE event's data is OpenAI's extra usage chunk: an object
-/// whose `choices` is an empty array and whose `usage` is an object.
-pub fn is_usage_only_chunk(data: &[u8]) -> bool {
-    if !contains(data, b"\"usage\"") || !contains(data, b"\"choices\"") {
-        return false;
-    }
-    let Ok(serde_json::Value::Object(o)) = serde_json::from_slice::<serde_json::Value>(data) else {
-        return false;
-    };
-    matches!(o.get("choices"), Some(serde_json::Value::Array(a)) if a.is_empty())
-        && matches!(o.get("usage"), Some(serde_json::Value::Object(_)))
 }
 
 /// What the gateway does with an event of a stream whose usage it asked
@@ -532,12 +454,6 @@ fn replace_event_data(raw: &[u8], data: &[u8]) -> Vec<u8> {
         i += line_len + term_len;
     }
     out
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    // memchr's vectorized search: JSON is full of the needles' first byte
-    // (`"`), so a byte-at-a-time scan for it cost most of a stream.
-    !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
 }
 
 // ---------------------------------------------------------------- estimates

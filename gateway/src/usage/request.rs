@@ -64,6 +64,17 @@ pub struct RequestFacts {
     pub reserved: Vec<(Unit, Option<u64>)>,
 }
 
+impl RequestFacts {
+    /// The endpoint id of a `{model}` route: the non-empty `model`.
+    pub fn routing_model(&self) -> Result<&str, super::ModelError> {
+        match self.model.as_deref() {
+            Some(m) if !m.is_empty() => Ok(m),
+            _ if self.json => Err(super::ModelError::NoModel),
+            _ => Err(super::ModelError::NotJson),
+        }
+    }
+}
+
 /// Why a request body is refused (400 `invalid_request`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadRequest(pub String);

@@ -131,12 +131,22 @@ fn sources_from_headers_and_bodies() {
     h.insert("x-bad", HeaderValue::from_static("lots"));
     let body = br#"{"max_tokens":100}"#;
     let header = |n: &'static str| ValueSource::Header(HeaderName::from_static(n));
-    assert_eq!(read_source(&header("x-total-tokens"), &h, None), Some(17));
-    assert_eq!(read_source(&header("x-bad"), &h, None), None);
-    assert_eq!(read_source(&header("x-missing"), &h, None), None);
+    let reserve = |s: ValueSource| vec![(Unit::new("token"), vec![s])];
+    let one = |r: Result<Vec<(Unit, Option<u64>)>, request::BadRequest>| r.unwrap()[0].1;
+    let headers_only = |s| one(request::header_reservations(&h, &reserve(s)));
+    assert_eq!(headers_only(header("x-total-tokens")), Some(17));
+    assert_eq!(headers_only(header("x-bad")), None);
+    assert_eq!(headers_only(header("x-missing")), None);
     let max = ValueSource::Body(p("max_tokens"));
-    assert_eq!(read_source(&max, &h, Some(body)), Some(100));
-    assert_eq!(read_source(&max, &h, None), None);
+    let read = |b: &[u8]| {
+        request::read_request(b, &h, &reserve(max.clone()))
+            .unwrap()
+            .reserved[0]
+            .1
+    };
+    assert_eq!(read(body), Some(100));
+    // No body: nothing to read from it.
+    assert_eq!(read(b""), None);
 }
 
 fn added(body: &str) -> serde_json::Value {
@@ -215,22 +225,6 @@ fn include_usage_injection() {
             1
         );
         assert_eq!(added(body)["stream_options"]["include_usage"], true);
-    }
-}
-
-#[test]
-fn usage_only_chunk_detection() {
-    let yes = br#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
-    assert!(is_usage_only_chunk(yes));
-    for no in [
-        &br#"{"choices":[{"delta":{}}],"usage":{"total_tokens":3}}"#[..],
-        br#"{"choices":[],"usage":null}"#,
-        br#"{"choices":[{"delta":{"content":"hi"}}],"usage":null}"#,
-        br#"{"usage":{"total_tokens":3}}"#,
-        b"[DONE]",
-        b"",
-    ] {
-        assert!(!is_usage_only_chunk(no), "{}", String::from_utf8_lossy(no));
     }
 }
 
@@ -583,7 +577,7 @@ proptest! {
         let _ = json_number_at(input.as_bytes(), &p(&path));
         let _ = request_model(input.as_bytes());
         let _ = ensure_include_usage(&Bytes::from(input.clone()));
-        let _ = is_usage_only_chunk(input.as_bytes());
+        let _ = injected_usage_event(input.as_bytes());
         let mut s = JsonScanner::with_limits(vec![p(&path)], 4, 8);
         s.feed(input.as_bytes());
         let _ = s.number_at(&p(&path));
@@ -621,51 +615,6 @@ proptest! {
             }
             other => prop_assert!(false, "expected Added, got {:?}", other),
         }
-    }
-}
-
-#[test]
-fn substring_search_matches_the_naive_one() {
-    let naive = |h: &[u8], n: &[u8]| !n.is_empty() && h.windows(n.len()).any(|w| w == n);
-    let hays: [&[u8]; 8] = [
-        b"",
-        b"\"",
-        b"\"usage\"",
-        b"{\"usage\":{\"total_tokens\":3}}",
-        b"\"\"\"\"usag\"usage",
-        b"xx\"us\"usage\"",
-        b"\"usage",
-        br#"{"choices":[],"usage":{"total_tokens":62}}"#,
-    ];
-    let needles: [&[u8]; 6] = [
-        b"",
-        b"\"",
-        b"\"usage\"",
-        b"\"choices\"",
-        b"\"total_tokens\"",
-        b"\\u",
-    ];
-    for h in hays {
-        for n in needles {
-            assert_eq!(
-                contains(h, n),
-                naive(h, n),
-                "{:?} in {:?}",
-                String::from_utf8_lossy(n),
-                String::from_utf8_lossy(h)
-            );
-        }
-    }
-}
-
-proptest! {
-    #[test]
-    fn substring_search_agrees_on_random_bytes(
-        hay in proptest::collection::vec(prop::sample::select(b"\"us:{}a".to_vec()), 0..40),
-        needle in proptest::collection::vec(prop::sample::select(b"\"us:{}a".to_vec()), 0..5),
-    ) {
-        let naive = !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle.as_slice());
-        prop_assert_eq!(contains(&hay, &needle), naive);
     }
 }
 
