@@ -54,6 +54,7 @@ async fn pair<S: CounterStore>(
             windows,
             max_concurrent: 0,
             lease_ms: 60_000,
+            credits: None,
         })
         .await;
     let t1 = Instant::now();
@@ -68,6 +69,7 @@ async fn pair<S: CounterStore>(
             endpoint: "gpt-4o",
             now_ms: NOW_MS,
             settlements: &[],
+            credits: Default::default(),
         })
         .await
         .expect("end");

@@ -18,7 +18,7 @@ use crate::catalog::{Catalog, CatalogError, Invalidation};
 use crate::cli::CliError;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
-use crate::credits::ChargeQueue;
+use crate::credits::Outbox;
 use crate::limiter::memory::MemoryStore;
 use crate::limiter::redis::{RedisOptions, RedisStore};
 use crate::limiter::{AnyStore, Limiter, StoreError};
@@ -122,6 +122,8 @@ impl App {
             .await
             .map_err(|e| fail(format!("loading plans from the catalog: {e}")))?;
         let limiter = Limiter::new(store, clock.clone(), config.storage.store_timeout);
+        let outbox = Outbox::install(&limiter, catalog.clone());
+        outbox.start();
         let core = Arc::new(Core {
             catalog: catalog.clone(),
             cache: Arc::new(cache),
@@ -129,7 +131,7 @@ impl App {
             on_store_error: config.storage.on_store_error,
             metrics: Arc::new(Metrics::new()),
             ids: RequestIds::default(),
-            charges: ChargeQueue::new(catalog),
+            outbox,
             bodies: Arc::new(crate::proxy::BodyBudget::default()),
         });
         tokio::spawn(check_counter_store(core.clone()));
@@ -538,9 +540,21 @@ pub async fn run(
     let _watcher = app.watch_plans();
     reload_on_sighup(&app);
     serving.await;
-    let left = app.core.charges.drain(Duration::from_secs(10)).await;
-    if left > 0 {
-        tracing::error!(pending = left, "credit charges still unwritten at exit");
+    // Requests still ending first (their settlements write the outbox),
+    // then the outbox.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.core.limiter.ends_pending() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ends = app.core.limiter.ends_pending();
+    if ends > 0 {
+        tracing::error!(pending = ends, "requests still ending at exit; their settlements are lost unless the counter store still answers");
+    }
+    let left = app.core.outbox.drain(Duration::from_secs(10)).await;
+    if left.is_empty() {
+        tracing::info!("credit charges written to the catalog");
+    } else {
+        tracing::error!(accounts = ?left, "credit charges not yet written to the catalog at exit; they stay in the counter store's outbox and are written by the next gateway to start (with the in-process store they are lost)");
     }
     Ok(())
 }

@@ -207,6 +207,36 @@ pub struct Draw {
     pub credits: u64,
 }
 
+/// A credit operation a gateway decided (in its counter store's wallet,
+/// `limiter::wallet`) and the catalog records: idempotent by ledger key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreditOp {
+    /// A deduction. `deducted: None` when the wallet was not loaded at the
+    /// end of the request: the catalog decides (as far as the balance goes).
+    Charge {
+        key: String,
+        request_id: String,
+        endpoint: String,
+        requested: u64,
+        deducted: Option<u64>,
+        draws: Vec<Draw>,
+        at_ms: u64,
+    },
+    /// Give back what the deduction under `key` took.
+    Refund { key: String, at_ms: u64 },
+}
+
+/// An account's credits as a wallet loads them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CreditSnapshot {
+    /// The account's credit version: bumped by every change made outside
+    /// the wallets (grants, deleted or expired blocks, direct deductions
+    /// and refunds).
+    pub version: u64,
+    /// Unexpired blocks (drained ones included), in drain order.
+    pub blocks: Vec<QuotaBlock>,
+}
+
 /// Something changed that caches must forget.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invalidation {
@@ -216,6 +246,9 @@ pub enum Invalidation {
     Account(String),
     /// A key was revoked; carries the key's hash (hex).
     Key(String),
+    /// An account's credits changed outside the wallets; its credit
+    /// version is now `version`.
+    Credits { account: String, version: u64 },
     /// Unknown scope (e.g. the notification channel reconnected): forget all.
     All,
 }
@@ -294,6 +327,22 @@ pub trait Catalog: Send + Sync + 'static {
     async fn refund(&self, idempotency_key: &str) -> CatalogResult<u64>;
     /// The account's ledger, oldest first.
     async fn ledger(&self, account_id: &str) -> CatalogResult<Vec<LedgerEntry>>;
+
+    /// The account's unexpired blocks and credit version, read together.
+    /// An unknown account has version 0 and no blocks.
+    async fn credit_snapshot(&self, account_id: &str) -> CatalogResult<CreditSnapshot>;
+    /// Record what a wallet decided, in order, in one transaction: a
+    /// charge writes its ledger row and takes its draws from the blocks
+    /// (never below 0), once per key; a charge without a decision
+    /// (`deducted: None`) is a partial [`Catalog::deduct`]; a refund gives
+    /// back the draws of its ledger row, once. Operations of an unknown
+    /// account are dropped.
+    async fn record_credit_ops(&self, account_id: &str, ops: &[CreditOp]) -> CatalogResult<()>;
+    /// Bump the account's credit version and send
+    /// [`Invalidation::Credits`], so wallets reload. Grants, deleted and
+    /// expired blocks and refunds do it themselves; callers of
+    /// [`Catalog::deduct`] outside a gateway call it after.
+    async fn touch_credits(&self, account_id: &str) -> CatalogResult<u64>;
 
     /// Invalidations from this catalog and (for Postgres) every other
     /// instance sharing the database.

@@ -1,114 +1,317 @@
-//! Credit charges that must not be lost: per-unit charges at the end of a
-//! request and refunds of admission charges. Each runs in the background
-//! and is retried with backoff while the catalog is unavailable; the
-//! idempotency key makes a retry that races a slow success harmless, so a
-//! charge is written exactly once.
+//! The catalog side of credits: where wallets come from and where what
+//! they decide goes (see `limiter::wallet` for the design).
+//!
+//! [`Outbox`] is the limiter's [`WalletSource`]. It loads wallets from the
+//! catalog ([`Catalog::credit_snapshot`]), drops them when the catalog says
+//! an account's credits changed outside the wallets
+//! ([`Invalidation::Credits`]), and writes every account's outbox — the
+//! charges and refunds the counter store decided, in the order it decided
+//! them — to the catalog in batches ([`Catalog::record_credit_ops`], one
+//! transaction per batch, idempotent by ledger key), acknowledging each
+//! batch in the store only once the catalog has committed it.
+//!
+//! Nothing here holds a charge in memory: the outbox lives in the counter
+//! store, so on Redis a charge survives the gateway's death and Postgres
+//! outages (the next flush, by this gateway after a restart or by any
+//! other, writes it), and memory stays bounded by what is being written.
+//! A crash between the catalog's commit and the acknowledgement writes the
+//! batch again, which the ledger keys make harmless.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::catalog::{Catalog, CatalogError, Deduction};
+use parking_lot::Mutex;
 
-/// Background writer of charges and refunds.
-#[derive(Clone)]
-pub struct ChargeQueue {
-    catalog: Arc<dyn Catalog>,
-    pending: Arc<AtomicU64>,
-}
+use crate::catalog::{Catalog, CatalogError, Invalidation};
+use crate::clock::SharedClock;
+use crate::limiter::wallet::{WalletBlock, WalletSnapshot};
+use crate::limiter::{CounterStore, Limiter, StoreError, WalletSource};
 
-impl std::fmt::Debug for ChargeQueue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChargeQueue")
-            .field("pending", &self.pending())
-            .finish()
-    }
-}
+/// Outbox entries written to the catalog per transaction.
+pub const FLUSH_BATCH: usize = 1024;
+
+/// Accounts flushed at once.
+const FLUSH_CONCURRENCY: usize = 16;
+
+/// How often every outbox in the store is looked for (entries left by a
+/// gateway that died), besides at start.
+const RECOVERY_EVERY: Duration = Duration::from_secs(60);
+
+/// The writer's longest sleep while nothing is pending.
+const IDLE_WAKE: Duration = Duration::from_secs(1);
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-impl ChargeQueue {
-    pub fn new(catalog: Arc<dyn Catalog>) -> Self {
-        Self {
+/// Counters of an [`Outbox`].
+#[derive(Debug, Default)]
+pub struct OutboxStats {
+    /// Operations written to the catalog.
+    pub written: AtomicU64,
+    /// Flushes that failed (and will be retried).
+    pub failures: AtomicU64,
+    /// Wallets loaded from the catalog.
+    pub loads: AtomicU64,
+}
+
+/// Loads wallets, follows credit invalidations, and writes outboxes to the
+/// catalog. See the module docs.
+pub struct Outbox<S> {
+    limiter: Weak<Limiter<S>>,
+    catalog: Arc<dyn Catalog>,
+    clock: SharedClock,
+    /// Accounts whose outbox may hold entries.
+    dirty: Mutex<HashSet<String>>,
+    /// Accounts whose wallets this process loaded or used: dropped when
+    /// the catalog's notifications may have been missed.
+    known: Mutex<HashSet<String>>,
+    wake: tokio::sync::Notify,
+    pub stats: OutboxStats,
+}
+
+impl<S> std::fmt::Debug for Outbox<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("dirty", &self.dirty.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: CounterStore> Outbox<S> {
+    /// An outbox for `limiter`, installed as its wallet source. Call
+    /// [`Outbox::start`] (on a runtime) to run the writer and the
+    /// invalidation follower.
+    pub fn install(limiter: &Arc<Limiter<S>>, catalog: Arc<dyn Catalog>) -> Arc<Self> {
+        let outbox = Arc::new(Outbox {
+            limiter: Arc::downgrade(limiter),
             catalog,
-            pending: Arc::new(AtomicU64::new(0)),
+            clock: limiter.clock().clone(),
+            dirty: Mutex::new(HashSet::new()),
+            known: Mutex::new(HashSet::new()),
+            wake: tokio::sync::Notify::new(),
+            stats: OutboxStats::default(),
+        });
+        limiter.set_wallet_source(outbox.clone());
+        outbox
+    }
+
+    /// Spawn the writer and the invalidation follower. Both hold only a
+    /// `Weak` and end when the outbox is dropped.
+    pub fn start(self: &Arc<Self>) {
+        let events = self.catalog.subscribe();
+        tokio::spawn(follow(Arc::downgrade(self), events));
+        tokio::spawn(write_loop(Arc::downgrade(self)));
+    }
+
+    fn limiter(&self) -> Result<Arc<Limiter<S>>, StoreError> {
+        self.limiter
+            .upgrade()
+            .ok_or_else(|| StoreError::Unavailable("the limiter is gone".into()))
+    }
+
+    /// Accounts whose outbox may hold entries not yet written.
+    pub fn pending_accounts(&self) -> usize {
+        self.dirty.lock().len()
+    }
+
+    /// Write the account's whole outbox to the catalog. Returns how many
+    /// operations were written.
+    pub async fn flush_account(&self, account: &str) -> Result<u64, StoreError> {
+        let limiter = self.limiter()?;
+        let store = limiter.store();
+        let mut written = 0;
+        loop {
+            let items = store.outbox_read(account, FLUSH_BATCH).await?;
+            if items.is_empty() {
+                return Ok(written);
+            }
+            let ops: Vec<_> = items.iter().map(|i| i.op.clone()).collect();
+            self.catalog
+                .record_credit_ops(account, &ops)
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("writing credits: {e}")))?;
+            let ids: Vec<String> = items.into_iter().map(|i| i.id).collect();
+            store.outbox_ack(account, &ids).await?;
+            written += ids.len() as u64;
+            self.stats
+                .written
+                .fetch_add(ids.len() as u64, Ordering::Relaxed);
+            if ids.len() < FLUSH_BATCH {
+                return Ok(written);
+            }
         }
     }
 
-    /// Charges and refunds not yet written.
-    pub fn pending(&self) -> u64 {
-        self.pending.load(Ordering::SeqCst)
-    }
-
-    /// Deduct in the background, retrying until the catalog takes it.
-    pub fn charge(&self, deduction: Deduction) {
-        let catalog = self.catalog.clone();
-        self.spawn_retrying(move || {
-            let catalog = catalog.clone();
-            let d = deduction.clone();
-            async move {
-                let r = catalog.deduct(&d).await?;
-                if r.shortfall > 0 {
-                    tracing::info!(
-                        account = %d.account_id,
-                        requested = r.requested,
-                        deducted = r.deducted,
-                        shortfall = r.shortfall,
-                        "per-unit charge exceeded the balance; shortfall recorded"
-                    );
-                }
-                Ok(())
-            }
-        });
-    }
-
-    /// Refund the deduction made under `idempotency_key`, retrying.
-    pub fn refund(&self, idempotency_key: String) {
-        let catalog = self.catalog.clone();
-        self.spawn_retrying(move || {
-            let catalog = catalog.clone();
-            let key = idempotency_key.clone();
-            async move { catalog.refund(&key).await.map(|_| ()) }
-        });
-    }
-
-    fn spawn_retrying<F, Fut>(&self, op: F)
-    where
-        F: Fn() -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<(), CatalogError>> + Send,
-    {
-        let pending = self.pending.clone();
-        pending.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(async move {
-            let mut backoff = FIRST_BACKOFF;
-            loop {
-                match op().await {
-                    Ok(()) => break,
-                    Err(CatalogError::Unavailable(e)) => {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "credit write failed; will retry");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
-                    Err(e) => {
-                        // Not retryable (e.g. the account was deleted): a
-                        // retry would fail the same way forever.
-                        tracing::error!(error = %e, "credit write refused; dropping it");
-                        break;
+    /// Flush every account marked dirty; the ones that fail stay marked.
+    /// Returns how many failed.
+    pub async fn flush_dirty(&self) -> usize {
+        use futures_util::StreamExt;
+        let accounts: Vec<String> = self.dirty.lock().drain().collect();
+        let failed = AtomicU64::new(0);
+        futures_util::stream::iter(accounts)
+            .for_each_concurrent(FLUSH_CONCURRENCY, |account| {
+                let failed = &failed;
+                async move {
+                    if let Err(e) = self.flush_account(&account).await {
+                        if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                            tracing::warn!(error = %e, account = %account, "writing credits to the catalog failed; retrying");
+                        }
+                        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                        self.dirty.lock().insert(account);
                     }
                 }
-            }
-            pending.fetch_sub(1, Ordering::SeqCst);
-        });
+            })
+            .await;
+        failed.into_inner() as usize
     }
 
-    /// Wait (up to `timeout`) until every pending write is done; for
-    /// graceful shutdown. Returns how many are still pending.
-    pub async fn drain(&self, timeout: Duration) -> u64 {
+    /// Mark every account with a non-empty outbox in the store dirty
+    /// (entries a gateway that died left behind).
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let accounts = self.limiter()?.store().outbox_accounts().await?;
+        let n = accounts.len();
+        if n > 0 {
+            tracing::info!(
+                accounts = n,
+                "credit outboxes found in the counter store; writing them to the catalog"
+            );
+            self.dirty.lock().extend(accounts);
+        }
+        Ok(n)
+    }
+
+    /// For graceful shutdown: write what is pending, for up to `timeout`.
+    /// Returns the accounts whose outbox could not be written.
+    pub async fn drain(&self, timeout: Duration) -> Vec<String> {
         let deadline = tokio::time::Instant::now() + timeout;
-        while self.pending() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        loop {
+            if self.dirty.lock().is_empty() {
+                return Vec::new();
+            }
+            self.flush_dirty().await;
+            if tokio::time::Instant::now() >= deadline {
+                let mut left: Vec<String> = self.dirty.lock().iter().cloned().collect();
+                left.sort();
+                return left;
+            }
+            if !self.dirty.lock().is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
-        self.pending()
+    }
+
+    async fn invalidate(&self, inv: Invalidation) {
+        let Ok(limiter) = self.limiter() else { return };
+        let store = limiter.store();
+        let (accounts, version) = match inv {
+            Invalidation::Credits { account, version } => (vec![account], Some(version)),
+            // Notifications may have been missed: drop every wallet this
+            // process knows of (others reload on their own `All`).
+            Invalidation::All => (self.known.lock().iter().cloned().collect(), None),
+            _ => return,
+        };
+        for account in accounts {
+            if let Err(e) = store.wallet_invalidate(&account, version).await {
+                // The wallet keeps its old view until it expires
+                // (`WALLET_TTL_MS`); say so loudly.
+                tracing::error!(error = %e, account = %account, "dropping a credit wallet after a catalog change failed");
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl<S: CounterStore> WalletSource for Outbox<S> {
+    async fn snapshot(&self, account: &str) -> Result<WalletSnapshot, StoreError> {
+        let loaded_ms = self.clock.now_ms();
+        let snapshot = self
+            .catalog
+            .credit_snapshot(account)
+            .await
+            .map_err(|e| match e {
+                CatalogError::Unavailable(e) => StoreError::Unavailable(format!("catalog: {e}")),
+                e => StoreError::Protocol(format!("catalog: {e}")),
+            })?;
+        self.known.lock().insert(account.to_owned());
+        self.stats.loads.fetch_add(1, Ordering::Relaxed);
+        Ok(WalletSnapshot {
+            version: snapshot.version,
+            loaded_ms,
+            blocks: snapshot
+                .blocks
+                .into_iter()
+                .map(|b| WalletBlock {
+                    expires_ms: b.expires_at.map(|t| {
+                        t.duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as u64)
+                    }),
+                    id: b.id,
+                    remaining: b.credits_remaining,
+                })
+                .collect(),
+        })
+    }
+
+    async fn flush(&self, account: &str) -> Result<(), StoreError> {
+        self.flush_account(account).await.map(|_| ())
+    }
+
+    fn wrote(&self, account: &str) {
+        let mut dirty = self.dirty.lock();
+        if dirty.contains(account) {
+            return;
+        }
+        dirty.insert(account.to_owned());
+        drop(dirty);
+        self.wake.notify_one();
+    }
+}
+
+/// Write dirty outboxes as they appear: no timer between batches, so a
+/// busy account's entries form one batch per catalog commit (group
+/// commit); failures back off.
+async fn write_loop<S: CounterStore>(outbox: Weak<Outbox<S>>) {
+    let mut backoff = FIRST_BACKOFF;
+    let mut next_recovery = tokio::time::Instant::now();
+    loop {
+        let Some(o) = outbox.upgrade() else { return };
+        if tokio::time::Instant::now() >= next_recovery {
+            if let Err(e) = o.recover().await {
+                tracing::warn!(error = %e, "looking for credit outboxes in the counter store failed");
+            }
+            next_recovery = tokio::time::Instant::now() + RECOVERY_EVERY;
+        }
+        let failed = o.flush_dirty().await;
+        let wait = if failed > 0 {
+            let wait = backoff;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            wait
+        } else {
+            backoff = FIRST_BACKOFF;
+            // Idle: wake up now and then, to notice the outbox was dropped.
+            IDLE_WAKE
+        };
+        if failed > 0 || o.dirty.lock().is_empty() {
+            let _ = tokio::time::timeout(wait, o.wake.notified()).await;
+        }
+    }
+}
+
+/// Drop wallets when the catalog says their credits changed.
+async fn follow<S: CounterStore>(
+    outbox: Weak<Outbox<S>>,
+    mut events: tokio::sync::broadcast::Receiver<Invalidation>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let inv = match events.recv().await {
+            Ok(inv) => inv,
+            Err(RecvError::Lagged(_)) => Invalidation::All,
+            Err(RecvError::Closed) => return,
+        };
+        let Some(o) = outbox.upgrade() else { return };
+        o.invalidate(inv).await;
     }
 }

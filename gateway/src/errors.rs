@@ -151,6 +151,11 @@ impl ApiError {
                 limit: *limit,
             },
             Denial::Duplicate => ApiError::DuplicateRequest,
+            Denial::Credits { balance, required } => ApiError::InsufficientQuota {
+                endpoint,
+                balance: *balance,
+                required: *required,
+            },
         }
     }
 

@@ -12,6 +12,7 @@ pub mod memory;
 pub mod redis;
 #[cfg(test)]
 mod tests;
+pub mod wallet;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,6 +24,7 @@ use futures_util::StreamExt;
 use crate::clock::{window_index, window_reset_ms, SharedClock};
 use crate::plans::{Policy, Unit, Window};
 use keeper::{due_after, retry_after, DueLease, Keeper, LeaseKey};
+use wallet::{Charged, CreditAsk, EndCredits, OutboxItem, WalletInit, WalletSnapshot};
 
 /// How long an in-flight record is kept after its lease ran out, so that a
 /// request whose lease expired (a store outage longer than half a lease
@@ -72,6 +74,9 @@ pub struct AttemptRequest<'a> {
     pub max_concurrent: u32,
     /// Lifetime of the in-flight record / concurrency slot without renewal.
     pub lease_ms: u64,
+    /// Credits charged from the account's wallet, atomically with the
+    /// windows; `None` for an endpoint without credits.
+    pub credits: Option<CreditAsk>,
 }
 
 /// The store's verdict on an attempt.
@@ -85,6 +90,12 @@ pub enum Verdict {
     ConcurrencyFull,
     /// The request id is already in flight: nothing written.
     Duplicate,
+    /// Credits were asked and the account's wallet is not loaded: nothing
+    /// written (load it with [`CounterStore::wallet_init`], then retry).
+    NoWallet,
+    /// The balance is below the credit threshold: nothing written.
+    /// [`AttemptOutcome::credits`] carries the balance.
+    NoCredits,
 }
 
 /// The store's answer to an attempt: its verdict plus what it saw.
@@ -97,6 +108,9 @@ pub struct AttemptOutcome {
     /// Live in-flight requests for (account, endpoint), including this one
     /// when admitted.
     pub in_flight: u32,
+    /// With credits asked: the balance after the charge and its draws when
+    /// admitted, the balance (no draws) when refused for credits.
+    pub credits: Option<Charged>,
 }
 
 /// Settlement of one window at the end of a request.
@@ -123,6 +137,9 @@ pub struct EndRequest<'a> {
     pub now_ms: u64,
     /// Only windows whose unit was measured; may be empty (release only).
     pub settlements: &'a [Settlement],
+    /// Credits settled with the windows (applied only when the record was
+    /// there, like the settlements).
+    pub credits: EndCredits,
 }
 
 /// Read-only look at the counters of (account, endpoint).
@@ -189,6 +206,51 @@ pub trait CounterStore: Send + Sync + 'static {
         &self,
         req: &RenewRequest<'_>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Load the account's wallet from a catalog snapshot, unless it is
+    /// loaded already (then nothing changes), its outbox is not empty
+    /// ([`WalletInit::Pending`]) or the snapshot is older than the last
+    /// invalidation ([`WalletInit::Stale`]).
+    fn wallet_init(
+        &self,
+        account: &str,
+        snapshot: &WalletSnapshot,
+    ) -> impl Future<Output = Result<WalletInit, StoreError>> + Send;
+
+    /// The catalog changed the account's credits at `version`: drop a
+    /// wallet loaded before it and refuse loads of older snapshots. `None`:
+    /// drop the wallet whatever its version (a notification may have been
+    /// missed).
+    fn wallet_invalidate(
+        &self,
+        account: &str,
+        version: Option<u64>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The wallet's balance at `now_ms`; `None` when not loaded.
+    fn wallet_balance(
+        &self,
+        account: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
+
+    /// Up to `max` of the account's outbox entries, oldest first.
+    fn outbox_read(
+        &self,
+        account: &str,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<OutboxItem>, StoreError>> + Send;
+
+    /// Remove entries the catalog has recorded.
+    fn outbox_ack(
+        &self,
+        account: &str,
+        ids: &[String],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Accounts whose outbox is not empty (for recovery after a restart:
+    /// entries another gateway wrote and did not flush).
+    fn outbox_accounts(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
 }
 
 /// A counter store chosen at runtime (configuration), dispatched statically.
@@ -255,6 +317,56 @@ impl CounterStore for AnyStore {
         match self {
             AnyStore::Memory(s) => s.renew(req).await,
             AnyStore::Redis(s) => Box::pin(s.renew(req)).await,
+        }
+    }
+
+    async fn wallet_init(
+        &self,
+        account: &str,
+        snapshot: &WalletSnapshot,
+    ) -> Result<WalletInit, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.wallet_init(account, snapshot).await,
+            AnyStore::Redis(s) => Box::pin(s.wallet_init(account, snapshot)).await,
+        }
+    }
+
+    async fn wallet_invalidate(
+        &self,
+        account: &str,
+        version: Option<u64>,
+    ) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.wallet_invalidate(account, version).await,
+            AnyStore::Redis(s) => Box::pin(s.wallet_invalidate(account, version)).await,
+        }
+    }
+
+    async fn wallet_balance(&self, account: &str, now_ms: u64) -> Result<Option<u64>, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.wallet_balance(account, now_ms).await,
+            AnyStore::Redis(s) => Box::pin(s.wallet_balance(account, now_ms)).await,
+        }
+    }
+
+    async fn outbox_read(&self, account: &str, max: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.outbox_read(account, max).await,
+            AnyStore::Redis(s) => Box::pin(s.outbox_read(account, max)).await,
+        }
+    }
+
+    async fn outbox_ack(&self, account: &str, ids: &[String]) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.outbox_ack(account, ids).await,
+            AnyStore::Redis(s) => Box::pin(s.outbox_ack(account, ids)).await,
+        }
+    }
+
+    async fn outbox_accounts(&self) -> Result<Vec<String>, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.outbox_accounts().await,
+            AnyStore::Redis(s) => Box::pin(s.outbox_accounts()).await,
         }
     }
 }
@@ -375,7 +487,25 @@ pub enum Denial {
     Concurrency { limit: u32 },
     /// The request id is already in flight.
     Duplicate,
+    /// The account's credit balance is below what the endpoint needs.
+    Credits { balance: u64, required: u64 },
 }
+
+/// Where a limiter gets wallets from and tells about outbox writes: the
+/// catalog side of credits (`credits::Outbox`).
+#[async_trait::async_trait]
+pub trait WalletSource: Send + Sync + 'static {
+    /// The account's unexpired blocks and credit version, from the catalog.
+    async fn snapshot(&self, account: &str) -> Result<WalletSnapshot, StoreError>;
+    /// Write the account's outbox to the catalog now.
+    async fn flush(&self, account: &str) -> Result<(), StoreError>;
+    /// The store appended to the account's outbox.
+    fn wrote(&self, account: &str);
+}
+
+/// Loads of a wallet one attempt tries before giving up (each after a
+/// flush or a fresh catalog read).
+const WALLET_LOAD_TRIES: usize = 4;
 
 /// Start amounts for each window of `policy`: the amount given for the
 /// window's unit, 0 if none, except that `request` is 1 unless given.
@@ -419,6 +549,8 @@ pub struct Ticket {
     /// Per window of the policy: the start amount deducted.
     pub reserved: Vec<u64>,
     pub admitted_ms: u64,
+    /// The admission's credit charge, if the endpoint has credits.
+    pub charged: Option<Charged>,
 }
 
 impl Ticket {
@@ -466,7 +598,7 @@ pub struct Limiter<S> {
     store: S,
     clock: SharedClock,
     timeout: Duration,
-    /// Background releases running (see [`Limiter::release_retrying`]).
+    /// Background ends running (see [`Limiter::end_retrying`]).
     releasing: AtomicUsize,
     /// Live permits whose leases are renewed (see [`Limiter::renew_due`]).
     keeper: Keeper,
@@ -477,6 +609,8 @@ pub struct Limiter<S> {
     /// One pass at a time, so that a pass a caller runs finds every
     /// renewal of an earlier pass done.
     keeper_pass: tokio::sync::Mutex<()>,
+    /// Where wallets come from; without one, attempts with credits fail.
+    wallets: std::sync::OnceLock<Arc<dyn WalletSource>>,
 }
 
 /// Marks a limiter's keeper task as gone when the task ends or is dropped.
@@ -530,7 +664,41 @@ impl<S: CounterStore> Limiter<S> {
             keeper_interval,
             keeper_started: AtomicBool::new(false),
             keeper_pass: tokio::sync::Mutex::new(()),
+            wallets: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Set where wallets come from (once; later calls are ignored).
+    pub fn set_wallet_source(&self, source: Arc<dyn WalletSource>) {
+        let _ = self.wallets.set(source);
+    }
+
+    /// The wallet source, if set.
+    pub fn wallet_source(&self) -> Option<&Arc<dyn WalletSource>> {
+        self.wallets.get()
+    }
+
+    /// Load the account's wallet from the catalog (flushing its outbox
+    /// first when the store says it must).
+    pub async fn load_wallet(&self, account: &str) -> Result<(), StoreError> {
+        let source = self
+            .wallets
+            .get()
+            .ok_or_else(|| StoreError::Unavailable("credits: no wallet source".into()))?;
+        for _ in 0..WALLET_LOAD_TRIES {
+            let snapshot = source.snapshot(account).await?;
+            match self
+                .timed(self.store.wallet_init(account, &snapshot))
+                .await?
+            {
+                WalletInit::Loaded => return Ok(()),
+                WalletInit::Pending => source.flush(account).await?,
+                WalletInit::Stale => {}
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "credits: the wallet of account {account:?} could not be loaded"
+        )))
     }
 
     pub fn store(&self) -> &S {
@@ -561,6 +729,40 @@ impl<S: CounterStore> Limiter<S> {
         policy: &Arc<Policy>,
         start_units: &[(Unit, u64)],
     ) -> Result<Attempt<S>, StoreError> {
+        let credits = policy.credits.as_ref().map(|c| CreditAsk {
+            amount: c.per_request,
+            threshold: c.admission_threshold(),
+        });
+        let mut tries = 0;
+        loop {
+            match self
+                .attempt_once(request_id, account, endpoint, policy, start_units, credits)
+                .await?
+            {
+                Err(()) if tries < WALLET_LOAD_TRIES => {
+                    tries += 1;
+                    self.load_wallet(account).await?;
+                }
+                Err(()) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "credits: the wallet of account {account:?} keeps disappearing"
+                    )))
+                }
+                Ok(attempt) => return Ok(attempt),
+            }
+        }
+    }
+
+    /// One attempt; `Err(())` when the wallet must be loaded first.
+    async fn attempt_once(
+        self: &Arc<Self>,
+        request_id: &str,
+        account: &str,
+        endpoint: &str,
+        policy: &Arc<Policy>,
+        start_units: &[(Unit, u64)],
+        credits: Option<CreditAsk>,
+    ) -> Result<Result<Attempt<S>, ()>, StoreError> {
         let now_ms = self.clock.now_ms();
         let specs = start_amounts(policy, start_units);
         if let Some(i) = too_large(&specs) {
@@ -569,7 +771,7 @@ impl<S: CounterStore> Limiter<S> {
                 window: policy.windows[i].clone(),
                 requested: specs[i].amount,
             };
-            return Ok(Attempt::Denied(denial, info));
+            return Ok(Ok(Attempt::Denied(denial, info)));
         }
         let req = AttemptRequest {
             request_id,
@@ -579,6 +781,7 @@ impl<S: CounterStore> Limiter<S> {
             windows: &specs,
             max_concurrent: policy.max_concurrent,
             lease_ms: policy.concurrency_expiry_secs.saturating_mul(1000).max(1),
+            credits,
         };
         let ticket = || Ticket {
             request_id: Arc::from(request_id),
@@ -587,6 +790,7 @@ impl<S: CounterStore> Limiter<S> {
             policy: policy.clone(),
             reserved: specs.iter().map(|s| s.amount).collect(),
             admitted_ms: now_ms,
+            charged: None,
         };
         let outcome = match self.timed(self.store.attempt(&req)).await {
             Ok(outcome) => outcome,
@@ -594,7 +798,10 @@ impl<S: CounterStore> Limiter<S> {
                 // The store may still run the attempt after we gave up on
                 // it, taking a slot no permit will release: release it once
                 // the store answers (ending an unknown id changes nothing).
-                tokio::spawn(self.clone().release_retrying(ticket()));
+                let mut ticket = ticket();
+                // It may have charged credits too: the release gives them back.
+                ticket.charged = credits.map(|_| Charged::default());
+                tokio::spawn(self.clone().end_retrying(ticket, Ending::release()));
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -603,8 +810,23 @@ impl<S: CounterStore> Limiter<S> {
         let denial = match outcome.verdict {
             Verdict::Admitted => {
                 self.start_keeper();
-                return Ok(Attempt::Admitted(Permit::new(self.clone(), ticket()), info));
+                let mut ticket = ticket();
+                if credits.is_some() {
+                    if let Some(source) = self.wallets.get() {
+                        source.wrote(account);
+                    }
+                    ticket.charged = Some(outcome.credits.unwrap_or_default());
+                }
+                return Ok(Ok(Attempt::Admitted(
+                    Permit::new(self.clone(), ticket),
+                    info,
+                )));
             }
+            Verdict::NoWallet => return Ok(Err(())),
+            Verdict::NoCredits => Denial::Credits {
+                balance: outcome.credits.map_or(0, |c| c.balance),
+                required: credits.map_or(0, |c| c.threshold),
+            },
             Verdict::WindowFull { index } => {
                 let window = policy.windows.get(index).cloned().ok_or_else(|| {
                     StoreError::Protocol(format!(
@@ -624,7 +846,7 @@ impl<S: CounterStore> Limiter<S> {
             },
             Verdict::Duplicate => Denial::Duplicate,
         };
-        Ok(Attempt::Denied(denial, info))
+        Ok(Ok(Attempt::Denied(denial, info)))
     }
 
     /// SPEC §4 End for a ticket. Harmless when repeated.
@@ -633,6 +855,19 @@ impl<S: CounterStore> Limiter<S> {
         ticket: &Ticket,
         final_units: &[(Unit, u64)],
     ) -> Result<bool, StoreError> {
+        self.end_with(ticket, final_units, EndCredits::default())
+            .await
+    }
+
+    /// SPEC §4 End, settling credits too: a per-unit charge, or the refund
+    /// of the admission charge. Harmless when repeated (only the first end
+    /// finds the request's record and settles).
+    pub async fn end_with(
+        &self,
+        ticket: &Ticket,
+        final_units: &[(Unit, u64)],
+        credits: EndCredits,
+    ) -> Result<bool, StoreError> {
         let settlements = ticket.settlements(final_units);
         let req = EndRequest {
             request_id: &ticket.request_id,
@@ -640,31 +875,53 @@ impl<S: CounterStore> Limiter<S> {
             endpoint: &ticket.endpoint,
             now_ms: self.clock.now_ms(),
             settlements: &settlements,
+            credits,
         };
-        self.timed(self.store.end(&req)).await
+        let settled = self.timed(self.store.end(&req)).await?;
+        if settled && !credits.is_empty() {
+            if let Some(source) = self.wallets.get() {
+                source.wrote(&ticket.account);
+            }
+        }
+        Ok(settled)
     }
 
-    /// Release a ticket's slot (no settlement), retrying with backoff while
-    /// the store fails, for as long as the slot could still be live (its
-    /// lease); after that the store has expired it anyway.
-    async fn release_retrying(self: Arc<Self>, ticket: Ticket) {
+    /// End a ticket in the background, retrying with backoff while the
+    /// store fails: for as long as the slot could still be live (its
+    /// lease), after which the store has expired it anyway — or, when
+    /// credits are to be settled, for as long as the store keeps the
+    /// record ([`SETTLE_GRACE_MS`]), so that the charge is not lost.
+    async fn end_retrying(self: Arc<Self>, ticket: Ticket, ending: Ending) {
         if self.releasing.fetch_add(1, Ordering::SeqCst) >= MAX_BACKGROUND_RELEASES {
             self.releasing.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(request_id = %ticket.request_id, "too many slots awaiting release; this one expires with its lease");
+            tracing::warn!(request_id = %ticket.request_id, "too many requests awaiting their end; this one expires with its lease");
             return;
         }
-        self.release_loop(&ticket).await;
+        self.end_loop(&ticket, &ending).await;
         self.releasing.fetch_sub(1, Ordering::SeqCst);
     }
 
-    async fn release_loop(&self, ticket: &Ticket) {
-        let give_up = tokio::time::Instant::now() + Duration::from_millis(ticket.lease_ms());
+    /// Background ends running or waiting to retry.
+    pub fn ends_pending(&self) -> usize {
+        self.releasing.load(Ordering::SeqCst)
+    }
+
+    async fn end_loop(&self, ticket: &Ticket, ending: &Ending) {
+        let keep_trying = if ticket.charged.is_some() {
+            SETTLE_GRACE_MS
+        } else {
+            ticket.lease_ms()
+        };
+        let give_up = tokio::time::Instant::now() + Duration::from_millis(keep_trying);
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.end(ticket, &[]).await {
+            match self
+                .end_with(ticket, &ending.units, ending.credits(ticket))
+                .await
+            {
                 Ok(_) => return,
                 Err(e) if tokio::time::Instant::now() + backoff >= give_up => {
-                    tracing::warn!(request_id = %ticket.request_id, error = %e, "releasing a slot failed; it expires with its lease");
+                    tracing::error!(request_id = %ticket.request_id, error = %e, "ending a request failed for good; its slot expires with its lease, its settlement is lost");
                     return;
                 }
                 Err(_) => {
@@ -812,6 +1069,37 @@ impl<S: CounterStore> Limiter<S> {
     }
 }
 
+/// How a ticket is to be ended: the measured units and the credits.
+#[derive(Debug, Clone, Default)]
+pub struct Ending {
+    pub units: Vec<(Unit, u64)>,
+    /// The per-unit credit charge.
+    pub charge: u64,
+    /// Give back the admission charge (nothing was served).
+    pub refund: bool,
+}
+
+impl Ending {
+    /// A release: no units, the admission charge given back.
+    pub fn release() -> Self {
+        Ending {
+            units: Vec::new(),
+            charge: 0,
+            refund: true,
+        }
+    }
+
+    fn credits(&self, ticket: &Ticket) -> EndCredits {
+        if ticket.charged.is_none() {
+            return EndCredits::default();
+        }
+        EndCredits {
+            charge: if self.refund { 0 } else { self.charge },
+            refund: self.refund,
+        }
+    }
+}
+
 /// An admitted request. Dropping it without [`Permit::end`] still ends the
 /// request (in a background task, with no final units), so no path — error,
 /// panic, client disconnect — leaks a concurrency slot.
@@ -827,6 +1115,8 @@ pub struct Permit<S: CounterStore> {
     ended: AtomicBool,
     /// Its entry in the limiter's keeper, until ended, handed over or dropped.
     lease: Option<LeaseKey>,
+    /// The end that failed, to retry on drop; `None`: a release.
+    ending: Option<Ending>,
 }
 
 impl<S: CounterStore> Permit<S> {
@@ -837,6 +1127,7 @@ impl<S: CounterStore> Permit<S> {
             ticket,
             ended: AtomicBool::new(false),
             lease,
+            ending: None,
         }
     }
 
@@ -856,11 +1147,27 @@ impl<S: CounterStore> Permit<S> {
     /// The permit counts as ended only once the store confirmed it: if the
     /// call fails, or its future is dropped mid-way, the permit's `Drop`
     /// still releases the slot (ending twice is harmless).
-    pub async fn end(mut self, final_units: &[(Unit, u64)]) -> Result<bool, StoreError> {
+    pub async fn end(self, final_units: &[(Unit, u64)]) -> Result<bool, StoreError> {
+        self.end_as(Ending {
+            units: final_units.to_vec(),
+            ..Ending::default()
+        })
+        .await
+    }
+
+    /// End the request as `ending` says (units and credits). If the store
+    /// fails, the end is retried in the background (see
+    /// [`Limiter::end_retrying`]), the same settlement and charge included.
+    pub async fn end_as(mut self, ending: Ending) -> Result<bool, StoreError> {
         self.unkeep();
-        let result = self.limiter.end(&self.ticket, final_units).await;
+        let result = self
+            .limiter
+            .end_with(&self.ticket, &ending.units, ending.credits(&self.ticket))
+            .await;
         if result.is_ok() {
             self.ended.store(true, Ordering::SeqCst);
+        } else {
+            self.ending = Some(ending);
         }
         result
     }
@@ -889,11 +1196,12 @@ impl<S: CounterStore> Drop for Permit<S> {
         }
         let limiter = self.limiter.clone();
         let ticket = self.ticket.clone();
+        let ending = self.ending.take().unwrap_or_else(Ending::release);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 // Retried: under overload a single end can time out, and a
                 // slot left behind would refuse requests until its lease ends.
-                rt.spawn(limiter.release_retrying(ticket));
+                rt.spawn(limiter.end_retrying(ticket, ending));
             }
             Err(_) => {
                 tracing::warn!(request_id = %ticket.request_id, "permit dropped outside a runtime; its slot expires with its lease");

@@ -25,12 +25,14 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::catalog::cache::CatalogCache;
-use crate::catalog::{key_digest, Catalog, CatalogError, Deduction};
+use crate::catalog::{key_digest, Catalog};
 use crate::config::{Config, EndpointSource, OnStoreError, Route};
 use crate::decode::{ContentDecoder, Unsupported};
 use crate::errors::ApiError;
 use crate::headers;
-use crate::limiter::{AnyStore, Attempt, Limiter, Permit, RateLimitInfo, StoreError};
+use crate::limiter::{
+    AnyStore, Attempt, CounterStore, Denial, Ending, Limiter, Permit, RateLimitInfo, StoreError,
+};
 use crate::metrics::Metrics;
 use crate::plans::{CreditCost, Plan, Policy, Unit};
 use crate::routes::{self, Router};
@@ -189,7 +191,8 @@ pub struct Core {
     pub on_store_error: OnStoreError,
     pub metrics: Arc<Metrics>,
     pub ids: RequestIds,
-    pub charges: crate::credits::ChargeQueue,
+    /// Loads credit wallets and writes what they decide to the catalog.
+    pub outbox: Arc<crate::credits::Outbox<AnyStore>>,
     /// Bytes of request bodies read before admission.
     pub bodies: Arc<BodyBudget>,
 }
@@ -387,13 +390,25 @@ impl Gateway {
             Ok(Attempt::Admitted(permit, info)) => (Some(permit), Some(info), false),
             Ok(Attempt::Denied(denial, info)) => {
                 let e = ApiError::from_denial(&denial, endpoint);
+                let decision = match denial {
+                    Denial::Credits { .. } => "no_credits",
+                    _ => "denied",
+                };
                 core.metrics
-                    .request(endpoint, "denied", e.status().as_u16());
+                    .request(endpoint, decision, e.status().as_u16());
+                // Nothing was written: the info is the state after the
+                // refusal.
                 return Ok(error_with_info(&e, &info));
             }
             Err(e) => {
                 core.metrics.store_error();
                 tracing::warn!(error = %e, endpoint, "counter store failed");
+                if policy.credits.is_some() {
+                    // Balances live in the counter store: credits fail
+                    // closed whatever `on_store_error` says.
+                    core.metrics.request(endpoint, "store_error", 503);
+                    return Err(ApiError::LimiterUnavailable);
+                }
                 match core.on_store_error {
                     OnStoreError::Open => (None, None, true),
                     OnStoreError::Closed => {
@@ -406,31 +421,14 @@ impl Gateway {
 
         let in_flight = permit.as_ref().map(|_| InFlightGuard::new(&core.metrics));
 
-        // Credits, charged at admission atomically with the balance check.
-        let credit_balance = match &policy.credits {
-            None => None,
-            Some(cost) => match self
-                .charge_admission(&account, endpoint, &request_id, cost)
-                .await
-            {
-                Ok(balance) => Some(balance),
-                Err(e) => {
-                    if let Some(permit) = permit {
-                        // Not admitted after all: give back what the attempt took.
-                        let zero: Vec<(Unit, u64)> =
-                            policy.units().into_iter().map(|u| (u, 0)).collect();
-                        let _ = permit.end(&zero).await;
-                    }
-                    core.metrics
-                        .request(endpoint, "no_credits", e.status().as_u16());
-                    let mut resp = error_response(&e);
-                    if let Some(info) = &info {
-                        headers::insert_rate_limit(resp.headers_mut(), info);
-                    }
-                    return Ok(resp);
-                }
-            },
-        };
+        // Credits were charged by the attempt, atomically with the windows.
+        let credit_balance = permit
+            .as_ref()
+            .and_then(|p| p.ticket().charged.as_ref())
+            .map(|c| c.balance);
+        if let (Some(_), Some(cost)) = (credit_balance, &policy.credits) {
+            core.metrics.credits_charged(cost.per_request);
+        }
 
         // Forward.
         let upstream = &table.upstreams[route.upstream];
@@ -587,70 +585,6 @@ impl Gateway {
             })
     }
 
-    /// Deduct `per_request` if the balance is at least
-    /// `max(min_balance, per_request)`, atomically. Returns the balance
-    /// after the charge.
-    async fn charge_admission(
-        &self,
-        account: &str,
-        endpoint: &str,
-        request_id: &str,
-        cost: &CreditCost,
-    ) -> Result<u64, ApiError> {
-        let threshold = cost.admission_threshold();
-        let deduction = Deduction {
-            account_id: account.to_owned(),
-            amount: cost.per_request,
-            require_full: true,
-            min_balance: threshold,
-            idempotency_key: format!("adm:{request_id}"),
-            request_id: Some(request_id.to_owned()),
-            endpoint: Some(endpoint.to_owned()),
-        };
-        // Like the attempt, the deduction runs to completion: if the client
-        // goes away meanwhile, the unclaimed result refunds itself.
-        let result = {
-            let catalog = self.core.catalog.clone();
-            let mut unclaimed = UnclaimedCharge {
-                result: None,
-                charges: self.core.charges.clone(),
-                key: deduction.idempotency_key.clone(),
-            };
-            let task = run_to_completion(async move {
-                unclaimed.result = Some(catalog.deduct(&deduction).await);
-                unclaimed
-            });
-            match task.await {
-                Ok(mut claimed) => claimed.result.take(),
-                Err(e) => Some(Err(CatalogError::Unavailable(format!("credit task: {e}")))),
-            }
-            .unwrap_or_else(|| Err(CatalogError::Unavailable("credit task: no result".into())))
-        };
-        match result {
-            Ok(r) if r.deducted == cost.per_request && (r.balance + r.deducted) >= threshold => {
-                self.core.metrics.credits_charged(r.deducted);
-                Ok(r.balance)
-            }
-            Ok(r) => Err(ApiError::InsufficientQuota {
-                endpoint: endpoint.to_owned(),
-                balance: r.balance,
-                required: threshold,
-            }),
-            Err(CatalogError::Unavailable(e)) => {
-                tracing::warn!(error = %e, "credit charge failed; credits fail closed");
-                Err(ApiError::CatalogUnavailable)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "credit charge refused");
-                Err(ApiError::InsufficientQuota {
-                    endpoint: endpoint.to_owned(),
-                    balance: 0,
-                    required: threshold,
-                })
-            }
-        }
-    }
-
     async fn readyz(&self) -> Response<Body> {
         let store = self.core.limiter.store().ping().await;
         let catalog = self.core.catalog.ping().await;
@@ -714,9 +648,16 @@ pub async fn limits_json(
             }
         }
     }
-    let balance = match core.catalog.balance(account).await {
-        Ok(b) => serde_json::json!(b),
-        Err(_) => serde_json::Value::Null,
+    // The wallet's balance when one is loaded (it is ahead of the catalog
+    // by the charges not yet written), else the catalog's.
+    let now_ms = core.limiter.clock().now_ms();
+    let wallet = core.limiter.store().wallet_balance(account, now_ms).await;
+    let balance = match wallet {
+        Ok(Some(b)) => serde_json::json!(b),
+        _ => match core.catalog.balance(account).await {
+            Ok(b) => serde_json::json!(b),
+            Err(_) => serde_json::Value::Null,
+        },
     };
     Ok(serde_json::json!({
         "account": account,
@@ -924,25 +865,6 @@ where
     }
 }
 
-/// The result of an admission deduction until the request handler claims
-/// it; dropped unclaimed (the handler was cancelled), it refunds what was
-/// deducted.
-struct UnclaimedCharge {
-    result: Option<Result<crate::catalog::DeductResult, CatalogError>>,
-    charges: crate::credits::ChargeQueue,
-    key: String,
-}
-
-impl Drop for UnclaimedCharge {
-    fn drop(&mut self) {
-        if let Some(Ok(r)) = &self.result {
-            if r.deducted > 0 && tokio::runtime::Handle::try_current().is_ok() {
-                self.charges.refund(std::mem::take(&mut self.key));
-            }
-        }
-    }
-}
-
 /// Ends an admitted request: limiter end with the measured units, per-unit
 /// credit charge, refund of the admission charge when the upstream failed.
 struct Settle {
@@ -1007,34 +929,27 @@ impl Settle {
             } else {
                 units.clone()
             };
-            if let Err(e) = permit.end(&settled_units).await {
+            // The per-unit charge is settled with the windows, in the
+            // same store operation; the upstream failing refunds the
+            // admission charge instead.
+            let charge = match &self.credits {
+                Some(cost) if !self.upstream_failed => cost.unit_charge(&units),
+                _ => 0,
+            };
+            if charge > 0 {
+                self.core.metrics.credits_charged(charge);
+            }
+            let ending = Ending {
+                units: settled_units,
+                charge,
+                refund: self.upstream_failed,
+            };
+            if let Err(e) = permit.end_as(ending).await {
                 self.core.metrics.store_error();
-                tracing::warn!(error = %e, request_id = %self.request_id, "ending a request failed; its slot expires with its lease");
+                tracing::warn!(error = %e, request_id = %self.request_id, "ending a request failed; retrying in the background");
             }
         }
-        let Some(cost) = &self.credits else { return };
-        if self.upstream_failed {
-            if cost.per_request > 0 {
-                self.core.charges.refund(format!("adm:{}", self.request_id));
-            }
-            return;
-        }
-        let amount = cost.unit_charge(&units);
-        if amount == 0 {
-            return;
-        }
-        let deduction = Deduction {
-            account_id: self.account.clone(),
-            amount,
-            require_full: false,
-            min_balance: 0,
-            idempotency_key: format!("use:{}", self.request_id),
-            request_id: Some(self.request_id.clone()),
-            endpoint: Some(self.endpoint.clone()),
-        };
-        self.core.metrics.credits_charged(amount);
-        self.core.charges.charge(deduction);
-        let _ = &self.policy;
+        let _ = (&self.policy, &self.account, &self.endpoint);
     }
 }
 

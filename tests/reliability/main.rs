@@ -135,7 +135,7 @@ pub(crate) async fn tokens_used(rig: &Rig, account: &str, endpoint: &str) -> u64
 /// report how long it took and whether the concurrency slot is free.
 pub(crate) async fn settle_report(rig: &Rig, account: &str, endpoint: &str) -> (Duration, u32) {
     let took = until(Duration::from_secs(5), || async {
-        rig.core.metrics.in_flight() == 0 && rig.core.charges.pending() == 0
+        rig.core.metrics.in_flight() == 0 && rig.charges_pending() == 0
     })
     .await
     .expect("request settled within 5 s");

@@ -371,11 +371,13 @@ fn via(url: &str, addr: std::net::SocketAddr) -> String {
 
 /// Postgres cut (every connection closed, new ones refused) under a gateway
 /// with warm caches: cached keys and plans keep serving non-credit
-/// endpoints even past every cache TTL; credit endpoints and unknown keys
-/// fail closed with 503; per-unit charges and refunds of requests that end
-/// during the outage wait and are written exactly once when it returns.
+/// endpoints even past every cache TTL; credit endpoints keep serving from
+/// the account's wallet in the counter store (its balance is there);
+/// unknown keys fail closed with 503; every charge and refund decided
+/// during the outage waits in the outbox and is written exactly once when
+/// it returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_outage_serves_cached_fails_credits_closed_and_writes_charges_once() {
+async fn postgres_outage_serves_cached_and_credits_from_wallet_and_writes_charges_once() {
     let _serial = serial().await;
     let Some(redis) = plangate_tests::redis().await else {
         return;
@@ -434,7 +436,7 @@ async fn postgres_outage_serves_cached_fails_credits_closed_and_writes_charges_o
     assert_eq!(rig.chat(&key, "free-model", &tokens).await.status, 200);
     assert_eq!(paid(&[]).await.status, 200);
     until(Duration::from_secs(5), || async {
-        rig.core.charges.pending() == 0
+        rig.charges_pending() == 0
     })
     .await
     .expect("warm-up charge written");
@@ -479,13 +481,14 @@ async fn postgres_outage_serves_cached_fails_credits_closed_and_writes_charges_o
     for _ in 0..40 {
         free.add(&rig.chat(&key, "free-model", &tokens).await);
     }
-    for _ in 0..20 {
+    const DURING: usize = 5;
+    for _ in 0..DURING {
         credit.add(&paid(&[]).await);
     }
     let stranger = rig
         .chat("sk-not-cached-anywhere-0000000000", "free-model", &[])
         .await;
-    let pending_during = rig.core.charges.pending();
+    let pending_during = rig.charges_pending();
     eprintln!(
         "{} | outage at {:?}",
         free.line("postgres cut/non-credit endpoint, cached key"),
@@ -502,14 +505,17 @@ async fn postgres_outage_serves_cached_fails_credits_closed_and_writes_charges_o
         40,
         "cached key and plan keep serving: {free:?}"
     );
-    assert_eq!(credit.status(503), 20, "credits fail closed: {credit:?}");
+    assert_eq!(
+        credit.status(200),
+        DURING as u64,
+        "credits serve from the wallet: {credit:?}"
+    );
     assert!(credit.max_latency < Duration::from_secs(2), "{credit:?}");
     assert_eq!(stranger.status, 503);
     assert_eq!(stranger.code(), "catalog_unavailable");
-    assert_eq!(
-        pending_during,
-        (STREAMS + FAILING) as u64,
-        "each per-unit charge and refund waits for Postgres"
+    assert!(
+        pending_during > 0,
+        "charges and refunds wait for Postgres in the outbox"
     );
     // Let the writers retry a few times against the dead database.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -520,13 +526,13 @@ async fn postgres_outage_serves_cached_fails_credits_closed_and_writes_charges_o
     })
     .await;
     let written = until(Duration::from_secs(15), || async {
-        rig.core.charges.pending() == 0
+        rig.charges_pending() == 0
     })
     .await;
 
     // Every charge exactly once: 4 per served paid request (1 at
     // admission + 3 per-unit), the failed ones refunded.
-    let served = 1 + STREAMS as u64 + 1; // warm-up, streams, the recovery probe
+    let served = 1 + STREAMS as u64 + DURING as u64 + 1; // warm-up, streams, during, the recovery probe
     let ledger = direct.ledger(&account).await.expect("ledger");
     let balance = direct.balance(&account).await.expect("balance");
     let net: u64 = ledger.iter().map(|e| e.deducted - e.refunded).sum();
@@ -546,7 +552,7 @@ async fn postgres_outage_serves_cached_fails_credits_closed_and_writes_charges_o
     assert!(written.is_some(), "pending charges written after restore");
     // The recovery probe's own per-unit charge may still be queued.
     until(Duration::from_secs(5), || async {
-        rig.core.charges.pending() == 0
+        rig.charges_pending() == 0
     })
     .await
     .expect("probe charge");

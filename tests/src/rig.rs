@@ -218,6 +218,13 @@ pub fn http_client() -> HttpClient {
 }
 
 impl Rig {
+    /// Charges not yet in the catalog: requests still ending (their
+    /// settlement writes the outbox) plus accounts whose outbox is not yet
+    /// written.
+    pub fn charges_pending(&self) -> usize {
+        self.core.limiter.ends_pending() + self.core.outbox.pending_accounts()
+    }
+
     pub async fn start(setup: &Setup) -> Rig {
         crate::capture_logs();
         let path = setup.write();

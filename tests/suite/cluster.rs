@@ -201,6 +201,7 @@ async fn attempt(store: &RedisStore, account: &str, id: &str) -> Verdict {
             windows: &windows,
             max_concurrent: 0,
             lease_ms: 60_000,
+            credits: None,
         })
         .await
         .expect("attempt")
@@ -330,6 +331,7 @@ async fn cluster_store_on_dead_nodes_errors_instead_of_hanging() {
         windows: &windows,
         max_concurrent: 0,
         lease_ms: 1_000,
+        credits: None,
     };
     let call = store.attempt(&req);
     let out = tokio::time::timeout(Duration::from_secs(10), call)

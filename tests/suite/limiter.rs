@@ -552,6 +552,7 @@ async fn end_is_idempotent_and_unknown_ids_are_harmless<S: CounterStore + Debug>
             endpoint: "e",
             now_ms: h.now(),
             settlements: &settle,
+            credits: Default::default(),
         })
         .await
         .expect("end unknown");
@@ -902,6 +903,7 @@ async fn attempt_once<S: CounterStore>(store: &S, account: &str, id: &str) -> bo
             windows: &windows,
             max_concurrent: 0,
             lease_ms: 60_000,
+            credits: None,
         })
         .await
         .expect("attempt");
@@ -1122,6 +1124,7 @@ async fn recovers_after_outage(mode: RedisMode) {
         windows: &windows,
         max_concurrent: 0,
         lease_ms: 60_000,
+        credits: None,
     };
     // Unreachable: an error (or no answer), never an answer or a panic.
     let during = tokio::time::timeout(Duration::from_secs(1), store.attempt(&req)).await;

@@ -539,6 +539,8 @@ impl Inner {
             Invalidation::Key(hash) => {
                 Self::mark_stale(&self.keys, parse_hex_digest(hash).as_ref());
             }
+            // Wallets, not caches, hold credits (`credits::Outbox`).
+            Invalidation::Credits { .. } => {}
             Invalidation::All => {
                 self.plans_stale();
                 Self::mark_all_stale(&self.accounts);

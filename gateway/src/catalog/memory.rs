@@ -12,8 +12,8 @@ use tokio::sync::broadcast;
 use super::{
     check_credits, check_grant, check_id, generate_id, generate_key, hash_key, ms_to_time,
     normalize_metadata, trunc_micros, Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError,
-    CatalogResult, DeductResult, Deduction, Draw, Invalidation, KeyOwner, LedgerEntry, NewApiKey,
-    QuotaBlock,
+    CatalogResult, CreditOp, CreditSnapshot, DeductResult, Deduction, Draw, Invalidation, KeyOwner,
+    LedgerEntry, NewApiKey, QuotaBlock,
 };
 use crate::clock::SharedClock;
 use crate::plans::{Plan, PlanSet};
@@ -23,6 +23,14 @@ pub struct MemoryCatalog {
     state: Mutex<State>,
     clock: SharedClock,
     events: broadcast::Sender<Invalidation>,
+}
+
+impl MemoryCatalog {
+    fn send(&self, inv: Option<Invalidation>) {
+        if let Some(inv) = inv {
+            let _ = self.events.send(inv);
+        }
+    }
 }
 
 impl std::fmt::Debug for MemoryCatalog {
@@ -54,6 +62,8 @@ struct State {
 struct AccountRow {
     plan_id: Option<String>,
     metadata: serde_json::Value,
+    /// Bumped by credit changes made outside the wallets.
+    credit_version: u64,
 }
 
 struct KeyRow {
@@ -152,6 +162,17 @@ impl State {
             .collect();
         live.sort_by_key(|(_, b)| (b.expires_at.is_none(), b.expires_at, b.seq));
         live.into_iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    /// Bump the account's credit version (if it exists): the invalidation
+    /// to send once the state is unlocked.
+    fn bump_credits(&mut self, account_id: &str) -> Option<Invalidation> {
+        let row = self.accounts.get_mut(account_id)?;
+        row.credit_version += 1;
+        Some(Invalidation::Credits {
+            account: account_id.to_owned(),
+            version: row.credit_version,
+        })
     }
 
     fn balance(&self, account_id: &str, now: SystemTime) -> u64 {
@@ -319,6 +340,7 @@ impl Catalog for MemoryCatalog {
             st.accounts.insert(
                 id.to_string(),
                 AccountRow {
+                    credit_version: 0,
                     plan_id: plan_id.map(str::to_string),
                     metadata,
                 },
@@ -451,6 +473,9 @@ impl Catalog for MemoryCatalog {
             .or_default()
             .push(id.clone());
         st.blocks.insert(id, row);
+        let inv = st.bump_credits(account_id);
+        drop(st);
+        self.send(inv);
         Ok(block)
     }
 
@@ -463,6 +488,9 @@ impl Catalog for MemoryCatalog {
         if let Some(ids) = st.blocks_of.get_mut(&row.account_id) {
             ids.retain(|id| id != block_id);
         }
+        let inv = st.bump_credits(&row.account_id);
+        drop(st);
+        self.send(inv);
         Ok(())
     }
 
@@ -480,6 +508,9 @@ impl Catalog for MemoryCatalog {
                 }
             }
         }
+        let inv = st.bump_credits(account_id);
+        drop(st);
+        self.send(inv);
         Ok(n)
     }
 
@@ -587,7 +618,124 @@ impl Catalog for MemoryCatalog {
             }
         }
         row.refunded = Some(refunded);
+        let account = row.account_id.clone();
+        let inv = st.bump_credits(&account);
+        drop(guard);
+        self.send(inv);
         Ok(refunded)
+    }
+
+    async fn credit_snapshot(&self, account_id: &str) -> CatalogResult<CreditSnapshot> {
+        let now = self.now();
+        let st = self.state.lock();
+        let Some(row) = st.accounts.get(account_id) else {
+            return Ok(CreditSnapshot::default());
+        };
+        let mut live: Vec<(&String, &BlockRow)> = st
+            .blocks_of(account_id)
+            .filter(|(_, b)| b.live(now))
+            .collect();
+        live.sort_by_key(|(_, b)| (b.expires_at.is_none(), b.expires_at, b.seq));
+        Ok(CreditSnapshot {
+            version: row.credit_version,
+            blocks: live.into_iter().map(|(id, b)| b.to_block(id)).collect(),
+        })
+    }
+
+    async fn record_credit_ops(&self, account_id: &str, ops: &[CreditOp]) -> CatalogResult<()> {
+        let mut undecided = Vec::new();
+        {
+            let mut guard = self.state.lock();
+            let st = &mut *guard;
+            if !st.accounts.contains_key(account_id) {
+                return Ok(());
+            }
+            for op in ops {
+                match op {
+                    CreditOp::Charge {
+                        key,
+                        request_id,
+                        endpoint,
+                        requested,
+                        deducted: Some(deducted),
+                        draws,
+                        at_ms,
+                    } => {
+                        if st.ledger.contains_key(key) {
+                            continue;
+                        }
+                        for d in draws {
+                            if let Some(b) = st.blocks.get_mut(&d.block_id) {
+                                b.remaining = b.remaining.saturating_sub(d.credits);
+                            }
+                        }
+                        let seq = st.seq();
+                        st.ledger.insert(
+                            key.clone(),
+                            LedgerRow {
+                                seq,
+                                account_id: account_id.to_owned(),
+                                request_id: Some(request_id.clone()),
+                                endpoint: Some(endpoint.clone()),
+                                requested: *requested,
+                                deducted: (*deducted).min(*requested),
+                                draws: draws.clone(),
+                                refunded: None,
+                                created_at: trunc_micros(ms_to_time(*at_ms)),
+                            },
+                        );
+                    }
+                    CreditOp::Charge { deducted: None, .. } => undecided.push(op),
+                    CreditOp::Refund { key, .. } => {
+                        let Some(row) = st.ledger.get_mut(key) else {
+                            continue;
+                        };
+                        if row.refunded.is_some() {
+                            continue;
+                        }
+                        row.refunded = Some(row.deducted);
+                        for d in &row.draws {
+                            if let Some(b) = st.blocks.get_mut(&d.block_id) {
+                                b.remaining = b.remaining.saturating_add(d.credits).min(b.granted);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for op in undecided {
+            if let CreditOp::Charge {
+                key,
+                request_id,
+                endpoint,
+                requested,
+                ..
+            } = op
+            {
+                let d = Deduction {
+                    account_id: account_id.to_owned(),
+                    amount: *requested,
+                    require_full: false,
+                    min_balance: 0,
+                    idempotency_key: key.clone(),
+                    request_id: Some(request_id.clone()),
+                    endpoint: Some(endpoint.clone()),
+                };
+                self.deduct(&d).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn touch_credits(&self, account_id: &str) -> CatalogResult<u64> {
+        let inv = self.state.lock().bump_credits(account_id);
+        match inv {
+            Some(inv @ Invalidation::Credits { version, .. }) => {
+                self.send(Some(inv));
+                Ok(version)
+            }
+            _ => Err(CatalogError::not_found("account", account_id)),
+        }
     }
 
     async fn ledger(&self, account_id: &str) -> CatalogResult<Vec<LedgerEntry>> {

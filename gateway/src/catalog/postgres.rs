@@ -18,7 +18,8 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use super::{
     check_credits, check_grant, check_id, generate_id, generate_key, hash_key, ms_to_time,
     normalize_metadata, Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError, CatalogResult,
-    DeductResult, Deduction, Draw, Invalidation, KeyOwner, LedgerEntry, NewApiKey, QuotaBlock,
+    CreditOp, CreditSnapshot, DeductResult, Deduction, Draw, Invalidation, KeyOwner, LedgerEntry,
+    NewApiKey, QuotaBlock,
 };
 use crate::clock::SharedClock;
 use crate::plans::parse::{plan_from_json, plan_to_json};
@@ -46,11 +47,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order. Append only: never edit a released one.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../../../migrations/V1__init.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../../../migrations/V1__init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "credit_version",
+        sql: include_str!("../../../migrations/V2__credit_version.sql"),
+    },
+];
 
 /// What `migrate` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -275,6 +283,7 @@ fn encode(inv: &Invalidation) -> String {
         Invalidation::All => "all".into(),
         Invalidation::Account(id) => format!("account:{id}"),
         Invalidation::Key(hash) => format!("key:{hash}"),
+        Invalidation::Credits { account, version } => format!("credits:{version}:{account}"),
     }
 }
 
@@ -286,6 +295,15 @@ fn decode(payload: &str) -> Invalidation {
         Invalidation::Account(id.to_string())
     } else if let Some(hash) = payload.strip_prefix("key:") {
         Invalidation::Key(hash.to_string())
+    } else if let Some((version, account)) = payload
+        .strip_prefix("credits:")
+        .and_then(|rest| rest.split_once(':'))
+        .and_then(|(v, a)| Some((v.parse().ok()?, a)))
+    {
+        Invalidation::Credits {
+            account: account.to_string(),
+            version,
+        }
     } else {
         Invalidation::All
     }
@@ -450,13 +468,102 @@ impl PostgresCatalog {
         let _ = self.events.send(inv);
     }
 
+    /// The decided charges and the refunds of a batch of wallet
+    /// operations, in one transaction. Consecutive operations of one kind
+    /// form a segment, one statement each, run in the order the wallet
+    /// decided them (a refund may free credits a later charge drew): a
+    /// charge segment inserts its ledger rows once per key and takes their
+    /// draws from the blocks; a refund segment marks its ledger rows
+    /// refunded, once, and gives their draws back.
+    async fn record_credit_ops_tx(&self, account: &str, ops: &[CreditOp]) -> Result<(), PgErr> {
+        let mut conn = self.conn().await?;
+        let charge = conn
+            .prepare_cached(
+                "WITH acct AS (SELECT id FROM accounts WHERE id = $1),
+                 ins AS (
+                     INSERT INTO credit_ledger (idempotency_key, account_id, request_id, endpoint,
+                                                requested, deducted, draws, created_at)
+                     SELECT k, acct.id, r, e, q, d, w, t
+                     FROM acct, unnest($2::text[], $3::text[], $4::text[], $5::int8[],
+                                       $6::int8[], $7::jsonb[], $8::timestamptz[])
+                          AS x(k, r, e, q, d, w, t)
+                     ON CONFLICT (idempotency_key) DO NOTHING
+                     RETURNING draws),
+                 takes AS (
+                     SELECT j->>'block_id' AS id, sum((j->>'credits')::int8) AS take
+                     FROM ins, jsonb_array_elements(ins.draws) j GROUP BY 1)
+                 UPDATE quota_blocks q SET credits_remaining = GREATEST(q.credits_remaining - takes.take, 0)
+                 FROM takes WHERE q.id = takes.id",
+            )
+            .await?;
+        let refund = conn
+            .prepare_cached(
+                "WITH r AS (
+                     UPDATE credit_ledger l SET refunded = l.deducted, refunded_at = x.t
+                     FROM unnest($1::text[], $2::timestamptz[]) AS x(k, t)
+                     WHERE l.idempotency_key = x.k AND l.refunded_at IS NULL
+                     RETURNING l.draws),
+                 gives AS (
+                     SELECT j->>'block_id' AS id, sum((j->>'credits')::int8) AS give
+                     FROM r, jsonb_array_elements(r.draws) j GROUP BY 1)
+                 UPDATE quota_blocks q
+                 SET credits_remaining = LEAST(q.credits_remaining + gives.give, q.credits_granted)
+                 FROM gives WHERE q.id = gives.id",
+            )
+            .await?;
+        let tx = conn.transaction().await?;
+        let decided = ops
+            .iter()
+            .filter(|op| !matches!(op, CreditOp::Charge { deducted: None, .. }));
+        let mut rest: Vec<&CreditOp> = decided.collect();
+        while !rest.is_empty() {
+            let refunds = matches!(rest[0], CreditOp::Refund { .. });
+            let n = rest
+                .iter()
+                .position(|op| matches!(op, CreditOp::Refund { .. }) != refunds)
+                .unwrap_or(rest.len());
+            let segment: Vec<&CreditOp> = rest.drain(..n).collect();
+            if refunds {
+                let (keys, at): (Vec<&str>, Vec<SystemTime>) = segment
+                    .iter()
+                    .filter_map(|op| match op {
+                        CreditOp::Refund { key, at_ms } => Some((key.as_str(), ms_to_time(*at_ms))),
+                        _ => None,
+                    })
+                    .unzip();
+                tx.execute(&refund, &[&keys, &at]).await?;
+            } else {
+                let mut c = ChargeColumns::default();
+                for op in segment {
+                    c.push(op);
+                }
+                tx.execute(
+                    &charge,
+                    &[
+                        &account,
+                        &c.keys,
+                        &c.request_ids,
+                        &c.endpoints,
+                        &c.requested,
+                        &c.deducted,
+                        &c.draws,
+                        &c.created,
+                    ],
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn refund_tx(&self, key: &str) -> Result<u64, PgErr> {
         let now = self.now();
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await?;
         let row = tx
             .query_opt(
-                "SELECT seq, draws, refunded_at IS NOT NULL FROM credit_ledger
+                "SELECT seq, draws, refunded_at IS NOT NULL, account_id FROM credit_ledger
                  WHERE idempotency_key = $1 FOR UPDATE",
                 &[&key],
             )
@@ -501,7 +608,12 @@ impl PostgresCatalog {
             &[&seq, &refunded, &now],
         )
         .await?;
+        let account: String = row.get(3);
+        let inv = bump_credits(&tx, &account).await?;
         tx.commit().await?;
+        if let Some(inv) = inv {
+            self.notify_local(inv);
+        }
         Ok(refunded as u64)
     }
 
@@ -676,6 +788,28 @@ async fn set_default_in(tx: &deadpool_postgres::Transaction<'_>, id: &str) -> Re
     Ok(())
 }
 
+/// Bump an account's credit version inside `client`'s transaction and
+/// queue the NOTIFY (sent on commit); `None` if the account does not exist.
+async fn bump_credits<C: deadpool_postgres::GenericClient>(
+    client: &C,
+    account: &str,
+) -> Result<Option<Invalidation>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "UPDATE accounts SET credit_version = credit_version + 1 WHERE id = $1
+             RETURNING credit_version",
+            &[&account],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let inv = Invalidation::Credits {
+        account: account.to_owned(),
+        version: row.get::<_, i64>(0) as u64,
+    };
+    notify_sql(client, &inv).await?;
+    Ok(Some(inv))
+}
+
 /// Balance of an account (`None` if it does not exist).
 async fn balance_of<C: deadpool_postgres::GenericClient>(
     client: &C,
@@ -710,6 +844,51 @@ fn block_from_row(row: &tokio_postgres::Row) -> QuotaBlock {
 
 const BLOCK_COLUMNS: &str =
     "id, account_id, credits_granted, credits_remaining, expires_at, metadata, created_at";
+
+/// Decided charges as the columns of one `unnest` insert.
+#[derive(Default)]
+struct ChargeColumns<'a> {
+    keys: Vec<&'a str>,
+    request_ids: Vec<&'a str>,
+    endpoints: Vec<&'a str>,
+    requested: Vec<i64>,
+    deducted: Vec<i64>,
+    draws: Vec<serde_json::Value>,
+    created: Vec<SystemTime>,
+}
+
+impl<'a> ChargeColumns<'a> {
+    fn push(&mut self, op: &'a CreditOp) {
+        if let CreditOp::Charge {
+            key,
+            request_id,
+            endpoint,
+            requested,
+            deducted: Some(deducted),
+            draws,
+            at_ms,
+        } = op
+        {
+            self.keys.push(key);
+            self.request_ids.push(request_id);
+            self.endpoints.push(endpoint);
+            self.requested.push(clamp_i64(*requested));
+            self.deducted.push(clamp_i64((*deducted).min(*requested)));
+            self.draws
+                .push(serde_json::to_value(draws).unwrap_or_default());
+            self.created.push(ms_to_time(*at_ms));
+        }
+    }
+}
+
+/// [`BLOCK_COLUMNS`] of a table aliased `q`.
+const BLOCK_COLUMNS_Q: &str = "q.id, q.account_id, q.credits_granted, q.credits_remaining, \
+     q.expires_at, q.metadata, q.created_at";
+
+/// An amount as Postgres `bigint` (amounts are at most `MAX_AMOUNT`).
+fn clamp_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
 
 fn parse_plan(id: &str, policy: &serde_json::Value) -> CatalogResult<Arc<Plan>> {
     plan_from_json(id, policy)
@@ -1081,26 +1260,41 @@ impl Catalog for PostgresCatalog {
             )
             .await
             .map_err(|e| CatalogError::from(fk_not_found(e, "account", account_id)))?;
+        let inv = bump_credits(&tx, account_id).await.map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
+        if let Some(inv) = inv {
+            self.notify_local(inv);
+        }
         Ok(block_from_row(&row))
     }
 
     async fn delete_quota_block(&self, block_id: &str) -> CatalogResult<()> {
-        let conn = self.conn().await?;
-        let n = conn
-            .execute("DELETE FROM quota_blocks WHERE id = $1", &[&block_id])
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        let row = tx
+            .query_opt(
+                "DELETE FROM quota_blocks WHERE id = $1 RETURNING account_id",
+                &[&block_id],
+            )
             .await
             .map_err(db_err)?;
-        if n == 0 {
+        let Some(row) = row else {
             return Err(CatalogError::not_found("quota block", block_id));
+        };
+        let account: String = row.get(0);
+        let inv = bump_credits(&tx, &account).await.map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        if let Some(inv) = inv {
+            self.notify_local(inv);
         }
         Ok(())
     }
 
     async fn expire_quota_blocks(&self, account_id: &str) -> CatalogResult<u64> {
         let now = self.now();
-        let conn = self.conn().await?;
-        let row = conn
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        let row = tx
             .query_one(
                 "WITH acct AS (SELECT 1 FROM accounts WHERE id = $1),
                       upd AS (UPDATE quota_blocks SET expires_at = $2
@@ -1113,6 +1307,11 @@ impl Catalog for PostgresCatalog {
             .map_err(db_err)?;
         if row.get::<_, i64>(0) == 0 {
             return Err(CatalogError::not_found("account", account_id));
+        }
+        let inv = bump_credits(&tx, account_id).await.map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        if let Some(inv) = inv {
+            self.notify_local(inv);
         }
         Ok(row.get::<_, i64>(1) as u64)
     }
@@ -1146,6 +1345,80 @@ impl Catalog for PostgresCatalog {
 
     async fn refund(&self, idempotency_key: &str) -> CatalogResult<u64> {
         retrying!(self.refund_tx(idempotency_key))
+    }
+
+    async fn credit_snapshot(&self, account_id: &str) -> CatalogResult<CreditSnapshot> {
+        let now = self.now();
+        let conn = self.conn().await?;
+        // One statement, so the version and the blocks are read together.
+        let stmt = conn
+            .prepare_cached(&format!(
+                "SELECT a.credit_version, {BLOCK_COLUMNS_Q}
+                 FROM accounts a LEFT JOIN quota_blocks q
+                   ON q.account_id = a.id AND (q.expires_at IS NULL OR q.expires_at > $2)
+                 WHERE a.id = $1
+                 ORDER BY q.expires_at ASC NULLS LAST, q.seq"
+            ))
+            .await
+            .map_err(db_err)?;
+        let rows = conn
+            .query(&stmt, &[&account_id, &now])
+            .await
+            .map_err(db_err)?;
+        let mut snapshot = CreditSnapshot::default();
+        for row in &rows {
+            snapshot.version = row.get::<_, i64>(0) as u64;
+            if row.get::<_, Option<String>>(1).is_some() {
+                snapshot.blocks.push(block_from_row(row));
+            }
+        }
+        Ok(snapshot)
+    }
+
+    async fn record_credit_ops(&self, account_id: &str, ops: &[CreditOp]) -> CatalogResult<()> {
+        retrying!(self.record_credit_ops_tx(account_id, ops))?;
+        // Charges the wallet could not decide: the catalog decides, as a
+        // deduction would (after the decided ones, which came first).
+        for op in ops {
+            if let CreditOp::Charge {
+                key,
+                request_id,
+                endpoint,
+                requested,
+                deducted: None,
+                ..
+            } = op
+            {
+                let d = Deduction {
+                    account_id: account_id.to_owned(),
+                    amount: *requested,
+                    require_full: false,
+                    min_balance: 0,
+                    idempotency_key: key.clone(),
+                    request_id: Some(request_id.clone()),
+                    endpoint: Some(endpoint.clone()),
+                };
+                match self.deduct(&d).await {
+                    Ok(_) | Err(CatalogError::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn touch_credits(&self, account_id: &str) -> CatalogResult<u64> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        let inv = bump_credits(&tx, account_id).await.map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        match inv {
+            Some(inv @ Invalidation::Credits { version, .. }) => {
+                self.notify_local(inv);
+                Ok(version)
+            }
+            _ => Err(CatalogError::not_found("account", account_id)),
+        }
     }
 
     async fn ledger(&self, account_id: &str) -> CatalogResult<Vec<LedgerEntry>> {

@@ -1,12 +1,19 @@
 //! The Redis key format: the only place that builds counter-store keys.
 //!
-//! Every key of one (account, endpoint) carries the same hash tag, so the
-//! scripts that touch them all run on one Redis Cluster slot:
+//! Every key of one account carries the account's hash tag, so the scripts
+//! that touch an (account, endpoint)'s counters and the account's credit
+//! wallet at once all run on one Redis Cluster slot:
 //!
 //! ```text
-//! <prefix>{<account>:<endpoint>}:w:<window_secs>:<unit>:<window_index>   window counter (string)
-//! <prefix>{<account>:<endpoint>}:f                                       in-flight set (zset)
+//! <prefix>{<account>}:<endpoint>:w:<window_secs>:<unit>:<window_index>   window counter (string)
+//! <prefix>{<account>}:<endpoint>:f                                       in-flight set (zset)
+//! <prefix>{<account>}/w        credit wallet (hash: block id -> remaining:expiry:order, `#v` version)
+//! <prefix>{<account>}/o        credit outbox (stream), written to the catalog and trimmed
+//! <prefix>{<account>}/v        the newest catalog credit version seen (string)
 //! ```
+//!
+//! The endpoint keys continue the tag with `:`, the account keys with `/`,
+//! which an escaped endpoint id never starts with, so the two never meet.
 //!
 //! Account ids, endpoint ids and unit names are arbitrary UTF-8 and may
 //! contain `{`, `}` and `:`. They are percent-escaped (`%`, `{`, `}`, `:`)
@@ -53,16 +60,55 @@ impl Keys {
         &self.prefix
     }
 
-    /// The hash tag shared by every key of (account, endpoint), braces
-    /// included.
-    pub fn tag(account: &str, endpoint: &str) -> String {
-        let mut t = String::with_capacity(account.len() + endpoint.len() + 3);
+    /// The hash tag shared by every key of an account, braces included.
+    pub fn tag(account: &str) -> String {
+        let mut t = String::with_capacity(account.len() + 2);
         t.push('{');
-        escape_into(&mut t, account);
-        t.push(':');
-        escape_into(&mut t, endpoint);
+        escape_account(&mut t, account);
         t.push('}');
         t
+    }
+
+    /// The account's credit wallet.
+    pub fn wallet(&self, account: &str) -> String {
+        self.account_key(account, "/w")
+    }
+
+    /// The account's credit outbox.
+    pub fn outbox(&self, account: &str) -> String {
+        self.account_key(account, "/o")
+    }
+
+    /// The newest credit version the store has seen for the account.
+    pub fn wallet_version(&self, account: &str) -> String {
+        self.account_key(account, "/v")
+    }
+
+    /// A `SCAN MATCH` pattern for every outbox under this prefix.
+    pub fn outbox_pattern(&self) -> String {
+        let mut p = self.scan_pattern();
+        p.pop();
+        p.push_str("{*}/o");
+        p
+    }
+
+    /// The account of an outbox key, if it is one under this prefix.
+    pub fn outbox_account(&self, key: &str) -> Option<String> {
+        let inner = key
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('{')?
+            .strip_suffix("}/o")?;
+        unescape(inner)
+    }
+
+    fn account_key(&self, account: &str, suffix: &str) -> String {
+        let mut k = String::with_capacity(self.prefix.len() + account.len() + 2 + suffix.len());
+        k.push_str(&self.prefix);
+        k.push('{');
+        escape_account(&mut k, account);
+        k.push('}');
+        k.push_str(suffix);
+        k
     }
 
     /// The counter of window `index` of length `window_secs` on `unit`.
@@ -109,12 +155,49 @@ impl Keys {
         let mut k = String::with_capacity(self.prefix.len() + account.len() + endpoint.len() + 40);
         k.push_str(&self.prefix);
         k.push('{');
-        escape_into(&mut k, account);
-        k.push(':');
+        escape_account(&mut k, account);
+        k.push_str("}:");
         escape_into(&mut k, endpoint);
-        k.push('}');
         k
     }
+}
+
+/// An account id as the hash tag holds it: escaped, and the empty id as
+/// `%00` (which escaping never writes), since Redis Cluster hashes a key
+/// with an empty tag whole — the account's keys would land on different
+/// slots.
+fn escape_account(out: &mut String, account: &str) {
+    if account.is_empty() {
+        out.push_str("%00");
+    } else {
+        escape_into(out, account);
+    }
+}
+
+/// The inverse of [`escape_account`]; `None` for anything it does not write.
+fn unescape(s: &str) -> Option<String> {
+    if s == "%00" {
+        return Some(String::new());
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 3)?;
+        out.push(match code {
+            "25" => '%',
+            "7B" => '{',
+            "7D" => '}',
+            "3A" => ':',
+            _ => return None,
+        });
+        rest = &rest[i + 3..];
+    }
+    if rest.contains(['{', '}', ':']) {
+        return None;
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 /// Percent-escape the characters that carry meaning in a key. Ids rarely
@@ -163,21 +246,28 @@ mod tests {
         let k = Keys::default();
         assert_eq!(
             k.window("acct", "gpt-4o", 60, "request", 7),
-            "pg:{acct:gpt-4o}:w:60:request:7"
+            "pg:{acct}:gpt-4o:w:60:request:7"
         );
-        assert_eq!(k.in_flight("acct", "gpt-4o"), "pg:{acct:gpt-4o}:f");
+        assert_eq!(k.in_flight("acct", "gpt-4o"), "pg:{acct}:gpt-4o:f");
+        assert_eq!(k.wallet("acct"), "pg:{acct}/w");
+        assert_eq!(k.outbox("acct"), "pg:{acct}/o");
+        assert_eq!(k.wallet_version("acct"), "pg:{acct}/v");
+        assert_eq!(k.outbox_pattern(), "pg:{*}/o");
+        assert_eq!(k.outbox_account("pg:{a%3Ab%7D}/o").as_deref(), Some("a:b}"));
+        assert_eq!(k.outbox_account("pg:{a}/w"), None);
+        assert_eq!(k.outbox_account("pg:{a:b}/o"), None);
     }
 
     #[test]
     fn hostile_ids_are_escaped() {
         let k = Keys::new("t:");
         let cases = [
-            ("a}b", "e", "t:{a%7Db:e}:f"),
-            ("a{b", "e", "t:{a%7Bb:e}:f"),
-            ("a:b", "e", "t:{a%3Ab:e}:f"),
-            ("a", "b:e", "t:{a:b%3Ae}:f"),
-            ("100%", "e", "t:{100%25:e}:f"),
-            ("", "", "t:{:}:f"),
+            ("a}b", "e", "t:{a%7Db}:e:f"),
+            ("a{b", "e", "t:{a%7Bb}:e:f"),
+            ("a:b", "e", "t:{a%3Ab}:e:f"),
+            ("a", "b:e", "t:{a}:b%3Ae:f"),
+            ("100%", "e", "t:{100%25}:e:f"),
+            ("", "", "t:{%00}::f"),
         ];
         for (account, endpoint, want) in cases {
             assert_eq!(
@@ -192,8 +282,8 @@ mod tests {
     fn prefix_braces_cannot_open_a_tag() {
         let k = Keys::new("x{y}:");
         let key = k.in_flight("a", "e");
-        assert_eq!(key, "x%7By%7D:{a:e}:f");
-        assert_eq!(cluster_hash_part(&key), "a:e");
+        assert_eq!(key, "x%7By%7D:{a}:e:f");
+        assert_eq!(cluster_hash_part(&key), "a");
     }
 
     #[test]
@@ -211,12 +301,16 @@ mod tests {
             index in any::<u64>(),
         ) {
             let k = Keys::new("p:");
-            let tag = Keys::tag(&account, &endpoint);
+            let tag = Keys::tag(&account);
             let inner = &tag[1..tag.len() - 1];
             let w = k.window(&account, &endpoint, secs, &unit, index);
             let f = k.in_flight(&account, &endpoint);
             prop_assert_eq!(cluster_hash_part(&w), inner);
             prop_assert_eq!(cluster_hash_part(&f), inner);
+            let (wallet, outbox) = (k.wallet(&account), k.outbox(&account));
+            prop_assert_eq!(cluster_hash_part(&wallet), inner);
+            prop_assert_eq!(cluster_hash_part(&outbox), inner);
+            prop_assert_eq!(k.outbox_account(&k.outbox(&account)), Some(account.clone()));
         }
 
         #[test]

@@ -23,6 +23,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use hashbrown::HashTable;
 use parking_lot::Mutex;
 
+use std::collections::{HashMap, VecDeque};
+
+use super::wallet::{
+    admission_key, usage_key, Charged, CreditAsk, OutboxItem, Wallet, WalletInit, WalletOp,
+    WalletSnapshot, WALLET_TTL_MS,
+};
 use super::{
     AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
     UsageRequest, Verdict, SETTLE_GRACE_MS,
@@ -43,6 +49,43 @@ pub struct MemoryStore {
     hasher: RandomState,
     ops: AtomicU64,
     sweep_every: u64,
+    /// Credit wallets and outboxes by account, sharded by account. Locked
+    /// after a pair's shard when both are needed (never the other way
+    /// round), so an attempt checks windows and credits atomically.
+    credits: Box<[Mutex<CreditShard>]>,
+    /// Outbox entry ids, increasing.
+    outbox_ids: AtomicU64,
+}
+
+/// Accounts' credit states, by account id.
+type CreditShard = HashMap<Box<str>, AccountCredits>;
+
+/// An account's credit state in the in-process store.
+#[derive(Debug, Default)]
+struct AccountCredits {
+    /// With the catalog time (ms) it was loaded at.
+    wallet: Option<(Wallet, u64)>,
+    outbox: VecDeque<OutboxItem>,
+    /// The newest credit version seen in an invalidation.
+    min_version: u64,
+}
+
+impl AccountCredits {
+    /// The wallet, unless it has outlived [`WALLET_TTL_MS`].
+    fn wallet(&mut self, now_ms: u64) -> Option<&mut Wallet> {
+        if self
+            .wallet
+            .as_ref()
+            .is_some_and(|(_, at)| now_ms >= at.saturating_add(WALLET_TTL_MS))
+        {
+            self.wallet = None;
+        }
+        self.wallet.as_mut().map(|(w, _)| w)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.wallet.is_none() && self.outbox.is_empty() && self.min_version == 0
+    }
 }
 
 /// One flat table of pairs per shard, hashed like the shard choice
@@ -123,6 +166,117 @@ impl MemoryStore {
             hasher: RandomState::new(),
             ops: AtomicU64::new(0),
             sweep_every: sweep_every.max(1),
+            credits: (0..DEFAULT_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+            outbox_ids: AtomicU64::new(0),
+        }
+    }
+
+    fn credit_shard(&self, account: &str) -> &Mutex<CreditShard> {
+        let h = self.hasher.hash_one(account);
+        &self.credits[((h >> 32) % self.credits.len() as u64) as usize]
+    }
+
+    /// Run `f` on the account's credit state (created for it).
+    fn with_credits<T>(&self, account: &str, f: impl FnOnce(&mut AccountCredits) -> T) -> T {
+        let mut shard = self.credit_shard(account).lock();
+        if !shard.contains_key(account) {
+            shard.insert(Box::from(account), AccountCredits::default());
+        }
+        let credits = shard.get_mut(account).expect("inserted above");
+        let out = f(credits);
+        if credits.is_empty() {
+            shard.remove(account);
+        }
+        out
+    }
+
+    fn push_op(&self, credits: &mut AccountCredits, op: WalletOp) {
+        let id = self.outbox_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        credits.outbox.push_back(OutboxItem {
+            id: id.to_string(),
+            op,
+        });
+    }
+
+    /// The admission's credit charge (windows and concurrency admitted it).
+    fn charge_admission(
+        &self,
+        credits: &mut AccountCredits,
+        req: &AttemptRequest<'_>,
+        ask: CreditAsk,
+    ) -> Result<Charged, (Verdict, Option<Charged>)> {
+        let Some(wallet) = credits.wallet(req.now_ms) else {
+            return Err((Verdict::NoWallet, None));
+        };
+        let balance = wallet.balance(req.now_ms);
+        if balance < ask.threshold || balance < ask.amount {
+            let refused = Charged {
+                balance,
+                draws: Vec::new(),
+            };
+            return Err((Verdict::NoCredits, Some(refused)));
+        }
+        let (taken, draws) = wallet.draw(ask.amount);
+        if taken > 0 {
+            wallet
+                .admitted
+                .insert(Box::from(req.request_id), draws.clone());
+            let op = WalletOp::Charge {
+                key: admission_key(req.request_id),
+                request_id: req.request_id.to_owned(),
+                endpoint: req.endpoint.to_owned(),
+                requested: ask.amount,
+                deducted: Some(taken),
+                draws: draws.clone(),
+                at_ms: req.now_ms,
+            };
+            self.push_op(credits, op);
+        }
+        Ok(Charged {
+            balance: balance - taken,
+            draws,
+        })
+    }
+
+    /// The credits of an end whose record was there.
+    fn settle_credits(&self, credits: &mut AccountCredits, req: &EndRequest<'_>) {
+        let now = req.now_ms;
+        if req.credits.refund {
+            if let Some(wallet) = credits.wallet(now) {
+                if let Some(draws) = wallet.admitted.remove(req.request_id) {
+                    wallet.give_back(&draws);
+                }
+            }
+            let op = WalletOp::Refund {
+                key: admission_key(req.request_id),
+                at_ms: now,
+            };
+            self.push_op(credits, op);
+        } else if let Some(wallet) = credits.wallet(now) {
+            wallet.admitted.remove(req.request_id);
+        }
+        let charge = req.credits.charge;
+        if charge > 0 {
+            let (deducted, draws) = match credits.wallet(now) {
+                Some(wallet) => {
+                    wallet.balance(now);
+                    let (taken, draws) = wallet.draw(charge);
+                    (Some(taken), draws)
+                }
+                None => (None, Vec::new()),
+            };
+            let op = WalletOp::Charge {
+                key: usage_key(req.request_id),
+                request_id: req.request_id.to_owned(),
+                endpoint: req.endpoint.to_owned(),
+                requested: charge,
+                deducted,
+                draws,
+                at_ms: now,
+            };
+            self.push_op(credits, op);
         }
     }
 
@@ -310,7 +464,14 @@ impl Entry {
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
-    fn attempt(&mut self, req: &AttemptRequest<'_>) -> AttemptOutcome {
+    /// `charge` runs once windows and concurrency admit, before anything
+    /// is written: it takes the credits or refuses (then nothing is
+    /// written either).
+    fn attempt(
+        &mut self,
+        req: &AttemptRequest<'_>,
+        charge: impl FnOnce() -> Result<Option<Charged>, (Verdict, Option<Charged>)>,
+    ) -> AttemptOutcome {
         let now = req.now_ms;
         let mut used: Vec<u64> = req
             .windows
@@ -339,8 +500,20 @@ impl Entry {
                 verdict,
                 used,
                 in_flight,
+                credits: None,
             };
         }
+        let credits = match charge() {
+            Ok(charged) => charged,
+            Err((verdict, credits)) => {
+                return AttemptOutcome {
+                    verdict,
+                    used,
+                    in_flight,
+                    credits,
+                }
+            }
+        };
         for (w, u) in req.windows.iter().zip(used.iter_mut()) {
             // A zero amount writes nothing, as in the Redis store, so that
             // an unused window does not hold memory.
@@ -362,6 +535,7 @@ impl Entry {
             verdict,
             used,
             in_flight: in_flight.saturating_add(1),
+            credits,
         }
     }
 
@@ -400,11 +574,94 @@ fn drop_at(expiry: u64) -> u64 {
 
 impl CounterStore for MemoryStore {
     async fn attempt(&self, req: &AttemptRequest<'_>) -> Result<AttemptOutcome, StoreError> {
-        Ok(self.with_entry(req.account, req.endpoint, req.now_ms, |e| e.attempt(req)))
+        Ok(self.with_entry(req.account, req.endpoint, req.now_ms, |e| {
+            match req.credits {
+                None => e.attempt(req, || Ok(None)),
+                Some(ask) => self.with_credits(req.account, |credits| {
+                    e.attempt(req, || self.charge_admission(credits, req, ask).map(Some))
+                }),
+            }
+        }))
     }
 
     async fn end(&self, req: &EndRequest<'_>) -> Result<bool, StoreError> {
-        Ok(self.with_entry(req.account, req.endpoint, req.now_ms, |e| e.end(req)))
+        Ok(self.with_entry(req.account, req.endpoint, req.now_ms, |e| {
+            let settled = e.end(req);
+            if settled && !req.credits.is_empty() {
+                self.with_credits(req.account, |credits| self.settle_credits(credits, req));
+            }
+            settled
+        }))
+    }
+
+    async fn wallet_init(
+        &self,
+        account: &str,
+        snapshot: &WalletSnapshot,
+    ) -> Result<WalletInit, StoreError> {
+        Ok(self.with_credits(account, |credits| {
+            if credits.wallet.is_some() {
+                WalletInit::Loaded
+            } else if !credits.outbox.is_empty() {
+                WalletInit::Pending
+            } else if snapshot.version < credits.min_version {
+                WalletInit::Stale
+            } else {
+                credits.wallet = Some((Wallet::load(snapshot), snapshot.loaded_ms));
+                WalletInit::Loaded
+            }
+        }))
+    }
+
+    async fn wallet_invalidate(
+        &self,
+        account: &str,
+        version: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.with_credits(account, |credits| match version {
+            Some(v) => {
+                credits.min_version = credits.min_version.max(v);
+                if credits.wallet.as_ref().is_some_and(|(w, _)| w.version < v) {
+                    credits.wallet = None;
+                }
+            }
+            None => credits.wallet = None,
+        });
+        Ok(())
+    }
+
+    async fn wallet_balance(&self, account: &str, now_ms: u64) -> Result<Option<u64>, StoreError> {
+        Ok(self.with_credits(account, |credits| {
+            credits.wallet(now_ms).map(|w| w.balance(now_ms))
+        }))
+    }
+
+    async fn outbox_read(&self, account: &str, max: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        Ok(self.with_credits(account, |credits| {
+            credits.outbox.iter().take(max).cloned().collect()
+        }))
+    }
+
+    async fn outbox_ack(&self, account: &str, ids: &[String]) -> Result<(), StoreError> {
+        self.with_credits(account, |credits| {
+            credits.outbox.retain(|item| !ids.contains(&item.id));
+        });
+        Ok(())
+    }
+
+    async fn outbox_accounts(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .credits
+            .iter()
+            .flat_map(|shard| {
+                shard
+                    .lock()
+                    .iter()
+                    .filter(|(_, c)| !c.outbox.is_empty())
+                    .map(|(a, _)| a.to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect())
     }
 
     async fn usage(&self, req: &UsageRequest<'_>) -> Result<Usage, StoreError> {
@@ -468,6 +725,7 @@ mod tests {
             windows: &windows,
             max_concurrent: 0,
             lease_ms: lease,
+            credits: None,
         }))
         .expect("memory store does not fail")
         .verdict
@@ -483,6 +741,7 @@ mod tests {
             endpoint: "e",
             now_ms: T0 + 10,
             settlements: &[],
+            credits: Default::default(),
         }))
         .expect("end");
         assert!(ended);
@@ -513,6 +772,7 @@ mod tests {
                 windows: &windows,
                 max_concurrent: 0,
                 lease_ms: 1_000,
+                credits: None,
             }))
             .expect("attempt")
             .verdict
@@ -535,6 +795,7 @@ mod tests {
                 endpoint: "e",
                 now_ms: T0 + 10,
                 settlements: &[],
+                credits: Default::default(),
             }))
             .expect("end");
             assert!(ended, "{id}");
@@ -613,6 +874,7 @@ mod tests {
                 endpoint: "e",
                 now_ms,
                 settlements: &settle,
+                credits: Default::default(),
             }))
             .expect("end")
         };
@@ -657,6 +919,7 @@ mod tests {
                 endpoint: "e",
                 now_ms,
                 settlements: &[],
+                credits: Default::default(),
             }))
             .expect("end")
         };

@@ -38,6 +38,9 @@ use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInf
 use redis::{AsyncConnectionConfig, RedisError, Script, ScriptInvocation, Value};
 
 use super::keys::{Keys, DEFAULT_PREFIX};
+use super::wallet::{
+    decode_draws, Charged, OutboxItem, WalletInit, WalletOp, WalletSnapshot, WALLET_TTL_MS,
+};
 use super::{
     AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
     UsageRequest, Verdict, SETTLE_GRACE_MS,
@@ -49,11 +52,82 @@ use crate::clock::{window_index, window_reset_ms};
 /// ended by another instance's clock.
 pub const TTL_SLACK_MS: u64 = 5_000;
 
-/// Admit or deny. KEYS[1] in-flight zset, KEYS[1+i] window i's counter.
+/// The wallet functions the credit parts of the scripts share (see
+/// `limiter::wallet`, which the in-process store runs). A wallet is a hash:
+/// `#v` the catalog credit version it was loaded at, `b:<block>` a block
+/// as `remaining:expiry ms (0: never):order`, `a:<request>` an admission's
+/// draws until its end. Numbers are formatted with `%.0f`: Lua's default
+/// `tostring` keeps 14 digits, and amounts have up to 16.
+const WALLET_LUA: &str = r#"
+local function fmt(x)
+  return string.format('%.0f', x)
+end
+-- The unexpired blocks in drain order (expired ones are deleted) and
+-- their balance.
+local function wallet_blocks(key, now)
+  local raw = redis.call('HGETALL', key)
+  local blocks, balance = {}, 0
+  for i = 1, #raw, 2 do
+    local f = raw[i]
+    if string.sub(f, 1, 2) == 'b:' then
+      local rem, exp, ord = string.match(raw[i + 1], '^(%d+):(%d+):(%d+)$')
+      rem, exp, ord = tonumber(rem), tonumber(exp), tonumber(ord)
+      if exp ~= 0 and exp <= now then
+        redis.call('HDEL', key, f)
+      else
+        blocks[#blocks + 1] = {f, rem, exp, ord}
+        balance = balance + rem
+      end
+    end
+  end
+  table.sort(blocks, function(a, b)
+    local ea = a[3] == 0 and math.huge or a[3]
+    local eb = b[3] == 0 and math.huge or b[3]
+    if ea ~= eb then
+      return ea < eb
+    end
+    return a[4] < b[4]
+  end)
+  return blocks, balance
+end
+-- Take up to amount in drain order: what was taken and the draws
+-- (`id=n;id=n`).
+local function wallet_draw(key, blocks, amount)
+  local left, parts = amount, {}
+  for _, b in ipairs(blocks) do
+    if left <= 0 then
+      break
+    end
+    local take = math.min(b[2], left)
+    if take > 0 then
+      b[2] = b[2] - take
+      left = left - take
+      redis.call('HSET', key, b[1], fmt(b[2]) .. ':' .. fmt(b[3]) .. ':' .. fmt(b[4]))
+      parts[#parts + 1] = string.sub(b[1], 3) .. '=' .. fmt(take)
+    end
+  end
+  return amount - left, table.concat(parts, ';')
+end
+-- Give draws back to the blocks still held.
+local function wallet_give_back(key, draws)
+  for id, n in string.gmatch(draws, '([^;=]+)=(%d+)') do
+    local v = redis.call('HGET', key, 'b:' .. id)
+    if v then
+      local rem, rest = string.match(v, '^(%d+)(:.*)$')
+      redis.call('HSET', key, 'b:' .. id, fmt(tonumber(rem) + tonumber(n)) .. rest)
+    end
+  end
+end
+"#;
+
+/// Admit or deny. KEYS[1] in-flight zset, KEYS[1+i] window i's counter;
+/// with credits also the account's wallet and outbox.
 /// ARGV: now, request id, max concurrent, lease expiry ms, slack ms, settle
-/// grace ms, then per window: limit, amount, ttl ms.
-/// Returns {verdict, window index (1-based, 0 if none), in flight, used...}
-/// with verdict 0 admitted, 1 window full, 2 concurrency full, 3 duplicate.
+/// grace ms, then per window: limit, amount, ttl ms; with credits then the
+/// amount, the balance threshold and the endpoint (for the ledger).
+/// Returns {verdict, window index (1-based, 0 if none), in flight, used...,
+/// [balance, draws]} with verdict 0 admitted, 1 window full, 2 concurrency
+/// full, 3 duplicate, 4 wallet not loaded, 5 balance too low.
 /// Nothing is written unless admitted. Public for benchmarks that load it
 /// into `redis-benchmark`.
 pub const ATTEMPT_LUA: &str = r#"
@@ -63,7 +137,10 @@ local max_conc = tonumber(ARGV[3])
 local expiry = tonumber(ARGV[4])
 local slack = tonumber(ARGV[5])
 local grace = tonumber(ARGV[6])
-local n = #KEYS - 1
+-- Without credits: 1 + n keys and 6 + 3n arguments; with: 3 + n and
+-- 9 + 3n.
+local credits = #ARGV - 6 ~= 3 * (#KEYS - 1)
+local n = credits and #KEYS - 3 or #KEYS - 1
 local used = {}
 for i = 1, n do
   used[i] = redis.call('GET', KEYS[i + 1]) or 0
@@ -85,6 +162,31 @@ else
   end
   if verdict == 0 and max_conc > 0 and live >= max_conc then
     verdict = 2
+  end
+end
+local wallet, outbox, blocks, balance
+if verdict == 0 and credits then
+  wallet, outbox = KEYS[n + 2], KEYS[n + 3]
+  if redis.call('EXISTS', wallet) == 0 then
+    verdict = 4
+  else
+    blocks, balance = wallet_blocks(wallet, now)
+    local amount = tonumber(ARGV[7 + 3 * n])
+    if balance < tonumber(ARGV[8 + 3 * n]) or balance < amount then
+      verdict = 5
+    end
+  end
+end
+local draws = ''
+if verdict == 0 and credits then
+  local amount = tonumber(ARGV[7 + 3 * n])
+  if amount > 0 then
+    local taken
+    taken, draws = wallet_draw(wallet, blocks, amount)
+    balance = balance - taken
+    redis.call('HSET', wallet, 'a:' .. id, draws)
+    redis.call('XADD', outbox, '*', 'op', 'charge', 'k', 'adm:' .. id, 'r', id,
+      'e', ARGV[9 + 3 * n], 'q', ARGV[7 + 3 * n], 'd', fmt(taken), 'w', draws, 't', ARGV[1])
   end
 end
 if verdict == 0 then
@@ -120,26 +222,64 @@ local out = {verdict, at, live}
 for i = 1, n do
   out[3 + i] = used[i]
 end
+if credits then
+  out[4 + n] = balance or 0
+  out[5 + n] = draws
+end
 return out
 "#;
 
 /// End a request. KEYS[1] in-flight zset; per settlement i:
 /// KEYS[2i] counter of the current window, KEYS[2i+1] counter of the
-/// admission window. ARGV: now, request id, settle grace ms, then per
+/// admission window; with credits then the wallet and the outbox.
+/// ARGV: now, request id, settle grace ms, then per
 /// settlement: units to add, units to give back, ttl ms of the current
-/// window's counter. Returns 1 if the request's record was there, live or
-/// expired less than the grace ago (and settles only then).
+/// window's counter; with credits then the per-unit charge, 1 to refund the
+/// admission charge (else 0), the endpoint and `c`. Returns 1 if the request's
+/// record was there, live or expired less than the grace ago (and settles
+/// only then).
 const END_LUA: &str = r#"
 local now = tonumber(ARGV[1])
-local score = redis.call('ZSCORE', KEYS[1], ARGV[2])
+local id = ARGV[2]
+local score = redis.call('ZSCORE', KEYS[1], id)
 if not score then
   return 0
 end
-redis.call('ZREM', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[1], id)
 if tonumber(score) + tonumber(ARGV[3]) <= now then
   return 0
 end
-local n = (#KEYS - 1) / 2
+-- Without credits: 1 + 2n keys and 3 + 3n arguments; with: 3 + 2n and
+-- 7 + 3n (the last one a marker).
+local credits = (#ARGV - 3) % 3 ~= 0
+local n = credits and (#KEYS - 3) / 2 or (#KEYS - 1) / 2
+if credits then
+  local wallet, outbox = KEYS[2 * n + 2], KEYS[2 * n + 3]
+  local charge = tonumber(ARGV[4 + 3 * n])
+  local has_wallet = redis.call('EXISTS', wallet) == 1
+  local admitted = has_wallet and redis.call('HGET', wallet, 'a:' .. id)
+  if admitted then
+    redis.call('HDEL', wallet, 'a:' .. id)
+  end
+  if ARGV[5 + 3 * n] == '1' then
+    if admitted then
+      wallet_give_back(wallet, admitted)
+    end
+    redis.call('XADD', outbox, '*', 'op', 'refund', 'k', 'adm:' .. id, 't', ARGV[1])
+  end
+  if charge > 0 then
+    if has_wallet then
+      local blocks = wallet_blocks(wallet, now)
+      local taken, draws = wallet_draw(wallet, blocks, charge)
+      redis.call('XADD', outbox, '*', 'op', 'charge', 'k', 'use:' .. id, 'r', id,
+        'e', ARGV[6 + 3 * n], 'q', ARGV[4 + 3 * n], 'd', fmt(taken), 'w', draws, 't', ARGV[1])
+    else
+      -- Not loaded (invalidated meanwhile): the catalog decides.
+      redis.call('XADD', outbox, '*', 'op', 'charge', 'k', 'use:' .. id, 'r', id,
+        'e', ARGV[6 + 3 * n], 'q', ARGV[4 + 3 * n], 't', ARGV[1])
+    end
+  end
+end
 for i = 1, n do
   local add = ARGV[3 * i + 1]
   local back = tonumber(ARGV[3 * i + 2])
@@ -186,6 +326,69 @@ if redis.call('PTTL', KEYS[1]) < ttl then
   redis.call('PEXPIRE', KEYS[1], ttl)
 end
 return 1
+"#;
+
+/// The attempt script with the wallet functions it calls.
+fn attempt_script() -> String {
+    format!("{WALLET_LUA}{ATTEMPT_LUA}")
+}
+
+/// The end script with the wallet functions it calls.
+fn end_script() -> String {
+    format!("{WALLET_LUA}{END_LUA}")
+}
+
+/// Load a wallet unless loaded. KEYS[1] wallet, KEYS[2] outbox, KEYS[3]
+/// newest version seen. ARGV: version, ttl ms, then per block (in drain
+/// order): id, remaining, expiry ms (0: never). Returns 0 loaded (now or
+/// before), 1 outbox not empty, 2 snapshot older than an invalidation.
+const WALLET_INIT_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+if redis.call('XLEN', KEYS[2]) > 0 then
+  return 1
+end
+if tonumber(redis.call('GET', KEYS[3]) or '0') > tonumber(ARGV[1]) then
+  return 2
+end
+redis.call('HSET', KEYS[1], '#v', ARGV[1])
+local order = 0
+for i = 3, #ARGV, 3 do
+  order = order + 1
+  redis.call('HSET', KEYS[1], 'b:' .. ARGV[i], ARGV[i + 1] .. ':' .. ARGV[i + 2] .. ':' .. order)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 0
+"#;
+
+/// Invalidate a wallet. KEYS[1] wallet, KEYS[2] newest version seen.
+/// ARGV: version (empty: drop the wallet whatever its version), ttl ms of
+/// the version key.
+const WALLET_INVALIDATE_LUA: &str = r#"
+if ARGV[1] == '' then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+local v = tonumber(ARGV[1])
+if tonumber(redis.call('GET', KEYS[2]) or '0') < v then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+end
+local loaded = redis.call('HGET', KEYS[1], '#v')
+if loaded and tonumber(loaded) < v then
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"#;
+
+/// A wallet's balance. KEYS[1] wallet. ARGV: now. Returns -1 when not
+/// loaded.
+const WALLET_BALANCE_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return -1
+end
+local _, balance = wallet_blocks(KEYS[1], tonumber(ARGV[1]))
+return balance
 "#;
 
 /// How [`RedisStore`] talks to Redis.
@@ -252,6 +455,9 @@ pub struct RedisStore {
     end: Script,
     usage: Script,
     renew: Script,
+    wallet_init: Script,
+    wallet_invalidate: Script,
+    wallet_balance: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -359,10 +565,13 @@ impl RedisStore {
             mode: options.mode,
             response_timeout: options.response_timeout,
             keys: Keys::new(&options.key_prefix),
-            attempt: Script::new(ATTEMPT_LUA),
-            end: Script::new(END_LUA),
+            attempt: Script::new(&attempt_script()),
+            end: Script::new(&end_script()),
             usage: Script::new(USAGE_LUA),
             renew: Script::new(RENEW_LUA),
+            wallet_init: Script::new(WALLET_INIT_LUA),
+            wallet_invalidate: Script::new(WALLET_INVALIDATE_LUA),
+            wallet_balance: Script::new(&format!("{WALLET_LUA}{WALLET_BALANCE_LUA}")),
         }
     }
 
@@ -421,7 +630,15 @@ impl RedisStore {
         let mut infos = Vec::new();
         collect_text(&info_reply, &mut infos);
         let mut load_error = None;
-        for script in [ATTEMPT_LUA, END_LUA, USAGE_LUA, RENEW_LUA] {
+        for script in [
+            &attempt_script(),
+            &end_script(),
+            USAGE_LUA,
+            RENEW_LUA,
+            WALLET_INIT_LUA,
+            WALLET_INVALIDATE_LUA,
+            &format!("{WALLET_LUA}{WALLET_BALANCE_LUA}"),
+        ] {
             let mut load = redis::cmd("SCRIPT");
             load.arg("LOAD").arg(script);
             match self.query(&load).await {
@@ -597,6 +814,61 @@ fn collect_text(v: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// One `XRANGE` entry: `[id, [field, value, ...]]`.
+fn parse_outbox_entry(v: &Value) -> Result<OutboxItem, StoreError> {
+    let text = |v: &Value| -> Option<String> {
+        match v {
+            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        }
+    };
+    let bad = || bad_reply("outbox entry", v);
+    let Value::Array(parts) = v else {
+        return Err(bad());
+    };
+    let [id, fields] = parts.as_slice() else {
+        return Err(bad());
+    };
+    let id = text(id).ok_or_else(bad)?;
+    let Value::Array(fields) = fields else {
+        return Err(bad());
+    };
+    let mut map = std::collections::HashMap::new();
+    for pair in fields.chunks_exact(2) {
+        map.insert(
+            text(&pair[0]).ok_or_else(bad)?,
+            text(&pair[1]).ok_or_else(bad)?,
+        );
+    }
+    let field = |name: &str| map.get(name).cloned().ok_or_else(bad);
+    let number =
+        |name: &str| -> Result<u64, StoreError> { field(name)?.parse().map_err(|_| bad()) };
+    let op = match field("op")?.as_str() {
+        "charge" => WalletOp::Charge {
+            key: field("k")?,
+            request_id: field("r")?,
+            endpoint: field("e")?,
+            requested: number("q")?,
+            deducted: match map.get("d") {
+                Some(d) => Some(d.parse().map_err(|_| bad())?),
+                None => None,
+            },
+            draws: match map.get("w") {
+                Some(w) => decode_draws(w).ok_or_else(bad)?,
+                None => Vec::new(),
+            },
+            at_ms: number("t")?,
+        },
+        "refund" => WalletOp::Refund {
+            key: field("k")?,
+            at_ms: number("t")?,
+        },
+        _ => return Err(bad()),
+    };
+    Ok(OutboxItem { id, op })
+}
+
 fn map_err(e: RedisError) -> StoreError {
     if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
         StoreError::Unavailable(e.to_string())
@@ -681,15 +953,40 @@ impl CounterStore for RedisStore {
             .arg(w.amount)
             .arg(window_ttl_ms(req.now_ms, w.window_secs));
         }
-        let reply = array("attempt", self.run(&inv).await?)?;
-        let nums = int_list("attempt", &reply)?;
-        if nums.len() != 3 + req.windows.len() {
+        if let Some(ask) = req.credits {
+            inv.key(self.keys.wallet(req.account))
+                .key(self.keys.outbox(req.account))
+                .arg(ask.amount)
+                .arg(ask.threshold)
+                .arg(req.endpoint);
+        }
+        let mut reply = array("attempt", self.run(&inv).await?)?;
+        let credit_fields = if req.credits.is_some() { 2 } else { 0 };
+        if reply.len() != 3 + req.windows.len() + credit_fields {
             return Err(StoreError::Protocol(format!(
                 "attempt reply has {} fields, expected {}",
-                nums.len(),
-                3 + req.windows.len()
+                reply.len(),
+                3 + req.windows.len() + credit_fields
             )));
         }
+        let credits = match req.credits {
+            None => None,
+            Some(_) => {
+                let draws = reply.pop().expect("length checked");
+                let draws = match &draws {
+                    Value::BulkString(b) => std::str::from_utf8(b).ok(),
+                    Value::SimpleString(s) => Some(s.as_str()),
+                    _ => None,
+                }
+                .and_then(decode_draws)
+                .ok_or_else(|| bad_reply("attempt draws", &draws))?;
+                let balance = reply.pop().expect("length checked");
+                let balance =
+                    as_u64(&balance).ok_or_else(|| bad_reply("attempt balance", &balance))?;
+                Some(Charged { balance, draws })
+            }
+        };
+        let nums = int_list("attempt", &reply)?;
         let verdict = match (nums[0], nums[1]) {
             (0, _) => Verdict::Admitted,
             (1, i) if i >= 1 && i as usize <= req.windows.len() => Verdict::WindowFull {
@@ -697,16 +994,20 @@ impl CounterStore for RedisStore {
             },
             (2, _) => Verdict::ConcurrencyFull,
             (3, _) => Verdict::Duplicate,
+            (4, _) if credits.is_some() => Verdict::NoWallet,
+            (5, _) if credits.is_some() => Verdict::NoCredits,
             (v, i) => {
                 return Err(StoreError::Protocol(format!(
                     "attempt reply has verdict {v} / window {i}"
                 )))
             }
         };
+        let admitted_or_poor = matches!(verdict, Verdict::Admitted | Verdict::NoCredits);
         Ok(AttemptOutcome {
             verdict,
             used: nums[3..].to_vec(),
             in_flight: count_u32(nums[2]),
+            credits: credits.filter(|_| admitted_or_poor),
         })
     }
 
@@ -734,7 +1035,139 @@ impl CounterStore for RedisStore {
             .arg(s.reserved.saturating_sub(s.actual))
             .arg(window_ttl_ms(req.now_ms, s.window_secs));
         }
+        if !req.credits.is_empty() {
+            inv.key(self.keys.wallet(req.account))
+                .key(self.keys.outbox(req.account))
+                .arg(req.credits.charge)
+                .arg(if req.credits.refund { "1" } else { "0" })
+                .arg(req.endpoint)
+                .arg("c");
+        }
         flag("end", self.run(&inv).await?)
+    }
+
+    async fn wallet_init(
+        &self,
+        account: &str,
+        snapshot: &WalletSnapshot,
+    ) -> Result<WalletInit, StoreError> {
+        let mut inv = self.wallet_init.prepare_invoke();
+        inv.key(self.keys.wallet(account))
+            .key(self.keys.outbox(account))
+            .key(self.keys.wallet_version(account))
+            .arg(snapshot.version)
+            .arg(WALLET_TTL_MS);
+        for b in &snapshot.blocks {
+            inv.arg(&b.id)
+                .arg(b.remaining)
+                .arg(b.expires_ms.unwrap_or(0));
+        }
+        let v = self.run(&inv).await?;
+        match as_u64(&v) {
+            Some(0) => Ok(WalletInit::Loaded),
+            Some(1) => Ok(WalletInit::Pending),
+            Some(2) => Ok(WalletInit::Stale),
+            _ => Err(bad_reply("wallet init", &v)),
+        }
+    }
+
+    async fn wallet_invalidate(
+        &self,
+        account: &str,
+        version: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let mut inv = self.wallet_invalidate.prepare_invoke();
+        inv.key(self.keys.wallet(account))
+            .key(self.keys.wallet_version(account))
+            .arg(version.map(|v| v.to_string()).unwrap_or_default())
+            .arg(WALLET_TTL_MS);
+        self.run(&inv).await.map(|_| ())
+    }
+
+    async fn wallet_balance(&self, account: &str, now_ms: u64) -> Result<Option<u64>, StoreError> {
+        let mut inv = self.wallet_balance.prepare_invoke();
+        inv.key(self.keys.wallet(account)).arg(now_ms);
+        match self.run(&inv).await? {
+            Value::Int(-1) => Ok(None),
+            v => as_u64(&v)
+                .map(Some)
+                .ok_or_else(|| bad_reply("wallet balance", &v)),
+        }
+    }
+
+    async fn outbox_read(&self, account: &str, max: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(self.keys.outbox(account))
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(max);
+        let reply = self.query(&cmd).await?;
+        let entries = array("outbox", reply)?;
+        entries.iter().map(parse_outbox_entry).collect()
+    }
+
+    async fn outbox_ack(&self, account: &str, ids: &[String]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("XDEL");
+        cmd.arg(self.keys.outbox(account)).arg(ids);
+        self.query(&cmd).await.map(|_| ())
+    }
+
+    async fn outbox_accounts(&self) -> Result<Vec<String>, StoreError> {
+        let pattern = self.keys.outbox_pattern();
+        let mut keys = Vec::new();
+        match &self.conn {
+            Conn::Cluster(c) => {
+                // No cluster-wide SCAN in the client: KEYS on every master.
+                // Run at start-up and every few minutes, not per request.
+                let mut c = ClusterConnection::clone(c);
+                let mut cmd = redis::cmd("KEYS");
+                cmd.arg(&pattern);
+                let all_masters = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::CombineArrays),
+                ));
+                let v = c.route_command(cmd, all_masters).await.map_err(map_err)?;
+                collect_text(&v, &mut keys);
+            }
+            _ => {
+                let mut cursor = 0u64;
+                loop {
+                    let mut cmd = redis::cmd("SCAN");
+                    cmd.arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .arg("TYPE")
+                        .arg("stream");
+                    let reply = array("scan", self.query(&cmd).await?)?;
+                    let [next, batch] = <[Value; 2]>::try_from(reply)
+                        .map_err(|_| StoreError::Protocol("scan reply".into()))?;
+                    cursor = match &next {
+                        Value::BulkString(b) => std::str::from_utf8(b)
+                            .ok()
+                            .and_then(|s| s.parse().ok())
+                            .ok_or_else(|| bad_reply("scan cursor", &next))?,
+                        v => as_u64(v).ok_or_else(|| bad_reply("scan cursor", v))?,
+                    };
+                    collect_text(&batch, &mut keys);
+                    if cursor == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        let mut accounts: Vec<String> = keys
+            .iter()
+            .filter_map(|k| self.keys.outbox_account(k))
+            .collect();
+        accounts.sort();
+        accounts.dedup();
+        Ok(accounts)
     }
 
     async fn usage(&self, req: &UsageRequest<'_>) -> Result<Usage, StoreError> {

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use proptest::prelude::*;
 
 use super::memory::MemoryStore;
+use super::wallet::{OutboxItem, WalletInit, WalletSnapshot};
 use super::*;
 use crate::clock::window_start_ms;
 
@@ -44,6 +45,7 @@ proptest! {
         let run = |id: &str, amount: u64| block_on(store.attempt(&AttemptRequest {
             request_id: id, account: "a", endpoint: "e", now_ms: now,
             windows: &spec(amount), max_concurrent: 0, lease_ms: 60_000,
+            credits: None,
         })).expect("attempt");
         prop_assert_eq!(run("other", other).verdict, Verdict::Admitted);
         prop_assert_eq!(run("r", reserved).verdict, Verdict::Admitted);
@@ -54,6 +56,7 @@ proptest! {
         let ended = block_on(store.end(&EndRequest {
             request_id: "r", account: "a", endpoint: "e", now_ms: now + end_after,
             settlements: &settle,
+            credits: Default::default(),
         })).expect("end");
         prop_assert!(ended);
         let used = block_on(store.usage(&UsageRequest {
@@ -73,6 +76,7 @@ proptest! {
         block_on(store.attempt(&AttemptRequest {
             request_id: "r", account: "a", endpoint: "e", now_ms: now,
             windows: &windows, max_concurrent: 0, lease_ms: 600_000,
+            credits: None,
         })).expect("attempt");
         let later = now + 90_000;
         let settle = [Settlement {
@@ -81,6 +85,7 @@ proptest! {
         }];
         block_on(store.end(&EndRequest {
             request_id: "r", account: "a", endpoint: "e", now_ms: later, settlements: &settle,
+            credits: Default::default(),
         })).expect("end");
         let used = block_on(store.usage(&UsageRequest {
             account: "a", endpoint: "e", now_ms: later,
@@ -165,6 +170,7 @@ impl Model {
                 verdict,
                 used,
                 in_flight,
+                credits: None,
             };
         }
         let mut after = Vec::new();
@@ -186,6 +192,7 @@ impl Model {
             verdict,
             used: after,
             in_flight: in_flight + 1,
+            credits: None,
         }
     }
 
@@ -272,6 +279,7 @@ fn check_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
                     windows: &specs,
                     max_concurrent: policy.max_concurrent,
                     lease_ms,
+                    credits: None,
                 };
                 let got = block_on(store.attempt(&req)).expect("attempt");
                 let want = model.attempt(&req);
@@ -290,6 +298,7 @@ fn check_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
                     policy: Arc::new(policy.clone()),
                     reserved,
                     admitted_ms,
+                    charged: None,
                 };
                 let finals: Vec<(Unit, u64)> = tokens
                     .map(|t| (Unit::new("token"), t))
@@ -302,6 +311,7 @@ fn check_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
                     endpoint: "e",
                     now_ms: now,
                     settlements: &settlements,
+                    credits: Default::default(),
                 };
                 let got = block_on(store.end(&req)).expect("end");
                 prop_assert_eq!(got, model.end(&req), "{:?} at {}", op, now);
@@ -394,6 +404,38 @@ impl CounterStore for Counting {
             return Err(StoreError::Unavailable("down".into()));
         }
         self.inner.renew(req).await
+    }
+
+    async fn wallet_init(
+        &self,
+        account: &str,
+        snapshot: &WalletSnapshot,
+    ) -> Result<WalletInit, StoreError> {
+        self.inner.wallet_init(account, snapshot).await
+    }
+
+    async fn wallet_invalidate(
+        &self,
+        account: &str,
+        version: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.inner.wallet_invalidate(account, version).await
+    }
+
+    async fn wallet_balance(&self, account: &str, now_ms: u64) -> Result<Option<u64>, StoreError> {
+        self.inner.wallet_balance(account, now_ms).await
+    }
+
+    async fn outbox_read(&self, account: &str, max: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        self.inner.outbox_read(account, max).await
+    }
+
+    async fn outbox_ack(&self, account: &str, ids: &[String]) -> Result<(), StoreError> {
+        self.inner.outbox_ack(account, ids).await
+    }
+
+    async fn outbox_accounts(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.outbox_accounts().await
     }
 }
 
