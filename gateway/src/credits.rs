@@ -39,6 +39,15 @@ const FLUSH_CONCURRENCY: usize = 16;
 /// gateway that died), besides at start.
 const RECOVERY_EVERY: Duration = Duration::from_secs(60);
 
+/// How often a gateway says it is alive, and how long that lasts: an
+/// instance silent for longer is dead, and its unended admissions are
+/// refunded once their leases run out.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
+
+/// How often unended admissions of dead gateways are looked for.
+const REAP_EVERY: Duration = Duration::from_secs(5);
+
 /// The writer's longest sleep while nothing is pending.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 
@@ -54,6 +63,8 @@ pub struct OutboxStats {
     pub failures: AtomicU64,
     /// Wallets loaded from the catalog.
     pub loads: AtomicU64,
+    /// Admissions refunded because their gateway died before their end.
+    pub reaped: AtomicU64,
 }
 
 /// Loads wallets, follows credit invalidations, and writes outboxes to the
@@ -182,6 +193,56 @@ impl<S: CounterStore> Outbox<S> {
         Ok(n)
     }
 
+    /// Refund the unended admissions of gateways that died (no heartbeat)
+    /// whose leases have run out. Returns how many were refunded.
+    pub async fn reap_dead(&self) -> Result<u64, StoreError> {
+        let limiter = self.limiter()?;
+        let store = limiter.store();
+        let me = limiter.instance();
+        let mut alive: std::collections::HashMap<String, bool> = Default::default();
+        let mut reaped = 0;
+        for account in store.wallet_accounts().await? {
+            for admission in store.unended_admissions(&account).await? {
+                if admission.instance == me {
+                    continue;
+                }
+                let live = match alive.get(&admission.instance) {
+                    Some(&live) => live,
+                    None => {
+                        let live = store.instance_alive(&admission.instance).await?;
+                        alive.insert(admission.instance.clone(), live);
+                        live
+                    }
+                };
+                if live {
+                    continue;
+                }
+                let now_ms = self.clock.now_ms();
+                if store.reap(&account, &admission, now_ms).await? {
+                    reaped += 1;
+                    self.wrote(&account);
+                }
+            }
+        }
+        if reaped > 0 {
+            self.stats.reaped.fetch_add(reaped, Ordering::Relaxed);
+            tracing::info!(
+                reaped,
+                "refunded admissions of gateways that died before their requests ended"
+            );
+        }
+        Ok(reaped)
+    }
+
+    /// Say this gateway is alive.
+    pub async fn heartbeat(&self) -> Result<(), StoreError> {
+        let limiter = self.limiter()?;
+        limiter
+            .store()
+            .heartbeat(limiter.instance(), HEARTBEAT_TTL.as_millis() as u64)
+            .await
+    }
+
     /// For graceful shutdown: write what is pending, for up to `timeout`.
     /// Returns the accounts whose outbox could not be written.
     pub async fn drain(&self, timeout: Duration) -> Vec<String> {
@@ -274,14 +335,28 @@ impl<S: CounterStore> WalletSource for Outbox<S> {
 /// commit); failures back off.
 async fn write_loop<S: CounterStore>(outbox: Weak<Outbox<S>>) {
     let mut backoff = FIRST_BACKOFF;
-    let mut next_recovery = tokio::time::Instant::now();
+    let now = tokio::time::Instant::now();
+    let (mut next_recovery, mut next_heartbeat, mut next_reap) = (now, now, now + REAP_EVERY);
     loop {
         let Some(o) = outbox.upgrade() else { return };
-        if tokio::time::Instant::now() >= next_recovery {
+        let now = tokio::time::Instant::now();
+        if now >= next_heartbeat {
+            if let Err(e) = o.heartbeat().await {
+                tracing::warn!(error = %e, "saying this gateway is alive in the counter store failed");
+            }
+            next_heartbeat = now + HEARTBEAT_EVERY;
+        }
+        if now >= next_recovery {
             if let Err(e) = o.recover().await {
                 tracing::warn!(error = %e, "looking for credit outboxes in the counter store failed");
             }
-            next_recovery = tokio::time::Instant::now() + RECOVERY_EVERY;
+            next_recovery = now + RECOVERY_EVERY;
+        }
+        if now >= next_reap {
+            if let Err(e) = o.reap_dead().await {
+                tracing::warn!(error = %e, "looking for admissions of dead gateways failed");
+            }
+            next_reap = now + REAP_EVERY;
         }
         let failed = o.flush_dirty().await;
         let wait = if failed > 0 {
@@ -290,8 +365,9 @@ async fn write_loop<S: CounterStore>(outbox: Weak<Outbox<S>>) {
             wait
         } else {
             backoff = FIRST_BACKOFF;
-            // Idle: wake up now and then, to notice the outbox was dropped.
-            IDLE_WAKE
+            // Idle: wake up for the next heartbeat (and to notice the
+            // outbox was dropped).
+            IDLE_WAKE.min(next_heartbeat.saturating_duration_since(tokio::time::Instant::now()))
         };
         if failed > 0 || o.dirty.lock().is_empty() {
             let _ = tokio::time::timeout(wait, o.wake.notified()).await;

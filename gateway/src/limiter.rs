@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use crate::clock::{window_index, window_reset_ms, SharedClock};
 use crate::plans::{Policy, Unit, Window};
 use keeper::{due_after, retry_after, DueLease, Keeper, LeaseKey};
-use wallet::{Charged, CreditAsk, EndCredits, OutboxItem, WalletInit, WalletSnapshot};
+use wallet::{Charged, CreditAsk, EndCredits, OutboxItem, Unended, WalletInit, WalletSnapshot};
 
 /// How long an in-flight record is kept after its lease ran out, so that a
 /// request whose lease expired (a store outage longer than half a lease
@@ -251,6 +251,38 @@ pub trait CounterStore: Send + Sync + 'static {
     /// Accounts whose outbox is not empty (for recovery after a restart:
     /// entries another gateway wrote and did not flush).
     fn outbox_accounts(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// Accounts with a wallet.
+    fn wallet_accounts(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// Say that gateway `instance` is alive for `ttl_ms`.
+    fn heartbeat(
+        &self,
+        instance: &str,
+        ttl_ms: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Whether gateway `instance` said it is alive within its last TTL.
+    fn instance_alive(
+        &self,
+        instance: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The account's admissions whose end has not come.
+    fn unended_admissions(
+        &self,
+        account: &str,
+    ) -> impl Future<Output = Result<Vec<Unended>, StoreError>> + Send;
+
+    /// Refund an unended admission whose lease has run out (its gateway
+    /// died): give its draws back, drop its record, write the refund to
+    /// the outbox. Returns whether it did (a live one is left alone).
+    fn reap(
+        &self,
+        account: &str,
+        admission: &Unended,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 }
 
 /// A counter store chosen at runtime (configuration), dispatched statically.
@@ -367,6 +399,46 @@ impl CounterStore for AnyStore {
         match self {
             AnyStore::Memory(s) => s.outbox_accounts().await,
             AnyStore::Redis(s) => Box::pin(s.outbox_accounts()).await,
+        }
+    }
+
+    async fn wallet_accounts(&self) -> Result<Vec<String>, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.wallet_accounts().await,
+            AnyStore::Redis(s) => Box::pin(s.wallet_accounts()).await,
+        }
+    }
+
+    async fn heartbeat(&self, instance: &str, ttl_ms: u64) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.heartbeat(instance, ttl_ms).await,
+            AnyStore::Redis(s) => Box::pin(s.heartbeat(instance, ttl_ms)).await,
+        }
+    }
+
+    async fn instance_alive(&self, instance: &str) -> Result<bool, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.instance_alive(instance).await,
+            AnyStore::Redis(s) => Box::pin(s.instance_alive(instance)).await,
+        }
+    }
+
+    async fn unended_admissions(&self, account: &str) -> Result<Vec<Unended>, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.unended_admissions(account).await,
+            AnyStore::Redis(s) => Box::pin(s.unended_admissions(account)).await,
+        }
+    }
+
+    async fn reap(
+        &self,
+        account: &str,
+        admission: &Unended,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.reap(account, admission, now_ms).await,
+            AnyStore::Redis(s) => Box::pin(s.reap(account, admission, now_ms)).await,
         }
     }
 }
@@ -611,6 +683,8 @@ pub struct Limiter<S> {
     keeper_pass: tokio::sync::Mutex<()>,
     /// Where wallets come from; without one, attempts with credits fail.
     wallets: std::sync::OnceLock<Arc<dyn WalletSource>>,
+    /// This limiter's id among the gateways sharing its store (random).
+    instance: &'static str,
 }
 
 /// Marks a limiter's keeper task as gone when the task ends or is dropped.
@@ -665,7 +739,15 @@ impl<S: CounterStore> Limiter<S> {
             keeper_started: AtomicBool::new(false),
             keeper_pass: tokio::sync::Mutex::new(()),
             wallets: std::sync::OnceLock::new(),
+            // Leaked: one short string per limiter, referenced by every
+            // credit admission it makes.
+            instance: Box::leak(format!("{:016x}", rand::random::<u64>()).into_boxed_str()),
         })
+    }
+
+    /// This limiter's id among the gateways sharing its store.
+    pub fn instance(&self) -> &'static str {
+        self.instance
     }
 
     /// Set where wallets come from (once; later calls are ignored).
@@ -732,6 +814,7 @@ impl<S: CounterStore> Limiter<S> {
         let credits = policy.credits.as_ref().map(|c| CreditAsk {
             amount: c.per_request,
             threshold: c.admission_threshold(),
+            instance: self.instance,
         });
         let mut tries = 0;
         loop {

@@ -102,6 +102,9 @@ pub struct MockStats {
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
     last: parking_lot::Mutex<Option<RecordedRequest>>,
+    /// `x-request-id` of every API request received (tests that check
+    /// nothing was charged that the upstream never saw).
+    request_ids: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl MockStats {
@@ -123,6 +126,11 @@ impl MockStats {
     /// The last API request received, if any.
     pub fn last_request(&self) -> Option<RecordedRequest> {
         self.last.lock().clone()
+    }
+
+    /// Whether a request with this `x-request-id` was received.
+    pub fn saw_request_id(&self, id: &str) -> bool {
+        self.request_ids.lock().contains(id)
     }
 
     fn to_json(&self) -> Value {
@@ -336,6 +344,13 @@ async fn answer(
         Ok(b) => b.to_bytes(),
         Err(_) => return error_response(StatusCode::BAD_REQUEST, "could not read the body"),
     };
+    if let Some(id) = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        stats.request_ids.lock().insert(id.to_owned());
+    }
     *stats.last.lock() = Some(RecordedRequest {
         method: parts.method.clone(),
         uri: parts

@@ -965,6 +965,16 @@ pub struct MeteredBody {
     rewrites_body: bool,
     settle: Option<Settle>,
     done: bool,
+    /// Settle before the client gets the last bytes (endpoints with
+    /// credits): a client that received its response in full has been
+    /// charged, whatever happens to the gateway afterwards.
+    settle_first: bool,
+    /// A frame read ahead to find out whether the one before it was the
+    /// last.
+    peeked: Option<Poll<Option<Result<Frame<Bytes>, hyper::Error>>>>,
+    /// The settlement running before `held` (the last bytes) is released.
+    settling: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    held: Option<Bytes>,
 }
 
 impl MeteredBody {
@@ -975,6 +985,7 @@ impl MeteredBody {
         settle: Settle,
         rewrites_body: bool,
     ) -> Self {
+        let settle_first = settle.credits.is_some() && settle.permit.is_some();
         Self {
             inner,
             meter,
@@ -982,12 +993,44 @@ impl MeteredBody {
             rewrites_body,
             settle: Some(settle),
             done: false,
+            settle_first,
+            peeked: None,
+            settling: None,
+            held: None,
         }
     }
 
     fn finish(&mut self) {
+        if let Some(mut settling) = self.settlement() {
+            // Settle right here when that needs no waiting (the in-process
+            // store, no credits to write): spawning a task per request cost
+            // more than the settlement itself. Otherwise (a Redis round
+            // trip), the first poll has sent the call and a task finishes it.
+            if (&mut settling).now_or_never().is_none() {
+                tokio::spawn(settling);
+            }
+        }
+    }
+
+    /// The body ended (`last` are its last bytes, possibly empty): settle,
+    /// then release them — first, when the endpoint has credits.
+    fn end_with(&mut self, last: Vec<u8>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.settle_first {
+            if let Some(settling) = self.settlement() {
+                self.settling = Some(settling);
+                self.held = Some(last.into());
+                return Poll::Pending;
+            }
+        }
+        self.finish();
+        Poll::Ready((!last.is_empty()).then(|| Ok(Frame::data(last.into()))))
+    }
+
+    /// Whatever the body's end must do, as a future (`None` once taken).
+    fn settlement(&mut self) -> Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
         self.done = true;
-        if let Some(settle) = self.settle.take() {
+        let settle = self.settle.take()?;
+        {
             let units = if settle.answered_ok {
                 self.meter
                     .settle_units(&settle.reserved, settle.prompt_tokens)
@@ -1002,15 +1045,43 @@ impl MeteredBody {
                 }
                 units
             };
-            // Settle right here when that needs no waiting (the in-process
-            // store, no credits to write): spawning a task per request cost
-            // more than the settlement itself. Otherwise (a Redis round
-            // trip), the first poll has sent the call and a task finishes it.
-            let mut settling = Box::pin(settle.finish(units));
-            if (&mut settling).now_or_never().is_none() {
-                tokio::spawn(settling);
-            }
+            Some(Box::pin(settle.finish(units)))
         }
+    }
+
+    /// Wait for the settlement, then release the last bytes.
+    fn poll_settling(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(settling) = &mut self.settling {
+            std::task::ready!(settling.as_mut().poll(cx));
+            self.settling = None;
+        }
+        let last = self.held.take().unwrap_or_default();
+        Poll::Ready((!last.is_empty()).then(|| Ok(Frame::data(last))))
+    }
+
+    /// The next frame of the upstream body (a read-ahead one first).
+    fn poll_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.peeked.take() {
+            Some(p) => p,
+            None => Pin::new(&mut self.inner).poll_frame(cx),
+        }
+    }
+
+    /// The tail the decoder and the meter still hold at the body's end.
+    fn tail(&mut self) -> Result<Vec<u8>, BoxError> {
+        let mut tail = Vec::new();
+        if let Some(d) = &mut self.decoder {
+            let rest = d.finish().map_err(|e| Box::new(e) as BoxError)?;
+            tail.extend_from_slice(&self.meter.feed(&rest));
+        }
+        tail.extend_from_slice(&self.meter.finish());
+        Ok(tail)
     }
 }
 
@@ -1023,26 +1094,26 @@ impl HttpBody for MeteredBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.settling.is_some() {
+            return this.poll_settling(cx);
+        }
         if this.done {
             return Poll::Ready(None);
         }
         loop {
-            match Pin::new(&mut this.inner).poll_frame(cx) {
+            match this.poll_inner(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
-                    let mut tail = Vec::new();
-                    if let Some(d) = &mut this.decoder {
-                        match d.finish() {
-                            Ok(rest) => tail.extend_from_slice(&this.meter.feed(&rest)),
-                            Err(e) => {
-                                this.finish();
-                                return Poll::Ready(Some(Err(Box::new(e))));
-                            }
+                    return match this.tail() {
+                        Ok(tail) => match this.end_with(tail) {
+                            Poll::Pending => this.poll_settling(cx),
+                            ready => ready,
+                        },
+                        Err(e) => {
+                            this.finish();
+                            Poll::Ready(Some(Err(e)))
                         }
-                    }
-                    tail.extend_from_slice(&this.meter.finish());
-                    this.finish();
-                    return Poll::Ready((!tail.is_empty()).then(|| Ok(Frame::data(tail.into()))));
+                    };
                 }
                 Poll::Ready(Some(Err(e))) => {
                     // The upstream died mid-body: charge what was seen.
@@ -1064,6 +1135,29 @@ impl HttpBody for MeteredBody {
                             },
                         };
                         let out = this.meter.feed(&data);
+                        if this.settle_first {
+                            // Is this the last frame? Read ahead without
+                            // waiting: a body's end usually arrives with its
+                            // last bytes.
+                            let next = Pin::new(&mut this.inner).poll_frame(cx);
+                            if let Poll::Ready(None) = next {
+                                let mut last = out.to_vec();
+                                match this.tail() {
+                                    Ok(tail) => last.extend_from_slice(&tail),
+                                    Err(e) => {
+                                        this.finish();
+                                        return Poll::Ready(Some(Err(e)));
+                                    }
+                                }
+                                match this.end_with(last) {
+                                    Poll::Pending => return this.poll_settling(cx),
+                                    ready => return ready,
+                                }
+                            }
+                            if !next.is_pending() {
+                                this.peeked = Some(next);
+                            }
+                        }
                         if out.is_empty() {
                             continue;
                         }
@@ -1076,7 +1170,7 @@ impl HttpBody for MeteredBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        self.done && self.settling.is_none() && self.held.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -1092,7 +1186,14 @@ impl Drop for MeteredBody {
     fn drop(&mut self) {
         // The client went away (or hyper dropped the body): settle with
         // what was measured.
-        if !self.done && self.settle.is_some() && tokio::runtime::Handle::try_current().is_ok() {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        if let Some(settling) = self.settling.take() {
+            // The client went away while the last bytes waited for the
+            // settlement: it still completes.
+            tokio::spawn(settling);
+        } else if !self.done && self.settle.is_some() {
             self.finish();
         }
     }

@@ -107,6 +107,12 @@ async fn exact_across_two_gateway_processes() {
     let requests_before = mock.requests();
     let (all, per) = burst(&addrs, 150, &key, "paid-exact").await;
     let forwarded = mock.requests() - requests_before;
+    // The charges reach the catalog from the counter store's outbox.
+    until(Duration::from_secs(10), || async {
+        cat.balance(&account).await.ok() == Some(0)
+            && cat.ledger(&account).await.map_or(0, |l| l.len()) == 70
+    })
+    .await;
     let balance = cat.balance(&account).await.expect("balance");
     let ledger = cat.ledger(&account).await.expect("ledger");
     let charged: u64 = ledger.iter().map(|e| e.deducted - e.refunded).sum();

@@ -363,7 +363,7 @@ async fn blackhole_redis_is_bounded_by_store_timeout() {
 }
 
 /// Replace host:port of a Postgres URL (`postgres://user@host:port/db`).
-fn via(url: &str, addr: std::net::SocketAddr) -> String {
+pub(crate) fn via(url: &str, addr: std::net::SocketAddr) -> String {
     let (scheme_user, rest) = url.split_once('@').expect("user@ in URL");
     let db = rest.split_once('/').map(|(_, db)| db).unwrap_or("");
     format!("{scheme_user}@{addr}/{db}")

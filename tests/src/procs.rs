@@ -295,6 +295,12 @@ impl GatewayProc {
         }
     }
 
+    /// `kill -9`: no shutdown, no drain; waits for the process to be gone.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None)) && !self.exited.load(Ordering::SeqCst)

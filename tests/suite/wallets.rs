@@ -355,11 +355,7 @@ async fn catalog_changes_reach_loaded_wallets() {
             }
         };
         assert!(admitted(0, "r1".into()).await);
-        assert!(
-            !admitted(1, "r2".into()).await,
-            "{}",
-            b.name
-        );
+        assert!(!admitted(1, "r2".into()).await, "{}", b.name);
         b.catalog
             .create_quota_block("acct", 5, None, serde_json::json!({}))
             .await

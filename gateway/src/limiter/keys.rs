@@ -9,6 +9,7 @@
 //! <prefix>{<account>}:<endpoint>:f                                       in-flight set (zset)
 //! <prefix>{<account>}/w        credit wallet (hash: block id -> remaining:expiry:order, `#v` version)
 //! <prefix>{<account>}/o        credit outbox (stream), written to the catalog and trimmed
+//! <prefix>{<account>}/a        credit admissions not yet ended (hash: request id -> instance|draws|endpoint)
 //! <prefix>{<account>}/v        the newest catalog credit version seen (string)
 //! ```
 //!
@@ -79,9 +80,37 @@ impl Keys {
         self.account_key(account, "/o")
     }
 
+    /// The account's credit admissions not yet ended (hash: request id ->
+    /// instance|draws|endpoint).
+    pub fn admissions(&self, account: &str) -> String {
+        self.account_key(account, "/a")
+    }
+
     /// The newest credit version the store has seen for the account.
     pub fn wallet_version(&self, account: &str) -> String {
         self.account_key(account, "/v")
+    }
+
+    /// The liveness key of a gateway instance (not account-tagged).
+    pub fn instance(&self, instance: &str) -> String {
+        format!("{}gw:{instance}", self.prefix)
+    }
+
+    /// A `SCAN MATCH` pattern for every wallet under this prefix.
+    pub fn wallet_pattern(&self) -> String {
+        let mut p = self.scan_pattern();
+        p.pop();
+        p.push_str("{*}/w");
+        p
+    }
+
+    /// The account of a wallet key, if it is one under this prefix.
+    pub fn wallet_account(&self, key: &str) -> Option<String> {
+        let inner = key
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('{')?
+            .strip_suffix("}/w")?;
+        unescape(inner)
     }
 
     /// A `SCAN MATCH` pattern for every outbox under this prefix.

@@ -26,8 +26,8 @@ use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 
 use super::wallet::{
-    admission_key, usage_key, Charged, CreditAsk, OutboxItem, Wallet, WalletInit, WalletOp,
-    WalletSnapshot, WALLET_TTL_MS,
+    admission_key, usage_key, Charged, CreditAsk, OutboxItem, Unended, Wallet, WalletInit,
+    WalletOp, WalletSnapshot, WALLET_TTL_MS,
 };
 use super::{
     AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
@@ -647,6 +647,44 @@ impl CounterStore for MemoryStore {
             credits.outbox.retain(|item| !ids.contains(&item.id));
         });
         Ok(())
+    }
+
+    async fn wallet_accounts(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .credits
+            .iter()
+            .flat_map(|shard| {
+                shard
+                    .lock()
+                    .iter()
+                    .filter(|(_, c)| c.wallet.is_some())
+                    .map(|(a, _)| a.to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect())
+    }
+
+    // One process holds the in-process store: its admissions end with it
+    // or not at all, so there is nothing to reap.
+    async fn heartbeat(&self, _instance: &str, _ttl_ms: u64) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn instance_alive(&self, _instance: &str) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    async fn unended_admissions(&self, _account: &str) -> Result<Vec<Unended>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn reap(
+        &self,
+        _account: &str,
+        _admission: &Unended,
+        _now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        Ok(false)
     }
 
     async fn outbox_accounts(&self) -> Result<Vec<String>, StoreError> {

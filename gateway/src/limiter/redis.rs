@@ -39,7 +39,7 @@ use redis::{AsyncConnectionConfig, RedisError, Script, ScriptInvocation, Value};
 
 use super::keys::{Keys, DEFAULT_PREFIX};
 use super::wallet::{
-    decode_draws, Charged, OutboxItem, WalletInit, WalletOp, WalletSnapshot, WALLET_TTL_MS,
+    decode_draws, Charged, OutboxItem, Unended, WalletInit, WalletOp, WalletSnapshot, WALLET_TTL_MS,
 };
 use super::{
     AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
@@ -55,17 +55,22 @@ pub const TTL_SLACK_MS: u64 = 5_000;
 /// The wallet functions the credit parts of the scripts share (see
 /// `limiter::wallet`, which the in-process store runs). A wallet is a hash:
 /// `#v` the catalog credit version it was loaded at, `b:<block>` a block
-/// as `remaining:expiry ms (0: never):order`, `a:<request>` an admission's
-/// draws until its end. Numbers are formatted with `%.0f`: Lua's default
-/// `tostring` keeps 14 digits, and amounts have up to 16.
+/// as `remaining:expiry ms (0: never):order`. Each admission's draws are
+/// kept until its end in the account's admissions hash, apart, so that
+/// reading the blocks does not read every request in flight. Numbers are
+/// formatted with `%.0f`: Lua's default `tostring` keeps 14 digits, and
+/// amounts have up to 16.
 const WALLET_LUA: &str = r#"
 local function fmt(x)
   return string.format('%.0f', x)
 end
--- The unexpired blocks in drain order (expired ones are deleted) and
--- their balance.
+-- The unexpired blocks in drain order (expired ones are deleted), their
+-- balance, and whether the wallet is loaded.
 local function wallet_blocks(key, now)
   local raw = redis.call('HGETALL', key)
+  if #raw == 0 then
+    return {}, 0, false
+  end
   local blocks, balance = {}, 0
   for i = 1, #raw, 2 do
     local f = raw[i]
@@ -88,7 +93,7 @@ local function wallet_blocks(key, now)
     end
     return a[4] < b[4]
   end)
-  return blocks, balance
+  return blocks, balance, true
 end
 -- Take up to amount in drain order: what was taken and the draws
 -- (`id=n;id=n`).
@@ -124,7 +129,8 @@ end
 /// with credits also the account's wallet and outbox.
 /// ARGV: now, request id, max concurrent, lease expiry ms, slack ms, settle
 /// grace ms, then per window: limit, amount, ttl ms; with credits then the
-/// amount, the balance threshold and the endpoint (for the ledger).
+/// amount, the balance threshold, the endpoint (for the ledger) and the
+/// admitting gateway's instance id.
 /// Returns {verdict, window index (1-based, 0 if none), in flight, used...,
 /// [balance, draws]} with verdict 0 admitted, 1 window full, 2 concurrency
 /// full, 3 duplicate, 4 wallet not loaded, 5 balance too low.
@@ -137,10 +143,10 @@ local max_conc = tonumber(ARGV[3])
 local expiry = tonumber(ARGV[4])
 local slack = tonumber(ARGV[5])
 local grace = tonumber(ARGV[6])
--- Without credits: 1 + n keys and 6 + 3n arguments; with: 3 + n and
--- 9 + 3n.
+-- Without credits: 1 + n keys and 6 + 3n arguments; with: 4 + n and
+-- 10 + 3n.
 local credits = #ARGV - 6 ~= 3 * (#KEYS - 1)
-local n = credits and #KEYS - 3 or #KEYS - 1
+local n = credits and #KEYS - 4 or #KEYS - 1
 local used = {}
 for i = 1, n do
   used[i] = redis.call('GET', KEYS[i + 1]) or 0
@@ -167,14 +173,12 @@ end
 local wallet, outbox, blocks, balance
 if verdict == 0 and credits then
   wallet, outbox = KEYS[n + 2], KEYS[n + 3]
-  if redis.call('EXISTS', wallet) == 0 then
+  local loaded
+  blocks, balance, loaded = wallet_blocks(wallet, now)
+  if not loaded then
     verdict = 4
-  else
-    blocks, balance = wallet_blocks(wallet, now)
-    local amount = tonumber(ARGV[7 + 3 * n])
-    if balance < tonumber(ARGV[8 + 3 * n]) or balance < amount then
-      verdict = 5
-    end
+  elseif balance < tonumber(ARGV[8 + 3 * n]) or balance < tonumber(ARGV[7 + 3 * n]) then
+    verdict = 5
   end
 end
 local draws = ''
@@ -184,7 +188,14 @@ if verdict == 0 and credits then
     local taken
     taken, draws = wallet_draw(wallet, blocks, amount)
     balance = balance - taken
-    redis.call('HSET', wallet, 'a:' .. id, draws)
+    -- Who admitted it, what it drew, where: until its end, for a refund,
+    -- or for the reaper should its gateway die first. Kept as long as an
+    -- end may still settle.
+    local adm = KEYS[n + 4]
+    redis.call('HSET', adm, id, ARGV[10 + 3 * n] .. '|' .. draws .. '|' .. ARGV[9 + 3 * n])
+    if redis.call('PTTL', adm) < grace then
+      redis.call('PEXPIRE', adm, 2 * grace)
+    end
     redis.call('XADD', outbox, '*', 'op', 'charge', 'k', 'adm:' .. id, 'r', id,
       'e', ARGV[9 + 3 * n], 'q', ARGV[7 + 3 * n], 'd', fmt(taken), 'w', draws, 't', ARGV[1])
   end
@@ -249,27 +260,26 @@ redis.call('ZREM', KEYS[1], id)
 if tonumber(score) + tonumber(ARGV[3]) <= now then
   return 0
 end
--- Without credits: 1 + 2n keys and 3 + 3n arguments; with: 3 + 2n and
+-- Without credits: 1 + 2n keys and 3 + 3n arguments; with: 4 + 2n and
 -- 7 + 3n (the last one a marker).
 local credits = (#ARGV - 3) % 3 ~= 0
-local n = credits and (#KEYS - 3) / 2 or (#KEYS - 1) / 2
+local n = credits and (#KEYS - 4) / 2 or (#KEYS - 1) / 2
 if credits then
-  local wallet, outbox = KEYS[2 * n + 2], KEYS[2 * n + 3]
+  local wallet, outbox, adm = KEYS[2 * n + 2], KEYS[2 * n + 3], KEYS[2 * n + 4]
   local charge = tonumber(ARGV[4 + 3 * n])
-  local has_wallet = redis.call('EXISTS', wallet) == 1
-  local admitted = has_wallet and redis.call('HGET', wallet, 'a:' .. id)
+  local admitted = redis.call('HGET', adm, id)
   if admitted then
-    redis.call('HDEL', wallet, 'a:' .. id)
+    redis.call('HDEL', adm, id)
   end
   if ARGV[5 + 3 * n] == '1' then
     if admitted then
-      wallet_give_back(wallet, admitted)
+      wallet_give_back(wallet, string.match(admitted, '^[^|]*|([^|]*)'))
     end
     redis.call('XADD', outbox, '*', 'op', 'refund', 'k', 'adm:' .. id, 't', ARGV[1])
   end
   if charge > 0 then
-    if has_wallet then
-      local blocks = wallet_blocks(wallet, now)
+    local blocks, _, loaded = wallet_blocks(wallet, now)
+    if loaded then
       local taken, draws = wallet_draw(wallet, blocks, charge)
       redis.call('XADD', outbox, '*', 'op', 'charge', 'k', 'use:' .. id, 'r', id,
         'e', ARGV[6 + 3 * n], 'q', ARGV[4 + 3 * n], 'd', fmt(taken), 'w', draws, 't', ARGV[1])
@@ -381,13 +391,36 @@ end
 return 1
 "#;
 
+/// Refund an admission whose gateway died before its end. KEYS[1]
+/// wallet, KEYS[2] outbox, KEYS[3] the in-flight set of the admission's
+/// endpoint, KEYS[4] the account's unended admissions. ARGV: now, request id. Only when the admission is still
+/// unended and its lease has run out (a live request is never reaped):
+/// its draws go back, its record goes (a late end settles nothing), a
+/// refund goes to the outbox. Returns 1 if reaped.
+const WALLET_REAP_LUA: &str = r#"
+local now, id = tonumber(ARGV[1]), ARGV[2]
+local admitted = redis.call('HGET', KEYS[4], id)
+if not admitted then
+  return 0
+end
+local score = redis.call('ZSCORE', KEYS[3], id)
+if score and tonumber(score) > now then
+  return 0
+end
+redis.call('HDEL', KEYS[4], id)
+redis.call('ZREM', KEYS[3], id)
+wallet_give_back(KEYS[1], string.match(admitted, '^[^|]*|([^|]*)'))
+redis.call('XADD', KEYS[2], '*', 'op', 'refund', 'k', 'adm:' .. id, 't', ARGV[1])
+return 1
+"#;
+
 /// A wallet's balance. KEYS[1] wallet. ARGV: now. Returns -1 when not
 /// loaded.
 const WALLET_BALANCE_LUA: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local _, balance, loaded = wallet_blocks(KEYS[1], tonumber(ARGV[1]))
+if not loaded then
   return -1
 end
-local _, balance = wallet_blocks(KEYS[1], tonumber(ARGV[1]))
 return balance
 "#;
 
@@ -458,6 +491,7 @@ pub struct RedisStore {
     wallet_init: Script,
     wallet_invalidate: Script,
     wallet_balance: Script,
+    wallet_reap: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -572,6 +606,7 @@ impl RedisStore {
             wallet_init: Script::new(WALLET_INIT_LUA),
             wallet_invalidate: Script::new(WALLET_INVALIDATE_LUA),
             wallet_balance: Script::new(&format!("{WALLET_LUA}{WALLET_BALANCE_LUA}")),
+            wallet_reap: Script::new(&format!("{WALLET_LUA}{WALLET_REAP_LUA}")),
         }
     }
 
@@ -638,6 +673,7 @@ impl RedisStore {
             WALLET_INIT_LUA,
             WALLET_INVALIDATE_LUA,
             &format!("{WALLET_LUA}{WALLET_BALANCE_LUA}"),
+            &format!("{WALLET_LUA}{WALLET_REAP_LUA}"),
         ] {
             let mut load = redis::cmd("SCRIPT");
             load.arg("LOAD").arg(script);
@@ -814,6 +850,56 @@ fn collect_text(v: &Value, out: &mut Vec<String>) {
     }
 }
 
+impl RedisStore {
+    /// Every key matching `pattern` of `kind` (a Redis type name).
+    async fn scan(&self, pattern: &str, kind: &str) -> Result<Vec<String>, StoreError> {
+        let mut keys = Vec::new();
+        match &self.conn {
+            Conn::Cluster(c) => {
+                // No cluster-wide SCAN in the client: KEYS on every master.
+                // Run at start-up and every few minutes, not per request.
+                let mut c = ClusterConnection::clone(c);
+                let mut cmd = redis::cmd("KEYS");
+                cmd.arg(pattern);
+                let all_masters = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::CombineArrays),
+                ));
+                let v = c.route_command(cmd, all_masters).await.map_err(map_err)?;
+                collect_text(&v, &mut keys);
+            }
+            _ => {
+                let mut cursor = 0u64;
+                loop {
+                    let mut cmd = redis::cmd("SCAN");
+                    cmd.arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .arg("TYPE")
+                        .arg(kind);
+                    let reply = array("scan", self.query(&cmd).await?)?;
+                    let [next, batch] = <[Value; 2]>::try_from(reply)
+                        .map_err(|_| StoreError::Protocol("scan reply".into()))?;
+                    cursor = match &next {
+                        Value::BulkString(b) => std::str::from_utf8(b)
+                            .ok()
+                            .and_then(|s| s.parse().ok())
+                            .ok_or_else(|| bad_reply("scan cursor", &next))?,
+                        v => as_u64(v).ok_or_else(|| bad_reply("scan cursor", v))?,
+                    };
+                    collect_text(&batch, &mut keys);
+                    if cursor == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(keys)
+    }
+}
+
 /// One `XRANGE` entry: `[id, [field, value, ...]]`.
 fn parse_outbox_entry(v: &Value) -> Result<OutboxItem, StoreError> {
     let text = |v: &Value| -> Option<String> {
@@ -956,9 +1042,11 @@ impl CounterStore for RedisStore {
         if let Some(ask) = req.credits {
             inv.key(self.keys.wallet(req.account))
                 .key(self.keys.outbox(req.account))
+                .key(self.keys.admissions(req.account))
                 .arg(ask.amount)
                 .arg(ask.threshold)
-                .arg(req.endpoint);
+                .arg(req.endpoint)
+                .arg(ask.instance);
         }
         let mut reply = array("attempt", self.run(&inv).await?)?;
         let credit_fields = if req.credits.is_some() { 2 } else { 0 };
@@ -1038,6 +1126,7 @@ impl CounterStore for RedisStore {
         if !req.credits.is_empty() {
             inv.key(self.keys.wallet(req.account))
                 .key(self.keys.outbox(req.account))
+                .key(self.keys.admissions(req.account))
                 .arg(req.credits.charge)
                 .arg(if req.credits.refund { "1" } else { "0" })
                 .arg(req.endpoint)
@@ -1116,51 +1205,74 @@ impl CounterStore for RedisStore {
         self.query(&cmd).await.map(|_| ())
     }
 
+    async fn heartbeat(&self, instance: &str, ttl_ms: u64) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.keys.instance(instance))
+            .arg(1)
+            .arg("PX")
+            .arg(ttl_ms);
+        self.query(&cmd).await.map(|_| ())
+    }
+
+    async fn instance_alive(&self, instance: &str) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("EXISTS");
+        cmd.arg(self.keys.instance(instance));
+        let v = self.query(&cmd).await?;
+        Ok(as_u64(&v) == Some(1))
+    }
+
+    async fn unended_admissions(&self, account: &str) -> Result<Vec<Unended>, StoreError> {
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(self.keys.admissions(account));
+        let v = self.query(&cmd).await?;
+        let mut fields = Vec::new();
+        collect_text(&v, &mut fields);
+        Ok(fields
+            .chunks_exact(2)
+            .filter_map(|kv| {
+                let request_id = &kv[0];
+                let mut parts = kv[1].splitn(3, '|');
+                let instance = parts.next()?;
+                let _draws = parts.next()?;
+                let endpoint = parts.next()?;
+                Some(Unended {
+                    request_id: request_id.to_owned(),
+                    instance: instance.to_owned(),
+                    endpoint: endpoint.to_owned(),
+                })
+            })
+            .collect())
+    }
+
+    async fn reap(
+        &self,
+        account: &str,
+        admission: &Unended,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.wallet_reap.prepare_invoke();
+        inv.key(self.keys.wallet(account))
+            .key(self.keys.outbox(account))
+            .key(self.keys.in_flight(account, &admission.endpoint))
+            .key(self.keys.admissions(account))
+            .arg(now_ms)
+            .arg(&admission.request_id);
+        flag("reap", self.run(&inv).await?)
+    }
+
+    async fn wallet_accounts(&self) -> Result<Vec<String>, StoreError> {
+        let keys = self.scan(&self.keys.wallet_pattern(), "hash").await?;
+        let mut accounts: Vec<String> = keys
+            .iter()
+            .filter_map(|k| self.keys.wallet_account(k))
+            .collect();
+        accounts.sort();
+        accounts.dedup();
+        Ok(accounts)
+    }
+
     async fn outbox_accounts(&self) -> Result<Vec<String>, StoreError> {
-        let pattern = self.keys.outbox_pattern();
-        let mut keys = Vec::new();
-        match &self.conn {
-            Conn::Cluster(c) => {
-                // No cluster-wide SCAN in the client: KEYS on every master.
-                // Run at start-up and every few minutes, not per request.
-                let mut c = ClusterConnection::clone(c);
-                let mut cmd = redis::cmd("KEYS");
-                cmd.arg(&pattern);
-                let all_masters = RoutingInfo::MultiNode((
-                    MultipleNodeRoutingInfo::AllMasters,
-                    Some(ResponsePolicy::CombineArrays),
-                ));
-                let v = c.route_command(cmd, all_masters).await.map_err(map_err)?;
-                collect_text(&v, &mut keys);
-            }
-            _ => {
-                let mut cursor = 0u64;
-                loop {
-                    let mut cmd = redis::cmd("SCAN");
-                    cmd.arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .arg("TYPE")
-                        .arg("stream");
-                    let reply = array("scan", self.query(&cmd).await?)?;
-                    let [next, batch] = <[Value; 2]>::try_from(reply)
-                        .map_err(|_| StoreError::Protocol("scan reply".into()))?;
-                    cursor = match &next {
-                        Value::BulkString(b) => std::str::from_utf8(b)
-                            .ok()
-                            .and_then(|s| s.parse().ok())
-                            .ok_or_else(|| bad_reply("scan cursor", &next))?,
-                        v => as_u64(v).ok_or_else(|| bad_reply("scan cursor", v))?,
-                    };
-                    collect_text(&batch, &mut keys);
-                    if cursor == 0 {
-                        break;
-                    }
-                }
-            }
-        }
+        let keys = self.scan(&self.keys.outbox_pattern(), "stream").await?;
         let mut accounts: Vec<String> = keys
             .iter()
             .filter_map(|k| self.keys.outbox_account(k))

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use proptest::prelude::*;
 
 use super::memory::MemoryStore;
-use super::wallet::{OutboxItem, WalletInit, WalletSnapshot};
+use super::wallet::{OutboxItem, Unended, WalletInit, WalletSnapshot};
 use super::*;
 use crate::clock::window_start_ms;
 
@@ -436,6 +436,31 @@ impl CounterStore for Counting {
 
     async fn outbox_accounts(&self) -> Result<Vec<String>, StoreError> {
         self.inner.outbox_accounts().await
+    }
+
+    async fn wallet_accounts(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.wallet_accounts().await
+    }
+
+    async fn heartbeat(&self, instance: &str, ttl_ms: u64) -> Result<(), StoreError> {
+        self.inner.heartbeat(instance, ttl_ms).await
+    }
+
+    async fn instance_alive(&self, instance: &str) -> Result<bool, StoreError> {
+        self.inner.instance_alive(instance).await
+    }
+
+    async fn unended_admissions(&self, account: &str) -> Result<Vec<Unended>, StoreError> {
+        self.inner.unended_admissions(account).await
+    }
+
+    async fn reap(
+        &self,
+        account: &str,
+        admission: &Unended,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.inner.reap(account, admission, now_ms).await
     }
 }
 

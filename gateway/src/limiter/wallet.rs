@@ -61,6 +61,10 @@ pub struct CreditAsk {
     pub amount: u64,
     /// The balance needed to be admitted (`max(min_balance, amount)`).
     pub threshold: u64,
+    /// The admitting gateway instance ([`crate::limiter::Limiter::instance`]),
+    /// remembered with the admission until its end: should that gateway
+    /// die first, the admission is refunded ([`CounterStore::reap`]).
+    pub instance: &'static str,
 }
 
 /// What an admission's charge did.
@@ -100,6 +104,15 @@ pub const WALLET_TTL_MS: u64 = 3_600_000;
 pub struct OutboxItem {
     pub id: String,
     pub op: WalletOp,
+}
+
+/// An admission whose end has not come (yet), as a wallet remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unended {
+    pub request_id: String,
+    /// The gateway instance that admitted it.
+    pub instance: String,
+    pub endpoint: String,
 }
 
 /// The answer to [`CounterStore::wallet_init`].

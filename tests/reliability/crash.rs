@@ -1,0 +1,247 @@
+//! `kill -9` of a gateway under load, then a restart: every request whose
+//! response the client received in full is charged exactly once, and no
+//! request is charged that the upstream never served — also when Postgres
+//! is down at the moment of the crash (issue 12, durable settlement).
+//!
+//! Correlation is by the gateway's own request id: clients send none, so
+//! the `x-request-id` of each response is the id the ledger rows carry,
+//! and the mock upstream records the ids it received.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use plangate::catalog::Catalog;
+use plangate::mock::MockOptions;
+use plangate_tests::procs::{GatewayProc, TcpCut};
+use plangate_tests::rig::{self, http_client, Setup};
+
+use crate::*;
+
+/// What a client saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    status: u16,
+    /// The whole body arrived (a stream up to its end).
+    complete: bool,
+}
+
+/// Requests in a loop from `clients` tasks (half of them streaming) until
+/// `stop`; every answer by the gateway's request id.
+async fn load(
+    addr: std::net::SocketAddr,
+    key: String,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> HashMap<String, Seen> {
+    let client = http_client();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (client, key, stop) = (client.clone(), key.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let stream = c % 2 == 0;
+                let headers: &[(&str, &str)] = if stream {
+                    &[
+                        ("x-mock-tokens", "250"),
+                        ("x-mock-chunks", "10"),
+                        ("x-mock-chunk-delay-ms", "20"),
+                    ]
+                } else {
+                    &[("x-mock-tokens", "250"), ("x-mock-delay-ms", "30")]
+                };
+                let body = rig::chat_body("paid-model", stream);
+                let r = rig::post_json(&client, addr, "/v1/chat/completions", &key, &body, headers)
+                    .await;
+                let Some(id) = r.header("x-request-id").map(str::to_owned) else {
+                    // No head: the gateway is gone.
+                    if r.status.as_u16() == 599 {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    continue;
+                };
+                let complete = !r.body_error
+                    && (!stream || memchr::memmem::find(&r.body, b"[DONE]").is_some());
+                seen.push((
+                    id,
+                    Seen {
+                        status: r.status.as_u16(),
+                        complete,
+                    },
+                ));
+            }
+            seen
+        }));
+    }
+    let mut out = HashMap::new();
+    for t in tasks {
+        out.extend(t.await.expect("client task"));
+    }
+    out
+}
+
+/// One crash: load, (Postgres cut,) kill -9, (Postgres back,) restart,
+/// wait for the outbox to be written, check the ledger.
+async fn crash_case(postgres_down: bool) {
+    let Some(redis) = plangate_tests::redis().await else {
+        return;
+    };
+    let Some((pg, cat)) = fresh_catalog("rel_crash").await else {
+        return;
+    };
+    let host_port = pg
+        .split_once('@')
+        .and_then(|(_, r)| r.split_once('/'))
+        .map(|(hp, _)| hp.to_owned())
+        .expect("host:port in the Postgres URL");
+    let pg_addr = tokio::net::lookup_host(host_port)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .expect("postgres address");
+    let cut = TcpCut::start(pg_addr).await;
+    let mock = plangate::mock::start(MockOptions::default())
+        .await
+        .expect("mock");
+    let mut setup = Setup::new(&mock.url());
+    // Short leases: the dead gateway's admissions are reaped soon after.
+    setup.plans = setup.plans.replace(
+        "concurrency_expiry: 30s\n        credits",
+        "concurrency_expiry: 2s\n        credits",
+    );
+    assert!(setup.plans.contains("concurrency_expiry: 2s"));
+    setup.postgres_url = Some(crate::outages::via(&pg, cut.addr));
+    setup.redis_url = Some(redis);
+    setup.store_timeout = "2s".into();
+    setup.request_timeout = "20s".into();
+    let config = setup.write();
+    let (account, key) = account_with_key(&*cat, "crash").await;
+    cat.create_quota_block(&account, 1_000_000, None, serde_json::json!({}))
+        .await
+        .expect("grant");
+
+    let mut a = GatewayProc::spawn(&config, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn(load(a.main, key.clone(), 24, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    if postgres_down {
+        cut.cut();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    a.kill9();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    let seen = running.await.expect("load");
+    if postgres_down {
+        cut.restore();
+    }
+    // The restart finds what `a` decided and did not write.
+    let mut b = GatewayProc::spawn(&config, &[]);
+    // The dead gateway's unended admissions are refunded once its
+    // heartbeat and their leases have run out (10 s, 2 s), by the reaper
+    // (every 5 s), and everything is written.
+    let written = until(Duration::from_secs(40), || async {
+        let ledger = cat.ledger(&account).await.unwrap_or_default();
+        let unserved = ledger
+            .iter()
+            .filter(|e| e.deducted > e.refunded)
+            .filter(|e| {
+                !e.request_id
+                    .as_deref()
+                    .is_some_and(|id| mock.stats().saw_request_id(id))
+            })
+            .count();
+        outbox_len(&account).await == Some(0) && unserved == 0
+    })
+    .await;
+
+    let ledger = cat.ledger(&account).await.expect("ledger");
+    let rows: HashMap<&str, _> = ledger
+        .iter()
+        .map(|e| (e.idempotency_key.as_str(), e))
+        .collect();
+    let full: Vec<&String> = seen
+        .iter()
+        .filter(|(_, s)| s.status == 200 && s.complete)
+        .map(|(id, _)| id)
+        .collect();
+    let mut missing_adm = 0;
+    let mut missing_use = 0;
+    for id in &full {
+        match rows.get(format!("adm:{id}").as_str()) {
+            Some(e) if e.deducted == 1 && e.refunded == 0 => {}
+            _ => missing_adm += 1,
+        }
+        match rows.get(format!("use:{id}").as_str()) {
+            Some(e) if e.deducted > 0 => {}
+            _ => missing_use += 1,
+        }
+    }
+    let charged_unserved = ledger
+        .iter()
+        .filter(|e| e.deducted > e.refunded)
+        .filter(|e| {
+            !e.request_id
+                .as_deref()
+                .is_some_and(|id| mock.stats().saw_request_id(id))
+        })
+        .count();
+    let cut_short = seen.values().filter(|s| !s.complete).count();
+    eprintln!(
+        "FIGURES crash postgres_down={postgres_down}: answered={} in_full={} cut_short={cut_short} ledger_rows={} missing_admission_charges={missing_adm} missing_unit_charges={missing_use} charged_but_never_served={charged_unserved} | outbox written after restart in {written:?}",
+        seen.len(),
+        full.len(),
+        ledger.len(),
+    );
+    assert!(written.is_some(), "the restarted gateway wrote the outbox");
+    assert!(
+        full.len() > 20,
+        "enough load before the crash: {}",
+        full.len()
+    );
+    assert_eq!(
+        missing_adm, 0,
+        "every response received in full was charged at admission"
+    );
+    assert_eq!(
+        missing_use, 0,
+        "every response received in full was charged its units"
+    );
+    assert_eq!(
+        charged_unserved, 0,
+        "nothing charged that the upstream never saw"
+    );
+    // Each row once (the ledger key is unique); nothing else was charged
+    // than admissions and the units of requests the upstream served.
+    assert!(ledger
+        .iter()
+        .all(|e| e.idempotency_key.starts_with("adm:") || e.idempotency_key.starts_with("use:")));
+    assert!(b.alive());
+}
+
+/// `XLEN` of the account's outbox (default key prefix).
+async fn outbox_len(account: &str) -> Option<u64> {
+    let url = plangate_tests::redis().await?;
+    let client = redis::Client::open(url.as_str()).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let key = plangate::limiter::keys::Keys::default().outbox(account);
+    redis::cmd("XLEN")
+        .arg(key)
+        .query_async::<u64>(&mut conn)
+        .await
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_under_load_charges_what_was_served_once() {
+    let _serial = serial().await;
+    crash_case(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_with_postgres_down_charges_what_was_served_once() {
+    let _serial = serial().await;
+    crash_case(true).await;
+}
