@@ -971,11 +971,17 @@ pub struct MeteredBody {
     settle_first: bool,
     /// A frame read ahead to find out whether the one before it was the
     /// last.
-    peeked: Option<Poll<Option<Result<Frame<Bytes>, hyper::Error>>>>,
+    peeked: Option<Poll<Option<UpstreamFrame>>>,
     /// The settlement running before `held` (the last bytes) is released.
-    settling: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    settling: Option<Settling>,
     held: Option<Bytes>,
 }
+
+/// A frame of the upstream body as hyper yields it.
+type UpstreamFrame = Result<Frame<Bytes>, hyper::Error>;
+
+/// A settlement in progress.
+type Settling = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 impl MeteredBody {
     fn new(
@@ -1027,7 +1033,7 @@ impl MeteredBody {
     }
 
     /// Whatever the body's end must do, as a future (`None` once taken).
-    fn settlement(&mut self) -> Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+    fn settlement(&mut self) -> Option<Settling> {
         self.done = true;
         let settle = self.settle.take()?;
         {
@@ -1066,7 +1072,7 @@ impl MeteredBody {
     fn poll_inner(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<UpstreamFrame>> {
         match self.peeked.take() {
             Some(p) => p,
             None => Pin::new(&mut self.inner).poll_frame(cx),
