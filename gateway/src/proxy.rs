@@ -183,6 +183,30 @@ impl RequestIds {
     }
 }
 
+/// The metrics label of requests refused before their endpoint was known
+/// (no route, no key, unreadable body, ...).
+const NO_ENDPOINT: &str = "_none";
+
+/// The metrics label of endpoints the caller's plan does not have (the
+/// name is the client's choice, never a label).
+const UNKNOWN_ENDPOINT: &str = "_unknown";
+
+/// How a request ended, recorded once per response in
+/// `plangate_requests_total`.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// The endpoint, once the plan knows it.
+    endpoint: Option<String>,
+    /// The stage's decision; the first one recorded wins.
+    decision: Option<&'static str>,
+}
+
+impl Outcome {
+    fn decide(&mut self, decision: &'static str) {
+        self.decision.get_or_insert(decision);
+    }
+}
+
 /// Everything a request needs besides the route table.
 pub struct Core {
     pub catalog: Arc<dyn Catalog>,
@@ -305,35 +329,55 @@ impl Gateway {
         let echoed = client_request_id(req.headers()).unwrap_or_else(|| {
             HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("req"))
         });
+        let mut outcome = Outcome::default();
         let mut resp = if path == "/v1/limits" {
+            outcome.decide("limits");
             self.limits(req).await
         } else {
             let table = self.table.load_full();
             match table.router.match_path(path) {
-                None => error_response(&ApiError::UnknownRoute {
+                None => Err(ApiError::UnknownRoute {
                     method: req.method().to_string(),
                     path: path.to_owned(),
                 }),
                 Some((route_index, _)) => {
                     let route = &table.routes[route_index];
-                    self.proxy(req, &table, route, started, request_id, echoed.clone())
-                        .await
-                        .unwrap_or_else(|e| error_response(&e))
+                    self.proxy(
+                        req,
+                        &table,
+                        route,
+                        (started, request_id, echoed.clone()),
+                        &mut outcome,
+                    )
+                    .await
                 }
             }
+            .unwrap_or_else(|e| {
+                outcome.decide(e.code());
+                error_response(&e)
+            })
         };
+        // Every response is counted, once, whatever stage ended it.
+        self.core.metrics.request(
+            outcome.endpoint.as_deref().unwrap_or(NO_ENDPOINT),
+            outcome.decision.unwrap_or("other"),
+            resp.status().as_u16(),
+        );
         resp.headers_mut().entry(REQUEST_ID).or_insert(echoed);
         resp
     }
 
+    /// Route → authenticate → admit (windows, concurrency, credits) →
+    /// forward → respond; the settlement runs when the body ends. Records
+    /// in `outcome` the endpoint (once it is known to the plan) and the
+    /// decision; errors are recorded by the caller from their code.
     async fn proxy(
         &self,
         req: Request<Incoming>,
         table: &Arc<RouteTable>,
         route: &Route,
-        started: Instant,
-        request_id: String,
-        client_request_id: HeaderValue,
+        (started, request_id, client_request_id): (Instant, String, HeaderValue),
+        outcome: &mut Outcome,
     ) -> Result<Response<Body>, ApiError> {
         let core = &self.core;
         // Who is calling.
@@ -365,11 +409,14 @@ impl Gateway {
         let Some(policy) = plan.as_ref().and_then(|p| p.policy(endpoint)).cloned() else {
             // Not an endpoint of the caller's plan: the id is the client's
             // choice (any model name), never a metrics label.
-            core.metrics.request("_unknown", "no_access", 403);
+            outcome.endpoint = Some(UNKNOWN_ENDPOINT.into());
+            outcome.decide("no_access");
             return Err(ApiError::EndpointNotAllowed {
                 endpoint: endpoint.to_owned(),
             });
         };
+
+        outcome.endpoint = Some(endpoint.to_owned());
 
         // Rate limits.
         // The attempt must run to completion even if the client goes away
@@ -394,8 +441,7 @@ impl Gateway {
                     Denial::Credits { .. } => "no_credits",
                     _ => "denied",
                 };
-                core.metrics
-                    .request(endpoint, decision, e.status().as_u16());
+                outcome.decide(decision);
                 // Nothing was written: the info is the state after the
                 // refusal.
                 return Ok(error_with_info(&e, &info));
@@ -406,13 +452,13 @@ impl Gateway {
                 if policy.credits.is_some() {
                     // Balances live in the counter store: credits fail
                     // closed whatever `on_store_error` says.
-                    core.metrics.request(endpoint, "store_error", 503);
+                    outcome.decide("store_error");
                     return Err(ApiError::LimiterUnavailable);
                 }
                 match core.on_store_error {
                     OnStoreError::Open => (None, None, true),
                     OnStoreError::Closed => {
-                        core.metrics.request(endpoint, "store_error", 503);
+                        outcome.decide("store_error");
                         return Err(ApiError::LimiterUnavailable);
                     }
                 }
@@ -486,7 +532,7 @@ impl Gateway {
                 // max_request_body while being forwarded: the client's
                 // fault, not the upstream's.
                 settle.fail().await;
-                core.metrics.request(endpoint, "body_too_large", 413);
+                outcome.decide("body_too_large");
                 return Err(ApiError::PayloadTooLarge {
                     limit_bytes: table.max_request_body,
                 });
@@ -494,19 +540,19 @@ impl Gateway {
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");
                 settle.fail().await;
-                core.metrics.request(endpoint, "upstream_error", 502);
+                outcome.decide("upstream_error");
                 return Err(ApiError::UpstreamUnavailable);
             }
             Err(_) => {
                 settle.fail().await;
-                core.metrics.request(endpoint, "upstream_timeout", 504);
+                outcome.decide("upstream_timeout");
                 return Err(ApiError::UpstreamTimeout);
             }
         };
 
         let (mut resp_parts, resp_body) = upstream_resp.into_parts();
         let status = resp_parts.status;
-        core.metrics.request(endpoint, "admitted", status.as_u16());
+        outcome.decide("admitted");
         let mut settle = settle;
         if status.is_server_error() {
             settle.upstream_failed = true;
@@ -522,7 +568,7 @@ impl Gateway {
                     // read: refused rather than forwarded uncounted.
                     tracing::warn!(upstream = %upstream.name, %coding, "upstream response in a content-encoding the gateway cannot meter");
                     settle.fail().await;
-                    core.metrics.request(endpoint, "upstream_error", 502);
+                    outcome.decide("upstream_error");
                     return Err(ApiError::UpstreamUnavailable);
                 }
             }
@@ -1069,10 +1115,7 @@ impl MeteredBody {
     }
 
     /// The next frame of the upstream body (a read-ahead one first).
-    fn poll_inner(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<UpstreamFrame>> {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<UpstreamFrame>> {
         match self.peeked.take() {
             Some(p) => p,
             None => Pin::new(&mut self.inner).poll_frame(cx),

@@ -131,6 +131,64 @@ async fn unknown_route_endpoint_not_allowed_and_bad_bodies() {
     }
 }
 
+/// Every response is counted in `plangate_requests_total`, once, with the
+/// stage that decided it: refusals before the endpoint is known (no key,
+/// bad key, no route, unreadable body) under `_none`, an endpoint the plan
+/// lacks under `_unknown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_is_counted_once() {
+    for gw in gateways().await {
+        let (_, key) = gw.account(None).await;
+        let mut sent = 0;
+        let mut send = |status: StatusCode, r: plangate_tests::harness::Resp| {
+            assert_eq!(r.status, status, "{:?}", r.body);
+            sent += 1;
+        };
+        send(
+            StatusCode::UNAUTHORIZED,
+            gw.post("/v1/chat/completions", None, &chat_body("gpt-test"))
+                .await,
+        );
+        send(
+            StatusCode::UNAUTHORIZED,
+            gw.post(
+                "/v1/chat/completions",
+                Some("sk-wrong-key-000000000000000000"),
+                &chat_body("gpt-test"),
+            )
+            .await,
+        );
+        send(
+            StatusCode::NOT_FOUND,
+            gw.post("/v2/nothing", Some(&key), &json!({})).await,
+        );
+        send(
+            StatusCode::BAD_REQUEST,
+            gw.post("/v1/chat/completions", Some(&key), &json!({"messages": []}))
+                .await,
+        );
+        send(StatusCode::FORBIDDEN, gw.chat(&key, "other-model").await);
+        send(StatusCode::OK, gw.chat(&key, "gpt-test").await);
+        let text = gw.core.metrics.render();
+        let counted: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("plangate_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(counted, sent, "{text}");
+        for line in [
+            r#"plangate_requests_total{endpoint="_none",decision="missing_api_key",status="401"} 1"#,
+            r#"plangate_requests_total{endpoint="_none",decision="invalid_api_key",status="401"} 1"#,
+            r#"plangate_requests_total{endpoint="_none",decision="unknown_route",status="404"} 1"#,
+            r#"plangate_requests_total{endpoint="_none",decision="invalid_request",status="400"} 1"#,
+            r#"plangate_requests_total{endpoint="_unknown",decision="no_access",status="403"} 1"#,
+            r#"plangate_requests_total{endpoint="gpt-test",decision="admitted",status="200"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn success_headers_count_down_and_429_carries_openai_fields() {
     for gw in gateways().await {

@@ -85,6 +85,7 @@ local function wallet_blocks(key, now)
       end
     end
   end
+  if #blocks > 1 then
   table.sort(blocks, function(a, b)
     local ea = a[3] == 0 and math.huge or a[3]
     local eb = b[3] == 0 and math.huge or b[3]
@@ -93,6 +94,7 @@ local function wallet_blocks(key, now)
     end
     return a[4] < b[4]
   end)
+  end
   return blocks, balance, true
 end
 -- Take up to amount in drain order: what was taken and the draws
@@ -196,8 +198,8 @@ if verdict == 0 and credits then
     if redis.call('PTTL', adm) < grace then
       redis.call('PEXPIRE', adm, 2 * grace)
     end
-    redis.call('XADD', outbox, '*', 'op', 'charge', 'k', 'adm:' .. id, 'r', id,
-      'e', ARGV[9 + 3 * n], 'q', ARGV[7 + 3 * n], 'd', fmt(taken), 'w', draws, 't', ARGV[1])
+    redis.call('XADD', outbox, '*', 'e', 'c\t' .. ARGV[1] .. '\tadm:' .. id .. '\t' .. ARGV[7 + 3 * n]
+      .. '\t' .. fmt(taken) .. '\t' .. draws .. '\t' .. id .. '\t' .. ARGV[9 + 3 * n])
   end
 end
 if verdict == 0 then
@@ -275,18 +277,18 @@ if credits then
     if admitted then
       wallet_give_back(wallet, string.match(admitted, '^[^|]*|([^|]*)'))
     end
-    redis.call('XADD', outbox, '*', 'op', 'refund', 'k', 'adm:' .. id, 't', ARGV[1])
+    redis.call('XADD', outbox, '*', 'e', 'r\t' .. ARGV[1] .. '\tadm:' .. id)
   end
   if charge > 0 then
     local blocks, _, loaded = wallet_blocks(wallet, now)
     if loaded then
       local taken, draws = wallet_draw(wallet, blocks, charge)
-      redis.call('XADD', outbox, '*', 'op', 'charge', 'k', 'use:' .. id, 'r', id,
-        'e', ARGV[6 + 3 * n], 'q', ARGV[4 + 3 * n], 'd', fmt(taken), 'w', draws, 't', ARGV[1])
+      redis.call('XADD', outbox, '*', 'e', 'c\t' .. ARGV[1] .. '\tuse:' .. id .. '\t' .. ARGV[4 + 3 * n]
+        .. '\t' .. fmt(taken) .. '\t' .. draws .. '\t' .. id .. '\t' .. ARGV[6 + 3 * n])
     else
       -- Not loaded (invalidated meanwhile): the catalog decides.
-      redis.call('XADD', outbox, '*', 'op', 'charge', 'k', 'use:' .. id, 'r', id,
-        'e', ARGV[6 + 3 * n], 'q', ARGV[4 + 3 * n], 't', ARGV[1])
+      redis.call('XADD', outbox, '*', 'e', 'u\t' .. ARGV[1] .. '\tuse:' .. id .. '\t' .. ARGV[4 + 3 * n]
+        .. '\t\t\t' .. id .. '\t' .. ARGV[6 + 3 * n])
     end
   end
 end
@@ -410,7 +412,7 @@ end
 redis.call('HDEL', KEYS[4], id)
 redis.call('ZREM', KEYS[3], id)
 wallet_give_back(KEYS[1], string.match(admitted, '^[^|]*|([^|]*)'))
-redis.call('XADD', KEYS[2], '*', 'op', 'refund', 'k', 'adm:' .. id, 't', ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'e', 'r\t' .. ARGV[1] .. '\tadm:' .. id)
 return 1
 "#;
 
@@ -900,7 +902,11 @@ impl RedisStore {
     }
 }
 
-/// One `XRANGE` entry: `[id, [field, value, ...]]`.
+/// One `XRANGE` entry: `[id, ["e", entry]]`, the entry as the scripts
+/// pack it (tab-separated, the endpoint last since it may hold anything):
+/// `c|u <t> <key> <requested> <deducted> <draws> <request id> <endpoint>`
+/// for a decided (`c`) or undecided (`u`) charge, `r <t> <key>` for a
+/// refund.
 fn parse_outbox_entry(v: &Value) -> Result<OutboxItem, StoreError> {
     let text = |v: &Value| -> Option<String> {
         match v {
@@ -917,42 +923,42 @@ fn parse_outbox_entry(v: &Value) -> Result<OutboxItem, StoreError> {
         return Err(bad());
     };
     let id = text(id).ok_or_else(bad)?;
-    let Value::Array(fields) = fields else {
-        return Err(bad());
-    };
-    let mut map = std::collections::HashMap::new();
-    for pair in fields.chunks_exact(2) {
-        map.insert(
-            text(&pair[0]).ok_or_else(bad)?,
-            text(&pair[1]).ok_or_else(bad)?,
-        );
-    }
-    let field = |name: &str| map.get(name).cloned().ok_or_else(bad);
-    let number =
-        |name: &str| -> Result<u64, StoreError> { field(name)?.parse().map_err(|_| bad()) };
-    let op = match field("op")?.as_str() {
-        "charge" => WalletOp::Charge {
-            key: field("k")?,
-            request_id: field("r")?,
-            endpoint: field("e")?,
-            requested: number("q")?,
-            deducted: match map.get("d") {
-                Some(d) => Some(d.parse().map_err(|_| bad())?),
-                None => None,
-            },
-            draws: match map.get("w") {
-                Some(w) => decode_draws(w).ok_or_else(bad)?,
-                None => Vec::new(),
-            },
-            at_ms: number("t")?,
-        },
-        "refund" => WalletOp::Refund {
-            key: field("k")?,
-            at_ms: number("t")?,
-        },
+    let entry = match fields {
+        Value::Array(f) if f.len() == 2 => text(&f[1]).ok_or_else(bad)?,
         _ => return Err(bad()),
     };
+    let op = parse_outbox_op(&entry).ok_or_else(bad)?;
     Ok(OutboxItem { id, op })
+}
+
+/// The op of a packed outbox entry (see [`parse_outbox_entry`]).
+fn parse_outbox_op(entry: &str) -> Option<WalletOp> {
+    let mut f = entry.splitn(8, '\t');
+    let kind = f.next()?;
+    let at_ms = f.next()?.parse().ok()?;
+    let key = f.next()?.to_owned();
+    if kind == "r" {
+        return Some(WalletOp::Refund { key, at_ms });
+    }
+    let requested = f.next()?.parse().ok()?;
+    let deducted = f.next()?;
+    let draws = decode_draws(f.next()?)?;
+    let request_id = f.next()?.to_owned();
+    let endpoint = f.next()?.to_owned();
+    let deducted = match kind {
+        "c" => Some(deducted.parse().ok()?),
+        "u" => None,
+        _ => return None,
+    };
+    Some(WalletOp::Charge {
+        key,
+        request_id,
+        endpoint,
+        requested,
+        deducted,
+        draws,
+        at_ms,
+    })
 }
 
 fn map_err(e: RedisError) -> StoreError {
@@ -1419,6 +1425,48 @@ mod tests {
             assert_eq!(r.servers, c.servers, "case {i}: {r:?}");
             assert_eq!(r.problems.len(), c.problems, "case {i}: {r:?}");
             assert_eq!(r.warnings.len(), c.warnings, "case {i}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn outbox_entries_parse_as_the_scripts_pack_them() {
+        let charge = parse_outbox_op("c\t1700\tadm:r1\t5\t3\tqb_1=2;qb_2=1\tr1\tgpt\t4o");
+        assert_eq!(
+            charge,
+            Some(WalletOp::Charge {
+                key: "adm:r1".into(),
+                request_id: "r1".into(),
+                endpoint: "gpt\t4o".into(),
+                requested: 5,
+                deducted: Some(3),
+                draws: decode_draws("qb_1=2;qb_2=1").unwrap(),
+                at_ms: 1700,
+            })
+        );
+        let undecided = parse_outbox_op("u\t1\tuse:r1\t9\t\t\tr1\te");
+        assert!(matches!(
+            undecided,
+            Some(WalletOp::Charge {
+                deducted: None,
+                requested: 9,
+                ..
+            })
+        ));
+        assert_eq!(
+            parse_outbox_op("r\t7\tadm:r1"),
+            Some(WalletOp::Refund {
+                key: "adm:r1".into(),
+                at_ms: 7
+            })
+        );
+        for bad in [
+            "",
+            "x\t1\tk",
+            "c\t1\tk\t5",
+            "c\tz\tk\t5\t3\t\tr\te",
+            "r\t-1\tk",
+        ] {
+            assert_eq!(parse_outbox_op(bad), None, "{bad:?}");
         }
     }
 
