@@ -535,7 +535,10 @@ impl Builder<'_> {
             self.error_at(
                 s.span(),
                 key,
-                format!("`{url}` is not a Redis URL (redis://host:port or rediss://...)"),
+                format!(
+                    "`{}` is not a Redis URL (redis://host:port or rediss://...)",
+                    crate::health::mask_url(&url)
+                ),
             );
             return None;
         }

@@ -309,10 +309,10 @@ fn errors_are_located() {
             ],
         ),
         (
-            format!("{MINIMAL}[storage]\non_store_error = \"maybe\"\nredis_url = \"http://x\"\n"),
+            format!("{MINIMAL}[storage]\non_store_error = \"maybe\"\nredis_url = \"http://:pw@x\"\n"),
             vec![
                 format!("{f}:4:18: storage.on_store_error: `maybe` is neither \"open\" nor \"closed\""),
-                format!("{f}:5:13: storage.redis_url: `http://x` is not a Redis URL (redis://host:port or rediss://...)"),
+                format!("{f}:5:13: storage.redis_url: `http://:***@x` is not a Redis URL (redis://host:port or rediss://...)"),
             ],
         ),
         (
