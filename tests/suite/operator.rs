@@ -216,6 +216,23 @@ fn masked(url: &str) -> String {
     plangate::health::mask_url(url)
 }
 
+/// The database a Postgres URL names.
+fn db_name(url: &str) -> &str {
+    url.rsplit_once('/').map_or(url, |(_, name)| name)
+}
+
+/// Whether the test Postgres is there (a panic instead under
+/// `PLANGATE_REQUIRE_SERVICES=1`), without leaving a database behind.
+async fn postgres_available(prefix: &str) -> bool {
+    match plangate_tests::postgres_db(prefix).await {
+        Some(url) => {
+            drop_database(db_name(&url)).await;
+            true
+        }
+        None => false,
+    }
+}
+
 async fn drop_database(name: &str) {
     let url = plangate_tests::postgres_url_default();
     let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
@@ -301,7 +318,7 @@ async fn serve_require_stores_exits_naming_the_store_and_why() {
 
     // A Postgres database that does not exist: exit 1, the server and the
     // database named, the cause, and what to do.
-    if plangate_tests::postgres_db("opsreq").await.is_none() {
+    if !postgres_available("opsreq").await {
         return;
     }
     let db = format!("pgt_ops_nodb_{}", std::process::id());
@@ -449,11 +466,12 @@ async fn check_config_connect_says_which_store_fails_and_why() {
         out.text()
     );
     assert!(!out.text().contains(REDIS_SECRET), "{}", out.text());
+    drop_database(db_name(&db)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_errors_name_the_server_the_cause_and_the_fix() {
-    if plangate_tests::postgres_db("opsprobe").await.is_none() {
+    if !postgres_available("opsprobe").await {
         return;
     }
     let dir = TempDir::new("ops-pgerr");
@@ -614,6 +632,7 @@ async fn admin_commands_read_only_the_storage_section() {
     let out = run(home, &["check-config", "--config", config_arg], &[]);
     assert_eq!(out.code, Some(2), "{}", out.text());
     assert!(out.stderr.contains("admin.token"), "{}", out.text());
+    drop_database(db_name(&db)).await;
 }
 
 /// The shell block under "## Running in production" in README.md.
@@ -637,7 +656,7 @@ async fn readme_production_block_runs_verbatim() {
     let Some(redis) = plangate_tests::redis().await else {
         return;
     };
-    if plangate_tests::postgres_db("opsreadme").await.is_none() {
+    if !postgres_available("opsreadme").await {
         return;
     }
     // The example config, pointed at a database of this test's own (which
