@@ -77,7 +77,7 @@ impl App {
                 // Unreachable: the store watch says so at ERROR. Reachable
                 // but unusable (no schema): only this says why.
                 if connected {
-                    tracing::error!(url, error = %e, "plans not applied: Postgres answers but cannot serve; serving 503 until it can");
+                    tracing::error!(url = %url, error = %e, "plans not applied: Postgres answers but cannot serve; serving 503 until it can");
                 }
                 // Start anyway (not ready); apply as soon as Postgres answers.
                 tokio::spawn(apply_when_available(catalog.clone(), plans));
@@ -694,14 +694,12 @@ pub struct DevOptions {
 /// (a second `plangate dev`) is replaced by a free port; one given on the
 /// command line must be free.
 pub async fn dev(opts: DevOptions) -> Result<(), CliError> {
-    let scratch = match &opts.config {
-        Some(_) => None,
-        None => Some(write_dev_files()?),
-    };
-    let path = match (&opts.config, &scratch) {
-        (Some(path), _) => path.clone(),
-        (None, Some(dir)) => dir.join("dev.toml"),
-        (None, None) => unreachable!("a scratch directory exists when no config is given"),
+    let (path, scratch) = match &opts.config {
+        Some(path) => (path.clone(), None),
+        None => {
+            let dir = write_dev_files()?;
+            (dir.join("dev.toml"), Some(dir))
+        }
     };
     let result = dev_with(&path, &opts).await;
     if let Some(dir) = scratch {
