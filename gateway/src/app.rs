@@ -19,6 +19,7 @@ use crate::cli::CliError;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::credits::Outbox;
+use crate::health::{mask_url, StoreWatch};
 use crate::limiter::memory::MemoryStore;
 use crate::limiter::redis::{RedisOptions, RedisStore};
 use crate::limiter::{AnyStore, Limiter, StoreError};
@@ -50,18 +51,35 @@ fn fail(e: impl std::fmt::Display) -> CliError {
 
 impl App {
     /// Build everything `config` describes. The plans file is validated
-    /// (against the routes' units too) and applied to the catalog.
+    /// (against the routes' units too) and applied to the catalog. A store
+    /// that does not answer is logged at ERROR (see `health.rs`); with
+    /// `[storage] require_at_start` it fails the build instead.
     pub async fn build(config: Config, clock: SharedClock) -> Result<App, CliError> {
         let plans = load_plans_file_for(&config.plans.file, &config.known_units()).map_err(bad)?;
-        let catalog: Arc<dyn Catalog> = match &config.storage.postgres_url {
-            Some(url) => Arc::new(connect_postgres(url, clock.clone()).await?),
-            None => Arc::new(MemoryCatalog::new(clock.clone())),
+        let require = config.storage.require_at_start;
+        let (catalog, connected): (Arc<dyn Catalog>, bool) = match &config.storage.postgres_url {
+            Some(url) => {
+                let (catalog, connected) = connect_postgres(url, clock.clone(), require).await?;
+                (Arc::new(catalog), connected)
+            }
+            None => (Arc::new(MemoryCatalog::new(clock.clone())), true),
         };
         match catalog.apply_plans(&plans, false).await {
             Ok(_) => {}
             Err(CatalogError::Unavailable(e)) => {
+                let url = config.storage.postgres_url.as_deref().map(mask_url);
+                let url = url.as_deref().unwrap_or("-");
+                if require {
+                    return Err(fail(format!(
+                        "[storage] postgres_url {url}: {e} (the stores are required at start)"
+                    )));
+                }
+                // Unreachable: the store watch says so at ERROR. Reachable
+                // but unusable (no schema): only this says why.
+                if connected {
+                    tracing::error!(url = %url, error = %e, "plans not applied: Postgres answers but cannot serve; serving 503 until it can");
+                }
                 // Start anyway (not ready); apply as soon as Postgres answers.
-                tracing::error!(error = %e, "Postgres unavailable at start: serving 503 until it returns");
                 tokio::spawn(apply_when_available(catalog.clone(), plans));
             }
             Err(e) => {
@@ -98,22 +116,11 @@ impl App {
             Some(
                 RedisStore::connect_with(url, options)
                     .await
-                    .map_err(|e| bad(format!("[storage] redis_url: {e}")))?,
+                    .map_err(|e| bad(format!("[storage] redis_url {}: {e}", mask_url(url))))?,
             )
         } else {
             None
         };
-        if let Some(store) = &redis {
-            // The store connects lazily; without a warm-up the first requests
-            // pay for the connection and exceed `store_timeout`. An
-            // unreachable Redis is not fatal: the gateway follows
-            // `on_store_error` until it comes back.
-            match tokio::time::timeout(Duration::from_secs(1), store.ping()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "counter store unreachable at start"),
-                Err(_) => tracing::warn!("counter store did not answer at start"),
-            }
-        }
         let store: AnyStore = match redis {
             Some(redis) => redis.into(),
             None => MemoryStore::new().into(),
@@ -134,6 +141,25 @@ impl App {
             outbox,
             bodies: Arc::new(crate::proxy::BodyBudget::default()),
         });
+        // The first probe also warms up the counter store's connection
+        // (it connects lazily; without it the first requests would pay for
+        // the connection and exceed `store_timeout`). An unreachable store
+        // is logged at ERROR, and again while it stays down; the gateway
+        // follows `on_store_error` until it comes back, unless the stores
+        // are required at start.
+        let mut watch = StoreWatch::new(&core, &config.storage);
+        let failed = watch.check().await;
+        if config.storage.require_at_start && !failed.is_empty() {
+            let lines: Vec<String> = failed
+                .iter()
+                .map(|(target, why)| format!("{target}: {why}"))
+                .collect();
+            return Err(fail(format!(
+                "{} (the stores are required at start)",
+                lines.join("; ")
+            )));
+        }
+        tokio::spawn(watch.run());
         tokio::spawn(check_counter_store(core.clone()));
         let table = RouteTable::from_config(&config).map_err(bad)?;
         let gateway = Arc::new(Gateway {
@@ -170,10 +196,39 @@ impl App {
         ),
         CliError,
     > {
-        let main_addr = listen.unwrap_or(self.config.server.listen);
-        let main = TcpListener::bind(main_addr)
-            .await
-            .map_err(|e| fail(format!("binding {main_addr}: {e}")))?;
+        let listen = Listen {
+            main: listen,
+            ..Listen::default()
+        };
+        self.bind_with(listen, shutdown).await
+    }
+
+    /// Bind the listeners where `listen` says, else where the config says.
+    /// Returns the bound addresses and a future that serves until
+    /// `shutdown` flips.
+    pub async fn bind_with(
+        &self,
+        listen: Listen,
+        shutdown: ShutdownSignal,
+    ) -> Result<
+        (
+            Bound,
+            impl std::future::Future<Output = ()> + Send + 'static,
+        ),
+        CliError,
+    > {
+        if listen.admin.is_some() && self.admin.is_none() {
+            return Err(bad(format!(
+                "--admin-listen: {} has no [admin] section",
+                self.config.path.display()
+            )));
+        }
+        let (main, main_busy) = bind_listener(
+            listen.main.unwrap_or(self.config.server.listen),
+            listen.main.is_none() && listen.free_port_if_busy,
+            ("the main listener", "--listen", "[server] listen"),
+        )
+        .await?;
         let tls = match &self.config.server.tls {
             Some(files) => Some(server::tls_acceptor(files).map_err(bad)?),
             None => None,
@@ -198,11 +253,14 @@ impl App {
             move |req, _peer| gateway.clone().handle(req),
             shutdown.clone(),
         );
-        let (admin_local, admin_task) = match (&self.admin, &self.config.admin) {
+        let (admin_local, admin_busy, admin_task) = match (&self.admin, &self.config.admin) {
             (Some(admin), Some(cfg)) => {
-                let listener = TcpListener::bind(cfg.listen)
-                    .await
-                    .map_err(|e| fail(format!("binding admin {}: {e}", cfg.listen)))?;
+                let (listener, busy) = bind_listener(
+                    listen.admin.unwrap_or(cfg.listen),
+                    listen.admin.is_none() && listen.free_port_if_busy,
+                    ("the admin listener", "--admin-listen", "[admin] listen"),
+                )
+                .await?;
                 let local = listener.local_addr().map_err(fail)?;
                 let admin = admin.clone();
                 let admin_tls = match &cfg.tls {
@@ -216,9 +274,9 @@ impl App {
                     move |req, _peer| admin.clone().handle(req),
                     shutdown,
                 );
-                (Some(local), Some(task))
+                (Some(local), busy, Some(task))
             }
-            _ => (None, None),
+            _ => (None, None, None),
         };
         let serve = async move {
             match admin_task {
@@ -232,6 +290,8 @@ impl App {
             Bound {
                 main: main_local,
                 admin: admin_local,
+                main_busy,
+                admin_busy,
             },
             serve,
         ))
@@ -291,7 +351,6 @@ async fn check_counter_store(core: Arc<Core>) {
         return;
     };
     let mut backoff = Duration::from_secs(1);
-    let mut told = false;
     loop {
         match tokio::time::timeout(STORE_CHECK_TIMEOUT, store.check_server()).await {
             Ok(Ok(report)) => {
@@ -308,13 +367,9 @@ async fn check_counter_store(core: Arc<Core>) {
                 tracing::warn!(error = %e, "could not check that the counter store runs scripts atomically");
                 return;
             }
+            // The store watch says that the store is down (at ERROR, with
+            // its URL); the script check waits until it answers.
             Ok(Err(StoreError::Unavailable(_) | StoreError::Timeout(_))) | Err(_) => {
-                if !told {
-                    tracing::warn!(
-                        "counter store unreachable; its script check runs when it answers"
-                    );
-                    told = true;
-                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
@@ -323,21 +378,36 @@ async fn check_counter_store(core: Arc<Core>) {
 }
 
 /// Connect to Postgres; when it is down, connect lazily (the pool and the
-/// LISTEN connection retry by themselves) so the gateway still starts.
-async fn connect_postgres(url: &str, clock: SharedClock) -> Result<PostgresCatalog, CliError> {
+/// LISTEN connection retry by themselves) so the gateway still starts,
+/// unless `require` (then the error names the URL, password masked, and
+/// why). Also returns whether the database answered.
+async fn connect_postgres(
+    url: &str,
+    clock: SharedClock,
+    require: bool,
+) -> Result<(PostgresCatalog, bool), CliError> {
+    let config_error =
+        |e: CatalogError| bad(format!("[storage] postgres_url {}: {e}", mask_url(url)));
     match PostgresCatalog::connect(url, clock.clone()).await {
-        Ok(c) => Ok(c),
+        Ok(c) => Ok((c, true)),
+        Err(CatalogError::Unavailable(e)) if require => Err(fail(format!(
+            "[storage] postgres_url {}: {e} (the stores are required at start)",
+            mask_url(url)
+        ))),
         Err(CatalogError::Unavailable(e)) => {
-            tracing::error!(error = %e, "Postgres unavailable at start; retrying in the background");
+            // The store watch logs it at ERROR with the URL once the
+            // gateway is assembled, and again while it lasts.
+            tracing::debug!(error = %e, "Postgres unavailable at start; retrying in the background");
             let opts = PgOptions {
                 lazy: true,
                 ..PgOptions::default()
             };
-            PostgresCatalog::connect_with(url, clock, opts)
+            let catalog = PostgresCatalog::connect_with(url, clock, opts)
                 .await
-                .map_err(|e| bad(format!("[storage] postgres_url: {e}")))
+                .map_err(config_error)?;
+            Ok((catalog, false))
         }
-        Err(e) => Err(bad(format!("[storage] postgres_url: {e}"))),
+        Err(e) => Err(config_error(e)),
     }
 }
 
@@ -390,6 +460,52 @@ async fn apply_when_available(catalog: Arc<dyn Catalog>, plans: crate::plans::Pl
 pub struct Bound {
     pub main: SocketAddr,
     pub admin: Option<SocketAddr>,
+    /// The configured address of the main listener when it was in use and
+    /// a free port was taken instead ([`Listen::free_port_if_busy`]).
+    pub main_busy: Option<SocketAddr>,
+    /// Likewise for the admin listener.
+    pub admin_busy: Option<SocketAddr>,
+}
+
+/// Where to listen, over what the config says.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Listen {
+    /// The main listener (else `[server] listen`).
+    pub main: Option<SocketAddr>,
+    /// The admin listener (else `[admin] listen`).
+    pub admin: Option<SocketAddr>,
+    /// When a configured address (one not given here) is in use, listen on
+    /// a free port of the same IP instead of failing: `plangate dev`, where
+    /// two instances on one machine must both start. An address given here
+    /// that is in use is always an error (port 0 picks a free port).
+    pub free_port_if_busy: bool,
+}
+
+/// Bind `addr`; when it is in use and `fallback`, a free port of the same
+/// IP (returning `addr` as the busy one). `names` are what the listener is
+/// called, its flag and its config key, for the error message.
+async fn bind_listener(
+    addr: SocketAddr,
+    fallback: bool,
+    names: (&str, &str, &str),
+) -> Result<(TcpListener, Option<SocketAddr>), CliError> {
+    let (what, flag, key) = names;
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok((l, None)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && fallback => {
+            let free = SocketAddr::new(addr.ip(), 0);
+            let l = TcpListener::bind(free)
+                .await
+                .map_err(|e| fail(format!("binding {what} on {free}: {e}")))?;
+            tracing::warn!(busy = %addr, "{what}: {addr} is in use; listening on a free port instead");
+            Ok((l, Some(addr)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(fail(format!(
+            "binding {what} on {addr}: {e}: another program (another plangate?) listens there; \
+             choose another address with {key} (plangate dev: {flag}); port 0 picks a free one"
+        ))),
+        Err(e) => Err(fail(format!("binding {what} on {addr}: {e}"))),
+    }
 }
 
 /// Watch the plans file's directory (so editors' atomic renames and
@@ -528,13 +644,9 @@ async fn plans_fit_routes(
 }
 
 /// Run a built app until SIGTERM/Ctrl-C: listeners, plan watching, SIGHUP.
-pub async fn run(
-    app: App,
-    listen: Option<SocketAddr>,
-    on_bound: impl FnOnce(&Bound),
-) -> Result<(), CliError> {
+pub async fn run(app: App, listen: Listen, on_bound: impl FnOnce(&Bound)) -> Result<(), CliError> {
     let (_tx, shutdown) = server::shutdown_on_signals();
-    let (bound, serving) = app.bind(listen, shutdown).await?;
+    let (bound, serving) = app.bind_with(listen, shutdown).await?;
     tracing::info!(listen = %bound.main, admin = ?bound.admin, "plangate listening");
     on_bound(&bound);
     let _watcher = app.watch_plans();
@@ -559,23 +671,72 @@ pub async fn run(
     Ok(())
 }
 
-/// `plangate serve`.
-pub async fn serve(config_path: &Path) -> Result<(), CliError> {
-    let config = Config::load(config_path).map_err(bad)?;
+/// `plangate serve`. With `require_stores` (or `[storage]
+/// require_at_start`), a store that does not answer at start is an error
+/// (exit 1) instead of a start in the not-ready state.
+pub async fn serve(config_path: &Path, require_stores: bool) -> Result<(), CliError> {
+    let mut config = Config::load(config_path).map_err(bad)?;
+    config.storage.require_at_start |= require_stores;
     let app = App::build(config, Arc::new(SystemClock)).await?;
-    run(app, None, |_| {}).await
+    run(app, Listen::default(), |_| {}).await
 }
 
-/// Default config of `plangate dev`.
-pub const DEV_CONFIG: &str = "config/dev.toml";
+/// The config `plangate dev` runs without `--config` (config/dev.toml) and
+/// the example plans it names (config/plans.yaml), built into the binary so
+/// that `plangate dev` runs from any directory.
+pub const DEV_TOML: &str = include_str!("../../config/dev.toml");
+
+/// See [`DEV_TOML`].
+pub const EXAMPLE_PLANS: &str = include_str!("../../config/plans.yaml");
+
+/// Options of `plangate dev`.
+#[derive(Debug, Clone, Default)]
+pub struct DevOptions {
+    /// A config file instead of the built-in one.
+    pub config: Option<PathBuf>,
+    /// The main listener, instead of the config's.
+    pub listen: Option<SocketAddr>,
+    /// The admin listener, instead of the config's.
+    pub admin_listen: Option<SocketAddr>,
+}
 
 /// `plangate dev`: in-process stores, the example plans, a mock OpenAI
-/// upstream, and a demo account whose key and credits are printed.
-pub async fn dev(config_path: Option<&Path>, listen: Option<&str>) -> Result<(), CliError> {
-    let path = config_path
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(DEV_CONFIG));
-    let mut config = Config::load(&path).map_err(bad)?;
+/// upstream on a free port, and a demo account whose key and credits are
+/// printed. Without `--config`, the built-in config and plans are written
+/// to a directory of their own (removed at exit), where the plans file can
+/// be edited while it runs. A configured listen address that is in use
+/// (a second `plangate dev`) is replaced by a free port; one given on the
+/// command line must be free.
+pub async fn dev(opts: DevOptions) -> Result<(), CliError> {
+    let (path, scratch) = match &opts.config {
+        Some(path) => (path.clone(), None),
+        None => {
+            let dir = write_dev_files()?;
+            (dir.join("dev.toml"), Some(dir))
+        }
+    };
+    let result = dev_with(&path, &opts).await;
+    if let Some(dir) = scratch {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result
+}
+
+/// Write [`DEV_TOML`] and [`EXAMPLE_PLANS`] to a fresh directory of this
+/// process's own.
+fn write_dev_files() -> Result<PathBuf, CliError> {
+    let dir = std::env::temp_dir().join(format!("plangate-dev-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("dev.toml"), DEV_TOML)?;
+        std::fs::write(dir.join("plans.yaml"), EXAMPLE_PLANS)
+    };
+    write().map_err(|e| fail(format!("writing the dev config to {}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
+async fn dev_with(path: &Path, opts: &DevOptions) -> Result<(), CliError> {
+    let mut config = Config::load(path).map_err(bad)?;
     if config.storage.postgres_url.is_some()
         || config.storage.redis_url.is_some()
         || !config.storage.redis_cluster.is_empty()
@@ -585,23 +746,16 @@ pub async fn dev(config_path: Option<&Path>, listen: Option<&str>) -> Result<(),
         config.storage.redis_url = None;
         config.storage.redis_cluster.clear();
     }
-    let listen: Option<SocketAddr> = match listen {
-        Some(l) => Some(l.parse().map_err(|_| {
-            bad(format!(
-                "--listen {l}: not an address such as 127.0.0.1:8080"
-            ))
-        })?),
-        None => None,
-    };
 
-    // The mock upstream listens where the config's first upstream points.
-    let mock_addr = mock_address(&config)?;
-    let mock_listener = TcpListener::bind(mock_addr)
+    // The mock upstream takes a free port, and the config's first upstream
+    // is pointed at it: two `plangate dev` on one machine do not collide.
+    let mock_listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
         .await
-        .map_err(|e| fail(format!("starting the mock upstream on {mock_addr}: {e}")))?;
+        .map_err(|e| fail(format!("starting the mock upstream: {e}")))?;
     let mock = crate::mock::serve(mock_listener, crate::mock::MockOptions::default())
         .await
-        .map_err(|e| fail(format!("starting the mock upstream on {mock_addr}: {e}")))?;
+        .map_err(|e| fail(format!("starting the mock upstream: {e}")))?;
+    point_first_upstream_at(&mut config, mock.addr())?;
 
     let clock: SharedClock = Arc::new(SystemClock);
     let app = App::build(config, clock).await?;
@@ -625,20 +779,40 @@ pub async fn dev(config_path: Option<&Path>, listen: Option<&str>) -> Result<(),
         .await
         .map_err(fail)?
         .effective_plan;
-    let admin_token = app.config.admin.as_ref().map(|a| a.token.clone());
-    let mock_local = mock.addr();
-    let result = run(app, listen, move |bound| {
-        print_dev_banner(
-            bound,
-            &key.key,
-            plan.as_deref(),
-            admin_token.as_deref(),
-            mock_local,
-        );
-    })
-    .await;
+    let banner = DevBanner {
+        key: key.key.clone(),
+        plan,
+        admin_token: app.config.admin.as_ref().map(|a| a.token.clone()),
+        mock: mock.addr(),
+        plans_file: app.config.plans.file.clone(),
+    };
+    let listen = Listen {
+        main: opts.listen,
+        admin: opts.admin_listen,
+        free_port_if_busy: true,
+    };
+    let result = run(app, listen, move |bound| banner.print(bound)).await;
     mock.shutdown().await;
     result
+}
+
+/// Point the config's first upstream (the one dev mode replaces with its
+/// mock) at `addr`, keeping the path of its URL.
+fn point_first_upstream_at(config: &mut Config, addr: SocketAddr) -> Result<(), CliError> {
+    let up = config
+        .upstreams
+        .first_mut()
+        .ok_or_else(|| bad("dev mode needs an upstream for its mock server"))?;
+    let path = up
+        .url
+        .path_and_query()
+        .map(|p| p.as_str())
+        .filter(|p| *p != "/")
+        .unwrap_or("");
+    up.url = format!("http://{addr}{path}")
+        .parse()
+        .map_err(|e| bad(format!("upstream {}: {e}", up.name)))?;
+    Ok(())
 }
 
 /// `plangate mock --listen ADDR`: the mock OpenAI upstream alone, until
@@ -664,56 +838,54 @@ pub async fn mock(listen: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-fn mock_address(config: &Config) -> Result<SocketAddr, CliError> {
-    let up = config
-        .upstreams
-        .first()
-        .ok_or_else(|| bad("dev mode needs an upstream for its mock server"))?;
-    let host = up.url.host().unwrap_or("127.0.0.1");
-    let port = up.url.port_u16().unwrap_or(80);
-    let host = if host == "localhost" {
-        "127.0.0.1"
-    } else {
-        host
-    };
-    format!("{host}:{port}").parse().map_err(|_| {
-        bad(format!(
-            "upstream {}: dev mode needs an IP address, got {host}",
-            up.name
-        ))
-    })
+/// What `plangate dev` prints once it listens.
+struct DevBanner {
+    key: String,
+    plan: Option<String>,
+    admin_token: Option<String>,
+    mock: SocketAddr,
+    plans_file: PathBuf,
 }
 
-fn print_dev_banner(
-    bound: &Bound,
-    key: &str,
-    plan: Option<&str>,
-    admin_token: Option<&str>,
-    mock: SocketAddr,
-) {
-    let base = format!("http://{}", bound.main);
-    println!();
-    println!("plangate dev is running (in-process stores; nothing is persisted)");
-    println!("  gateway:        {base}");
-    println!("  mock upstream:  http://{mock}");
-    if let (Some(admin), Some(token)) = (bound.admin, admin_token) {
-        println!("  admin API:      http://{admin}  (Authorization: Bearer {token})");
+impl DevBanner {
+    fn print(&self, bound: &Bound) {
+        let key = &self.key;
+        let base = format!("http://{}", bound.main);
+        println!();
+        println!("plangate dev is running (in-process stores; nothing is persisted)");
+        println!("  gateway:        {base}");
+        if let (Some(admin), Some(token)) = (bound.admin, &self.admin_token) {
+            println!("  admin API:      http://{admin}  (Authorization: Bearer {token})");
+        }
+        for (what, busy) in [
+            ("gateway", bound.main_busy),
+            ("admin API", bound.admin_busy),
+        ] {
+            if let Some(busy) = busy {
+                println!("                  ({what}: {busy} was in use, so a free port was taken)");
+            }
+        }
+        println!("  mock upstream:  http://{}", self.mock);
+        println!(
+            "  plans:          {} (edit it: changes apply at once)",
+            self.plans_file.display()
+        );
+        println!(
+            "  demo account:   demo (plan {}), 1000 credits",
+            self.plan.as_deref().unwrap_or("-")
+        );
+        println!("  demo API key:   {key}");
+        println!();
+        println!("Try it:");
+        println!("  curl -i {base}/v1/chat/completions \\");
+        println!("    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\");
+        println!("    -d '{{\"model\":\"gpt-4-turbo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
+        println!("  curl -s {base}/v1/limits -H 'Authorization: Bearer {key}'");
+        println!();
+        println!("With the openai Python SDK:");
+        println!("  from openai import OpenAI");
+        println!("  client = OpenAI(base_url=\"{base}/v1\", api_key=\"{key}\")");
+        println!("  client.chat.completions.create(model=\"gpt-4-turbo\", messages=[{{\"role\":\"user\",\"content\":\"hi\"}}])");
+        println!();
     }
-    println!(
-        "  demo account:   demo (plan {}), 1000 credits",
-        plan.unwrap_or("-")
-    );
-    println!("  demo API key:   {key}");
-    println!();
-    println!("Try it:");
-    println!("  curl -i {base}/v1/chat/completions \\");
-    println!("    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\");
-    println!("    -d '{{\"model\":\"gpt-4-turbo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
-    println!("  curl -s {base}/v1/limits -H 'Authorization: Bearer {key}'");
-    println!();
-    println!("With the openai Python SDK:");
-    println!("  from openai import OpenAI");
-    println!("  client = OpenAI(base_url=\"{base}/v1\", api_key=\"{key}\")");
-    println!("  client.chat.completions.create(model=\"gpt-4-turbo\", messages=[{{\"role\":\"user\",\"content\":\"hi\"}}])");
-    println!();
 }

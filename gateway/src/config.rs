@@ -111,6 +111,9 @@ pub struct StorageConfig {
     pub redis_cluster: Vec<String>,
     pub store_timeout: Duration,
     pub on_store_error: OnStoreError,
+    /// `serve` exits (1) when a configured store does not answer at start
+    /// instead of starting not ready (`serve --require-stores` sets it too).
+    pub require_at_start: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,15 +250,7 @@ impl Config {
     /// Read, substitute `${VAR}`s, parse and check `path`. Collects every
     /// problem rather than stopping at the first.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: path.display().to_string(),
-                line: None,
-                column: None,
-                key: String::new(),
-                message: format!("cannot read: {e}"),
-            }])
-        })?;
+        let text = read_config(path)?;
         Config::from_toml(&text, path, &|name| std::env::var(name).ok())
     }
 
@@ -280,6 +275,46 @@ impl Config {
                 .chain(r.reserve.iter().map(|(u, _)| u.clone()))
         }))
     }
+}
+
+/// What the admin commands read of a config file: `[storage]`, and the
+/// units its routes measure or reserve (to check plans against). The rest
+/// of the file is parsed — syntax and unknown keys are still errors — but
+/// not checked, so the secrets of other sections (`${PLANGATE_ADMIN_TOKEN}`,
+/// an upstream's key) need not be set where only the catalog is managed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliView {
+    pub storage: StorageConfig,
+    pub known_units: KnownUnits,
+}
+
+impl CliView {
+    /// Read `path` for an admin command.
+    pub fn load(path: &Path) -> Result<CliView, ConfigErrors> {
+        let text = read_config(path)?;
+        CliView::from_toml(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// [`CliView::load`] of a config file's text (see [`Config::from_toml`]).
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<CliView, ConfigErrors> {
+        build::build_cli_view(text, path, env)
+    }
+}
+
+fn read_config(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.display().to_string(),
+            line: None,
+            column: None,
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })
 }
 
 /// The plans file a config file names, even when the config has other

@@ -18,6 +18,7 @@ pub mod errors;
 #[cfg(test)]
 mod fuzz;
 pub mod headers;
+pub mod health;
 pub mod limiter;
 pub mod metrics;
 pub mod mock;

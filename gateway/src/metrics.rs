@@ -41,6 +41,9 @@ pub struct Metrics {
     in_flight: AtomicU64,
     credits_charged: AtomicU64,
     reload_failures: AtomicU64,
+    /// `plangate_store_up` per external store label (`redis`, `postgres`),
+    /// set by the store watch (`health.rs`); absent for in-process stores.
+    stores_up: parking_lot::Mutex<Vec<(&'static str, bool)>>,
 }
 
 impl Metrics {
@@ -100,6 +103,24 @@ impl Metrics {
 
     pub fn reload_failure(&self) {
         self.reload_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Record whether the external store `store` answered its last probe.
+    pub fn set_store_up(&self, store: &'static str, up: bool) {
+        let mut stores = self.stores_up.lock();
+        match stores.iter_mut().find(|(s, _)| *s == store) {
+            Some(entry) => entry.1 = up,
+            None => stores.push((store, up)),
+        }
+    }
+
+    /// Whether `store` answered its last probe (`None`: not watched).
+    pub fn store_up(&self, store: &str) -> Option<bool> {
+        self.stores_up
+            .lock()
+            .iter()
+            .find(|(s, _)| *s == store)
+            .map(|(_, up)| *up)
     }
 
     pub fn in_flight_inc(&self) {
@@ -203,6 +224,19 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        let stores = self.stores_up.lock();
+        if !stores.is_empty() {
+            out.push_str(
+                "# HELP plangate_store_up Whether an external store (redis: counters, postgres: catalog) answered its last probe.\n# TYPE plangate_store_up gauge\n",
+            );
+            for (store, up) in stores.iter() {
+                let _ = writeln!(
+                    out,
+                    "plangate_store_up{{store=\"{store}\"}} {}",
+                    u8::from(*up)
+                );
+            }
+        }
         out
     }
 }
@@ -239,6 +273,18 @@ mod tests {
         assert!(text.contains("plangate_admission_seconds_count 1"));
         assert!(text.contains("plangate_in_flight_requests 1"));
         assert!(text.contains("plangate_credits_charged_total 5"));
+        // Without external stores there is no store gauge.
+        assert!(!text.contains("plangate_store_up"));
+        m.set_store_up("redis", false);
+        m.set_store_up("postgres", true);
+        m.set_store_up("redis", false);
+        let text = m.render();
+        assert!(text.contains("# TYPE plangate_store_up gauge\n"));
+        assert!(text.contains("plangate_store_up{store=\"redis\"} 0\n"));
+        assert!(text.contains("plangate_store_up{store=\"postgres\"} 1\n"));
+        assert_eq!(text.matches("plangate_store_up{").count(), 2);
+        assert_eq!(m.store_up("redis"), Some(false));
+        assert_eq!(m.store_up("memory"), None);
     }
 
     #[test]

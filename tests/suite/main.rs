@@ -9,6 +9,7 @@ mod gateway;
 mod integrity;
 mod limiter;
 mod litellm;
+mod operator;
 mod reload;
 mod sdk;
 mod streaming;

@@ -224,8 +224,9 @@ impl CatalogCache {
         let events = catalog.subscribe();
         let (plans, loaded) = match catalog.list_plans().await {
             Ok(plans) => (plans, true),
+            // The gateway's store watch (`health.rs`) says so at ERROR.
             Err(e) if lazy => {
-                tracing::warn!(error = %e, "catalog unavailable at start; retrying in the background");
+                tracing::debug!(error = %e, "catalog unavailable at start; retrying in the background");
                 (PlanSet::default(), false)
             }
             Err(e) => return Err(e),
@@ -588,6 +589,7 @@ async fn follow(weak: Weak<Inner>, mut events: tokio::sync::broadcast::Receiver<
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry_at = tokio::time::Instant::now();
+    let mut told = crate::health::LogThrottle::new(crate::health::REPEAT_EVERY);
     loop {
         let inv = tokio::select! {
             r = events.recv() => match r {
@@ -603,9 +605,16 @@ async fn follow(weak: Weak<Inner>, mut events: tokio::sync::broadcast::Receiver<
             inner.invalidate(&inv);
         }
         if inner.plans_due() && tokio::time::Instant::now() >= retry_at {
-            if let Err(e) = inner.reload_plans().await {
-                tracing::warn!(error = %e, "reloading plans failed; keeping the cached plans");
-                retry_at = tokio::time::Instant::now() + inner.config.retry_after_error;
+            match inner.reload_plans().await {
+                Ok(_) => told.reset(),
+                Err(e) => {
+                    // Retried every `retry_after_error` while the catalog is
+                    // down: said once per `REPEAT_EVERY`.
+                    if let Some(repeats) = told.ready(std::time::Instant::now()) {
+                        tracing::warn!(error = %e, repeats, "reloading plans failed; keeping the cached plans");
+                    }
+                    retry_at = tokio::time::Instant::now() + inner.config.retry_after_error;
+                }
             }
         }
     }

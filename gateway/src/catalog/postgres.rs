@@ -111,25 +111,46 @@ fn parse_url(url: &str, timeout: Duration) -> CatalogResult<tokio_postgres::Conf
     Ok(cfg)
 }
 
-/// A database error as a catalog error: the SQLSTATE and server message
-/// (tokio-postgres alone prints just "db error").
+/// A database error as a catalog error: see [`describe_error`].
 fn db_err(e: tokio_postgres::Error) -> CatalogError {
+    CatalogError::Unavailable(describe_error(&e))
+}
+
+/// A tokio-postgres error for people (tokio-postgres alone prints just "db
+/// error" or "error connecting to server"): the server's message and
+/// SQLSTATE, with what to do about the mistakes an operator makes (wrong
+/// password or user, a database that does not exist, a schema not
+/// migrated); otherwise the chain of causes, e.g. "error connecting to
+/// server: Connection refused (os error 111)". The host, port and
+/// database are not in the error: callers that know the URL name it.
+pub fn describe_error(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
-        if *db.code() == SqlState::UNDEFINED_TABLE {
-            return CatalogError::Unavailable(
-                "the database schema is missing or outdated; run `plangate migrate`".into(),
-            );
+        let code = db.code();
+        if *code == SqlState::UNDEFINED_TABLE {
+            return "the database schema is missing or outdated; run `plangate migrate`".into();
         }
-        return CatalogError::Unavailable(format!("{} ({})", db.message(), db.code().code()));
+        let hint = if *code == SqlState::INVALID_CATALOG_NAME {
+            "; run `plangate migrate`, which creates it"
+        } else if *code == SqlState::INVALID_PASSWORD {
+            "; check the user and password in postgres_url"
+        } else if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+            "; check the user in postgres_url and the server's pg_hba.conf"
+        } else {
+            ""
+        };
+        return format!("{} ({}){hint}", db.message(), code.code());
     }
     // tokio-postgres keeps the cause (e.g. "Connection refused") in `source`.
     let mut msg = e.to_string();
-    let mut source = std::error::Error::source(&e);
+    let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        msg = format!("{msg}: {s}");
+        let text = s.to_string();
+        if !msg.ends_with(&text) {
+            msg = format!("{msg}: {text}");
+        }
         source = s.source();
     }
-    CatalogError::Unavailable(msg)
+    msg
 }
 
 fn pool_err(e: deadpool_postgres::PoolError) -> CatalogError {
@@ -213,6 +234,57 @@ pub async fn migrate(url: &str) -> CatalogResult<MigrateReport> {
     drop(client);
     let _ = driver.await;
     result
+}
+
+/// Create the database `url` names when it does not exist (what a
+/// first `plangate migrate` needs), connecting with the same credentials
+/// to the server's `postgres` database (else `template1`). Returns the
+/// name of the database created, `None` when it existed. Needs the
+/// CREATEDB privilege only when it does create one.
+pub async fn create_database_if_missing(url: &str) -> CatalogResult<Option<String>> {
+    let cfg = parse_url(url, Duration::from_secs(5))?;
+    match cfg.connect(NoTls).await {
+        Ok(_) => return Ok(None),
+        Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
+        Err(e) => return Err(db_err(e)),
+    }
+    // libpq's default database is the user's name.
+    let name = cfg
+        .get_dbname()
+        .or(cfg.get_user())
+        .unwrap_or("postgres")
+        .to_owned();
+    let mut last = None;
+    for maintenance in ["postgres", "template1"] {
+        let mut admin = cfg.clone();
+        admin.dbname(maintenance);
+        let (client, conn) = match admin.connect(NoTls).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                last = Some(describe_error(&e));
+                continue;
+            }
+        };
+        let driver = tokio::spawn(conn);
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        let created = client.batch_execute(&sql).await;
+        drop(client);
+        let _ = driver.await;
+        return match created {
+            Ok(()) => Ok(Some(name)),
+            // Created by a concurrent migrate in the meantime.
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => Ok(None),
+            Err(e) => Err(CatalogError::Unavailable(format!(
+                "database \"{name}\" does not exist and could not be created: {}; \
+                 create it (e.g. createdb {name}) and run `plangate migrate` again",
+                describe_error(&e)
+            ))),
+        };
+    }
+    Err(CatalogError::Unavailable(format!(
+        "database \"{name}\" does not exist, and connecting to the server's `postgres` database to create it failed: {}",
+        last.unwrap_or_default()
+    )))
 }
 
 async fn migrate_locked(client: &mut tokio_postgres::Client) -> CatalogResult<MigrateReport> {
@@ -918,7 +990,7 @@ impl Heartbeat {
             match tokio::time::timeout(HEARTBEAT_EVERY * 2, client.simple_query("SELECT 1")).await {
                 Ok(Ok(_)) => self.confirmed_ms.store(sent.max(1), Ordering::Release),
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "catalog LISTEN heartbeat failed");
+                    tracing::warn!(error = %describe_error(&e), "catalog LISTEN heartbeat failed");
                     return;
                 }
                 Err(_) => {
@@ -942,9 +1014,11 @@ async fn listen_loop(
 ) {
     let mut ready = Some(ready);
     let mut backoff = Duration::from_millis(250);
+    let mut told = crate::health::LogThrottle::new(crate::health::REPEAT_EVERY);
     loop {
         match cfg.connect(NoTls).await {
             Ok((client, mut conn)) => {
+                told.reset();
                 let tx = events.clone();
                 let driver = tokio::spawn(async move {
                     loop {
@@ -954,7 +1028,7 @@ async fn listen_loop(
                             }
                             Some(Ok(_)) => {}
                             Some(Err(e)) => {
-                                tracing::warn!(error = %e, "catalog LISTEN connection failed");
+                                tracing::warn!(error = %describe_error(&e), "catalog LISTEN connection failed");
                                 break;
                             }
                             None => break,
@@ -982,14 +1056,19 @@ async fn listen_loop(
                         let _ = events.send(Invalidation::All);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "LISTEN failed");
+                        tracing::warn!(error = %describe_error(&e), "LISTEN failed");
                         driver.abort();
                     }
                 }
                 drop(client);
             }
+            // While Postgres stays down this repeats every few seconds:
+            // said once per `REPEAT_EVERY` (the store watch says it at
+            // ERROR, with the URL).
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "catalog LISTEN connection failed");
+                if let Some(repeats) = told.ready(std::time::Instant::now()) {
+                    tracing::warn!(error = %describe_error(&e), retry_in = ?backoff, repeats, "catalog LISTEN connection failed");
+                }
             }
         }
         tokio::time::sleep(backoff).await;

@@ -4,22 +4,30 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::CliError;
-use crate::catalog::postgres::{migrate, PgOptions, PostgresCatalog};
+use super::{CliError, ConfigArg, DEFAULT_CONFIG};
+use crate::catalog::postgres::{create_database_if_missing, migrate, PgOptions, PostgresCatalog};
 use crate::catalog::{Catalog, CatalogError};
 use crate::clock::SystemClock;
-use crate::config::Config;
+use crate::config::CliView;
+use crate::health::mask_url;
 use crate::plans::parse::{load_plans_file, load_plans_file_for, plan_to_json, plans_to_json};
 use crate::plans::{KnownUnits, Plan, MAX_AMOUNT};
 
-/// Where the catalog lives: a config file's `[storage] postgres_url`, or a URL.
+/// Where the catalog lives: `--postgres-url`, else a config file's
+/// `[storage] postgres_url`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DbTarget {
-    /// plangate.toml to read `[storage] postgres_url` from.
-    #[arg(long, global = true)]
+    /// The config file to read [storage] postgres_url from [default: ./plangate.toml when it exists].
+    #[arg(long, global = true, env = "PLANGATE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Postgres URL (overrides --config).
-    #[arg(long, global = true, env = "PLANGATE_POSTGRES_URL")]
+    /// Postgres URL, e.g. postgres://user:pass@host:5432/plangate (wins over --config).
+    #[arg(
+        long,
+        global = true,
+        env = "PLANGATE_POSTGRES_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub postgres_url: Option<String>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
@@ -29,9 +37,12 @@ pub struct DbTarget {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum PlansCmd {
     /// Upsert every plan in FILE (and its default_plan) in one transaction.
-    /// With --config, plans may name only units its routes measure or
+    ///
+    /// With a config file, plans may name only units its routes measure or
     /// reserve.
+    #[command(after_help = "Example:\n  plangate plans apply plans.yaml --config plangate.toml")]
     Apply {
+        /// The plans file (plans.yaml format).
         file: PathBuf,
         /// Also delete plans not in FILE that no account uses.
         #[arg(long)]
@@ -39,54 +50,97 @@ pub enum PlansCmd {
     },
     /// List plans.
     List,
-    /// Show one plan.
-    Show { id: String },
+    /// Show one plan: its windows, concurrency and credit costs per endpoint.
+    Show {
+        /// Plan id.
+        id: String,
+    },
     /// Delete a plan (refused for the default plan and plans in use).
-    Delete { id: String },
-    /// Make a plan the default.
-    SetDefault { id: String },
+    Delete {
+        /// Plan id.
+        id: String,
+    },
+    /// Make a plan the default (the plan of accounts without one).
+    SetDefault {
+        /// Plan id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum AccountsCmd {
     /// Create an account.
+    #[command(after_help = "Example:\n  plangate accounts create acme --plan pro")]
     Create {
+        /// Account id (any text up to 200 bytes).
         id: String,
+        /// Its plan [default: none, i.e. the default plan].
         #[arg(long)]
         plan: Option<String>,
     },
     /// Assign a plan to an account.
-    Assign { id: String, plan: String },
-    /// Show an account and its effective plan.
-    Show { id: String },
+    Assign {
+        /// Account id.
+        id: String,
+        /// Plan id.
+        plan: String,
+    },
+    /// Show an account, its effective plan and its balance.
+    Show {
+        /// Account id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum KeysCmd {
-    /// Create a key; the plaintext is printed once.
-    Create { account: String },
-    /// Revoke a key by id.
-    Revoke { key_id: String },
-    /// List an account's keys (prefix and id only).
-    List { account: String },
+    /// Create a key; the plaintext is printed once and stored only hashed.
+    Create {
+        /// Account id.
+        account: String,
+    },
+    /// Revoke a key by id (takes effect within 5 seconds everywhere).
+    Revoke {
+        /// Key id, as `keys list` shows it.
+        key_id: String,
+    },
+    /// List an account's keys (id and prefix only).
+    List {
+        /// Account id.
+        account: String,
+    },
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum CreditsCmd {
     /// Grant credits as a new quota block.
+    #[command(
+        after_help = "Example:\n  plangate credits grant acme 10000 --expires 2030-01-01T00:00:00Z"
+    )]
     Grant {
+        /// Account id.
         account: String,
+        /// Credits to grant (1 to 10^15).
         amount: u64,
-        /// RFC 3339 expiry, e.g. 2027-01-01T00:00:00Z.
-        #[arg(long)]
+        /// Expiry in RFC 3339, e.g. 2030-01-01T00:00:00Z [default: never].
+        #[arg(long, value_name = "TIME")]
         expires: Option<String>,
     },
-    /// Show an account's balance.
-    Balance { account: String },
+    /// Show an account's balance and its quota blocks.
+    Balance {
+        /// Account id.
+        account: String,
+    },
     /// Expire all of an account's blocks now.
-    Expire { account: String },
+    Expire {
+        /// Account id.
+        account: String,
+    },
     /// Delete a quota block.
-    Delete { block_id: String },
+    Delete {
+        /// Block id, as `credits balance` shows it.
+        block_id: String,
+    },
 }
 
 /// One admin command.
@@ -109,10 +163,36 @@ pub async fn run(target: &DbTarget, cmd: AdminCmd) -> Result<(), CliError> {
 
 /// Run an admin command and return what it would print.
 pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliError> {
-    let url = postgres_url(target)?;
+    let config = ConfigArg {
+        config: target.config.clone(),
+    }
+    .resolve();
+    // Read only when needed: with --postgres-url, only `plans apply`
+    // looks at the config (for the units its routes measure).
+    let view = |path: &PathBuf| CliView::load(path).map_err(|e| CliError::BadInput(e.to_string()));
+    let url = match (&target.postgres_url, &config) {
+        (Some(url), _) => url.clone(),
+        (None, Some(path)) => view(path)?.storage.postgres_url.ok_or_else(|| {
+            CliError::BadInput(format!(
+                "{}: [storage] postgres_url is not set; admin commands need Postgres",
+                path.display()
+            ))
+        })?,
+        (None, None) => {
+            return Err(CliError::BadInput(format!(
+                "no database given: pass --postgres-url URL (or set PLANGATE_POSTGRES_URL), \
+                 or --config FILE (or set PLANGATE_CONFIG, or run where {DEFAULT_CONFIG} is)"
+            )))
+        }
+    };
+    // Every failure to reach the database names it, password masked.
+    let at = |e: CliError| match e {
+        CliError::Failure(m) => CliError::Failure(format!("Postgres at {}: {m}", mask_url(&url))),
+        other => other,
+    };
     let json = target.json;
     if let AdminCmd::Migrate = cmd {
-        return migrate_cmd(&url, json).await;
+        return migrate_cmd(&url, json).await.map_err(at);
     }
     let catalog = PostgresCatalog::connect_with(
         &url,
@@ -125,16 +205,13 @@ pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliErro
         },
     )
     .await
-    .map_err(catalog_err)?;
+    .map_err(catalog_err)
+    .map_err(at)?;
     match cmd {
         AdminCmd::Migrate => migrate_cmd(&url, json).await,
         AdminCmd::Plans(c) => {
-            let known = match &target.config {
-                Some(path) => Some(
-                    Config::load(path)
-                        .map_err(|e| CliError::BadInput(e.to_string()))?
-                        .known_units(),
-                ),
+            let known = match &config {
+                Some(path) => Some(view(path)?.known_units),
                 None => None,
             };
             plans(&catalog, c, json, known.as_ref()).await
@@ -143,40 +220,31 @@ pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliErro
         AdminCmd::Keys(c) => keys(&catalog, c, json).await,
         AdminCmd::Credits(c) => credits(&catalog, c, json).await,
     }
+    .map_err(at)
 }
 
 async fn migrate_cmd(url: &str, json: bool) -> Result<String, CliError> {
+    let created = create_database_if_missing(url).await.map_err(catalog_err)?;
     let report = migrate(url).await.map_err(catalog_err)?;
+    let created_line = created
+        .as_ref()
+        .map(|name| format!("created database {name}\n"))
+        .unwrap_or_default();
     Ok(if json {
-        to_json(&report)
+        let mut v = serde_json::to_value(&report).unwrap_or_default();
+        v["created_database"] = created.into();
+        to_json(&v)
     } else if report.applied.is_empty() {
-        format!("schema up to date (version {})", report.version)
+        format!(
+            "{created_line}schema up to date (version {})",
+            report.version
+        )
     } else {
         format!(
-            "applied {}; schema at version {}",
+            "{created_line}applied {}; schema at version {}",
             report.applied.join(", "),
             report.version
         )
-    })
-}
-
-/// `--postgres-url` (or `PLANGATE_POSTGRES_URL`) wins over `--config`.
-fn postgres_url(target: &DbTarget) -> Result<String, CliError> {
-    if let Some(url) = &target.postgres_url {
-        return Ok(url.clone());
-    }
-    let Some(path) = &target.config else {
-        return Err(CliError::BadInput(
-            "no database given: pass --config FILE or --postgres-url URL (or set PLANGATE_POSTGRES_URL)"
-                .into(),
-        ));
-    };
-    let config = Config::load(path).map_err(|e| CliError::BadInput(e.to_string()))?;
-    config.storage.postgres_url.ok_or_else(|| {
-        CliError::BadInput(format!(
-            "{}: [storage] postgres_url is not set; admin commands need Postgres",
-            path.display()
-        ))
     })
 }
 
@@ -187,7 +255,7 @@ fn catalog_err(e: CatalogError) -> CliError {
         CatalogError::NotFound { .. } | CatalogError::Conflict(_) | CatalogError::Invalid(_) => {
             CliError::BadInput(e.to_string())
         }
-        CatalogError::Unavailable(_) => CliError::Failure(e.to_string()),
+        CatalogError::Unavailable(m) => CliError::Failure(m),
     }
 }
 
@@ -434,7 +502,7 @@ async fn credits(
                 .map(|s| {
                     humantime::parse_rfc3339_weak(s).map_err(|e| {
                         CliError::BadInput(format!(
-                            "--expires `{s}`: {e} (use RFC 3339 in UTC, e.g. 2027-01-01T00:00:00Z)"
+                            "--expires `{s}`: {e} (use RFC 3339 in UTC, e.g. 2030-01-01T00:00:00Z)"
                         ))
                     })
                 })

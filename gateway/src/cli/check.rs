@@ -7,6 +7,7 @@ use std::path::Path;
 
 use super::CliError;
 use crate::config::{self, Config, ConfigError, EndpointSource};
+use crate::health::probe_stores;
 use crate::plans::parse::{load_plans_file, load_plans_file_for};
 use crate::plans::PlanSet;
 
@@ -51,6 +52,31 @@ pub fn run(config: &Path) -> Result<String, CliError> {
             let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
             Err(CliError::BadInput(lines.join("\n")))
         }
+    }
+}
+
+/// `check-config --connect`, after the offline checks passed: connect to
+/// every store the config names, each on a connection of its own, and
+/// print one line per store. A store that fails is an error (exit 1) that
+/// names it, its URL (password masked) and why.
+pub async fn connect(config: &Path) -> Result<(), CliError> {
+    let c = Config::load(config).map_err(|e| CliError::BadInput(e.to_string()))?;
+    let results = probe_stores(&c.storage).await;
+    if results.is_empty() {
+        println!("no external stores: in-process catalog and counters");
+        return Ok(());
+    }
+    let mut failed = Vec::new();
+    for (target, result) in results {
+        match result {
+            Ok(what) => println!("{target}: {what}"),
+            Err(why) => failed.push(format!("{target}: {why}")),
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Failure(failed.join("\n")))
     }
 }
 

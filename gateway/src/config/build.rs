@@ -15,12 +15,12 @@ use http::header::HeaderName;
 use super::raw::{RawAdmin, RawConfig, RawRoute, RawServer, RawStorage, RawUpstream, Str};
 use super::{
     defaults, parse_duration, parse_size, parse_value_source, substitute_env, AdminConfig,
-    AuthConfig, Config, ConfigError, ConfigErrors, EndpointSource, OnStoreError, PlansConfig,
-    Route, RoutePath, ServerConfig, StorageConfig, TlsFiles, Upstream, ValueSource,
+    AuthConfig, CliView, Config, ConfigError, ConfigErrors, EndpointSource, OnStoreError,
+    PlansConfig, Route, RoutePath, ServerConfig, StorageConfig, TlsFiles, Upstream, ValueSource,
     MAX_REQUEST_BODY_BYTES, MAX_SETTING_SECS,
 };
 use crate::plans::parse::{check_unit_name, MAX_ID_BYTES};
-use crate::plans::Unit;
+use crate::plans::{KnownUnits, Unit};
 
 pub(super) fn build(
     text: &str,
@@ -60,6 +60,48 @@ pub(super) fn build(
         plans,
         upstreams,
         routes,
+    })
+}
+
+/// Only what admin commands read: `[storage]` and the routes' unit names
+/// (see [`CliView`]). Other sections are deserialized (syntax, unknown
+/// keys and types are still checked) but their values are not, so their
+/// `${VAR}`s need not be set.
+pub(super) fn build_cli_view(
+    text: &str,
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<CliView, ConfigErrors> {
+    let file = path.display().to_string();
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => return Err(ConfigErrors(vec![serde_error(&file, text, &e)])),
+    };
+    let mut b = Builder {
+        file,
+        text,
+        env,
+        base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        errors: Vec::new(),
+    };
+    let storage = b.storage(raw.storage.as_ref());
+    let mut units = Vec::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        for (kind, map) in [("usage", &r.usage), ("reserve", &r.reserve)] {
+            for name in map.keys() {
+                let key = format!("routes[{i}].{kind}.{}", name.get_ref());
+                units.extend(b.unit(name, &key));
+            }
+        }
+    }
+    if !b.errors.is_empty() {
+        b.errors
+            .sort_by_key(|e| (e.line.unwrap_or(0), e.column.unwrap_or(0)));
+        return Err(ConfigErrors(b.errors));
+    }
+    Ok(CliView {
+        storage,
+        known_units: KnownUnits::new(units),
     })
 }
 
@@ -428,8 +470,10 @@ impl Builder<'_> {
             redis_cluster: Vec::new(),
             store_timeout: Duration::from_millis(defaults::STORE_TIMEOUT_MS),
             on_store_error: OnStoreError::Open,
+            require_at_start: false,
         };
         let Some(raw) = raw else { return out };
+        out.require_at_start = raw.require_at_start.unwrap_or(false);
         if let Some(s) = &raw.postgres_url {
             out.postgres_url = self.nonempty(s, "storage.postgres_url");
             if let Some(url) = &out.postgres_url {
@@ -491,7 +535,10 @@ impl Builder<'_> {
             self.error_at(
                 s.span(),
                 key,
-                format!("`{url}` is not a Redis URL (redis://host:port or rediss://...)"),
+                format!(
+                    "`{}` is not a Redis URL (redis://host:port or rediss://...)",
+                    crate::health::mask_url(&url)
+                ),
             );
             return None;
         }

@@ -126,6 +126,7 @@ fn minimal_file_gets_defaults() {
     assert_eq!(c.admin, None);
     assert_eq!(c.storage.store_timeout, Duration::from_millis(50));
     assert_eq!(c.storage.on_store_error, OnStoreError::Open);
+    assert!(!c.storage.require_at_start);
     assert_eq!(c.storage.postgres_url, None);
     assert_eq!(c.auth.header, "authorization");
     assert_eq!(c.plans.file, Path::new("conf/plans.yaml"));
@@ -308,10 +309,10 @@ fn errors_are_located() {
             ],
         ),
         (
-            format!("{MINIMAL}[storage]\non_store_error = \"maybe\"\nredis_url = \"http://x\"\n"),
+            format!("{MINIMAL}[storage]\non_store_error = \"maybe\"\nredis_url = \"http://:pw@x\"\n"),
             vec![
                 format!("{f}:4:18: storage.on_store_error: `maybe` is neither \"open\" nor \"closed\""),
-                format!("{f}:5:13: storage.redis_url: `http://x` is not a Redis URL (redis://host:port or rediss://...)"),
+                format!("{f}:5:13: storage.redis_url: `http://:***@x` is not a Redis URL (redis://host:port or rediss://...)"),
             ],
         ),
         (
@@ -409,4 +410,47 @@ fn settings_above_their_bounds_are_refused() {
     .unwrap();
     assert_eq!(c.server.request_timeout, Duration::from_secs(86_400));
     assert_eq!(c.server.max_request_body, 1 << 40);
+}
+
+#[test]
+fn stores_can_be_required_at_start() {
+    let c = load(&format!("{MINIMAL}[storage]\nrequire_at_start = true\n")).unwrap();
+    assert!(c.storage.require_at_start);
+    assert_eq!(
+        errors(&format!("{MINIMAL}[storage]\nrequire_at_start = \"yes\"\n")),
+        vec!["conf/plangate.toml:4:20: storage.require_at_start: invalid type: string \"yes\", expected a boolean"]
+    );
+}
+
+/// Admin commands read `[storage]` and the routes' units; the secrets of
+/// other sections need not be set, but the file must still parse.
+#[test]
+fn the_cli_view_checks_only_storage_and_units() {
+    let text = "[admin]\ntoken = \"${UNSET_ADMIN}\"\n\n\
+                [storage]\npostgres_url = \"postgres://gw:${TOKEN}@db/plangate\"\n\n\
+                [plans]\nfile = \"plans.yaml\"\n\n\
+                [[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1\"\nauth = \"Bearer ${UNSET_KEY}\"\n\n\
+                [[routes]]\npath = \"/a\"\nupstream = \"u\"\nendpoint = \"a\"\nusage.token = \"body:usage.total_tokens\"\n\
+                reserve.image = \"body:n\"\n";
+    let path = Path::new("conf/plangate.toml");
+    assert!(Config::from_toml(text, path, &env).is_err());
+    let view = CliView::from_toml(text, path, &env).unwrap();
+    assert_eq!(
+        view.storage.postgres_url.as_deref(),
+        Some("postgres://gw:s3cret@db/plangate")
+    );
+    assert_eq!(view.known_units.names(), vec!["request", "image", "token"]);
+
+    let storage_error = "[storage]\npostgres_url = \"${UNSET_URL}\"\n";
+    let e = CliView::from_toml(storage_error, path, &env).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "conf/plangate.toml:2:16: storage.postgres_url: environment variable `UNSET_URL` is not set"
+    );
+    let unknown_key = "[admin]\ntokn = \"x\"\n";
+    let e = CliView::from_toml(unknown_key, path, &env).unwrap_err();
+    assert!(e.to_string().contains("unknown field `tokn`"), "{e}");
+    let bad_unit = "[[routes]]\npath = \"/a\"\nupstream = \"u\"\nendpoint = \"a\"\nusage.\"to ken\" = \"body:x\"\n";
+    let e = CliView::from_toml(bad_unit, path, &env).unwrap_err();
+    assert!(e.to_string().contains("routes[0].usage.to ken"), "{e}");
 }
