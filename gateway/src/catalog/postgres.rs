@@ -3,7 +3,8 @@
 //! Invariants the schema enforces (migrations/V1__init.sql): at most one
 //! default plan (partial unique index), a plan in use cannot be deleted
 //! (FK `ON DELETE RESTRICT`), `credits_remaining >= 0` (CHECK), one ledger
-//! row per idempotency key (UNIQUE). Changes are announced with
+//! row per idempotency key (UNIQUE); usage events (V2__usage.sql) are
+//! unique by request id. Changes are announced with
 //! `NOTIFY plangate_catalog`, which every instance LISTENs to.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,13 +19,15 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use super::{
     check_credits, check_grant, check_id, generate_id, generate_key, hash_key, ms_to_time,
     normalize_metadata, Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError, CatalogResult,
-    DeductResult, Deduction, Draw, Invalidation, KeyOwner, LedgerEntry, NewApiKey, QuotaBlock,
+    DeductResult, Deduction, Draw, GroupBy, Invalidation, KeyOwner, LedgerEntry, NewApiKey,
+    QuotaBlock, UsageBucket, UsageCursor, UsageEvent, UsageQuery,
 };
 use crate::clock::SharedClock;
 use crate::plans::parse::{plan_from_json, plan_to_json};
 use crate::plans::{Plan, PlanSet};
 
 mod deduct;
+mod usage;
 
 pub use deduct::{BatchStats, MAX_BATCH};
 
@@ -46,11 +49,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order. Append only: never edit a released one.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../../../migrations/V1__init.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../../../migrations/V1__init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "usage",
+        sql: include_str!("../../../migrations/V2__usage.sql"),
+    },
+];
 
 /// What `migrate` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -1180,6 +1190,31 @@ impl Catalog for PostgresCatalog {
                 })
             })
             .collect()
+    }
+
+    async fn record_usage(&self, events: &[UsageEvent]) -> CatalogResult<u64> {
+        usage::record(&self.pool, events).await
+    }
+
+    async fn usage_events(
+        &self,
+        q: &UsageQuery,
+        after: Option<&UsageCursor>,
+        limit: usize,
+    ) -> CatalogResult<Vec<UsageEvent>> {
+        usage::page(&self.pool, q, after, limit).await
+    }
+
+    async fn usage_summary(
+        &self,
+        q: &UsageQuery,
+        group_by: GroupBy,
+    ) -> CatalogResult<Vec<UsageBucket>> {
+        usage::summary(&self.pool, q, group_by).await
+    }
+
+    async fn prune_usage(&self, before: SystemTime) -> CatalogResult<u64> {
+        usage::prune(&self.pool, before).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Invalidation> {
