@@ -521,6 +521,37 @@ async fn postgres_pages_and_groups_bytewise_under_a_locale_collation() {
     summaries(f).await;
 }
 
+/// The gateway's hourly pass (`app::prune_usage_once`) deletes what ended
+/// more than `[usage] retain` before now, by the catalog's clock.
+async fn retention_pass(f: Fixture) {
+    use plangate::clock::Clock;
+    let c = &*f.catalog;
+    let now = f.clock.now_ms();
+    let events: Vec<UsageEvent> = [DAY * 3, DAY * 2 + 1, DAY * 2, DAY * 2 - 1, HOUR, 0]
+        .iter()
+        .enumerate()
+        .map(|(i, age)| ev(&format!("r{i}"), "a", "chat", now - age))
+        .collect();
+    c.record_usage(&events).await.unwrap();
+    let retain = Duration::from_millis(2 * DAY);
+    let pruned = plangate::app::prune_usage_once(c, &f.clock, retain)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 2, "older than 2 days: 3 days and 2 days + 1 ms");
+    assert_eq!(
+        ids(&read_all(c, &everything(), 10).await),
+        ["r2", "r3", "r4", "r5"]
+    );
+    // An hour later the event exactly 2 days old then is past retention.
+    f.clock.advance(Duration::from_millis(HOUR));
+    assert_eq!(
+        plangate::app::prune_usage_once(c, &f.clock, retain)
+            .await
+            .unwrap(),
+        2
+    );
+}
+
 macro_rules! usage_conformance {
     ($($name:ident),* $(,)?) => {
         mod memory_catalog {
@@ -549,4 +580,5 @@ usage_conformance!(
     filters,
     summaries,
     prune,
+    retention_pass,
 );
