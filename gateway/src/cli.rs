@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod check;
+pub mod usage;
 
 /// Exit code for bad input or config.
 pub const EXIT_BAD_INPUT: i32 = 2;

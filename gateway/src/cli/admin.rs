@@ -161,7 +161,7 @@ async fn migrate_cmd(url: &str, json: bool) -> Result<String, CliError> {
 }
 
 /// `--postgres-url` (or `PLANGATE_POSTGRES_URL`) wins over `--config`.
-fn postgres_url(target: &DbTarget) -> Result<String, CliError> {
+pub(crate) fn postgres_url(target: &DbTarget) -> Result<String, CliError> {
     if let Some(url) = &target.postgres_url {
         return Ok(url.clone());
     }
@@ -182,7 +182,7 @@ fn postgres_url(target: &DbTarget) -> Result<String, CliError> {
 
 /// The caller's mistakes (unknown ids, refused changes, invalid input) exit
 /// 2; an unreachable or failing database exits 1.
-fn catalog_err(e: CatalogError) -> CliError {
+pub(crate) fn catalog_err(e: CatalogError) -> CliError {
     match e {
         CatalogError::NotFound { .. } | CatalogError::Conflict(_) | CatalogError::Invalid(_) => {
             CliError::BadInput(e.to_string())
