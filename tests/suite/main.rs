@@ -14,3 +14,4 @@ mod sdk;
 mod streaming;
 mod transport;
 mod upstreams;
+mod usage;
