@@ -27,7 +27,7 @@ const ENDPOINTS: [&str; 5] = [
     "dall-e-3",
     "llama-3.1-70b",
 ];
-/// Events end over the 30 days before 2027-01-14.
+/// Events end over the 30 days before 2027-01-14, in order.
 const END_MS: u64 = 1_799_884_800_000;
 const SPAN_MS: u64 = 30 * 86_400_000;
 
@@ -38,13 +38,17 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+const PREFIXES: [u32; 4] = [0x3f9a_1c07, 0x8b21_44e0, 0xc0de_5a11, 0x1d2e_3f4a];
+
 /// Event `i` of the run: ids like the gateway's (`req_<8 hex><counter>`),
 /// 1,000 accounts, five endpoints, tokens on most, images on one.
 fn event(i: u64) -> UsageEvent {
     let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let account = h % ACCOUNTS;
     let endpoint = ENDPOINTS[(h >> 20) as usize % ENDPOINTS.len()];
-    let ended = END_MS - SPAN_MS + (i * 2_591) % SPAN_MS;
+    // In end order, as a gateway records them (2.592 s apart: 1,000,000
+    // events fill the 30 days), so the time index grows at its right edge.
+    let ended = END_MS - SPAN_MS + (i * 2_592) % SPAN_MS;
     let units = if endpoint == "dall-e-3" {
         vec![UnitUsage {
             unit: "image".into(),
@@ -63,7 +67,9 @@ fn event(i: u64) -> UsageEvent {
         }]
     };
     UsageEvent {
-        request_id: format!("req_{:08x}{:x}", (h >> 32) as u32, i),
+        // Four gateway instances, each with its random prefix and counter
+        // (`proxy::RequestIds`).
+        request_id: format!("req_{:08x}{:x}", PREFIXES[(i % 4) as usize], i / 4 + 1),
         account_id: format!("acct-{account:06}"),
         key_id: Some(format!(
             "key_{:016x}",
@@ -187,7 +193,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "usage_events_account",
     ] {
         let size: i64 = c
-            .query_one("SELECT pg_relation_size($1::regclass)", &[&idx])
+            .query_one("SELECT pg_relation_size($1::text::regclass)", &[&idx])
             .await?
             .get(0);
         println!("  {idx}: {:.0} bytes/event", size as f64 / rows as f64);

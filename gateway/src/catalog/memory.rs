@@ -36,8 +36,8 @@ pub struct MemoryCatalog {
 }
 
 /// Usage events in (`ended_at` ms, `request_id`) order, at most `capacity`:
-/// past it, the events that ended first are dropped (a few hundred bytes
-/// each, so the default bound is some tens of MB). `plangate dev` needs
+/// past it, the events that ended first are dropped (roughly half a KB
+/// each, so some 50 MB at the default bound). `plangate dev` needs
 /// recent usage, not a billing history. A dropped event's id is
 /// forgotten too: recorded again, it is stored again.
 #[derive(Debug)]
