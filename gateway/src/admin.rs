@@ -13,12 +13,18 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::catalog::{Catalog, CatalogError, Invalidation};
+use crate::catalog::{Catalog, CatalogError, GroupBy, Invalidation, UsageCursor};
 use crate::errors::ApiError;
 use crate::plans::parse::{parse_plans_for, plan_to_json, plans_to_json};
 use crate::plans::{KnownUnits, MAX_AMOUNT};
 use crate::proxy::{limits_json, Core};
+use crate::query::{self, percent_decode};
 use crate::server::{error_response, Body};
+
+/// Events per page of `GET /admin/usage/events` unless `limit` says.
+const USAGE_PAGE_DEFAULT: usize = 100;
+/// Most events one page of `GET /admin/usage/events` holds.
+const USAGE_PAGE_MAX: usize = 1000;
 
 /// Largest admin request body (plans files are small).
 const MAX_ADMIN_BODY: usize = 4 * 1024 * 1024;
@@ -347,6 +353,48 @@ impl Admin {
                 let v = limits_json(&self.core, id, endpoint.as_deref()).await?;
                 Ok(json(StatusCode::OK, &v))
             }
+            (&Method::GET, ["admin", "usage"]) => {
+                let p = query::parse(
+                    query.as_deref(),
+                    &["account", "since", "until", "endpoint", "group_by"],
+                )?;
+                // Unknown accounts are not 404: usage outlives accounts.
+                let q = p.usage_query(p.get("account").map(str::to_owned))?;
+                let group_by = p.group_by(GroupBy::Day)?;
+                let buckets = catalog
+                    .usage_summary(&q, group_by)
+                    .await
+                    .map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"group_by": group_by.as_str(), "buckets": buckets}),
+                ))
+            }
+            (&Method::GET, ["admin", "usage", "events"]) => {
+                let p = query::parse(
+                    query.as_deref(),
+                    &["account", "since", "until", "endpoint", "limit", "cursor"],
+                )?;
+                let q = p.usage_query(p.get("account").map(str::to_owned))?;
+                let limit = p.limit(USAGE_PAGE_DEFAULT, USAGE_PAGE_MAX)?;
+                let cursor = p.cursor()?;
+                // One more than asked: a next page is promised only when
+                // there is one.
+                let mut events = catalog
+                    .usage_events(&q, cursor.as_ref(), limit + 1)
+                    .await
+                    .map_err(catalog_error)?;
+                let next = if events.len() > limit {
+                    events.truncate(limit);
+                    events.last().map(|e| UsageCursor::after(e).encode())
+                } else {
+                    None
+                };
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"events": events, "next_cursor": next}),
+                ))
+            }
             _ => Err(ApiError::NotFound {
                 message: format!("no admin route for {method} {path}"),
             }),
@@ -382,24 +430,4 @@ fn parse_rfc3339(s: &str) -> Result<SystemTime, ApiError> {
     humantime::parse_rfc3339_weak(s).map_err(|e| {
         ApiError::invalid_request(format!("expires_at `{s}` is not an RFC 3339 time: {e}"))
     })
-}
-
-/// Decode `%XX` escapes in a path segment (ids may contain any UTF-8).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

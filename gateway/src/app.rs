@@ -1,11 +1,12 @@
 //! Assembly: builds the stores, catalog, limiter and listeners from a
 //! [`Config`] and runs them (`plangate serve` and `plangate dev`), plus hot
-//! reload of plans (file watch and SIGHUP) and routes (SIGHUP).
+//! reload of plans (file watch and SIGHUP) and routes (SIGHUP), and the
+//! hourly retention pass over usage events (`[usage] retain`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
@@ -16,7 +17,7 @@ use crate::catalog::memory::MemoryCatalog;
 use crate::catalog::postgres::{PgOptions, PostgresCatalog};
 use crate::catalog::{Catalog, CatalogError, Invalidation};
 use crate::cli::CliError;
-use crate::clock::{SharedClock, SystemClock};
+use crate::clock::{Clock, SharedClock, SystemClock};
 use crate::config::Config;
 use crate::credits::Outbox;
 use crate::health::{mask_url, StoreWatch};
@@ -39,6 +40,8 @@ pub struct App {
     /// SIGHUP reloads the routes); plans loads and the admin API check
     /// against it.
     pub units: Arc<ArcSwap<KnownUnits>>,
+    /// The clock everything was built with (retention reads it too).
+    pub clock: SharedClock,
 }
 
 fn bad(e: impl std::fmt::Display) -> CliError {
@@ -179,6 +182,7 @@ impl App {
             gateway,
             admin,
             units,
+            clock,
         })
     }
 
@@ -335,6 +339,42 @@ impl App {
                 }
                 false
             }
+        }
+    }
+}
+
+/// How often usage events past `[usage] retain` are deleted.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3_600);
+
+/// One retention pass: delete the usage events that ended more than
+/// `retain` before now (by `clock`). Logs what it deleted.
+pub async fn prune_usage_once(
+    catalog: &dyn Catalog,
+    clock: &dyn Clock,
+    retain: Duration,
+) -> Result<u64, CatalogError> {
+    let now = UNIX_EPOCH + Duration::from_millis(clock.now_ms());
+    let before = now.checked_sub(retain).unwrap_or(UNIX_EPOCH);
+    let pruned = catalog.prune_usage(before).await?;
+    let cutoff = humantime::format_rfc3339_seconds(before).to_string();
+    if pruned > 0 {
+        tracing::info!(pruned, before = %cutoff, "usage events past retention deleted");
+    } else {
+        tracing::debug!(before = %cutoff, "no usage events past retention");
+    }
+    Ok(pruned)
+}
+
+/// Run [`prune_usage_once`] at start and every [`PRUNE_EVERY`] after, for
+/// as long as the task lives (`run` aborts it at shutdown; a pass cut
+/// short loses nothing: every delete is a transaction of its own).
+async fn prune_usage_loop(catalog: Arc<dyn Catalog>, clock: SharedClock, retain: Duration) {
+    let mut every = tokio::time::interval(PRUNE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if let Err(e) = prune_usage_once(&*catalog, &*clock, retain).await {
+            tracing::warn!(error = %e, retry_in = ?PRUNE_EVERY, "pruning usage events failed");
         }
     }
 }
@@ -651,7 +691,13 @@ pub async fn run(app: App, listen: Listen, on_bound: impl FnOnce(&Bound)) -> Res
     on_bound(&bound);
     let _watcher = app.watch_plans();
     reload_on_sighup(&app);
+    let pruner = tokio::spawn(prune_usage_loop(
+        app.core.catalog.clone(),
+        app.clock.clone(),
+        app.config.usage.retain,
+    ));
     serving.await;
+    pruner.abort();
     // Requests still ending first (their settlements write the outbox),
     // then the outbox.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

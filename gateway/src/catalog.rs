@@ -5,10 +5,16 @@
 //! Catalog reads are never on the hot path of a cached request: the gateway
 //! reads through `catalog/cache.rs`, which every implementation invalidates
 //! through [`Catalog::subscribe`].
+//!
+//! Usage events (one record per ended request) are stored here too; their
+//! types and shared rules are in `catalog/usage.rs`.
 
 pub mod cache;
 pub mod memory;
 pub mod postgres;
+pub mod usage;
+
+pub use usage::{BucketKey, GroupBy, UnitUsage, UsageBucket, UsageCursor, UsageEvent, UsageQuery};
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -343,6 +349,34 @@ pub trait Catalog: Send + Sync + 'static {
     /// expired blocks and refunds do it themselves; callers of
     /// [`Catalog::deduct`] outside a gateway call it after.
     async fn touch_credits(&self, account_id: &str) -> CatalogResult<u64>;
+    // --- usage events (`catalog/usage.rs` has the shared rules)
+    /// Record ended requests in one statement (one transaction): each event
+    /// is stored [`UsageEvent::normalized`]; a `request_id` already stored
+    /// (or earlier in the batch) is skipped. Events of unknown or deleted
+    /// accounts are recorded all the same. Invalid (nothing written) when
+    /// any event fails [`UsageEvent::check`]. Returns how many events were
+    /// newly stored.
+    async fn record_usage(&self, events: &[UsageEvent]) -> CatalogResult<u64>;
+    /// Up to `limit` events matching `q`, ordered by (`ended_at`,
+    /// `request_id`), starting after `after`. Pass
+    /// [`UsageCursor::after`] of a page's last event to read the next page:
+    /// every event is read exactly once, however many share an `ended_at`.
+    async fn usage_events(
+        &self,
+        q: &UsageQuery,
+        after: Option<&UsageCursor>,
+        limit: usize,
+    ) -> CatalogResult<Vec<UsageEvent>>;
+    /// Events matching `q`, summed per hour or day (UTC, by `ended_at`) or
+    /// per endpoint; buckets without events are left out; ordered by key.
+    async fn usage_summary(
+        &self,
+        q: &UsageQuery,
+        group_by: GroupBy,
+    ) -> CatalogResult<Vec<UsageBucket>>;
+    /// Delete every event that ended before `before` (retention). Returns
+    /// how many were deleted.
+    async fn prune_usage(&self, before: SystemTime) -> CatalogResult<u64>;
 
     /// Invalidations from this catalog and (for Postgres) every other
     /// instance sharing the database.

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod check;
+pub mod usage;
 
 use std::path::PathBuf;
 

@@ -130,6 +130,13 @@ pub struct PlansConfig {
     pub watch: bool,
 }
 
+/// `[usage]`: usage events (one per ended request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageConfig {
+    /// Events that ended longer ago than this are deleted (hourly).
+    pub retain: Duration,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     pub name: String,
@@ -195,6 +202,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub auth: AuthConfig,
     pub plans: PlansConfig,
+    pub usage: UsageConfig,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
 }
@@ -221,6 +229,8 @@ pub mod defaults {
     pub const STORE_TIMEOUT_MS: u64 = 50;
     /// `[auth] header`.
     pub const AUTH_HEADER: &str = "authorization";
+    /// `[usage] retain`, days.
+    pub const USAGE_RETAIN_DAYS: u64 = 400;
     /// `[[upstreams]] drop_response_headers`: what upstreams say about
     /// themselves and the operator's account with them, which customers
     /// should not see — LiteLLM's cost, key spend, API base and provider
@@ -242,6 +252,11 @@ pub mod defaults {
 /// `header_read_timeout`, `store_timeout`): one day. Longer ones are
 /// refused; timers that far out only overflow.
 pub const MAX_SETTING_SECS: u64 = 86_400;
+
+/// The shortest `[usage] retain`: one hour (the pruning pass runs hourly).
+pub const MIN_RETAIN_SECS: u64 = 3_600;
+/// The longest `[usage] retain`: 100 years.
+pub const MAX_RETAIN_SECS: u64 = 100 * 365 * 86_400;
 
 /// The largest `max_request_body`: 1 TiB.
 pub const MAX_REQUEST_BODY_BYTES: u64 = 1 << 40;

@@ -2,7 +2,9 @@
 //!
 //! Every error a client or admin can see is an [`ApiError`]; this module alone
 //! decides its status, body and extra headers (SPEC §6 and §7). The body is
-//! always `{"error":{"message","type","param":null,"code"}}`.
+//! always `{"error":{"message","type","param","code"}}`; `param` names the
+//! query parameter of an [`ApiError::InvalidParameter`] and is null
+//! otherwise.
 //!
 //! Typical use in the proxy:
 //!
@@ -51,6 +53,9 @@ pub enum ApiError {
     /// 400 `invalid_request`: e.g. a body that is not JSON where `{model}`
     /// routing needs it, or no `model`; also the admin API's 400.
     InvalidRequest { message: String },
+    /// 400 `invalid_request` for one query parameter (e.g. `group_by`),
+    /// named in the body's `param` as OpenAI does.
+    InvalidParameter { param: String, message: String },
     /// 429 `rate_limit_exceeded`: a window has no room.
     RateLimited {
         endpoint: String,
@@ -125,6 +130,22 @@ impl ApiError {
         }
     }
 
+    /// 400 `invalid_request` naming the query parameter `param`.
+    pub fn invalid_parameter(param: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::InvalidParameter {
+            param: param.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The `error.param` field: the parameter at fault, if one is.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::InvalidParameter { param, .. } => Some(param),
+            _ => None,
+        }
+    }
+
     /// The error for a limiter denial on `endpoint`.
     pub fn from_denial(denial: &Denial, endpoint: &str) -> Self {
         let endpoint = endpoint.to_owned();
@@ -166,7 +187,7 @@ impl ApiError {
             MissingApiKey | InvalidApiKey { .. } | AdminUnauthorized => StatusCode::UNAUTHORIZED,
             UnknownRoute { .. } | NotFound { .. } => StatusCode::NOT_FOUND,
             EndpointNotAllowed { .. } => StatusCode::FORBIDDEN,
-            InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            InvalidRequest { .. } | InvalidParameter { .. } => StatusCode::BAD_REQUEST,
             RateLimited { .. }
             | RequestTooLarge { .. }
             | ConcurrencyLimited { .. }
@@ -197,7 +218,7 @@ impl ApiError {
             InvalidApiKey { .. } => "invalid_api_key",
             UnknownRoute { .. } => "unknown_route",
             EndpointNotAllowed { .. } => "endpoint_not_allowed",
-            InvalidRequest { .. } => "invalid_request",
+            InvalidRequest { .. } | InvalidParameter { .. } => "invalid_request",
             RateLimited { .. } => "rate_limit_exceeded",
             RequestTooLarge { .. } => "request_too_large",
             ConcurrencyLimited { .. } => "concurrency_limit_exceeded",
@@ -250,6 +271,7 @@ impl ApiError {
             } => "requests".to_owned(),
             UnknownRoute { .. }
             | InvalidRequest { .. }
+            | InvalidParameter { .. }
             | DuplicateRequest
             | PayloadTooLarge { .. }
             | HeadersTooLarge
@@ -270,9 +292,10 @@ impl ApiError {
             InvalidApiKey { masked_key } => format!("Incorrect API key provided: {masked_key}."),
             UnknownRoute { method, path } => format!("Invalid URL ({method} {path})"),
             EndpointNotAllowed { endpoint } => format!("no access to endpoint: {endpoint}"),
-            InvalidRequest { message } | NotFound { message } | Conflict { message } => {
-                message.clone()
-            }
+            InvalidRequest { message }
+            | InvalidParameter { message, .. }
+            | NotFound { message }
+            | Conflict { message } => message.clone(),
             RateLimited {
                 endpoint,
                 window,
@@ -362,7 +385,7 @@ impl ApiError {
         }
     }
 
-    /// The JSON body: `{"error":{"message","type","param":null,"code"}}`.
+    /// The JSON body: `{"error":{"message","type","param","code"}}`.
     pub fn body(&self) -> Bytes {
         #[derive(Serialize)]
         struct Envelope<'a> {
@@ -382,7 +405,7 @@ impl ApiError {
             error: Inner {
                 message: &message,
                 kind: &kind,
-                param: None,
+                param: self.param(),
                 code: self.code(),
             },
         };
@@ -544,6 +567,14 @@ mod tests {
                 code: "invalid_request",
                 kind: "invalid_request_error",
                 message: "request body is not JSON",
+                headers: &[],
+            },
+            Row {
+                err: ApiError::invalid_parameter("group_by", "group_by must be hour"),
+                status: 400,
+                code: "invalid_request",
+                kind: "invalid_request_error",
+                message: "group_by must be hour",
                 headers: &[],
             },
             Row {
@@ -750,10 +781,17 @@ mod tests {
             }
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            // Only a parameter error names a parameter.
+            let param = match row.code {
+                "invalid_request" if row.message.starts_with("group_by") => {
+                    serde_json::json!("group_by")
+                }
+                _ => serde_json::Value::Null,
+            };
             let expected = serde_json::json!({"error": {
                 "message": row.message,
                 "type": row.kind,
-                "param": null,
+                "param": param,
                 "code": row.code,
             }});
             assert_eq!(json, expected, "{ctx}");

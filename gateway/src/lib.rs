@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod mock;
 pub mod plans;
 pub mod proxy;
+pub mod query;
 pub mod routes;
 pub mod server;
 pub mod upstream;

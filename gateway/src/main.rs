@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use plangate::cli::admin::{AccountsCmd, AdminCmd, CreditsCmd, DbTarget, KeysCmd, PlansCmd};
+use plangate::cli::usage::UsageCmd;
 use plangate::cli::{self, CliError, ConfigArg};
 
 /// mimalloc instead of glibc's malloc: a request makes about 70
@@ -149,6 +150,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CreditsCmd,
     },
+    /// Usage events (export).
+    Usage {
+        #[command(flatten)]
+        target: DbTarget,
+        #[command(subcommand)]
+        cmd: UsageCmd,
+    },
 }
 
 fn main() -> ExitCode {
@@ -198,6 +206,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Accounts { target, cmd } => admin(target, AdminCmd::Accounts(cmd)),
         Cmd::Keys { target, cmd } => admin(target, AdminCmd::Keys(cmd)),
         Cmd::Credits { target, cmd } => admin(target, AdminCmd::Credits(cmd)),
+        Cmd::Usage { target, cmd } => runtime()?.block_on(cli::usage::run(&target, cmd)),
     }
 }
 

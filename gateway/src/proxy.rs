@@ -1,6 +1,7 @@
 //! The request path of the main listener (SPEC §6):
 //! route → API key → account → plan → attempt → credits → forward → stream
-//! back → measure units → end + charge.
+//! back → measure units → end + charge. Also the key-authenticated reads
+//! `/v1/limits` and `/v1/usage`, and `/healthz`, `/readyz`.
 //!
 //! Invariant: every admitted request ends exactly once. The limiter's
 //! [`Permit`] travels with the response body ([`MeteredBody`]); whichever
@@ -25,7 +26,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::catalog::cache::CatalogCache;
-use crate::catalog::{key_digest, Catalog};
+use crate::catalog::{key_digest, Catalog, GroupBy};
 use crate::config::{Config, EndpointSource, OnStoreError, Route};
 use crate::decode::{ContentDecoder, Unsupported};
 use crate::errors::ApiError;
@@ -333,6 +334,8 @@ impl Gateway {
         let mut resp = if path == "/v1/limits" {
             outcome.decide("limits");
             self.limits(req).await
+        } else if path == "/v1/usage" {
+            self.usage(req).await
         } else {
             let table = self.table.load_full();
             match table.router.match_path(path) {
@@ -659,6 +662,49 @@ impl Gateway {
             Err(e) => return error_response(&e),
         };
         match limits_json(&self.core, &account, None).await {
+            Ok(v) => json_response(StatusCode::OK, &v),
+            Err(e) => error_response(&e),
+        }
+    }
+}
+
+impl Gateway {
+    /// `GET /v1/usage?since=&until=&group_by=`: the caller's own usage,
+    /// summed per day (default), hour or endpoint. The account is the
+    /// key's, always: an `account` parameter is refused like any unknown
+    /// one, never read.
+    async fn usage(&self, req: Request<Incoming>) -> Response<Body> {
+        if req.method() != Method::GET {
+            return error_response(&ApiError::MethodNotAllowed);
+        }
+        let account = {
+            let table = self.table.load();
+            match self.authenticate(req.headers(), &table.auth_header).await {
+                Ok(a) => a,
+                Err(e) => return error_response(&e),
+            }
+        };
+        let result = async {
+            let p = crate::query::parse(req.uri().query(), &["since", "until", "group_by"])?;
+            let q = p.usage_query(Some(account.clone()))?;
+            let group_by = p.group_by(GroupBy::Day)?;
+            let buckets = self
+                .core
+                .catalog
+                .usage_summary(&q, group_by)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "usage summary failed");
+                    ApiError::from(e)
+                })?;
+            Ok::<_, ApiError>(serde_json::json!({
+                "account": account,
+                "group_by": group_by.as_str(),
+                "buckets": buckets,
+            }))
+        }
+        .await;
+        match result {
             Ok(v) => json_response(StatusCode::OK, &v),
             Err(e) => error_response(&e),
         }

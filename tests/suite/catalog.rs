@@ -8,12 +8,13 @@ use std::time::{Duration, SystemTime};
 
 use plangate::catalog::cache::{CacheConfig, CatalogCache};
 use plangate::catalog::memory::MemoryCatalog;
-use plangate::catalog::postgres::{migrate, PostgresCatalog};
+use plangate::catalog::postgres::{migrate, PostgresCatalog, MIGRATIONS};
 use plangate::catalog::{hash_key, Catalog, CatalogError, Deduction, Invalidation, QuotaBlock};
 use plangate::clock::{Clock, ManualClock, SharedClock, SystemClock};
 use plangate::plans::{CreditCost, PerUnit, Plan, PlanSet, Policy, Unit, Window};
 
 mod batch;
+mod usage;
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -1146,6 +1147,30 @@ impl Catalog for Deaf {
     async fn touch_credits(&self, a: &str) -> plangate::catalog::CatalogResult<u64> {
         self.0.touch_credits(a).await
     }
+    async fn record_usage(
+        &self,
+        e: &[plangate::catalog::UsageEvent],
+    ) -> plangate::catalog::CatalogResult<u64> {
+        self.0.record_usage(e).await
+    }
+    async fn usage_events(
+        &self,
+        q: &plangate::catalog::UsageQuery,
+        after: Option<&plangate::catalog::UsageCursor>,
+        limit: usize,
+    ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::UsageEvent>> {
+        self.0.usage_events(q, after, limit).await
+    }
+    async fn usage_summary(
+        &self,
+        q: &plangate::catalog::UsageQuery,
+        g: plangate::catalog::GroupBy,
+    ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::UsageBucket>> {
+        self.0.usage_summary(q, g).await
+    }
+    async fn prune_usage(&self, before: SystemTime) -> plangate::catalog::CatalogResult<u64> {
+        self.0.prune_usage(before).await
+    }
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Invalidation> {
         self.1.subscribe()
     }
@@ -1304,15 +1329,54 @@ async fn postgres_migrate_twice_and_concurrently() {
     let Some(url) = plangate_tests::postgres_db("catmig").await else {
         return;
     };
+    let latest = MIGRATIONS.len() as i32;
     let (a, b) = tokio::join!(migrate(&url), migrate(&url));
     let (a, b) = (a.unwrap(), b.unwrap());
-    let latest = plangate::catalog::postgres::MIGRATIONS.len() as i32;
     assert_eq!((a.version, b.version), (latest, latest));
     // Exactly one of the two did the work.
-    assert_eq!(a.applied.len() + b.applied.len(), latest as usize);
+    assert_eq!(a.applied.len() + b.applied.len(), MIGRATIONS.len());
     let again = migrate(&url).await.unwrap();
     assert!(again.applied.is_empty());
     assert_eq!(again.version, latest);
+}
+
+/// A database at version 1 (an earlier plangate) with data in it is
+/// upgraded in place: only the later migrations run, the data stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_upgrade_from_v1_keeps_data() {
+    let Some(url) = plangate_tests::postgres_db("catv1").await else {
+        return;
+    };
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client.batch_execute(MIGRATIONS[0].sql).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO schema_migrations (version, name) VALUES (1, 'init');
+             INSERT INTO accounts (id, created_at) VALUES ('old', now());",
+        )
+        .await
+        .unwrap();
+    let report = migrate(&url).await.unwrap();
+    let later: Vec<String> = MIGRATIONS[1..]
+        .iter()
+        .map(|m| format!("V{}__{}", m.version, m.name))
+        .collect();
+    assert_eq!(report.applied, later);
+    assert_eq!(report.version, MIGRATIONS.len() as i32);
+    let c = PostgresCatalog::connect(&url, Arc::new(ManualClock::new(T0)))
+        .await
+        .unwrap();
+    assert_eq!(c.get_account("old").await.unwrap().id, "old");
+    assert!(c
+        .usage_events(&Default::default(), None, 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 /// The schema itself refuses what the catalog code refuses, so no other

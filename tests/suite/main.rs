@@ -16,3 +16,4 @@ mod streaming;
 mod transport;
 mod upstreams;
 mod wallets;
+mod usage;

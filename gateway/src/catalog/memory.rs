@@ -1,8 +1,12 @@
 //! In-process catalog: everything behind one mutex, so every operation is
 //! trivially atomic. Used by `plangate dev` and the tests; behaves exactly
 //! like the Postgres catalog (one conformance suite runs on both).
+//!
+//! Usage events are kept apart, behind a mutex of their own, and bounded:
+//! the newest [`USAGE_CAPACITY`] by `ended_at` (see [`UsageStore`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -12,15 +16,21 @@ use tokio::sync::broadcast;
 use super::{
     check_credits, check_grant, check_id, generate_id, generate_key, hash_key, ms_to_time,
     normalize_metadata, trunc_micros, Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError,
-    CatalogResult, CreditOp, CreditSnapshot, DeductResult, Deduction, Draw, Invalidation, KeyOwner,
-    LedgerEntry, NewApiKey, QuotaBlock,
+    CatalogResult, CreditOp, CreditSnapshot, DeductResult, Deduction, Draw, GroupBy, Invalidation,
+    KeyOwner, LedgerEntry, NewApiKey, QuotaBlock, UsageBucket, UsageCursor, UsageEvent, UsageQuery,
 };
+use crate::catalog::usage::{check_batch, epoch_ms_ceil, Summary};
 use crate::clock::SharedClock;
 use crate::plans::{Plan, PlanSet};
+
+/// How many usage events the in-process catalog keeps by default.
+pub const USAGE_CAPACITY: usize = 100_000;
 
 /// The in-process catalog. Times come from the clock it is given.
 pub struct MemoryCatalog {
     state: Mutex<State>,
+    /// Apart from `state`: recording usage never waits for a deduction.
+    usage: Mutex<UsageStore>,
     clock: SharedClock,
     events: broadcast::Sender<Invalidation>,
 }
@@ -30,6 +40,96 @@ impl MemoryCatalog {
         if let Some(inv) = inv {
             let _ = self.events.send(inv);
         }
+    }
+}
+
+/// Usage events in (`ended_at` ms, `request_id`) order, at most `capacity`:
+/// past it, the events that ended first are dropped (roughly half a KB
+/// each, so some 50 MB at the default bound). `plangate dev` needs
+/// recent usage, not a billing history. A dropped event's id is
+/// forgotten too: recorded again, it is stored again.
+#[derive(Debug)]
+pub struct UsageStore {
+    capacity: usize,
+    by_time: BTreeMap<(u64, String), UsageEvent>,
+    /// `request_id` → `ended_at` ms: the key into `by_time`.
+    ended_of: HashMap<String, u64>,
+}
+
+impl UsageStore {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            by_time: BTreeMap::new(),
+            ended_of: HashMap::new(),
+        }
+    }
+
+    fn record(&mut self, events: &[UsageEvent]) -> u64 {
+        let mut inserted = 0;
+        for e in events {
+            if self.ended_of.contains_key(&e.request_id) {
+                continue;
+            }
+            let e = e.normalized();
+            let ms = e.ended_ms();
+            self.ended_of.insert(e.request_id.clone(), ms);
+            self.by_time.insert((ms, e.request_id.clone()), e);
+            inserted += 1;
+        }
+        while self.by_time.len() > self.capacity {
+            if let Some(((_, id), _)) = self.by_time.pop_first() {
+                self.ended_of.remove(&id);
+            }
+        }
+        inserted
+    }
+
+    fn page(&self, q: &UsageQuery, after: Option<&UsageCursor>, limit: usize) -> Vec<UsageEvent> {
+        let range = q.ms_range();
+        // Start at the cursor or at `since`, whichever is later, and stop
+        // at `until`: only the account and endpoint filters scan.
+        let from = match (after, range.since_ms) {
+            (Some(c), Some(s)) if s > c.ended_ms => Bound::Included((s, String::new())),
+            (Some(c), _) => Bound::Excluded((c.ended_ms, c.request_id.clone())),
+            (None, Some(s)) => Bound::Included((s, String::new())),
+            (None, None) => Bound::Unbounded,
+        };
+        self.by_time
+            .range((from, Bound::Unbounded))
+            .map(|(_, e)| e)
+            .take_while(|e| range.until_ms.map_or(true, |u| e.ended_ms() < u))
+            .filter(|e| q.matches(e))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    fn summary(&self, q: &UsageQuery, group_by: GroupBy) -> Vec<UsageBucket> {
+        let mut s = Summary::default();
+        for e in self.by_time.values().filter(|e| q.matches(e)) {
+            s.add(group_by, e);
+        }
+        s.finish()
+    }
+
+    fn prune(&mut self, before_ms: u64) -> u64 {
+        let keep = self.by_time.split_off(&(before_ms, String::new()));
+        let gone = std::mem::replace(&mut self.by_time, keep);
+        for (_, id) in gone.keys() {
+            self.ended_of.remove(id);
+        }
+        gone.len() as u64
+    }
+
+    /// Events held.
+    pub fn len(&self) -> usize {
+        self.by_time.len()
+    }
+
+    /// Whether no event is held.
+    pub fn is_empty(&self) -> bool {
+        self.by_time.is_empty()
     }
 }
 
@@ -194,14 +294,26 @@ impl State {
 }
 
 impl MemoryCatalog {
-    /// An empty catalog reading time from `clock`.
+    /// An empty catalog reading time from `clock`, keeping at most
+    /// [`USAGE_CAPACITY`] usage events.
     pub fn new(clock: SharedClock) -> Self {
+        Self::with_usage_capacity(clock, USAGE_CAPACITY)
+    }
+
+    /// An empty catalog keeping at most `capacity` usage events (at least 1).
+    pub fn with_usage_capacity(clock: SharedClock, capacity: usize) -> Self {
         let (events, _) = broadcast::channel(1024);
         Self {
             state: Mutex::new(State::default()),
+            usage: Mutex::new(UsageStore::new(capacity)),
             clock,
             events,
         }
+    }
+
+    /// Usage events held now.
+    pub fn usage_len(&self) -> usize {
+        self.usage.lock().len()
     }
 
     fn now(&self) -> SystemTime {
@@ -764,11 +876,99 @@ impl Catalog for MemoryCatalog {
             .collect())
     }
 
+    async fn record_usage(&self, events: &[UsageEvent]) -> CatalogResult<u64> {
+        check_batch(events)?;
+        Ok(self.usage.lock().record(events))
+    }
+
+    async fn usage_events(
+        &self,
+        q: &UsageQuery,
+        after: Option<&UsageCursor>,
+        limit: usize,
+    ) -> CatalogResult<Vec<UsageEvent>> {
+        Ok(self.usage.lock().page(q, after, limit))
+    }
+
+    async fn usage_summary(
+        &self,
+        q: &UsageQuery,
+        group_by: GroupBy,
+    ) -> CatalogResult<Vec<UsageBucket>> {
+        Ok(self.usage.lock().summary(q, group_by))
+    }
+
+    async fn prune_usage(&self, before: SystemTime) -> CatalogResult<u64> {
+        // Events are whole ms: one ended before `before` exactly when it
+        // ended before `before` rounded up to a whole ms.
+        Ok(self.usage.lock().prune(epoch_ms_ceil(before)))
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<Invalidation> {
         self.events.subscribe()
     }
 
     async fn ping(&self) -> CatalogResult<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::usage::from_ms;
+    use crate::clock::ManualClock;
+
+    fn event(id: &str, ended_ms: u64) -> UsageEvent {
+        UsageEvent {
+            request_id: id.into(),
+            account_id: "a".into(),
+            key_id: None,
+            endpoint: "chat".into(),
+            route: "/v1/chat/completions".into(),
+            units: Vec::new(),
+            credits: 0,
+            status: 200,
+            degraded: false,
+            streamed: false,
+            cut_short: false,
+            started_at: from_ms(ended_ms),
+            ended_at: from_ms(ended_ms),
+        }
+    }
+
+    /// The in-process store keeps the newest events by `ended_at` and
+    /// forgets the ids of those it drops.
+    #[tokio::test]
+    async fn usage_is_bounded_to_the_newest_events() {
+        let c = MemoryCatalog::with_usage_capacity(Arc::new(ManualClock::new(0)), 3);
+        let batch: Vec<UsageEvent> = [("e5", 5), ("e1", 1), ("e3", 3), ("e4", 4), ("e2", 2)]
+            .iter()
+            .map(|(id, ms)| event(id, *ms))
+            .collect();
+        assert_eq!(c.record_usage(&batch).await.unwrap(), 5);
+        assert_eq!(c.usage_len(), 3);
+        let ids: Vec<String> = c
+            .usage_events(&UsageQuery::default(), None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.request_id)
+            .collect();
+        assert_eq!(ids, ["e3", "e4", "e5"]);
+        // A dropped id is forgotten: older than everything kept, it is
+        // stored and dropped again at once; a kept id is still a no-op.
+        assert_eq!(c.record_usage(&[event("e1", 1)]).await.unwrap(), 1);
+        assert_eq!(c.record_usage(&[event("e4", 4)]).await.unwrap(), 0);
+        assert_eq!(c.usage_len(), 3);
+        assert_eq!(c.record_usage(&[event("e9", 9)]).await.unwrap(), 1);
+        let ids: Vec<String> = c
+            .usage_events(&UsageQuery::default(), None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.request_id)
+            .collect();
+        assert_eq!(ids, ["e4", "e5", "e9"]);
     }
 }

@@ -3,7 +3,8 @@
 //! Invariants the schema enforces (migrations/V1__init.sql): at most one
 //! default plan (partial unique index), a plan in use cannot be deleted
 //! (FK `ON DELETE RESTRICT`), `credits_remaining >= 0` (CHECK), one ledger
-//! row per idempotency key (UNIQUE). Changes are announced with
+//! row per idempotency key (UNIQUE); usage events (V2__usage.sql) are
+//! unique by request id. Changes are announced with
 //! `NOTIFY plangate_catalog`, which every instance LISTENs to.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,14 +19,15 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use super::{
     check_credits, check_grant, check_id, generate_id, generate_key, hash_key, ms_to_time,
     normalize_metadata, Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError, CatalogResult,
-    CreditOp, CreditSnapshot, DeductResult, Deduction, Draw, Invalidation, KeyOwner, LedgerEntry,
-    NewApiKey, QuotaBlock,
+    CreditOp, CreditSnapshot, DeductResult, Deduction, Draw, GroupBy, Invalidation, KeyOwner,
+    LedgerEntry, NewApiKey, QuotaBlock, UsageBucket, UsageCursor, UsageEvent, UsageQuery,
 };
 use crate::clock::SharedClock;
 use crate::plans::parse::{plan_from_json, plan_to_json};
 use crate::plans::{Plan, PlanSet};
 
 mod deduct;
+mod usage;
 
 pub use deduct::{BatchStats, MAX_BATCH};
 
@@ -55,8 +57,13 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 2,
+        name: "usage",
+        sql: include_str!("../../../migrations/V2__usage.sql"),
+    },
+    Migration {
+        version: 3,
         name: "credit_version",
-        sql: include_str!("../../../migrations/V2__credit_version.sql"),
+        sql: include_str!("../../../migrations/V3__credit_version.sql"),
     },
 ];
 
@@ -1532,6 +1539,31 @@ impl Catalog for PostgresCatalog {
                 })
             })
             .collect()
+    }
+
+    async fn record_usage(&self, events: &[UsageEvent]) -> CatalogResult<u64> {
+        usage::record(&self.pool, events).await
+    }
+
+    async fn usage_events(
+        &self,
+        q: &UsageQuery,
+        after: Option<&UsageCursor>,
+        limit: usize,
+    ) -> CatalogResult<Vec<UsageEvent>> {
+        usage::page(&self.pool, q, after, limit).await
+    }
+
+    async fn usage_summary(
+        &self,
+        q: &UsageQuery,
+        group_by: GroupBy,
+    ) -> CatalogResult<Vec<UsageBucket>> {
+        usage::summary(&self.pool, q, group_by).await
+    }
+
+    async fn prune_usage(&self, before: SystemTime) -> CatalogResult<u64> {
+        usage::prune(&self.pool, before).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Invalidation> {

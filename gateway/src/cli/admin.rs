@@ -167,24 +167,8 @@ pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliErro
         config: target.config.clone(),
     }
     .resolve();
-    // Read only when needed: with --postgres-url, only `plans apply`
-    // looks at the config (for the units its routes measure).
     let view = |path: &PathBuf| CliView::load(path).map_err(|e| CliError::BadInput(e.to_string()));
-    let url = match (&target.postgres_url, &config) {
-        (Some(url), _) => url.clone(),
-        (None, Some(path)) => view(path)?.storage.postgres_url.ok_or_else(|| {
-            CliError::BadInput(format!(
-                "{}: [storage] postgres_url is not set; admin commands need Postgres",
-                path.display()
-            ))
-        })?,
-        (None, None) => {
-            return Err(CliError::BadInput(format!(
-                "no database given: pass --postgres-url URL (or set PLANGATE_POSTGRES_URL), \
-                 or --config FILE (or set PLANGATE_CONFIG, or run where {DEFAULT_CONFIG} is)"
-            )))
-        }
-    };
+    let url = postgres_url(target)?;
     // Every failure to reach the database names it, password masked.
     let at = |e: CliError| match e {
         CliError::Failure(m) => CliError::Failure(format!("Postgres at {}: {m}", mask_url(&url))),
@@ -248,9 +232,39 @@ async fn migrate_cmd(url: &str, json: bool) -> Result<String, CliError> {
     })
 }
 
+/// The database an admin command works on: `--postgres-url` (or
+/// `PLANGATE_POSTGRES_URL`), else `[storage] postgres_url` of the config
+/// (`--config`, `PLANGATE_CONFIG`, or `plangate.toml` where it runs), of
+/// which only the sections admin commands use are read.
+pub(crate) fn postgres_url(target: &DbTarget) -> Result<String, CliError> {
+    if let Some(url) = &target.postgres_url {
+        return Ok(url.clone());
+    }
+    let config = ConfigArg {
+        config: target.config.clone(),
+    }
+    .resolve();
+    match &config {
+        Some(path) => CliView::load(path)
+            .map_err(|e| CliError::BadInput(e.to_string()))?
+            .storage
+            .postgres_url
+            .ok_or_else(|| {
+                CliError::BadInput(format!(
+                    "{}: [storage] postgres_url is not set; admin commands need Postgres",
+                    path.display()
+                ))
+            }),
+        None => Err(CliError::BadInput(format!(
+            "no database given: pass --postgres-url URL (or set PLANGATE_POSTGRES_URL), \
+             or --config FILE (or set PLANGATE_CONFIG, or run where {DEFAULT_CONFIG} is)"
+        ))),
+    }
+}
+
 /// The caller's mistakes (unknown ids, refused changes, invalid input) exit
 /// 2; an unreachable or failing database exits 1.
-fn catalog_err(e: CatalogError) -> CliError {
+pub(crate) fn catalog_err(e: CatalogError) -> CliError {
     match e {
         CatalogError::NotFound { .. } | CatalogError::Conflict(_) | CatalogError::Invalid(_) => {
             CliError::BadInput(e.to_string())

@@ -12,12 +12,14 @@ use std::time::Duration;
 
 use http::header::HeaderName;
 
-use super::raw::{RawAdmin, RawConfig, RawRoute, RawServer, RawStorage, RawUpstream, Str};
+use super::raw::{
+    RawAdmin, RawConfig, RawRoute, RawServer, RawStorage, RawUpstream, RawUsage, Str,
+};
 use super::{
     defaults, parse_duration, parse_size, parse_value_source, substitute_env, AdminConfig,
     AuthConfig, CliView, Config, ConfigError, ConfigErrors, EndpointSource, OnStoreError,
-    PlansConfig, Route, RoutePath, ServerConfig, StorageConfig, TlsFiles, Upstream, ValueSource,
-    MAX_REQUEST_BODY_BYTES, MAX_SETTING_SECS,
+    PlansConfig, Route, RoutePath, ServerConfig, StorageConfig, TlsFiles, Upstream, UsageConfig,
+    ValueSource, MAX_REQUEST_BODY_BYTES, MAX_RETAIN_SECS, MAX_SETTING_SECS, MIN_RETAIN_SECS,
 };
 use crate::plans::parse::{check_unit_name, MAX_ID_BYTES};
 use crate::plans::{KnownUnits, Unit};
@@ -44,6 +46,7 @@ pub(super) fn build(
     let storage = b.storage(raw.storage.as_ref());
     let auth = b.auth(raw.auth.as_ref().and_then(|a| a.header.as_ref()));
     let plans = b.plans(raw.plans.as_ref());
+    let usage = b.usage(raw.usage.as_ref());
     let upstreams = b.upstreams(&raw.upstreams);
     let routes = b.routes(&raw.routes, &upstreams);
     if !b.errors.is_empty() {
@@ -58,6 +61,7 @@ pub(super) fn build(
         storage,
         auth,
         plans,
+        usage,
         upstreams,
         routes,
     })
@@ -594,6 +598,33 @@ impl Builder<'_> {
             ),
         }
         out.watch = raw.watch.unwrap_or(true);
+        out
+    }
+
+    fn usage(&mut self, raw: Option<&RawUsage>) -> UsageConfig {
+        let default = Duration::from_secs(defaults::USAGE_RETAIN_DAYS * 86_400);
+        let mut out = UsageConfig { retain: default };
+        let Some(s) = raw.and_then(|r| r.retain.as_ref()) else {
+            return out;
+        };
+        let key = "usage.retain";
+        let Some(v) = self.string(s, key) else {
+            return out;
+        };
+        match parse_duration(&v) {
+            Ok(d) if d < Duration::from_secs(MIN_RETAIN_SECS) => self.error_at(
+                s.span(),
+                key,
+                format!("`{v}` is too short: usage is kept at least 1h (pruning runs hourly)"),
+            ),
+            Ok(d) if d > Duration::from_secs(MAX_RETAIN_SECS) => self.error_at(
+                s.span(),
+                key,
+                format!("`{v}` is too long: must be at most {MAX_RETAIN_SECS}s (100 years)"),
+            ),
+            Ok(d) => out.retain = d,
+            Err(e) => self.error_at(s.span(), key, e),
+        }
         out
     }
 

@@ -23,6 +23,7 @@ pub struct RawConfig {
     pub storage: Option<RawStorage>,
     pub auth: Option<RawAuth>,
     pub plans: Option<Spanned<RawPlans>>,
+    pub usage: Option<RawUsage>,
     #[serde(default)]
     pub upstreams: Vec<RawUpstream>,
     #[serde(default)]
@@ -83,6 +84,14 @@ pub struct RawAuth {
 pub struct RawPlans {
     pub file: Option<Str>,
     pub watch: Option<bool>,
+}
+
+/// `[usage]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUsage {
+    /// How long usage events are kept (a duration, e.g. `"400d"`).
+    pub retain: Option<Str>,
 }
 
 /// `[[upstreams]]`

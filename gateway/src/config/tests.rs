@@ -131,7 +131,54 @@ fn minimal_file_gets_defaults() {
     assert_eq!(c.auth.header, "authorization");
     assert_eq!(c.plans.file, Path::new("conf/plans.yaml"));
     assert!(c.plans.watch);
+    assert_eq!(c.usage.retain, Duration::from_secs(400 * 86_400));
     assert!(c.upstreams.is_empty() && c.routes.is_empty());
+}
+
+#[test]
+fn usage_retention() {
+    let retain =
+        |v: &str| load(&format!("{MINIMAL}[usage]\nretain = \"{v}\"\n")).map(|c| c.usage.retain);
+    assert_eq!(retain("400d"), Ok(Duration::from_secs(400 * 86_400)));
+    assert_eq!(retain("1h"), Ok(Duration::from_secs(3_600)));
+    assert_eq!(
+        retain("90d12h"),
+        Ok(Duration::from_secs(90 * 86_400 + 12 * 3_600))
+    );
+    assert_eq!(
+        load(&format!("{MINIMAL}[usage]\n")).unwrap().usage.retain,
+        Duration::from_secs(400 * 86_400)
+    );
+    let f = "conf/plangate.toml";
+    assert_eq!(
+        errors(&format!(
+            "{MINIMAL}[usage]\nretain = \"59m\"\n[usage.extra]\n"
+        )),
+        vec![format!(
+            "{f}:5:8: usage.extra: unknown field `extra`, expected `retain`"
+        )]
+    );
+    for (v, want) in [
+        (
+            "59m",
+            "`59m` is too short: usage is kept at least 1h (pruning runs hourly)",
+        ),
+        (
+            "36501d",
+            "`36501d` is too long: must be at most 3153600000s (100 years)",
+        ),
+        (
+            "forever",
+            "`forever` is not a duration such as \"500ms\", \"60s\", \"5m\", \"1h\", \"1d\"",
+        ),
+        ("${NOPE}", "environment variable `NOPE` is not set"),
+    ] {
+        assert_eq!(
+            errors(&format!("{MINIMAL}[usage]\nretain = \"{v}\"\n")),
+            vec![format!("{f}:4:10: usage.retain: {want}")],
+            "{v}"
+        );
+    }
 }
 
 #[test]
