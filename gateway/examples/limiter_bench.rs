@@ -70,6 +70,7 @@ async fn pair<S: CounterStore>(
             now_ms: NOW_MS,
             settlements: &[],
             credits: Default::default(),
+            usage: None,
         })
         .await
         .expect("end");

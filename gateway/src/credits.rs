@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 
 use crate::catalog::{Catalog, CatalogError, Invalidation};
 use crate::clock::SharedClock;
-use crate::limiter::wallet::{WalletBlock, WalletSnapshot};
+use crate::limiter::wallet::{OutboxOp, WalletBlock, WalletSnapshot};
 use crate::limiter::{CounterStore, Limiter, StoreError, WalletSource};
 
 /// Outbox entries written to the catalog per transaction.
@@ -138,11 +138,26 @@ impl<S: CounterStore> Outbox<S> {
             if items.is_empty() {
                 return Ok(written);
             }
-            let ops: Vec<_> = items.iter().map(|i| i.op.clone()).collect();
-            self.catalog
-                .record_credit_ops(account, &ops)
-                .await
-                .map_err(|e| StoreError::Unavailable(format!("writing credits: {e}")))?;
+            // Charges and refunds in the order they were decided; usage
+            // records after them (both idempotent, so a batch written
+            // twice changes nothing).
+            let mut ops = Vec::new();
+            let mut usage = Vec::new();
+            for item in &items {
+                match &item.op {
+                    OutboxOp::Credit(op) => ops.push(op.clone()),
+                    OutboxOp::Usage(event) => usage.push((**event).clone()),
+                }
+            }
+            if !ops.is_empty() {
+                self.catalog
+                    .record_credit_ops(account, &ops)
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("writing credits: {e}")))?;
+            }
+            if !usage.is_empty() {
+                self.record_usage(&usage).await?;
+            }
             let ids: Vec<String> = items.into_iter().map(|i| i.id).collect();
             store.outbox_ack(account, &ids).await?;
             written += ids.len() as u64;
@@ -152,6 +167,30 @@ impl<S: CounterStore> Outbox<S> {
             if ids.len() < FLUSH_BATCH {
                 return Ok(written);
             }
+        }
+    }
+
+    /// Record usage events; a batch the catalog refuses as invalid (it
+    /// never will take it) is recorded event by event, and the events it
+    /// refuses are dropped with an error log rather than blocking the
+    /// account's outbox for good.
+    async fn record_usage(&self, events: &[crate::catalog::UsageEvent]) -> Result<(), StoreError> {
+        let unavailable = |e: CatalogError| StoreError::Unavailable(format!("writing usage: {e}"));
+        match self.catalog.record_usage(events).await {
+            Ok(_) => Ok(()),
+            Err(CatalogError::Invalid(_)) => {
+                for event in events {
+                    match self.catalog.record_usage(std::slice::from_ref(event)).await {
+                        Ok(_) => {}
+                        Err(CatalogError::Invalid(e)) => {
+                            tracing::error!(request_id = %event.request_id, error = %e, "usage record refused by the catalog; dropped");
+                        }
+                        Err(e) => return Err(unavailable(e)),
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => Err(unavailable(e)),
         }
     }
 

@@ -140,6 +140,11 @@ pub struct EndRequest<'a> {
     /// Credits settled with the windows (applied only when the record was
     /// there, like the settlements).
     pub credits: EndCredits,
+    /// The request's usage record, appended to the account's outbox with
+    /// the settlement (only when the record was there: once per request).
+    /// Its `credits` are the admission's; the store adds what the per-unit
+    /// charge took.
+    pub usage: Option<&'a crate::catalog::UsageEvent>,
 }
 
 /// Read-only look at the counters of (account, endpoint).
@@ -938,7 +943,7 @@ impl<S: CounterStore> Limiter<S> {
         ticket: &Ticket,
         final_units: &[(Unit, u64)],
     ) -> Result<bool, StoreError> {
-        self.end_with(ticket, final_units, EndCredits::default())
+        self.end_with(ticket, final_units, EndCredits::default(), None)
             .await
     }
 
@@ -950,6 +955,7 @@ impl<S: CounterStore> Limiter<S> {
         ticket: &Ticket,
         final_units: &[(Unit, u64)],
         credits: EndCredits,
+        usage: Option<&crate::catalog::UsageEvent>,
     ) -> Result<bool, StoreError> {
         let settlements = ticket.settlements(final_units);
         let req = EndRequest {
@@ -959,9 +965,10 @@ impl<S: CounterStore> Limiter<S> {
             now_ms: self.clock.now_ms(),
             settlements: &settlements,
             credits,
+            usage,
         };
         let settled = self.timed(self.store.end(&req)).await?;
-        if settled && !credits.is_empty() {
+        if settled && (!credits.is_empty() || usage.is_some()) {
             if let Some(source) = self.wallets.get() {
                 source.wrote(&ticket.account);
             }
@@ -999,7 +1006,12 @@ impl<S: CounterStore> Limiter<S> {
         let mut backoff = Duration::from_millis(50);
         loop {
             match self
-                .end_with(ticket, &ending.units, ending.credits(ticket))
+                .end_with(
+                    ticket,
+                    &ending.units,
+                    ending.credits(ticket),
+                    ending.usage.as_ref(),
+                )
                 .await
             {
                 Ok(_) => return,
@@ -1160,6 +1172,8 @@ pub struct Ending {
     pub charge: u64,
     /// Give back the admission charge (nothing was served).
     pub refund: bool,
+    /// The request's usage record.
+    pub usage: Option<crate::catalog::UsageEvent>,
 }
 
 impl Ending {
@@ -1169,6 +1183,7 @@ impl Ending {
             units: Vec::new(),
             charge: 0,
             refund: true,
+            usage: None,
         }
     }
 
@@ -1198,8 +1213,9 @@ pub struct Permit<S: CounterStore> {
     ended: AtomicBool,
     /// Its entry in the limiter's keeper, until ended, handed over or dropped.
     lease: Option<LeaseKey>,
-    /// The end that failed, to retry on drop; `None`: a release.
-    ending: Option<Ending>,
+    /// The end that failed, to retry on drop; `None`: a release. Boxed: a
+    /// usage record is large, and permits travel in every response body.
+    ending: Option<Box<Ending>>,
 }
 
 impl<S: CounterStore> Permit<S> {
@@ -1245,12 +1261,17 @@ impl<S: CounterStore> Permit<S> {
         self.unkeep();
         let result = self
             .limiter
-            .end_with(&self.ticket, &ending.units, ending.credits(&self.ticket))
+            .end_with(
+                &self.ticket,
+                &ending.units,
+                ending.credits(&self.ticket),
+                ending.usage.as_ref(),
+            )
             .await;
         if result.is_ok() {
             self.ended.store(true, Ordering::SeqCst);
         } else {
-            self.ending = Some(ending);
+            self.ending = Some(Box::new(ending));
         }
         result
     }
@@ -1279,7 +1300,7 @@ impl<S: CounterStore> Drop for Permit<S> {
         }
         let limiter = self.limiter.clone();
         let ticket = self.ticket.clone();
-        let ending = self.ending.take().unwrap_or_else(Ending::release);
+        let ending = self.ending.take().map_or_else(Ending::release, |e| *e);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 // Retried: under overload a single end can time out, and a

@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::catalog::cache::CatalogCache;
-use crate::catalog::{key_digest, Catalog, GroupBy};
+use crate::catalog::{key_digest, Catalog, GroupBy, KeyOwner, UnitUsage, UsageEvent};
 use crate::config::{Config, EndpointSource, OnStoreError, Route};
 use crate::decode::{ContentDecoder, Unsupported};
 use crate::errors::ApiError;
@@ -181,6 +181,14 @@ impl RequestIds {
     pub fn next_id(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         format!("req_{}{:x}", self.prefix, n)
+    }
+}
+
+/// A route as usage records name it: its path, `*` for a prefix route.
+fn route_label(path: &crate::config::RoutePath) -> String {
+    match path {
+        crate::config::RoutePath::Exact(p) => p.clone(),
+        crate::config::RoutePath::Prefix(p) => format!("{p}*"),
     }
 }
 
@@ -384,7 +392,8 @@ impl Gateway {
     ) -> Result<Response<Body>, ApiError> {
         let core = &self.core;
         // Who is calling.
-        let account = self.authenticate(req.headers(), &table.auth_header).await?;
+        let owner = self.authenticate(req.headers(), &table.auth_header).await?;
+        let account = owner.account_id;
 
         // Cheap refusal of declared oversize bodies before reading a byte.
         if let Some(len) = req
@@ -515,11 +524,16 @@ impl Gateway {
             account: account.clone(),
             endpoint: endpoint.to_owned(),
             request_id,
+            key_id: owner.key_id,
+            route: route_label(&route.path),
             credits: policy.credits.clone(),
             reserved: admission.start_units.clone(),
             prompt_tokens: admission.body_bytes.div_ceil(usage::BYTES_PER_TOKEN as u64),
             upstream_failed: false,
             answered_ok: true,
+            status: 0,
+            streamed: false,
+            cut_short: false,
             _in_flight: in_flight,
         };
 
@@ -534,7 +548,7 @@ impl Gateway {
                 // A streamed (undeclared-length) request body went over
                 // max_request_body while being forwarded: the client's
                 // fault, not the upstream's.
-                settle.fail().await;
+                settle.fail(StatusCode::PAYLOAD_TOO_LARGE).await;
                 outcome.decide("body_too_large");
                 return Err(ApiError::PayloadTooLarge {
                     limit_bytes: table.max_request_body,
@@ -542,12 +556,12 @@ impl Gateway {
             }
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");
-                settle.fail().await;
+                settle.fail(StatusCode::BAD_GATEWAY).await;
                 outcome.decide("upstream_error");
                 return Err(ApiError::UpstreamUnavailable);
             }
             Err(_) => {
-                settle.fail().await;
+                settle.fail(StatusCode::GATEWAY_TIMEOUT).await;
                 outcome.decide("upstream_timeout");
                 return Err(ApiError::UpstreamTimeout);
             }
@@ -561,6 +575,8 @@ impl Gateway {
             settle.upstream_failed = true;
         }
         settle.answered_ok = status.is_success();
+        settle.status = status.as_u16();
+        settle.streamed = usage::is_event_stream(&resp_parts.headers);
         strip_hop_by_hop(&mut resp_parts.headers);
         upstream.drop_response_headers(&mut resp_parts.headers);
         let decoder = if meters_body {
@@ -570,7 +586,7 @@ impl Gateway {
                     // Asked for identity, sent something the meter cannot
                     // read: refused rather than forwarded uncounted.
                     tracing::warn!(upstream = %upstream.name, %coding, "upstream response in a content-encoding the gateway cannot meter");
-                    settle.fail().await;
+                    settle.fail(StatusCode::BAD_GATEWAY).await;
                     outcome.decide("upstream_error");
                     return Err(ApiError::UpstreamUnavailable);
                 }
@@ -606,7 +622,7 @@ impl Gateway {
         &self,
         headers: &HeaderMap,
         auth_header: &HeaderName,
-    ) -> Result<String, ApiError> {
+    ) -> Result<KeyOwner, ApiError> {
         let Some(key) = extract_key(headers, auth_header) else {
             return Err(ApiError::MissingApiKey);
         };
@@ -614,7 +630,7 @@ impl Gateway {
             return Err(ApiError::invalid_api_key(key));
         }
         match self.core.cache.resolve_key_digest(&key_digest(key)).await {
-            Ok(Some(owner)) => Ok(owner.account_id),
+            Ok(Some(owner)) => Ok(owner),
             Ok(None) => Err(ApiError::invalid_api_key(key)),
             Err(e) => {
                 tracing::warn!(error = %e, "key lookup failed");
@@ -658,7 +674,7 @@ impl Gateway {
         }
         let table = self.table.load();
         let account = match self.authenticate(req.headers(), &table.auth_header).await {
-            Ok(a) => a,
+            Ok(owner) => owner.account_id,
             Err(e) => return error_response(&e),
         };
         match limits_json(&self.core, &account, None).await {
@@ -680,7 +696,7 @@ impl Gateway {
         let account = {
             let table = self.table.load();
             match self.authenticate(req.headers(), &table.auth_header).await {
-                Ok(a) => a,
+                Ok(owner) => owner.account_id,
                 Err(e) => return error_response(&e),
             }
         };
@@ -976,6 +992,13 @@ struct Settle {
     /// The upstream answered 2xx. Otherwise (a 4xx refusal) reserved units
     /// the response did not report are given back, not charged.
     answered_ok: bool,
+    /// For the usage record: the API key, the route, the status the client
+    /// got, whether the response streamed and ended early.
+    key_id: String,
+    route: String,
+    status: u16,
+    streamed: bool,
+    cut_short: bool,
     /// Counts the request in the in-flight gauge until settled.
     _in_flight: Option<InFlightGuard>,
 }
@@ -999,8 +1022,9 @@ impl Drop for InFlightGuard {
 impl Settle {
     /// The upstream could not be reached: release the slot, give back the
     /// reservations, refund the admission charge.
-    async fn fail(mut self) {
+    async fn fail(mut self, status: StatusCode) {
         self.upstream_failed = true;
+        self.status = status.as_u16();
         let units: Vec<(Unit, u64)> = Vec::new();
         self.finish(units).await;
     }
@@ -1031,17 +1055,62 @@ impl Settle {
             if charge > 0 {
                 self.core.metrics.credits_charged(charge);
             }
+            let usage = self.usage_record(permit.ticket(), &units);
             let ending = Ending {
                 units: settled_units,
                 charge,
                 refund: self.upstream_failed,
+                usage: Some(usage),
             };
             if let Err(e) = permit.end_as(ending).await {
                 self.core.metrics.store_error();
                 tracing::warn!(error = %e, request_id = %self.request_id, "ending a request failed; retrying in the background");
             }
         }
-        let _ = (&self.policy, &self.account, &self.endpoint);
+        let _ = &self.policy;
+    }
+
+    /// The request's usage record (the store adds what its per-unit charge
+    /// takes to `credits`).
+    fn usage_record(&self, ticket: &crate::limiter::Ticket, units: &[(Unit, u64)]) -> UsageEvent {
+        let mut measured: Vec<UnitUsage> = units
+            .iter()
+            .map(|(u, n)| UnitUsage {
+                unit: u.as_str().to_owned(),
+                measured: *n,
+                reserved: 0,
+            })
+            .collect();
+        for (u, n) in &self.reserved {
+            match measured.iter_mut().find(|m| m.unit == u.as_str()) {
+                Some(m) => m.reserved = *n,
+                None => measured.push(UnitUsage {
+                    unit: u.as_str().to_owned(),
+                    measured: 0,
+                    reserved: *n,
+                }),
+            }
+        }
+        let admission = match (&ticket.charged, &self.credits) {
+            (Some(_), Some(cost)) if !self.upstream_failed => cost.per_request,
+            _ => 0,
+        };
+        let at = |ms: u64| std::time::UNIX_EPOCH + Duration::from_millis(ms);
+        UsageEvent {
+            request_id: self.request_id.clone(),
+            account_id: self.account.clone(),
+            key_id: Some(self.key_id.clone()),
+            endpoint: self.endpoint.clone(),
+            route: self.route.clone(),
+            units: measured,
+            credits: admission,
+            status: self.status,
+            degraded: false,
+            streamed: self.streamed,
+            cut_short: self.cut_short,
+            started_at: at(ticket.admitted_ms),
+            ended_at: at(self.core.limiter.clock().now_ms().max(ticket.admitted_ms)),
+        }
     }
 }
 
@@ -1098,7 +1167,13 @@ impl MeteredBody {
         }
     }
 
-    fn finish(&mut self) {
+    /// Settle now (in the background if that needs waiting); `cut_short`:
+    /// the body did not reach its end (client gone, upstream or encoding
+    /// broke).
+    fn finish(&mut self, cut_short: bool) {
+        if let Some(settle) = &mut self.settle {
+            settle.cut_short = cut_short;
+        }
         if let Some(mut settling) = self.settlement() {
             // Settle right here when that needs no waiting (the in-process
             // store, no credits to write): spawning a task per request cost
@@ -1120,7 +1195,7 @@ impl MeteredBody {
                 return Poll::Pending;
             }
         }
-        self.finish();
+        self.finish(false);
         Poll::Ready((!last.is_empty()).then(|| Ok(Frame::data(last.into()))))
     }
 
@@ -1205,14 +1280,14 @@ impl HttpBody for MeteredBody {
                             ready => ready,
                         },
                         Err(e) => {
-                            this.finish();
+                            this.finish(true);
                             Poll::Ready(Some(Err(e)))
                         }
                     };
                 }
                 Poll::Ready(Some(Err(e))) => {
                     // The upstream died mid-body: charge what was seen.
-                    this.finish();
+                    this.finish(true);
                     return Poll::Ready(Some(Err(Box::new(e))));
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
@@ -1224,7 +1299,7 @@ impl HttpBody for MeteredBody {
                                 Err(e) => {
                                     // A broken encoding is a broken upstream
                                     // body: charge what was seen.
-                                    this.finish();
+                                    this.finish(true);
                                     return Poll::Ready(Some(Err(Box::new(e))));
                                 }
                             },
@@ -1240,7 +1315,7 @@ impl HttpBody for MeteredBody {
                                 match this.tail() {
                                     Ok(tail) => last.extend_from_slice(&tail),
                                     Err(e) => {
-                                        this.finish();
+                                        this.finish(true);
                                         return Poll::Ready(Some(Err(e)));
                                     }
                                 }
@@ -1289,7 +1364,10 @@ impl Drop for MeteredBody {
             // settlement: it still completes.
             tokio::spawn(settling);
         } else if !self.done && self.settle.is_some() {
-            self.finish();
+            // hyper stops polling a body of known length once it has all
+            // of it: that is an end, not a cut.
+            let cut_short = !self.inner.is_end_stream();
+            self.finish(cut_short);
         }
     }
 }

@@ -553,6 +553,7 @@ async fn end_is_idempotent_and_unknown_ids_are_harmless<S: CounterStore + Debug>
             now_ms: h.now(),
             settlements: &settle,
             credits: Default::default(),
+            usage: None,
         })
         .await
         .expect("end unknown");

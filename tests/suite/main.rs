@@ -15,5 +15,5 @@ mod sdk;
 mod streaming;
 mod transport;
 mod upstreams;
-mod wallets;
 mod usage;
+mod wallets;

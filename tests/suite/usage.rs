@@ -456,3 +456,106 @@ async fn cli_export_streams_jsonl_and_csv() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
 }
+
+/// The events of `account`, oldest first, once `n` have been recorded
+/// (outboxes are written in the background).
+async fn recorded(gw: &TestGateway, account: &str, n: usize) -> Vec<UsageEvent> {
+    let q = plangate::catalog::UsageQuery {
+        account_id: Some(account.to_owned()),
+        ..Default::default()
+    };
+    let mut events = Vec::new();
+    for _ in 0..300 {
+        events = gw
+            .catalog()
+            .usage_events(&q, None, 100)
+            .await
+            .expect("events");
+        if events.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    events
+}
+
+/// Every admitted request that ends leaves exactly one usage record, keyed
+/// by the gateway's request id (the `x-request-id` a client that sent none
+/// gets back), with its key, endpoint, route, units, credits (admission +
+/// per-unit), status, and whether it streamed and was cut short. Both
+/// backends; on Redis the record travels through the account's outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_requests_leave_one_usage_record_each() {
+    for gw in TestGateway::each_backend().await {
+        let (account, key) = gw.account(None).await;
+        gw.catalog()
+            .create_quota_block(&account, 1_000, None, json!({}))
+            .await
+            .expect("grant");
+        let chat = |model: &str, stream: bool| {
+            json!({"model": model, "stream": stream,
+                   "messages": [{"role": "user", "content": "hi"}]})
+        };
+        let plain = gw.chat(&key, "gpt-test").await;
+        assert_eq!(plain.status, 200);
+        let paid = gw
+            .post_with(
+                "/v1/chat/completions",
+                Some(&key),
+                &chat("paid-model", false),
+                &[("x-mock-tokens", "250")],
+            )
+            .await;
+        assert_eq!(paid.status, 200, "{:?}", paid.body);
+        let mut cut = gw
+            .post_streaming(
+                "/v1/chat/completions",
+                &key,
+                &chat("gpt-test", true),
+                &[("x-mock-chunks", "50"), ("x-mock-die-after", "10")],
+            )
+            .await;
+        let (_, clean) = cut.read_all().await;
+        assert!(!clean);
+        gw.wait_settled().await;
+
+        let events = recorded(&gw, &account, 3).await;
+        assert_eq!(events.len(), 3, "{events:#?}");
+        let by_id = |r: &Resp| {
+            let id = r.header("x-request-id").expect("x-request-id");
+            events
+                .iter()
+                .find(|e| e.request_id == id)
+                .unwrap_or_else(|| panic!("no record for {id}: {events:#?}"))
+                .clone()
+        };
+        let p = by_id(&plain);
+        assert_eq!((p.endpoint.as_str(), p.status), ("gpt-test", 200));
+        assert_eq!(p.route, "/v1/chat/completions");
+        assert!(p.key_id.as_deref().is_some_and(|k| !k.is_empty()));
+        assert!(!p.streamed && !p.cut_short && !p.degraded);
+        assert_eq!(p.credits, 0);
+        assert!(p.started_at <= p.ended_at);
+        let tokens = |e: &UsageEvent| {
+            e.units
+                .iter()
+                .find(|u| u.unit == "token")
+                .map(|u| u.measured)
+        };
+        assert!(tokens(&p).is_some_and(|t| t > 0), "{p:?}");
+        let q = by_id(&paid);
+        assert_eq!(q.endpoint, "paid-model");
+        assert_eq!(tokens(&q), Some(250));
+        // 1 at admission + ceil(250 / 100) per unit.
+        assert_eq!(q.credits, 1 + 3, "{q:?}");
+        let ledger = gw.catalog().ledger(&account).await.expect("ledger");
+        let charged: u64 = ledger.iter().map(|e| e.deducted - e.refunded).sum();
+        assert_eq!(charged, q.credits, "usage and ledger agree");
+        let c = events
+            .iter()
+            .find(|e| e.request_id != p.request_id && e.request_id != q.request_id)
+            .expect("the cut stream's record");
+        assert!(c.streamed && c.cut_short, "{c:?}");
+        assert_eq!(c.endpoint, "gpt-test");
+    }
+}

@@ -298,6 +298,7 @@ async fn min_balance_shortfall_and_refund() {
             units: vec![],
             charge: 0,
             refund: true,
+            usage: None,
         })
         .await
         .expect("end r1");
@@ -306,6 +307,7 @@ async fn min_balance_shortfall_and_refund() {
             units: vec![(Unit::new("token"), 4)],
             charge: 4,
             refund: false,
+            usage: None,
         })
         .await
         .expect("end r2");
@@ -314,6 +316,7 @@ async fn min_balance_shortfall_and_refund() {
             units: vec![(Unit::new("token"), 100)],
             charge: 100,
             refund: false,
+            usage: None,
         })
         .await
         .expect("end r3");
@@ -419,7 +422,10 @@ async fn outbox_left_by_a_dead_instance_is_written_once() {
         .await
         .expect("read")
         .into_iter()
-        .map(|i| i.op)
+        .filter_map(|i| match i.op {
+            plangate::limiter::wallet::OutboxOp::Credit(op) => Some(op),
+            plangate::limiter::wallet::OutboxOp::Usage(_) => None,
+        })
         .collect();
     assert!(!ops.is_empty());
     // Written twice, as a crash after commit and before the ack would.

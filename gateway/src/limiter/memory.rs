@@ -26,8 +26,8 @@ use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 
 use super::wallet::{
-    admission_key, usage_key, Charged, CreditAsk, OutboxItem, Unended, Wallet, WalletInit,
-    WalletOp, WalletSnapshot, WALLET_TTL_MS,
+    admission_key, usage_key, Charged, CreditAsk, OutboxItem, OutboxOp, Unended, Wallet,
+    WalletInit, WalletOp, WalletSnapshot, WALLET_TTL_MS,
 };
 use super::{
     AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
@@ -193,6 +193,10 @@ impl MemoryStore {
     }
 
     fn push_op(&self, credits: &mut AccountCredits, op: WalletOp) {
+        self.push(credits, OutboxOp::Credit(op));
+    }
+
+    fn push(&self, credits: &mut AccountCredits, op: OutboxOp) {
         let id = self.outbox_ids.fetch_add(1, Ordering::Relaxed) + 1;
         credits.outbox.push_back(OutboxItem {
             id: id.to_string(),
@@ -240,8 +244,18 @@ impl MemoryStore {
         })
     }
 
-    /// The credits of an end whose record was there.
+    /// The credits and the usage record of an end whose record was there.
     fn settle_credits(&self, credits: &mut AccountCredits, req: &EndRequest<'_>) {
+        let taken = self.settle_charges(credits, req);
+        if let Some(usage) = req.usage {
+            let mut usage = usage.clone();
+            usage.credits = usage.credits.saturating_add(taken);
+            self.push(credits, OutboxOp::Usage(Box::new(usage)));
+        }
+    }
+
+    /// The refund or per-unit charge of an end; what the charge took.
+    fn settle_charges(&self, credits: &mut AccountCredits, req: &EndRequest<'_>) -> u64 {
         let now = req.now_ms;
         if req.credits.refund {
             if let Some(wallet) = credits.wallet(now) {
@@ -267,6 +281,7 @@ impl MemoryStore {
                 }
                 None => (None, Vec::new()),
             };
+            let taken = deducted.unwrap_or(0);
             let op = WalletOp::Charge {
                 key: usage_key(req.request_id),
                 request_id: req.request_id.to_owned(),
@@ -277,7 +292,9 @@ impl MemoryStore {
                 at_ms: now,
             };
             self.push_op(credits, op);
+            return taken;
         }
+        0
     }
 
     /// Number of (account, endpoint) pairs currently held.
@@ -587,7 +604,7 @@ impl CounterStore for MemoryStore {
     async fn end(&self, req: &EndRequest<'_>) -> Result<bool, StoreError> {
         Ok(self.with_entry(req.account, req.endpoint, req.now_ms, |e| {
             let settled = e.end(req);
-            if settled && !req.credits.is_empty() {
+            if settled && (!req.credits.is_empty() || req.usage.is_some()) {
                 self.with_credits(req.account, |credits| self.settle_credits(credits, req));
             }
             settled
@@ -780,6 +797,7 @@ mod tests {
             now_ms: T0 + 10,
             settlements: &[],
             credits: Default::default(),
+            usage: None,
         }))
         .expect("end");
         assert!(ended);
@@ -834,6 +852,7 @@ mod tests {
                 now_ms: T0 + 10,
                 settlements: &[],
                 credits: Default::default(),
+                usage: None,
             }))
             .expect("end");
             assert!(ended, "{id}");
@@ -913,6 +932,7 @@ mod tests {
                 now_ms,
                 settlements: &settle,
                 credits: Default::default(),
+                usage: None,
             }))
             .expect("end")
         };
@@ -958,6 +978,7 @@ mod tests {
                 now_ms,
                 settlements: &[],
                 credits: Default::default(),
+                usage: None,
             }))
             .expect("end")
         };

@@ -39,12 +39,14 @@ use redis::{AsyncConnectionConfig, RedisError, Script, ScriptInvocation, Value};
 
 use super::keys::{Keys, DEFAULT_PREFIX};
 use super::wallet::{
-    decode_draws, Charged, OutboxItem, Unended, WalletInit, WalletOp, WalletSnapshot, WALLET_TTL_MS,
+    decode_draws, Charged, OutboxItem, OutboxOp, Unended, WalletInit, WalletOp, WalletSnapshot,
+    WALLET_TTL_MS,
 };
 use super::{
     AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
     UsageRequest, Verdict, SETTLE_GRACE_MS,
 };
+use crate::catalog::UsageEvent;
 use crate::clock::{window_index, window_reset_ms};
 
 /// Keys outlive their window by this much, so that a gateway whose clock
@@ -247,8 +249,9 @@ return out
 /// admission window; with credits then the wallet and the outbox.
 /// ARGV: now, request id, settle grace ms, then per
 /// settlement: units to add, units to give back, ttl ms of the current
-/// window's counter; with credits then the per-unit charge, 1 to refund the
-/// admission charge (else 0), the endpoint and `c`. Returns 1 if the request's
+/// window's counter; with credits or a usage record then the per-unit
+/// charge, 1 to refund the admission charge (else 0), the endpoint and the
+/// usage record (JSON; empty for none). Returns 1 if the request's
 /// record was there, live or expired less than the grace ago (and settles
 /// only then).
 const END_LUA: &str = r#"
@@ -262,8 +265,8 @@ redis.call('ZREM', KEYS[1], id)
 if tonumber(score) + tonumber(ARGV[3]) <= now then
   return 0
 end
--- Without credits: 1 + 2n keys and 3 + 3n arguments; with: 4 + 2n and
--- 7 + 3n (the last one a marker).
+-- Without credits or usage: 1 + 2n keys and 3 + 3n arguments; with: 4 + 2n
+-- and 7 + 3n.
 local credits = (#ARGV - 3) % 3 ~= 0
 local n = credits and (#KEYS - 4) / 2 or (#KEYS - 1) / 2
 if credits then
@@ -279,10 +282,12 @@ if credits then
     end
     redis.call('XADD', outbox, '*', 'e', 'r\t' .. ARGV[1] .. '\tadm:' .. id)
   end
+  local taken = 0
   if charge > 0 then
     local blocks, _, loaded = wallet_blocks(wallet, now)
     if loaded then
-      local taken, draws = wallet_draw(wallet, blocks, charge)
+      local draws
+      taken, draws = wallet_draw(wallet, blocks, charge)
       redis.call('XADD', outbox, '*', 'e', 'c\t' .. ARGV[1] .. '\tuse:' .. id .. '\t' .. ARGV[4 + 3 * n]
         .. '\t' .. fmt(taken) .. '\t' .. draws .. '\t' .. id .. '\t' .. ARGV[6 + 3 * n])
     else
@@ -290,6 +295,10 @@ if credits then
       redis.call('XADD', outbox, '*', 'e', 'u\t' .. ARGV[1] .. '\tuse:' .. id .. '\t' .. ARGV[4 + 3 * n]
         .. '\t\t\t' .. id .. '\t' .. ARGV[6 + 3 * n])
     end
+  end
+  -- The usage record, with what the per-unit charge took.
+  if ARGV[7 + 3 * n] ~= '' then
+    redis.call('XADD', outbox, '*', 'e', 'g\t' .. fmt(taken) .. '\t' .. ARGV[7 + 3 * n])
   end
 end
 for i = 1, n do
@@ -931,8 +940,20 @@ fn parse_outbox_entry(v: &Value) -> Result<OutboxItem, StoreError> {
     Ok(OutboxItem { id, op })
 }
 
-/// The op of a packed outbox entry (see [`parse_outbox_entry`]).
-fn parse_outbox_op(entry: &str) -> Option<WalletOp> {
+/// The op of a packed outbox entry: a credit operation, or `g <per-unit
+/// credits taken> <usage record JSON>`.
+fn parse_outbox_op(entry: &str) -> Option<OutboxOp> {
+    if let Some(rest) = entry.strip_prefix("g\t") {
+        let (taken, json) = rest.split_once('\t')?;
+        let mut usage: UsageEvent = serde_json::from_str(json).ok()?;
+        usage.credits = usage.credits.saturating_add(taken.parse().ok()?);
+        return Some(OutboxOp::Usage(Box::new(usage)));
+    }
+    parse_credit_op(entry).map(OutboxOp::Credit)
+}
+
+/// A packed credit operation (see [`parse_outbox_entry`]).
+fn parse_credit_op(entry: &str) -> Option<WalletOp> {
     let mut f = entry.splitn(8, '\t');
     let kind = f.next()?;
     let at_ms = f.next()?.parse().ok()?;
@@ -1129,14 +1150,19 @@ impl CounterStore for RedisStore {
             .arg(s.reserved.saturating_sub(s.actual))
             .arg(window_ttl_ms(req.now_ms, s.window_secs));
         }
-        if !req.credits.is_empty() {
+        if !req.credits.is_empty() || req.usage.is_some() {
+            let usage = match req.usage {
+                Some(u) => serde_json::to_string(u)
+                    .map_err(|e| StoreError::Protocol(format!("usage record: {e}")))?,
+                None => String::new(),
+            };
             inv.key(self.keys.wallet(req.account))
                 .key(self.keys.outbox(req.account))
                 .key(self.keys.admissions(req.account))
                 .arg(req.credits.charge)
                 .arg(if req.credits.refund { "1" } else { "0" })
                 .arg(req.endpoint)
-                .arg("c");
+                .arg(usage);
         }
         flag("end", self.run(&inv).await?)
     }
@@ -1430,7 +1456,7 @@ mod tests {
 
     #[test]
     fn outbox_entries_parse_as_the_scripts_pack_them() {
-        let charge = parse_outbox_op("c\t1700\tadm:r1\t5\t3\tqb_1=2;qb_2=1\tr1\tgpt\t4o");
+        let charge = parse_credit_op("c\t1700\tadm:r1\t5\t3\tqb_1=2;qb_2=1\tr1\tgpt\t4o");
         assert_eq!(
             charge,
             Some(WalletOp::Charge {
@@ -1443,7 +1469,7 @@ mod tests {
                 at_ms: 1700,
             })
         );
-        let undecided = parse_outbox_op("u\t1\tuse:r1\t9\t\t\tr1\te");
+        let undecided = parse_credit_op("u\t1\tuse:r1\t9\t\t\tr1\te");
         assert!(matches!(
             undecided,
             Some(WalletOp::Charge {
@@ -1453,7 +1479,7 @@ mod tests {
             })
         ));
         assert_eq!(
-            parse_outbox_op("r\t7\tadm:r1"),
+            parse_credit_op("r\t7\tadm:r1"),
             Some(WalletOp::Refund {
                 key: "adm:r1".into(),
                 at_ms: 7
@@ -1466,7 +1492,7 @@ mod tests {
             "c\tz\tk\t5\t3\t\tr\te",
             "r\t-1\tk",
         ] {
-            assert_eq!(parse_outbox_op(bad), None, "{bad:?}");
+            assert_eq!(parse_credit_op(bad), None, "{bad:?}");
         }
     }
 

@@ -57,6 +57,7 @@ proptest! {
             request_id: "r", account: "a", endpoint: "e", now_ms: now + end_after,
             settlements: &settle,
             credits: Default::default(),
+            usage: None,
         })).expect("end");
         prop_assert!(ended);
         let used = block_on(store.usage(&UsageRequest {
@@ -86,6 +87,7 @@ proptest! {
         block_on(store.end(&EndRequest {
             request_id: "r", account: "a", endpoint: "e", now_ms: later, settlements: &settle,
             credits: Default::default(),
+            usage: None,
         })).expect("end");
         let used = block_on(store.usage(&UsageRequest {
             account: "a", endpoint: "e", now_ms: later,
@@ -312,6 +314,7 @@ fn check_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
                     now_ms: now,
                     settlements: &settlements,
                     credits: Default::default(),
+                    usage: None,
                 };
                 let got = block_on(store.end(&req)).expect("end");
                 prop_assert_eq!(got, model.end(&req), "{:?} at {}", op, now);

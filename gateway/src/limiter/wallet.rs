@@ -32,7 +32,7 @@
 use std::fmt::Write as _;
 
 pub use crate::catalog::CreditOp as WalletOp;
-use crate::catalog::Draw;
+use crate::catalog::{Draw, UsageEvent};
 
 /// A quota block as a wallet holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +103,16 @@ pub const WALLET_TTL_MS: u64 = 3_600_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxItem {
     pub id: String,
-    pub op: WalletOp,
+    pub op: OutboxOp,
+}
+
+/// What an outbox entry asks the catalog to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboxOp {
+    /// A charge or refund.
+    Credit(WalletOp),
+    /// The usage record of an ended request.
+    Usage(Box<UsageEvent>),
 }
 
 /// An admission whose end has not come (yet), as a wallet remembers it.
