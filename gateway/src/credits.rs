@@ -78,6 +78,13 @@ pub struct Outbox<S> {
     /// Accounts whose wallets this process loaded or used: dropped when
     /// the catalog's notifications may have been missed.
     known: Mutex<HashSet<String>>,
+    /// Accounts found in the store by a scan, not written by this process:
+    /// checked against the catalog before their outbox is written, since
+    /// another deployment may share the counter store (and its outboxes
+    /// belong to its own catalog).
+    found: Mutex<HashSet<String>>,
+    /// Accounts of outboxes the catalog does not know: left alone.
+    foreign: Mutex<HashSet<String>>,
     wake: tokio::sync::Notify,
     pub stats: OutboxStats,
 }
@@ -101,6 +108,8 @@ impl<S: CounterStore> Outbox<S> {
             clock: limiter.clock().clone(),
             dirty: Mutex::new(HashSet::new()),
             known: Mutex::new(HashSet::new()),
+            found: Mutex::new(HashSet::new()),
+            foreign: Mutex::new(HashSet::new()),
             wake: tokio::sync::Notify::new(),
             stats: OutboxStats::default(),
         });
@@ -204,6 +213,15 @@ impl<S: CounterStore> Outbox<S> {
             .for_each_concurrent(FLUSH_CONCURRENCY, |account| {
                 let failed = &failed;
                 async move {
+                    match self.ours(&account).await {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, account = %account, "checking an account found in the counter store failed; retrying");
+                            self.dirty.lock().insert(account);
+                            return;
+                        }
+                    }
                     if let Err(e) = self.flush_account(&account).await {
                         if failed.fetch_add(1, Ordering::Relaxed) == 0 {
                             tracing::warn!(error = %e, account = %account, "writing credits to the catalog failed; retrying");
@@ -221,15 +239,56 @@ impl<S: CounterStore> Outbox<S> {
     /// (entries a gateway that died left behind).
     pub async fn recover(&self) -> Result<usize, StoreError> {
         let accounts = self.limiter()?.store().outbox_accounts().await?;
+        let accounts: Vec<String> = {
+            let foreign = self.foreign.lock();
+            accounts
+                .into_iter()
+                .filter(|a| !foreign.contains(a))
+                .collect()
+        };
         let n = accounts.len();
         if n > 0 {
             tracing::info!(
                 accounts = n,
                 "credit outboxes found in the counter store; writing them to the catalog"
             );
-            self.dirty.lock().extend(accounts);
+            self.mark_found(accounts);
         }
         Ok(n)
+    }
+
+    /// Accounts found by a scan: written once the catalog says they are its.
+    fn mark_found(&self, accounts: Vec<String>) {
+        {
+            let dirty = self.dirty.lock();
+            let mut found = self.found.lock();
+            // An account this process is writing anyway is known to be its.
+            found.extend(accounts.iter().filter(|a| !dirty.contains(*a)).cloned());
+        }
+        self.dirty.lock().extend(accounts);
+        self.wake.notify_one();
+    }
+
+    /// Whether this catalog is where the account's outbox belongs: yes for
+    /// accounts this process wrote; an account found by a scan must exist
+    /// in the catalog (else it is another deployment's, left alone).
+    async fn ours(&self, account: &str) -> Result<bool, StoreError> {
+        if !self.found.lock().contains(account) {
+            return Ok(true);
+        }
+        match self.catalog.get_account(account).await {
+            Ok(_) => {
+                self.found.lock().remove(account);
+                Ok(true)
+            }
+            Err(CatalogError::NotFound { .. }) => {
+                self.found.lock().remove(account);
+                self.foreign.lock().insert(account.to_owned());
+                tracing::info!(account = %account, "an outbox in the counter store belongs to an account this catalog does not have; left for its own gateways");
+                Ok(false)
+            }
+            Err(e) => Err(StoreError::Unavailable(format!("catalog: {e}"))),
+        }
     }
 
     /// Refund the unended admissions of gateways that died (no heartbeat)
@@ -259,7 +318,7 @@ impl<S: CounterStore> Outbox<S> {
                 let now_ms = self.clock.now_ms();
                 if store.reap(&account, &admission, now_ms).await? {
                     reaped += 1;
-                    self.wrote(&account);
+                    self.mark_found(vec![account.clone()]);
                 }
             }
         }
@@ -359,6 +418,13 @@ impl<S: CounterStore> WalletSource for Outbox<S> {
     }
 
     fn wrote(&self, account: &str) {
+        // Written by this process: its catalog's.
+        {
+            let mut found = self.found.lock();
+            if !found.is_empty() {
+                found.remove(account);
+            }
+        }
         let mut dirty = self.dirty.lock();
         if dirty.contains(account) {
             return;
