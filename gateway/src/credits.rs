@@ -85,6 +85,8 @@ pub struct Outbox<S> {
     found: Mutex<HashSet<String>>,
     /// Accounts of outboxes the catalog does not know: left alone.
     foreign: Mutex<HashSet<String>>,
+    /// Accounts being written right now (taken off `dirty`).
+    flushing: std::sync::atomic::AtomicUsize,
     wake: tokio::sync::Notify,
     pub stats: OutboxStats,
 }
@@ -110,6 +112,7 @@ impl<S: CounterStore> Outbox<S> {
             known: Mutex::new(HashSet::new()),
             found: Mutex::new(HashSet::new()),
             foreign: Mutex::new(HashSet::new()),
+            flushing: std::sync::atomic::AtomicUsize::new(0),
             wake: tokio::sync::Notify::new(),
             stats: OutboxStats::default(),
         });
@@ -133,7 +136,7 @@ impl<S: CounterStore> Outbox<S> {
 
     /// Accounts whose outbox may hold entries not yet written.
     pub fn pending_accounts(&self) -> usize {
-        self.dirty.lock().len()
+        self.dirty.lock().len() + self.flushing.load(Ordering::SeqCst)
     }
 
     /// Write the account's whole outbox to the catalog. Returns how many
@@ -207,12 +210,25 @@ impl<S: CounterStore> Outbox<S> {
     /// Returns how many failed.
     pub async fn flush_dirty(&self) -> usize {
         use futures_util::StreamExt;
-        let accounts: Vec<String> = self.dirty.lock().drain().collect();
+        let accounts: Vec<String> = {
+            let mut dirty = self.dirty.lock();
+            self.flushing.fetch_add(dirty.len(), Ordering::SeqCst);
+            dirty.drain().collect()
+        };
+        let flushing = &self.flushing;
+        // Counted as pending until each one is written or marked again.
+        struct Done<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         let failed = AtomicU64::new(0);
         futures_util::stream::iter(accounts)
             .for_each_concurrent(FLUSH_CONCURRENCY, |account| {
                 let failed = &failed;
                 async move {
+                    let _done = Done(flushing);
                     match self.ours(&account).await {
                         Ok(true) => {}
                         Ok(false) => return,
@@ -364,19 +380,44 @@ impl<S: CounterStore> Outbox<S> {
     async fn invalidate(&self, inv: Invalidation) {
         let Ok(limiter) = self.limiter() else { return };
         let store = limiter.store();
-        let (accounts, version) = match inv {
-            Invalidation::Credits { account, version } => (vec![account], Some(version)),
-            // Notifications may have been missed: drop every wallet this
-            // process knows of (others reload on their own `All`).
-            Invalidation::All => (self.known.lock().iter().cloned().collect(), None),
-            _ => return,
-        };
-        for account in accounts {
-            if let Err(e) = store.wallet_invalidate(&account, version).await {
-                // The wallet keeps its old view until it expires
-                // (`WALLET_TTL_MS`); say so loudly.
-                tracing::error!(error = %e, account = %account, "dropping a credit wallet after a catalog change failed");
+        match inv {
+            Invalidation::Credits { account, version } => {
+                if let Err(e) = store.wallet_invalidate(&account, Some(version)).await {
+                    // The wallet keeps its old view until it expires
+                    // (`WALLET_TTL_MS`); say so loudly.
+                    tracing::error!(error = %e, account = %account, "dropping a credit wallet after a catalog change failed");
+                }
             }
+            // Notifications may have been missed (the LISTEN connection
+            // was lost): compare every wallet this process knows with the
+            // catalog's version once the catalog answers, and drop only
+            // those that are behind. Wallets keep serving meanwhile — a
+            // Postgres outage must not take credits down.
+            Invalidation::All => {
+                let mut accounts: Vec<String> = self.known.lock().iter().cloned().collect();
+                let mut wait = FIRST_BACKOFF;
+                while !accounts.is_empty() {
+                    let mut left = Vec::new();
+                    for account in accounts {
+                        let checked = match self.catalog.credit_snapshot(&account).await {
+                            Ok(s) => store
+                                .wallet_invalidate(&account, Some(s.version))
+                                .await
+                                .is_ok(),
+                            Err(_) => false,
+                        };
+                        if !checked {
+                            left.push(account);
+                        }
+                    }
+                    accounts = left;
+                    if !accounts.is_empty() {
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -493,6 +534,12 @@ async fn follow<S: CounterStore>(
             Err(RecvError::Closed) => return,
         };
         let Some(o) = outbox.upgrade() else { return };
-        o.invalidate(inv).await;
+        if inv == Invalidation::All {
+            // May wait for the catalog to come back: not in the way of
+            // the notifications that follow.
+            tokio::spawn(async move { o.invalidate(inv).await });
+        } else {
+            o.invalidate(inv).await;
+        }
     }
 }

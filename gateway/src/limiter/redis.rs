@@ -425,6 +425,17 @@ redis.call('XADD', KEYS[2], '*', 'e', 'r\t' .. ARGV[1] .. '\tadm:' .. id)
 return 1
 "#;
 
+/// Acknowledge outbox entries. KEYS[1] outbox. ARGV: entry ids. An empty
+/// outbox is deleted (the one key without a TTL lives only while it holds
+/// entries).
+const OUTBOX_ACK_LUA: &str = r#"
+redis.call('XDEL', KEYS[1], unpack(ARGV))
+if redis.call('XLEN', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"#;
+
 /// A wallet's balance. KEYS[1] wallet. ARGV: now. Returns -1 when not
 /// loaded.
 const WALLET_BALANCE_LUA: &str = r#"
@@ -503,6 +514,7 @@ pub struct RedisStore {
     wallet_invalidate: Script,
     wallet_balance: Script,
     wallet_reap: Script,
+    outbox_ack: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -618,6 +630,7 @@ impl RedisStore {
             wallet_invalidate: Script::new(WALLET_INVALIDATE_LUA),
             wallet_balance: Script::new(&format!("{WALLET_LUA}{WALLET_BALANCE_LUA}")),
             wallet_reap: Script::new(&format!("{WALLET_LUA}{WALLET_REAP_LUA}")),
+            outbox_ack: Script::new(OUTBOX_ACK_LUA),
         }
     }
 
@@ -685,6 +698,7 @@ impl RedisStore {
             WALLET_INVALIDATE_LUA,
             &format!("{WALLET_LUA}{WALLET_BALANCE_LUA}"),
             &format!("{WALLET_LUA}{WALLET_REAP_LUA}"),
+            OUTBOX_ACK_LUA,
         ] {
             let mut load = redis::cmd("SCRIPT");
             load.arg("LOAD").arg(script);
@@ -1232,9 +1246,12 @@ impl CounterStore for RedisStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut cmd = redis::cmd("XDEL");
-        cmd.arg(self.keys.outbox(account)).arg(ids);
-        self.query(&cmd).await.map(|_| ())
+        let mut inv = self.outbox_ack.prepare_invoke();
+        inv.key(self.keys.outbox(account));
+        for id in ids {
+            inv.arg(id);
+        }
+        self.run(&inv).await.map(|_| ())
     }
 
     async fn heartbeat(&self, instance: &str, ttl_ms: u64) -> Result<(), StoreError> {
