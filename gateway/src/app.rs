@@ -139,6 +139,7 @@ impl App {
             cache: Arc::new(cache),
             limiter,
             on_store_error: config.storage.on_store_error,
+            record_usage: config.usage.record,
             metrics: Arc::new(Metrics::new()),
             ids: RequestIds::default(),
             outbox,

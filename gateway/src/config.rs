@@ -135,6 +135,9 @@ pub struct PlansConfig {
 pub struct UsageConfig {
     /// Events that ended longer ago than this are deleted (hourly).
     pub retain: Duration,
+    /// Record one event per admitted request (default true). Off saves the
+    /// outbox entry and the catalog row per request (docs/PERFORMANCE.md).
+    pub record: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

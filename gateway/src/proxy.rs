@@ -222,6 +222,8 @@ pub struct Core {
     pub cache: Arc<CatalogCache>,
     pub limiter: Arc<Limiter<AnyStore>>,
     pub on_store_error: OnStoreError,
+    /// `[usage] record`: one usage event per admitted request.
+    pub record_usage: bool,
     pub metrics: Arc<Metrics>,
     pub ids: RequestIds,
     /// Loads credit wallets and writes what they decide to the catalog.
@@ -1055,12 +1057,15 @@ impl Settle {
             if charge > 0 {
                 self.core.metrics.credits_charged(charge);
             }
-            let usage = self.usage_record(permit.ticket(), &units);
+            let usage = self
+                .core
+                .record_usage
+                .then(|| self.usage_record(permit.ticket(), &units));
             let ending = Ending {
                 units: settled_units,
                 charge,
                 refund: self.upstream_failed,
-                usage: Some(usage),
+                usage,
             };
             if let Err(e) = permit.end_as(ending).await {
                 self.core.metrics.store_error();

@@ -312,6 +312,12 @@ async fn credits_charged_at_admission_and_per_unit_and_insufficient_quota() {
         assert_eq!(r.json()["error"]["type"], "insufficient_quota");
         assert_eq!(r.header("x-should-retry"), Some("false"));
         assert_eq!(gw.mock.requests(), 0);
+        // A refusal takes nothing, and its headers say so: the state after
+        // it, twice in a row (100 requests a minute on paid-model).
+        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("100"));
+        let again = gw.chat(&key, "paid-model").await;
+        assert_eq!(again.code(), "insufficient_quota");
+        assert_eq!(again.header("x-ratelimit-remaining-requests"), Some("100"));
 
         gw.catalog()
             .create_quota_block(&account, 10, None, json!({}))
@@ -333,6 +339,21 @@ async fn credits_charged_at_admission_and_per_unit_and_insufficient_quota() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(balance, expected);
+        // The next request's header includes the previous request's
+        // per-unit charge (no lag) and its own admission charge.
+        let r = gw.chat(&key, "paid-model").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("x-credits-remaining"),
+            Some((expected - 1).to_string().as_str())
+        );
+        wait_settled(&gw).await;
+        for _ in 0..300 {
+            if gw.core.outbox.pending_accounts() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
 
         // Upstream failure refunds the admission charge.
         let before = gw.catalog().balance(&account).await.unwrap();

@@ -603,7 +603,10 @@ impl Builder<'_> {
 
     fn usage(&mut self, raw: Option<&RawUsage>) -> UsageConfig {
         let default = Duration::from_secs(defaults::USAGE_RETAIN_DAYS * 86_400);
-        let mut out = UsageConfig { retain: default };
+        let mut out = UsageConfig {
+            retain: default,
+            record: raw.and_then(|r| r.record).unwrap_or(true),
+        };
         let Some(s) = raw.and_then(|r| r.retain.as_ref()) else {
             return out;
         };

@@ -92,6 +92,8 @@ pub struct RawPlans {
 pub struct RawUsage {
     /// How long usage events are kept (a duration, e.g. `"400d"`).
     pub retain: Option<Str>,
+    /// Whether usage events are recorded.
+    pub record: Option<bool>,
 }
 
 /// `[[upstreams]]`

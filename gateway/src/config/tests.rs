@@ -136,6 +136,15 @@ fn minimal_file_gets_defaults() {
 }
 
 #[test]
+fn usage_recording_is_on_unless_turned_off() {
+    let record = |extra: &str| load(&format!("{MINIMAL}{extra}")).map(|c| c.usage.record);
+    assert_eq!(record(""), Ok(true));
+    assert_eq!(record("[usage]\nrecord = true\n"), Ok(true));
+    assert_eq!(record("[usage]\nrecord = false\n"), Ok(false));
+    assert!(record("[usage]\nrecord = \"no\"\n").is_err());
+}
+
+#[test]
 fn usage_retention() {
     let retain =
         |v: &str| load(&format!("{MINIMAL}[usage]\nretain = \"{v}\"\n")).map(|c| c.usage.retain);
@@ -155,7 +164,7 @@ fn usage_retention() {
             "{MINIMAL}[usage]\nretain = \"59m\"\n[usage.extra]\n"
         )),
         vec![format!(
-            "{f}:5:8: usage.extra: unknown field `extra`, expected `retain`"
+            "{f}:5:8: usage.extra: unknown field `extra`, expected `retain` or `record`"
         )]
     );
     for (v, want) in [
