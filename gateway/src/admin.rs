@@ -120,6 +120,22 @@ impl Admin {
             && self.metrics_token.as_deref().is_some_and(matches)
     }
 
+    /// After a credit change made here: drop this gateway's copy of the
+    /// account's wallet at once, so the change holds from the next request
+    /// (other gateways follow the catalog's notification).
+    async fn reload_wallet(&self, account: &str) {
+        use crate::limiter::CounterStore;
+        if let Err(e) = self
+            .core
+            .limiter
+            .store()
+            .wallet_invalidate(account, None)
+            .await
+        {
+            tracing::warn!(error = %e, "dropping a credit wallet after an admin change failed; the catalog's notification will");
+        }
+    }
+
     fn presented(req: &Request<Incoming>) -> Option<&str> {
         req.headers()
             .get(header::AUTHORIZATION)
@@ -305,6 +321,7 @@ impl Admin {
                     )
                     .await
                     .map_err(catalog_error)?;
+                self.reload_wallet(id).await;
                 Ok(json(
                     StatusCode::CREATED,
                     &serde_json::to_value(block).unwrap_or_default(),
@@ -322,6 +339,7 @@ impl Admin {
                     .expire_quota_blocks(id)
                     .await
                     .map_err(catalog_error)?;
+                self.reload_wallet(id).await;
                 Ok(json(StatusCode::OK, &serde_json::json!({"expired": n})))
             }
             (&Method::DELETE, ["admin", "quota-blocks", block_id]) => {
