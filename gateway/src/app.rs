@@ -14,6 +14,7 @@ use crate::admin::Admin;
 use crate::catalog::cache::{CacheConfig, CatalogCache};
 use crate::catalog::memory::MemoryCatalog;
 use crate::catalog::postgres::{PgOptions, PostgresCatalog};
+use crate::catalog::timed::Timed;
 use crate::catalog::{Catalog, CatalogError, Invalidation};
 use crate::cli::CliError;
 use crate::clock::{SharedClock, SystemClock};
@@ -57,10 +58,15 @@ impl App {
     pub async fn build(config: Config, clock: SharedClock) -> Result<App, CliError> {
         let plans = load_plans_file_for(&config.plans.file, &config.known_units()).map_err(bad)?;
         let require = config.storage.require_at_start;
+        let timeout = config.storage.catalog_timeout;
         let (catalog, connected): (Arc<dyn Catalog>, bool) = match &config.storage.postgres_url {
             Some(url) => {
-                let (catalog, connected) = connect_postgres(url, clock.clone(), require).await?;
-                (Arc::new(catalog), connected)
+                let (catalog, connected) =
+                    connect_postgres(url, clock.clone(), require, timeout).await?;
+                // Every call the gateway makes — the cache's loads, wallet
+                // loads and credit writes, the admin API, health — is
+                // bounded by `catalog_timeout` from here on.
+                (Arc::new(Timed::new(catalog, timeout)), connected)
             }
             None => (Arc::new(MemoryCatalog::new(clock.clone())), true),
         };
@@ -380,15 +386,21 @@ async fn check_counter_store(core: Arc<Core>) {
 /// Connect to Postgres; when it is down, connect lazily (the pool and the
 /// LISTEN connection retry by themselves) so the gateway still starts,
 /// unless `require` (then the error names the URL, password masked, and
-/// why). Also returns whether the database answered.
+/// why). Also returns whether the database answered. Every connection
+/// attempt, the first included, is bounded by `timeout`.
 async fn connect_postgres(
     url: &str,
     clock: SharedClock,
     require: bool,
+    timeout: Duration,
 ) -> Result<(PostgresCatalog, bool), CliError> {
     let config_error =
         |e: CatalogError| bad(format!("[storage] postgres_url {}: {e}", mask_url(url)));
-    match PostgresCatalog::connect(url, clock.clone()).await {
+    let opts = PgOptions {
+        timeout,
+        ..PgOptions::default()
+    };
+    match PostgresCatalog::connect_with(url, clock.clone(), opts.clone()).await {
         Ok(c) => Ok((c, true)),
         Err(CatalogError::Unavailable(e)) if require => Err(fail(format!(
             "[storage] postgres_url {}: {e} (the stores are required at start)",
@@ -398,10 +410,7 @@ async fn connect_postgres(
             // The store watch logs it at ERROR with the URL once the
             // gateway is assembled, and again while it lasts.
             tracing::debug!(error = %e, "Postgres unavailable at start; retrying in the background");
-            let opts = PgOptions {
-                lazy: true,
-                ..PgOptions::default()
-            };
+            let opts = PgOptions { lazy: true, ..opts };
             let catalog = PostgresCatalog::connect_with(url, clock, opts)
                 .await
                 .map_err(config_error)?;

@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod memory;
 pub mod postgres;
+pub mod timed;
 
 use std::sync::Arc;
 use std::time::SystemTime;
