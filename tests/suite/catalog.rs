@@ -1455,6 +1455,110 @@ async fn postgres_down_serves_cached_entries() {
     assert_eq!(c.balance("acct").await.unwrap(), 0);
 }
 
+/// A [`plangate_tests::procs::TcpCut`] in front of the Postgres at `url`,
+/// and `url` through it.
+async fn cuttable_path(url: &str) -> (plangate_tests::procs::TcpCut, String) {
+    let (user, rest) = url.split_once('@').unwrap();
+    let (host_port, db) = rest.split_once('/').unwrap();
+    let target = tokio::net::lookup_host(host_port)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let path = plangate_tests::procs::TcpCut::start(target).await;
+    let via = format!("{user}@{}/{db}", path.addr);
+    (path, via)
+}
+
+/// A catalog that does not answer (behind `Timed`): a cached entry due for
+/// a reload costs the first lookup the timeout (the catalog was not known
+/// to fail), then is served at once while it is reloaded in the
+/// background; an entry an invalidation named is reloaded before use
+/// (and served stale when that fails); an uncached key fails within the
+/// timeout. Once the catalog answers again, reloads happen before use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_does_not_wait_for_a_hung_catalog_twice() {
+    let Some(f) = postgres().await else { return };
+    let url = f.url.clone().unwrap();
+    f.catalog
+        .apply_plans(&set(None, &[plan("free", 1)]), false)
+        .await
+        .unwrap();
+    f.catalog
+        .create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let key = f.catalog.create_key("acct").await.unwrap();
+    let hash = hash_key(&key.key);
+    let timeout = Duration::from_millis(300);
+    let (path, via) = cuttable_path(&url).await;
+    let clock = ManualClock::new(T0);
+    let shared: SharedClock = Arc::new(clock.clone());
+    let opts = PgOptions {
+        timeout,
+        ..PgOptions::default()
+    };
+    let c: Arc<dyn Catalog> = Arc::new(Timed::new(
+        PostgresCatalog::connect_with(&via, shared.clone(), opts)
+            .await
+            .unwrap(),
+        timeout,
+    ));
+    let cache = CatalogCache::new(c, shared, CacheConfig::default())
+        .await
+        .unwrap();
+    assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+
+    path.blackhole();
+    clock.advance(Duration::from_secs(3_700)); // past every TTL, trusted or not
+                                               // Not yet known to fail: the reload waits out the timeout, then the
+                                               // entry is served stale.
+    let start = std::time::Instant::now();
+    assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+    let first = start.elapsed();
+    assert!(first >= timeout, "{first:?}");
+    // Known to fail: served at once, every time, reloaded in the background.
+    clock.advance(Duration::from_secs(2)); // past retry_after_error
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+        let took = start.elapsed();
+        assert!(took < Duration::from_millis(100), "{took:?}");
+        clock.advance(Duration::from_secs(2));
+    }
+    // Named by an invalidation: reloaded before use even now (once the
+    // background reloads above have given up).
+    tokio::time::sleep(timeout + Duration::from_millis(200)).await;
+    clock.advance(Duration::from_secs(2));
+    cache.invalidate(&Invalidation::Key(hash.clone()));
+    let start = std::time::Instant::now();
+    assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+    assert!(start.elapsed() >= timeout, "{:?}", start.elapsed());
+    // Not cached at all: Unavailable within the timeout.
+    let start = std::time::Instant::now();
+    assert!(matches!(
+        cache.resolve_key(&hash_key("pg_unknown")).await,
+        Err(CatalogError::Unavailable(_))
+    ));
+    let took = start.elapsed();
+    assert!(took >= timeout && took < timeout * 3, "{took:?}");
+
+    // Answering again: a background reload succeeds, and from then on a
+    // revoked key is seen at its next use.
+    path.restore();
+    f.catalog.revoke_key(&key.id).await.unwrap();
+    let mut revoked = false;
+    for _ in 0..100 {
+        clock.advance(Duration::from_secs(2));
+        if cache.resolve_key(&hash).await.unwrap().is_none() {
+            revoked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(revoked, "the revocation is seen once the catalog answers");
+}
+
 /// A Postgres that accepts connections and never answers. Connecting
 /// fails within `PgOptions::timeout` (the start-up exchange included, not
 /// only the TCP connect). Behind `Timed`, every call on a catalog whose
@@ -1488,20 +1592,7 @@ async fn blackholed_postgres_fails_within_the_timeout() {
     assert!(took < timeout + slack, "connecting took {took:?}");
 
     // A working server whose path then stops answering.
-    let host_port = url
-        .split_once('@')
-        .and_then(|(_, r)| r.split_once('/'))
-        .map(|(hp, _)| hp.to_owned())
-        .unwrap();
-    let target = tokio::net::lookup_host(host_port)
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let path = plangate_tests::procs::TcpCut::start(target).await;
-    let (user, db) = url.split_once('@').unwrap();
-    let db = db.split_once('/').unwrap().1;
-    let via = format!("{user}@{}/{db}", path.addr);
+    let (path, via) = cuttable_path(&url).await;
     let c = Timed::new(
         PostgresCatalog::connect_with(&via, clock, opts)
             .await
