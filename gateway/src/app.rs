@@ -375,7 +375,10 @@ async fn check_counter_store(core: Arc<Core>) {
             }
             // The store watch says that the store is down (at ERROR, with
             // its URL); the script check waits until it answers.
-            Ok(Err(StoreError::Unavailable(_) | StoreError::Timeout(_))) | Err(_) => {
+            Ok(Err(
+                StoreError::Unavailable(_) | StoreError::Timeout(_) | StoreError::Catalog(_),
+            ))
+            | Err(_) => {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }

@@ -17,7 +17,7 @@
 //! A crash between the catalog's commit and the acknowledgement writes the
 //! batch again, which the ledger keys make harmless.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -75,6 +75,9 @@ pub struct Outbox<S> {
     clock: SharedClock,
     /// Accounts whose outbox may hold entries.
     dirty: Mutex<HashSet<String>>,
+    /// Accounts taken from `dirty` by flushes still running (with how
+    /// many): their entries are not written yet either.
+    flushing: Mutex<HashMap<String, usize>>,
     /// Accounts whose wallets this process loaded or used: dropped when
     /// the catalog's notifications may have been missed.
     known: Mutex<HashSet<String>>,
@@ -100,6 +103,7 @@ impl<S: CounterStore> Outbox<S> {
             catalog,
             clock: limiter.clock().clone(),
             dirty: Mutex::new(HashSet::new()),
+            flushing: Mutex::new(HashMap::new()),
             known: Mutex::new(HashSet::new()),
             wake: tokio::sync::Notify::new(),
             stats: OutboxStats::default(),
@@ -122,9 +126,13 @@ impl<S: CounterStore> Outbox<S> {
             .ok_or_else(|| StoreError::Unavailable("the limiter is gone".into()))
     }
 
-    /// Accounts whose outbox may hold entries not yet written.
+    /// Accounts whose outbox may hold entries not yet written, those
+    /// being written included.
     pub fn pending_accounts(&self) -> usize {
-        self.dirty.lock().len()
+        // Lock order: `flushing`, then `dirty` (as in `flush_dirty`).
+        let flushing = self.flushing.lock();
+        let dirty = self.dirty.lock();
+        dirty.len() + flushing.keys().filter(|a| !dirty.contains(*a)).count()
     }
 
     /// Write the account's whole outbox to the catalog. Returns how many
@@ -142,7 +150,12 @@ impl<S: CounterStore> Outbox<S> {
             self.catalog
                 .record_credit_ops(account, &ops)
                 .await
-                .map_err(|e| StoreError::Unavailable(format!("writing credits: {e}")))?;
+                .map_err(|e| match e {
+                    CatalogError::Unavailable(e) => {
+                        StoreError::Catalog(format!("writing credits: {e}"))
+                    }
+                    e => StoreError::Protocol(format!("writing credits: {e}")),
+                })?;
             let ids: Vec<String> = items.into_iter().map(|i| i.id).collect();
             store.outbox_ack(account, &ids).await?;
             written += ids.len() as u64;
@@ -159,7 +172,14 @@ impl<S: CounterStore> Outbox<S> {
     /// Returns how many failed.
     pub async fn flush_dirty(&self) -> usize {
         use futures_util::StreamExt;
-        let accounts: Vec<String> = self.dirty.lock().drain().collect();
+        let accounts: Vec<String> = {
+            let mut flushing = self.flushing.lock();
+            let accounts: Vec<String> = self.dirty.lock().drain().collect();
+            for account in &accounts {
+                *flushing.entry(account.clone()).or_default() += 1;
+            }
+            accounts
+        };
         let failed = AtomicU64::new(0);
         futures_util::stream::iter(accounts)
             .for_each_concurrent(FLUSH_CONCURRENCY, |account| {
@@ -170,7 +190,14 @@ impl<S: CounterStore> Outbox<S> {
                             tracing::warn!(error = %e, account = %account, "writing credits to the catalog failed; retrying");
                         }
                         self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                        self.dirty.lock().insert(account);
+                        self.dirty.lock().insert(account.clone());
+                    }
+                    let mut flushing = self.flushing.lock();
+                    if let Some(n) = flushing.get_mut(&account) {
+                        *n -= 1;
+                        if *n == 0 {
+                            flushing.remove(&account);
+                        }
                     }
                 }
             })
@@ -271,6 +298,9 @@ impl<S: CounterStore> Outbox<S> {
             // Notifications may have been missed: drop every wallet this
             // process knows of (others reload on their own `All`).
             Invalidation::All => (self.known.lock().iter().cloned().collect(), None),
+            // Deaf from now on, and the catalog likely unreachable: keep
+            // serving from the wallets; the reconnect's `All` drops them.
+            Invalidation::Deaf => return,
             _ => return,
         };
         for account in accounts {
@@ -292,7 +322,9 @@ impl<S: CounterStore> WalletSource for Outbox<S> {
             .credit_snapshot(account)
             .await
             .map_err(|e| match e {
-                CatalogError::Unavailable(e) => StoreError::Unavailable(format!("catalog: {e}")),
+                CatalogError::Unavailable(e) => {
+                    StoreError::Catalog(format!("loading the credit wallet: {e}"))
+                }
                 e => StoreError::Protocol(format!("catalog: {e}")),
             })?;
         self.known.lock().insert(account.to_owned());

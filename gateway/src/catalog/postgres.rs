@@ -378,7 +378,8 @@ async fn apply_migrations(client: &mut tokio_postgres::Client) -> CatalogResult<
 fn encode(inv: &Invalidation) -> String {
     match inv {
         Invalidation::Plans => "plans".into(),
-        Invalidation::All => "all".into(),
+        // `Deaf` is local (never sent); should it be, it forgets all.
+        Invalidation::All | Invalidation::Deaf => "all".into(),
         Invalidation::Account(id) => format!("account:{id}"),
         Invalidation::Key(hash) => format!("key:{hash}"),
         Invalidation::Credits { account, version } => format!("credits:{version}:{account}"),
@@ -1105,7 +1106,7 @@ async fn listen_loop(
                             _ = heartbeat.run(&client) => driver.abort(),
                         }
                         // Caches must not trust what they hold while deaf.
-                        let _ = events.send(Invalidation::All);
+                        let _ = events.send(Invalidation::Deaf);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "LISTEN failed");
