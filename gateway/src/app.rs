@@ -70,6 +70,13 @@ impl App {
             }
             None => (Arc::new(MemoryCatalog::new(clock.clone())), true),
         };
+        if !connected {
+            // Postgres did not answer the connection (the store watch says
+            // so at ERROR): apply as soon as it does, rather than wait
+            // here for it to fail again.
+            tokio::spawn(apply_when_available(catalog.clone(), plans));
+            return Self::assemble(config, clock, catalog).await;
+        }
         match catalog.apply_plans(&plans, false).await {
             Ok(_) => {}
             Err(CatalogError::Unavailable(e)) => {
@@ -80,11 +87,10 @@ impl App {
                         "[storage] postgres_url {url}: {e} (the stores are required at start)"
                     )));
                 }
-                // Unreachable: the store watch says so at ERROR. Reachable
-                // but unusable (no schema): only this says why.
-                if connected {
-                    tracing::error!(url = %url, error = %e, "plans not applied: Postgres answers but cannot serve; serving 503 until it can");
-                }
+                // It answered the connection, so it is reachable but
+                // unusable (no schema) or stopped answering: only this says
+                // why.
+                tracing::error!(url = %url, error = %e, "plans not applied: Postgres answers but cannot serve; serving 503 until it can");
                 // Start anyway (not ready); apply as soon as Postgres answers.
                 tokio::spawn(apply_when_available(catalog.clone(), plans));
             }
