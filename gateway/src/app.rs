@@ -15,6 +15,7 @@ use crate::admin::Admin;
 use crate::catalog::cache::{CacheConfig, CatalogCache};
 use crate::catalog::memory::MemoryCatalog;
 use crate::catalog::postgres::{PgOptions, PostgresCatalog};
+use crate::catalog::timed::Timed;
 use crate::catalog::{Catalog, CatalogError, Invalidation};
 use crate::cli::CliError;
 use crate::clock::{Clock, SharedClock, SystemClock};
@@ -60,13 +61,25 @@ impl App {
     pub async fn build(config: Config, clock: SharedClock) -> Result<App, CliError> {
         let plans = load_plans_file_for(&config.plans.file, &config.known_units()).map_err(bad)?;
         let require = config.storage.require_at_start;
+        let timeout = config.storage.catalog_timeout;
         let (catalog, connected): (Arc<dyn Catalog>, bool) = match &config.storage.postgres_url {
             Some(url) => {
-                let (catalog, connected) = connect_postgres(url, clock.clone(), require).await?;
-                (Arc::new(catalog), connected)
+                let (catalog, connected) =
+                    connect_postgres(url, clock.clone(), require, timeout).await?;
+                // Every call the gateway makes — the cache's loads, wallet
+                // loads and credit writes, the admin API, health — is
+                // bounded by `catalog_timeout` from here on.
+                (Arc::new(Timed::new(catalog, timeout)), connected)
             }
             None => (Arc::new(MemoryCatalog::new(clock.clone())), true),
         };
+        if !connected {
+            // Postgres did not answer the connection (the store watch says
+            // so at ERROR): apply as soon as it does, rather than wait
+            // here for it to fail again.
+            tokio::spawn(apply_when_available(catalog.clone(), plans));
+            return Self::assemble(config, clock, catalog).await;
+        }
         match catalog.apply_plans(&plans, false).await {
             Ok(_) => {}
             Err(CatalogError::Unavailable(e)) => {
@@ -77,11 +90,10 @@ impl App {
                         "[storage] postgres_url {url}: {e} (the stores are required at start)"
                     )));
                 }
-                // Unreachable: the store watch says so at ERROR. Reachable
-                // but unusable (no schema): only this says why.
-                if connected {
-                    tracing::error!(url = %url, error = %e, "plans not applied: Postgres answers but cannot serve; serving 503 until it can");
-                }
+                // It answered the connection, so it is reachable but
+                // unusable (no schema) or stopped answering: only this says
+                // why.
+                tracing::error!(url = %url, error = %e, "plans not applied: Postgres answers but cannot serve; serving 503 until it can");
                 // Start anyway (not ready); apply as soon as Postgres answers.
                 tokio::spawn(apply_when_available(catalog.clone(), plans));
             }
@@ -410,7 +422,10 @@ async fn check_counter_store(core: Arc<Core>) {
             }
             // The store watch says that the store is down (at ERROR, with
             // its URL); the script check waits until it answers.
-            Ok(Err(StoreError::Unavailable(_) | StoreError::Timeout(_))) | Err(_) => {
+            Ok(Err(
+                StoreError::Unavailable(_) | StoreError::Timeout(_) | StoreError::Catalog(_),
+            ))
+            | Err(_) => {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
@@ -421,15 +436,21 @@ async fn check_counter_store(core: Arc<Core>) {
 /// Connect to Postgres; when it is down, connect lazily (the pool and the
 /// LISTEN connection retry by themselves) so the gateway still starts,
 /// unless `require` (then the error names the URL, password masked, and
-/// why). Also returns whether the database answered.
+/// why). Also returns whether the database answered. Every connection
+/// attempt, the first included, is bounded by `timeout`.
 async fn connect_postgres(
     url: &str,
     clock: SharedClock,
     require: bool,
+    timeout: Duration,
 ) -> Result<(PostgresCatalog, bool), CliError> {
     let config_error =
         |e: CatalogError| bad(format!("[storage] postgres_url {}: {e}", mask_url(url)));
-    match PostgresCatalog::connect(url, clock.clone()).await {
+    let opts = PgOptions {
+        timeout,
+        ..PgOptions::default()
+    };
+    match PostgresCatalog::connect_with(url, clock.clone(), opts.clone()).await {
         Ok(c) => Ok((c, true)),
         Err(CatalogError::Unavailable(e)) if require => Err(fail(format!(
             "[storage] postgres_url {}: {e} (the stores are required at start)",
@@ -439,10 +460,7 @@ async fn connect_postgres(
             // The store watch logs it at ERROR with the URL once the
             // gateway is assembled, and again while it lasts.
             tracing::debug!(error = %e, "Postgres unavailable at start; retrying in the background");
-            let opts = PgOptions {
-                lazy: true,
-                ..PgOptions::default()
-            };
+            let opts = PgOptions { lazy: true, ..opts };
             let catalog = PostgresCatalog::connect_with(url, clock, opts)
                 .await
                 .map_err(config_error)?;

@@ -15,6 +15,7 @@ pub mod postgres;
 pub mod usage;
 
 pub use usage::{BucketKey, GroupBy, UnitUsage, UsageBucket, UsageCursor, UsageEvent, UsageQuery};
+pub mod timed;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -257,6 +258,14 @@ pub enum Invalidation {
     Credits { account: String, version: u64 },
     /// Unknown scope (e.g. the notification channel reconnected): forget all.
     All,
+    /// The notification channel was lost: changes from now on may go
+    /// unheard until it reconnects, which sends [`Invalidation::All`].
+    /// Caches stop trusting what they hold (as for `All`); credit wallets
+    /// are kept — they are dropped by the reconnect's `All`, when they
+    /// can be loaded again — so that credits keep being served from the
+    /// counter store while Postgres is unreachable. Never sent between
+    /// instances.
+    Deaf,
 }
 
 /// Plans, accounts, keys and credits. Times come from the catalog's clock so

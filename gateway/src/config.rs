@@ -110,6 +110,10 @@ pub struct StorageConfig {
     pub redis_url: Option<String>,
     pub redis_cluster: Vec<String>,
     pub store_timeout: Duration,
+    /// Bound on every catalog (Postgres) call the gateway makes, and on
+    /// opening a connection to it: past it the call fails as
+    /// `CatalogError::Unavailable` (`catalog::timed`).
+    pub catalog_timeout: Duration,
     pub on_store_error: OnStoreError,
     /// `serve` exits (1) when a configured store does not answer at start
     /// instead of starting not ready (`serve --require-stores` sets it too).
@@ -230,6 +234,11 @@ pub mod defaults {
     pub const UNADMITTED_BODY_PER_ACCOUNT: u64 = 32 * 1024 * 1024;
     /// `[storage] store_timeout`, milliseconds.
     pub const STORE_TIMEOUT_MS: u64 = 50;
+    /// `[storage] catalog_timeout`, seconds: well above a healthy catalog
+    /// call (milliseconds; a plans apply or a batch of 1,024 credit
+    /// operations is one transaction), well below the 5 s after which
+    /// clients commonly give up.
+    pub const CATALOG_TIMEOUT_SECS: u64 = 2;
     /// `[auth] header`.
     pub const AUTH_HEADER: &str = "authorization";
     /// `[usage] retain`, days.
@@ -252,7 +261,7 @@ pub mod defaults {
 }
 
 /// The longest duration a setting may be (`request_timeout`,
-/// `header_read_timeout`, `store_timeout`): one day. Longer ones are
+/// `header_read_timeout`, `store_timeout`, `catalog_timeout`): one day. Longer ones are
 /// refused; timers that far out only overflow.
 pub const MAX_SETTING_SECS: u64 = 86_400;
 

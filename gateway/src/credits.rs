@@ -431,7 +431,9 @@ impl<S: CounterStore> WalletSource for Outbox<S> {
             .credit_snapshot(account)
             .await
             .map_err(|e| match e {
-                CatalogError::Unavailable(e) => StoreError::Unavailable(format!("catalog: {e}")),
+                CatalogError::Unavailable(e) => {
+                    StoreError::Catalog(format!("loading the credit wallet: {e}"))
+                }
                 e => StoreError::Protocol(format!("catalog: {e}")),
             })?;
         self.known.lock().insert(account.to_owned());

@@ -370,7 +370,7 @@ async fn probe_core(core: &Core, kind: StoreKind) -> Result<(), String> {
 /// (the log line already says which store).
 fn store_reason(e: &StoreError) -> String {
     match e {
-        StoreError::Unavailable(m) | StoreError::Protocol(m) => m.clone(),
+        StoreError::Unavailable(m) | StoreError::Protocol(m) | StoreError::Catalog(m) => m.clone(),
         StoreError::Timeout(d) => format!("no answer within {d:?}"),
     }
 }

@@ -50,6 +50,11 @@ pub enum StoreError {
     Unavailable(String),
     #[error("counter store answered unexpectedly: {0}")]
     Protocol(String),
+    /// A credit wallet needed the catalog (to be loaded, or to have its
+    /// outbox written first), which failed or did not answer within
+    /// `catalog_timeout`. Credits fail closed: 503 `catalog_unavailable`.
+    #[error("catalog unavailable: {0}")]
+    Catalog(String),
 }
 
 /// One window of an attempt, with the amount this request deducts from it.

@@ -465,9 +465,14 @@ impl Gateway {
                 tracing::warn!(error = %e, endpoint, "counter store failed");
                 if policy.credits.is_some() {
                     // Balances live in the counter store: credits fail
-                    // closed whatever `on_store_error` says.
+                    // closed whatever `on_store_error` says; when it was
+                    // the catalog that failed (loading the wallet), the
+                    // answer says so.
                     outcome.decide("store_error");
-                    return Err(ApiError::LimiterUnavailable);
+                    return Err(match e {
+                        StoreError::Catalog(_) => ApiError::CatalogUnavailable,
+                        _ => ApiError::LimiterUnavailable,
+                    });
                 }
                 match core.on_store_error {
                     OnStoreError::Open => (None, None, true),

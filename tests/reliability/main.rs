@@ -14,6 +14,7 @@
 //! processes), and their timing assertions must measure the gateway, not
 //! neighbouring tests.
 
+mod catalog_blackhole;
 mod crash;
 mod exactness;
 mod faults;

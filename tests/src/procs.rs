@@ -1,8 +1,9 @@
 //! Real processes and breakable network paths for the reliability tests:
 //! a private `redis-server` that can be killed, paused and restarted; a TCP
-//! proxy that can be cut and restored (for Postgres); a blackhole listener
-//! that accepts and never answers; and `plangate serve` processes built
-//! from `target/debug/plangate` (which `tests/run.sh` builds first).
+//! proxy that can be cut, black-holed and restored (for Postgres); a
+//! blackhole listener that accepts and never answers; and `plangate serve`
+//! processes built from `target/debug/plangate` (which `tests/run.sh`
+//! builds first).
 //!
 //! Nothing here touches the machine's shared Redis (6379) or Postgres
 //! (5432) beyond ordinary client connections: outages are made on private
@@ -127,12 +128,27 @@ fn redis_ping(port: u16) -> bool {
     matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
 }
 
+/// What a [`TcpCut`] does with its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PathMode {
+    /// Bytes flow both ways.
+    Forward,
+    /// Every connection closed, new ones accepted and closed at once.
+    Cut,
+    /// Nothing flows, nothing is closed: open connections are frozen and
+    /// new ones are accepted and held unanswered (a hung server, a
+    /// black-holed network). [`TcpCut::restore`] thaws them.
+    Blackhole,
+}
+
 /// A TCP proxy to `target` that can be cut (every open connection closed,
-/// new ones accepted and closed at once, so clients fail fast) and
-/// restored. Used between a gateway and the shared Postgres.
+/// new ones accepted and closed at once, so clients fail fast), turned
+/// into a blackhole (connections accepted and kept, nothing answered, as a
+/// stopped server would), and restored. Used between a gateway and the
+/// shared Postgres.
 pub struct TcpCut {
     pub addr: SocketAddr,
-    cut: watch::Sender<bool>,
+    mode: watch::Sender<PathMode>,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -142,7 +158,7 @@ impl TcpCut {
     pub async fn start(target: SocketAddr) -> TcpCut {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
-        let (cut, cut_rx) = watch::channel(false);
+        let (mode, mode_rx) = watch::channel(PathMode::Forward);
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let task_conns = conns.clone();
         let task = tokio::spawn(async move {
@@ -150,16 +166,26 @@ impl TcpCut {
                 let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
-                if *cut_rx.borrow() {
+                if *mode_rx.borrow() == PathMode::Cut {
                     drop(client);
                     continue;
                 }
+                let mut mode = mode_rx.clone();
                 let handle = tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(target).await else {
+                    // Accepted while black-holed: held, unanswered, until
+                    // the path is restored (or cut).
+                    if !flowing(&mut mode).await {
+                        return;
+                    }
+                    let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };
-                    let mut client = client;
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    let (client_rd, client_wr) = client.into_split();
+                    let (server_rd, server_wr) = server.into_split();
+                    tokio::select! {
+                        _ = pump(client_rd, server_wr, mode.clone()) => {}
+                        _ = pump(server_rd, client_wr, mode) => {}
+                    }
                 });
                 let mut list = task_conns.lock();
                 list.retain(|h| !h.is_finished());
@@ -168,7 +194,7 @@ impl TcpCut {
         });
         TcpCut {
             addr,
-            cut,
+            mode,
             conns,
             task,
         }
@@ -176,15 +202,60 @@ impl TcpCut {
 
     /// Close every proxied connection and refuse new ones.
     pub fn cut(&self) {
-        let _ = self.cut.send(true);
+        let _ = self.mode.send(PathMode::Cut);
         for h in self.conns.lock().drain(..) {
             h.abort();
         }
     }
 
-    /// Forward new connections again.
+    /// Stop forwarding without closing anything: open connections freeze
+    /// (what was sent waits, unread, in the socket buffers), new ones are
+    /// accepted and never answered.
+    pub fn blackhole(&self) {
+        let _ = self.mode.send(PathMode::Blackhole);
+    }
+
+    /// Forward again: new connections, and those frozen by
+    /// [`TcpCut::blackhole`], which carry on where they stopped.
     pub fn restore(&self) {
-        let _ = self.cut.send(false);
+        let _ = self.mode.send(PathMode::Forward);
+    }
+}
+
+/// Wait while the path is black-holed; false once it is cut.
+async fn flowing(mode: &mut watch::Receiver<PathMode>) -> bool {
+    match mode.wait_for(|m| *m != PathMode::Blackhole).await {
+        Ok(m) => *m == PathMode::Forward,
+        Err(_) => false,
+    }
+}
+
+/// Copy `from` to `to` while the path is open; paused (nothing read)
+/// while it is black-holed. Returns at end of stream, on an error, or
+/// when the path is cut.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut mode: watch::Receiver<PathMode>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if !flowing(&mut mode).await {
+            return;
+        }
+        tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            // Black-holed (or cut) while waiting for bytes: stop reading.
+            _ = mode.changed() => {}
+        }
     }
 }
 

@@ -86,6 +86,8 @@ pub struct Setup {
     pub postgres_url: Option<String>,
     pub redis_url: Option<String>,
     pub store_timeout: String,
+    /// `[storage] catalog_timeout`; `None` leaves it out (the default).
+    pub catalog_timeout: Option<String>,
     pub on_store_error: String,
     /// URL of the working upstream (usually the mock).
     pub upstream: String,
@@ -107,6 +109,7 @@ impl Setup {
             postgres_url: None,
             redis_url: None,
             store_timeout: "100ms".into(),
+            catalog_timeout: None,
             on_store_error: "closed".into(),
             upstream: upstream.to_owned(),
             dead_upstream: format!("http://127.0.0.1:{}", crate::procs::free_port()),
@@ -126,6 +129,9 @@ impl Setup {
         }
         if let Some(r) = &self.redis_url {
             storage.push_str(&format!("redis_url = \"{r}\"\n"));
+        }
+        if let Some(t) = &self.catalog_timeout {
+            storage.push_str(&format!("catalog_timeout = \"{t}\"\n"));
         }
         format!(
             r#"

@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use plangate::catalog::cache::{CacheConfig, CatalogCache};
 use plangate::catalog::memory::MemoryCatalog;
-use plangate::catalog::postgres::{migrate, PostgresCatalog, MIGRATIONS};
+use plangate::catalog::postgres::{migrate, PgOptions, PostgresCatalog, MIGRATIONS};
+use plangate::catalog::timed::Timed;
 use plangate::catalog::{hash_key, Catalog, CatalogError, Deduction, Invalidation, QuotaBlock};
 use plangate::clock::{Clock, ManualClock, SharedClock, SystemClock};
 use plangate::plans::{CreditCost, PerUnit, Plan, PlanSet, Policy, Unit, Window};
@@ -1516,6 +1517,209 @@ async fn postgres_down_serves_cached_entries() {
     // Back: the pool reconnects by itself.
     clock.advance(Duration::from_secs(2));
     assert_eq!(c.balance("acct").await.unwrap(), 0);
+}
+
+/// A [`plangate_tests::procs::TcpCut`] in front of the Postgres at `url`,
+/// and `url` through it.
+async fn cuttable_path(url: &str) -> (plangate_tests::procs::TcpCut, String) {
+    let (user, rest) = url.split_once('@').unwrap();
+    let (host_port, db) = rest.split_once('/').unwrap();
+    let target = tokio::net::lookup_host(host_port)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let path = plangate_tests::procs::TcpCut::start(target).await;
+    let via = format!("{user}@{}/{db}", path.addr);
+    (path, via)
+}
+
+/// A catalog that does not answer (behind `Timed`): a cached entry due for
+/// a reload costs the first lookup the timeout (the catalog was not known
+/// to fail), then is served at once while it is reloaded in the
+/// background; an entry an invalidation named is reloaded before use
+/// (and served stale when that fails); an uncached key fails within the
+/// timeout. Once the catalog answers again, reloads happen before use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_does_not_wait_for_a_hung_catalog_twice() {
+    let Some(f) = postgres().await else { return };
+    let url = f.url.clone().unwrap();
+    f.catalog
+        .apply_plans(&set(None, &[plan("free", 1)]), false)
+        .await
+        .unwrap();
+    f.catalog
+        .create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let key = f.catalog.create_key("acct").await.unwrap();
+    let hash = hash_key(&key.key);
+    let timeout = Duration::from_millis(300);
+    let (path, via) = cuttable_path(&url).await;
+    let clock = ManualClock::new(T0);
+    let shared: SharedClock = Arc::new(clock.clone());
+    let opts = PgOptions {
+        timeout,
+        ..PgOptions::default()
+    };
+    let c: Arc<dyn Catalog> = Arc::new(Timed::new(
+        PostgresCatalog::connect_with(&via, shared.clone(), opts)
+            .await
+            .unwrap(),
+        timeout,
+    ));
+    let cache = CatalogCache::new(c, shared, CacheConfig::default())
+        .await
+        .unwrap();
+    assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+
+    path.blackhole();
+    clock.advance(Duration::from_secs(3_700)); // past every TTL, trusted or not
+                                               // Not yet known to fail: the reload waits out the timeout, then the
+                                               // entry is served stale.
+    let start = std::time::Instant::now();
+    assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+    let first = start.elapsed();
+    assert!(first >= timeout, "{first:?}");
+    // Known to fail: served at once, every time, reloaded in the background.
+    clock.advance(Duration::from_secs(2)); // past retry_after_error
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+        let took = start.elapsed();
+        assert!(took < Duration::from_millis(100), "{took:?}");
+        clock.advance(Duration::from_secs(2));
+    }
+    // Named by an invalidation: reloaded before use even now (once the
+    // background reloads above have given up).
+    tokio::time::sleep(timeout + Duration::from_millis(200)).await;
+    clock.advance(Duration::from_secs(2));
+    cache.invalidate(&Invalidation::Key(hash.clone()));
+    let start = std::time::Instant::now();
+    assert!(cache.resolve_key(&hash).await.unwrap().is_some());
+    assert!(start.elapsed() >= timeout, "{:?}", start.elapsed());
+    // Not cached at all: Unavailable within the timeout.
+    let start = std::time::Instant::now();
+    assert!(matches!(
+        cache.resolve_key(&hash_key("pg_unknown")).await,
+        Err(CatalogError::Unavailable(_))
+    ));
+    let took = start.elapsed();
+    assert!(took >= timeout && took < timeout * 3, "{took:?}");
+
+    // Answering again: a background reload succeeds, and from then on a
+    // revoked key is seen at its next use.
+    path.restore();
+    f.catalog.revoke_key(&key.id).await.unwrap();
+    let mut revoked = false;
+    for _ in 0..100 {
+        clock.advance(Duration::from_secs(2));
+        if cache.resolve_key(&hash).await.unwrap().is_none() {
+            revoked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(revoked, "the revocation is seen once the catalog answers");
+}
+
+/// A Postgres that accepts connections and never answers. Connecting
+/// fails within `PgOptions::timeout` (the start-up exchange included, not
+/// only the TCP connect). Behind `Timed`, every call on a catalog whose
+/// connections stop answering mid-use fails within the timeout as
+/// Unavailable, the pool keeps no more connections than before, and once
+/// the server answers again the same catalog works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_postgres_fails_within_the_timeout() {
+    let Some(f) = postgres().await else { return };
+    let url = f.url.clone().unwrap();
+    let timeout = Duration::from_millis(300);
+    let slack = Duration::from_millis(500);
+    let opts = PgOptions {
+        timeout,
+        ..PgOptions::default()
+    };
+    let clock: SharedClock = Arc::new(ManualClock::new(T0));
+
+    // A listener that never answers: the connect attempt is bounded.
+    let hole = plangate_tests::procs::Blackhole::start().await;
+    let start = std::time::Instant::now();
+    let err = PostgresCatalog::connect_with(
+        &format!("postgres://postgres@{}/plangate", hole.addr),
+        clock.clone(),
+        opts.clone(),
+    )
+    .await
+    .unwrap_err();
+    let took = start.elapsed();
+    assert!(matches!(err, CatalogError::Unavailable(_)), "{err}");
+    assert!(took < timeout + slack, "connecting took {took:?}");
+
+    // A working server whose path then stops answering.
+    let (path, via) = cuttable_path(&url).await;
+    let c = Timed::new(
+        PostgresCatalog::connect_with(&via, clock, opts)
+            .await
+            .unwrap(),
+        timeout,
+    );
+    c.apply_plans(&set(None, &[plan("free", 1)]), false)
+        .await
+        .unwrap();
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let pool_before = c.inner().pool().status().size;
+    path.blackhole();
+    for round in 0..3 {
+        let (nobody, plans) = (hash_key("pg_nobody"), set(None, &[plan("free", 2)]));
+        let start = std::time::Instant::now();
+        let (key, account, snapshot, ping, plans) = tokio::join!(
+            c.lookup_key(&nobody),
+            c.get_account("acct"),
+            c.credit_snapshot("acct"),
+            c.ping(),
+            c.apply_plans(&plans, false),
+        );
+        let took = start.elapsed();
+        for e in [
+            key.err(),
+            account.err(),
+            snapshot.err(),
+            ping.err(),
+            plans.err(),
+        ] {
+            // "no answer within 300ms", or the pool's own bound on
+            // opening another connection.
+            assert!(
+                matches!(e, Some(CatalogError::Unavailable(ref m))
+                    if m.contains("no answer within 300ms") || m.contains("connecting timed out")),
+                "round {round}: {e:?}"
+            );
+        }
+        assert!(took < timeout + slack, "round {round} took {took:?}");
+    }
+    let status = c.inner().pool().status();
+    assert!(
+        status.size <= pool_before.max(5),
+        "{status:?} (before: {pool_before})"
+    );
+    assert_eq!(status.waiting, 0, "{status:?}");
+    // Answering again (the frozen connections resume): the same catalog
+    // works, and the plans applied while it hung are either in force or
+    // not, never half.
+    path.restore();
+    let mut back = None;
+    for _ in 0..50 {
+        if let Ok(a) = c.get_account("acct").await {
+            back = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(back.unwrap().id, "acct");
+    let limit = c.get_plan("free").await.unwrap().endpoints["chat"].windows[0].limit;
+    assert!(limit == 1 || limit == 2, "{limit}");
 }
 
 // ------------------------------------------------------------------ CLI

@@ -24,7 +24,13 @@
 //!
 //! When the catalog is unreachable, entries already held keep serving
 //! (stale but usable, SPEC §9); a failed reload is retried after
-//! [`CacheConfig::retry_after_error`], not on every request.
+//! [`CacheConfig::retry_after_error`], not on every request. And once a
+//! load has failed, until one succeeds, an entry due for a reload (expired,
+//! or caught by an invalidation of everything) is served at once and
+//! reloaded in the background: a catalog that does not answer costs each
+//! reload the whole `catalog_timeout`, which requests with cached keys
+//! should not wait out again and again. Only an entry an invalidation
+//! named — known to have changed — is still reloaded before use.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -101,7 +107,7 @@ struct Entry<T> {
     /// When the value was loaded (clock ms).
     loaded_ms: u64,
     /// Set by an invalidation: reload before the next use.
-    stale: bool,
+    stale: Stale,
     /// Do not try the catalog again before this (after a failed reload).
     retry_at_ms: u64,
     /// A background refresh is running. Claimed (swapped to true) under
@@ -117,11 +123,24 @@ impl<T> Entry<T> {
         Self {
             value,
             loaded_ms: now,
-            stale: false,
+            stale: Stale::No,
             retry_at_ms: 0,
             refreshing: AtomicBool::new(false),
         }
     }
+}
+
+/// Whether an invalidation reached an entry since it was loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stale {
+    No,
+    /// Everything was invalidated (the notification channel was lost or
+    /// reconnected, or notifications were missed): the entry may have
+    /// changed.
+    Maybe,
+    /// An invalidation named the entry, or arrived while it was being
+    /// loaded: it has changed, or may have.
+    Named,
 }
 
 /// What a lookup should do with an entry.
@@ -174,6 +193,9 @@ struct Inner {
     hits: AtomicU64,
     loads: AtomicU64,
     stale_served: AtomicU64,
+    /// The last catalog load failed as unavailable (and none has
+    /// succeeded since): see the module docs.
+    failing: AtomicBool,
 }
 
 /// The gateway's view of the catalog. Cheap to clone; clones share entries.
@@ -244,6 +266,7 @@ impl CatalogCache {
             hits: 0.into(),
             loads: 0.into(),
             stale_served: 0.into(),
+            failing: AtomicBool::new(false),
         });
         tokio::spawn(follow(Arc::downgrade(&inner), events));
         Ok(Self { inner })
@@ -384,14 +407,23 @@ impl Inner {
         if self.invalidations_trusted(ttl_ms, now) {
             ttl_ms = ttl_ms.max(self.config.trusted_ttl.as_millis() as u64);
         }
-        let must_reload = e.stale || age >= ttl_ms;
-        if must_reload && now >= e.retry_at_ms {
-            return Freshness::Reload(Some(e.value.clone()));
-        }
-        if must_reload {
+        let must_reload = e.stale != Stale::No || age >= ttl_ms;
+        if must_reload && now < e.retry_at_ms {
             // A reload failed recently: keep serving what we have.
             self.stale_served.fetch_add(1, Ordering::Relaxed);
             return Freshness::Fresh(e.value.clone());
+        }
+        if must_reload && e.stale != Stale::Named && self.failing.load(Ordering::Acquire) {
+            // The catalog is failing: serve what we have rather than wait
+            // for it to fail again, and try it in the background.
+            self.stale_served.fetch_add(1, Ordering::Relaxed);
+            if !e.refreshing.swap(true, Ordering::AcqRel) {
+                return Freshness::Refresh(e.value.clone());
+            }
+            return Freshness::Fresh(e.value.clone());
+        }
+        if must_reload {
+            return Freshness::Reload(Some(e.value.clone()));
         }
         if age >= ttl_ms / 2
             && !e.refreshing.load(Ordering::Relaxed)
@@ -448,12 +480,16 @@ impl Inner {
                 tokio::spawn(async move {
                     let result = load().await;
                     let Some(inner) = weak.upgrade() else { return };
+                    inner.note(&result);
                     let map = map_of(&inner);
                     match result {
                         // The new entry starts with the flag clear.
                         Ok(v) => inner.store(map, id.borrow(), v, epoch),
                         Err(_) => {
-                            if let Some(e) = map.entries.read().get(id.borrow()) {
+                            let retry_at =
+                                inner.now() + inner.config.retry_after_error.as_millis() as u64;
+                            if let Some(e) = map.entries.write().get_mut(id.borrow()) {
+                                e.retry_at_ms = retry_at;
                                 e.refreshing.store(false, Ordering::Release);
                             }
                         }
@@ -466,7 +502,9 @@ impl Inner {
         };
         self.loads.fetch_add(1, Ordering::Relaxed);
         let load = make_load();
-        match load().await {
+        let result = load().await;
+        self.note(&result);
+        match result {
             Ok(v) => {
                 self.store(map, id, v.clone(), epoch);
                 Ok(v)
@@ -507,14 +545,18 @@ impl Inner {
             }
         }
         let mut entry = Entry::new(v, now);
-        entry.stale = map.epoch() != epoch;
+        if map.epoch() != epoch {
+            entry.stale = Stale::Named;
+        }
         m.insert(K::from(id.to_owned()), entry);
     }
 
     fn mark_all_stale<K, T>(map: &Map<K, T>) {
         map.epoch.fetch_add(1, Ordering::AcqRel);
         for e in map.entries.write().values_mut() {
-            e.stale = true;
+            if e.stale == Stale::No {
+                e.stale = Stale::Maybe;
+            }
             e.retry_at_ms = 0;
         }
     }
@@ -527,7 +569,7 @@ impl Inner {
         map.epoch.fetch_add(1, Ordering::AcqRel);
         let Some(id) = id else { return };
         if let Some(e) = map.entries.write().get_mut(id) {
-            e.stale = true;
+            e.stale = Stale::Named;
             e.retry_at_ms = 0;
         }
     }
@@ -542,7 +584,7 @@ impl Inner {
             }
             // Wallets, not caches, hold credits (`credits::Outbox`).
             Invalidation::Credits { .. } => {}
-            Invalidation::All => {
+            Invalidation::All | Invalidation::Deaf => {
                 self.plans_stale();
                 Self::mark_all_stale(&self.accounts);
                 Self::mark_all_stale(&self.keys);
@@ -555,9 +597,20 @@ impl Inner {
         self.plans_loaded_ms.store(0, Ordering::Release);
     }
 
+    /// Remember whether the catalog answered a load (see `failing`).
+    fn note<T>(&self, result: &CatalogResult<T>) {
+        match result {
+            Ok(_) => self.failing.store(false, Ordering::Release),
+            Err(CatalogError::Unavailable(_)) => self.failing.store(true, Ordering::Release),
+            Err(_) => {}
+        }
+    }
+
     async fn reload_plans(&self) -> CatalogResult<()> {
         let epoch = self.plans_epoch.load(Ordering::Acquire);
-        let set = self.catalog.list_plans().await?;
+        let result = self.catalog.list_plans().await;
+        self.note(&result);
+        let set = result?;
         // Invalidated while loading: this answer may predate the change (and
         // a newer load may already have stored a later one), so drop it and
         // leave the plans due for `follow` to load again.

@@ -88,7 +88,13 @@ pub struct PgOptions {
     /// LISTEN: a gateway must start (not ready) while Postgres is down
     /// and recover when it returns.
     pub lazy: bool,
-    /// Connect, pool wait and LISTEN start-up timeout.
+    /// Bounds every step of getting a connection: the TCP connect and the
+    /// whole start-up exchange (pool create), the wait for a pooled one,
+    /// its recycling check, and each LISTEN (re)connection. A server that
+    /// accepts and never answers costs at most this long per attempt,
+    /// and no connection is left half-open. The gateway sets it to
+    /// `[storage] catalog_timeout`; calls themselves are bounded by
+    /// `catalog::timed::Timed`.
     pub timeout: Duration,
 }
 
@@ -103,6 +109,9 @@ impl Default for PgOptions {
     }
 }
 
+/// See `parse_url`.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn parse_url(url: &str, timeout: Duration) -> CatalogResult<tokio_postgres::Config> {
     let mut cfg: tokio_postgres::Config = url
         .parse()
@@ -114,6 +123,12 @@ fn parse_url(url: &str, timeout: Duration) -> CatalogResult<tokio_postgres::Conf
     // reconnects instead of waiting forever for notifications.
     cfg.keepalives(true);
     cfg.keepalives_idle(Duration::from_secs(10));
+    // A path that drops packets leaves what was sent unacknowledged: the
+    // kernel closes such a connection after this long (instead of after
+    // ~15 minutes of retransmissions), so the pool replaces it rather
+    // than handing it out again. A server that is stuck but whose kernel
+    // still acknowledges is caught by the call timeouts instead.
+    cfg.tcp_user_timeout(TCP_USER_TIMEOUT);
     cfg.application_name("plangate");
     Ok(cfg)
 }
@@ -161,10 +176,21 @@ pub fn describe_error(e: &tokio_postgres::Error) -> String {
 }
 
 fn pool_err(e: deadpool_postgres::PoolError) -> CatalogError {
-    match e {
-        deadpool_postgres::PoolError::Backend(e) => db_err(e),
-        other => CatalogError::Unavailable(format!("Postgres connection: {other}")),
-    }
+    use deadpool_postgres::{PoolError, TimeoutType};
+    let why = match e {
+        PoolError::Backend(e) => return db_err(e),
+        PoolError::Timeout(TimeoutType::Create) => {
+            "connecting timed out (the server accepted but did not answer in time)".to_owned()
+        }
+        PoolError::Timeout(TimeoutType::Wait) => {
+            "no pooled connection came free in time (all busy)".to_owned()
+        }
+        PoolError::Timeout(TimeoutType::Recycle) => {
+            "checking a pooled connection timed out".to_owned()
+        }
+        other => other.to_string(),
+    };
+    CatalogError::Unavailable(format!("Postgres connection: {why}"))
 }
 
 /// Inside an operation: a database error (maybe retryable) or a decided
@@ -359,7 +385,8 @@ async fn apply_migrations(client: &mut tokio_postgres::Client) -> CatalogResult<
 fn encode(inv: &Invalidation) -> String {
     match inv {
         Invalidation::Plans => "plans".into(),
-        Invalidation::All => "all".into(),
+        // `Deaf` is local (never sent); should it be, it forgets all.
+        Invalidation::All | Invalidation::Deaf => "all".into(),
         Invalidation::Account(id) => format!("account:{id}"),
         Invalidation::Key(hash) => format!("key:{hash}"),
         Invalidation::Credits { account, version } => format!("credits:{version}:{account}"),
@@ -467,6 +494,7 @@ impl PostgresCatalog {
             };
             let task = tokio::spawn(listen_loop(
                 cfg,
+                opts.timeout,
                 catalog.events.clone(),
                 ready_tx,
                 heartbeat,
@@ -702,19 +730,24 @@ impl PostgresCatalog {
         let tx = conn.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PLANS_LOCK])
             .await?;
-        let upsert = tx
-            .prepare_cached(
-                "INSERT INTO plans (id, name, policy, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $4)
-                 ON CONFLICT (id) DO UPDATE
-                 SET name = EXCLUDED.name, policy = EXCLUDED.policy, updated_at = EXCLUDED.updated_at",
-            )
-            .await?;
+        // One statement for every plan (ids are unique: they are the keys
+        // of the set), so applying takes the same few round trips however
+        // many plans there are, well within `catalog_timeout`.
+        let (mut ids, mut names, mut policies) = (Vec::new(), Vec::new(), Vec::new());
         for (id, plan) in &plans.plans {
-            let policy = plan_to_json(plan);
-            tx.execute(&upsert, &[id, &plan.name, &policy, &now])
-                .await?;
+            ids.push(id.as_str());
+            names.push(plan.name.as_str());
+            policies.push(plan_to_json(plan));
         }
+        tx.execute(
+            "INSERT INTO plans (id, name, policy, created_at, updated_at)
+             SELECT id, name, policy, $4, $4
+             FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS x(id, name, policy)
+             ON CONFLICT (id) DO UPDATE
+             SET name = EXCLUDED.name, policy = EXCLUDED.policy, updated_at = EXCLUDED.updated_at",
+            &[&ids, &names, &policies, &now],
+        )
+        .await?;
         let current: Option<String> = tx
             .query_opt("SELECT id FROM plans WHERE is_default", &[])
             .await?
@@ -1012,9 +1045,13 @@ impl Heartbeat {
 
 /// Keep a LISTEN connection open for the catalog's lifetime, forwarding
 /// notifications; after a reconnect send [`Invalidation::All`], since
-/// anything may have changed while it was down.
+/// anything may have changed while it was down. Connecting and the
+/// `LISTEN` itself are bounded by `timeout`: `connect_timeout` covers only
+/// the TCP connect, and a server that accepts but never answers would
+/// otherwise hold the start-up exchange, and this loop, forever.
 async fn listen_loop(
     cfg: tokio_postgres::Config,
+    timeout: Duration,
     events: broadcast::Sender<Invalidation>,
     ready: tokio::sync::oneshot::Sender<()>,
     heartbeat: Heartbeat,
@@ -1023,7 +1060,14 @@ async fn listen_loop(
     let mut backoff = Duration::from_millis(250);
     let mut told = crate::health::LogThrottle::new(crate::health::REPEAT_EVERY);
     loop {
-        match cfg.connect(NoTls).await {
+        let connected = match tokio::time::timeout(timeout, cfg.connect(NoTls)).await {
+            Ok(result) => result.map_err(|e| describe_error(&e)),
+            Err(_) => Err(format!(
+                "no answer within {}",
+                humantime::format_duration(timeout)
+            )),
+        };
+        match connected {
             Ok((client, mut conn)) => {
                 told.reset();
                 let tx = events.clone();
@@ -1042,7 +1086,16 @@ async fn listen_loop(
                         }
                     }
                 });
-                match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                let listen = format!("LISTEN {CHANNEL}");
+                let listening =
+                    match tokio::time::timeout(timeout, client.batch_execute(&listen)).await {
+                        Ok(result) => result.map_err(|e| describe_error(&e)),
+                        Err(_) => Err(format!(
+                            "no answer within {}",
+                            humantime::format_duration(timeout)
+                        )),
+                    };
+                match listening {
                     Ok(()) => {
                         backoff = Duration::from_millis(250);
                         match ready.take() {
@@ -1060,10 +1113,10 @@ async fn listen_loop(
                             _ = heartbeat.run(&client) => driver.abort(),
                         }
                         // Caches must not trust what they hold while deaf.
-                        let _ = events.send(Invalidation::All);
+                        let _ = events.send(Invalidation::Deaf);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %describe_error(&e), "LISTEN failed");
+                        tracing::warn!(error = %e, "LISTEN failed");
                         driver.abort();
                     }
                 }
@@ -1074,7 +1127,7 @@ async fn listen_loop(
             // ERROR, with the URL).
             Err(e) => {
                 if let Some(repeats) = told.ready(std::time::Instant::now()) {
-                    tracing::warn!(error = %describe_error(&e), retry_in = ?backoff, repeats, "catalog LISTEN connection failed");
+                    tracing::warn!(error = %e, retry_in = ?backoff, repeats, "catalog LISTEN connection failed");
                 }
             }
         }

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use super::{CliError, ConfigArg, DEFAULT_CONFIG};
 use crate::catalog::postgres::{create_database_if_missing, migrate, PgOptions, PostgresCatalog};
+use crate::catalog::timed::Timed;
 use crate::catalog::{Catalog, CatalogError};
 use crate::clock::SystemClock;
 use crate::config::CliView;
@@ -168,7 +169,26 @@ pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliErro
     }
     .resolve();
     let view = |path: &PathBuf| CliView::load(path).map_err(|e| CliError::BadInput(e.to_string()));
-    let url = postgres_url(target)?;
+    let default_timeout = Duration::from_secs(crate::config::defaults::CATALOG_TIMEOUT_SECS);
+    let (url, timeout) = match (&target.postgres_url, &config) {
+        (Some(url), _) => (url.clone(), default_timeout),
+        (None, Some(path)) => {
+            let storage = view(path)?.storage;
+            let url = storage.postgres_url.ok_or_else(|| {
+                CliError::BadInput(format!(
+                    "{}: [storage] postgres_url is not set; admin commands need Postgres",
+                    path.display()
+                ))
+            })?;
+            (url, storage.catalog_timeout)
+        }
+        (None, None) => {
+            return Err(CliError::BadInput(format!(
+                "no database given: pass --postgres-url URL (or set PLANGATE_POSTGRES_URL), \
+                 or --config FILE (or set PLANGATE_CONFIG, or run where {DEFAULT_CONFIG} is)"
+            )))
+        }
+    };
     // Every failure to reach the database names it, password masked.
     let at = |e: CliError| match e {
         CliError::Failure(m) => CliError::Failure(format!("Postgres at {}: {m}", mask_url(&url))),
@@ -185,12 +205,15 @@ pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliErro
             pool_size: 2,
             listen: false,
             lazy: false,
-            timeout: Duration::from_secs(5),
+            timeout,
         },
     )
     .await
     .map_err(catalog_err)
     .map_err(at)?;
+    // As in the gateway: a database that stops answering fails the
+    // command after `catalog_timeout` instead of hanging it.
+    let catalog = Timed::new(catalog, timeout);
     match cmd {
         AdminCmd::Migrate => migrate_cmd(&url, json).await,
         AdminCmd::Plans(c) => {
@@ -285,7 +308,7 @@ fn time(t: Option<SystemTime>) -> String {
 }
 
 async fn plans(
-    catalog: &PostgresCatalog,
+    catalog: &dyn Catalog,
     cmd: PlansCmd,
     json: bool,
     known: Option<&KnownUnits>,
@@ -410,11 +433,7 @@ fn describe_plan(plan: &Plan, is_default: bool) -> String {
     out
 }
 
-async fn accounts(
-    catalog: &PostgresCatalog,
-    cmd: AccountsCmd,
-    json: bool,
-) -> Result<String, CliError> {
+async fn accounts(catalog: &dyn Catalog, cmd: AccountsCmd, json: bool) -> Result<String, CliError> {
     let account = match cmd {
         AccountsCmd::Create { id, plan } => catalog
             .create_account(&id, plan.as_deref(), serde_json::Value::Null)
@@ -446,7 +465,7 @@ async fn accounts(
     ))
 }
 
-async fn keys(catalog: &PostgresCatalog, cmd: KeysCmd, json: bool) -> Result<String, CliError> {
+async fn keys(catalog: &dyn Catalog, cmd: KeysCmd, json: bool) -> Result<String, CliError> {
     match cmd {
         KeysCmd::Create { account } => {
             let key = catalog.create_key(&account).await.map_err(catalog_err)?;
@@ -492,11 +511,7 @@ async fn keys(catalog: &PostgresCatalog, cmd: KeysCmd, json: bool) -> Result<Str
     }
 }
 
-async fn credits(
-    catalog: &PostgresCatalog,
-    cmd: CreditsCmd,
-    json: bool,
-) -> Result<String, CliError> {
+async fn credits(catalog: &dyn Catalog, cmd: CreditsCmd, json: bool) -> Result<String, CliError> {
     match cmd {
         CreditsCmd::Grant {
             account,

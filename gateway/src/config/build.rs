@@ -473,6 +473,7 @@ impl Builder<'_> {
             redis_url: None,
             redis_cluster: Vec::new(),
             store_timeout: Duration::from_millis(defaults::STORE_TIMEOUT_MS),
+            catalog_timeout: Duration::from_secs(defaults::CATALOG_TIMEOUT_SECS),
             on_store_error: OnStoreError::Open,
             require_at_start: false,
         };
@@ -513,6 +514,11 @@ impl Builder<'_> {
             raw.store_timeout.as_ref(),
             "storage.store_timeout",
             out.store_timeout,
+        );
+        out.catalog_timeout = self.duration(
+            raw.catalog_timeout.as_ref(),
+            "storage.catalog_timeout",
+            out.catalog_timeout,
         );
         if let Some(s) = &raw.on_store_error {
             match self.string(s, "storage.on_store_error").as_deref() {

@@ -67,6 +67,7 @@ pub struct RawStorage {
     pub redis_url: Option<Str>,
     pub redis_cluster: Option<Vec<Str>>,
     pub store_timeout: Option<Str>,
+    pub catalog_timeout: Option<Str>,
     pub on_store_error: Option<Str>,
     pub require_at_start: Option<bool>,
 }

@@ -125,6 +125,7 @@ fn minimal_file_gets_defaults() {
     assert_eq!(c.server.tls, None);
     assert_eq!(c.admin, None);
     assert_eq!(c.storage.store_timeout, Duration::from_millis(50));
+    assert_eq!(c.storage.catalog_timeout, Duration::from_secs(2));
     assert_eq!(c.storage.on_store_error, OnStoreError::Open);
     assert!(!c.storage.require_at_start);
     assert_eq!(c.storage.postgres_url, None);
@@ -209,6 +210,7 @@ token = "${TOKEN}"
 postgres_url = "postgres://postgres@127.0.0.1:5432/plangate"
 redis_url = "redis://127.0.0.1:6379"
 store_timeout = "100ms"
+catalog_timeout = "750ms"
 on_store_error = "closed"
 
 [auth]
@@ -257,6 +259,7 @@ usage.image = "body:data.length"
     );
     assert_eq!(c.storage.on_store_error, OnStoreError::Closed);
     assert_eq!(c.storage.store_timeout, Duration::from_millis(100));
+    assert_eq!(c.storage.catalog_timeout, Duration::from_millis(750));
     assert_eq!(c.auth.header, "x-api-key");
     assert!(!c.plans.watch);
     let u = &c.upstreams[0];
@@ -448,7 +451,7 @@ fn known_units_are_request_and_every_measured_or_reserved_unit() {
 fn settings_above_their_bounds_are_refused() {
     let errs = errors(&format!(
         "{MINIMAL}[server]\nrequest_timeout = \"2d\"\nheader_read_timeout = \"100000000000s\"\nmax_request_body = \"2TiB\"\n\
-         [storage]\nstore_timeout = \"86401s\"\n"
+         [storage]\nstore_timeout = \"86401s\"\ncatalog_timeout = \"0s\"\n"
     ));
     assert_eq!(
         errs,
@@ -457,6 +460,7 @@ fn settings_above_their_bounds_are_refused() {
             "conf/plangate.toml:5:23: server.header_read_timeout: `100000000000s` is too long: must be at most 86400s (1 day)",
             "conf/plangate.toml:6:20: server.max_request_body: 2199023255552 bytes is too large: must be at most 1099511627776 (1 TiB)",
             "conf/plangate.toml:8:17: storage.store_timeout: `86401s` is too long: must be at most 86400s (1 day)",
+            "conf/plangate.toml:9:19: storage.catalog_timeout: must be longer than 0",
         ]
     );
     // At the bounds: fine.
