@@ -233,6 +233,32 @@ pub enum CreditOp {
     Refund { key: String, at_ms: u64 },
 }
 
+impl CreditOp {
+    /// A charge the wallet could not decide, as the partial deduction the
+    /// catalog makes of it; `None` for any other operation.
+    pub fn undecided_deduction(&self, account_id: &str) -> Option<Deduction> {
+        match self {
+            CreditOp::Charge {
+                key,
+                request_id,
+                endpoint,
+                requested,
+                deducted: None,
+                ..
+            } => Some(Deduction {
+                account_id: account_id.to_owned(),
+                amount: *requested,
+                require_full: false,
+                min_balance: 0,
+                idempotency_key: key.clone(),
+                request_id: Some(request_id.clone()),
+                endpoint: Some(endpoint.clone()),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// An account's credits as a wallet loads them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CreditSnapshot {

@@ -91,17 +91,7 @@ async fn crash_case(postgres_down: bool) {
     let Some((pg, cat)) = fresh_catalog("rel_crash").await else {
         return;
     };
-    let host_port = pg
-        .split_once('@')
-        .and_then(|(_, r)| r.split_once('/'))
-        .map(|(hp, _)| hp.to_owned())
-        .expect("host:port in the Postgres URL");
-    let pg_addr = tokio::net::lookup_host(host_port)
-        .await
-        .ok()
-        .and_then(|mut a| a.next())
-        .expect("postgres address");
-    let cut = TcpCut::start(pg_addr).await;
+    let cut = TcpCut::start(crate::outages::postgres_addr(&pg).await).await;
     let mock = plangate::mock::start(MockOptions::default())
         .await
         .expect("mock");

@@ -815,26 +815,11 @@ impl Catalog for MemoryCatalog {
                 }
             }
         }
-        for op in undecided {
-            if let CreditOp::Charge {
-                key,
-                request_id,
-                endpoint,
-                requested,
-                ..
-            } = op
-            {
-                let d = Deduction {
-                    account_id: account_id.to_owned(),
-                    amount: *requested,
-                    require_full: false,
-                    min_balance: 0,
-                    idempotency_key: key.clone(),
-                    request_id: Some(request_id.clone()),
-                    endpoint: Some(endpoint.clone()),
-                };
-                self.deduct(&d).await?;
-            }
+        for d in undecided
+            .iter()
+            .filter_map(|op| op.undecided_deduction(account_id))
+        {
+            self.deduct(&d).await?;
         }
         Ok(())
     }

@@ -1518,29 +1518,13 @@ impl Catalog for PostgresCatalog {
         retrying!(self.record_credit_ops_tx(account_id, ops))?;
         // Charges the wallet could not decide: the catalog decides, as a
         // deduction would (after the decided ones, which came first).
-        for op in ops {
-            if let CreditOp::Charge {
-                key,
-                request_id,
-                endpoint,
-                requested,
-                deducted: None,
-                ..
-            } = op
-            {
-                let d = Deduction {
-                    account_id: account_id.to_owned(),
-                    amount: *requested,
-                    require_full: false,
-                    min_balance: 0,
-                    idempotency_key: key.clone(),
-                    request_id: Some(request_id.clone()),
-                    endpoint: Some(endpoint.clone()),
-                };
-                match self.deduct(&d).await {
-                    Ok(_) | Err(CatalogError::NotFound { .. }) => {}
-                    Err(e) => return Err(e),
-                }
+        for d in ops
+            .iter()
+            .filter_map(|op| op.undecided_deduction(account_id))
+        {
+            match self.deduct(&d).await {
+                Ok(_) | Err(CatalogError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(())
