@@ -418,6 +418,9 @@ run_wrk() { # label port env... ; prints the RESULT fields
 
 selected() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
 
+# The Postgres server's processes (its backends serve the gateways' pools
+# for the whole run, so their CPU is the catalog's share of a request).
+pg_pids() { pgrep -x postgres | xargs; }
 pg_xacts() {
   psql -tA "$PG_ADMIN" -c "SELECT xact_commit FROM pg_stat_database WHERE datname = '$DB'"
 }
@@ -436,23 +439,24 @@ if [ "$SCALING" = 1 ]; then
   done
 fi
 
-printf 'round\ttarget\trps\tp50_us\tp99_us\trequests\tnon2xx\tsock_err\trss_kb\tredis_scripts_per_req\tredis_cmds_per_req\tcpu_us_per_req\tredis_cpu_us_per_req\tpg_xacts_per_req\n' >"$RESULTS"
+printf 'round\ttarget\trps\tp50_us\tp99_us\trequests\tnon2xx\tsock_err\trss_kb\tredis_scripts_per_req\tredis_cmds_per_req\tcpu_us_per_req\tredis_cpu_us_per_req\tpg_xacts_per_req\tpg_cpu_us_per_req\n' >"$RESULTS"
 log "measuring: $ROUNDS rounds x ${#TARGETS[@]} targets x ${DURATION}s, $CONNS connections, wrk -t$THREADS"
 for round in $(seq 1 "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
     IFS='|' read -r name port gw env <<<"$t"
     selected "$name" || continue
     pids=$(pids_of "$gw")
-    before=$(redis_calls); cpu0=$(cpu_ticks $pids); rcpu0=$(cpu_ticks "$REDIS_PID"); pg0=$(pg_xacts)
+    before=$(redis_calls); cpu0=$(cpu_ticks $pids); rcpu0=$(cpu_ticks "$REDIS_PID"); pg0=$(pg_xacts); pgp=$(pg_pids); pgc0=$(cpu_ticks $pgp)
     read -r rps p50 p99 reqs non2xx sock <<<"$(run_wrk "$name" "$port" "$env")"
-    cpu1=$(cpu_ticks $pids); rcpu1=$(cpu_ticks "$REDIS_PID"); after=$(redis_calls); pg1=$(pg_xacts)
+    cpu1=$(cpu_ticks $pids); rcpu1=$(cpu_ticks "$REDIS_PID"); after=$(redis_calls); pg1=$(pg_xacts); pgc1=$(cpu_ticks $pgp)
     sleep 0.5 # let settlements of the last requests land before the next target
-    rss=0; per_script=""; per_cmd=""; cpu_us=""; redis_us=""; pg_per=""
+    rss=0; per_script=""; per_cmd=""; cpu_us=""; redis_us=""; pg_per=""; pg_cpu=""
     if [ -n "${GW_PID[$gw]:-}" ]; then rss=$(rss_kb "${GW_PID[$gw]}"); fi
     if [ "$reqs" -gt 0 ]; then
       cpu_us=$(awk -v t="$((cpu1 - cpu0))" -v hz="$HZ" -v r="$reqs" 'BEGIN { printf "%.1f", t * 1e6 / hz / r }')
       [ -n "$gw" ] && [ "$gw" != floor ] && [ "$gw" != mem ] && [ "${gw#nginx}" = "$gw" ] &&
-        pg_per=$(awk -v a="$((pg1 - pg0))" -v r="$reqs" 'BEGIN { printf "%.4f", a / r }')
+        pg_per=$(awk -v a="$((pg1 - pg0))" -v r="$reqs" 'BEGIN { printf "%.4f", a / r }') &&
+        pg_cpu=$(awk -v t="$((pgc1 - pgc0))" -v hz="$HZ" -v r="$reqs" 'BEGIN { printf "%.1f", t * 1e6 / hz / r }')
     fi
     if [ "$gw" = redis ] && [ "$reqs" -gt 0 ]; then
       read -r s0 c0 <<<"$before"; read -r s1 c1 <<<"$after"
@@ -460,10 +464,10 @@ for round in $(seq 1 "$ROUNDS"); do
       per_cmd=$(awk -v a="$((c1 - c0))" -v r="$reqs" 'BEGIN { printf "%.3f", a / r }')
       redis_us=$(awk -v t="$((rcpu1 - rcpu0))" -v hz="$HZ" -v r="$reqs" 'BEGIN { printf "%.1f", t * 1e6 / hz / r }')
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p50" "$p99" \
-      "$reqs" "$non2xx" "$sock" "$rss" "$per_script" "$per_cmd" "$cpu_us" "$redis_us" "$pg_per" >>"$RESULTS"
-    printf '  round %s  %-22s %9s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  non-2xx %s  rss %s kB\n' \
-      "$round" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$non2xx" "$rss" >&2
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$p50" "$p99" \
+      "$reqs" "$non2xx" "$sock" "$rss" "$per_script" "$per_cmd" "$cpu_us" "$redis_us" "$pg_per" "$pg_cpu" >>"$RESULTS"
+    printf '  round %s  %-22s %9s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  redis %s  pg %s us/req  non-2xx %s  rss %s kB\n' \
+      "$round" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$redis_us" "$pg_cpu" "$non2xx" "$rss" >&2
   done
 done
 

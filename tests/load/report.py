@@ -20,7 +20,7 @@ def main(path: str) -> None:
             rows.setdefault(r["target"], []).append(r)
 
     def med(name: str, field: str) -> float:
-        vals = [float(r[field]) for r in rows.get(name, []) if r[field] not in ("", None)]
+        vals = [float(r[field]) for r in rows.get(name, []) if r.get(field) not in ("", None)]
         return statistics.median(vals) if vals else 0.0
 
     def base_of(name: str) -> str:
@@ -34,8 +34,8 @@ def main(path: str) -> None:
     throughput = [n for n in rows if not n.startswith("halfload-")]
     halfload = [n for n in rows if n.startswith("halfload-")]
 
-    print("| target | req/s (median) | rounds | p50 | p99 | vs nginx | proxy CPU/req | non-2xx | RSS | Redis scripts/req | Redis cmds/req | redis-server CPU/req | Postgres xacts/req |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| target | req/s (median) | rounds | p50 | p99 | vs nginx | proxy CPU/req | non-2xx | RSS | Redis scripts/req | Redis cmds/req | redis-server CPU/req | Postgres xacts/req | Postgres CPU/req |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in throughput:
         rs = rows[n]
         rps = med(n, "rps")
@@ -52,9 +52,11 @@ def main(path: str) -> None:
         rcpu_v = med(n, "redis_cpu_us_per_req")
         rcpu = f"{rcpu_v:.0f} µs" if rcpu_v else "-"
         pg = rs[-1].get("pg_xacts_per_req") or "-"
+        pcpu_v = med(n, "pg_cpu_us_per_req")
+        pcpu = f"{pcpu_v:.0f} µs" if pcpu_v else "-"
         print(
             f"| {n} | {rps:.0f} | {rounds} | {fmt_us(med(n, 'p50_us'))} | {fmt_us(med(n, 'p99_us'))} "
-            f"| {ratio} | {cpu} | {non2xx} | {rss_s} | {scripts} | {cmds} | {rcpu} | {pg} |"
+            f"| {ratio} | {cpu} | {non2xx} | {rss_s} | {scripts} | {cmds} | {rcpu} | {pg} | {pcpu} |"
         )
 
     if halfload:
