@@ -181,7 +181,9 @@ impl Admin {
         let catalog: &dyn Catalog = &*self.core.catalog;
         match (&method, segs.as_slice()) {
             (&Method::GET, ["metrics"]) => {
-                let mut resp = Response::new(full(self.core.metrics.render()));
+                let mut text = self.core.metrics.render();
+                self.core.limiter.background().render(&mut text);
+                let mut resp = Response::new(full(text));
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4"),

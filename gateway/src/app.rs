@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
 use crate::admin::Admin;
+use crate::background::Job;
 use crate::catalog::cache::{CacheConfig, CatalogCache};
 use crate::catalog::memory::MemoryCatalog;
 use crate::catalog::postgres::{PgOptions, PostgresCatalog};
@@ -717,15 +718,18 @@ pub async fn run(app: App, listen: Listen, on_bound: impl FnOnce(&Bound)) -> Res
     ));
     serving.await;
     pruner.abort();
-    // Requests still ending first (their settlements write the outbox),
-    // then the outbox.
+    // Settlements and releases first (settlements write the outbox), then
+    // the outbox.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while app.core.limiter.ends_pending() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let background = app.core.limiter.background();
+    let left = background
+        .idle(&[Job::Settle, Job::Release], deadline)
+        .await;
+    if left.is_empty() {
+        tracing::info!("requests settled");
     }
-    let ends = app.core.limiter.ends_pending();
-    if ends > 0 {
-        tracing::error!(pending = ends, "requests still ending at exit; their settlements are lost unless the counter store still answers");
+    for (job, pending) in left {
+        tracing::error!(job = job.as_str(), pending, "background work left at exit: these requests' settlements are lost unless the counter store still answers (their slots expire with their leases)");
     }
     let left = app.core.outbox.drain(Duration::from_secs(10)).await;
     if left.is_empty() {

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::background::Job;
 use crate::catalog::{Catalog, CatalogError, Invalidation};
 use crate::clock::SharedClock;
 use crate::limiter::wallet::{OutboxOp, WalletBlock, WalletSnapshot};
@@ -238,7 +239,18 @@ impl<S: CounterStore> Outbox<S> {
                             return;
                         }
                     }
-                    if let Err(e) = self.flush_account(&account).await {
+                    let written = match self.limiter() {
+                        Ok(limiter) => {
+                            let background = limiter.background().clone();
+                            drop(limiter);
+                            background
+                                .run(Job::WriteCharges, self.flush_account(&account))
+                                .await
+                                .inspect_err(|_| background.failed(Job::WriteCharges))
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = written {
                         if failed.fetch_add(1, Ordering::Relaxed) == 0 {
                             tracing::warn!(error = %e, account = %account, "writing credits to the catalog failed; retrying");
                         }

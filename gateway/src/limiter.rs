@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
+use crate::background::{Background, Job};
 use crate::clock::{window_index, window_reset_ms, SharedClock};
 use crate::plans::{Policy, Unit, Window};
 use keeper::{due_after, retry_after, DueLease, Keeper, LeaseKey};
@@ -680,8 +681,9 @@ pub struct Limiter<S> {
     store: S,
     clock: SharedClock,
     timeout: Duration,
-    /// Background ends running (see [`Limiter::end_retrying`]).
-    releasing: AtomicUsize,
+    /// Settlements, releases and keeper passes run here, counted and
+    /// bounded (see [`crate::background`]).
+    background: Arc<Background>,
     /// Live permits whose leases are renewed (see [`Limiter::renew_due`]).
     keeper: Keeper,
     /// How often the keeper task runs a pass; `None`: no task.
@@ -707,10 +709,6 @@ impl<S> Drop for KeeperGuard<S> {
         }
     }
 }
-
-/// At most this many background releases at once; beyond it (a long store
-/// outage under heavy traffic) slots are left to their leases.
-const MAX_BACKGROUND_RELEASES: usize = 10_000;
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Limiter<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -743,7 +741,7 @@ impl<S: CounterStore> Limiter<S> {
             store,
             clock,
             timeout,
-            releasing: AtomicUsize::new(0),
+            background: Arc::new(Background::default()),
             keeper: Keeper::default(),
             keeper_interval,
             keeper_started: AtomicBool::new(false),
@@ -894,7 +892,7 @@ impl<S: CounterStore> Limiter<S> {
                 let mut ticket = ticket();
                 // It may have charged credits too: the release gives them back.
                 ticket.charged = credits.map(|_| Charged::default());
-                tokio::spawn(self.clone().end_retrying(ticket, Ending::release()));
+                self.end_in_background(Job::Release, ticket, Ending::release());
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -986,22 +984,32 @@ impl<S: CounterStore> Limiter<S> {
     /// lease), after which the store has expired it anyway — or, when
     /// credits are to be settled, for as long as the store keeps the
     /// record ([`SETTLE_GRACE_MS`]), so that the charge is not lost.
-    async fn end_retrying(self: Arc<Self>, ticket: Ticket, ending: Ending) {
-        if self.releasing.fetch_add(1, Ordering::SeqCst) >= MAX_BACKGROUND_RELEASES {
-            self.releasing.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(request_id = %ticket.request_id, "too many requests awaiting their end; this one expires with its lease");
-            return;
+    /// End `ticket` as a background job, retried (see [`Limiter::end_loop`]).
+    /// At the executor's capacity (a long store outage under heavy
+    /// traffic) the end is refused: its slot is left to its lease.
+    fn end_in_background(self: &Arc<Self>, job: Job, ticket: Ticket, ending: Ending) {
+        let request_id = ticket.request_id.clone();
+        let limiter = self.clone();
+        let spawned = self.background.spawn(job, async move {
+            limiter.end_loop(job, &ticket, &ending).await;
+        });
+        if !spawned {
+            tracing::warn!(request_id = %request_id, job = job.as_str(), "too many requests awaiting their end; this one expires with its lease");
         }
-        self.end_loop(&ticket, &ending).await;
-        self.releasing.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The executor of this limiter's background work (also the proxy's
+    /// settlements and the outbox writer's batches).
+    pub fn background(&self) -> &Arc<Background> {
+        &self.background
     }
 
     /// Background ends running or waiting to retry.
     pub fn ends_pending(&self) -> usize {
-        self.releasing.load(Ordering::SeqCst)
+        self.background.pending(Job::Settle) + self.background.pending(Job::Release)
     }
 
-    async fn end_loop(&self, ticket: &Ticket, ending: &Ending) {
+    async fn end_loop(&self, job: Job, ticket: &Ticket, ending: &Ending) {
         let keep_trying = if ticket.charged.is_some() {
             SETTLE_GRACE_MS
         } else {
@@ -1021,10 +1029,12 @@ impl<S: CounterStore> Limiter<S> {
             {
                 Ok(_) => return,
                 Err(e) if tokio::time::Instant::now() + backoff >= give_up => {
+                    self.background.failed(job);
                     tracing::error!(request_id = %ticket.request_id, error = %e, "ending a request failed for good; its slot expires with its lease, its settlement is lost");
                     return;
                 }
                 Err(_) => {
+                    self.background.failed(job);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
@@ -1098,15 +1108,18 @@ impl<S: CounterStore> Limiter<S> {
             return;
         }
         let failed = AtomicUsize::new(0);
-        futures_util::stream::iter(due)
-            .for_each_concurrent(KEEPER_CONCURRENCY, |lease| async {
+        let pass = futures_util::stream::iter(due).for_each_concurrent(
+            KEEPER_CONCURRENCY,
+            |lease| async {
                 if let Err(e) = self.renew_kept(lease, now_ms).await {
+                    self.background.failed(Job::Renew);
                     if failed.fetch_add(1, Ordering::Relaxed) == 0 {
                         tracing::warn!(error = %e, "renewing a concurrency lease failed; retrying");
                     }
                 }
-            })
-            .await;
+            },
+        );
+        self.background.run(Job::Renew, pass).await;
         let failed = failed.into_inner();
         if failed > 1 {
             tracing::warn!(failed, "renewing concurrency leases failed; retrying");
@@ -1261,7 +1274,7 @@ impl<S: CounterStore> Permit<S> {
 
     /// End the request as `ending` says (units and credits). If the store
     /// fails, the end is retried in the background (see
-    /// [`Limiter::end_retrying`]), the same settlement and charge included.
+    /// [`Limiter::end_in_background`]), the same settlement and charge included.
     pub async fn end_as(mut self, ending: Ending) -> Result<bool, StoreError> {
         self.unkeep();
         let result = self
@@ -1305,12 +1318,17 @@ impl<S: CounterStore> Drop for Permit<S> {
         }
         let limiter = self.limiter.clone();
         let ticket = self.ticket.clone();
-        let ending = self.ending.take().map_or_else(Ending::release, |e| *e);
+        // A settlement whose end failed is retried as one; a permit dropped
+        // without an end is released.
+        let (job, ending) = match self.ending.take() {
+            Some(ending) => (Job::Settle, *ending),
+            None => (Job::Release, Ending::release()),
+        };
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
+            Ok(_) => {
                 // Retried: under overload a single end can time out, and a
                 // slot left behind would refuse requests until its lease ends.
-                rt.spawn(limiter.end_retrying(ticket, ending));
+                limiter.end_in_background(job, ticket, ending);
             }
             Err(_) => {
                 tracing::warn!(request_id = %ticket.request_id, "permit dropped outside a runtime; its slot expires with its lease");

@@ -25,6 +25,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
+use crate::background::{Background, Job};
 use crate::catalog::cache::CatalogCache;
 use crate::catalog::{key_digest, Catalog, GroupBy, KeyOwner, UnitUsage, UsageEvent};
 use crate::config::{Config, EndpointSource, OnStoreError, Route};
@@ -1184,13 +1185,13 @@ impl MeteredBody {
         if let Some(settle) = &mut self.settle {
             settle.cut_short = cut_short;
         }
-        if let Some(mut settling) = self.settlement() {
-            // Settle right here when that needs no waiting (the in-process
+        if let Some((background, settling)) = self.settlement() {
+            // Settled right here when that needs no waiting (the in-process
             // store, no credits to write): spawning a task per request cost
             // more than the settlement itself. Otherwise (a Redis round
             // trip), the first poll has sent the call and a task finishes it.
-            if (&mut settling).now_or_never().is_none() {
-                tokio::spawn(settling);
+            if !background.spawn(Job::Settle, settling) {
+                tracing::error!("too many settlements running; this request's settlement is dropped (its slot expires with its lease)");
             }
         }
     }
@@ -1199,8 +1200,11 @@ impl MeteredBody {
     /// then release them — first, when the endpoint has credits.
     fn end_with(&mut self, last: Vec<u8>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.settle_first {
-            if let Some(settling) = self.settlement() {
-                self.settling = Some(settling);
+            if let Some((background, settling)) = self.settlement() {
+                // Polled by the body itself, counted as a settlement.
+                self.settling = Some(Box::pin(async move {
+                    background.run(Job::Settle, settling).await;
+                }));
                 self.held = Some(last.into());
                 return Poll::Pending;
             }
@@ -1210,9 +1214,10 @@ impl MeteredBody {
     }
 
     /// Whatever the body's end must do, as a future (`None` once taken).
-    fn settlement(&mut self) -> Option<Settling> {
+    fn settlement(&mut self) -> Option<(Arc<Background>, Settling)> {
         self.done = true;
         let settle = self.settle.take()?;
+        let background = settle.core.limiter.background().clone();
         {
             let units = if settle.answered_ok {
                 self.meter
@@ -1228,7 +1233,7 @@ impl MeteredBody {
                 }
                 units
             };
-            Some(Box::pin(settle.finish(units)))
+            Some((background, Box::pin(settle.finish(units))))
         }
     }
 
@@ -1371,7 +1376,7 @@ impl Drop for MeteredBody {
         }
         if let Some(settling) = self.settling.take() {
             // The client went away while the last bytes waited for the
-            // settlement: it still completes.
+            // settlement: it still completes (already counted as a job).
             tokio::spawn(settling);
         } else if !self.done && self.settle.is_some() {
             // hyper stops polling a body of known length once it has all

@@ -235,3 +235,101 @@ async fn kill_9_with_postgres_down_charges_what_was_served_once() {
     let _serial = serial().await;
     crash_case(true).await;
 }
+
+/// Graceful shutdown waits for settlements still waiting on the counter
+/// store, then writes what they recorded: a streamed request (no credits:
+/// its settlement runs after the last byte) ends while Redis is
+/// black-holed, the gateway gets SIGTERM, Redis comes back a second
+/// later — and the request's usage record is in the catalog after the
+/// exit. (Before the background executor, a settlement's first attempt
+/// was an uncounted task: the drain found nothing pending and exited.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_waits_for_settlements_stuck_on_redis() {
+    let _serial = serial().await;
+    let Some(redis) = plangate_tests::redis().await else {
+        return;
+    };
+    let Some((pg, cat)) = fresh_catalog("rel_drain").await else {
+        return;
+    };
+    let redis_addr: std::net::SocketAddr = redis
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("redis URL is redis://host:port");
+    let cut = TcpCut::start(redis_addr).await;
+    let mock = plangate::mock::start(MockOptions::default())
+        .await
+        .expect("mock");
+    let mut setup = Setup::new(&mock.url());
+    setup.postgres_url = Some(pg);
+    setup.redis_url = Some(format!("redis://{}", cut.addr));
+    setup.store_timeout = "5s".into();
+    setup.request_timeout = "20s".into();
+    let config = setup.write();
+    let (account, key) = account_with_key(&*cat, "drain").await;
+
+    let mut gw = GatewayProc::spawn(&config, &[]);
+    let client = http_client();
+    let warm = rig::post_json(
+        &client,
+        gw.main,
+        "/v1/chat/completions",
+        &key,
+        &rig::chat_body("free-model", false),
+        &[],
+    )
+    .await;
+    assert_eq!(warm.status.as_u16(), 200, "{:?}", warm.body);
+
+    // A stream of 6 chunks, 100 ms apart: admitted at once; Redis goes
+    // dark while it streams, so its end waits.
+    let streaming = {
+        let (client, key, addr) = (client.clone(), key.clone(), gw.main);
+        tokio::spawn(async move {
+            rig::post_json(
+                &client,
+                addr,
+                "/v1/chat/completions",
+                &key,
+                &rig::chat_body("free-model", true),
+                &[
+                    ("x-mock-tokens", "120"),
+                    ("x-mock-chunks", "6"),
+                    ("x-mock-chunk-delay-ms", "100"),
+                ],
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    cut.blackhole();
+    let streamed = streaming.await.expect("stream");
+    assert_eq!(streamed.status.as_u16(), 200);
+    assert!(memchr::memmem::find(&streamed.body, b"[DONE]").is_some());
+    let id = streamed
+        .header("x-request-id")
+        .expect("x-request-id")
+        .to_owned();
+
+    let stopping = tokio::task::spawn_blocking(move || {
+        let exited = gw.terminate();
+        (exited, gw.log())
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cut.restore();
+    let (exited, log) = stopping.await.expect("terminate");
+    assert!(exited, "the gateway exits on SIGTERM:\n{log}");
+
+    let q = plangate::catalog::UsageQuery {
+        account_id: Some(account.clone()),
+        ..Default::default()
+    };
+    let events = cat.usage_events(&q, None, 100).await.expect("usage");
+    assert!(
+        events.iter().any(|e| e.request_id == id),
+        "the settlement stuck on Redis at SIGTERM was waited for and its usage record written ({} events):\n{log}",
+        events.len()
+    );
+    assert!(log.contains("requests settled"), "{log}");
+}
