@@ -568,6 +568,15 @@ async fn admin_api_requires_token_and_manages_everything() {
         assert_eq!(r.status, 200);
         let r = gw.admin(M::GET, "/metrics", t, "").await;
         assert_eq!(r.status, 200);
+        // The background executor's view (issue 12 item 3): every job kind.
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        for job in ["settle", "release", "renew", "write_charges"] {
+            assert!(
+                text.contains(&format!("plangate_background_jobs{{job=\"{job}\"}} ")),
+                "{text}"
+            );
+        }
+        assert!(text.contains("# TYPE plangate_background_oldest_seconds gauge"));
     }
 }
 
