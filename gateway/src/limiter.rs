@@ -252,7 +252,11 @@ pub trait CounterStore: Send + Sync + 'static {
         max: usize,
     ) -> impl Future<Output = Result<Vec<OutboxItem>, StoreError>> + Send;
 
-    /// Remove entries the catalog has recorded.
+    /// Remove entries the catalog has recorded: the oldest entries, as
+    /// [`CounterStore::outbox_read`] returned them (the Redis store drops
+    /// everything up to the newest of `ids`). An entry may hold several
+    /// items (a request's per-unit charge and its usage record): they share
+    /// its id.
     fn outbox_ack(
         &self,
         account: &str,

@@ -660,8 +660,11 @@ impl CounterStore for MemoryStore {
     }
 
     async fn outbox_ack(&self, account: &str, ids: &[String]) -> Result<(), StoreError> {
+        let ids: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
         self.with_credits(account, |credits| {
-            credits.outbox.retain(|item| !ids.contains(&item.id));
+            credits
+                .outbox
+                .retain(|item| !ids.contains(item.id.as_str()));
         });
         Ok(())
     }

@@ -272,6 +272,9 @@ local n = credits and (#KEYS - 4) / 2 or (#KEYS - 1) / 2
 if credits then
   local wallet, outbox, adm = KEYS[2 * n + 2], KEYS[2 * n + 3], KEYS[2 * n + 4]
   local charge = tonumber(ARGV[4 + 3 * n])
+  -- What the end records goes into one outbox entry (one field per
+  -- operation, in order): a refund, a per-unit charge, the usage record.
+  local entry = {}
   local admitted = redis.call('HGET', adm, id)
   if admitted then
     redis.call('HDEL', adm, id)
@@ -280,25 +283,31 @@ if credits then
     if admitted then
       wallet_give_back(wallet, string.match(admitted, '^[^|]*|([^|]*)'))
     end
-    redis.call('XADD', outbox, '*', 'e', 'r\t' .. ARGV[1] .. '\tadm:' .. id)
+    entry[#entry + 1] = 'r'
+    entry[#entry + 1] = 'r\t' .. ARGV[1] .. '\tadm:' .. id
   end
   local taken = 0
   if charge > 0 then
     local blocks, _, loaded = wallet_blocks(wallet, now)
+    entry[#entry + 1] = 'c'
     if loaded then
       local draws
       taken, draws = wallet_draw(wallet, blocks, charge)
-      redis.call('XADD', outbox, '*', 'e', 'c\t' .. ARGV[1] .. '\tuse:' .. id .. '\t' .. ARGV[4 + 3 * n]
-        .. '\t' .. fmt(taken) .. '\t' .. draws .. '\t' .. id .. '\t' .. ARGV[6 + 3 * n])
+      entry[#entry + 1] = 'c\t' .. ARGV[1] .. '\tuse:' .. id .. '\t' .. ARGV[4 + 3 * n]
+        .. '\t' .. fmt(taken) .. '\t' .. draws .. '\t' .. id .. '\t' .. ARGV[6 + 3 * n]
     else
       -- Not loaded (invalidated meanwhile): the catalog decides.
-      redis.call('XADD', outbox, '*', 'e', 'u\t' .. ARGV[1] .. '\tuse:' .. id .. '\t' .. ARGV[4 + 3 * n]
-        .. '\t\t\t' .. id .. '\t' .. ARGV[6 + 3 * n])
+      entry[#entry + 1] = 'u\t' .. ARGV[1] .. '\tuse:' .. id .. '\t' .. ARGV[4 + 3 * n]
+        .. '\t\t\t' .. id .. '\t' .. ARGV[6 + 3 * n]
     end
   end
   -- The usage record, with what the per-unit charge took.
   if ARGV[7 + 3 * n] ~= '' then
-    redis.call('XADD', outbox, '*', 'e', 'g\t' .. fmt(taken) .. '\t' .. ARGV[7 + 3 * n])
+    entry[#entry + 1] = 'g'
+    entry[#entry + 1] = 'g\t' .. fmt(taken) .. '\t' .. ARGV[7 + 3 * n]
+  end
+  if #entry > 0 then
+    redis.call('XADD', outbox, '*', unpack(entry))
   end
 end
 for i = 1, n do
@@ -425,16 +434,34 @@ redis.call('XADD', KEYS[2], '*', 'e', 'r\t' .. ARGV[1] .. '\tadm:' .. id)
 return 1
 "#;
 
-/// Acknowledge outbox entries. KEYS[1] outbox. ARGV: entry ids. An empty
-/// outbox is deleted (the one key without a TTL lives only while it holds
-/// entries).
+/// Acknowledge outbox entries. KEYS[1] outbox. ARGV: the smallest id not
+/// acknowledged (one past the newest entry written to the catalog). The
+/// writer reads an outbox from its start, so what it acknowledges is a
+/// prefix of the stream: `XTRIM MINID` drops it in one pass (an `XDEL` of
+/// each id cost 350 µs per batch of ~400 in the benchmark, a third of the
+/// outbox's Redis time). An empty outbox is deleted (the one key without a
+/// TTL lives only while it holds entries).
 const OUTBOX_ACK_LUA: &str = r#"
-redis.call('XDEL', KEYS[1], unpack(ARGV))
+redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
 if redis.call('XLEN', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[1])
 end
 return 1
 "#;
+
+/// The smallest stream id above every one of `ids` (`ms-seq`), for `XTRIM
+/// MINID`; `None` if one is not a stream id.
+fn next_stream_id(ids: &[String]) -> Option<String> {
+    let mut newest = (0u64, 0u64);
+    for id in ids {
+        let (ms, seq) = id.split_once('-')?;
+        newest = newest.max((ms.parse().ok()?, seq.parse().ok()?));
+    }
+    Some(match newest.1.checked_add(1) {
+        Some(seq) => format!("{}-{seq}", newest.0),
+        None => format!("{}-0", newest.0.checked_add(1)?),
+    })
+}
 
 /// A wallet's balance. KEYS[1] wallet. ARGV: now. Returns -1 when not
 /// loaded.
@@ -925,12 +952,15 @@ impl RedisStore {
     }
 }
 
-/// One `XRANGE` entry: `[id, ["e", entry]]`, the entry as the scripts
-/// pack it (tab-separated, the endpoint last since it may hold anything):
-/// `c|u <t> <key> <requested> <deducted> <draws> <request id> <endpoint>`
-/// for a decided (`c`) or undecided (`u`) charge, `r <t> <key>` for a
-/// refund.
-fn parse_outbox_entry(v: &Value) -> Result<OutboxItem, StoreError> {
+/// One `XRANGE` entry: `[id, [field, op, field, op, ...]]`, each op as
+/// the scripts pack it (tab-separated, the endpoint last since it may hold
+/// anything): `c|u <t> <key> <requested> <deducted> <draws> <request id>
+/// <endpoint>` for a decided (`c`) or undecided (`u`) charge, `r <t>
+/// <key>` for a refund, `g <credits> <usage JSON>` for a usage record. An
+/// admission writes one op (field `e`); an end writes its refund or
+/// per-unit charge and its usage record as one entry (fields `r`, `c`,
+/// `g`): one item each, in field order, sharing the entry's id.
+fn parse_outbox_entry(v: &Value, out: &mut Vec<OutboxItem>) -> Result<(), StoreError> {
     let text = |v: &Value| -> Option<String> {
         match v {
             Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
@@ -946,12 +976,16 @@ fn parse_outbox_entry(v: &Value) -> Result<OutboxItem, StoreError> {
         return Err(bad());
     };
     let id = text(id).ok_or_else(bad)?;
-    let entry = match fields {
-        Value::Array(f) if f.len() == 2 => text(&f[1]).ok_or_else(bad)?,
+    let fields = match fields {
+        Value::Array(f) if !f.is_empty() && f.len() % 2 == 0 => f,
         _ => return Err(bad()),
     };
-    let op = parse_outbox_op(&entry).ok_or_else(bad)?;
-    Ok(OutboxItem { id, op })
+    for pair in fields.chunks_exact(2) {
+        let entry = text(&pair[1]).ok_or_else(bad)?;
+        let op = parse_outbox_op(&entry).ok_or_else(bad)?;
+        out.push(OutboxItem { id: id.clone(), op });
+    }
+    Ok(())
 }
 
 /// The op of a packed outbox entry: a credit operation, or `g <per-unit
@@ -1239,18 +1273,21 @@ impl CounterStore for RedisStore {
             .arg(max);
         let reply = self.query(&cmd).await?;
         let entries = array("outbox", reply)?;
-        entries.iter().map(parse_outbox_entry).collect()
+        let mut items = Vec::with_capacity(entries.len() * 2);
+        for entry in &entries {
+            parse_outbox_entry(entry, &mut items)?;
+        }
+        Ok(items)
     }
 
     async fn outbox_ack(&self, account: &str, ids: &[String]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
+        let next = next_stream_id(ids)
+            .ok_or_else(|| StoreError::Protocol(format!("outbox entry ids {ids:?}")))?;
         let mut inv = self.outbox_ack.prepare_invoke();
-        inv.key(self.keys.outbox(account));
-        for id in ids {
-            inv.arg(id);
-        }
+        inv.key(self.keys.outbox(account)).arg(next);
         self.run(&inv).await.map(|_| ())
     }
 
@@ -1378,6 +1415,21 @@ impl CounterStore for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_stream_id_is_one_past_the_newest() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            next_stream_id(&ids(&["5-0", "7-3", "7-1"])).as_deref(),
+            Some("7-4")
+        );
+        assert_eq!(
+            next_stream_id(&ids(&["9-18446744073709551615"])).as_deref(),
+            Some("10-0")
+        );
+        assert_eq!(next_stream_id(&ids(&["9"])), None);
+        assert_eq!(next_stream_id(&ids(&["a-1"])), None);
+    }
 
     fn info(fields: &[&str]) -> String {
         let mut s = String::from("# Server\r\n");
