@@ -922,3 +922,57 @@ async fn anchor_heavy_plans_do_not_stall_the_main_listener() {
         "plans in force kept"
     );
 }
+
+/// A route whose endpoint does not depend on the body (a literal endpoint,
+/// no reservation or usage read from the body) is admitted before its
+/// body is read (issue 13 item 2): an account over its limit is refused at
+/// once, without the gateway waiting for (or holding) a body the client
+/// has not sent; an admitted one is forwarded while the body streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn literal_routes_are_admitted_before_their_body_is_read() {
+    let mock = plangate::mock::start(MockOptions::default())
+        .await
+        .expect("mock");
+    let mut setup = Setup::new(&mock.url());
+    setup.plans = setup.plans.replace(
+        "\"tts\":\n        fixed_windows:\n          - window: 60s\n            limit: 1_000_000",
+        "\"tts\":\n        fixed_windows:\n          - window: 60s\n            limit: 1",
+    );
+    assert!(setup.plans.contains("limit: 1\n"), "tts limited to 1");
+    setup.extra_server = "body_read_timeout = \"5s\"".into();
+    let rig = Rig::start(&setup).await;
+    let (_, key) = rig.account().await;
+
+    let open = |key: String| async move {
+        let mut s = TcpStream::connect(rig.addr).await.expect("connect");
+        let head = format!(
+            "POST /v1/audio/speech HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+             content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"input\":"
+        );
+        s.write_all(head.as_bytes()).await.expect("head");
+        s
+    };
+    // The first: admitted with its body unfinished, and forwarded (the
+    // mock sees the request) before the body is complete.
+    let before = mock.requests();
+    let mut first = open(key.clone()).await;
+    let forwarded = crate::until(Duration::from_secs(2), || async {
+        mock.requests() > before
+    })
+    .await;
+    // The second: the window is full; refused without its body.
+    let started = Instant::now();
+    let mut second = open(key.clone()).await;
+    let status = status_of(&mut second, Duration::from_secs(2)).await;
+    let took = started.elapsed();
+    eprintln!(
+        "FIGURES literal route, body unfinished: forwarded after {forwarded:?}; over the limit -> {status:?} in {took:?}"
+    );
+    assert!(
+        forwarded.is_some(),
+        "admitted and forwarded before its body was read"
+    );
+    assert_eq!(status, Some(429));
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    first.shutdown().await.ok();
+}
