@@ -184,7 +184,63 @@ pub enum ValueSource {
     /// `body:usage.total_tokens`: a dotted path into the JSON body (or into
     /// SSE events for a stream).
     Body(Vec<String>),
+    /// `body:usage.input_tokens + body:usage.output_tokens`: found when its
+    /// first term is found; later terms not found count 0 (optional parts
+    /// such as cache tokens). Terms are headers or body paths. Only for
+    /// `usage` (a reservation is one number the client sent).
+    Sum(Vec<ValueSource>),
 }
+
+impl ValueSource {
+    /// Whether this source reads the body (a body path, or a sum with one).
+    pub fn reads_body(&self) -> bool {
+        match self {
+            ValueSource::Header(_) => false,
+            ValueSource::Body(_) => true,
+            ValueSource::Sum(terms) => terms.iter().any(ValueSource::reads_body),
+        }
+    }
+}
+
+/// The built-in `usage.preset`s: per API shape, where the tokens of a
+/// response are (JSON body and SSE stream alike), and whether streamed
+/// requests get `stream_options.include_usage` injected.
+///
+/// - `openai-chat` (chat and legacy completions): `usage.total_tokens`;
+///   include_usage injected.
+/// - `openai-responses` (`/v1/responses`): `usage.total_tokens`, in a
+///   stream the `response.completed` event's `response.usage.total_tokens`;
+///   nothing injected (the Responses API always reports usage and refuses
+///   `stream_options`).
+/// - `anthropic-messages` (`/v1/messages`): input, output, cache creation
+///   and cache read tokens (every token the upstream processed counts once,
+///   whatever price tier it is billed at): from `usage` of the body (or of
+///   a `message_delta` event that carries `input_tokens`), else from a
+///   stream's last `message_delta` (`usage.output_tokens`, cumulative)
+///   plus its `message_start` (`message.usage`: input and cache fields).
+///   A stream cut before its `message_delta` reports nothing and is
+///   settled like any cut stream (the prompt and the streamed text's
+///   estimate, at least the reservation). Nothing injected.
+pub fn usage_preset(name: &str) -> Option<(&'static [&'static str], bool)> {
+    const CHAT: &[&str] = &["body:usage.total_tokens"];
+    const RESPONSES: &[&str] = &[
+        "body:usage.total_tokens",
+        "body:response.usage.total_tokens",
+    ];
+    const ANTHROPIC: &[&str] = &[
+        "body:usage.input_tokens + body:usage.output_tokens + body:usage.cache_creation_input_tokens + body:usage.cache_read_input_tokens",
+        "body:usage.output_tokens + body:message.usage.input_tokens + body:message.usage.cache_creation_input_tokens + body:message.usage.cache_read_input_tokens",
+    ];
+    match name {
+        "openai-chat" => Some((CHAT, true)),
+        "openai-responses" => Some((RESPONSES, false)),
+        "anthropic-messages" => Some((ANTHROPIC, false)),
+        _ => None,
+    }
+}
+
+/// The names [`usage_preset`] knows, for error messages.
+pub const USAGE_PRESETS: &str = "openai-chat, openai-responses, anthropic-messages";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -197,6 +253,10 @@ pub struct Route {
     /// Per unit, the request-side amount reserved at admission: sources
     /// tried in order, the first that yields a number wins.
     pub reserve: Vec<(Unit, Vec<ValueSource>)>,
+    /// Whether a streamed request that measures its body gets
+    /// `stream_options.include_usage` injected (OpenAI chat and completions;
+    /// not the Responses or Anthropic shapes: `usage.preset`).
+    pub inject_include_usage: bool,
 }
 
 /// The whole checked configuration.
@@ -477,6 +537,18 @@ pub fn substitute_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<S
 
 /// Parse a value source: `header:<name>` or `body:<dotted.path>`.
 pub fn parse_value_source(s: &str) -> Result<ValueSource, String> {
+    if s.contains('+') {
+        let terms = s
+            .split('+')
+            .map(|t| parse_value_term(t.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(ValueSource::Sum(terms));
+    }
+    parse_value_term(s)
+}
+
+/// One `header:` or `body:` source.
+fn parse_value_term(s: &str) -> Result<ValueSource, String> {
     if let Some(name) = s.strip_prefix("header:") {
         return HeaderName::from_bytes(name.trim().as_bytes())
             .map(ValueSource::Header)
@@ -492,7 +564,7 @@ pub fn parse_value_source(s: &str) -> Result<ValueSource, String> {
         return Ok(ValueSource::Body(segments));
     }
     Err(format!(
-        "`{s}` is not a source: use \"header:<name>\" or \"body:<dotted.path>\""
+        "`{s}` is not a source: use \"header:<name>\" or \"body:<dotted.path>\", or a sum of them joined by `+`"
     ))
 }
 

@@ -384,14 +384,24 @@ async fn answer(
     };
     let path = parts.uri.path();
     let resp = match (&parts.method, path) {
-        (&Method::POST, "/v1/chat/completions") | (&Method::POST, "/v1/completions") => {
-            let chat = path == "/v1/chat/completions";
+        (&Method::POST, "/v1/chat/completions")
+        | (&Method::POST, "/v1/completions")
+        | (&Method::POST, "/v1/responses")
+        | (&Method::POST, "/v1/messages") => {
+            let shape = match path {
+                "/v1/chat/completions" => Shape::Chat,
+                "/v1/completions" => Shape::Completion,
+                "/v1/responses" => Shape::Responses,
+                _ => Shape::Anthropic,
+            };
+            let chat = shape == Shape::Chat;
             if json.get("stream").is_some_and(truthy) {
+                // The Responses and Anthropic streams always report usage.
                 let include_usage = json
                     .pointer("/stream_options/include_usage")
                     .is_some_and(truthy);
                 let plan = StreamPlan {
-                    chat,
+                    shape,
                     model,
                     chunks,
                     chunk_delay: knobs
@@ -405,6 +415,9 @@ async fn answer(
                 return stream_response(plan, knobs.encoding.as_deref(), guard);
             }
             let text = "mock ".repeat(chunks as usize);
+            if let Some(other) = other_shape_body(shape, &model, &text, (prompt, completion)) {
+                return json_response(StatusCode::OK, &other);
+            }
             let choice = if chat {
                 json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
             } else {
@@ -530,9 +543,53 @@ fn usage_json(prompt: u64, completion: u64) -> Value {
     })
 }
 
+/// The API shape of an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// OpenAI chat completions.
+    Chat,
+    /// OpenAI legacy completions.
+    Completion,
+    /// OpenAI Responses (`/v1/responses`).
+    Responses,
+    /// Anthropic Messages (`/v1/messages`).
+    Anthropic,
+}
+
+/// The whole (non-streamed) answer of the Responses and Anthropic shapes,
+/// as those APIs publish them; `None` for the OpenAI chat shapes.
+fn other_shape_body(shape: Shape, model: &str, text: &str, usage: (u64, u64)) -> Option<Value> {
+    let (prompt, completion) = usage;
+    match shape {
+        Shape::Responses => Some(json!({
+            "id": "resp_mock",
+            "object": "response",
+            "created_at": 1_700_000_000,
+            "status": "completed",
+            "model": model,
+            "output": [{"type": "message", "id": "msg_mock", "status": "completed", "role": "assistant",
+                        "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+            "usage": {"input_tokens": prompt, "output_tokens": completion,
+                      "total_tokens": prompt.saturating_add(completion)},
+        })),
+        Shape::Anthropic => Some(json!({
+            "id": "msg_mock",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "stop_sequence": null,
+            "usage": {"input_tokens": prompt, "output_tokens": completion,
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+        })),
+        Shape::Chat | Shape::Completion => None,
+    }
+}
+
 /// What a streamed answer looks like.
 struct StreamPlan {
-    chat: bool,
+    shape: Shape,
     model: String,
     chunks: u32,
     chunk_delay: Duration,
@@ -544,7 +601,13 @@ struct StreamPlan {
 impl StreamPlan {
     /// The SSE events of the answer, in order.
     fn events(&self) -> Vec<Bytes> {
-        let object = if self.chat {
+        match self.shape {
+            Shape::Responses => return self.responses_events(),
+            Shape::Anthropic => return self.anthropic_events(),
+            Shape::Chat | Shape::Completion => {}
+        }
+        let chat = self.shape == Shape::Chat;
+        let object = if chat {
             "chat.completion.chunk"
         } else {
             "text_completion"
@@ -553,7 +616,7 @@ impl StreamPlan {
         for i in 0..self.chunks {
             let last = i + 1 == self.chunks;
             let finish = if last { json!("stop") } else { Value::Null };
-            let choice = if self.chat {
+            let choice = if chat {
                 json!({"index": 0, "delta": {"content": "mock "}, "finish_reason": finish})
             } else {
                 json!({"index": 0, "text": "mock ", "finish_reason": finish})
@@ -584,6 +647,83 @@ impl StreamPlan {
         events.push(Bytes::from_static(b"data: [DONE]\n\n"));
         events
     }
+
+    /// A Responses stream: `response.created`, the text deltas, and
+    /// `response.completed` with the usage (no `[DONE]`).
+    fn responses_events(&self) -> Vec<Bytes> {
+        let (prompt, completion) = self.usage;
+        let response = |status: &str, usage: Value| {
+            json!({"id": "resp_mock", "object": "response", "created_at": 1_700_000_000,
+                   "status": status, "model": self.model, "output": [], "usage": usage})
+        };
+        let mut events = vec![named_sse(
+            "response.created",
+            &json!({"type": "response.created", "response": response("in_progress", Value::Null)}),
+        )];
+        for _ in 0..self.chunks {
+            events.push(named_sse(
+                "response.output_text.delta",
+                &json!({"type": "response.output_text.delta", "item_id": "msg_mock",
+                        "output_index": 0, "content_index": 0, "delta": "mock "}),
+            ));
+        }
+        let usage = json!({"input_tokens": prompt, "output_tokens": completion,
+                           "total_tokens": prompt.saturating_add(completion)});
+        events.push(named_sse(
+            "response.completed",
+            &json!({"type": "response.completed", "response": response("completed", usage)}),
+        ));
+        events
+    }
+
+    /// An Anthropic Messages stream: `message_start` (input usage), the
+    /// content block with its text deltas, `message_delta` (cumulative
+    /// output tokens) and `message_stop`.
+    fn anthropic_events(&self) -> Vec<Bytes> {
+        let (prompt, completion) = self.usage;
+        let mut events = vec![
+            named_sse(
+                "message_start",
+                &json!({"type": "message_start", "message": {
+                    "id": "msg_mock", "type": "message", "role": "assistant", "model": self.model,
+                    "content": [], "stop_reason": null, "stop_sequence": null,
+                    "usage": {"input_tokens": prompt, "output_tokens": 1,
+                              "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}),
+            ),
+            named_sse(
+                "content_block_start",
+                &json!({"type": "content_block_start", "index": 0,
+                        "content_block": {"type": "text", "text": ""}}),
+            ),
+        ];
+        for _ in 0..self.chunks {
+            events.push(named_sse(
+                "content_block_delta",
+                &json!({"type": "content_block_delta", "index": 0,
+                        "delta": {"type": "text_delta", "text": "mock "}}),
+            ));
+        }
+        events.push(named_sse(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": 0}),
+        ));
+        events.push(named_sse(
+            "message_delta",
+            &json!({"type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                    "usage": {"output_tokens": completion}}),
+        ));
+        events.push(named_sse("message_stop", &json!({"type": "message_stop"})));
+        events
+    }
+}
+
+/// An SSE event with an `event:` name line, as the Responses and Anthropic
+/// APIs send them.
+fn named_sse(name: &str, v: &Value) -> Bytes {
+    let mut out = format!("event: {name}\n").into_bytes();
+    out.extend_from_slice(&sse(v));
+    Bytes::from(out)
 }
 
 fn sse(v: &Value) -> Bytes {

@@ -866,7 +866,11 @@ async fn read_admission(
     let body_bytes = bytes.len() as u64;
     let mut injected_usage = false;
     let mut bytes = bytes;
-    if facts.stream && !facts.include_usage && routes::meters_body(route) {
+    if facts.stream
+        && !facts.include_usage
+        && routes::meters_body(route)
+        && route.inject_include_usage
+    {
         if let Some(rewritten) = usage::request::with_include_usage(&bytes, &facts) {
             bytes = Bytes::from(rewritten);
             injected_usage = true;

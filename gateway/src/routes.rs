@@ -13,6 +13,7 @@
 //!     endpoint: EndpointSource::Model,
 //!     usage: vec![],
 //!     reserve: vec![],
+//!     inject_include_usage: true,
 //! };
 //! let router = Router::new(&[
 //!     route(RoutePath::Prefix("/v1/".into())),
@@ -105,7 +106,7 @@ pub fn meters_body(route: &Route) -> bool {
 fn any_body_source(sources: &[(crate::plans::Unit, Vec<ValueSource>)]) -> bool {
     sources
         .iter()
-        .any(|(_, s)| s.iter().any(|s| matches!(s, ValueSource::Body(_))))
+        .any(|(_, s)| s.iter().any(ValueSource::reads_body))
 }
 
 /// The endpoint id of a request on `route`: the literal, or the `model` of
@@ -130,6 +131,7 @@ mod tests {
             endpoint: EndpointSource::Literal(format!("e{upstream}")),
             usage: vec![],
             reserve: vec![],
+            inject_include_usage: true,
         }
     }
 

@@ -900,6 +900,8 @@ enum Resolved {
     Header(Option<u64>),
     /// Index into the body paths.
     Body(usize),
+    /// Found when its first term is; later terms not found count 0.
+    Sum(Vec<Resolved>),
 }
 
 #[derive(Debug)]
@@ -951,19 +953,7 @@ impl ResponseMeter {
             .map(|(unit, sources)| {
                 let resolved = sources
                     .iter()
-                    .map(|s| match s {
-                        ValueSource::Header(name) => Resolved::Header(header_amount(headers, name)),
-                        ValueSource::Body(path) => {
-                            let i = match paths.iter().position(|p| p == path) {
-                                Some(i) => i,
-                                None => {
-                                    paths.push(path.clone());
-                                    paths.len() - 1
-                                }
-                            };
-                            Resolved::Body(i)
-                        }
-                    })
+                    .map(|s| resolve(s, headers, &mut paths))
                     .collect();
                 (unit.clone(), resolved)
             })
@@ -1012,10 +1002,7 @@ impl ResponseMeter {
             .filter_map(|(unit, sources)| {
                 sources
                     .iter()
-                    .find_map(|s| match s {
-                        Resolved::Header(v) => *v,
-                        Resolved::Body(i) => self.body_value(*i),
-                    })
+                    .find_map(|s| self.value(s))
                     .map(|v| (unit.clone(), v))
             })
             .collect()
@@ -1049,6 +1036,13 @@ impl ResponseMeter {
             let reserve = reserved.iter().find(|(u, _)| u == unit).map(|(_, n)| *n);
             let estimate = match &self.body {
                 BodyScan::Sse(scan) => sources.iter().find_map(|s| match s {
+                    // A sum (input + output): everything delivered.
+                    Resolved::Sum(terms)
+                        if terms.iter().any(|t| matches!(t, Resolved::Body(_))) =>
+                    {
+                        Some(prompt_tokens.saturating_add(scan.content_tokens()))
+                    }
+                    Resolved::Sum(_) => None,
                     Resolved::Body(i) => scan.path(*i).map(|path| {
                         let completion = scan.content_tokens();
                         let last = path.last().map(String::as_str).unwrap_or("");
@@ -1080,11 +1074,49 @@ impl ResponseMeter {
         out
     }
 
+    /// The number a source yielded, if any.
+    fn value(&self, source: &Resolved) -> Option<u64> {
+        match source {
+            Resolved::Header(v) => *v,
+            Resolved::Body(i) => self.body_value(*i),
+            Resolved::Sum(terms) => {
+                let (first, rest) = terms.split_first()?;
+                let first = self.value(first)?;
+                Some(
+                    rest.iter()
+                        .filter_map(|t| self.value(t))
+                        .fold(first, u64::saturating_add),
+                )
+            }
+        }
+    }
+
     fn body_value(&self, i: usize) -> Option<u64> {
         match &self.body {
             BodyScan::None => None,
             BodyScan::Json(s) => s.value(i),
             BodyScan::Sse(s) => s.value(i),
+        }
+    }
+}
+
+/// A route's source for one response: a header's value read now, a body
+/// path as an index into `paths` (each distinct path scanned once).
+fn resolve(source: &ValueSource, headers: &HeaderMap, paths: &mut Vec<Vec<String>>) -> Resolved {
+    match source {
+        ValueSource::Header(name) => Resolved::Header(header_amount(headers, name)),
+        ValueSource::Body(path) => {
+            let i = match paths.iter().position(|p| p == path) {
+                Some(i) => i,
+                None => {
+                    paths.push(path.clone());
+                    paths.len() - 1
+                }
+            };
+            Resolved::Body(i)
+        }
+        ValueSource::Sum(terms) => {
+            Resolved::Sum(terms.iter().map(|t| resolve(t, headers, paths)).collect())
         }
     }
 }

@@ -299,6 +299,20 @@ path = "/v1/images/generations"
 upstream = "mock"
 endpoint = "dall-e-3"
 reserve.image = "body:n"
+
+[[routes]]
+path = "/v1/responses"
+upstream = "mock"
+endpoint = "{{model}}"
+usage.preset = "openai-responses"
+reserve.token = "body:max_output_tokens"
+
+[[routes]]
+path = "/v1/messages"
+upstream = "mock"
+endpoint = "{{model}}"
+usage.preset = "anthropic-messages"
+reserve.token = "body:max_tokens"
 "#,
             extra_server = opts.extra_server,
             extra_admin = opts.extra_admin,

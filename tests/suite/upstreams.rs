@@ -75,3 +75,64 @@ async fn the_operator_chooses_what_is_dropped() {
         assert_eq!(chat.header("openai-organization"), Some("org-operator"));
     }
 }
+
+/// The OpenAI Responses and Anthropic Messages shapes, through the routes
+/// `usage.preset = "openai-responses"` / `"anthropic-messages"` against the
+/// mock answering in those shapes: whole bodies and streams are counted at
+/// what they report, streamed requests reach the upstream unchanged (no
+/// `stream_options` injected: neither API takes it), and the streams reach
+/// the client whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_and_anthropic_messages_are_metered_by_their_presets() {
+    use plangate_tests::harness::tokens_used;
+    for gw in TestGateway::each_backend().await {
+        let (_, key) = gw.account(None).await;
+        let cases = [
+            (
+                "/v1/responses",
+                json!({"model": "gpt-test", "input": "hi"}),
+                "response.completed",
+            ),
+            (
+                "/v1/messages",
+                json!({"model": "gpt-test", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}),
+                "message_stop",
+            ),
+        ];
+        for (path, body, last_event) in cases {
+            for stream in [false, true] {
+                let mut body = body.clone();
+                if stream {
+                    body["stream"] = json!(true);
+                }
+                // A fresh minute for each (the plan allows 3 requests a minute).
+                gw.clock.advance(std::time::Duration::from_secs(60));
+                let before = tokens_used(&gw.limits(&key).await, "gpt-test");
+                let r = gw
+                    .post_with(path, Some(&key), &body, &[("x-mock-tokens", "40")])
+                    .await;
+                assert_eq!(r.status, 200, "{path} stream={stream}: {:?}", r.body);
+                gw.wait_settled().await;
+                let after = tokens_used(&gw.limits(&key).await, "gpt-test");
+                assert_eq!(
+                    after - before,
+                    40,
+                    "{path} stream={stream}: counted as reported"
+                );
+                let sent = gw.mock.stats().last_request().expect("forwarded");
+                let sent: serde_json::Value = serde_json::from_slice(&sent.body).expect("json");
+                assert!(
+                    sent.get("stream_options").is_none(),
+                    "{path}: nothing injected: {sent}"
+                );
+                if stream {
+                    let text = String::from_utf8_lossy(&r.body);
+                    assert!(
+                        text.contains(last_event),
+                        "{path}: stream reached the client whole: {text}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -762,8 +762,25 @@ impl Builder<'_> {
                 found
             });
             let endpoint = self.endpoint(&r.endpoint, &format!("{key}.endpoint"));
-            let usage = self.sources(&r.usage, &format!("{key}.usage"));
+            let (usage, inject_include_usage) =
+                self.usage_sources(&r.usage, &format!("{key}.usage"));
             let reserve = self.sources(&r.reserve, &format!("{key}.reserve"));
+            for (unit, sources) in &reserve {
+                if sources.iter().any(|s| matches!(s, ValueSource::Sum(_))) {
+                    let key = format!("{key}.reserve.{}", unit.as_str());
+                    let span = r
+                        .reserve
+                        .iter()
+                        .find(|(n, _)| n.get_ref() == unit.as_str())
+                        .map(|(_, v)| v.span())
+                        .unwrap_or_default();
+                    self.error_at(
+                        span,
+                        &key,
+                        "a reservation is one number the request carries; sums (`+`) are for `usage`",
+                    );
+                }
+            }
             if let (Some(path), Some(upstream), Some(endpoint)) = (path, upstream, endpoint) {
                 out.push(Route {
                     path,
@@ -771,6 +788,7 @@ impl Builder<'_> {
                     endpoint,
                     usage,
                     reserve,
+                    inject_include_usage,
                 });
             }
         }
@@ -838,6 +856,54 @@ impl Builder<'_> {
             Err(e) => {
                 self.error_at(span, key, e);
                 None
+            }
+        }
+    }
+
+    /// A route's `usage`: `usage.preset` (a built-in API shape, see
+    /// [`crate::config::usage_preset`]) for `token`, and `usage.<unit>` keys
+    /// (one for `token` replaces the preset's). Returns the sources and
+    /// whether streamed requests get `include_usage` injected.
+    fn usage_sources(
+        &mut self,
+        raw: &BTreeMap<Str, toml::Spanned<toml::Value>>,
+        key: &str,
+    ) -> (Vec<(Unit, Vec<ValueSource>)>, bool) {
+        let mut units = raw.clone();
+        let preset = units.remove("preset");
+        let mut out = self.sources(&units, key);
+        let Some(preset) = preset else {
+            return (out, true);
+        };
+        let preset_key = format!("{key}.preset");
+        let found = match preset.get_ref() {
+            toml::Value::String(name) => crate::config::usage_preset(name).ok_or_else(|| {
+                format!(
+                    "unknown preset `{name}`; the presets are {}",
+                    crate::config::USAGE_PRESETS
+                )
+            }),
+            other => Err(format!(
+                "expected a preset name (one of {}), found {}",
+                crate::config::USAGE_PRESETS,
+                other.type_str()
+            )),
+        };
+        match found {
+            Ok((sources, inject)) => {
+                let token = Unit::new("token");
+                if !out.iter().any(|(u, _)| *u == token) {
+                    let sources = sources
+                        .iter()
+                        .map(|s| crate::config::parse_value_source(s).expect("presets parse"))
+                        .collect();
+                    out.push((token, sources));
+                }
+                (out, inject)
+            }
+            Err(e) => {
+                self.error_at(preset.span(), &preset_key, e);
+                (out, true)
             }
         }
     }

@@ -283,6 +283,7 @@ usage.image = "body:data.length"
                 Unit::new("token"),
                 vec![ValueSource::Body(vec!["max_tokens".into()])]
             )],
+            inject_include_usage: true,
         }
     );
     assert_eq!(c.routes[1].path, RoutePath::Prefix("/v1/".into()));
@@ -346,7 +347,7 @@ fn errors_are_located() {
                 format!("{f}:10:7: routes[0].usage.credit: `credit` is a reserved unit name (credits are configured under `credits:`)"),
                 format!("{f}:11:15: routes[0].usage.token[0]: `` is not a dotted JSON path such as `usage.total_tokens`"),
                 format!("{f}:11:15: routes[0].usage.token[1]: expected a string, found integer"),
-                format!("{f}:12:17: routes[0].reserve.token: `max_tokens` is not a source: use \"header:<name>\" or \"body:<dotted.path>\""),
+                format!("{f}:12:17: routes[0].reserve.token: `max_tokens` is not a source: use \"header:<name>\" or \"body:<dotted.path>\", or a sum of them joined by `+`"),
             ],
         ),
         (
@@ -513,4 +514,63 @@ fn the_cli_view_checks_only_storage_and_units() {
     let bad_unit = "[[routes]]\npath = \"/a\"\nupstream = \"u\"\nendpoint = \"a\"\nusage.\"to ken\" = \"body:x\"\n";
     let e = CliView::from_toml(bad_unit, path, &env).unwrap_err();
     assert!(e.to_string().contains("routes[0].usage.to ken"), "{e}");
+}
+
+#[test]
+fn usage_presets_and_sums() {
+    let route = |usage: &str| {
+        format!(
+            "{MINIMAL}[[upstreams]]\nname = \"a\"\nurl = \"http://x\"\n[[routes]]\npath = \"/v1/messages\"\nupstream = \"a\"\nendpoint = \"{{model}}\"\n{usage}\n"
+        )
+    };
+    let c = load(&route("usage.preset = \"anthropic-messages\"")).unwrap();
+    let r = &c.routes[0];
+    assert!(
+        !r.inject_include_usage,
+        "Anthropic requests are sent as they are"
+    );
+    assert_eq!(r.usage.len(), 1);
+    assert_eq!(r.usage[0].0, Unit::new("token"));
+    assert!(matches!(&r.usage[0].1[0], ValueSource::Sum(t) if t.len() == 4));
+    assert!(crate::routes::meters_body(r));
+
+    let c = load(&route("usage.preset = \"openai-responses\"")).unwrap();
+    assert!(!c.routes[0].inject_include_usage);
+    assert_eq!(c.routes[0].usage[0].1.len(), 2);
+    let c = load(&route("usage.preset = \"openai-chat\"")).unwrap();
+    assert!(c.routes[0].inject_include_usage);
+
+    // An explicit token source replaces the preset's; other units add.
+    let c = load(&route(
+        "usage.preset = \"openai-responses\"\nusage.token = \"header:x-t\"\nusage.image = \"body:n\"",
+    ))
+    .unwrap();
+    let u = &c.routes[0].usage;
+    assert_eq!(u.len(), 2);
+    let token = u.iter().find(|(n, _)| n.as_str() == "token").unwrap();
+    assert_eq!(
+        token.1,
+        vec![ValueSource::Header(HeaderName::from_static("x-t"))]
+    );
+
+    // Sums parse with or without spaces, and every term is checked.
+    assert_eq!(
+        parse_value_source("body:a+header:x-b").unwrap(),
+        ValueSource::Sum(vec![
+            ValueSource::Body(vec!["a".into()]),
+            ValueSource::Header(HeaderName::from_static("x-b")),
+        ])
+    );
+    assert!(parse_value_source("body:a + ").is_err());
+    assert!(parse_value_source("body:a + usage.b").is_err());
+
+    let f = "conf/plangate.toml";
+    assert_eq!(
+        errors(&route("usage.preset = \"anthropic\"")),
+        vec![format!("{f}:10:16: routes[0].usage.preset: unknown preset `anthropic`; the presets are openai-chat, openai-responses, anthropic-messages")]
+    );
+    assert_eq!(
+        errors(&route("reserve.token = \"body:max_tokens + body:n\"")),
+        vec![format!("{f}:10:17: routes[0].reserve.token: a reservation is one number the request carries; sums (`+`) are for `usage`")]
+    );
 }

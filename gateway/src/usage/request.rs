@@ -198,6 +198,8 @@ pub fn read_request(
         for s in sources {
             let v = match s {
                 ValueSource::Header(_) => first_header(std::slice::from_ref(s), headers)?,
+                // The config refuses sums in `reserve`.
+                ValueSource::Sum(_) => None,
                 ValueSource::Body(path) => {
                     let Some((head, rest)) = path.split_first() else {
                         continue;

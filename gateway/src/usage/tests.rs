@@ -925,3 +925,138 @@ fn replaced_event_data_keeps_other_lines_and_terminators() {
         b"event: message\r\ndata: {}\r\nid: 7\r\n\r\n".to_vec()
     );
 }
+
+/// The sources of a `usage.preset`, as a route gets them.
+fn preset(name: &str) -> Vec<(Unit, Vec<ValueSource>)> {
+    let (sources, _) = crate::config::usage_preset(name).expect("preset");
+    vec![(
+        Unit::new("token"),
+        sources
+            .iter()
+            .map(|s| crate::config::parse_value_source(s).expect("preset source"))
+            .collect(),
+    )]
+}
+
+/// Feed `body` in small pieces; the tokens measured.
+fn metered(
+    usage: &[(Unit, Vec<ValueSource>)],
+    content_type: &'static str,
+    body: &str,
+) -> Vec<(Unit, u64)> {
+    let h = headers(&[("content-type", content_type)]);
+    let mut m = ResponseMeter::new(usage, &h, false);
+    let mut out = Vec::new();
+    for chunk in body.as_bytes().chunks(11) {
+        out.extend_from_slice(&m.feed(&Bytes::copy_from_slice(chunk)));
+    }
+    out.extend_from_slice(&m.finish());
+    assert_eq!(out, body.as_bytes(), "forwarded unchanged");
+    m.units()
+}
+
+fn tokens(n: u64) -> Vec<(Unit, u64)> {
+    vec![(Unit::new("token"), n)]
+}
+
+#[test]
+fn every_preset_source_parses() {
+    for name in ["openai-chat", "openai-responses", "anthropic-messages"] {
+        assert!(!preset(name)[0].1.is_empty(), "{name}");
+    }
+    assert!(crate::config::usage_preset("nope").is_none());
+}
+
+/// Anthropic Messages, as the API publishes them: the whole body counts
+/// input + output + both cache fields; a classic stream counts
+/// `message_start`'s input (and cache) tokens plus the last
+/// `message_delta`'s cumulative output; a stream whose `message_delta`
+/// carries the input tokens too is read from there.
+#[test]
+fn anthropic_messages_usage_body_and_streams() {
+    let usage = preset("anthropic-messages");
+    let body = r#"{"id":"msg_01","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"Hi!"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,"cache_creation_input_tokens":100,"cache_read_input_tokens":1000,"output_tokens":6,"service_tier":"standard"}}"#;
+    assert_eq!(metered(&usage, "application/json", body), tokens(1118));
+    // Older bodies without the cache fields.
+    let body = r#"{"type":"message","content":[],"usage":{"input_tokens":12,"output_tokens":6}}"#;
+    assert_eq!(metered(&usage, "application/json", body), tokens(18));
+
+    let stream = "event: message_start\n\
+data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_01\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-sonnet-4-5\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":50,\"output_tokens\":1}}}\n\n\
+event: content_block_start\n\
+data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+event: ping\n\
+data: {\"type\": \"ping\"}\n\n\
+event: content_block_delta\n\
+data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n\
+event: content_block_delta\n\
+data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"!\"}}\n\n\
+event: content_block_stop\n\
+data: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+event: message_delta\n\
+data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n\
+event: message_stop\n\
+data: {\"type\":\"message_stop\"}\n\n";
+    assert_eq!(
+        metered(&usage, "text/event-stream", stream),
+        tokens(25 + 50 + 15)
+    );
+
+    let newer = stream.replace(
+        "\"usage\":{\"output_tokens\":15}",
+        "\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":50,\"output_tokens\":15}",
+    );
+    assert_eq!(metered(&usage, "text/event-stream", &newer), tokens(90));
+
+    // Cut before `message_delta`: nothing reported (message_start's input
+    // alone would undercount what was streamed); settled at the prompt
+    // estimate plus the streamed text's, at least the reservation.
+    let cut = &stream[..stream.find("event: message_delta").expect("delta")];
+    let h = headers(&[("content-type", "text/event-stream")]);
+    let mut m = ResponseMeter::new(&usage, &h, false);
+    m.feed(&Bytes::from(cut.to_owned()));
+    assert_eq!(m.units(), vec![]);
+    // "Hello" and "!": 2 + 1 tokens (each event rounds up).
+    assert_eq!(m.settle_units(&[], 30), tokens(33));
+    assert_eq!(m.settle_units(&tokens(64), 30), tokens(64));
+}
+
+/// OpenAI Responses: `usage` at the top level of the body; in a stream,
+/// inside the `response.completed` event (`response.created` carries
+/// `usage: null`).
+#[test]
+fn openai_responses_usage_body_and_stream() {
+    let usage = preset("openai-responses");
+    let body = r#"{"id":"resp_1","object":"response","status":"completed","output":[{"type":"message","content":[{"type":"output_text","text":"Hi"}]}],"usage":{"input_tokens":36,"input_tokens_details":{"cached_tokens":0},"output_tokens":87,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":123}}"#;
+    assert_eq!(metered(&usage, "application/json", body), tokens(123));
+    let stream = "event: response.created\n\
+data: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"output\":[],\"usage\":null}}\n\n\
+event: response.output_text.delta\n\
+data: {\"type\":\"response.output_text.delta\",\"sequence_number\":4,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hi\"}\n\n\
+event: response.completed\n\
+data: {\"type\":\"response.completed\",\"sequence_number\":9,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"usage\":{\"input_tokens\":36,\"output_tokens\":87,\"total_tokens\":123}}}\n\n";
+    assert_eq!(metered(&usage, "text/event-stream", stream), tokens(123));
+}
+
+/// A sum is found when its first term is; later terms not found count 0;
+/// with its first term missing the next source is tried.
+#[test]
+fn sums_need_their_first_term() {
+    let usage = vec![(
+        Unit::new("token"),
+        vec![
+            crate::config::parse_value_source("body:a + body:b + header:x-extra").unwrap(),
+            crate::config::parse_value_source("body:c").unwrap(),
+        ],
+    )];
+    let h = headers(&[("content-type", "application/json"), ("x-extra", "100")]);
+    let run = |body: &'static str| {
+        let mut m = ResponseMeter::new(&usage, &h, false);
+        m.feed(&Bytes::from_static(body.as_bytes()));
+        m.units()
+    };
+    assert_eq!(run(r#"{"a":1,"b":2}"#), tokens(103));
+    assert_eq!(run(r#"{"a":1}"#), tokens(101));
+    assert_eq!(run(r#"{"b":2,"c":7}"#), tokens(7));
+    assert_eq!(run(r#"{"b":2}"#), vec![]);
+}
