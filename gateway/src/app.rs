@@ -250,11 +250,13 @@ impl App {
             Some(files) => Some(server::tls_acceptor(files).map_err(bad)?),
             None => None,
         };
-        // The configured key header as of start-up: a SIGHUP that renames
-        // it leaves control bytes in the new header answered 400, not 401.
+        // The configured key headers as of start-up: a SIGHUP that renames
+        // one leaves control bytes in the new header answered 400, not 401.
         let mut credentials = vec![http::header::AUTHORIZATION];
-        if self.config.auth.header != http::header::AUTHORIZATION {
-            credentials.push(self.config.auth.header.clone());
+        for h in self.config.key_headers() {
+            if !credentials.contains(&h) {
+                credentials.push(h);
+            }
         }
         let opts = ListenerOptions {
             header_read_timeout: self.config.server.header_read_timeout,

@@ -144,13 +144,24 @@ pub struct UsageConfig {
     pub record: bool,
 }
 
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// One access-log line per request of the main listener (target
+    /// `plangate::access`); default true.
+    pub access: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     pub name: String,
     /// `http` or `https`, no query; the request path is appended to its path.
     pub url: http::Uri,
-    /// Replaces the client's `Authorization` upstream (e.g. `Bearer sk-...`).
+    /// Replaces the client's credential upstream (e.g. `Bearer sk-...`).
     pub auth: Option<String>,
+    /// The header `auth` is sent in: `authorization` by default,
+    /// `x-api-key` for Anthropic's API.
+    pub auth_header: HeaderName,
     /// Extra CA bundle (PEM) for an https upstream, resolved like `plans.file`.
     pub ca_file: Option<PathBuf>,
     /// Response header names (lower-case globs, `*` for any run of
@@ -192,6 +203,10 @@ pub struct Route {
     /// Index into [`Config::upstreams`].
     pub upstream: usize,
     pub endpoint: EndpointSource,
+    /// The header the client's API key is read from on this route; `None`:
+    /// `[auth] header`. `authorization` means `Bearer KEY`, any other header
+    /// the raw key (`x-api-key`, as Anthropic's SDK sends it).
+    pub auth_header: Option<HeaderName>,
     /// Per unit, sources tried in order; the first that yields a number wins.
     pub usage: Vec<(Unit, Vec<ValueSource>)>,
     /// Per unit, the request-side amount reserved at admission: sources
@@ -210,6 +225,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub plans: PlansConfig,
     pub usage: UsageConfig,
+    pub log: LogConfig,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
 }
@@ -290,6 +306,18 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
         build::build(text, path, env)
+    }
+
+    /// Every header a client's key is read from: `[auth] header`, then
+    /// each route's own `auth_header` not already named, in file order.
+    pub fn key_headers(&self) -> Vec<HeaderName> {
+        let mut out = vec![self.auth.header.clone()];
+        for h in self.routes.iter().filter_map(|r| r.auth_header.as_ref()) {
+            if !out.contains(h) {
+                out.push(h.clone());
+            }
+        }
+        out
     }
 
     /// The units plans may name under these routes: every `usage.<unit>`

@@ -11,6 +11,7 @@
 //!     path,
 //!     upstream: 0,
 //!     endpoint: EndpointSource::Model,
+//!     auth_header: None,
 //!     usage: vec![],
 //!     reserve: vec![],
 //! };
@@ -128,6 +129,7 @@ mod tests {
             path,
             upstream,
             endpoint: EndpointSource::Literal(format!("e{upstream}")),
+            auth_header: None,
             usage: vec![],
             reserve: vec![],
         }

@@ -39,15 +39,88 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 /// Largest request head (request line + headers) accepted; larger → 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// Log to stderr, filtered by `RUST_LOG` (default `info`).
+/// How log lines are written (`PLANGATE_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line (`timestamp`, `level`, `target`,
+    /// `message` and the event's fields at the top level).
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+impl LogFormat {
+    /// The format `PLANGATE_LOG_FORMAT` asks for (`json` or `text`);
+    /// unset, empty or `auto`: text when stderr is a terminal, JSON
+    /// otherwise (a log collector reads it). `Err` names a value that is
+    /// none of these.
+    pub fn choose(env: Option<&str>, stderr_is_terminal: bool) -> Result<LogFormat, String> {
+        match env.map(str::trim).unwrap_or("") {
+            "json" => Ok(LogFormat::Json),
+            "text" => Ok(LogFormat::Text),
+            "" | "auto" => Ok(if stderr_is_terminal {
+                LogFormat::Text
+            } else {
+                LogFormat::Json
+            }),
+            other => Err(format!(
+                "PLANGATE_LOG_FORMAT={other:?} is none of json, text, auto; using auto"
+            )),
+        }
+    }
+}
+
+/// Log to stderr, filtered by `RUST_LOG` (default `info`), in the format
+/// `PLANGATE_LOG_FORMAT` chooses ([`LogFormat::choose`]).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let env = std::env::var("PLANGATE_LOG_FORMAT").ok();
+    let (format, problem) = match LogFormat::choose(env.as_deref(), terminal) {
+        Ok(f) => (f, None),
+        Err(e) => (
+            LogFormat::choose(None, terminal).unwrap_or(LogFormat::Text),
+            Some(e),
+        ),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Text => builder.with_ansi(terminal).try_init(),
+    };
+    if let Some(problem) = problem {
+        tracing::warn!("{problem}");
+    }
+}
+
+#[cfg(test)]
+mod log_format_tests {
+    use super::LogFormat::{self, Json, Text};
+
+    #[test]
+    fn json_unless_a_terminal_or_asked() {
+        let cases: &[(Option<&str>, bool, Result<LogFormat, ()>)] = &[
+            (None, false, Ok(Json)),
+            (None, true, Ok(Text)),
+            (Some("auto"), false, Ok(Json)),
+            (Some(""), true, Ok(Text)),
+            (Some("json"), true, Ok(Json)),
+            (Some("text"), false, Ok(Text)),
+            (Some("yaml"), false, Err(())),
+        ];
+        for (env, terminal, want) in cases {
+            let got = LogFormat::choose(*env, *terminal).map_err(|_| ());
+            assert_eq!(&got, want, "{env:?} terminal={terminal}");
+        }
+    }
 }
 
 /// Build a rustls acceptor (ring provider) offering h2 and http/1.1.

@@ -130,6 +130,7 @@ fn minimal_file_gets_defaults() {
     assert!(!c.storage.require_at_start);
     assert_eq!(c.storage.postgres_url, None);
     assert_eq!(c.auth.header, "authorization");
+    assert!(c.log.access, "the access log is on by default");
     assert_eq!(c.plans.file, Path::new("conf/plans.yaml"));
     assert!(c.plans.watch);
     assert_eq!(c.usage.retain, Duration::from_secs(400 * 86_400));
@@ -220,10 +221,14 @@ header = "X-API-Key"
 file = "plans.yaml"
 watch = false
 
+[log]
+access = false
+
 [[upstreams]]
 name = "vllm"
 url = "http://127.0.0.1:${PORT}/base"
 auth = "Bearer ${TOKEN}"
+auth_header = "X-Upstream-Key"
 ca_file = "ca.pem"
 
 [[routes]]
@@ -237,9 +242,17 @@ reserve.token = "body:max_tokens"
 path = "/v1/*"
 upstream = "vllm"
 endpoint = "other"
+auth_header = "X-Client-Key"
 usage.image = "body:data.length"
 "#;
     let c = load(text).unwrap();
+    assert!(!c.log.access);
+    assert_eq!(c.upstreams[0].auth_header, "x-upstream-key");
+    assert_eq!(c.routes[0].auth_header, None);
+    assert_eq!(
+        c.routes[1].auth_header,
+        Some(HeaderName::from_static("x-client-key"))
+    );
     assert_eq!(
         c.server.tls,
         Some(TlsFiles {
@@ -272,6 +285,7 @@ usage.image = "body:data.length"
             path: RoutePath::Exact("/v1/chat/completions".into()),
             upstream: 0,
             endpoint: EndpointSource::Model,
+            auth_header: None,
             usage: vec![(
                 Unit::new("token"),
                 vec![
@@ -354,6 +368,13 @@ fn errors_are_located() {
             vec![
                 format!("{f}:6:36: upstreams[0].drop_response_headers[1]: `bad header` is not a header name pattern (header-name characters and `*`)"),
                 format!("{f}:6:50: upstreams[0].drop_response_headers[2]: must not be empty"),
+            ],
+        ),
+        (
+            format!("{MINIMAL}[[upstreams]]\nname = \"u\"\nurl = \"http://x\"\nauth_header = \"x key\"\n[[routes]]\npath = \"/v1/x\"\nupstream = \"u\"\nendpoint = \"e\"\nauth_header = \"\"\n"),
+            vec![
+                format!("{f}:6:15: upstreams[0].auth_header: `x key` is not a valid header name"),
+                format!("{f}:11:15: routes[0].auth_header: must not be empty"),
             ],
         ),
         (
