@@ -4,8 +4,9 @@
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (both
 //! with `"stream": true` support), `POST /v1/embeddings`,
-//! `POST /v1/images/generations`, `GET /v1/models`, and `GET /mock/stats`
-//! (not counted as a request).
+//! `POST /v1/images/generations`, `GET /v1/models`, Anthropic's
+//! `POST /v1/messages` (not streamed; `usage.input_tokens` and
+//! `output_tokens`), and `GET /mock/stats` (not counted as a request).
 //!
 //! Token counts are deterministic: `prompt_tokens = ceil(body bytes / 4)`,
 //! `completion_tokens = 10 × chunks`; with `x-mock-tokens: T` the total is
@@ -446,6 +447,15 @@ async fn answer(
                 .collect();
             json!({"created": 1_700_000_000, "data": data})
         }
+        (&Method::POST, "/v1/messages") => json!({
+            "id": "msg_mock",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": "mock ".repeat(chunks as usize)}],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": prompt, "output_tokens": completion},
+        }),
         (&Method::GET, "/v1/models") => {
             let data: Vec<Value> = ["gpt-4o", "gpt-4-turbo", "text-embedding-3-small", "dall-e-3"]
                 .iter()
