@@ -800,11 +800,13 @@ mod tests {
             }
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            // Only a parameter error names a parameter.
+            // Only a parameter error names a parameter (and a missing
+            // model, `model`, as OpenAI does).
             let param = match row.code {
                 "invalid_request" if row.message.starts_with("group_by") => {
                     serde_json::json!("group_by")
                 }
+                "model_not_found" => serde_json::json!("model"),
                 _ => serde_json::Value::Null,
             };
             let expected = serde_json::json!({"error": {

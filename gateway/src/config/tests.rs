@@ -323,7 +323,7 @@ fn errors_are_located() {
         ),
         (
             format!("{MINIMAL}[[upstreams]]\nname = \"a\"\nurl = \"http://x\"\n[[upstreams]]\nname = \"b\"\nurl = \"http://y\"\nsecret = 1\n"),
-            vec![format!("{f}:9:1: upstreams[1].secret: unknown field `secret`, expected one of `name`, `url`, `auth`, `ca_file`, `drop_response_headers`")],
+            vec![format!("{f}:9:1: upstreams[1].secret: unknown field `secret`, expected one of `name`, `url`, `auth`, `auth_header`, `ca_file`, `drop_response_headers`")],
         ),
         (
             format!("{MINIMAL}[server]\nrequest_timeout = \"10 minutes\"\nheader_read_timeout = \"0s\"\nmax_request_body = \"10XB\"\n"),
