@@ -72,20 +72,22 @@ pub struct Fields {
 pub struct AccessLine {
     started: Instant,
     request_id: String,
-    method: Method,
-    path: String,
+    /// The request line, unless the edge guard refused the head.
+    method: Option<Method>,
+    path: Option<String>,
     fields: Mutex<Fields>,
 }
 
 impl AccessLine {
-    /// A line for a request that started at `started`. Until the handler
-    /// says otherwise, the client left before its response (499).
-    pub fn new(request_id: &str, method: &Method, path: &str, started: Instant) -> Arc<Self> {
+    /// A line for a request that started at `started` (`line`: its method
+    /// and path, when it has a readable one). Until the handler says
+    /// otherwise, the client left before its response (499).
+    pub fn new(request_id: &str, line: Option<(&Method, &str)>, started: Instant) -> Arc<Self> {
         Arc::new(AccessLine {
             started,
             request_id: request_id.to_owned(),
-            method: method.clone(),
-            path: path.to_owned(),
+            method: line.map(|(m, _)| m.clone()),
+            path: line.map(|(_, p)| p.to_owned()),
             fields: Mutex::new(Fields {
                 account: None,
                 key_id: None,
@@ -133,8 +135,8 @@ impl Drop for AccessLine {
         tracing::info!(
             target: "plangate::access",
             request_id = %self.request_id,
-            method = %self.method,
-            path = %self.path,
+            method = self.method.as_ref().map(Method::as_str),
+            path = self.path.as_deref(),
             account = f.account.as_deref(),
             key_id = f.key_id.as_deref(),
             endpoint = f.endpoint.as_deref(),

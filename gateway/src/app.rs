@@ -258,9 +258,13 @@ impl App {
                 credentials.push(h);
             }
         }
+        let refusing = self.gateway.clone();
         let opts = ListenerOptions {
             header_read_timeout: self.config.server.header_read_timeout,
             credential_headers: credentials.into(),
+            refuse: Some(Arc::new(move |e: &crate::errors::ApiError| {
+                refusing.refused(e)
+            })),
             ..ListenerOptions::default()
         };
         let main_local = main.local_addr().map_err(fail)?;
@@ -289,7 +293,12 @@ impl App {
                 let task = server::serve_listener(
                     listener,
                     admin_tls,
-                    opts,
+                    // The admin API's refusals are its own: not counted or
+                    // logged as requests of the main listener.
+                    ListenerOptions {
+                        refuse: None,
+                        ..opts
+                    },
                     move |req, _peer| admin.clone().handle(req),
                     shutdown,
                 );

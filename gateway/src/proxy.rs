@@ -384,7 +384,11 @@ impl Gateway {
         let table = self.table.load_full();
         let mut outcome = Outcome::default();
         if table.access_log && access::enabled() {
-            outcome.access = Some(AccessLine::new(&request_id, req.method(), path, started));
+            outcome.access = Some(AccessLine::new(
+                &request_id,
+                Some((req.method(), path)),
+                started,
+            ));
         }
         // The gateway's own endpoints are answered whatever the routes say.
         let result = if path == "/v1/limits" {
@@ -437,6 +441,28 @@ impl Gateway {
             });
         }
         resp.headers_mut().entry(REQUEST_ID).or_insert(echoed);
+        resp
+    }
+
+    /// The answer to a request head the edge guard refused (400, 401,
+    /// 431; `server::ListenerOptions::refuse`): like every response of this
+    /// listener it carries a request id, is counted and has its access-log
+    /// line (without method and path: the head was not read).
+    pub fn refused(&self, e: &ApiError) -> Response<Body> {
+        let request_id = self.core.ids.next_id();
+        let mut resp = error_response(e);
+        let status = resp.status().as_u16();
+        self.core.metrics.request(NO_ENDPOINT, e.code(), status);
+        if self.table.load().access_log && access::enabled() {
+            AccessLine::new(&request_id, None, Instant::now()).note(|f| {
+                f.status = status;
+                f.decision = e.code();
+                f.error = Some(e.code());
+            });
+        }
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert(REQUEST_ID, v);
+        }
         resp
     }
 

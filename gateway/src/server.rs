@@ -148,8 +148,12 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Makes the answer to a head the edge guard refused (the main listener's
+/// stamps it with a request id, counts it and logs it like any response).
+pub type Refuse = Arc<dyn Fn(&ApiError) -> Response<Body> + Send + Sync>;
+
 /// Connection-level settings of one listener.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ListenerOptions {
     /// Time allowed to receive a request head (slowloris guard).
     pub header_read_timeout: Duration,
@@ -158,6 +162,19 @@ pub struct ListenerOptions {
     /// Headers that carry credentials (API keys, the admin token): a
     /// control byte in one is answered 401 rather than 400.
     pub credential_headers: Arc<[HeaderName]>,
+    /// The answer to a refused head; `None`: the bare error response.
+    pub refuse: Option<Refuse>,
+}
+
+impl std::fmt::Debug for ListenerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerOptions")
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("credential_headers", &self.credential_headers)
+            .field("refuse", &self.refuse.is_some())
+            .finish()
+    }
 }
 
 impl Default for ListenerOptions {
@@ -166,6 +183,7 @@ impl Default for ListenerOptions {
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             credential_headers: Arc::from([http::header::AUTHORIZATION]),
+            refuse: None,
         }
     }
 }
@@ -215,6 +233,7 @@ pub async fn serve_listener<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let refuse = opts.refuse.clone();
         let first_request = Arc::new(AtomicBool::new(false));
         let seen = first_request.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -237,7 +256,7 @@ pub async fn serve_listener<H, F>(
                     fut: handler(req, peer),
                 },
                 Some(rejection) => Served::Refused {
-                    resp: Some(refusal(rejection)),
+                    resp: Some(refusal(rejection, refuse.as_ref())),
                 },
             }
         });
@@ -342,15 +361,19 @@ impl<F: Future<Output = Response<Body>>> Future for Served<F> {
             ServedProj::Handler { fut } => fut.poll(cx).map(Ok),
             ServedProj::Refused { resp } => Poll::Ready(Ok(resp
                 .take()
-                .unwrap_or_else(|| refusal(Rejection::Malformed)))),
+                .unwrap_or_else(|| refusal(Rejection::Malformed, None)))),
         }
     }
 }
 
 /// The answer to a head the edge guard refused; the connection closes
 /// after it.
-fn refusal(rejection: Rejection) -> Response<Body> {
-    let mut resp = error_response(&rejection.error());
+fn refusal(rejection: Rejection, refuse: Option<&Refuse>) -> Response<Body> {
+    let error = rejection.error();
+    let mut resp = match refuse {
+        Some(refuse) => refuse(&error),
+        None => error_response(&error),
+    };
     resp.headers_mut()
         .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     resp

@@ -195,6 +195,21 @@ fn request_id(r: &Resp) -> String {
         .to_owned()
 }
 
+/// The status and `x-request-id` of a raw HTTP/1.1 exchange.
+async fn raw(gw: &GatewayProc, bytes: &[u8]) -> (Option<u16>, Option<String>) {
+    let resp = rig::raw_exchange(gw.main, bytes, std::time::Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&resp);
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .map(|v| v.trim().to_owned());
+    (rig::raw_status(&resp), id)
+}
+
+/// A head the edge guard refuses before hyper reads it: two lengths.
+const TWO_LENGTHS: &[u8] =
+    b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab";
+
 /// The access-log lines of a (JSON) log, by request id.
 fn access_lines(log: &str) -> HashMap<String, serde_json::Value> {
     let mut out = HashMap::new();
@@ -249,6 +264,8 @@ async fn access_log_is_one_json_line_per_response_without_the_key() {
     ])
     .await;
     let missing = post(vec![json_ct_owned(json_ct)]).await;
+    let (edge_status, edge_id) = raw(&gw, TWO_LENGTHS).await;
+    assert_eq!(edge_status, Some(400));
     assert_eq!(
         [
             ok1.status,
@@ -269,7 +286,7 @@ async fn access_log_is_one_json_line_per_response_without_the_key() {
         assert!(!log.contains(secret), "an upstream key is in the log");
     }
     let lines = access_lines(&log);
-    assert_eq!(lines.len(), 5, "one line per response:\n{log}");
+    assert_eq!(lines.len(), 6, "one line per response:\n{log}");
 
     for ok in [&ok1, &ok2] {
         let l = &lines[&request_id(ok)];
@@ -311,6 +328,13 @@ async fn access_log_is_one_json_line_per_response_without_the_key() {
             "{l}"
         );
     }
+    // A head refused before it was read: no method or path.
+    let l = &lines[&edge_id.expect("x-request-id on an edge refusal")];
+    assert_eq!(
+        (l["status"].as_u64(), l["error"].as_str()),
+        (Some(400), Some("invalid_request"))
+    );
+    assert!(l.get("method").is_none() && l.get("path").is_none(), "{l}");
 }
 
 fn json_ct_owned(h: (&'static str, &'static str)) -> (&'static str, String) {
@@ -377,6 +401,16 @@ async fn models_lists_what_the_callers_plan_allows_in_openai_shape() {
     assert_eq!(mock.stats().requests(), 0);
 }
 
+/// Expected status and error code; the request: method, path, headers, body.
+type Case<'a> = (
+    u16,
+    &'a str,
+    Method,
+    &'a str,
+    Vec<(&'a str, &'a str)>,
+    String,
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_4xx_carries_x_request_id() {
     let mock = plangate::mock::start(Default::default()).await.unwrap();
@@ -387,7 +421,7 @@ async fn every_4xx_carries_x_request_id() {
     let auth = auth.as_str();
     let ct = ("content-type", "application/json");
     let chat = |model: &str| format!(r#"{{"model":"{model}","messages":[]}}"#);
-    let cases: Vec<(u16, &str, Method, &str, Vec<(&str, &str)>, String)> = vec![
+    let cases: Vec<Case> = vec![
         (
             401,
             "missing_api_key",
@@ -494,6 +528,20 @@ async fn every_4xx_carries_x_request_id() {
         let id = request_id(&r);
         assert!(id.starts_with("req_"), "{ctx}: {id}");
         assert!(ids.insert(id), "{ctx}: ids are unique");
+    }
+    // Heads the edge guard refuses before hyper reads them (400, and 401
+    // for a control byte in a key header) carry one too.
+    for (bytes, status) in [
+        (TWO_LENGTHS.to_vec(), 400),
+        (
+            b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-api-key: pg_\x01\r\n\r\n".to_vec(),
+            401,
+        ),
+    ] {
+        let (got, id) = raw(&gw, &bytes).await;
+        assert_eq!(got, Some(status));
+        let id = id.expect("x-request-id on an edge refusal");
+        assert!(ids.insert(id), "ids are unique");
     }
     // A client's own correlation id is echoed on a refusal too.
     let r = call(
