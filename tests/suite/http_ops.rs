@@ -344,21 +344,30 @@ fn json_ct_owned(h: (&'static str, &'static str)) -> (&'static str, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_can_be_turned_off() {
     let mock = plangate::mock::start(Default::default()).await.unwrap();
-    let (mut gw, _dir) = start(
-        &mock.url(),
-        "[log]\naccess = false",
-        &[("PLANGATE_LOG_FORMAT", "json")],
-    );
-    let client = rig::http_client();
-    let (key, _) = account(&client, &gw, None, 100).await;
-    let r = rig::get(&client, gw.main, "/v1/models", Some(&key)).await;
-    assert_eq!(r.status, 200);
-    let r = rig::get(&client, gw.main, "/v1/models", None).await;
-    assert_eq!(r.status, 401);
-    assert!(gw.terminate());
-    let log = gw.log();
-    assert!(log.contains("plangate listening"), "{log}");
-    assert!(access_lines(&log).is_empty(), "{log}");
+    // By the config, or by RUST_LOG.
+    for (log_section, rust_log) in [
+        ("[log]\naccess = false", "info"),
+        ("", "info,plangate::access=off"),
+    ] {
+        let (mut gw, _dir) = start(
+            &mock.url(),
+            log_section,
+            &[("PLANGATE_LOG_FORMAT", "json"), ("RUST_LOG", rust_log)],
+        );
+        let client = rig::http_client();
+        let (key, _) = account(&client, &gw, None, 100).await;
+        let r = rig::get(&client, gw.main, "/v1/models", Some(&key)).await;
+        assert_eq!(r.status, 200);
+        let r = rig::get(&client, gw.main, "/v1/models", None).await;
+        assert_eq!(r.status, 401);
+        assert!(gw.terminate());
+        let log = gw.log();
+        assert!(log.contains("plangate listening"), "{log}");
+        assert!(
+            access_lines(&log).is_empty(),
+            "{log_section} {rust_log}: {log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
