@@ -203,10 +203,11 @@ pub struct Route {
     /// Index into [`Config::upstreams`].
     pub upstream: usize,
     pub endpoint: EndpointSource,
-    /// The header the client's API key is read from on this route; `None`:
-    /// `[auth] header`. `authorization` means `Bearer KEY`, any other header
-    /// the raw key (`x-api-key`, as Anthropic's SDK sends it).
-    pub auth_header: Option<HeaderName>,
+    /// The headers the client's API key is read from on this route, the
+    /// first the request carries (`auth_header`); empty: `[auth] header`.
+    /// `authorization` means `Bearer KEY`, any other header the raw key
+    /// (`x-api-key`, as Anthropic's SDKs before 2.0 send it).
+    pub auth_headers: Vec<HeaderName>,
     /// Per unit, sources tried in order; the first that yields a number wins.
     pub usage: Vec<(Unit, Vec<ValueSource>)>,
     /// Per unit, the request-side amount reserved at admission: sources
@@ -312,7 +313,7 @@ impl Config {
     /// each route's own `auth_header` not already named, in file order.
     pub fn key_headers(&self) -> Vec<HeaderName> {
         let mut out = vec![self.auth.header.clone()];
-        for h in self.routes.iter().filter_map(|r| r.auth_header.as_ref()) {
+        for h in self.routes.iter().flat_map(|r| &r.auth_headers) {
             if !out.contains(h) {
                 out.push(h.clone());
             }

@@ -480,10 +480,11 @@ impl Gateway {
     ) -> Result<Response<Body>, ApiError> {
         let core = &self.core;
         // Who is calling, by the route's key header.
-        let key_header = route.auth_header.as_ref().unwrap_or(&table.auth_header);
-        let owner = self
-            .authenticate(req.headers(), std::slice::from_ref(key_header))
-            .await?;
+        let key_headers = match route.auth_headers.as_slice() {
+            [] => std::slice::from_ref(&table.auth_header),
+            own => own,
+        };
+        let owner = self.authenticate(req.headers(), key_headers).await?;
         outcome.caller(&owner);
         let account = owner.account_id;
 

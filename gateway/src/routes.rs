@@ -11,7 +11,7 @@
 //!     path,
 //!     upstream: 0,
 //!     endpoint: EndpointSource::Model,
-//!     auth_header: None,
+//!     auth_headers: vec![],
 //!     usage: vec![],
 //!     reserve: vec![],
 //! };
@@ -129,7 +129,7 @@ mod tests {
             path,
             upstream,
             endpoint: EndpointSource::Literal(format!("e{upstream}")),
-            auth_header: None,
+            auth_headers: vec![],
             usage: vec![],
             reserve: vec![],
         }

@@ -2,7 +2,8 @@
 //! the real `plangate serve`: the access log (one JSON line per response,
 //! never a key), `GET /v1/models` in OpenAI's shape, `x-request-id` on
 //! every 4xx, and OpenAI-style and Anthropic-style clients (`x-api-key`)
-//! sharing one gateway.
+//! sharing one gateway, also with the official openai and anthropic
+//! Python SDKs (tests/sdk/two_sdks.py).
 
 use std::collections::HashMap;
 
@@ -53,8 +54,9 @@ plans:
 
 /// A gateway in front of `mock` with an OpenAI-style upstream and an
 /// Anthropic-style one (its key sent in `x-api-key`), on the same mock;
-/// `/v1/messages` reads the client's key from `x-api-key`. `log` is
-/// appended (a `[log]` section).
+/// `/v1/messages` reads the client's key from `x-api-key` or, failing
+/// that, `Authorization: Bearer` (Anthropic's SDKs before 2.0 and since).
+/// `log` is appended (a `[log]` section).
 fn start(mock: &str, log: &str, env: &[(&str, &str)]) -> (GatewayProc, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(plangate_tests::harness::unique("ops-http"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -98,7 +100,7 @@ usage.token = "body:usage.total_tokens"
 path = "/v1/messages"
 upstream = "anthropic"
 endpoint = "{{model}}"
-auth_header = "x-api-key"
+auth_header = ["x-api-key", "authorization"]
 usage.token = "body:usage.output_tokens"
 
 [[routes]]
@@ -615,7 +617,9 @@ async fn openai_and_anthropic_style_clients_share_one_gateway() {
     );
     assert!(seen.headers.get("x-api-key").is_none());
 
-    // Each route reads its own header only.
+    // Anthropic's SDK since 2.0: Authorization: Bearer, which the
+    // messages route reads when x-api-key is absent; neither reaches the
+    // upstream.
     let r = call(
         &client,
         &gw,
@@ -625,10 +629,12 @@ async fn openai_and_anthropic_style_clients_share_one_gateway() {
         messages,
     )
     .await;
-    assert_eq!(
-        (r.status.as_u16(), r.code().as_str()),
-        (401, "missing_api_key")
-    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let seen = mock.stats().last_request().expect("forwarded");
+    assert_eq!(seen.headers["x-api-key"], ANTHROPIC_UPSTREAM_KEY);
+    assert!(seen.headers.get("authorization").is_none());
+    // Each route reads its own headers only: x-api-key is not the chat
+    // route's.
     let r = call(
         &client,
         &gw,
@@ -672,4 +678,53 @@ async fn openai_and_anthropic_style_clients_share_one_gateway() {
         assert_eq!(r.status, 200, "{h:?}");
         assert_eq!(json(&r)["data"].as_array().map(Vec::len), Some(4));
     }
+}
+
+/// `python3` when it has both the openai and anthropic packages; under
+/// `PLANGATE_REQUIRE_SERVICES=1` their absence fails the test.
+fn python_with_both_sdks() -> Option<&'static str> {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import openai, anthropic"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some("python3");
+    }
+    if std::env::var("PLANGATE_REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
+        panic!("python3 with the openai and anthropic packages is required (tests/run.sh installs them with pip)");
+    }
+    eprintln!(
+        "\n*** SKIPPING: python3 -c 'import openai, anthropic' failed; run ./tests/run.sh.\n"
+    );
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_and_anthropic_sdks_share_one_gateway() {
+    let Some(python) = python_with_both_sdks() else {
+        return;
+    };
+    let mock = plangate::mock::start(Default::default()).await.unwrap();
+    let (gw, _dir) = start(&mock.url(), "", &[]);
+    let client = rig::http_client();
+    let (key, _) = account(&client, &gw, None, 100).await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/two_sdks.py");
+    let base = format!("http://{}", gw.main);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .env("PLANGATE_BASE", base)
+            .env("PLANGATE_KEY", key)
+            .output()
+            .expect("run python3")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "SDK checks failed:\n{stdout}");
+    assert!(stdout.contains("all ok"));
+    let seen = mock.stats().last_request().expect("forwarded");
+    assert_eq!(seen.uri, "/v1/messages");
+    assert_eq!(seen.headers["x-api-key"], ANTHROPIC_UPSTREAM_KEY);
 }

@@ -583,6 +583,51 @@ impl Builder<'_> {
         }
     }
 
+    /// One header name, or a non-empty list of them.
+    fn header_names(&mut self, v: &toml::Spanned<toml::Value>, key: &str) -> Vec<HeaderName> {
+        let span = v.span();
+        let as_str = |s: &String| toml::Spanned::new(span.clone(), s.clone());
+        match v.get_ref() {
+            toml::Value::String(s) => self.header_name(&as_str(s), key).into_iter().collect(),
+            toml::Value::Array(items) if !items.is_empty() => {
+                let mut out = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    let item_key = format!("{key}[{i}]");
+                    match item {
+                        toml::Value::String(s) => {
+                            if let Some(h) = self.header_name(&as_str(s), &item_key) {
+                                if !out.contains(&h) {
+                                    out.push(h);
+                                }
+                            }
+                        }
+                        other => self.error_at(
+                            span.clone(),
+                            &item_key,
+                            format!("expected a header name, found {}", other.type_str()),
+                        ),
+                    }
+                }
+                out
+            }
+            other => {
+                self.error_at(
+                    span,
+                    key,
+                    format!(
+                        "expected a header name such as \"x-api-key\" or a list of them, found {}",
+                        if matches!(other, toml::Value::Array(_)) {
+                            "an empty list"
+                        } else {
+                            other.type_str()
+                        }
+                    ),
+                );
+                Vec::new()
+            }
+        }
+    }
+
     fn plans(&mut self, spanned: Option<&toml::Spanned<super::raw::RawPlans>>) -> PlansConfig {
         let mut out = PlansConfig {
             file: PathBuf::new(),
@@ -773,10 +818,11 @@ impl Builder<'_> {
                 found
             });
             let endpoint = self.endpoint(&r.endpoint, &format!("{key}.endpoint"));
-            let auth_header = r
+            let auth_headers = r
                 .auth_header
                 .as_ref()
-                .and_then(|h| self.header_name(h, &format!("{key}.auth_header")));
+                .map(|h| self.header_names(h, &format!("{key}.auth_header")))
+                .unwrap_or_default();
             let usage = self.sources(&r.usage, &format!("{key}.usage"));
             let reserve = self.sources(&r.reserve, &format!("{key}.reserve"));
             if let (Some(path), Some(upstream), Some(endpoint)) = (path, upstream, endpoint) {
@@ -784,7 +830,7 @@ impl Builder<'_> {
                     path,
                     upstream,
                     endpoint,
-                    auth_header,
+                    auth_headers,
                     usage,
                     reserve,
                 });

@@ -127,9 +127,9 @@ pub struct RawRoute {
     pub path: Str,
     pub upstream: Str,
     pub endpoint: Str,
-    /// The header the client's API key is read from on this route
-    /// (default: `[auth] header`).
-    pub auth_header: Option<Str>,
+    /// The header(s) the client's API key is read from on this route
+    /// (default: `[auth] header`): a name or a list of names.
+    pub auth_header: Option<Spanned<toml::Value>>,
     /// `usage.<unit> = "source"` or `["source", ...]`.
     #[serde(default)]
     pub usage: BTreeMap<Str, Spanned<toml::Value>>,

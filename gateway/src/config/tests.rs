@@ -242,16 +242,19 @@ reserve.token = "body:max_tokens"
 path = "/v1/*"
 upstream = "vllm"
 endpoint = "other"
-auth_header = "X-Client-Key"
+auth_header = ["X-Client-Key", "authorization"]
 usage.image = "body:data.length"
 "#;
     let c = load(text).unwrap();
     assert!(!c.log.access);
     assert_eq!(c.upstreams[0].auth_header, "x-upstream-key");
-    assert_eq!(c.routes[0].auth_header, None);
+    assert!(c.routes[0].auth_headers.is_empty());
     assert_eq!(
-        c.routes[1].auth_header,
-        Some(HeaderName::from_static("x-client-key"))
+        c.routes[1].auth_headers,
+        [
+            HeaderName::from_static("x-client-key"),
+            HeaderName::from_static("authorization")
+        ]
     );
     assert_eq!(
         c.server.tls,
@@ -285,7 +288,7 @@ usage.image = "body:data.length"
             path: RoutePath::Exact("/v1/chat/completions".into()),
             upstream: 0,
             endpoint: EndpointSource::Model,
-            auth_header: None,
+            auth_headers: vec![],
             usage: vec![(
                 Unit::new("token"),
                 vec![
@@ -371,10 +374,12 @@ fn errors_are_located() {
             ],
         ),
         (
-            format!("{MINIMAL}[[upstreams]]\nname = \"u\"\nurl = \"http://x\"\nauth_header = \"x key\"\n[[routes]]\npath = \"/v1/x\"\nupstream = \"u\"\nendpoint = \"e\"\nauth_header = \"\"\n"),
+            format!("{MINIMAL}[[upstreams]]\nname = \"u\"\nurl = \"http://x\"\nauth_header = \"x key\"\n[[routes]]\npath = \"/v1/x\"\nupstream = \"u\"\nendpoint = \"e\"\nauth_header = \"\"\n[[routes]]\npath = \"/v1/y\"\nupstream = \"u\"\nendpoint = \"e\"\nauth_header = [\"x-api-key\", 3]\n[[routes]]\npath = \"/v1/z\"\nupstream = \"u\"\nendpoint = \"e\"\nauth_header = []\n"),
             vec![
                 format!("{f}:6:15: upstreams[0].auth_header: `x key` is not a valid header name"),
                 format!("{f}:11:15: routes[0].auth_header: must not be empty"),
+                format!("{f}:16:15: routes[1].auth_header[1]: expected a header name, found integer"),
+                format!("{f}:21:15: routes[2].auth_header: expected a header name such as \"x-api-key\" or a list of them, found an empty list"),
             ],
         ),
         (
