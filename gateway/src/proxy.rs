@@ -1577,3 +1577,80 @@ impl Drop for MeteredBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RoutePath;
+
+    fn route(endpoint: EndpointSource) -> Route {
+        Route {
+            path: RoutePath::Exact("/x".into()),
+            upstream: 0,
+            endpoint,
+            auth_headers: vec![],
+            usage: vec![],
+            reserve: vec![],
+        }
+    }
+
+    #[test]
+    fn plan_models_are_the_endpoints_reachable_by_name() {
+        let policy = Arc::new(Policy {
+            windows: vec![],
+            max_concurrent: 0,
+            concurrency_expiry_secs: 60,
+            credits: None,
+        });
+        let plan = Plan {
+            id: "p".into(),
+            name: "p".into(),
+            endpoints: ["b-model", "a-model", "images"]
+                .iter()
+                .map(|e| ((*e).to_owned(), policy.clone()))
+                .collect(),
+        };
+        let images = route(EndpointSource::Literal("images".into()));
+        let elsewhere = route(EndpointSource::Literal("not-in-plan".into()));
+        let by_model = route(EndpointSource::Model);
+        let check = |routes: &[Route], want: &[&str]| {
+            assert_eq!(plan_models(Some(&plan), routes), want, "{routes:?}");
+        };
+        // A `{model}` route reaches every endpoint of the plan by name.
+        check(
+            std::slice::from_ref(&by_model),
+            &["a-model", "b-model", "images"],
+        );
+        check(
+            &[images.clone(), by_model],
+            &["a-model", "b-model", "images"],
+        );
+        // Without one, only literal endpoints the plan has.
+        check(&[images, elsewhere], &["images"]);
+        check(&[], &[]);
+        assert!(plan_models(None, &[route(EndpointSource::Model)]).is_empty());
+    }
+
+    #[test]
+    fn the_key_is_read_from_the_first_header_present() {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("raw-key"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer bearer-key"),
+        );
+        let x = HeaderName::from_static("x-api-key");
+        let auth = header::AUTHORIZATION;
+        assert_eq!(extract_key(&h, &[x.clone(), auth.clone()]), Some("raw-key"));
+        assert_eq!(
+            extract_key(&h, &[auth.clone(), x.clone()]),
+            Some("bearer-key")
+        );
+        h.remove("x-api-key");
+        assert_eq!(extract_key(&h, &[x.clone(), auth]), Some("bearer-key"));
+        assert_eq!(extract_key(&h, &[x]), None);
+        // A raw key in authorization is not a bearer key.
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("raw"));
+        assert_eq!(extract_key(&h, &[header::AUTHORIZATION]), None);
+    }
+}
