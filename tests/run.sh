@@ -55,14 +55,15 @@ ensure_redis() {
 }
 
 ensure_python_openai() {
-  # The SDK end-to-end test drives the gateway with the official openai
-  # Python package.
-  if python3 -c 'import openai' 2>/dev/null; then return; fi
+  # The SDK end-to-end tests drive the gateway with the official openai
+  # and anthropic Python packages.
+  if python3 -c 'import openai, anthropic' 2>/dev/null; then return; fi
   if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
     apt_install python3 python3-pip
   fi
-  log "installing the openai Python SDK"
-  python3 -m pip install -q openai 2>/dev/null || python3 -m pip install -q --break-system-packages openai
+  log "installing the openai and anthropic Python SDKs"
+  python3 -m pip install -q openai anthropic 2>/dev/null ||
+    python3 -m pip install -q --break-system-packages openai anthropic
 }
 
 python_has_litellm_proxy() {

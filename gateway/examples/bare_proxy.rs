@@ -56,6 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         name: "up".into(),
         url: url.parse()?,
         auth: None,
+        auth_header: http::header::AUTHORIZATION,
         ca_file: None,
         drop_response_headers: Vec::new(),
     };

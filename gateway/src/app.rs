@@ -251,15 +251,21 @@ impl App {
             Some(files) => Some(server::tls_acceptor(files).map_err(bad)?),
             None => None,
         };
-        // The configured key header as of start-up: a SIGHUP that renames
-        // it leaves control bytes in the new header answered 400, not 401.
+        // The configured key headers as of start-up: a SIGHUP that renames
+        // one leaves control bytes in the new header answered 400, not 401.
         let mut credentials = vec![http::header::AUTHORIZATION];
-        if self.config.auth.header != http::header::AUTHORIZATION {
-            credentials.push(self.config.auth.header.clone());
+        for h in self.config.key_headers() {
+            if !credentials.contains(&h) {
+                credentials.push(h);
+            }
         }
+        let refusing = self.gateway.clone();
         let opts = ListenerOptions {
             header_read_timeout: self.config.server.header_read_timeout,
             credential_headers: credentials.into(),
+            refuse: Some(Arc::new(move |e: &crate::errors::ApiError| {
+                refusing.refused(e)
+            })),
             ..ListenerOptions::default()
         };
         let main_local = main.local_addr().map_err(fail)?;
@@ -288,7 +294,12 @@ impl App {
                 let task = server::serve_listener(
                     listener,
                     admin_tls,
-                    opts,
+                    // The admin API's refusals are its own: not counted or
+                    // logged as requests of the main listener.
+                    ListenerOptions {
+                        refuse: None,
+                        ..opts
+                    },
                     move |req, _peer| admin.clone().handle(req),
                     shutdown,
                 );

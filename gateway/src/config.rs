@@ -144,13 +144,24 @@ pub struct UsageConfig {
     pub record: bool,
 }
 
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// One access-log line per request of the main listener (target
+    /// `plangate::access`); default true.
+    pub access: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     pub name: String,
     /// `http` or `https`, no query; the request path is appended to its path.
     pub url: http::Uri,
-    /// Replaces the client's `Authorization` upstream (e.g. `Bearer sk-...`).
+    /// Replaces the client's credential upstream (e.g. `Bearer sk-...`).
     pub auth: Option<String>,
+    /// The header `auth` is sent in: `authorization` by default,
+    /// `x-api-key` for Anthropic's API.
+    pub auth_header: HeaderName,
     /// Extra CA bundle (PEM) for an https upstream, resolved like `plans.file`.
     pub ca_file: Option<PathBuf>,
     /// Response header names (lower-case globs, `*` for any run of
@@ -248,6 +259,11 @@ pub struct Route {
     /// Index into [`Config::upstreams`].
     pub upstream: usize,
     pub endpoint: EndpointSource,
+    /// The headers the client's API key is read from on this route, the
+    /// first the request carries (`auth_header`); empty: `[auth] header`.
+    /// `authorization` means `Bearer KEY`, any other header the raw key
+    /// (`x-api-key`, as Anthropic's SDKs before 2.0 send it).
+    pub auth_headers: Vec<HeaderName>,
     /// Per unit, sources tried in order; the first that yields a number wins.
     pub usage: Vec<(Unit, Vec<ValueSource>)>,
     /// Per unit, the request-side amount reserved at admission: sources
@@ -270,6 +286,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub plans: PlansConfig,
     pub usage: UsageConfig,
+    pub log: LogConfig,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
 }
@@ -350,6 +367,18 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
         build::build(text, path, env)
+    }
+
+    /// Every header a client's key is read from: `[auth] header`, then
+    /// each route's own `auth_header` not already named, in file order.
+    pub fn key_headers(&self) -> Vec<HeaderName> {
+        let mut out = vec![self.auth.header.clone()];
+        for h in self.routes.iter().flat_map(|r| &r.auth_headers) {
+            if !out.contains(h) {
+                out.push(h.clone());
+            }
+        }
+        out
     }
 
     /// The units plans may name under these routes: every `usage.<unit>`

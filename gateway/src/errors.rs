@@ -50,6 +50,9 @@ pub enum ApiError {
     UnknownRoute { method: String, path: String },
     /// 403 `endpoint_not_allowed`: the account's plan lacks the endpoint.
     EndpointNotAllowed { endpoint: String },
+    /// 404 `model_not_found` (`GET /v1/models/{id}`): the caller's plan
+    /// has no such model, as OpenAI answers for a model that does not exist.
+    ModelNotFound { model: String },
     /// 400 `invalid_request`: e.g. a body that is not JSON where `{model}`
     /// routing needs it, or no `model`; also the admin API's 400.
     InvalidRequest { message: String },
@@ -142,6 +145,7 @@ impl ApiError {
     pub fn param(&self) -> Option<&str> {
         match self {
             ApiError::InvalidParameter { param, .. } => Some(param),
+            ApiError::ModelNotFound { .. } => Some("model"),
             _ => None,
         }
     }
@@ -185,7 +189,7 @@ impl ApiError {
         use ApiError::*;
         match self {
             MissingApiKey | InvalidApiKey { .. } | AdminUnauthorized => StatusCode::UNAUTHORIZED,
-            UnknownRoute { .. } | NotFound { .. } => StatusCode::NOT_FOUND,
+            UnknownRoute { .. } | NotFound { .. } | ModelNotFound { .. } => StatusCode::NOT_FOUND,
             EndpointNotAllowed { .. } => StatusCode::FORBIDDEN,
             InvalidRequest { .. } | InvalidParameter { .. } => StatusCode::BAD_REQUEST,
             RateLimited { .. }
@@ -218,6 +222,7 @@ impl ApiError {
             InvalidApiKey { .. } => "invalid_api_key",
             UnknownRoute { .. } => "unknown_route",
             EndpointNotAllowed { .. } => "endpoint_not_allowed",
+            ModelNotFound { .. } => "model_not_found",
             InvalidRequest { .. } | InvalidParameter { .. } => "invalid_request",
             RateLimited { .. } => "rate_limit_exceeded",
             RequestTooLarge { .. } => "request_too_large",
@@ -270,6 +275,7 @@ impl ApiError {
                 whole_gateway: false,
             } => "requests".to_owned(),
             UnknownRoute { .. }
+            | ModelNotFound { .. }
             | InvalidRequest { .. }
             | InvalidParameter { .. }
             | DuplicateRequest
@@ -292,6 +298,9 @@ impl ApiError {
             InvalidApiKey { masked_key } => format!("Incorrect API key provided: {masked_key}."),
             UnknownRoute { method, path } => format!("Invalid URL ({method} {path})"),
             EndpointNotAllowed { endpoint } => format!("no access to endpoint: {endpoint}"),
+            ModelNotFound { model } => format!(
+                "The model `{model}` does not exist or you do not have access to it."
+            ),
             InvalidRequest { message }
             | InvalidParameter { message, .. }
             | NotFound { message }
@@ -562,6 +571,16 @@ mod tests {
                 headers: &[],
             },
             Row {
+                err: ApiError::ModelNotFound {
+                    model: "gpt-5".into(),
+                },
+                status: 404,
+                code: "model_not_found",
+                kind: "invalid_request_error",
+                message: "The model `gpt-5` does not exist or you do not have access to it.",
+                headers: &[],
+            },
+            Row {
                 err: ApiError::invalid_request("request body is not JSON"),
                 status: 400,
                 code: "invalid_request",
@@ -781,11 +800,13 @@ mod tests {
             }
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            // Only a parameter error names a parameter.
+            // Only a parameter error names a parameter (and a missing
+            // model, `model`, as OpenAI does).
             let param = match row.code {
                 "invalid_request" if row.message.starts_with("group_by") => {
                     serde_json::json!("group_by")
                 }
+                "model_not_found" => serde_json::json!("model"),
                 _ => serde_json::Value::Null,
             };
             let expected = serde_json::json!({"error": {

@@ -5,6 +5,7 @@
 //! request lifecycle and the code map.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod background;

@@ -32,7 +32,9 @@ Environment:
   PLANGATE_ADMIN_TOKEN  the admin API token; the example config reads it with token = \"${PLANGATE_ADMIN_TOKEN}\"
                         (any ${VAR} in the config is read from the environment; unset is an error)
   PLANGATE_CONFIG       the config file when --config is not given
-  RUST_LOG              log filter, default info (e.g. RUST_LOG=info,plangate=debug)
+  RUST_LOG              log filter, default info (e.g. RUST_LOG=info,plangate=debug;
+                        RUST_LOG=info,plangate::access=off silences the access log)
+  PLANGATE_LOG_FORMAT   json | text | auto (default: text on a terminal, JSON otherwise)
 
 Examples:
   export PLANGATE_ADMIN_TOKEN=$(openssl rand -hex 32)

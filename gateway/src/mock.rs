@@ -4,8 +4,9 @@
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (both
 //! with `"stream": true` support), `POST /v1/embeddings`,
-//! `POST /v1/images/generations`, `GET /v1/models`, and `GET /mock/stats`
-//! (not counted as a request).
+//! `POST /v1/images/generations`, `GET /v1/models`, Anthropic's
+//! `POST /v1/messages` (not streamed; `usage.input_tokens` and
+//! `output_tokens`), and `GET /mock/stats` (not counted as a request).
 //!
 //! Token counts are deterministic: `prompt_tokens = ceil(body bytes / 4)`,
 //! `completion_tokens = 10 × chunks`; with `x-mock-tokens: T` the total is
@@ -416,21 +417,22 @@ async fn answer(
             }
             let text = "mock ".repeat(chunks as usize);
             if let Some(other) = other_shape_body(shape, &model, &text, (prompt, completion)) {
-                return json_response(StatusCode::OK, &other);
-            }
-            let choice = if chat {
-                json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
+                other
             } else {
-                json!({"index": 0, "text": text, "finish_reason": "stop"})
-            };
-            json!({
-                "id": "mock-1",
-                "object": if chat { "chat.completion" } else { "text_completion" },
-                "created": 1_700_000_000,
-                "model": model,
-                "choices": [choice],
-                "usage": usage_json(prompt, completion),
-            })
+                let choice = if chat {
+                    json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
+                } else {
+                    json!({"index": 0, "text": text, "finish_reason": "stop"})
+                };
+                json!({
+                    "id": "mock-1",
+                    "object": if chat { "chat.completion" } else { "text_completion" },
+                    "created": 1_700_000_000,
+                    "model": model,
+                    "choices": [choice],
+                    "usage": usage_json(prompt, completion),
+                })
+            }
         }
         (&Method::POST, "/v1/embeddings") => {
             let inputs = match json.get("input") {

@@ -25,6 +25,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
+use crate::access::{self, AccessLine};
 use crate::background::{Background, Job};
 use crate::catalog::cache::CatalogCache;
 use crate::catalog::{key_digest, Catalog, GroupBy, KeyOwner, UnitUsage, UsageEvent};
@@ -50,13 +51,22 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const MAX_KEY_LEN: usize = 512;
 
 /// What a reload swaps atomically: routes, upstream clients and the
-/// per-request limits of the `[server]` and `[auth]` sections.
+/// per-request settings of the `[server]`, `[auth]` and `[log]` sections.
 #[derive(Debug)]
 pub struct RouteTable {
     pub router: Router,
     pub routes: Vec<Route>,
     pub upstreams: Vec<UpstreamClient>,
+    /// `[auth] header`: where a route without its own `auth_header` reads
+    /// the client's key.
     pub auth_header: HeaderName,
+    /// Every header a key is read from (`[auth] header` first, then the
+    /// routes' own): the gateway's own endpoints (`/v1/limits`,
+    /// `/v1/usage`, `/v1/models`) take the key from the first present, and
+    /// none of them is ever forwarded upstream.
+    pub key_headers: Vec<HeaderName>,
+    /// `[log] access`: one access-log line per request.
+    pub access_log: bool,
     pub max_request_body: u64,
     pub request_timeout: Duration,
     pub body_read_timeout: Duration,
@@ -77,6 +87,8 @@ impl RouteTable {
             routes: config.routes.clone(),
             upstreams,
             auth_header: config.auth.header.clone(),
+            key_headers: config.key_headers(),
+            access_log: config.log.access,
             max_request_body: config.server.max_request_body,
             request_timeout: config.server.request_timeout,
             body_read_timeout: config.server.body_read_timeout,
@@ -202,18 +214,45 @@ const NO_ENDPOINT: &str = "_none";
 const UNKNOWN_ENDPOINT: &str = "_unknown";
 
 /// How a request ended, recorded once per response in
-/// `plangate_requests_total`.
-#[derive(Debug, Default)]
+/// `plangate_requests_total` and in the access log.
+#[derive(Default)]
 struct Outcome {
     /// The endpoint, once the plan knows it.
     endpoint: Option<String>,
     /// The stage's decision; the first one recorded wins.
     decision: Option<&'static str>,
+    /// The `error.code` of an error response.
+    error: Option<&'static str>,
+    /// The request's access-log line, when the access log is on; an
+    /// admitted request's settlement holds it too, and adds the units and
+    /// credits it settled with.
+    access: Option<Arc<AccessLine>>,
 }
 
 impl Outcome {
     fn decide(&mut self, decision: &'static str) {
         self.decision.get_or_insert(decision);
+    }
+
+    /// An error response with this code.
+    fn fail(&mut self, code: &'static str) {
+        self.decide(code);
+        self.error.get_or_insert(code);
+    }
+
+    /// Fill in access-log fields (nothing when the log is off).
+    fn note(&self, f: impl FnOnce(&mut access::Fields)) {
+        if let Some(a) = &self.access {
+            a.note(f);
+        }
+    }
+
+    /// Who is calling: the key's id and account, never the key.
+    fn caller(&self, owner: &KeyOwner) {
+        self.note(|f| {
+            f.account = Some(owner.account_id.clone());
+            f.key_id = Some(owner.key_id.clone());
+        });
     }
 }
 
@@ -260,9 +299,11 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body
     resp
 }
 
-/// The API key a request carries, if any. With the `authorization` header
-/// the value must be `Bearer KEY`; any other header carries the raw key.
-pub fn extract_key<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
+/// The API key a request carries in the first of `names` it has, if any.
+/// In the `authorization` header the value must be `Bearer KEY`; any other
+/// header carries the raw key.
+pub fn extract_key<'a>(headers: &'a HeaderMap, names: &[HeaderName]) -> Option<&'a str> {
+    let name = names.iter().find(|n| headers.contains_key(*n))?;
     let value = headers.get(name)?;
     let text = std::str::from_utf8(value.as_bytes()).ok()?.trim();
     let key = if name == header::AUTHORIZATION {
@@ -341,14 +382,25 @@ impl Gateway {
         let echoed = client_request_id(req.headers()).unwrap_or_else(|| {
             HeaderValue::from_str(&request_id).unwrap_or(HeaderValue::from_static("req"))
         });
+        let table = self.table.load_full();
         let mut outcome = Outcome::default();
-        let mut resp = if path == "/v1/limits" {
+        if table.access_log && access::enabled() {
+            outcome.access = Some(AccessLine::new(
+                &request_id,
+                Some((req.method(), path)),
+                started,
+            ));
+        }
+        // The gateway's own endpoints are answered whatever the routes say.
+        let result = if path == "/v1/limits" {
             outcome.decide("limits");
-            self.limits(req).await
+            self.limits(req, &table, &outcome).await
         } else if path == "/v1/usage" {
-            self.usage(req).await
+            self.usage(req, &table, &outcome).await
+        } else if path == "/v1/models" || path.starts_with("/v1/models/") {
+            outcome.decide("models");
+            self.models(req, &table, &outcome).await
         } else {
-            let table = self.table.load_full();
             match table.router.match_path(path) {
                 None => Err(ApiError::UnknownRoute {
                     method: req.method().to_string(),
@@ -366,18 +418,52 @@ impl Gateway {
                     .await
                 }
             }
-            .unwrap_or_else(|e| {
-                outcome.decide(e.code());
-                error_response(&e)
-            })
         };
-        // Every response is counted, once, whatever stage ended it.
+        let mut resp = result.unwrap_or_else(|e| {
+            outcome.fail(e.code());
+            error_response(&e)
+        });
+        // Every response is counted, once, whatever stage ended it, and
+        // has its access-log line (written now, or when an admitted
+        // request's settlement lets go of it).
+        let status = resp.status().as_u16();
+        let decision = outcome.decision.unwrap_or("other");
         self.core.metrics.request(
             outcome.endpoint.as_deref().unwrap_or(NO_ENDPOINT),
-            outcome.decision.unwrap_or("other"),
-            resp.status().as_u16(),
+            decision,
+            status,
         );
+        if let Some(line) = outcome.access.take() {
+            line.note(|f| {
+                f.status = status;
+                f.decision = decision;
+                f.error = outcome.error;
+                f.endpoint = outcome.endpoint.take();
+            });
+        }
         resp.headers_mut().entry(REQUEST_ID).or_insert(echoed);
+        resp
+    }
+
+    /// The answer to a request head the edge guard refused (400, 401,
+    /// 431; `server::ListenerOptions::refuse`): like every response of this
+    /// listener it carries a request id, is counted and has its access-log
+    /// line (without method and path: the head was not read).
+    pub fn refused(&self, e: &ApiError) -> Response<Body> {
+        let request_id = self.core.ids.next_id();
+        let mut resp = error_response(e);
+        let status = resp.status().as_u16();
+        self.core.metrics.request(NO_ENDPOINT, e.code(), status);
+        if self.table.load().access_log && access::enabled() {
+            AccessLine::new(&request_id, None, Instant::now()).note(|f| {
+                f.status = status;
+                f.decision = e.code();
+                f.error = Some(e.code());
+            });
+        }
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert(REQUEST_ID, v);
+        }
         resp
     }
 
@@ -394,8 +480,13 @@ impl Gateway {
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ApiError> {
         let core = &self.core;
-        // Who is calling.
-        let owner = self.authenticate(req.headers(), &table.auth_header).await?;
+        // Who is calling, by the route's key header.
+        let key_headers = match route.auth_headers.as_slice() {
+            [] => std::slice::from_ref(&table.auth_header),
+            own => own,
+        };
+        let owner = self.authenticate(req.headers(), key_headers).await?;
+        outcome.caller(&owner);
         let account = owner.account_id;
 
         // Cheap refusal of declared oversize bodies before reading a byte.
@@ -457,6 +548,12 @@ impl Gateway {
                     _ => "denied",
                 };
                 outcome.decide(decision);
+                outcome.error = Some(e.code());
+                if let Denial::Window { window, .. } | Denial::TooLarge { window, .. } = &denial {
+                    outcome.note(|f| {
+                        f.window = Some(format!("{}/{}s", window.unit.as_str(), window.window_secs))
+                    });
+                }
                 // Nothing was written: the info is the state after the
                 // refusal.
                 return Ok(error_with_info(&e, &info));
@@ -485,6 +582,7 @@ impl Gateway {
             }
         };
 
+        outcome.note(|f| f.degraded = degraded);
         let in_flight = permit.as_ref().map(|_| InFlightGuard::new(&core.metrics));
 
         // Credits were charged by the attempt, atomically with the windows.
@@ -503,9 +601,15 @@ impl Gateway {
             .map_err(|_| ApiError::invalid_request("request path cannot be forwarded"))?;
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
-        parts.headers.remove(&table.auth_header);
+        // No header a key is read from reaches an upstream (the client's
+        // key for this gateway is not the upstream's business).
+        for name in &table.key_headers {
+            parts.headers.remove(name);
+        }
         if let Some(auth) = &upstream.auth {
-            parts.headers.insert(header::AUTHORIZATION, auth.clone());
+            parts
+                .headers
+                .insert(upstream.auth_header.clone(), auth.clone());
         }
         parts.headers.insert(REQUEST_ID, client_request_id.clone());
         if admission.injected_usage {
@@ -542,6 +646,7 @@ impl Gateway {
             status: 0,
             streamed: false,
             cut_short: false,
+            access: outcome.access.clone(),
             _in_flight: in_flight,
         };
 
@@ -578,6 +683,7 @@ impl Gateway {
         let (mut resp_parts, resp_body) = upstream_resp.into_parts();
         let status = resp_parts.status;
         outcome.decide("admitted");
+        outcome.note(|f| f.upstream_status = Some(status.as_u16()));
         let mut settle = settle;
         if status.is_server_error() {
             settle.upstream_failed = true;
@@ -629,9 +735,9 @@ impl Gateway {
     async fn authenticate(
         &self,
         headers: &HeaderMap,
-        auth_header: &HeaderName,
+        key_headers: &[HeaderName],
     ) -> Result<KeyOwner, ApiError> {
-        let Some(key) = extract_key(headers, auth_header) else {
+        let Some(key) = extract_key(headers, key_headers) else {
             return Err(ApiError::MissingApiKey);
         };
         if !plausible_key(key) {
@@ -676,20 +782,88 @@ impl Gateway {
     }
 
     /// `GET /v1/limits`: the caller's standing on every endpoint of its plan.
-    async fn limits(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn limits(
+        &self,
+        req: Request<Incoming>,
+        table: &RouteTable,
+        outcome: &Outcome,
+    ) -> Result<Response<Body>, ApiError> {
         if req.method() != Method::GET {
-            return error_response(&ApiError::MethodNotAllowed);
+            return Err(ApiError::MethodNotAllowed);
         }
-        let table = self.table.load();
-        let account = match self.authenticate(req.headers(), &table.auth_header).await {
-            Ok(owner) => owner.account_id,
-            Err(e) => return error_response(&e),
-        };
-        match limits_json(&self.core, &account, None).await {
-            Ok(v) => json_response(StatusCode::OK, &v),
-            Err(e) => error_response(&e),
+        let owner = self.authenticate(req.headers(), &table.key_headers).await?;
+        outcome.caller(&owner);
+        let v = limits_json(&self.core, &owner.account_id, None).await?;
+        Ok(json_response(StatusCode::OK, &v))
+    }
+
+    /// `GET /v1/models` (OpenAI's list) and `GET /v1/models/{id}`: the
+    /// models the caller's plan allows ([`plan_models`]). The id is the
+    /// rest of the path, percent-decoded (model names may hold `/`).
+    async fn models(
+        &self,
+        req: Request<Incoming>,
+        table: &RouteTable,
+        outcome: &Outcome,
+    ) -> Result<Response<Body>, ApiError> {
+        if req.method() != Method::GET {
+            return Err(ApiError::MethodNotAllowed);
+        }
+        let owner = self.authenticate(req.headers(), &table.key_headers).await?;
+        outcome.caller(&owner);
+        let plan = self.plan_of(&owner.account_id).await?;
+        let models = plan_models(plan.as_deref(), &table.routes);
+        match req.uri().path().strip_prefix("/v1/models/") {
+            None => {
+                let data: Vec<serde_json::Value> = models.iter().map(|m| model_json(m)).collect();
+                Ok(json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({"object": "list", "data": data}),
+                ))
+            }
+            Some(raw) => {
+                let id = crate::query::percent_decode(raw);
+                if models.contains(&id.as_str()) {
+                    Ok(json_response(StatusCode::OK, &model_json(&id)))
+                } else {
+                    Err(ApiError::ModelNotFound { model: id })
+                }
+            }
         }
     }
+}
+
+/// The models a plan allows: its endpoint ids that a request can reach as
+/// a model name. Under a `{model}` route the body's `model` is the endpoint
+/// id, so every endpoint of the plan is one (when some route is `{model}`);
+/// a route with a literal endpoint (`dall-e-3` for images) makes that one
+/// reachable too. Sorted, no duplicates; none without a plan.
+pub fn plan_models<'a>(plan: Option<&'a Plan>, routes: &[Route]) -> Vec<&'a str> {
+    let Some(plan) = plan else {
+        return Vec::new();
+    };
+    let any_model_route = routes
+        .iter()
+        .any(|r| matches!(r.endpoint, EndpointSource::Model));
+    let mut out: Vec<&str> = plan
+        .endpoints
+        .keys()
+        .map(String::as_str)
+        .filter(|id| {
+            any_model_route
+                || routes
+                    .iter()
+                    .any(|r| matches!(&r.endpoint, EndpointSource::Literal(e) if e == id))
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// One model in OpenAI's shape. plangate knows no creation time: 0.
+fn model_json(id: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "plangate"})
 }
 
 impl Gateway {
@@ -697,18 +871,19 @@ impl Gateway {
     /// summed per day (default), hour or endpoint. The account is the
     /// key's, always: an `account` parameter is refused like any unknown
     /// one, never read.
-    async fn usage(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn usage(
+        &self,
+        req: Request<Incoming>,
+        table: &RouteTable,
+        outcome: &Outcome,
+    ) -> Result<Response<Body>, ApiError> {
         if req.method() != Method::GET {
-            return error_response(&ApiError::MethodNotAllowed);
+            return Err(ApiError::MethodNotAllowed);
         }
-        let account = {
-            let table = self.table.load();
-            match self.authenticate(req.headers(), &table.auth_header).await {
-                Ok(owner) => owner.account_id,
-                Err(e) => return error_response(&e),
-            }
-        };
-        let result = async {
+        let owner = self.authenticate(req.headers(), &table.key_headers).await?;
+        outcome.caller(&owner);
+        let account = owner.account_id;
+        let v = async {
             let p = crate::query::parse(req.uri().query(), &["since", "until", "group_by"])?;
             let q = p.usage_query(Some(account.clone()))?;
             let group_by = p.group_by(GroupBy::Day)?;
@@ -727,11 +902,8 @@ impl Gateway {
                 "buckets": buckets,
             }))
         }
-        .await;
-        match result {
-            Ok(v) => json_response(StatusCode::OK, &v),
-            Err(e) => error_response(&e),
-        }
+        .await?;
+        Ok(json_response(StatusCode::OK, &v))
     }
 }
 
@@ -1011,6 +1183,9 @@ struct Settle {
     status: u16,
     streamed: bool,
     cut_short: bool,
+    /// The request's access-log line: the settlement adds the units and
+    /// credits, and writes it if the handler let go of it first.
+    access: Option<Arc<AccessLine>>,
     /// Counts the request in the in-flight gauge until settled.
     _in_flight: Option<InFlightGuard>,
 }
@@ -1042,6 +1217,27 @@ impl Settle {
     }
 
     async fn finish(mut self, units: Vec<(Unit, u64)>) {
+        if let Some(line) = self.access.take() {
+            let admission = match (&self.permit, &self.credits) {
+                (Some(p), Some(cost)) if p.ticket().charged.is_some() && !self.upstream_failed => {
+                    cost.per_request
+                }
+                _ => 0,
+            };
+            let unit_charge = match &self.credits {
+                Some(cost) if !self.upstream_failed => cost.unit_charge(&units),
+                _ => 0,
+            };
+            line.note(|f| {
+                f.units = units.clone();
+                f.credits = admission.saturating_add(unit_charge);
+                f.streamed = self.streamed;
+                f.cut_short = self.cut_short;
+            });
+            // Written at the end of this settlement (or by the handler):
+            // kept until then so the line follows the charge.
+            self.access = Some(line);
+        }
         if let Some(permit) = self.permit.take() {
             let settled_units = if self.upstream_failed {
                 // Nothing was served: give back every reservation except
@@ -1388,5 +1584,83 @@ impl Drop for MeteredBody {
             let cut_short = !self.inner.is_end_stream();
             self.finish(cut_short);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RoutePath;
+
+    fn route(endpoint: EndpointSource) -> Route {
+        Route {
+            path: RoutePath::Exact("/x".into()),
+            upstream: 0,
+            endpoint,
+            auth_headers: vec![],
+            usage: vec![],
+            reserve: vec![],
+            inject_include_usage: true,
+        }
+    }
+
+    #[test]
+    fn plan_models_are_the_endpoints_reachable_by_name() {
+        let policy = Arc::new(Policy {
+            windows: vec![],
+            max_concurrent: 0,
+            concurrency_expiry_secs: 60,
+            credits: None,
+        });
+        let plan = Plan {
+            id: "p".into(),
+            name: "p".into(),
+            endpoints: ["b-model", "a-model", "images"]
+                .iter()
+                .map(|e| ((*e).to_owned(), policy.clone()))
+                .collect(),
+        };
+        let images = route(EndpointSource::Literal("images".into()));
+        let elsewhere = route(EndpointSource::Literal("not-in-plan".into()));
+        let by_model = route(EndpointSource::Model);
+        let check = |routes: &[Route], want: &[&str]| {
+            assert_eq!(plan_models(Some(&plan), routes), want, "{routes:?}");
+        };
+        // A `{model}` route reaches every endpoint of the plan by name.
+        check(
+            std::slice::from_ref(&by_model),
+            &["a-model", "b-model", "images"],
+        );
+        check(
+            &[images.clone(), by_model],
+            &["a-model", "b-model", "images"],
+        );
+        // Without one, only literal endpoints the plan has.
+        check(&[images, elsewhere], &["images"]);
+        check(&[], &[]);
+        assert!(plan_models(None, &[route(EndpointSource::Model)]).is_empty());
+    }
+
+    #[test]
+    fn the_key_is_read_from_the_first_header_present() {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("raw-key"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer bearer-key"),
+        );
+        let x = HeaderName::from_static("x-api-key");
+        let auth = header::AUTHORIZATION;
+        assert_eq!(extract_key(&h, &[x.clone(), auth.clone()]), Some("raw-key"));
+        assert_eq!(
+            extract_key(&h, &[auth.clone(), x.clone()]),
+            Some("bearer-key")
+        );
+        h.remove("x-api-key");
+        assert_eq!(extract_key(&h, &[x.clone(), auth]), Some("bearer-key"));
+        assert_eq!(extract_key(&h, &[x]), None);
+        // A raw key in authorization is not a bearer key.
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("raw"));
+        assert_eq!(extract_key(&h, &[header::AUTHORIZATION]), None);
     }
 }

@@ -39,15 +39,88 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 /// Largest request head (request line + headers) accepted; larger → 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// Log to stderr, filtered by `RUST_LOG` (default `info`).
+/// How log lines are written (`PLANGATE_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line (`timestamp`, `level`, `target`,
+    /// `message` and the event's fields at the top level).
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+impl LogFormat {
+    /// The format `PLANGATE_LOG_FORMAT` asks for (`json` or `text`);
+    /// unset, empty or `auto`: text when stderr is a terminal, JSON
+    /// otherwise (a log collector reads it). `Err` names a value that is
+    /// none of these.
+    pub fn choose(env: Option<&str>, stderr_is_terminal: bool) -> Result<LogFormat, String> {
+        match env.map(str::trim).unwrap_or("") {
+            "json" => Ok(LogFormat::Json),
+            "text" => Ok(LogFormat::Text),
+            "" | "auto" => Ok(if stderr_is_terminal {
+                LogFormat::Text
+            } else {
+                LogFormat::Json
+            }),
+            other => Err(format!(
+                "PLANGATE_LOG_FORMAT={other:?} is none of json, text, auto; using auto"
+            )),
+        }
+    }
+}
+
+/// Log to stderr, filtered by `RUST_LOG` (default `info`), in the format
+/// `PLANGATE_LOG_FORMAT` chooses ([`LogFormat::choose`]).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let env = std::env::var("PLANGATE_LOG_FORMAT").ok();
+    let (format, problem) = match LogFormat::choose(env.as_deref(), terminal) {
+        Ok(f) => (f, None),
+        Err(e) => (
+            LogFormat::choose(None, terminal).unwrap_or(LogFormat::Text),
+            Some(e),
+        ),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Text => builder.with_ansi(terminal).try_init(),
+    };
+    if let Some(problem) = problem {
+        tracing::warn!("{problem}");
+    }
+}
+
+#[cfg(test)]
+mod log_format_tests {
+    use super::LogFormat::{self, Json, Text};
+
+    #[test]
+    fn json_unless_a_terminal_or_asked() {
+        let cases: &[(Option<&str>, bool, Result<LogFormat, ()>)] = &[
+            (None, false, Ok(Json)),
+            (None, true, Ok(Text)),
+            (Some("auto"), false, Ok(Json)),
+            (Some(""), true, Ok(Text)),
+            (Some("json"), true, Ok(Json)),
+            (Some("text"), false, Ok(Text)),
+            (Some("yaml"), false, Err(())),
+        ];
+        for (env, terminal, want) in cases {
+            let got = LogFormat::choose(*env, *terminal).map_err(|_| ());
+            assert_eq!(&got, want, "{env:?} terminal={terminal}");
+        }
+    }
 }
 
 /// Build a rustls acceptor (ring provider) offering h2 and http/1.1.
@@ -75,8 +148,12 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Makes the answer to a head the edge guard refused (the main listener's
+/// stamps it with a request id, counts it and logs it like any response).
+pub type Refuse = Arc<dyn Fn(&ApiError) -> Response<Body> + Send + Sync>;
+
 /// Connection-level settings of one listener.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ListenerOptions {
     /// Time allowed to receive a request head (slowloris guard).
     pub header_read_timeout: Duration,
@@ -85,6 +162,19 @@ pub struct ListenerOptions {
     /// Headers that carry credentials (API keys, the admin token): a
     /// control byte in one is answered 401 rather than 400.
     pub credential_headers: Arc<[HeaderName]>,
+    /// The answer to a refused head; `None`: the bare error response.
+    pub refuse: Option<Refuse>,
+}
+
+impl std::fmt::Debug for ListenerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerOptions")
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("credential_headers", &self.credential_headers)
+            .field("refuse", &self.refuse.is_some())
+            .finish()
+    }
 }
 
 impl Default for ListenerOptions {
@@ -93,6 +183,7 @@ impl Default for ListenerOptions {
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             credential_headers: Arc::from([http::header::AUTHORIZATION]),
+            refuse: None,
         }
     }
 }
@@ -142,6 +233,7 @@ pub async fn serve_listener<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let refuse = opts.refuse.clone();
         let first_request = Arc::new(AtomicBool::new(false));
         let seen = first_request.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -164,7 +256,7 @@ pub async fn serve_listener<H, F>(
                     fut: handler(req, peer),
                 },
                 Some(rejection) => Served::Refused {
-                    resp: Some(refusal(rejection)),
+                    resp: Some(refusal(rejection, refuse.as_ref())),
                 },
             }
         });
@@ -269,15 +361,19 @@ impl<F: Future<Output = Response<Body>>> Future for Served<F> {
             ServedProj::Handler { fut } => fut.poll(cx).map(Ok),
             ServedProj::Refused { resp } => Poll::Ready(Ok(resp
                 .take()
-                .unwrap_or_else(|| refusal(Rejection::Malformed)))),
+                .unwrap_or_else(|| refusal(Rejection::Malformed, None)))),
         }
     }
 }
 
 /// The answer to a head the edge guard refused; the connection closes
 /// after it.
-fn refusal(rejection: Rejection) -> Response<Body> {
-    let mut resp = error_response(&rejection.error());
+fn refusal(rejection: Rejection, refuse: Option<&Refuse>) -> Response<Body> {
+    let error = rejection.error();
+    let mut resp = match refuse {
+        Some(refuse) => refuse(&error),
+        None => error_response(&error),
+    };
     resp.headers_mut()
         .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     resp

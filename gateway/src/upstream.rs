@@ -24,8 +24,10 @@ pub struct UpstreamClient {
     authority: http::uri::Authority,
     /// Path prefix of the upstream URL without a trailing slash ("" for none).
     base_path: String,
-    /// Replaces the client's credential upstream, when configured.
+    /// Replaces the client's credential upstream, when configured, sent in
+    /// `auth_header`.
     pub auth: Option<HeaderValue>,
+    pub auth_header: HeaderName,
     /// Response headers never forwarded to clients.
     drop_headers: Vec<Glob>,
     client: Client<HttpsConnector<HttpConnector>, Body>,
@@ -89,6 +91,7 @@ impl UpstreamClient {
             authority,
             base_path,
             auth,
+            auth_header: up.auth_header.clone(),
             drop_headers,
             client,
         })

@@ -1,6 +1,7 @@
 """The official openai SDK against a running plangate: non-streaming,
-streaming, and the RateLimitError paths (retry-after honoured; no retry
-where x-should-retry says false).
+streaming, the RateLimitError paths (retry-after honoured; no retry
+where x-should-retry says false), x-request-id on errors, and
+models.list() / models.retrieve() (the caller's plan's models).
 
 Env: PLANGATE_BASE_URL (http://host:port/v1), PLANGATE_KEY, PLANGATE_POOR_KEY
 (an account with no credits). Prints one line per check; exits non-zero on
@@ -82,4 +83,17 @@ try:
     check(False, "bad key refused")
 except openai.AuthenticationError as e:
     check(e.code == "invalid_api_key", f"AuthenticationError {e.code}")
+    check((e.request_id or "").startswith("req_"), f"a 401 carries x-request-id ({e.request_id})")
+
+# The models the caller's plan allows, as the SDK (and UIs built on it)
+# lists them: GET /v1/models and /v1/models/{id}, answered by the gateway.
+ids = [m.id for m in client.models.list()]
+check(ids == ["gpt-paid", "gpt-sdk"], f"models.list() is the plan's models ({ids})")
+m = client.models.retrieve("gpt-sdk")
+check(m.id == "gpt-sdk" and m.owned_by == "plangate", f"models.retrieve() ({m.id})")
+try:
+    client.models.retrieve("gpt-elsewhere")
+    check(False, "a model the plan lacks is not found")
+except openai.NotFoundError as e:
+    check(e.code == "model_not_found", f"NotFoundError {e.code}")
 print("all ok")

@@ -309,7 +309,9 @@ pub struct GatewayProc {
 
 impl GatewayProc {
     /// Spawn `plangate serve --config <config>` with extra environment and
-    /// wait (up to 30 s) for its "plangate listening" log line.
+    /// wait (up to 30 s) for its "plangate listening" log line. The log is
+    /// text (`PLANGATE_LOG_FORMAT=text`: tests read its messages) unless
+    /// `env` says otherwise.
     pub fn spawn(config: &Path, env: &[(&str, &str)]) -> GatewayProc {
         // Under tests/run.sh the log is kept for the whole-run secrets scan.
         let log_path = match crate::test_log_dir() {
@@ -321,6 +323,7 @@ impl GatewayProc {
             .arg(config)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
+            .env("PLANGATE_LOG_FORMAT", "text")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -436,8 +439,16 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// `... plangate listening listen=127.0.0.1:1234 admin=Some(127.0.0.1:5678)`.
+/// `... plangate listening listen=127.0.0.1:1234 admin=Some(127.0.0.1:5678)`,
+/// or the same line in JSON (`"listen":"127.0.0.1:1234","admin":"Some(...)"`).
 fn parse_listening(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+        let main = v["listen"].as_str()?.parse().ok()?;
+        let admin = v["admin"]
+            .as_str()
+            .and_then(|a| a.strip_prefix("Some(")?.strip_suffix(')')?.parse().ok());
+        return Some((main, admin));
+    }
     let field = |name: &str| {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(name))
@@ -466,6 +477,14 @@ mod tests {
         assert_eq!(
             parse_listening(line),
             Some(("127.0.0.1:41000".parse().unwrap(), None))
+        );
+        let line = r#"{"timestamp":"2026-12-07T19:25:35Z","level":"INFO","message":"plangate listening","listen":"127.0.0.1:41000","admin":"Some(127.0.0.1:41001)","target":"plangate::app"}"#;
+        assert_eq!(
+            parse_listening(line),
+            Some((
+                "127.0.0.1:41000".parse().unwrap(),
+                Some("127.0.0.1:41001".parse().unwrap())
+            ))
         );
     }
 }

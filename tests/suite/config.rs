@@ -247,7 +247,7 @@ fn example_configs_pass_check_config() {
         let path = repo().join("config").join(name);
         match check::run(&path) {
             Ok(summary) => assert!(
-                summary.contains("4 routes") && summary.contains("2 plans (default free_tier)"),
+                summary.contains("6 routes") && summary.contains("2 plans (default free_tier)"),
                 "{name}: {summary}"
             ),
             Err(e) => panic!("{name} should pass check-config:\n{e}"),

@@ -6,6 +6,7 @@ mod catalog;
 mod cluster;
 mod config;
 mod gateway;
+mod http_ops;
 mod integrity;
 mod limiter;
 mod litellm;

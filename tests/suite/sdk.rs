@@ -1,6 +1,6 @@
 //! The official `openai` Python SDK as the client (tests/sdk/openai_e2e.py),
 //! non-streaming and streaming, seeing RateLimitError with the right code
-//! and honouring retry-after.
+//! and honouring retry-after, and listing the plan's models (`GET /v1/models`).
 
 use std::process::Command;
 use std::sync::Arc;

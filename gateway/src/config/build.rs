@@ -17,9 +17,10 @@ use super::raw::{
 };
 use super::{
     defaults, parse_duration, parse_size, parse_value_source, substitute_env, AdminConfig,
-    AuthConfig, CliView, Config, ConfigError, ConfigErrors, EndpointSource, OnStoreError,
-    PlansConfig, Route, RoutePath, ServerConfig, StorageConfig, TlsFiles, Upstream, UsageConfig,
-    ValueSource, MAX_REQUEST_BODY_BYTES, MAX_RETAIN_SECS, MAX_SETTING_SECS, MIN_RETAIN_SECS,
+    AuthConfig, CliView, Config, ConfigError, ConfigErrors, EndpointSource, LogConfig,
+    OnStoreError, PlansConfig, Route, RoutePath, ServerConfig, StorageConfig, TlsFiles, Upstream,
+    UsageConfig, ValueSource, MAX_REQUEST_BODY_BYTES, MAX_RETAIN_SECS, MAX_SETTING_SECS,
+    MIN_RETAIN_SECS,
 };
 use crate::plans::parse::{check_unit_name, MAX_ID_BYTES};
 use crate::plans::{KnownUnits, Unit};
@@ -47,6 +48,9 @@ pub(super) fn build(
     let auth = b.auth(raw.auth.as_ref().and_then(|a| a.header.as_ref()));
     let plans = b.plans(raw.plans.as_ref());
     let usage = b.usage(raw.usage.as_ref());
+    let log = LogConfig {
+        access: raw.log.as_ref().and_then(|l| l.access).unwrap_or(true),
+    };
     let upstreams = b.upstreams(&raw.upstreams);
     let routes = b.routes(&raw.routes, &upstreams);
     if !b.errors.is_empty() {
@@ -62,6 +66,7 @@ pub(super) fn build(
         auth,
         plans,
         usage,
+        log,
         upstreams,
         routes,
     })
@@ -560,21 +565,66 @@ impl Builder<'_> {
         let Some(s) = header else {
             return AuthConfig { header: fallback };
         };
-        let header = self.nonempty(s, "auth.header").and_then(|v| {
-            match HeaderName::from_bytes(v.as_bytes()) {
-                Ok(h) => Some(h),
-                Err(_) => {
-                    self.error_at(
-                        s.span(),
-                        "auth.header",
-                        format!("`{v}` is not a valid header name"),
-                    );
-                    None
-                }
-            }
-        });
+        let header = self.header_name(s, "auth.header");
         AuthConfig {
             header: header.unwrap_or(fallback),
+        }
+    }
+
+    /// A header name (lower-cased, as `HeaderName` keeps it).
+    fn header_name(&mut self, s: &Str, key: &str) -> Option<HeaderName> {
+        let v = self.nonempty(s, key)?;
+        match HeaderName::from_bytes(v.as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.error_at(s.span(), key, format!("`{v}` is not a valid header name"));
+                None
+            }
+        }
+    }
+
+    /// One header name, or a non-empty list of them.
+    fn header_names(&mut self, v: &toml::Spanned<toml::Value>, key: &str) -> Vec<HeaderName> {
+        let span = v.span();
+        let as_str = |s: &String| toml::Spanned::new(span.clone(), s.clone());
+        match v.get_ref() {
+            toml::Value::String(s) => self.header_name(&as_str(s), key).into_iter().collect(),
+            toml::Value::Array(items) if !items.is_empty() => {
+                let mut out = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    let item_key = format!("{key}[{i}]");
+                    match item {
+                        toml::Value::String(s) => {
+                            if let Some(h) = self.header_name(&as_str(s), &item_key) {
+                                if !out.contains(&h) {
+                                    out.push(h);
+                                }
+                            }
+                        }
+                        other => self.error_at(
+                            span.clone(),
+                            &item_key,
+                            format!("expected a header name, found {}", other.type_str()),
+                        ),
+                    }
+                }
+                out
+            }
+            other => {
+                self.error_at(
+                    span,
+                    key,
+                    format!(
+                        "expected a header name such as \"x-api-key\" or a list of them, found {}",
+                        if matches!(other, toml::Value::Array(_)) {
+                            "an empty list"
+                        } else {
+                            other.type_str()
+                        }
+                    ),
+                );
+                Vec::new()
+            }
         }
     }
 
@@ -656,6 +706,11 @@ impl Builder<'_> {
                 .auth
                 .as_ref()
                 .and_then(|a| self.string(a, &format!("{key}.auth")));
+            let auth_header = u
+                .auth_header
+                .as_ref()
+                .and_then(|h| self.header_name(h, &format!("{key}.auth_header")))
+                .unwrap_or(http::header::AUTHORIZATION);
             let ca_file = u
                 .ca_file
                 .as_ref()
@@ -679,6 +734,7 @@ impl Builder<'_> {
                 name: name.unwrap_or_else(|| u.name.get_ref().clone()),
                 url: url.unwrap_or_else(|| http::Uri::from_static("http://invalid")),
                 auth,
+                auth_header,
                 ca_file,
                 drop_response_headers,
             });
@@ -762,6 +818,11 @@ impl Builder<'_> {
                 found
             });
             let endpoint = self.endpoint(&r.endpoint, &format!("{key}.endpoint"));
+            let auth_headers = r
+                .auth_header
+                .as_ref()
+                .map(|h| self.header_names(h, &format!("{key}.auth_header")))
+                .unwrap_or_default();
             let (usage, inject_include_usage) =
                 self.usage_sources(&r.usage, &format!("{key}.usage"));
             let reserve = self.sources(&r.reserve, &format!("{key}.reserve"));
@@ -786,6 +847,7 @@ impl Builder<'_> {
                     path,
                     upstream,
                     endpoint,
+                    auth_headers,
                     usage,
                     reserve,
                     inject_include_usage,

@@ -24,6 +24,7 @@ pub struct RawConfig {
     pub auth: Option<RawAuth>,
     pub plans: Option<Spanned<RawPlans>>,
     pub usage: Option<RawUsage>,
+    pub log: Option<RawLog>,
     #[serde(default)]
     pub upstreams: Vec<RawUpstream>,
     #[serde(default)]
@@ -97,6 +98,14 @@ pub struct RawUsage {
     pub record: Option<bool>,
 }
 
+/// `[log]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// Whether the access log (one line per request) is written.
+    pub access: Option<bool>,
+}
+
 /// `[[upstreams]]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +113,8 @@ pub struct RawUpstream {
     pub name: Str,
     pub url: Str,
     pub auth: Option<Str>,
+    /// The header `auth` is sent in (default `authorization`).
+    pub auth_header: Option<Str>,
     pub ca_file: Option<Str>,
     /// Globs of response header names never forwarded to clients.
     pub drop_response_headers: Option<Vec<Str>>,
@@ -116,6 +127,9 @@ pub struct RawRoute {
     pub path: Str,
     pub upstream: Str,
     pub endpoint: Str,
+    /// The header(s) the client's API key is read from on this route
+    /// (default: `[auth] header`): a name or a list of names.
+    pub auth_header: Option<Spanned<toml::Value>>,
     /// `usage.<unit> = "source"` or `["source", ...]`.
     #[serde(default)]
     pub usage: BTreeMap<Str, Spanned<toml::Value>>,

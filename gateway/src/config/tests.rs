@@ -130,6 +130,7 @@ fn minimal_file_gets_defaults() {
     assert!(!c.storage.require_at_start);
     assert_eq!(c.storage.postgres_url, None);
     assert_eq!(c.auth.header, "authorization");
+    assert!(c.log.access, "the access log is on by default");
     assert_eq!(c.plans.file, Path::new("conf/plans.yaml"));
     assert!(c.plans.watch);
     assert_eq!(c.usage.retain, Duration::from_secs(400 * 86_400));
@@ -220,10 +221,14 @@ header = "X-API-Key"
 file = "plans.yaml"
 watch = false
 
+[log]
+access = false
+
 [[upstreams]]
 name = "vllm"
 url = "http://127.0.0.1:${PORT}/base"
 auth = "Bearer ${TOKEN}"
+auth_header = "X-Upstream-Key"
 ca_file = "ca.pem"
 
 [[routes]]
@@ -237,9 +242,20 @@ reserve.token = "body:max_tokens"
 path = "/v1/*"
 upstream = "vllm"
 endpoint = "other"
+auth_header = ["X-Client-Key", "authorization"]
 usage.image = "body:data.length"
 "#;
     let c = load(text).unwrap();
+    assert!(!c.log.access);
+    assert_eq!(c.upstreams[0].auth_header, "x-upstream-key");
+    assert!(c.routes[0].auth_headers.is_empty());
+    assert_eq!(
+        c.routes[1].auth_headers,
+        [
+            HeaderName::from_static("x-client-key"),
+            HeaderName::from_static("authorization")
+        ]
+    );
     assert_eq!(
         c.server.tls,
         Some(TlsFiles {
@@ -272,6 +288,7 @@ usage.image = "body:data.length"
             path: RoutePath::Exact("/v1/chat/completions".into()),
             upstream: 0,
             endpoint: EndpointSource::Model,
+            auth_headers: vec![],
             usage: vec![(
                 Unit::new("token"),
                 vec![
@@ -310,7 +327,7 @@ fn errors_are_located() {
         ),
         (
             format!("{MINIMAL}[[upstreams]]\nname = \"a\"\nurl = \"http://x\"\n[[upstreams]]\nname = \"b\"\nurl = \"http://y\"\nsecret = 1\n"),
-            vec![format!("{f}:9:1: upstreams[1].secret: unknown field `secret`, expected one of `name`, `url`, `auth`, `ca_file`, `drop_response_headers`")],
+            vec![format!("{f}:9:1: upstreams[1].secret: unknown field `secret`, expected one of `name`, `url`, `auth`, `auth_header`, `ca_file`, `drop_response_headers`")],
         ),
         (
             format!("{MINIMAL}[server]\nrequest_timeout = \"10 minutes\"\nheader_read_timeout = \"0s\"\nmax_request_body = \"10XB\"\n"),
@@ -355,6 +372,15 @@ fn errors_are_located() {
             vec![
                 format!("{f}:6:36: upstreams[0].drop_response_headers[1]: `bad header` is not a header name pattern (header-name characters and `*`)"),
                 format!("{f}:6:50: upstreams[0].drop_response_headers[2]: must not be empty"),
+            ],
+        ),
+        (
+            format!("{MINIMAL}[[upstreams]]\nname = \"u\"\nurl = \"http://x\"\nauth_header = \"x key\"\n[[routes]]\npath = \"/v1/x\"\nupstream = \"u\"\nendpoint = \"e\"\nauth_header = \"\"\n[[routes]]\npath = \"/v1/y\"\nupstream = \"u\"\nendpoint = \"e\"\nauth_header = [\"x-api-key\", 3]\n[[routes]]\npath = \"/v1/z\"\nupstream = \"u\"\nendpoint = \"e\"\nauth_header = []\n"),
+            vec![
+                format!("{f}:6:15: upstreams[0].auth_header: `x key` is not a valid header name"),
+                format!("{f}:11:15: routes[0].auth_header: must not be empty"),
+                format!("{f}:16:15: routes[1].auth_header[1]: expected a header name, found integer"),
+                format!("{f}:21:15: routes[2].auth_header: expected a header name such as \"x-api-key\" or a list of them, found an empty list"),
             ],
         ),
         (

@@ -281,6 +281,22 @@ async fn other_endpoints() {
     let a = call(&c, &mock, Method::GET, "/v1/models", &[], "").await;
     assert_eq!(a.json()["object"], "list");
 
+    let a = call(
+        &c,
+        &mock,
+        Method::POST,
+        "/v1/messages",
+        &[("x-mock-tokens", "9")],
+        r#"{"model":"claude","max_tokens":5,"messages":[]}"#,
+    )
+    .await;
+    let v = a.json();
+    assert_eq!(v["type"], "message");
+    assert_eq!(
+        v["usage"],
+        json!({"input_tokens": 4, "output_tokens": 5, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0})
+    );
+
     let a = call(&c, &mock, Method::POST, "/v1/nope", &[], "").await;
     assert_eq!(a.status, 404);
     assert_eq!(a.json()["error"]["message"], "Invalid URL (POST /v1/nope)");
