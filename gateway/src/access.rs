@@ -61,6 +61,9 @@ pub struct Fields {
     pub upstream_status: Option<u16>,
     /// Admitted without the counter store (`on_store_error = "open"`).
     pub degraded: bool,
+    /// Admitted by shadow mode (`enforce: false`): the `error.code` its
+    /// limits would have refused it with.
+    pub would_deny: Option<&'static str>,
     /// The response was an event stream.
     pub streamed: bool,
     /// The response body did not reach its end.
@@ -100,6 +103,7 @@ impl AccessLine {
                 credits: 0,
                 upstream_status: None,
                 degraded: false,
+                would_deny: None,
                 streamed: false,
                 cut_short: false,
             }),
@@ -149,6 +153,7 @@ impl Drop for AccessLine {
             upstream_status = f.upstream_status,
             latency_ms,
             degraded = f.degraded,
+            would_deny = f.would_deny,
             streamed = f.streamed,
             cut_short = f.cut_short,
             "request"

@@ -129,6 +129,15 @@ pub fn insert_degraded(headers: &mut HeaderMap) {
     headers.insert(DEGRADED, HeaderValue::from_static("true"));
 }
 
+/// `x-ratelimit-would-deny: <error code>`: shadow mode (`enforce: false`)
+/// admitted a request its limits would have refused with that code.
+pub fn insert_would_deny(headers: &mut HeaderMap, code: &'static str) {
+    headers.insert(
+        HeaderName::from_static("x-ratelimit-would-deny"),
+        HeaderValue::from_static(code),
+    );
+}
+
 /// An OpenAI duration as a header value, rendered without a heap buffer.
 pub fn duration_value(ms: u64) -> HeaderValue {
     let mut buf = StackBuf::new();

@@ -625,6 +625,46 @@ pub fn too_large(specs: &[WindowSpec]) -> Option<usize> {
     specs.iter().position(|s| s.amount > s.limit)
 }
 
+/// What the limits of a shadowed policy would have refused, judged from
+/// the counts the store returned after admitting without limits: the
+/// same tests in the same order as an enforcing attempt (a start amount
+/// above a window's limit, then a window without room for `max(amount, 1)`
+/// before this request, then every slot taken before it).
+fn shadow_denial(
+    policy: &Policy,
+    specs: &[WindowSpec],
+    used: &[u64],
+    in_flight: u32,
+    now_ms: u64,
+) -> Option<Denial> {
+    if let Some(i) = too_large(specs) {
+        return Some(Denial::TooLarge {
+            window: policy.windows.get(i)?.clone(),
+            requested: specs[i].amount,
+        });
+    }
+    for (i, (spec, window)) in specs.iter().zip(&policy.windows).enumerate() {
+        let before = used
+            .get(i)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(spec.amount);
+        if before.saturating_add(spec.amount.max(1)) > spec.limit {
+            return Some(Denial::Window {
+                window: window.clone(),
+                used: before,
+                requested: spec.amount,
+                reset_ms: window_reset_ms(now_ms, window.window_secs),
+            });
+        }
+    }
+    (policy.max_concurrent > 0 && in_flight > policy.max_concurrent).then_some(
+        Denial::Concurrency {
+            limit: policy.max_concurrent,
+        },
+    )
+}
+
 /// An admitted request: what its end needs to know. Plain data; see
 /// [`Permit`] for the guard that guarantees the end happens.
 #[derive(Debug, Clone)]
@@ -860,7 +900,24 @@ impl<S: CounterStore> Limiter<S> {
     ) -> Result<Result<Attempt<S>, ()>, StoreError> {
         let now_ms = self.clock.now_ms();
         let specs = start_amounts(policy, start_units);
-        if let Some(i) = too_large(&specs) {
+        // Shadow mode (`enforce: false`): the store counts without limits,
+        // and what the limits would have decided is worked out from the
+        // counts it returns (`shadow_denial`).
+        let shadow = !policy.enforce;
+        let unlimited: Vec<WindowSpec>;
+        let store_specs: &[WindowSpec] = if shadow {
+            unlimited = specs
+                .iter()
+                .map(|s| WindowSpec {
+                    limit: u64::MAX,
+                    ..s.clone()
+                })
+                .collect();
+            &unlimited
+        } else {
+            &specs
+        };
+        if let (false, Some(i)) = (shadow, too_large(&specs)) {
             let info = self.info(account, endpoint, policy).await?;
             let denial = Denial::TooLarge {
                 window: policy.windows[i].clone(),
@@ -873,8 +930,8 @@ impl<S: CounterStore> Limiter<S> {
             account,
             endpoint,
             now_ms,
-            windows: &specs,
-            max_concurrent: policy.max_concurrent,
+            windows: store_specs,
+            max_concurrent: if shadow { 0 } else { policy.max_concurrent },
             lease_ms: policy.concurrency_expiry_secs.saturating_mul(1000).max(1),
             credits,
         };
@@ -912,10 +969,13 @@ impl<S: CounterStore> Limiter<S> {
                     }
                     ticket.charged = Some(outcome.credits.unwrap_or_default());
                 }
-                return Ok(Ok(Attempt::Admitted(
-                    Permit::new(self.clone(), ticket),
-                    info,
-                )));
+                let mut permit = Permit::new(self.clone(), ticket);
+                if shadow {
+                    permit.would_deny =
+                        shadow_denial(policy, &specs, &outcome.used, outcome.in_flight, now_ms)
+                            .map(Box::new);
+                }
+                return Ok(Ok(Attempt::Admitted(permit, info)));
             }
             Verdict::NoWallet => return Ok(Err(())),
             Verdict::NoCredits => Denial::Credits {
@@ -1238,6 +1298,8 @@ pub struct Permit<S: CounterStore> {
     /// The end that failed, to retry on drop; `None`: a release. Boxed: a
     /// usage record is large, and permits travel in every response body.
     ending: Option<Box<Ending>>,
+    /// Shadow mode: what the policy's limits would have refused.
+    would_deny: Option<Box<Denial>>,
 }
 
 impl<S: CounterStore> Permit<S> {
@@ -1249,7 +1311,14 @@ impl<S: CounterStore> Permit<S> {
             ended: AtomicBool::new(false),
             lease,
             ending: None,
+            would_deny: None,
         }
+    }
+
+    /// For a policy with `enforce: false`: the refusal its limits would
+    /// have given this request, which was admitted anyway.
+    pub fn would_deny(&self) -> Option<&Denial> {
+        self.would_deny.as_deref()
     }
 
     /// Stop the keeper renewing this permit's lease.

@@ -21,6 +21,10 @@ const MAX_ENDPOINTS: usize = 1_000;
 /// a longer one is counted as `_other`.
 const MAX_LABEL_BYTES: usize = 200;
 
+/// The decision under which [`Metrics::would_deny`] counts (rendered as
+/// `plangate_would_deny_total`, not as a request).
+const WOULD_DENY: &str = "would_deny";
+
 /// Per endpoint label: (decision, status) → count.
 type Decisions = HashMap<(&'static str, u16), AtomicU64>;
 
@@ -78,6 +82,12 @@ impl Metrics {
                 .or_default()
                 .fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Count a request that shadow mode (`enforce: false`) admitted although
+    /// its limits would have refused it (`plangate_would_deny_total`).
+    pub fn would_deny(&self, endpoint: &str) {
+        self.request(endpoint, WOULD_DENY, 0);
     }
 
     /// Record how long admission (key, plan, limiter) took.
@@ -160,6 +170,9 @@ impl Metrics {
             })
             .collect();
         rows.sort_by(|a, b| a.0.cmp(&b.0));
+        let (shadowed, rows): (Vec<_>, Vec<_>) = rows
+            .into_iter()
+            .partition(|((_, d, _), _)| *d == WOULD_DENY);
         for ((endpoint, decision, status), c) in rows {
             let _ = writeln!(
                 out,
@@ -167,6 +180,18 @@ impl Metrics {
                 escape_label(endpoint),
                 c.load(Ordering::Relaxed)
             );
+        }
+        if !shadowed.is_empty() {
+            out.push_str("# HELP plangate_would_deny_total Requests admitted by shadow mode (enforce: false) that their limits would have refused, by endpoint.\n");
+            out.push_str("# TYPE plangate_would_deny_total counter\n");
+            for ((endpoint, _, _), c) in shadowed {
+                let _ = writeln!(
+                    out,
+                    "plangate_would_deny_total{{endpoint=\"{}\"}} {}",
+                    escape_label(endpoint),
+                    c.load(Ordering::Relaxed)
+                );
+            }
         }
         drop(map);
         out.push_str(

@@ -225,6 +225,11 @@ pub struct Policy {
     /// [`MAX_CONCURRENCY_EXPIRY_SECS`]).
     pub concurrency_expiry_secs: u64,
     pub credits: Option<CreditCost>,
+    /// `enforce: false` (shadow mode): the windows and the concurrency
+    /// limit are counted and reported as usual, but a request they would
+    /// refuse is admitted (and counted as `would_deny`). Credits are
+    /// enforced either way.
+    pub enforce: bool,
 }
 
 /// Default lifetime of a concurrency slot.

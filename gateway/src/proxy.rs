@@ -583,6 +583,19 @@ impl Gateway {
         };
 
         outcome.note(|f| f.degraded = degraded);
+        // Shadow mode: admitted although the limits would have refused it;
+        // counted, reported, not refused.
+        let would_deny = permit.as_ref().and_then(|p| p.would_deny()).map(|denial| {
+            core.metrics.would_deny(endpoint);
+            if let Denial::Window { window, .. } | Denial::TooLarge { window, .. } = denial {
+                outcome.note(|f| {
+                    f.window = Some(format!("{}/{}s", window.unit.as_str(), window.window_secs))
+                });
+            }
+            let code = ApiError::from_denial(denial, endpoint).code();
+            outcome.note(|f| f.would_deny = Some(code));
+            code
+        });
         let in_flight = permit.as_ref().map(|_| InFlightGuard::new(&core.metrics));
 
         // Credits were charged by the attempt, atomically with the windows.
@@ -722,6 +735,9 @@ impl Gateway {
         }
         if degraded {
             headers::insert_degraded(&mut resp_parts.headers);
+        }
+        if let Some(code) = would_deny {
+            headers::insert_would_deny(&mut resp_parts.headers, code);
         }
         resp_parts.headers.insert(REQUEST_ID, client_request_id);
         if rewrites_body {
@@ -1611,6 +1627,7 @@ mod tests {
             max_concurrent: 0,
             concurrency_expiry_secs: 60,
             credits: None,
+            enforce: true,
         });
         let plan = Plan {
             id: "p".into(),

@@ -71,6 +71,7 @@ fn policy(limit: u64) -> Arc<Policy> {
         max_concurrent: 0,
         concurrency_expiry_secs: 60,
         credits: None,
+        enforce: true,
     })
 }
 
@@ -116,6 +117,7 @@ fn rich_plan(id: &str) -> Arc<Plan> {
             )]
             .into(),
         }),
+        enforce: true,
     };
     Arc::new(Plan {
         id: id.into(),

@@ -967,3 +967,55 @@ async fn client_request_ids_are_bounded_correlation_ids_never_ledger_keys() {
         assert_eq!(r.header("x-request-id"), Some("bad-request-7"));
     }
 }
+
+/// Shadow mode through the gateway (issue 15 item 6): a plan with
+/// `enforce: false` answers every request; one its limits would refuse
+/// carries `x-ratelimit-would-deny` with the refusal's code, the headers
+/// show the windows as they are, and `/metrics` counts it in
+/// `plangate_would_deny_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_admits_counts_and_reports() {
+    for backend in Backend::all().await {
+        let mut opts = Options::new(backend);
+        opts.plans = plangate_tests::harness::TEST_PLANS.replace(
+            "  basic:\n    name: Basic\n",
+            "  basic:\n    name: Basic\n    enforce: false\n",
+        );
+        assert!(opts.plans.contains("enforce: false"));
+        let gw = TestGateway::start(opts).await;
+        let (_, key) = gw.account(None).await;
+        let mut would = Vec::new();
+        for _ in 0..5 {
+            let r = gw.chat(&key, "gpt-test").await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            would.push(r.header("x-ratelimit-would-deny").map(str::to_owned));
+            gw.wait_settled().await;
+        }
+        assert_eq!(
+            would,
+            vec![
+                None,
+                None,
+                None,
+                Some("rate_limit_exceeded".to_owned()),
+                Some("rate_limit_exceeded".to_owned())
+            ],
+            "3 requests a minute: the 4th and 5th would be refused"
+        );
+        let limits = gw.limits(&key).await;
+        let w = &limits["endpoints"]["gpt-test"]["windows"][0];
+        assert_eq!(
+            (w["used"].as_u64(), w["remaining"].as_u64()),
+            (Some(5), Some(0))
+        );
+        let m = gw
+            .admin(Method::GET, "/metrics", Some(ADMIN_TOKEN), "")
+            .await;
+        let text = String::from_utf8_lossy(&m.body).into_owned();
+        assert!(
+            text.contains("plangate_would_deny_total{endpoint=\"gpt-test\"} 2\n"),
+            "{text}"
+        );
+        gw.stop().await;
+    }
+}

@@ -46,6 +46,7 @@ fn policy(windows: &[(u64, u64, &str)], max_concurrent: u32, expiry_secs: u64) -
         max_concurrent,
         concurrency_expiry_secs: expiry_secs,
         credits: None,
+        enforce: true,
     })
 }
 
@@ -424,6 +425,7 @@ conformance!(
     expired_request_is_still_settled_once,
     keeper_keeps_a_live_permits_slot,
     keeper_stops_with_the_permit,
+    shadow_mode_counts_and_reports_but_refuses_nothing,
 );
 
 async fn free_plan_fourth_request_in_a_minute_is_denied<S: CounterStore + Debug>(h: &Harness<S>) {
@@ -1231,4 +1233,58 @@ async fn redis_ttls_cover_windows_and_the_longest_lease() {
 async fn malformed_redis_url_is_an_error() {
     let err = RedisStore::connect("not a url").await;
     assert!(err.is_err());
+}
+
+/// `enforce: false` (issue 15 item 6): every request is admitted and
+/// counted; one the limits would refuse says why (`would_deny`), the same
+/// refusal an enforcing policy gives, and the info reports the windows as
+/// they are (over their limits: nothing remaining).
+async fn shadow_mode_counts_and_reports_but_refuses_nothing<S: CounterStore + Debug>(
+    h: &Harness<S>,
+) {
+    let enforcing = policy(&[(60, 2, "request"), (60, 100, "token")], 1, 60);
+    let mut shadow = (*enforcing).clone();
+    shadow.enforce = false;
+    let shadow = Arc::new(shadow);
+    let mut permits = Vec::new();
+    for i in 0..2 {
+        let (p, _) = h.admit(&format!("s{i}"), "sh", &shadow, &[]).await;
+        permits.push(p);
+    }
+    // The first is within every limit; the second takes a second slot of
+    // one: would be refused for concurrency.
+    assert_eq!(permits[0].would_deny(), None);
+    assert_eq!(
+        permits[1].would_deny(),
+        Some(&Denial::Concurrency { limit: 1 })
+    );
+    for p in permits.drain(..) {
+        p.end(&[]).await.expect("end");
+    }
+    // The third request of the minute: the window would refuse it, as an
+    // enforcing policy does.
+    let (third, info) = h.admit("s2", "sh", &shadow, &[]).await;
+    let window = |used| Denial::Window {
+        window: shadow.windows[0].clone(),
+        used,
+        requested: 1,
+        reset_ms: minute_end(T0) - T0,
+    };
+    assert_eq!(third.would_deny(), Some(&window(2)));
+    assert_eq!(info.windows[0].used, 3, "counted");
+    assert_eq!(info.unit("request").map(|u| u.remaining), Some(0));
+    third.end(&[]).await.expect("end");
+    let (denial, _) = h.deny("e0", "sh", &enforcing, &[]).await;
+    assert_eq!(denial, window(3));
+    // A start amount no window could hold: admitted, would be too large.
+    let (big, _) = h.admit("s3", "sh", &shadow, &tokens(500)).await;
+    assert_eq!(
+        big.would_deny(),
+        Some(&Denial::TooLarge {
+            window: shadow.windows[1].clone(),
+            requested: 500,
+        })
+    );
+    big.end(&[]).await.expect("end");
+    assert_eq!(h.usage("sh", &shadow).await, (vec![4, 500], 0));
 }

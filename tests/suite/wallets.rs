@@ -150,6 +150,7 @@ fn policy(per_request: u64, min_balance: u64, per_token: Option<(u64, u64)>) -> 
             per_request,
             per_unit,
         }),
+        enforce: true,
     })
 }
 

@@ -258,6 +258,7 @@ fn check_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
         max_concurrent: 3,
         concurrency_expiry_secs: 30,
         credits: None,
+        enforce: true,
     };
     let lease_ms = 30_000;
     let mut now = 1_700_000_000_000u64 + 12_345;
@@ -371,6 +372,7 @@ fn info_prefers_fewest_remaining_then_later_reset() {
             max_concurrent: 0,
             concurrency_expiry_secs: 60,
             credits: None,
+            enforce: true,
         };
         let info = RateLimitInfo::from_usage(&policy, &used, 0, now);
         assert_eq!(info.unit("request").map(|u| u.window_secs), Some(want));
@@ -480,6 +482,7 @@ fn keeper_policy() -> Arc<Policy> {
         max_concurrent: 1,
         concurrency_expiry_secs: 10,
         credits: None,
+        enforce: true,
     })
 }
 

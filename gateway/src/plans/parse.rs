@@ -211,6 +211,9 @@ fn policy_to_json(policy: &Policy) -> Json {
         "concurrency_expiry".into(),
         json!(render_secs(policy.concurrency_expiry_secs)),
     );
+    if !policy.enforce {
+        out.insert("enforce".into(), json!(false));
+    }
     if let Some(credits) = &policy.credits {
         let per_unit: JsonMap<String, Json> = credits
             .per_unit
@@ -504,6 +507,26 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// `true` or `false` (YAML's plain scalars, JSON booleans).
+    fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
+        match &node.value {
+            Value::Scalar { text, plain: true } if &**text == "true" => Some(true),
+            Value::Scalar { text, plain: true } if &**text == "false" => Some(false),
+            other => {
+                let found = match other {
+                    Value::Scalar { text, .. } => format!("`{text}`"),
+                    _ => node.kind().to_string(),
+                };
+                self.error(
+                    node.pos,
+                    path,
+                    format!("expected true or false, found {found}"),
+                );
+                None
+            }
+        }
+    }
+
     /// A non-negative integer from `min` to `max`; underscores between
     /// digits (`40_000`) are allowed, as in the original format.
     fn uint(&mut self, node: &Node, path: &str, min: u64, max: u64) -> Option<u64> {
@@ -685,7 +708,7 @@ impl<'a> Checker<'a> {
             name: id.to_string(),
             endpoints: BTreeMap::new(),
         };
-        let Some(fields) = self.fields(node, path, &["name", "endpoints"]) else {
+        let Some(fields) = self.fields(node, path, &["name", "endpoints", "enforce"]) else {
             return plan;
         };
         if let Some(name) = fields.value("name") {
@@ -693,6 +716,11 @@ impl<'a> Checker<'a> {
                 plan.name = name;
             }
         }
+        // The plan's `enforce` is its endpoints' default.
+        let enforce = fields
+            .value("enforce")
+            .and_then(|n| self.boolean(n, &join(path, "enforce")))
+            .unwrap_or(true);
         if let Some(endpoints) = fields.get("endpoints") {
             let path = join(path, "endpoints");
             let entries = self.entries(endpoints, &path).unwrap_or_default();
@@ -700,7 +728,7 @@ impl<'a> Checker<'a> {
                 if !self.check_id(key.pos, &path, endpoint) {
                     continue;
                 }
-                let policy = self.policy(value, &join(&path, &segment(endpoint)));
+                let policy = self.policy(value, &join(&path, &segment(endpoint)), enforce);
                 plan.endpoints
                     .insert(endpoint.to_string(), Arc::new(policy));
             }
@@ -708,12 +736,13 @@ impl<'a> Checker<'a> {
         plan
     }
 
-    fn policy(&mut self, node: &Node, path: &str) -> Policy {
+    fn policy(&mut self, node: &Node, path: &str, enforce: bool) -> Policy {
         let mut policy = Policy {
             windows: Vec::new(),
             max_concurrent: 0,
             concurrency_expiry_secs: DEFAULT_CONCURRENCY_EXPIRY_SECS,
             credits: None,
+            enforce,
         };
         let Some(fields) = self.fields(
             node,
@@ -724,10 +753,16 @@ impl<'a> Checker<'a> {
                 "max_concurrent",
                 "concurrency_expiry",
                 "credits",
+                "enforce",
             ],
         ) else {
             return policy;
         };
+        if let Some(node) = fields.value("enforce") {
+            if let Some(b) = self.boolean(node, &join(path, "enforce")) {
+                policy.enforce = b;
+            }
+        }
         if let Some(pos) = fields.key_pos("sliding_windows") {
             self.error(
                 pos,

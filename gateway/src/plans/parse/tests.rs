@@ -547,6 +547,7 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
                         .map(|(u, (credits, per))| (u, PerUnit { credits, per }))
                         .collect(),
                 }),
+                enforce: true,
             }
         })
 }
@@ -688,4 +689,41 @@ fn many_keys_are_checked_for_duplicates() {
     doc.push_str("  p7: {}\n");
     let errs = errors(&doc);
     assert_eq!(errs, ["plans.yaml:100002:3: plans.p7: duplicate key `p7`"]);
+}
+
+#[test]
+fn enforce_false_is_shadow_mode_per_plan_or_endpoint() {
+    let text = r#"
+plans:
+  rollout:
+    enforce: false
+    endpoints:
+      "a": { fixed_windows: [{ window: 60s, limit: 1 }] }
+      "b": { enforce: true, fixed_windows: [{ window: 60s, limit: 1 }] }
+  normal:
+    endpoints:
+      "a": { fixed_windows: [{ window: 60s, limit: 1 }] }
+      "c": { enforce: false, fixed_windows: [{ window: 60s, limit: 1 }] }
+"#;
+    let set = parse_plans(text, "plans.yaml").expect("parses");
+    let enforce = |plan: &str, ep: &str| set.plans[plan].policy(ep).expect("endpoint").enforce;
+    assert!(!enforce("rollout", "a"), "the plan's default");
+    assert!(enforce("rollout", "b"), "the endpoint overrides it");
+    assert!(enforce("normal", "a"), "enforced unless said otherwise");
+    assert!(!enforce("normal", "c"));
+    // Stored and shown as JSON: the shadowed endpoints say so.
+    let json = plan_to_json(&set.plans["rollout"]);
+    assert_eq!(json["endpoints"]["a"]["enforce"], serde_json::json!(false));
+    assert!(json["endpoints"]["b"].get("enforce").is_none());
+    let again = parse_plans(
+        &serde_json::json!({"plans": {"rollout": json}}).to_string(),
+        "plans.json",
+    )
+    .expect("round trip");
+    assert_eq!(again.plans["rollout"], set.plans["rollout"]);
+
+    assert_eq!(
+        errors("plans:\n  p:\n    enforce: maybe\n    endpoints: {}\n"),
+        vec!["plans.yaml:3:14: plans.p.enforce: expected true or false, found `maybe`"]
+    );
 }
