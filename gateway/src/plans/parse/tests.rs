@@ -152,7 +152,7 @@ fn validation_errors_are_located() {
         (
             "plans:\n  p:\n    nmae: x\n    endpoints:\n      e:\n        fixed_windows:\n          - {window: 60s, limt: 1}\n",
             &[
-                "plans.yaml:3:5: plans.p.nmae: unknown key `nmae` (expected one of `name`, `endpoints`)",
+                "plans.yaml:3:5: plans.p.nmae: unknown key `nmae` (expected one of `name`, `endpoints`, `enforce`)",
                 "plans.yaml:7:13: plans.p.endpoints.e.fixed_windows[0].limit: missing `limit`",
                 "plans.yaml:7:27: plans.p.endpoints.e.fixed_windows[0].limt: unknown key `limt` (expected one of `window`, `limit`, `unit_type`, `unit_kind`)",
             ],
@@ -255,7 +255,7 @@ fn ids_with_dots_are_quoted_in_paths() {
     assert_eq!(
         errs,
         vec![
-            "plans.yaml:4:17: plans.p.endpoints.\"v1.chat\".limit: unknown key `limit` (expected one of `fixed_windows`, `max_concurrent`, `concurrency_expiry`, `credits`)"
+            "plans.yaml:4:17: plans.p.endpoints.\"v1.chat\".limit: unknown key `limit` (expected one of `fixed_windows`, `max_concurrent`, `concurrency_expiry`, `credits`, `enforce`)"
         ]
     );
 }
