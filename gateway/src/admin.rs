@@ -36,6 +36,8 @@ pub struct Admin {
     core: Arc<Core>,
     /// The units plans may name (those of the routes in force).
     units: Arc<arc_swap::ArcSwap<KnownUnits>>,
+    /// Under `[plans] source = "file"`: why plan writes are refused (409).
+    plan_writes_refused: Option<String>,
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -97,6 +99,23 @@ impl Admin {
             metrics_token: None,
             core,
             units,
+            plan_writes_refused: None,
+        }
+    }
+
+    /// Refuse plan writes (409 with `message`): the plans file owns them.
+    pub fn with_plan_writes_refused(mut self, message: Option<String>) -> Self {
+        self.plan_writes_refused = message;
+        self
+    }
+
+    /// `Err(409)` when plan writes are refused (`[plans] source = "file"`).
+    fn plan_write(&self) -> Result<(), ApiError> {
+        match &self.plan_writes_refused {
+            Some(message) => Err(ApiError::Conflict {
+                message: message.clone(),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -193,6 +212,7 @@ impl Admin {
                 Ok(json(StatusCode::OK, &plans_to_json(&plans)))
             }
             (&Method::PUT, ["admin", "plans"]) => {
+                self.plan_write()?;
                 let body = read_body(req).await?;
                 // Parsing and checking a document of up to 4 MiB is work
                 // for a blocking thread, not for the workers that serve
@@ -229,11 +249,13 @@ impl Admin {
                 Ok(json(StatusCode::OK, &v))
             }
             (&Method::DELETE, ["admin", "plans", id]) => {
+                self.plan_write()?;
                 catalog.delete_plan(id).await.map_err(catalog_error)?;
                 self.core.cache.invalidate(&Invalidation::All);
                 Ok(json(StatusCode::OK, &serde_json::json!({"deleted": id})))
             }
             (&Method::PUT, ["admin", "default-plan"]) => {
+                self.plan_write()?;
                 let r: PlanRef = read_json(req).await?;
                 let id = r
                     .plan_id

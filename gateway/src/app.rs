@@ -19,7 +19,7 @@ use crate::catalog::timed::Timed;
 use crate::catalog::{Catalog, CatalogError, Invalidation};
 use crate::cli::CliError;
 use crate::clock::{Clock, SharedClock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, PlansSource};
 use crate::credits::Outbox;
 use crate::health::{mask_url, StoreWatch};
 use crate::limiter::memory::MemoryStore;
@@ -73,14 +73,15 @@ impl App {
             }
             None => (Arc::new(MemoryCatalog::new(clock.clone())), true),
         };
+        let source = config.plans.source;
         if !connected {
             // Postgres did not answer the connection (the store watch says
             // so at ERROR): apply as soon as it does, rather than wait
             // here for it to fail again.
-            tokio::spawn(apply_when_available(catalog.clone(), plans));
+            tokio::spawn(apply_when_available(catalog.clone(), plans, source));
             return Self::assemble(config, clock, catalog).await;
         }
-        match catalog.apply_plans(&plans, false).await {
+        match apply_start_plans(&*catalog, &plans, source, &config.plans.file).await {
             Ok(_) => {}
             Err(CatalogError::Unavailable(e)) => {
                 let url = config.storage.postgres_url.as_deref().map(mask_url);
@@ -95,7 +96,7 @@ impl App {
                 // why.
                 tracing::error!(url = %url, error = %e, "plans not applied: Postgres answers but cannot serve; serving 503 until it can");
                 // Start anyway (not ready); apply as soon as Postgres answers.
-                tokio::spawn(apply_when_available(catalog.clone(), plans));
+                tokio::spawn(apply_when_available(catalog.clone(), plans, source));
             }
             Err(e) => {
                 return Err(fail(format!(
@@ -186,7 +187,8 @@ impl App {
         let admin = config.admin.as_ref().map(|a| {
             Arc::new(
                 Admin::new(a.token.clone(), core.clone(), units.clone())
-                    .with_metrics_token(a.metrics_token.clone()),
+                    .with_metrics_token(a.metrics_token.clone())
+                    .with_plan_writes_refused(config.plans.writes_refused()),
             )
         });
         Ok(App {
@@ -317,7 +319,7 @@ impl App {
     /// Start watching the plans file when `[plans] watch` is on; the watch
     /// lasts as long as the returned handle.
     pub fn watch_plans(&self) -> Option<notify::RecommendedWatcher> {
-        if self.config.plans.watch {
+        if self.config.plans.watch && self.config.plans.source == PlansSource::File {
             watch_plans(
                 self.core.clone(),
                 self.config.plans.file.clone(),
@@ -492,14 +494,47 @@ async fn load_plans_off_runtime(
         })
 }
 
+/// What `serve` does with the plans file at start: under `source =
+/// "file"` apply it; under `"database"` apply it only to a catalog that
+/// has no plan yet (the first start; every start of the in-process
+/// catalog), so that a start never undoes a change made through the admin
+/// API or the CLI. Returns whether it applied the file.
+async fn apply_start_plans(
+    catalog: &dyn Catalog,
+    plans: &crate::plans::PlanSet,
+    source: PlansSource,
+    file: &Path,
+) -> Result<bool, CatalogError> {
+    if source == PlansSource::Database {
+        let in_force = catalog.list_plans().await?;
+        if !in_force.plans.is_empty() {
+            tracing::info!(
+                file = %file.display(),
+                plans = in_force.plans.len(),
+                "plans are owned by the database ([plans] source = \"database\"): the plans file is not applied (apply it with `plangate plans apply`)"
+            );
+            return Ok(false);
+        }
+        tracing::info!(file = %file.display(), "the catalog has no plans yet: applying the plans file once");
+    }
+    catalog.apply_plans(plans, false).await?;
+    Ok(true)
+}
+
 /// Apply the plans file once the catalog answers (after a start without
 /// Postgres).
-async fn apply_when_available(catalog: Arc<dyn Catalog>, plans: crate::plans::PlanSet) {
+async fn apply_when_available(
+    catalog: Arc<dyn Catalog>,
+    plans: crate::plans::PlanSet,
+    source: PlansSource,
+) {
     let mut backoff = Duration::from_millis(250);
     loop {
-        match catalog.apply_plans(&plans, false).await {
-            Ok(_) => {
-                tracing::info!("Postgres is back: plans applied");
+        match apply_start_plans(&*catalog, &plans, source, Path::new("the plans file")).await {
+            Ok(applied) => {
+                if applied {
+                    tracing::info!("Postgres is back: plans applied");
+                }
                 return;
             }
             Err(CatalogError::Unavailable(_)) => {
@@ -623,17 +658,22 @@ fn reload_on_sighup(app: &App) {
         let units = app.units.clone();
         let config_path = app.config.path.clone();
         let plans_file = app.config.plans.file.clone();
+        // Under `source = "database"` the file is not the plans' source:
+        // SIGHUP reloads only the routes.
+        let from_file = app.config.plans.source == PlansSource::File;
         tokio::spawn(async move {
             let Ok(mut hup) = signal(SignalKind::hangup()) else {
                 tracing::warn!("cannot listen for SIGHUP");
                 return;
             };
             while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading routes and plans");
+                tracing::info!(plans = from_file, "SIGHUP: reloading routes and plans");
                 match Config::load(&config_path) {
                     Ok(config) => {
                         let known = config.known_units();
-                        let fit = plans_fit_routes(&core, &plans_file, &known).await;
+                        let fit =
+                            plans_fit_routes(&core, from_file.then_some(&*plans_file), &known)
+                                .await;
                         match fit.and_then(|()| {
                             RouteTable::from_config(&config).map_err(RoutesError::Table)
                         }) {
@@ -667,7 +707,9 @@ fn reload_on_sighup(app: &App) {
                         }
                     }
                 }
-                App::reload_plans(&core, &plans_file, &units.load()).await;
+                if from_file {
+                    App::reload_plans(&core, &plans_file, &units.load()).await;
+                }
             }
         });
     }
@@ -689,14 +731,18 @@ enum RoutesError {
 #[cfg(unix)]
 async fn plans_fit_routes(
     core: &Core,
-    plans_file: &Path,
+    plans_file: Option<&Path>,
     known: &KnownUnits,
 ) -> Result<(), RoutesError> {
     let Ok(mut in_force) = core.catalog.list_plans().await else {
         tracing::warn!("catalog unavailable: new routes not checked against the plans in force");
         return Ok(());
     };
-    if let Ok(file) = load_plans_off_runtime(plans_file, known).await {
+    let file = match plans_file {
+        Some(f) => load_plans_off_runtime(f, known).await.ok(),
+        None => None,
+    };
+    if let Some(file) = file {
         in_force.plans.retain(|id, _| !file.plans.contains_key(id));
     }
     check_plan_units(&in_force, known, "plans in force").map_err(RoutesError::Units)

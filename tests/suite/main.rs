@@ -7,6 +7,7 @@ mod cluster;
 mod config;
 mod gateway;
 mod integrity;
+mod lifecycle;
 mod limiter;
 mod litellm;
 mod operator;

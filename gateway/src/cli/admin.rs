@@ -144,6 +144,26 @@ pub enum CreditsCmd {
     },
 }
 
+impl PlansCmd {
+    /// Whether the command changes plans (refused under `[plans] source =
+    /// "file"`).
+    pub fn writes(&self) -> bool {
+        matches!(
+            self,
+            PlansCmd::Apply { .. } | PlansCmd::Delete { .. } | PlansCmd::SetDefault { .. }
+        )
+    }
+}
+
+/// Whether `a` and `b` name the same file (as far as the file system
+/// tells; by name when one of them does not exist).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 /// One admin command.
 #[derive(Debug, Clone)]
 pub enum AdminCmd {
@@ -197,6 +217,24 @@ pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliErro
     let json = target.json;
     if let AdminCmd::Migrate = cmd {
         return migrate_cmd(&url, json).await.map_err(at);
+    }
+    // Under `[plans] source = "file"` the plans file is the only source of
+    // plans: a plan written here would be undone by the next reload.
+    // Applying that file itself (what `serve` does) is fine: it is how a
+    // new database gets its plans before the first `serve`.
+    if let (AdminCmd::Plans(c), Some(path)) = (&cmd, &config) {
+        if c.writes() {
+            let view = view(path)?;
+            if let Some(message) = view.plan_writes_refused() {
+                let own_file = match (c, &view.plans_file) {
+                    (PlansCmd::Apply { file, .. }, Some(own)) => same_file(file, own),
+                    _ => false,
+                };
+                if !own_file {
+                    return Err(CliError::BadInput(message));
+                }
+            }
+        }
     }
     let catalog = PostgresCatalog::connect_with(
         &url,

@@ -514,3 +514,31 @@ fn the_cli_view_checks_only_storage_and_units() {
     let e = CliView::from_toml(bad_unit, path, &env).unwrap_err();
     assert!(e.to_string().contains("routes[0].usage.to ken"), "{e}");
 }
+
+/// `[plans] source`: the file by default, or the database; anything else
+/// is refused where it is written. The CLI view reads it too.
+#[test]
+fn plans_source_is_file_unless_database() {
+    use crate::config::PlansSource;
+    let source = |extra: &str| load(&format!("{MINIMAL}{extra}")).map(|c| c.plans.source);
+    assert_eq!(source(""), Ok(PlansSource::File));
+    assert_eq!(source("source = \"file\"\n"), Ok(PlansSource::File));
+    assert_eq!(source("source = \"database\"\n"), Ok(PlansSource::Database));
+    assert_eq!(
+        errors(&format!("{MINIMAL}source = \"db\"\n")),
+        vec!["conf/plangate.toml:3:10: plans.source: `db` is not a plans source: \"file\" or \"database\""]
+    );
+    let c = load(MINIMAL).unwrap();
+    let refused = c.plans.writes_refused().expect("refused under file");
+    assert!(refused.contains("conf/plans.yaml"), "{refused}");
+    let path = Path::new("conf/plangate.toml");
+    let view = CliView::from_toml(MINIMAL, path, &env).unwrap();
+    assert_eq!(view.plan_writes_refused(), Some(refused));
+    let text = format!("{MINIMAL}source = \"database\"\n");
+    assert_eq!(
+        CliView::from_toml(&text, path, &env)
+            .unwrap()
+            .plan_writes_refused(),
+        None
+    );
+}
