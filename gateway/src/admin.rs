@@ -13,7 +13,9 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::catalog::{Catalog, CatalogError, GroupBy, Invalidation, UsageCursor};
+use crate::catalog::{
+    Catalog, CatalogError, GroupBy, Invalidation, KeyOptions, UsageCursor, MAX_ACCOUNTS_PAGE,
+};
 use crate::errors::ApiError;
 use crate::plans::parse::{parse_plans_for, plan_to_json, plans_to_json};
 use crate::plans::{KnownUnits, MAX_AMOUNT};
@@ -25,6 +27,9 @@ use crate::server::{error_response, Body};
 const USAGE_PAGE_DEFAULT: usize = 100;
 /// Most events one page of `GET /admin/usage/events` holds.
 const USAGE_PAGE_MAX: usize = 1000;
+
+/// Accounts per page of `GET /admin/accounts` unless `limit` says.
+const ACCOUNTS_PAGE_DEFAULT: usize = 100;
 
 /// Largest admin request body (plans files are small).
 const MAX_ADMIN_BODY: usize = 4 * 1024 * 1024;
@@ -73,6 +78,22 @@ struct NewAccount {
     plan_id: Option<String>,
     #[serde(default)]
     metadata: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountPatch {
+    /// Keys to set; a `null` value removes the key.
+    metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    expires_at: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -282,6 +303,69 @@ impl Admin {
                     &serde_json::to_value(account).unwrap_or_default(),
                 ))
             }
+            (&Method::GET, ["admin", "accounts"]) => {
+                let p = query::parse(query.as_deref(), &["limit", "after", "plan"])?;
+                let limit = p.limit(ACCOUNTS_PAGE_DEFAULT, MAX_ACCOUNTS_PAGE)?;
+                // One more than asked: a next page is promised only when
+                // there is one.
+                let mut accounts = catalog
+                    .list_accounts(p.get("plan"), p.get("after"), limit + 1)
+                    .await
+                    .map_err(catalog_error)?;
+                let next = if accounts.len() > limit {
+                    accounts.truncate(limit);
+                    accounts.last().map(|a| a.id.clone())
+                } else {
+                    None
+                };
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"accounts": accounts, "next_after": next}),
+                ))
+            }
+            (&Method::PATCH, ["admin", "accounts", id]) => {
+                let patch: AccountPatch = read_json(req).await?;
+                let account = catalog
+                    .update_account_metadata(id, &patch.metadata)
+                    .await
+                    .map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::to_value(account).unwrap_or_default(),
+                ))
+            }
+            (&Method::DELETE, ["admin", "accounts", id]) => {
+                let p = query::parse(query.as_deref(), &["force"])?;
+                let force = match p.get("force") {
+                    None | Some("false") => false,
+                    Some("true") => true,
+                    Some(v) => {
+                        return Err(ApiError::invalid_parameter(
+                            "force",
+                            format!("force: `{}` is not true or false", v.escape_debug()),
+                        ))
+                    }
+                };
+                let deleted = catalog
+                    .delete_account(id, force)
+                    .await
+                    .map_err(catalog_error)?;
+                self.reload_wallet(id).await;
+                tracing::warn!(account = %id, by = "admin-api", keys = deleted.keys, blocks = deleted.blocks, credits_forfeited = deleted.credits_forfeited, "admin: account deleted");
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::to_value(deleted).unwrap_or_default(),
+                ))
+            }
+            (&Method::POST, ["admin", "accounts", id, "limits", "reset"]) => {
+                let p = query::parse(query.as_deref(), &["endpoint"])?;
+                let reset = crate::proxy::reset_limits(&self.core, id, p.get("endpoint")).await?;
+                tracing::warn!(account = %id, endpoint = p.get("endpoint").unwrap_or("*"), by = "admin-api", endpoints = ?reset, "admin: rate-limit windows reset");
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"account": id, "reset": reset}),
+                ))
+            }
             (&Method::GET, ["admin", "accounts", id]) => {
                 let account = catalog.get_account(id).await.map_err(catalog_error)?;
                 Ok(json(
@@ -305,10 +389,31 @@ impl Admin {
                 ))
             }
             (&Method::POST, ["admin", "accounts", id, "keys"]) => {
-                let key = catalog.create_key(id).await.map_err(catalog_error)?;
+                // The body is optional: `{"label": "ci", "expires_at": "..."}`.
+                let body = read_body(req).await?;
+                let k: NewKey = if body.iter().all(u8::is_ascii_whitespace) {
+                    NewKey::default()
+                } else {
+                    serde_json::from_slice(&body)
+                        .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))?
+                };
+                let opts = KeyOptions {
+                    label: k.label,
+                    expires_at: k.expires_at.as_deref().map(parse_rfc3339).transpose()?,
+                };
+                let key = catalog
+                    .create_key_with(id, &opts)
+                    .await
+                    .map_err(catalog_error)?;
                 Ok(json(
                     StatusCode::CREATED,
-                    &serde_json::json!({"id": key.id, "key": key.key, "prefix": key.prefix}),
+                    &serde_json::json!({
+                        "id": key.id,
+                        "key": key.key,
+                        "prefix": key.prefix,
+                        "label": opts.label,
+                        "expires_at": opts.expires_at.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                    }),
                 ))
             }
             (&Method::GET, ["admin", "accounts", id, "keys"]) => {

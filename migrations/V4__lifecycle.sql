@@ -1,0 +1,16 @@
+-- plangate catalog schema, version 4: the lifecycle of accounts and keys
+-- (issue 14 item 6).
+
+-- A key may carry a label (e.g. "ci") and an expiry: from `expires_at` on
+-- it is refused (401) like a revoked key.
+ALTER TABLE api_keys ADD COLUMN label text CHECK (octet_length(label) <= 200);
+ALTER TABLE api_keys ADD COLUMN expires_at timestamptz;
+
+-- Accounts can be deleted (`plangate accounts delete`): their keys and
+-- quota blocks go with them, their ledger rows stay for audit (as usage
+-- events do, which never had a foreign key). The catalog checks that the
+-- account exists before it writes a ledger row, as the key did.
+ALTER TABLE credit_ledger DROP CONSTRAINT credit_ledger_account_id_fkey;
+
+-- `accounts list` pages through accounts by id, bytewise.
+CREATE INDEX accounts_id_bytewise ON accounts ((id COLLATE "C"));
