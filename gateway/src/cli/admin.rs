@@ -546,13 +546,17 @@ async fn list_accounts(
             "--limit {limit}: must be 1 to {MAX_ACCOUNTS_PAGE}"
         )));
     }
-    let page = catalog
-        .list_accounts(plan.as_deref(), after.as_deref(), limit)
+    // One more than asked: a next page is promised only when there is one.
+    let mut page = catalog
+        .list_accounts(plan.as_deref(), after.as_deref(), limit + 1)
         .await
         .map_err(catalog_err)?;
-    let next = (page.len() == limit)
-        .then(|| page.last().map(|a| a.id.clone()))
-        .flatten();
+    let next = if page.len() > limit {
+        page.truncate(limit);
+        page.last().map(|a| a.id.clone())
+    } else {
+        None
+    };
     if json {
         return Ok(to_json(&serde_json::json!({
             "accounts": page,
