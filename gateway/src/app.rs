@@ -78,7 +78,12 @@ impl App {
             // Postgres did not answer the connection (the store watch says
             // so at ERROR): apply as soon as it does, rather than wait
             // here for it to fail again.
-            tokio::spawn(apply_when_available(catalog.clone(), plans, source));
+            tokio::spawn(apply_when_available(
+                catalog.clone(),
+                plans,
+                source,
+                config.plans.file.clone(),
+            ));
             return Self::assemble(config, clock, catalog).await;
         }
         match apply_start_plans(&*catalog, &plans, source, &config.plans.file).await {
@@ -96,7 +101,12 @@ impl App {
                 // why.
                 tracing::error!(url = %url, error = %e, "plans not applied: Postgres answers but cannot serve; serving 503 until it can");
                 // Start anyway (not ready); apply as soon as Postgres answers.
-                tokio::spawn(apply_when_available(catalog.clone(), plans, source));
+                tokio::spawn(apply_when_available(
+                    catalog.clone(),
+                    plans,
+                    source,
+                    config.plans.file.clone(),
+                ));
             }
             Err(e) => {
                 return Err(fail(format!(
@@ -527,10 +537,11 @@ async fn apply_when_available(
     catalog: Arc<dyn Catalog>,
     plans: crate::plans::PlanSet,
     source: PlansSource,
+    file: PathBuf,
 ) {
     let mut backoff = Duration::from_millis(250);
     loop {
-        match apply_start_plans(&*catalog, &plans, source, Path::new("the plans file")).await {
+        match apply_start_plans(&*catalog, &plans, source, &file).await {
             Ok(applied) => {
                 if applied {
                     tracing::info!("Postgres is back: plans applied");
