@@ -12,5 +12,14 @@ ALTER TABLE api_keys ADD COLUMN expires_at timestamptz;
 -- account exists before it writes a ledger row, as the key did.
 ALTER TABLE credit_ledger DROP CONSTRAINT credit_ledger_account_id_fkey;
 
+-- Who owns the plans, as the last gateway started said (`[plans] source`):
+-- key 'plans_file' holds the plans file of gateways under source =
+-- "file", so that admin commands given only a database URL refuse plan
+-- writes the file would undo. No row: the database owns the plans.
+CREATE TABLE plangate_settings (
+    key    text PRIMARY KEY,
+    value  text NOT NULL
+);
+
 -- `accounts list` pages through accounts by id, bytewise.
 CREATE INDEX accounts_id_bytewise ON accounts ((id COLLATE "C"));

@@ -515,6 +515,10 @@ async fn apply_start_plans(
     source: PlansSource,
     file: &Path,
 ) -> Result<bool, CatalogError> {
+    // Recorded for admin commands given only a database URL, which do not
+    // see this config (`cli/admin.rs`).
+    let owner = (source == PlansSource::File).then(|| file.display().to_string());
+    catalog.set_plans_file_owner(owner.as_deref()).await?;
     if source == PlansSource::Database {
         let in_force = catalog.list_plans().await?;
         if !in_force.plans.is_empty() {

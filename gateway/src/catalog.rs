@@ -576,6 +576,13 @@ pub trait Catalog: Send + Sync + 'static {
 
     /// Whether the backing store answers (for `/readyz`).
     async fn ping(&self) -> CatalogResult<()>;
+
+    // --- plans ownership
+    /// The plans file that owns the plans (`[plans] source = "file"`), as
+    /// the last gateway started recorded it; `None`: the database does.
+    async fn plans_file_owner(&self) -> CatalogResult<Option<String>>;
+    /// Record who owns the plans (a gateway does at start).
+    async fn set_plans_file_owner(&self, file: Option<&str>) -> CatalogResult<()>;
 }
 
 /// SHA-256 of an API key, raw; [`hash_key`] is its hex form.

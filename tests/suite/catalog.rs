@@ -436,6 +436,24 @@ async fn keys(f: Fixture) {
     assert!(is_not_found(c.list_keys("nobody").await));
 }
 
+/// Who owns the plans, as gateways record it at start.
+async fn plans_file_owner_round_trips(f: Fixture) {
+    let c = &f.catalog;
+    assert_eq!(c.plans_file_owner().await.unwrap(), None);
+    c.set_plans_file_owner(Some("/etc/plangate/plans.yaml"))
+        .await
+        .unwrap();
+    c.set_plans_file_owner(Some("/srv/plans.yaml"))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.plans_file_owner().await.unwrap().as_deref(),
+        Some("/srv/plans.yaml")
+    );
+    c.set_plans_file_owner(None).await.unwrap();
+    assert_eq!(c.plans_file_owner().await.unwrap(), None);
+}
+
 /// Keys with a label and an expiry: found until the expiry (catalog
 /// clock), refused from then on, by the catalog and by a cache that holds
 /// them; labels and expiries in the past are refused.
@@ -1406,6 +1424,12 @@ impl Catalog for Deaf {
     async fn ping(&self) -> plangate::catalog::CatalogResult<()> {
         self.0.ping().await
     }
+    async fn plans_file_owner(&self) -> plangate::catalog::CatalogResult<Option<String>> {
+        self.0.plans_file_owner().await
+    }
+    async fn set_plans_file_owner(&self, f: Option<&str>) -> plangate::catalog::CatalogResult<()> {
+        self.0.set_plans_file_owner(f).await
+    }
 }
 
 async fn cache_ttl_backstop(f: Fixture) {
@@ -1464,6 +1488,7 @@ conformance!(
     keys,
     key_labels_and_expiry,
     account_lifecycle,
+    plans_file_owner_round_trips,
     quota_blocks_and_expiry,
     grants_are_bounded,
     deduct_order_and_partial,

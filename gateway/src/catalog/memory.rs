@@ -159,6 +159,8 @@ struct State {
     ledger: HashMap<String, LedgerRow>,
     /// Creation order, the tie-breaker Postgres gets from `bigserial`.
     next_seq: u64,
+    /// See [`Catalog::plans_file_owner`].
+    plans_file_owner: Option<String>,
 }
 
 struct AccountRow {
@@ -1002,6 +1004,15 @@ impl Catalog for MemoryCatalog {
     }
 
     async fn ping(&self) -> CatalogResult<()> {
+        Ok(())
+    }
+
+    async fn plans_file_owner(&self) -> CatalogResult<Option<String>> {
+        Ok(self.state.lock().plans_file_owner.clone())
+    }
+
+    async fn set_plans_file_owner(&self, file: Option<&str>) -> CatalogResult<()> {
+        self.state.lock().plans_file_owner = file.map(str::to_owned);
         Ok(())
     }
 }

@@ -1786,6 +1786,41 @@ impl Catalog for PostgresCatalog {
         conn.execute("SELECT 1", &[]).await.map_err(db_err)?;
         Ok(())
     }
+
+    async fn plans_file_owner(&self) -> CatalogResult<Option<String>> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt(
+                "SELECT value FROM plangate_settings WHERE key = 'plans_file'",
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn set_plans_file_owner(&self, file: Option<&str>) -> CatalogResult<()> {
+        let conn = self.conn().await?;
+        match file {
+            Some(f) => {
+                conn.execute(
+                    "INSERT INTO plangate_settings (key, value) VALUES ('plans_file', $1)
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&f],
+                )
+                .await
+            }
+            None => {
+                conn.execute(
+                    "DELETE FROM plangate_settings WHERE key = 'plans_file'",
+                    &[],
+                )
+                .await
+            }
+        }
+        .map_err(db_err)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

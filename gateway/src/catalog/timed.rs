@@ -291,6 +291,19 @@ impl<C: Catalog> Catalog for Timed<C> {
     async fn ping(&self) -> CatalogResult<()> {
         self.within("ping", self.inner.ping()).await
     }
+
+    async fn plans_file_owner(&self) -> CatalogResult<Option<String>> {
+        self.within("plans_file_owner", self.inner.plans_file_owner())
+            .await
+    }
+
+    async fn set_plans_file_owner(&self, file: Option<&str>) -> CatalogResult<()> {
+        self.within(
+            "set_plans_file_owner",
+            self.inner.set_plans_file_owner(file),
+        )
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -374,6 +387,8 @@ mod tests {
         usage_events(q: &UsageQuery, after: Option<&UsageCursor>, limit: usize) -> Vec<UsageEvent>;
         usage_summary(q: &UsageQuery, group_by: GroupBy) -> Vec<UsageBucket>;
         prune_usage(before: SystemTime) -> u64;
+        plans_file_owner() -> Option<String>;
+        set_plans_file_owner(file: Option<&str>) -> ();
     }
 
     const TIMEOUT: Duration = Duration::from_millis(100);

@@ -1,6 +1,6 @@
 //! Admin subcommands against Postgres: plans, accounts, keys, credits, migrate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -9,7 +9,7 @@ use crate::catalog::postgres::{create_database_if_missing, migrate, PgOptions, P
 use crate::catalog::timed::Timed;
 use crate::catalog::{Catalog, CatalogError, KeyOptions, MAX_ACCOUNTS_PAGE};
 use crate::clock::SystemClock;
-use crate::config::CliView;
+use crate::config::{refusal, CliView, PlansSource};
 use crate::health::mask_url;
 use crate::plans::parse::{load_plans_file, load_plans_file_for, plan_to_json, plans_to_json};
 use crate::plans::{KnownUnits, Plan, MAX_AMOUNT};
@@ -332,6 +332,30 @@ pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliErro
     // As in the gateway: a database that stops answering fails the
     // command after `catalog_timeout` instead of hanging it.
     let catalog = Timed::new(catalog, timeout);
+    // Without a config, the gateways' own record says who owns the plans.
+    if let (AdminCmd::Plans(c), None) = (&cmd, &config) {
+        if c.writes() {
+            let owner = catalog
+                .plans_file_owner()
+                .await
+                .map_err(catalog_err)
+                .map_err(at)?;
+            if let Some(owner) = owner {
+                let own_file = match c {
+                    PlansCmd::Apply { file, .. } => same_file(file, Path::new(&owner)),
+                    _ => false,
+                };
+                if !own_file {
+                    let message =
+                        refusal(PlansSource::File, Some(Path::new(&owner))).unwrap_or_default();
+                    return Err(CliError::BadInput(format!(
+                        "{message} (as the gateway last started on this database says; \
+                         pass --config FILE to follow a config instead)"
+                    )));
+                }
+            }
+        }
+    }
     match cmd {
         AdminCmd::Migrate => migrate_cmd(&url, json).await,
         AdminCmd::Plans(c) => {
