@@ -12,6 +12,16 @@ ALTER TABLE api_keys ADD COLUMN expires_at timestamptz;
 -- account exists before it writes a ledger row, as the key did.
 ALTER TABLE credit_ledger DROP CONSTRAINT credit_ledger_account_id_fkey;
 
+-- One row per deleted account id: when, and the credit version its
+-- deletion announced. An account created again under the id starts from
+-- that version, so credit versions never go back for an id and no wallet
+-- of the old account (nor its invalidations) can pass for the new one.
+CREATE TABLE deleted_accounts (
+    id              text PRIMARY KEY,
+    credit_version  bigint NOT NULL,
+    deleted_at      timestamptz NOT NULL
+);
+
 -- Who owns the plans, as the last gateway started said (`[plans] source`):
 -- key 'plans_file' holds the plans file of gateways under source =
 -- "file", so that admin commands given only a database URL refuse plan

@@ -198,10 +198,6 @@ pub(crate) fn credits_left(id: &str, credits: u64) -> CatalogError {
     ))
 }
 
-/// The credit version announced when an account is deleted: past any
-/// version a wallet of the old account can hold, so every wallet drops it.
-pub(crate) const DELETED_CREDIT_VERSION: u64 = i64::MAX as u64;
-
 /// A freshly created key: the only time the plaintext exists.
 #[derive(Debug, Clone, Serialize)]
 pub struct NewApiKey {

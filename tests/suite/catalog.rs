@@ -593,6 +593,8 @@ async fn account_lifecycle(f: Fixture) {
     assert!(matches!(r, Err(CatalogError::Conflict(_))), "{r:?}");
     assert!(r.unwrap_err().to_string().contains("7 unexpired credits"));
     assert!(c.get_account("a").await.is_ok());
+    let version = c.credit_snapshot("a").await.unwrap().version;
+    let mut rx = c.subscribe();
     let d = c.delete_account("a", true).await.unwrap();
     assert_eq!((d.keys, d.blocks, d.credits_forfeited), (1, 1, 7), "{d:?}");
     assert!(is_not_found(c.get_account("a").await));
@@ -622,10 +624,22 @@ async fn account_lifecycle(f: Fixture) {
             .credits_forfeited,
         0
     );
-    // The ledger is kept: an account created again under the id sees it.
+    // The deletion announces a credit version past the account's, so every
+    // wallet of it is dropped...
+    let announced = loop {
+        match rx.recv().await.unwrap() {
+            Invalidation::Credits { account, version } if account == "a" => break version,
+            _ => {}
+        }
+    };
+    assert!(announced > version, "{announced} > {version}");
+    // ...and an account created again under the id starts from it: its
+    // wallet is never older than what its gateways last heard.
     c.create_account("a", None, serde_json::Value::Null)
         .await
         .unwrap();
+    assert_eq!(c.credit_snapshot("a").await.unwrap().version, announced);
+    // The ledger is kept: the account created again under the id sees it.
     let ledger = c.ledger("a").await.unwrap();
     assert_eq!(ledger.len(), 1);
     assert_eq!(

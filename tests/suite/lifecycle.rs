@@ -772,3 +772,60 @@ async fn the_cli_covers_the_account_lifecycle() {
     assert_eq!(used().await, 0);
     drop_database(db_name(&db)).await;
 }
+
+/// An account deleted and created again under the same id is a new
+/// account: its keys, its credits and its wallet work (no wallet or
+/// invalidation of the old one stands in its way), and nothing of the old
+/// balance comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_id_can_be_used_again_after_deletion() {
+    for backend in Backend::all().await {
+        let gw = TestGateway::start(Options::new(backend)).await;
+        let t = Some(ADMIN_TOKEN);
+        let id = plangate_tests::harness::unique("again");
+        let paid = json!({"model": "paid-model", "messages": [{"role": "user", "content": "hi"}]});
+        for (round, credits) in [(0, 10), (1, 3)] {
+            let r = gw
+                .admin(
+                    Method::POST,
+                    "/admin/accounts",
+                    t,
+                    &json!({"id": id}).to_string(),
+                )
+                .await;
+            assert_eq!(r.status, 201, "round {round}: {:?}", r.body);
+            let r = gw
+                .admin(
+                    Method::POST,
+                    &format!("/admin/accounts/{id}/quota-blocks"),
+                    t,
+                    &json!({"credits": credits}).to_string(),
+                )
+                .await;
+            assert_eq!(r.status, 201, "{:?}", r.body);
+            let r = gw
+                .admin(Method::POST, &format!("/admin/accounts/{id}/keys"), t, "")
+                .await;
+            let key = r.json()["key"].as_str().unwrap().to_owned();
+            let r = gw.post("/v1/chat/completions", Some(&key), &paid).await;
+            assert_eq!(r.status, 200, "round {round}: {:?}", r.body);
+            // Only this round's credits: the old balance is gone.
+            assert_eq!(
+                r.header("x-credits-remaining"),
+                Some((credits - 1).to_string().as_str()),
+                "round {round}"
+            );
+            gw.wait_settled().await;
+            let r = gw
+                .admin(
+                    Method::DELETE,
+                    &format!("/admin/accounts/{id}?force=true"),
+                    t,
+                    "",
+                )
+                .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+        }
+        gw.stop().await;
+    }
+}

@@ -19,7 +19,7 @@ use super::{
     normalize_metadata, time_to_ms, trunc_micros, Account, ApiKeyInfo, ApplyReport, Catalog,
     CatalogError, CatalogResult, CreditOp, CreditSnapshot, DeductResult, Deduction, DeletedAccount,
     Draw, GroupBy, Invalidation, KeyOptions, KeyOwner, LedgerEntry, NewApiKey, QuotaBlock,
-    UsageBucket, UsageCursor, UsageEvent, UsageQuery, DELETED_CREDIT_VERSION, MAX_ACCOUNTS_PAGE,
+    UsageBucket, UsageCursor, UsageEvent, UsageQuery, MAX_ACCOUNTS_PAGE,
 };
 use crate::catalog::usage::{check_batch, epoch_ms_ceil, Summary};
 use crate::clock::SharedClock;
@@ -161,6 +161,9 @@ struct State {
     next_seq: u64,
     /// See [`Catalog::plans_file_owner`].
     plans_file_owner: Option<String>,
+    /// Deleted account id → the credit version its deletion announced
+    /// (an account created again under the id starts there).
+    deleted: HashMap<String, u64>,
 }
 
 struct AccountRow {
@@ -455,10 +458,11 @@ impl Catalog for MemoryCatalog {
             if let Some(p) = plan_id {
                 st.require_plan(p)?;
             }
+            let credit_version = st.deleted.get(id).copied().unwrap_or(0);
             st.accounts.insert(
                 id.to_string(),
                 AccountRow {
-                    credit_version: 0,
+                    credit_version,
                     plan_id: plan_id.map(str::to_string),
                     metadata,
                 },
@@ -529,7 +533,7 @@ impl Catalog for MemoryCatalog {
 
     async fn delete_account(&self, id: &str, force: bool) -> CatalogResult<DeletedAccount> {
         let now = self.now();
-        let (deleted, hashes) = {
+        let (deleted, (hashes, version)) = {
             let mut st = self.state.lock();
             st.require_account(id)?;
             let credits = st.balance(id, now);
@@ -553,7 +557,11 @@ impl Catalog for MemoryCatalog {
             for b in &blocks {
                 st.blocks.remove(b);
             }
-            st.accounts.remove(id);
+            // The deletion's version is past every version the account had:
+            // wallets of it are dropped everywhere, and an account created
+            // again under the id starts from it.
+            let version = st.accounts.remove(id).map_or(0, |a| a.credit_version) + 1;
+            st.deleted.insert(id.to_string(), version);
             // The ledger is kept (audit): rows stay under the account id.
             (
                 DeletedAccount {
@@ -562,7 +570,7 @@ impl Catalog for MemoryCatalog {
                     blocks: blocks.len() as u64,
                     credits_forfeited: credits,
                 },
-                hashes,
+                (hashes, version),
             )
         };
         for hash in hashes {
@@ -571,7 +579,7 @@ impl Catalog for MemoryCatalog {
         self.notify(Invalidation::Account(id.to_string()));
         self.notify(Invalidation::Credits {
             account: id.to_string(),
-            version: DELETED_CREDIT_VERSION,
+            version,
         });
         Ok(deleted)
     }

@@ -18,8 +18,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::{
     already_revoked, check_block_expiry, check_key_options, credits_left, merge_metadata,
-    time_to_ms, trunc_micros, DeletedAccount, KeyOptions, DELETED_CREDIT_VERSION,
-    MAX_ACCOUNTS_PAGE,
+    time_to_ms, trunc_micros, DeletedAccount, KeyOptions, MAX_ACCOUNTS_PAGE,
 };
 use super::{
     check_credits, check_grant, check_id, generate_id, generate_key, hash_key, ms_to_time,
@@ -1225,7 +1224,9 @@ impl Catalog for PostgresCatalog {
         let conn = self.conn().await?;
         let n = conn
             .execute(
-                "INSERT INTO accounts (id, plan_id, metadata, created_at) VALUES ($1, $2, $3, $4)
+                "INSERT INTO accounts (id, plan_id, metadata, created_at, credit_version)
+                 VALUES ($1, $2, $3, $4,
+                         COALESCE((SELECT credit_version FROM deleted_accounts WHERE id = $1), 0))
                  ON CONFLICT (id) DO NOTHING",
                 &[&id, &plan_id, &metadata, &now],
             )
@@ -1368,12 +1369,19 @@ impl Catalog for PostgresCatalog {
         // Locked against grants, deductions (their ledger rows check the
         // account FOR KEY SHARE) and wallet writes while it goes.
         let locked = tx
-            .query_opt("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", &[&id])
+            .query_opt(
+                "SELECT credit_version FROM accounts WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
             .await
             .map_err(db_err)?;
-        if locked.is_none() {
+        let Some(locked) = locked else {
             return Err(CatalogError::not_found("account", id));
-        }
+        };
+        // The deletion's version is past every version the account had:
+        // wallets of it are dropped everywhere, and an account created
+        // again under the id starts from it.
+        let version = locked.get::<_, i64>(0) + 1;
         let credits = balance_of(&tx, id, now).await.map_err(db_err)?.unwrap_or(0);
         if credits > 0 && !force {
             return Err(credits_left(id, credits));
@@ -1392,12 +1400,20 @@ impl Catalog for PostgresCatalog {
         tx.execute("DELETE FROM accounts WHERE id = $1", &[&id])
             .await
             .map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO deleted_accounts (id, credit_version, deleted_at) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE
+             SET credit_version = EXCLUDED.credit_version, deleted_at = EXCLUDED.deleted_at",
+            &[&id, &version, &now],
+        )
+        .await
+        .map_err(db_err)?;
         let mut invs: Vec<Invalidation> =
             keys.iter().map(|r| Invalidation::Key(r.get(0))).collect();
         invs.push(Invalidation::Account(id.to_string()));
         invs.push(Invalidation::Credits {
             account: id.to_string(),
-            version: DELETED_CREDIT_VERSION,
+            version: version as u64,
         });
         for inv in &invs {
             notify_sql(&tx, inv).await.map_err(db_err)?;
