@@ -129,8 +129,9 @@ pub struct AuthConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlansConfig {
-    /// Resolved relative to the config file's directory.
-    pub file: PathBuf,
+    /// Resolved relative to the config file's directory. Always set under
+    /// `source = "file"`; optional under `"database"`.
+    pub file: Option<PathBuf>,
     pub watch: bool,
     /// Who owns the plans: the file or the database.
     pub source: PlansSource,
@@ -139,16 +140,16 @@ pub struct PlansConfig {
 /// `[plans] source`: the one place plans are changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PlansSource {
-    /// The plans file is the only source: `serve` applies it at start, on
+    /// The plans file (required) is the only source: `serve` applies it at start, on
     /// change (`watch`) and on SIGHUP; plan writes through the admin API
     /// and the CLI are refused (409, naming the file). The default.
     #[default]
     File,
     /// The database owns the plans: they change through the admin API and
     /// the CLI (`plans apply FILE` applies a file once). `serve` applies
-    /// the plans file only to a catalog that has no plan yet (the first
-    /// start; always for the in-process catalog), never after, and does
-    /// not watch it.
+    /// the plans file, if the config names one, only to a catalog that has
+    /// no plan yet (the first start; always for the in-process catalog),
+    /// never after, and does not watch it.
     Database,
 }
 
@@ -166,7 +167,7 @@ impl PlansConfig {
     /// Why a plan write (admin API, CLI) is refused: `Some` under
     /// `source = "file"`, naming the file.
     pub fn writes_refused(&self) -> Option<String> {
-        refusal(self.source, Some(&self.file))
+        refusal(self.source, self.file.as_deref())
     }
 }
 

@@ -829,3 +829,38 @@ async fn an_account_id_can_be_used_again_after_deletion() {
         gw.stop().await;
     }
 }
+
+/// Under `[plans] source = "database"` the config need not name a plans
+/// file: `check-config` passes and says so, `serve` starts (warning that
+/// the catalog has no plans yet), and plans arrive through the admin API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_owned_config_needs_no_plans_file() {
+    let Some(db) = fresh_db("lifenofile").await else {
+        return;
+    };
+    let dir = TempDir::new("life-nofile");
+    let config = write_config(&dir, &db, "database");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace("file = \"plans.yaml\"\n", "");
+    assert!(!text.contains("plans.yaml"));
+    std::fs::write(&config, text).unwrap();
+    std::fs::remove_file(dir.path().join("plans.yaml")).unwrap();
+
+    let check = ok(run(
+        dir.path(),
+        &["check-config", "--config", config.to_str().unwrap()],
+    ));
+    assert!(
+        check.contains("no plans file (the database owns the plans)"),
+        "{check}"
+    );
+    let gw = GatewayProc::spawn(&config, &[]);
+    assert!(gw.log().contains("names no file"), "{}", gw.log());
+    let yaml = "default_plan: p\nplans:\n  p:\n    endpoints:\n      gpt-4o:\n        fixed_windows:\n          - window: 60s\n            limit: 3\n";
+    let r = admin_call(&gw, Method::PUT, "/admin/plans", yaml).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = admin_call(&gw, Method::GET, "/admin/plans", "").await;
+    assert_eq!(r.json()["default_plan"], "p", "{:?}", r.body);
+    drop(gw);
+    drop_database(db_name(&db)).await;
+}

@@ -588,7 +588,7 @@ impl Builder<'_> {
 
     fn plans(&mut self, spanned: Option<&toml::Spanned<super::raw::RawPlans>>) -> PlansConfig {
         let mut out = PlansConfig {
-            file: PathBuf::new(),
+            file: None,
             watch: true,
             source: PlansSource::File,
         };
@@ -600,20 +600,19 @@ impl Builder<'_> {
             return out;
         };
         let raw = spanned.get_ref();
+        out.source = self.plans_source(raw.source.as_ref());
         match &raw.file {
-            Some(f) => {
-                if let Some(path) = self.path(f, "plans.file") {
-                    out.file = path;
-                }
-            }
+            Some(f) => out.file = self.path(f, "plans.file"),
+            // Under "database" the plans need no file.
+            None if out.source == PlansSource::Database => {}
             None => self.error_at(
                 spanned.span(),
                 "plans.file",
-                "missing: the plans file, relative to this file (e.g. \"plans.yaml\")",
+                "missing: the plans file, relative to this file (e.g. \"plans.yaml\"); \
+                 only source = \"database\" runs without one",
             ),
         }
         out.watch = raw.watch.unwrap_or(true);
-        out.source = self.plans_source(raw.source.as_ref());
         out
     }
 

@@ -130,7 +130,7 @@ fn minimal_file_gets_defaults() {
     assert!(!c.storage.require_at_start);
     assert_eq!(c.storage.postgres_url, None);
     assert_eq!(c.auth.header, "authorization");
-    assert_eq!(c.plans.file, Path::new("conf/plans.yaml"));
+    assert_eq!(c.plans.file.as_deref(), Some(Path::new("conf/plans.yaml")));
     assert!(c.plans.watch);
     assert_eq!(c.usage.retain, Duration::from_secs(400 * 86_400));
     assert!(c.upstreams.is_empty() && c.routes.is_empty());
@@ -527,6 +527,17 @@ fn plans_source_is_file_unless_database() {
     assert_eq!(
         errors(&format!("{MINIMAL}source = \"db\"\n")),
         vec!["conf/plangate.toml:3:10: plans.source: `db` is not a plans source: \"file\" or \"database\""]
+    );
+    // Only the database may own the plans without a file.
+    let c = load("[plans]\nsource = \"database\"\n").unwrap();
+    assert_eq!(
+        (c.plans.source, c.plans.file),
+        (PlansSource::Database, None)
+    );
+    let e = errors("[plans]\nsource = \"file\"\n");
+    assert!(
+        e[0].contains("plans.file: missing") && e[0].contains("only source = \"database\""),
+        "{e:?}"
     );
     let c = load(MINIMAL).unwrap();
     let refused = c.plans.writes_refused().expect("refused under file");
