@@ -13,7 +13,9 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::catalog::{Catalog, CatalogError, GroupBy, Invalidation, UsageCursor};
+use crate::catalog::{
+    Catalog, CatalogError, GroupBy, Invalidation, KeyOptions, UsageCursor, MAX_ACCOUNTS_PAGE,
+};
 use crate::errors::ApiError;
 use crate::plans::parse::{parse_plans_for, plan_to_json, plans_to_json};
 use crate::plans::{KnownUnits, MAX_AMOUNT};
@@ -26,6 +28,9 @@ const USAGE_PAGE_DEFAULT: usize = 100;
 /// Most events one page of `GET /admin/usage/events` holds.
 const USAGE_PAGE_MAX: usize = 1000;
 
+/// Accounts per page of `GET /admin/accounts` unless `limit` says.
+const ACCOUNTS_PAGE_DEFAULT: usize = 100;
+
 /// Largest admin request body (plans files are small).
 const MAX_ADMIN_BODY: usize = 4 * 1024 * 1024;
 
@@ -36,6 +41,8 @@ pub struct Admin {
     core: Arc<Core>,
     /// The units plans may name (those of the routes in force).
     units: Arc<arc_swap::ArcSwap<KnownUnits>>,
+    /// Under `[plans] source = "file"`: why plan writes are refused (409).
+    plan_writes_refused: Option<String>,
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -75,6 +82,22 @@ struct NewAccount {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct AccountPatch {
+    /// Keys to set; a `null` value removes the key.
+    metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    expires_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PlanRef {
     plan_id: Option<String>,
 }
@@ -97,6 +120,23 @@ impl Admin {
             metrics_token: None,
             core,
             units,
+            plan_writes_refused: None,
+        }
+    }
+
+    /// Refuse plan writes (409 with `message`): the plans file owns them.
+    pub fn with_plan_writes_refused(mut self, message: Option<String>) -> Self {
+        self.plan_writes_refused = message;
+        self
+    }
+
+    /// `Err(409)` when plan writes are refused (`[plans] source = "file"`).
+    fn plan_write(&self) -> Result<(), ApiError> {
+        match &self.plan_writes_refused {
+            Some(message) => Err(ApiError::Conflict {
+                message: message.clone(),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -195,6 +235,7 @@ impl Admin {
                 Ok(json(StatusCode::OK, &plans_to_json(&plans)))
             }
             (&Method::PUT, ["admin", "plans"]) => {
+                self.plan_write()?;
                 let body = read_body(req).await?;
                 // Parsing and checking a document of up to 4 MiB is work
                 // for a blocking thread, not for the workers that serve
@@ -231,11 +272,13 @@ impl Admin {
                 Ok(json(StatusCode::OK, &v))
             }
             (&Method::DELETE, ["admin", "plans", id]) => {
+                self.plan_write()?;
                 catalog.delete_plan(id).await.map_err(catalog_error)?;
                 self.core.cache.invalidate(&Invalidation::All);
                 Ok(json(StatusCode::OK, &serde_json::json!({"deleted": id})))
             }
             (&Method::PUT, ["admin", "default-plan"]) => {
+                self.plan_write()?;
                 let r: PlanRef = read_json(req).await?;
                 let id = r
                     .plan_id
@@ -262,6 +305,69 @@ impl Admin {
                     &serde_json::to_value(account).unwrap_or_default(),
                 ))
             }
+            (&Method::GET, ["admin", "accounts"]) => {
+                let p = query::parse(query.as_deref(), &["limit", "after", "plan"])?;
+                let limit = p.limit(ACCOUNTS_PAGE_DEFAULT, MAX_ACCOUNTS_PAGE)?;
+                // One more than asked: a next page is promised only when
+                // there is one.
+                let mut accounts = catalog
+                    .list_accounts(p.get("plan"), p.get("after"), limit + 1)
+                    .await
+                    .map_err(catalog_error)?;
+                let next = if accounts.len() > limit {
+                    accounts.truncate(limit);
+                    accounts.last().map(|a| a.id.clone())
+                } else {
+                    None
+                };
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"accounts": accounts, "next_after": next}),
+                ))
+            }
+            (&Method::PATCH, ["admin", "accounts", id]) => {
+                let patch: AccountPatch = read_json(req).await?;
+                let account = catalog
+                    .update_account_metadata(id, &patch.metadata)
+                    .await
+                    .map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::to_value(account).unwrap_or_default(),
+                ))
+            }
+            (&Method::DELETE, ["admin", "accounts", id]) => {
+                let p = query::parse(query.as_deref(), &["force"])?;
+                let force = match p.get("force") {
+                    None | Some("false") => false,
+                    Some("true") => true,
+                    Some(v) => {
+                        return Err(ApiError::invalid_parameter(
+                            "force",
+                            format!("force: `{}` is not true or false", v.escape_debug()),
+                        ))
+                    }
+                };
+                let deleted = catalog
+                    .delete_account(id, force)
+                    .await
+                    .map_err(catalog_error)?;
+                self.reload_wallet(id).await;
+                tracing::warn!(account = %id, by = "admin-api", keys = deleted.keys, blocks = deleted.blocks, credits_forfeited = deleted.credits_forfeited, "admin: account deleted");
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::to_value(deleted).unwrap_or_default(),
+                ))
+            }
+            (&Method::POST, ["admin", "accounts", id, "limits", "reset"]) => {
+                let p = query::parse(query.as_deref(), &["endpoint"])?;
+                let reset = crate::proxy::reset_limits(&self.core, id, p.get("endpoint")).await?;
+                tracing::warn!(account = %id, endpoint = p.get("endpoint").unwrap_or("*"), by = "admin-api", endpoints = ?reset, "admin: rate-limit windows reset");
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"account": id, "reset": reset}),
+                ))
+            }
             (&Method::GET, ["admin", "accounts", id]) => {
                 let account = catalog.get_account(id).await.map_err(catalog_error)?;
                 Ok(json(
@@ -285,10 +391,31 @@ impl Admin {
                 ))
             }
             (&Method::POST, ["admin", "accounts", id, "keys"]) => {
-                let key = catalog.create_key(id).await.map_err(catalog_error)?;
+                // The body is optional: `{"label": "ci", "expires_at": "..."}`.
+                let body = read_body(req).await?;
+                let k: NewKey = if body.iter().all(u8::is_ascii_whitespace) {
+                    NewKey::default()
+                } else {
+                    serde_json::from_slice(&body)
+                        .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))?
+                };
+                let opts = KeyOptions {
+                    label: k.label,
+                    expires_at: k.expires_at.as_deref().map(parse_rfc3339).transpose()?,
+                };
+                let key = catalog
+                    .create_key_with(id, &opts)
+                    .await
+                    .map_err(catalog_error)?;
                 Ok(json(
                     StatusCode::CREATED,
-                    &serde_json::json!({"id": key.id, "key": key.key, "prefix": key.prefix}),
+                    &serde_json::json!({
+                        "id": key.id,
+                        "key": key.key,
+                        "prefix": key.prefix,
+                        "label": opts.label,
+                        "expires_at": opts.expires_at.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                    }),
                 ))
             }
             (&Method::GET, ["admin", "accounts", id, "keys"]) => {

@@ -20,7 +20,7 @@ use crate::catalog::timed::Timed;
 use crate::catalog::{Catalog, CatalogError, Invalidation};
 use crate::cli::CliError;
 use crate::clock::{Clock, SharedClock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, PlansSource};
 use crate::credits::Outbox;
 use crate::health::{mask_url, StoreWatch};
 use crate::limiter::memory::MemoryStore;
@@ -60,7 +60,15 @@ impl App {
     /// that does not answer is logged at ERROR (see `health.rs`); with
     /// `[storage] require_at_start` it fails the build instead.
     pub async fn build(config: Config, clock: SharedClock) -> Result<App, CliError> {
-        let plans = load_plans_file_for(&config.plans.file, &config.known_units()).map_err(bad)?;
+        let plans = match &config.plans.file {
+            Some(file) => Some(load_plans_file_for(file, &config.known_units()).map_err(bad)?),
+            None => None,
+        };
+        let start = StartPlans {
+            source: config.plans.source,
+            file: config.plans.file.clone(),
+            plans,
+        };
         let require = config.storage.require_at_start;
         let timeout = config.storage.catalog_timeout;
         let (catalog, connected): (Arc<dyn Catalog>, bool) = match &config.storage.postgres_url {
@@ -78,10 +86,10 @@ impl App {
             // Postgres did not answer the connection (the store watch says
             // so at ERROR): apply as soon as it does, rather than wait
             // here for it to fail again.
-            tokio::spawn(apply_when_available(catalog.clone(), plans));
+            tokio::spawn(apply_when_available(catalog.clone(), start));
             return Self::assemble(config, clock, catalog).await;
         }
-        match catalog.apply_plans(&plans, false).await {
+        match start.apply(&*catalog).await {
             Ok(_) => {}
             Err(CatalogError::Unavailable(e)) => {
                 let url = config.storage.postgres_url.as_deref().map(mask_url);
@@ -96,14 +104,9 @@ impl App {
                 // why.
                 tracing::error!(url = %url, error = %e, "plans not applied: Postgres answers but cannot serve; serving 503 until it can");
                 // Start anyway (not ready); apply as soon as Postgres answers.
-                tokio::spawn(apply_when_available(catalog.clone(), plans));
+                tokio::spawn(apply_when_available(catalog.clone(), start));
             }
-            Err(e) => {
-                return Err(fail(format!(
-                    "applying {}: {e}",
-                    config.plans.file.display()
-                )))
-            }
+            Err(e) => return Err(fail(format!("applying {}: {e}", start.describe_file()))),
         }
         Self::assemble(config, clock, catalog).await
     }
@@ -187,7 +190,8 @@ impl App {
         let admin = config.admin.as_ref().map(|a| {
             Arc::new(
                 Admin::new(a.token.clone(), core.clone(), units.clone())
-                    .with_metrics_token(a.metrics_token.clone()),
+                    .with_metrics_token(a.metrics_token.clone())
+                    .with_plan_writes_refused(config.plans.writes_refused()),
             )
         });
         Ok(App {
@@ -329,14 +333,13 @@ impl App {
     /// Start watching the plans file when `[plans] watch` is on; the watch
     /// lasts as long as the returned handle.
     pub fn watch_plans(&self) -> Option<notify::RecommendedWatcher> {
-        if self.config.plans.watch {
-            watch_plans(
-                self.core.clone(),
-                self.config.plans.file.clone(),
-                self.units.clone(),
-            )
-        } else {
-            None
+        match &self.config.plans.file {
+            Some(file)
+                if self.config.plans.watch && self.config.plans.source == PlansSource::File =>
+            {
+                watch_plans(self.core.clone(), file.clone(), self.units.clone())
+            }
+            _ => None,
         }
     }
 
@@ -504,14 +507,68 @@ async fn load_plans_off_runtime(
         })
 }
 
+/// What `serve` does with the plans at start (`[plans]`).
+struct StartPlans {
+    source: PlansSource,
+    file: Option<PathBuf>,
+    /// The file's plans, checked.
+    plans: Option<crate::plans::PlanSet>,
+}
+
+impl StartPlans {
+    fn describe_file(&self) -> String {
+        self.file
+            .as_ref()
+            .map_or_else(|| "no plans file".into(), |f| f.display().to_string())
+    }
+
+    /// Under `source = "file"` apply the file; under `"database"` apply it
+    /// (if any) only to a catalog that has no plan yet (the first start;
+    /// every start of the in-process catalog), so that a start never
+    /// undoes a change made through the admin API or the CLI. Records who
+    /// owns the plans either way. Returns whether it applied the file.
+    async fn apply(&self, catalog: &dyn Catalog) -> Result<bool, CatalogError> {
+        let file = self.describe_file();
+        // Recorded for admin commands given only a database URL, which do
+        // not see this config (`cli/admin.rs`).
+        let owner = (self.source == PlansSource::File).then_some(file.as_str());
+        catalog.set_plans_file_owner(owner).await?;
+        if self.source == PlansSource::Database {
+            let in_force = catalog.list_plans().await?;
+            if !in_force.plans.is_empty() {
+                tracing::info!(
+                    file = %file,
+                    plans = in_force.plans.len(),
+                    "plans are owned by the database ([plans] source = \"database\"): the plans file is not applied (apply one with `plangate plans apply`)"
+                );
+                return Ok(false);
+            }
+            if self.plans.is_none() {
+                tracing::warn!("the catalog has no plans and [plans] names no file: every request is refused until plans are applied (`plangate plans apply FILE` or PUT /admin/plans)");
+                return Ok(false);
+            }
+            tracing::info!(file = %file, "the catalog has no plans yet: applying the plans file once");
+        }
+        match &self.plans {
+            Some(plans) => {
+                catalog.apply_plans(plans, false).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
 /// Apply the plans file once the catalog answers (after a start without
 /// Postgres).
-async fn apply_when_available(catalog: Arc<dyn Catalog>, plans: crate::plans::PlanSet) {
+async fn apply_when_available(catalog: Arc<dyn Catalog>, start: StartPlans) {
     let mut backoff = Duration::from_millis(250);
     loop {
-        match catalog.apply_plans(&plans, false).await {
-            Ok(_) => {
-                tracing::info!("Postgres is back: plans applied");
+        match start.apply(&*catalog).await {
+            Ok(applied) => {
+                if applied {
+                    tracing::info!("Postgres is back: plans applied");
+                }
                 return;
             }
             Err(CatalogError::Unavailable(_)) => {
@@ -634,18 +691,24 @@ fn reload_on_sighup(app: &App) {
         let gateway = app.gateway.clone();
         let units = app.units.clone();
         let config_path = app.config.path.clone();
-        let plans_file = app.config.plans.file.clone();
+        // Under `source = "database"` the file is not the plans' source:
+        // SIGHUP reloads only the routes.
+        let plans_file = match app.config.plans.source {
+            PlansSource::File => app.config.plans.file.clone(),
+            PlansSource::Database => None,
+        };
+        let from_file = plans_file.is_some();
         tokio::spawn(async move {
             let Ok(mut hup) = signal(SignalKind::hangup()) else {
                 tracing::warn!("cannot listen for SIGHUP");
                 return;
             };
             while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading routes and plans");
+                tracing::info!(plans = from_file, "SIGHUP: reloading routes and plans");
                 match Config::load(&config_path) {
                     Ok(config) => {
                         let known = config.known_units();
-                        let fit = plans_fit_routes(&core, &plans_file, &known).await;
+                        let fit = plans_fit_routes(&core, plans_file.as_deref(), &known).await;
                         match fit.and_then(|()| {
                             RouteTable::from_config(&config).map_err(RoutesError::Table)
                         }) {
@@ -679,7 +742,9 @@ fn reload_on_sighup(app: &App) {
                         }
                     }
                 }
-                App::reload_plans(&core, &plans_file, &units.load()).await;
+                if let Some(file) = &plans_file {
+                    App::reload_plans(&core, file, &units.load()).await;
+                }
             }
         });
     }
@@ -701,14 +766,18 @@ enum RoutesError {
 #[cfg(unix)]
 async fn plans_fit_routes(
     core: &Core,
-    plans_file: &Path,
+    plans_file: Option<&Path>,
     known: &KnownUnits,
 ) -> Result<(), RoutesError> {
     let Ok(mut in_force) = core.catalog.list_plans().await else {
         tracing::warn!("catalog unavailable: new routes not checked against the plans in force");
         return Ok(());
     };
-    if let Ok(file) = load_plans_off_runtime(plans_file, known).await {
+    let file = match plans_file {
+        Some(f) => load_plans_off_runtime(f, known).await.ok(),
+        None => None,
+    };
+    if let Some(file) = file {
         in_force.plans.retain(|id, _| !file.plans.contains_key(id));
     }
     check_plan_units(&in_force, known, "plans in force").map_err(RoutesError::Units)
@@ -924,7 +993,7 @@ struct DevBanner {
     plan: Option<String>,
     admin_token: Option<String>,
     mock: SocketAddr,
-    plans_file: PathBuf,
+    plans_file: Option<PathBuf>,
 }
 
 impl DevBanner {
@@ -946,10 +1015,12 @@ impl DevBanner {
             }
         }
         println!("  mock upstream:  http://{}", self.mock);
-        println!(
-            "  plans:          {} (edit it: changes apply at once)",
-            self.plans_file.display()
-        );
+        if let Some(file) = &self.plans_file {
+            println!(
+                "  plans:          {} (edit it: changes apply at once)",
+                file.display()
+            );
+        }
         println!(
             "  demo account:   demo (plan {}), 1000 credits",
             self.plan.as_deref().unwrap_or("-")

@@ -95,6 +95,107 @@ pub struct ApiKeyInfo {
     pub created_at: Option<SystemTime>,
     /// Revoked keys are listed but never found by [`Catalog::lookup_key`].
     pub revoked: bool,
+    /// The operator's label (e.g. `ci`), if any.
+    pub label: Option<String>,
+    /// From this instant on the key is refused like a revoked one.
+    #[serde(with = "humantime_serde_opt")]
+    pub expires_at: Option<SystemTime>,
+}
+
+/// What a new key may carry besides its account.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyOptions {
+    /// A label to recognise the key by (1 to 200 bytes, no control
+    /// characters).
+    pub label: Option<String>,
+    /// When the key stops working; must be in the future.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// What [`Catalog::delete_account`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DeletedAccount {
+    /// The account deleted.
+    pub id: String,
+    /// Its API keys, deleted (and refused from then on).
+    pub keys: u64,
+    /// Its quota blocks, deleted.
+    pub blocks: u64,
+    /// Credits of its unexpired blocks, forfeited (only with `force`).
+    pub credits_forfeited: u64,
+}
+
+/// Longest key label, in bytes.
+pub const MAX_LABEL_BYTES: usize = 200;
+
+/// Most accounts one page of [`Catalog::list_accounts`] returns.
+pub const MAX_ACCOUNTS_PAGE: usize = 1000;
+
+/// Check a new key's options against the catalog clock's `now`; both
+/// backends refuse the same ones.
+pub(crate) fn check_key_options(opts: &KeyOptions, now: SystemTime) -> CatalogResult<()> {
+    if let Some(label) = &opts.label {
+        if label.is_empty() || label.len() > MAX_LABEL_BYTES {
+            return Err(CatalogError::Invalid(format!(
+                "a key label is 1 to {MAX_LABEL_BYTES} bytes"
+            )));
+        }
+        if label.chars().any(char::is_control) {
+            return Err(CatalogError::Invalid(
+                "a key label must not contain control characters".into(),
+            ));
+        }
+    }
+    if let Some(at) = opts.expires_at {
+        if at <= now {
+            return Err(CatalogError::Invalid(format!(
+                "the key's expiry {} is not in the future",
+                humantime::format_rfc3339_seconds(at)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A grant expiring at `expires_at` is refused when that is not after
+/// `now`: the block would never count.
+pub(crate) fn check_block_expiry(
+    expires_at: Option<SystemTime>,
+    now: SystemTime,
+) -> CatalogResult<()> {
+    match expires_at {
+        Some(at) if at <= now => Err(CatalogError::Invalid(format!(
+            "expires_at {} is not in the future: the credits would never count",
+            humantime::format_rfc3339_seconds(at)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `patch` applied to an account's `metadata`: each key set to its value,
+/// or removed when the value is `null`.
+pub(crate) fn merge_metadata(
+    metadata: &serde_json::Value,
+    patch: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Value {
+    let mut out = metadata.as_object().cloned().unwrap_or_default();
+    for (k, v) in patch {
+        if v.is_null() {
+            out.remove(k);
+        } else {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::Value::Object(out)
+}
+
+/// The refusal of deleting an account that still has `credits` unexpired
+/// credits without `force`.
+pub(crate) fn credits_left(id: &str, credits: u64) -> CatalogError {
+    CatalogError::Conflict(format!(
+        "account `{id}` has {credits} unexpired credits; delete it with force \
+         (`plangate accounts delete --force`, `?force=true`) to forfeit them"
+    ))
 }
 
 /// A freshly created key: the only time the plaintext exists.
@@ -115,6 +216,16 @@ pub struct KeyOwner {
     pub key_id: String,
     /// The account it authenticates as.
     pub account_id: String,
+    /// When the key expires (catalog clock, ms since the epoch), if it
+    /// does: caches refuse it from then on without asking again.
+    pub expires_at_ms: Option<u64>,
+}
+
+impl KeyOwner {
+    /// Whether the key has expired at `now_ms`.
+    pub fn expired_at(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|e| e <= now_ms)
+    }
 }
 
 /// A pre-purchased balance.
@@ -328,14 +439,46 @@ pub trait Catalog: Send + Sync + 'static {
     async fn assign_plan(&self, account_id: &str, plan_id: Option<&str>) -> CatalogResult<()>;
     /// The account and its effective plan; NotFound if absent.
     async fn get_account(&self, id: &str) -> CatalogResult<Account>;
+    /// Up to `limit` accounts ordered by id (bytewise), those after `after`
+    /// only; with `plan`, only accounts whose effective plan it is
+    /// (NotFound if no such plan exists).
+    async fn list_accounts(
+        &self,
+        plan: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> CatalogResult<Vec<Account>>;
+    /// Set (or, with a `null` value, remove) top-level keys of the
+    /// account's metadata; NotFound if absent.
+    async fn update_account_metadata(
+        &self,
+        id: &str,
+        patch: &serde_json::Map<String, serde_json::Value>,
+    ) -> CatalogResult<Account>;
+    /// Delete an account with its keys (refused from then on, everywhere)
+    /// and its quota blocks; its ledger rows and usage events stay, for
+    /// audit. Refused (Conflict) while it has unexpired credits, unless
+    /// `force`. NotFound if absent.
+    async fn delete_account(&self, id: &str, force: bool) -> CatalogResult<DeletedAccount>;
 
     // --- API keys
     /// Create a random key for an existing account; only its hash is kept.
-    async fn create_key(&self, account_id: &str) -> CatalogResult<NewApiKey>;
-    /// Look up an unrevoked key by the hex SHA-256 of its plaintext.
+    async fn create_key(&self, account_id: &str) -> CatalogResult<NewApiKey> {
+        self.create_key_with(account_id, &KeyOptions::default())
+            .await
+    }
+    /// [`Catalog::create_key`] with a label and an expiry (Invalid: see
+    /// [`KeyOptions`]).
+    async fn create_key_with(
+        &self,
+        account_id: &str,
+        opts: &KeyOptions,
+    ) -> CatalogResult<NewApiKey>;
+    /// Look up an unrevoked, unexpired key by the hex SHA-256 of its
+    /// plaintext.
     async fn lookup_key(&self, key_hash: &str) -> CatalogResult<Option<KeyOwner>>;
-    /// Revoke a key by id (NotFound if it never existed; revoking twice is
-    /// fine). Caches hear of it through [`Catalog::subscribe`].
+    /// Revoke a key by id: NotFound if it never existed, Conflict if it is
+    /// already revoked. Caches hear of it through [`Catalog::subscribe`].
     async fn revoke_key(&self, key_id: &str) -> CatalogResult<()>;
     /// An account's keys, revoked ones included, oldest first.
     async fn list_keys(&self, account_id: &str) -> CatalogResult<Vec<ApiKeyInfo>>;
@@ -343,7 +486,8 @@ pub trait Catalog: Send + Sync + 'static {
     // --- credits
     /// Grant credits to an existing account as a new block. Invalid when
     /// `credits` is above [`MAX_AMOUNT`] or would take the account's
-    /// balance above it (checked atomically with the grant).
+    /// balance above it (checked atomically with the grant), and when
+    /// `expires_at` is not in the future (catalog clock).
     async fn create_quota_block(
         &self,
         account_id: &str,
@@ -428,6 +572,13 @@ pub trait Catalog: Send + Sync + 'static {
 
     /// Whether the backing store answers (for `/readyz`).
     async fn ping(&self) -> CatalogResult<()>;
+
+    // --- plans ownership
+    /// The plans file that owns the plans (`[plans] source = "file"`), as
+    /// the last gateway started recorded it; `None`: the database does.
+    async fn plans_file_owner(&self) -> CatalogResult<Option<String>>;
+    /// Record who owns the plans (a gateway does at start).
+    async fn set_plans_file_owner(&self, file: Option<&str>) -> CatalogResult<()>;
 }
 
 /// SHA-256 of an API key, raw; [`hash_key`] is its hex form.
@@ -557,6 +708,17 @@ pub(crate) fn generate_key() -> (String, String) {
 /// ids are not secret, the primary key catches the impossible collision).
 pub(crate) fn generate_id(prefix: &str) -> String {
     format!("{prefix}{:016x}", rand::random::<u64>())
+}
+
+/// A `SystemTime` as milliseconds since the epoch (0 before it).
+pub(crate) fn time_to_ms(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The refusal of revoking a key twice.
+pub(crate) fn already_revoked(key_id: &str) -> CatalogError {
+    CatalogError::Conflict(format!("key `{key_id}` is already revoked"))
 }
 
 /// Milliseconds since the epoch as a `SystemTime`.

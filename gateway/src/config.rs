@@ -129,9 +129,63 @@ pub struct AuthConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlansConfig {
-    /// Resolved relative to the config file's directory.
-    pub file: PathBuf,
+    /// Resolved relative to the config file's directory. Always set under
+    /// `source = "file"`; optional under `"database"`.
+    pub file: Option<PathBuf>,
     pub watch: bool,
+    /// Who owns the plans: the file or the database.
+    pub source: PlansSource,
+}
+
+/// `[plans] source`: the one place plans are changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlansSource {
+    /// The plans file (required) is the only source: `serve` applies it at start, on
+    /// change (`watch`) and on SIGHUP; plan writes through the admin API
+    /// and the CLI are refused (409, naming the file). The default.
+    #[default]
+    File,
+    /// The database owns the plans: they change through the admin API and
+    /// the CLI (`plans apply FILE` applies a file once). `serve` applies
+    /// the plans file, if the config names one, only to a catalog that has
+    /// no plan yet (the first start; always for the in-process catalog),
+    /// never after, and does not watch it.
+    Database,
+}
+
+impl PlansSource {
+    /// The word used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlansSource::File => "file",
+            PlansSource::Database => "database",
+        }
+    }
+}
+
+impl PlansConfig {
+    /// Why a plan write (admin API, CLI) is refused: `Some` under
+    /// `source = "file"`, naming the file.
+    pub fn writes_refused(&self) -> Option<String> {
+        refusal(self.source, self.file.as_deref())
+    }
+}
+
+/// The message of a plan write refused because `file` owns the plans.
+pub(crate) fn refusal(source: PlansSource, file: Option<&Path>) -> Option<String> {
+    match source {
+        PlansSource::Database => None,
+        PlansSource::File => {
+            let file = file
+                .map(|f| f.display().to_string())
+                .unwrap_or_else(|| "the plans file".into());
+            Some(format!(
+                "plans are managed by the plans file {file} ([plans] source = \"file\"): \
+                 edit that file (gateways apply it on change and on SIGHUP), or set \
+                 [plans] source = \"database\" to manage plans through the admin API and CLI"
+            ))
+        }
+    }
 }
 
 /// `[usage]`: usage events (one per ended request).
@@ -402,6 +456,18 @@ impl Config {
 pub struct CliView {
     pub storage: StorageConfig,
     pub known_units: KnownUnits,
+    /// `[plans] source` (file when not set).
+    pub plans_source: PlansSource,
+    /// `[plans] file`, when the config names one.
+    pub plans_file: Option<PathBuf>,
+}
+
+impl CliView {
+    /// Why a plan write is refused under this config (see
+    /// [`PlansConfig::writes_refused`]).
+    pub fn plan_writes_refused(&self) -> Option<String> {
+        refusal(self.plans_source, self.plans_file.as_deref())
+    }
 }
 
 impl CliView {

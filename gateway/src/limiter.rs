@@ -298,6 +298,42 @@ pub trait CounterStore: Send + Sync + 'static {
         admission: &Unended,
         now_ms: u64,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Clear the counters of the current window of each of `windows` for
+    /// (account, endpoint) (`limits reset`): the next attempt counts from
+    /// zero. In-flight requests keep their concurrency slots; one that
+    /// ends later settles against the cleared counter (never below zero).
+    fn reset_windows(
+        &self,
+        account: &str,
+        endpoint: &str,
+        windows: &[Window],
+        now_ms: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Reset `account`'s current window counters on every endpoint of `plan`,
+/// or only on `endpoint` (`plangate limits reset`, `POST
+/// /admin/accounts/{id}/limits/reset`). Returns the endpoints reset;
+/// `Ok(None)` when `endpoint` is not one of the plan's.
+pub async fn reset_account_windows<S: CounterStore>(
+    store: &S,
+    plan: &crate::plans::Plan,
+    account: &str,
+    endpoint: Option<&str>,
+    now_ms: u64,
+) -> Result<Option<Vec<String>>, StoreError> {
+    let mut reset = Vec::new();
+    for (id, policy) in &plan.endpoints {
+        if endpoint.is_some_and(|e| e != id) {
+            continue;
+        }
+        store
+            .reset_windows(account, id, &policy.windows, now_ms)
+            .await?;
+        reset.push(id.clone());
+    }
+    Ok((endpoint.is_none() || !reset.is_empty()).then_some(reset))
 }
 
 /// A counter store chosen at runtime (configuration), dispatched statically.
@@ -454,6 +490,21 @@ impl CounterStore for AnyStore {
         match self {
             AnyStore::Memory(s) => s.reap(account, admission, now_ms).await,
             AnyStore::Redis(s) => Box::pin(s.reap(account, admission, now_ms)).await,
+        }
+    }
+
+    async fn reset_windows(
+        &self,
+        account: &str,
+        endpoint: &str,
+        windows: &[Window],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.reset_windows(account, endpoint, windows, now_ms).await,
+            AnyStore::Redis(s) => {
+                Box::pin(s.reset_windows(account, endpoint, windows, now_ms)).await
+            }
         }
     }
 }

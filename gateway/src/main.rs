@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use plangate::cli::admin::{AccountsCmd, AdminCmd, CreditsCmd, DbTarget, KeysCmd, PlansCmd};
+use plangate::cli::admin::{
+    AccountsCmd, AdminCmd, CreditsCmd, DbTarget, KeysCmd, LimitsCmd, PlansCmd,
+};
 use plangate::cli::usage::UsageCmd;
 use plangate::cli::{self, CliError, ConfigArg};
 
@@ -128,7 +130,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PlansCmd,
     },
-    /// Manage accounts: create, assign a plan, show.
+    /// Manage accounts: create, update metadata, assign a plan, show, list, delete.
     #[command(after_help = ADMIN_HELP)]
     Accounts {
         #[command(flatten)]
@@ -151,6 +153,14 @@ enum Cmd {
         target: DbTarget,
         #[command(subcommand)]
         cmd: CreditsCmd,
+    },
+    /// Rate-limit counters: reset an account's windows (logged at WARN).
+    #[command(after_help = ADMIN_HELP)]
+    Limits {
+        #[command(flatten)]
+        target: DbTarget,
+        #[command(subcommand)]
+        cmd: LimitsCmd,
     },
     /// Usage events (export).
     Usage {
@@ -208,6 +218,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Accounts { target, cmd } => admin(target, AdminCmd::Accounts(cmd)),
         Cmd::Keys { target, cmd } => admin(target, AdminCmd::Keys(cmd)),
         Cmd::Credits { target, cmd } => admin(target, AdminCmd::Credits(cmd)),
+        Cmd::Limits { target, cmd } => admin(target, AdminCmd::Limits(cmd)),
         Cmd::Usage { target, cmd } => runtime()?.block_on(cli::usage::run(&target, cmd)),
     }
 }

@@ -923,6 +923,46 @@ impl Gateway {
     }
 }
 
+/// `POST /admin/accounts/{id}/limits/reset[?endpoint=E]`: clear the
+/// account's current window counters on every endpoint of its plan (or
+/// one). Returns the endpoints reset. 404 for an unknown account or an
+/// endpoint its plan does not have.
+pub async fn reset_limits(
+    core: &Core,
+    account: &str,
+    endpoint: Option<&str>,
+) -> Result<Vec<String>, ApiError> {
+    core.catalog.get_account(account).await?;
+    let plan = core
+        .cache
+        .plan_for_account(account)
+        .await
+        .map_err(ApiError::from)?;
+    let Some(plan) = plan else {
+        return Ok(Vec::new());
+    };
+    let now_ms = core.limiter.clock().now_ms();
+    let reset = crate::limiter::reset_account_windows(
+        core.limiter.store(),
+        &plan,
+        account,
+        endpoint,
+        now_ms,
+    )
+    .await
+    .map_err(|e| {
+        tracing::warn!(error = %e, "resetting rate-limit windows failed");
+        ApiError::LimiterUnavailable
+    })?;
+    reset.ok_or_else(|| ApiError::NotFound {
+        message: format!(
+            "endpoint `{}` is not in plan `{}`",
+            endpoint.unwrap_or_default(),
+            plan.id
+        ),
+    })
+}
+
 /// The `/v1/limits` document for `account` (optionally one endpoint); also
 /// served by the admin API.
 pub async fn limits_json(

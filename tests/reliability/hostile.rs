@@ -848,7 +848,14 @@ async fn anchor_heavy_plans_do_not_stall_the_main_listener() {
     use http_body_util::Full;
 
     let _serial = serial().await;
-    let (rig, _mock, _key) = edge_rig().await;
+    let mock = plangate::mock::start(MockOptions::default())
+        .await
+        .expect("mock");
+    // The database owns the plans, so the admin API parses them (under the
+    // default `source = "file"` it refuses them unread).
+    let mut setup = Setup::new(&mock.url());
+    setup.plans_source = "database".into();
+    let rig = Rig::start(&setup).await;
     let doc = Bytes::from(anchor_heavy_plans(225_000, 4 << 20));
     assert_eq!(doc.len(), 4 << 20);
     // The poller has a thread and a runtime of its own, so that it measures

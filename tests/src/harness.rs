@@ -115,6 +115,8 @@ pub struct Options {
     /// Use the real clock instead of the manual one (for clients that
     /// really wait, like the openai SDK honouring retry-after).
     pub system_clock: bool,
+    /// `[plans] source`: "file" (the default) or "database".
+    pub plans_source: &'static str,
 }
 
 impl Options {
@@ -131,6 +133,7 @@ impl Options {
             upstream_extra: String::new(),
             mock: MockOptions::default(),
             system_clock: false,
+            plans_source: "file",
         }
     }
 }
@@ -275,6 +278,7 @@ on_store_error = "{on_store_error}"
 [plans]
 file = "plans.yaml"
 watch = true
+source = "{plans_source}"
 
 [[upstreams]]
 name = "mock"
@@ -319,6 +323,7 @@ reserve.token = "body:max_tokens"
             on_store_error = opts.on_store_error,
             upstream = opts.upstream_url.clone().unwrap_or_else(|| mock.url()),
             upstream_extra = opts.upstream_extra,
+            plans_source = opts.plans_source,
         );
         let path = dir.join("plangate.toml");
         std::fs::write(&path, toml).expect("write config");

@@ -99,6 +99,9 @@ pub struct Setup {
     pub admin_token: String,
     /// Extra `[server]` lines (e.g. `body_read_timeout = "1s"`).
     pub extra_server: String,
+    /// `[plans] source`: "file" (the default) or "database" (the admin
+    /// API may change plans).
+    pub plans_source: String,
 }
 
 impl Setup {
@@ -118,6 +121,7 @@ impl Setup {
             max_request_body: "64KiB".into(),
             admin_token: REL_ADMIN_TOKEN.to_owned(),
             extra_server: String::new(),
+            plans_source: "file".into(),
         }
     }
 
@@ -153,6 +157,7 @@ on_store_error = "{on_store_error}"
 [plans]
 file = "plans.yaml"
 watch = false
+source = "{plans_source}"
 
 [[upstreams]]
 name = "mock"
@@ -187,6 +192,7 @@ endpoint = "tts"
             on_store_error = self.on_store_error,
             upstream = self.upstream,
             dead = self.dead_upstream,
+            plans_source = self.plans_source,
         )
     }
 

@@ -427,11 +427,228 @@ async fn keys(f: Fixture) {
     c.revoke_key(&k1.id).await.unwrap();
     assert_eq!(c.lookup_key(&hash_key(&k1.key)).await.unwrap(), None);
     assert!(c.lookup_key(&hash_key(&k2.key)).await.unwrap().is_some());
-    c.revoke_key(&k1.id).await.unwrap();
+    // Revoking twice is an error (the operator learns the key was
+    // already revoked), not a silent success.
+    let again = c.revoke_key(&k1.id).await;
+    assert!(matches!(again, Err(CatalogError::Conflict(_))), "{again:?}");
+    assert!(again.unwrap_err().to_string().contains("already revoked"));
     assert!(is_not_found(c.revoke_key("key_missing").await));
     let listed = c.list_keys("acct").await.unwrap();
     assert!(listed[0].revoked && !listed[1].revoked);
     assert!(is_not_found(c.list_keys("nobody").await));
+}
+
+/// Who owns the plans, as gateways record it at start.
+async fn plans_file_owner_round_trips(f: Fixture) {
+    let c = &f.catalog;
+    assert_eq!(c.plans_file_owner().await.unwrap(), None);
+    c.set_plans_file_owner(Some("/etc/plangate/plans.yaml"))
+        .await
+        .unwrap();
+    c.set_plans_file_owner(Some("/srv/plans.yaml"))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.plans_file_owner().await.unwrap().as_deref(),
+        Some("/srv/plans.yaml")
+    );
+    c.set_plans_file_owner(None).await.unwrap();
+    assert_eq!(c.plans_file_owner().await.unwrap(), None);
+}
+
+/// Keys with a label and an expiry: found until the expiry (catalog
+/// clock), refused from then on, by the catalog and by a cache that holds
+/// them; labels and expiries in the past are refused.
+async fn key_labels_and_expiry(f: Fixture) {
+    use plangate::catalog::KeyOptions;
+    let c = &f.catalog;
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let expires = f.at(Duration::from_secs(60));
+    let opts = KeyOptions {
+        label: Some("ci".into()),
+        expires_at: Some(expires),
+    };
+    let key = c.create_key_with("acct", &opts).await.unwrap();
+    let plain = c.create_key("acct").await.unwrap();
+    let listed = c.list_keys("acct").await.unwrap();
+    assert_eq!(listed[0].label.as_deref(), Some("ci"));
+    assert_eq!(listed[0].expires_at, Some(expires));
+    assert_eq!(
+        (listed[1].label.as_deref(), listed[1].expires_at),
+        (None, None)
+    );
+
+    let cache = CatalogCache::new(c.clone(), Arc::new(f.clock.clone()), CacheConfig::default())
+        .await
+        .unwrap();
+    let owner = c.lookup_key(&hash_key(&key.key)).await.unwrap().unwrap();
+    assert_eq!(owner.expires_at_ms, Some(T0 + 60_000));
+    assert!(cache
+        .resolve_key(&hash_key(&key.key))
+        .await
+        .unwrap()
+        .is_some());
+    f.clock.advance(Duration::from_secs(60));
+    // Expired: the catalog does not find it, and the cache refuses the
+    // entry it holds without being told.
+    assert_eq!(c.lookup_key(&hash_key(&key.key)).await.unwrap(), None);
+    assert_eq!(cache.resolve_key(&hash_key(&key.key)).await.unwrap(), None);
+    assert!(c.lookup_key(&hash_key(&plain.key)).await.unwrap().is_some());
+    // Still listed, with its expiry.
+    assert_eq!(c.list_keys("acct").await.unwrap().len(), 2);
+
+    for bad in [
+        KeyOptions {
+            expires_at: Some(f.at(Duration::from_secs(60))),
+            ..KeyOptions::default()
+        },
+        KeyOptions {
+            label: Some(String::new()),
+            ..KeyOptions::default()
+        },
+        KeyOptions {
+            label: Some("x".repeat(201)),
+            ..KeyOptions::default()
+        },
+        KeyOptions {
+            label: Some("a\nb".into()),
+            ..KeyOptions::default()
+        },
+    ] {
+        let r = c.create_key_with("acct", &bad).await;
+        assert!(matches!(r, Err(CatalogError::Invalid(_))), "{bad:?}: {r:?}");
+    }
+    assert_eq!(c.list_keys("acct").await.unwrap().len(), 2);
+}
+
+/// Accounts listed by id in pages, filtered by effective plan; metadata
+/// patched; deleted with their keys and blocks (refused while credits
+/// remain, unless forced), their ledger kept.
+async fn account_lifecycle(f: Fixture) {
+    let c = &f.catalog;
+    c.apply_plans(
+        &set(Some("free"), &[plan("free", 1), plan("pro", 5)]),
+        false,
+    )
+    .await
+    .unwrap();
+    // Bytewise order: "B" < "a" < "a0" < "é".
+    for (id, p) in [
+        ("a0", Some("pro")),
+        ("é", None),
+        ("B", None),
+        ("a", Some("pro")),
+    ] {
+        c.create_account(id, p, serde_json::json!({"n": id}))
+            .await
+            .unwrap();
+    }
+    let ids = |v: Vec<plangate::catalog::Account>| v.into_iter().map(|a| a.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(c.list_accounts(None, None, 10).await.unwrap()),
+        ["B", "a", "a0", "é"]
+    );
+    assert_eq!(
+        ids(c.list_accounts(None, None, 2).await.unwrap()),
+        ["B", "a"]
+    );
+    assert_eq!(
+        ids(c.list_accounts(None, Some("a"), 2).await.unwrap()),
+        ["a0", "é"]
+    );
+    assert!(c
+        .list_accounts(None, Some("é"), 2)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        ids(c.list_accounts(Some("pro"), None, 10).await.unwrap()),
+        ["a", "a0"]
+    );
+    // The default plan's accounts include those without a plan of their own.
+    let free = c.list_accounts(Some("free"), None, 10).await.unwrap();
+    assert_eq!(free[0].effective_plan.as_deref(), Some("free"));
+    assert_eq!(ids(free), ["B", "é"]);
+    assert!(is_not_found(c.list_accounts(Some("ghost"), None, 10).await));
+
+    // Metadata: set and remove keys, keep the others.
+    let mut patch = serde_json::Map::new();
+    patch.insert("tier".into(), serde_json::json!("gold"));
+    patch.insert("n".into(), serde_json::Value::Null);
+    let a = c.update_account_metadata("a", &patch).await.unwrap();
+    assert_eq!(a.metadata, serde_json::json!({"tier": "gold"}));
+    assert_eq!(c.get_account("a").await.unwrap().metadata, a.metadata);
+    assert!(is_not_found(
+        c.update_account_metadata("ghost", &patch).await
+    ));
+
+    // Delete: refused while unexpired credits remain.
+    let key = c.create_key("a").await.unwrap();
+    let block = c
+        .create_quota_block("a", 10, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    c.deduct(&deduction("a", 3, "del-1")).await.unwrap();
+    let r = c.delete_account("a", false).await;
+    assert!(matches!(r, Err(CatalogError::Conflict(_))), "{r:?}");
+    assert!(r.unwrap_err().to_string().contains("7 unexpired credits"));
+    assert!(c.get_account("a").await.is_ok());
+    let version = c.credit_snapshot("a").await.unwrap().version;
+    let mut rx = c.subscribe();
+    let d = c.delete_account("a", true).await.unwrap();
+    assert_eq!((d.keys, d.blocks, d.credits_forfeited), (1, 1, 7), "{d:?}");
+    assert!(is_not_found(c.get_account("a").await));
+    assert_eq!(c.lookup_key(&hash_key(&key.key)).await.unwrap(), None);
+    assert!(is_not_found(c.revoke_key(&key.id).await));
+    assert!(is_not_found(c.delete_quota_block(&block.id).await));
+    assert!(is_not_found(c.deduct(&deduction("a", 1, "del-2")).await));
+    assert!(is_not_found(c.delete_account("a", true).await));
+    assert_eq!(
+        ids(c.list_accounts(Some("pro"), None, 10).await.unwrap()),
+        ["a0"]
+    );
+    // Without credits (none, or only expired ones) no force is needed.
+    c.create_quota_block(
+        "B",
+        5,
+        Some(f.at(Duration::from_secs(1))),
+        serde_json::Value::Null,
+    )
+    .await
+    .unwrap();
+    f.clock.advance(Duration::from_secs(1));
+    assert_eq!(
+        c.delete_account("B", false)
+            .await
+            .unwrap()
+            .credits_forfeited,
+        0
+    );
+    // The deletion announces a credit version past the account's, so every
+    // wallet of it is dropped...
+    let announced = loop {
+        match rx.recv().await.unwrap() {
+            Invalidation::Credits { account, version } if account == "a" => break version,
+            _ => {}
+        }
+    };
+    assert!(announced > version, "{announced} > {version}");
+    // ...and an account created again under the id starts from it: its
+    // wallet is never older than what its gateways last heard.
+    c.create_account("a", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(c.credit_snapshot("a").await.unwrap().version, announced);
+    // The ledger is kept: the account created again under the id sees it.
+    let ledger = c.ledger("a").await.unwrap();
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(
+        (ledger[0].idempotency_key.as_str(), ledger[0].deducted),
+        ("del-1", 3)
+    );
+    assert_eq!(c.balance("a").await.unwrap(), 0);
 }
 
 // --------------------------------------------------------- quota blocks
@@ -453,6 +670,18 @@ async fn quota_blocks_and_expiry(f: Fixture) {
         c.create_quota_block("acct", u64::MAX, None, serde_json::Value::Null)
             .await
     ));
+    // A block that has expired already would never count: refused.
+    for past in [
+        f.at(Duration::ZERO),
+        f.at(Duration::ZERO) - Duration::from_secs(1),
+    ] {
+        let r = c
+            .create_quota_block("acct", 5, Some(past), serde_json::Value::Null)
+            .await;
+        assert!(matches!(r, Err(CatalogError::Invalid(_))), "{r:?}");
+        assert!(r.unwrap_err().to_string().contains("not in the future"));
+    }
+    assert!(c.list_quota_blocks("acct").await.unwrap().is_empty());
 
     let meta = serde_json::json!({"order": "inv-1"});
     let forever = c
@@ -820,16 +1049,18 @@ async fn concurrent_deductions(f: Fixture) {
         )
         .await
         .unwrap();
-    // An expired block that must never be drained.
+    // An expired block that must never be drained (granted just before
+    // it expires: a grant that has expired already is refused).
     let expired = c
         .create_quota_block(
             "hot",
             500,
-            Some(f.at(Duration::from_secs(0))),
+            Some(f.at(Duration::from_millis(1))),
             serde_json::Value::Null,
         )
         .await
         .unwrap();
+    f.clock.advance(Duration::from_millis(1));
 
     // Phase one, 75 at once: the earliest-expiring block drains first, then
     // the next; the never-expiring one is untouched.
@@ -1074,11 +1305,40 @@ impl Catalog for Deaf {
     ) -> plangate::catalog::CatalogResult<plangate::catalog::Account> {
         self.0.get_account(id).await
     }
+    async fn list_accounts(
+        &self,
+        plan: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::Account>> {
+        self.0.list_accounts(plan, after, limit).await
+    }
+    async fn update_account_metadata(
+        &self,
+        id: &str,
+        patch: &serde_json::Map<String, serde_json::Value>,
+    ) -> plangate::catalog::CatalogResult<plangate::catalog::Account> {
+        self.0.update_account_metadata(id, patch).await
+    }
+    async fn delete_account(
+        &self,
+        id: &str,
+        force: bool,
+    ) -> plangate::catalog::CatalogResult<plangate::catalog::DeletedAccount> {
+        self.0.delete_account(id, force).await
+    }
     async fn create_key(
         &self,
         a: &str,
     ) -> plangate::catalog::CatalogResult<plangate::catalog::NewApiKey> {
         self.0.create_key(a).await
+    }
+    async fn create_key_with(
+        &self,
+        a: &str,
+        o: &plangate::catalog::KeyOptions,
+    ) -> plangate::catalog::CatalogResult<plangate::catalog::NewApiKey> {
+        self.0.create_key_with(a, o).await
     }
     async fn lookup_key(
         &self,
@@ -1180,6 +1440,12 @@ impl Catalog for Deaf {
     async fn ping(&self) -> plangate::catalog::CatalogResult<()> {
         self.0.ping().await
     }
+    async fn plans_file_owner(&self) -> plangate::catalog::CatalogResult<Option<String>> {
+        self.0.plans_file_owner().await
+    }
+    async fn set_plans_file_owner(&self, f: Option<&str>) -> plangate::catalog::CatalogResult<()> {
+        self.0.set_plans_file_owner(f).await
+    }
 }
 
 async fn cache_ttl_backstop(f: Fixture) {
@@ -1236,6 +1502,9 @@ conformance!(
     prune,
     accounts,
     keys,
+    key_labels_and_expiry,
+    account_lifecycle,
+    plans_file_owner_round_trips,
     quota_blocks_and_expiry,
     grants_are_bounded,
     deduct_order_and_partial,

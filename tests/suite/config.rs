@@ -222,7 +222,7 @@ fn good_config_resolves_paths_and_substitutes() {
     let c = Config::load(&path).unwrap();
     assert_eq!(
         c.plans.file,
-        fixture("config").join("../plans/original.yaml")
+        Some(fixture("config").join("../plans/original.yaml"))
     );
     assert_eq!(c.admin.unwrap().token, "fixture-token");
     assert_eq!(c.storage.on_store_error, OnStoreError::Open);

@@ -13,6 +13,18 @@ async fn gateways() -> Vec<TestGateway> {
     TestGateway::each_backend().await
 }
 
+/// One gateway per backend whose plans the database owns (`[plans] source
+/// = "database"`), so that the admin API may change them.
+async fn database_plans_gateways() -> Vec<TestGateway> {
+    let mut out = Vec::new();
+    for backend in Backend::all().await {
+        let mut opts = Options::new(backend);
+        opts.plans_source = "database";
+        out.push(TestGateway::start(opts).await);
+    }
+    out
+}
+
 fn chat_body(model: &str) -> serde_json::Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hello"}]})
 }
@@ -424,7 +436,7 @@ async fn oversized_body_413_and_oversized_headers_431() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_requires_token_and_manages_everything() {
-    for gw in gateways().await {
+    for gw in database_plans_gateways().await {
         use http::Method as M;
         let r = gw.admin(M::GET, "/admin/plans", None, "").await;
         assert_eq!(r.status, 401);
@@ -786,7 +798,7 @@ async fn raw_status(addr: std::net::SocketAddr, request: &[u8]) -> Option<u16> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_refuses_unmeasured_units_and_numbers_beyond_the_bounds() {
     const MAX: u64 = plangate::plans::MAX_AMOUNT;
-    for gw in gateways().await {
+    for gw in database_plans_gateways().await {
         use http::Method as M;
         let t = Some(ADMIN_TOKEN);
         let typo = "plans:\n  extra:\n    endpoints:\n      \"x\":\n        fixed_windows:\n          - window: 1m\n            limit: 7\n            unit_type: tokens\n";

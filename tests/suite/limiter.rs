@@ -426,7 +426,47 @@ conformance!(
     keeper_keeps_a_live_permits_slot,
     keeper_stops_with_the_permit,
     shadow_mode_counts_and_reports_but_refuses_nothing,
+    reset_windows_clears_the_current_windows_of_one_endpoint,
 );
+
+/// `limits reset`: the current windows of (account, endpoint) count from
+/// zero again; another endpoint's counters and the concurrency slots of
+/// live requests are untouched.
+async fn reset_windows_clears_the_current_windows_of_one_endpoint<S: CounterStore + Debug>(
+    h: &Harness<S>,
+) {
+    let p = free_plan();
+    let live = policy(&[(60, 100, "request")], 1, 30);
+    let mut permits = Vec::new();
+    for i in 0..3 {
+        let (permit, _) = h.admit(&format!("r{i}"), "gpt-4-turbo", &p, &[]).await;
+        permit.end(&tokens(10)).await.expect("end");
+        let (permit, _) = h.admit(&format!("o{i}"), "other", &p, &[]).await;
+        permits.push(permit);
+    }
+    for p in permits {
+        p.end(&[]).await.expect("end");
+    }
+    let (_slot, _) = h.admit("slot", "live", &live, &[]).await;
+    h.deny("r3", "gpt-4-turbo", &p, &[]).await;
+
+    h.store()
+        .reset_windows(&h.account, "gpt-4-turbo", &p.windows, h.now())
+        .await
+        .expect("reset");
+    h.store()
+        .reset_windows(&h.account, "live", &live.windows, h.now())
+        .await
+        .expect("reset");
+    assert_eq!(h.usage("gpt-4-turbo", &p).await, (vec![0, 0, 0], 0));
+    assert_eq!(h.usage("other", &p).await.0, vec![3, 3, 0]);
+    // The live request keeps its slot: a second one is still refused.
+    assert_eq!(h.usage("live", &live).await, (vec![0], 1));
+    h.deny("slot2", "live", &live, &[]).await;
+    let (permit, info) = h.admit("r4", "gpt-4-turbo", &p, &[]).await;
+    assert_eq!(info.windows[0].used, 1);
+    permit.end(&[]).await.expect("end");
+}
 
 async fn free_plan_fourth_request_in_a_minute_is_denied<S: CounterStore + Debug>(h: &Harness<S>) {
     let p = free_plan();

@@ -24,20 +24,20 @@ fn repo() -> PathBuf {
 }
 
 /// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new(prefix: &str) -> TempDir {
+    pub(crate) fn new(prefix: &str) -> TempDir {
         let dir = std::env::temp_dir().join(plangate_tests::harness::unique(prefix));
         std::fs::create_dir_all(&dir).expect("temp dir");
         TempDir(dir)
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 
-    fn write(&self, name: &str, text: &str) -> PathBuf {
+    pub(crate) fn write(&self, name: &str, text: &str) -> PathBuf {
         let path = self.0.join(name);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).expect("dir");
@@ -55,15 +55,15 @@ impl Drop for TempDir {
 
 /// What a finished `plangate` run printed.
 #[derive(Debug)]
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Out {
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
     elapsed: Duration,
 }
 
 impl Out {
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         format!(
             "exit {:?} after {:?}\nstdout:\n{}\nstderr:\n{}",
             self.code, self.elapsed, self.stdout, self.stderr
@@ -102,7 +102,7 @@ fn drain(pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
 }
 
 /// Run `plangate ARGS` in `dir` with `env`; killed after `limit`.
-fn plangate(dir: &Path, args: &[&str], env: &[(&str, &str)], limit: Duration) -> Out {
+pub(crate) fn plangate(dir: &Path, args: &[&str], env: &[(&str, &str)], limit: Duration) -> Out {
     let start = Instant::now();
     let mut child = command(dir, args, env)
         .stdin(Stdio::null())
@@ -131,7 +131,7 @@ fn plangate(dir: &Path, args: &[&str], env: &[(&str, &str)], limit: Duration) ->
     }
 }
 
-const PLANS: &str = r#"
+pub(crate) const PLANS: &str = r#"
 default_plan: free
 plans:
   free:
@@ -217,7 +217,7 @@ fn masked(url: &str) -> String {
 }
 
 /// The database a Postgres URL names.
-fn db_name(url: &str) -> &str {
+pub(crate) fn db_name(url: &str) -> &str {
     url.rsplit_once('/').map_or(url, |(_, name)| name)
 }
 
@@ -233,7 +233,7 @@ async fn postgres_available(prefix: &str) -> bool {
     }
 }
 
-async fn drop_database(name: &str) {
+pub(crate) async fn drop_database(name: &str) {
     let url = plangate_tests::postgres_url_default();
     let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
         return;
@@ -597,9 +597,11 @@ async fn admin_commands_read_only_the_storage_section() {
     ));
     assert!(balance.starts_with("acme: 10 credits"), "{balance}");
 
-    // The routes' units still check plans applied with the config.
+    // The routes' units still check plans applied with the config (its
+    // own plans file: under the default `[plans] source = "file"` no other
+    // file may be applied).
     let bad = dir.write(
-        "tokens.yaml",
+        "plans.yaml",
         "plans:\n  p:\n    endpoints:\n      e:\n        fixed_windows:\n          - window: 60s\n            limit: 1\n            unit_type: tokens\n",
     );
     let out = run(

@@ -304,7 +304,7 @@ impl CatalogCache {
     /// the hot path, which makes no hex string unless it must load.
     pub async fn resolve_key_digest(&self, digest: &KeyDigest) -> CatalogResult<Option<KeyOwner>> {
         let inner = &self.inner;
-        inner
+        let owner = inner
             .lookup(
                 |i| &i.keys,
                 digest,
@@ -325,7 +325,11 @@ impl CatalogCache {
                     }
                 },
             )
-            .await
+            .await?;
+        // A cached key that has expired since is refused at once, like a
+        // revoked one (the catalog would not find it either).
+        let now = inner.clock.now_ms();
+        Ok(owner.filter(|o| !o.expired_at(now)))
     }
 
     /// The id of the plan in force for `account`: its assigned plan, else

@@ -14,10 +14,12 @@ use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
 use super::{
-    check_credits, check_grant, check_id, generate_id, generate_key, hash_key, ms_to_time,
-    normalize_metadata, trunc_micros, Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError,
-    CatalogResult, CreditOp, CreditSnapshot, DeductResult, Deduction, Draw, GroupBy, Invalidation,
-    KeyOwner, LedgerEntry, NewApiKey, QuotaBlock, UsageBucket, UsageCursor, UsageEvent, UsageQuery,
+    already_revoked, check_block_expiry, check_credits, check_grant, check_id, check_key_options,
+    credits_left, generate_id, generate_key, hash_key, merge_metadata, ms_to_time,
+    normalize_metadata, time_to_ms, trunc_micros, Account, ApiKeyInfo, ApplyReport, Catalog,
+    CatalogError, CatalogResult, CreditOp, CreditSnapshot, DeductResult, Deduction, DeletedAccount,
+    Draw, GroupBy, Invalidation, KeyOptions, KeyOwner, LedgerEntry, NewApiKey, QuotaBlock,
+    UsageBucket, UsageCursor, UsageEvent, UsageQuery, MAX_ACCOUNTS_PAGE,
 };
 use crate::catalog::usage::{check_batch, epoch_ms_ceil, Summary};
 use crate::clock::SharedClock;
@@ -157,6 +159,11 @@ struct State {
     ledger: HashMap<String, LedgerRow>,
     /// Creation order, the tie-breaker Postgres gets from `bigserial`.
     next_seq: u64,
+    /// See [`Catalog::plans_file_owner`].
+    plans_file_owner: Option<String>,
+    /// Deleted account id → the credit version its deletion announced
+    /// (an account created again under the id starts there).
+    deleted: HashMap<String, u64>,
 }
 
 struct AccountRow {
@@ -173,6 +180,8 @@ struct KeyRow {
     prefix: String,
     created_at: SystemTime,
     revoked: bool,
+    label: Option<String>,
+    expires_at: Option<SystemTime>,
 }
 
 struct BlockRow {
@@ -449,10 +458,11 @@ impl Catalog for MemoryCatalog {
             if let Some(p) = plan_id {
                 st.require_plan(p)?;
             }
+            let credit_version = st.deleted.get(id).copied().unwrap_or(0);
             st.accounts.insert(
                 id.to_string(),
                 AccountRow {
-                    credit_version: 0,
+                    credit_version,
                     plan_id: plan_id.map(str::to_string),
                     metadata,
                 },
@@ -482,7 +492,104 @@ impl Catalog for MemoryCatalog {
         self.state.lock().account(id)
     }
 
-    async fn create_key(&self, account_id: &str) -> CatalogResult<NewApiKey> {
+    async fn list_accounts(
+        &self,
+        plan: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> CatalogResult<Vec<Account>> {
+        let st = self.state.lock();
+        if let Some(p) = plan {
+            st.require_plan(p)?;
+        }
+        let default = st.default_plan.as_deref();
+        let mut ids: Vec<&String> = st
+            .accounts
+            .iter()
+            .filter(|(id, _)| after.map_or(true, |a| id.as_bytes() > a.as_bytes()))
+            .filter(|(_, row)| plan.map_or(true, |p| row.plan_id.as_deref().or(default) == Some(p)))
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        ids.into_iter()
+            .take(limit.min(MAX_ACCOUNTS_PAGE + 1))
+            .map(|id| st.account(id))
+            .collect()
+    }
+
+    async fn update_account_metadata(
+        &self,
+        id: &str,
+        patch: &serde_json::Map<String, serde_json::Value>,
+    ) -> CatalogResult<Account> {
+        let mut st = self.state.lock();
+        let row = st
+            .accounts
+            .get_mut(id)
+            .ok_or_else(|| CatalogError::not_found("account", id))?;
+        row.metadata = merge_metadata(&row.metadata, patch);
+        st.account(id)
+    }
+
+    async fn delete_account(&self, id: &str, force: bool) -> CatalogResult<DeletedAccount> {
+        let now = self.now();
+        let (deleted, (hashes, version)) = {
+            let mut st = self.state.lock();
+            st.require_account(id)?;
+            let credits = st.balance(id, now);
+            if credits > 0 && !force {
+                return Err(credits_left(id, credits));
+            }
+            let key_ids: Vec<String> = st
+                .keys
+                .iter()
+                .filter(|(_, k)| k.account_id == id)
+                .map(|(kid, _)| kid.clone())
+                .collect();
+            let mut hashes = Vec::with_capacity(key_ids.len());
+            for kid in &key_ids {
+                if let Some(k) = st.keys.remove(kid) {
+                    st.key_by_hash.remove(&k.hash);
+                    hashes.push(k.hash);
+                }
+            }
+            let blocks = st.blocks_of.remove(id).unwrap_or_default();
+            for b in &blocks {
+                st.blocks.remove(b);
+            }
+            // The deletion's version is past every version the account had:
+            // wallets of it are dropped everywhere, and an account created
+            // again under the id starts from it.
+            let version = st.accounts.remove(id).map_or(0, |a| a.credit_version) + 1;
+            st.deleted.insert(id.to_string(), version);
+            // The ledger is kept (audit): rows stay under the account id.
+            (
+                DeletedAccount {
+                    id: id.to_string(),
+                    keys: hashes.len() as u64,
+                    blocks: blocks.len() as u64,
+                    credits_forfeited: credits,
+                },
+                (hashes, version),
+            )
+        };
+        for hash in hashes {
+            self.notify(Invalidation::Key(hash));
+        }
+        self.notify(Invalidation::Account(id.to_string()));
+        self.notify(Invalidation::Credits {
+            account: id.to_string(),
+            version,
+        });
+        Ok(deleted)
+    }
+
+    async fn create_key_with(
+        &self,
+        account_id: &str,
+        opts: &KeyOptions,
+    ) -> CatalogResult<NewApiKey> {
+        check_key_options(opts, self.now())?;
         let (key, prefix) = generate_key();
         let hash = hash_key(&key);
         let id = generate_id("key_");
@@ -500,6 +607,8 @@ impl Catalog for MemoryCatalog {
                     prefix: prefix.clone(),
                     created_at: trunc_micros(self.now()),
                     revoked: false,
+                    label: opts.label.clone(),
+                    expires_at: opts.expires_at.map(trunc_micros),
                 },
             );
         }
@@ -510,12 +619,15 @@ impl Catalog for MemoryCatalog {
     }
 
     async fn lookup_key(&self, key_hash: &str) -> CatalogResult<Option<KeyOwner>> {
+        let now = self.now();
         let st = self.state.lock();
         Ok(st.key_by_hash.get(key_hash).and_then(|id| {
             let row = st.keys.get(id)?;
-            (!row.revoked).then(|| KeyOwner {
+            let live = !row.revoked && row.expires_at.map_or(true, |e| e > now);
+            live.then(|| KeyOwner {
                 key_id: id.clone(),
                 account_id: row.account_id.clone(),
+                expires_at_ms: row.expires_at.map(time_to_ms),
             })
         }))
     }
@@ -527,6 +639,9 @@ impl Catalog for MemoryCatalog {
                 .keys
                 .get_mut(key_id)
                 .ok_or_else(|| CatalogError::not_found("key", key_id))?;
+            if row.revoked {
+                return Err(already_revoked(key_id));
+            }
             row.revoked = true;
             row.hash.clone()
         };
@@ -551,6 +666,8 @@ impl Catalog for MemoryCatalog {
                 prefix: k.prefix.clone(),
                 created_at: Some(k.created_at),
                 revoked: k.revoked,
+                label: k.label.clone(),
+                expires_at: k.expires_at,
             })
             .collect())
     }
@@ -566,6 +683,7 @@ impl Catalog for MemoryCatalog {
         let metadata = normalize_metadata(metadata)?;
         let id = generate_id("qb_");
         let now = self.now();
+        check_block_expiry(expires_at.map(trunc_micros), now)?;
         let mut st = self.state.lock();
         st.require_account(account_id)?;
         check_grant(account_id, st.balance(account_id, now), credits)?;
@@ -894,6 +1012,15 @@ impl Catalog for MemoryCatalog {
     }
 
     async fn ping(&self) -> CatalogResult<()> {
+        Ok(())
+    }
+
+    async fn plans_file_owner(&self) -> CatalogResult<Option<String>> {
+        Ok(self.state.lock().plans_file_owner.clone())
+    }
+
+    async fn set_plans_file_owner(&self, file: Option<&str>) -> CatalogResult<()> {
+        self.state.lock().plans_file_owner = file.map(str::to_owned);
         Ok(())
     }
 }

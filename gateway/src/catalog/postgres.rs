@@ -17,6 +17,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::{
+    already_revoked, check_block_expiry, check_key_options, credits_left, merge_metadata,
+    time_to_ms, trunc_micros, DeletedAccount, KeyOptions, MAX_ACCOUNTS_PAGE,
+};
+use super::{
     check_credits, check_grant, check_id, generate_id, generate_key, hash_key, ms_to_time,
     normalize_metadata, Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError, CatalogResult,
     CreditOp, CreditSnapshot, DeductResult, Deduction, Draw, GroupBy, Invalidation, KeyOwner,
@@ -64,6 +68,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "credit_version",
         sql: include_str!("../../../migrations/V3__credit_version.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "lifecycle",
+        sql: include_str!("../../../migrations/V4__lifecycle.sql"),
     },
 ];
 
@@ -1215,7 +1224,9 @@ impl Catalog for PostgresCatalog {
         let conn = self.conn().await?;
         let n = conn
             .execute(
-                "INSERT INTO accounts (id, plan_id, metadata, created_at) VALUES ($1, $2, $3, $4)
+                "INSERT INTO accounts (id, plan_id, metadata, created_at, credit_version)
+                 VALUES ($1, $2, $3, $4,
+                         COALESCE((SELECT credit_version FROM deleted_accounts WHERE id = $1), 0))
                  ON CONFLICT (id) DO NOTHING",
                 &[&id, &plan_id, &metadata, &now],
             )
@@ -1276,16 +1287,172 @@ impl Catalog for PostgresCatalog {
         })
     }
 
-    async fn create_key(&self, account_id: &str) -> CatalogResult<NewApiKey> {
+    async fn list_accounts(
+        &self,
+        plan: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> CatalogResult<Vec<Account>> {
+        let conn = self.conn().await?;
+        if let Some(p) = plan {
+            let found = conn
+                .query_opt("SELECT 1 FROM plans WHERE id = $1", &[&p])
+                .await
+                .map_err(db_err)?;
+            if found.is_none() {
+                return Err(CatalogError::not_found("plan", p));
+            }
+        }
+        let limit = limit.min(MAX_ACCOUNTS_PAGE + 1) as i64;
+        let stmt = conn
+            .prepare_cached(
+                "WITH d AS (SELECT id FROM plans WHERE is_default)
+                 SELECT a.id, a.plan_id, a.metadata, (SELECT id FROM d)
+                 FROM accounts a
+                 WHERE ($1::text IS NULL OR a.id COLLATE \"C\" > $1::text COLLATE \"C\")
+                   AND ($2::text IS NULL OR COALESCE(a.plan_id, (SELECT id FROM d)) = $2::text)
+                 ORDER BY a.id COLLATE \"C\"
+                 LIMIT $3",
+            )
+            .await
+            .map_err(db_err)?;
+        let rows = conn
+            .query(&stmt, &[&after, &plan, &limit])
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let plan_id: Option<String> = r.get(1);
+                let default: Option<String> = r.get(3);
+                Account {
+                    id: r.get(0),
+                    effective_plan: plan_id.clone().or(default),
+                    plan_id,
+                    metadata: r.get(2),
+                }
+            })
+            .collect())
+    }
+
+    async fn update_account_metadata(
+        &self,
+        id: &str,
+        patch: &serde_json::Map<String, serde_json::Value>,
+    ) -> CatalogResult<Account> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        let row = tx
+            .query_opt(
+                "SELECT metadata FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
+                &[&id],
+            )
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| CatalogError::not_found("account", id))?;
+        let metadata = merge_metadata(&row.get(0), patch);
+        tx.execute(
+            "UPDATE accounts SET metadata = $2 WHERE id = $1",
+            &[&id, &metadata],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        drop(conn);
+        self.get_account(id).await
+    }
+
+    async fn delete_account(&self, id: &str, force: bool) -> CatalogResult<DeletedAccount> {
+        let now = self.now();
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        // Locked against grants, deductions (their ledger rows check the
+        // account FOR KEY SHARE) and wallet writes while it goes.
+        let locked = tx
+            .query_opt(
+                "SELECT credit_version FROM accounts WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await
+            .map_err(db_err)?;
+        let Some(locked) = locked else {
+            return Err(CatalogError::not_found("account", id));
+        };
+        // The deletion's version is past every version the account had:
+        // wallets of it are dropped everywhere, and an account created
+        // again under the id starts from it.
+        let version = locked.get::<_, i64>(0) + 1;
+        let credits = balance_of(&tx, id, now).await.map_err(db_err)?.unwrap_or(0);
+        if credits > 0 && !force {
+            return Err(credits_left(id, credits));
+        }
+        let keys = tx
+            .query(
+                "DELETE FROM api_keys WHERE account_id = $1 RETURNING key_hash",
+                &[&id],
+            )
+            .await
+            .map_err(db_err)?;
+        let blocks = tx
+            .execute("DELETE FROM quota_blocks WHERE account_id = $1", &[&id])
+            .await
+            .map_err(db_err)?;
+        tx.execute("DELETE FROM accounts WHERE id = $1", &[&id])
+            .await
+            .map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO deleted_accounts (id, credit_version, deleted_at) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE
+             SET credit_version = EXCLUDED.credit_version, deleted_at = EXCLUDED.deleted_at",
+            &[&id, &version, &now],
+        )
+        .await
+        .map_err(db_err)?;
+        let mut invs: Vec<Invalidation> =
+            keys.iter().map(|r| Invalidation::Key(r.get(0))).collect();
+        invs.push(Invalidation::Account(id.to_string()));
+        invs.push(Invalidation::Credits {
+            account: id.to_string(),
+            version: version as u64,
+        });
+        for inv in &invs {
+            notify_sql(&tx, inv).await.map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        for inv in invs {
+            self.notify_local(inv);
+        }
+        Ok(DeletedAccount {
+            id: id.to_string(),
+            keys: keys.len() as u64,
+            blocks,
+            credits_forfeited: credits,
+        })
+    }
+
+    async fn create_key_with(
+        &self,
+        account_id: &str,
+        opts: &KeyOptions,
+    ) -> CatalogResult<NewApiKey> {
         let (key, prefix) = generate_key();
         let hash = hash_key(&key);
         let id = generate_id("key_");
         let now = self.now();
+        check_key_options(opts, now)?;
         let conn = self.conn().await?;
         conn.execute(
-            "INSERT INTO api_keys (id, account_id, key_hash, prefix, created_at)
-             VALUES ($1, $2, $3, $4, $5)",
-            &[&id, &account_id, &hash, &prefix, &now],
+            "INSERT INTO api_keys (id, account_id, key_hash, prefix, created_at, label, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &id,
+                &account_id,
+                &hash,
+                &prefix,
+                &now,
+                &opts.label,
+                &opts.expires_at,
+            ],
         )
         .await
         .map_err(|e| CatalogError::from(fk_not_found(e, "account", account_id)))?;
@@ -1300,17 +1467,20 @@ impl Catalog for PostgresCatalog {
         let conn = self.conn().await?;
         let stmt = conn
             .prepare_cached(
-                "SELECT id, account_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+                "SELECT id, account_id, expires_at FROM api_keys
+                 WHERE key_hash = $1 AND revoked_at IS NULL
+                   AND (expires_at IS NULL OR expires_at > $2)",
             )
             .await
             .map_err(db_err)?;
         Ok(conn
-            .query_opt(&stmt, &[&key_hash])
+            .query_opt(&stmt, &[&key_hash, &self.now()])
             .await
             .map_err(db_err)?
             .map(|r| KeyOwner {
                 key_id: r.get(0),
                 account_id: r.get(1),
+                expires_at_ms: r.get::<_, Option<SystemTime>>(2).map(time_to_ms),
             }))
     }
 
@@ -1319,13 +1489,23 @@ impl Catalog for PostgresCatalog {
         let conn = self.conn().await?;
         let row = conn
             .query_opt(
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1
+                "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL
                  RETURNING key_hash",
                 &[&key_id, &now],
             )
             .await
-            .map_err(db_err)?
-            .ok_or_else(|| CatalogError::not_found("key", key_id))?;
+            .map_err(db_err)?;
+        let Some(row) = row else {
+            // Not revoked now: already revoked, or no such key.
+            let exists = conn
+                .query_opt("SELECT 1 FROM api_keys WHERE id = $1", &[&key_id])
+                .await
+                .map_err(db_err)?;
+            return Err(match exists {
+                Some(_) => already_revoked(key_id),
+                None => CatalogError::not_found("key", key_id),
+            });
+        };
         let inv = Invalidation::Key(row.get(0));
         notify_sql(&conn, &inv).await.map_err(db_err)?;
         self.notify_local(inv);
@@ -1337,8 +1517,8 @@ impl Catalog for PostgresCatalog {
         self.require_account(&conn, account_id).await?;
         let rows = conn
             .query(
-                "SELECT id, prefix, created_at, revoked_at IS NOT NULL FROM api_keys
-                 WHERE account_id = $1 ORDER BY seq",
+                "SELECT id, prefix, created_at, revoked_at IS NOT NULL, label, expires_at
+                 FROM api_keys WHERE account_id = $1 ORDER BY seq",
                 &[&account_id],
             )
             .await
@@ -1351,6 +1531,8 @@ impl Catalog for PostgresCatalog {
                 prefix: r.get(1),
                 created_at: Some(r.get(2)),
                 revoked: r.get(3),
+                label: r.get(4),
+                expires_at: r.get(5),
             })
             .collect())
     }
@@ -1366,6 +1548,7 @@ impl Catalog for PostgresCatalog {
         let metadata = normalize_metadata(metadata)?;
         let id = generate_id("qb_");
         let now = self.now();
+        check_block_expiry(expires_at.map(trunc_micros), now)?;
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
         // The account row, locked against concurrent grants (FOR NO KEY
@@ -1617,6 +1800,41 @@ impl Catalog for PostgresCatalog {
     async fn ping(&self) -> CatalogResult<()> {
         let conn = self.conn().await?;
         conn.execute("SELECT 1", &[]).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn plans_file_owner(&self) -> CatalogResult<Option<String>> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt(
+                "SELECT value FROM plangate_settings WHERE key = 'plans_file'",
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn set_plans_file_owner(&self, file: Option<&str>) -> CatalogResult<()> {
+        let conn = self.conn().await?;
+        match file {
+            Some(f) => {
+                conn.execute(
+                    "INSERT INTO plangate_settings (key, value) VALUES ('plans_file', $1)
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&f],
+                )
+                .await
+            }
+            None => {
+                conn.execute(
+                    "DELETE FROM plangate_settings WHERE key = 'plans_file'",
+                    &[],
+                )
+                .await
+            }
+        }
+        .map_err(db_err)?;
         Ok(())
     }
 }

@@ -21,8 +21,8 @@ use std::time::{Duration, SystemTime};
 
 use super::{
     Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError, CatalogResult, CreditOp,
-    CreditSnapshot, DeductResult, Deduction, GroupBy, Invalidation, KeyOwner, LedgerEntry,
-    NewApiKey, QuotaBlock, UsageBucket, UsageCursor, UsageEvent, UsageQuery,
+    CreditSnapshot, DeductResult, Deduction, DeletedAccount, GroupBy, Invalidation, KeyOptions,
+    KeyOwner, LedgerEntry, NewApiKey, QuotaBlock, UsageBucket, UsageCursor, UsageEvent, UsageQuery,
 };
 use crate::plans::{Plan, PlanSet};
 
@@ -118,8 +118,47 @@ impl<C: Catalog> Catalog for Timed<C> {
         self.within("get_account", self.inner.get_account(id)).await
     }
 
+    async fn list_accounts(
+        &self,
+        plan: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> CatalogResult<Vec<Account>> {
+        self.within(
+            "list_accounts",
+            self.inner.list_accounts(plan, after, limit),
+        )
+        .await
+    }
+
+    async fn update_account_metadata(
+        &self,
+        id: &str,
+        patch: &serde_json::Map<String, serde_json::Value>,
+    ) -> CatalogResult<Account> {
+        self.within(
+            "update_account_metadata",
+            self.inner.update_account_metadata(id, patch),
+        )
+        .await
+    }
+
+    async fn delete_account(&self, id: &str, force: bool) -> CatalogResult<DeletedAccount> {
+        self.within("delete_account", self.inner.delete_account(id, force))
+            .await
+    }
+
     async fn create_key(&self, account_id: &str) -> CatalogResult<NewApiKey> {
         self.within("create_key", self.inner.create_key(account_id))
+            .await
+    }
+
+    async fn create_key_with(
+        &self,
+        account_id: &str,
+        opts: &KeyOptions,
+    ) -> CatalogResult<NewApiKey> {
+        self.within("create_key", self.inner.create_key_with(account_id, opts))
             .await
     }
 
@@ -252,6 +291,19 @@ impl<C: Catalog> Catalog for Timed<C> {
     async fn ping(&self) -> CatalogResult<()> {
         self.within("ping", self.inner.ping()).await
     }
+
+    async fn plans_file_owner(&self) -> CatalogResult<Option<String>> {
+        self.within("plans_file_owner", self.inner.plans_file_owner())
+            .await
+    }
+
+    async fn set_plans_file_owner(&self, file: Option<&str>) -> CatalogResult<()> {
+        self.within(
+            "set_plans_file_owner",
+            self.inner.set_plans_file_owner(file),
+        )
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -305,7 +357,14 @@ mod tests {
         create_account(id: &str, plan_id: Option<&str>, metadata: serde_json::Value) -> Account;
         assign_plan(account_id: &str, plan_id: Option<&str>) -> ();
         get_account(id: &str) -> Account;
+        list_accounts(plan: Option<&str>, after: Option<&str>, limit: usize) -> Vec<Account>;
+        update_account_metadata(
+            id: &str,
+            patch: &serde_json::Map<String, serde_json::Value>
+        ) -> Account;
+        delete_account(id: &str, force: bool) -> DeletedAccount;
         create_key(account_id: &str) -> NewApiKey;
+        create_key_with(account_id: &str, opts: &KeyOptions) -> NewApiKey;
         revoke_key(key_id: &str) -> ();
         list_keys(account_id: &str) -> Vec<ApiKeyInfo>;
         create_quota_block(
@@ -328,6 +387,8 @@ mod tests {
         usage_events(q: &UsageQuery, after: Option<&UsageCursor>, limit: usize) -> Vec<UsageEvent>;
         usage_summary(q: &UsageQuery, group_by: GroupBy) -> Vec<UsageBucket>;
         prune_usage(before: SystemTime) -> u64;
+        plans_file_owner() -> Option<String>;
+        set_plans_file_owner(file: Option<&str>) -> ();
     }
 
     const TIMEOUT: Duration = Duration::from_millis(100);

@@ -1,15 +1,15 @@
 //! Admin subcommands against Postgres: plans, accounts, keys, credits, migrate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::{CliError, ConfigArg, DEFAULT_CONFIG};
 use crate::catalog::postgres::{create_database_if_missing, migrate, PgOptions, PostgresCatalog};
 use crate::catalog::timed::Timed;
-use crate::catalog::{Catalog, CatalogError};
+use crate::catalog::{Catalog, CatalogError, KeyOptions, MAX_ACCOUNTS_PAGE};
 use crate::clock::SystemClock;
-use crate::config::CliView;
+use crate::config::{refusal, CliView, PlansSource};
 use crate::health::mask_url;
 use crate::plans::parse::{load_plans_file, load_plans_file_for, plan_to_json, plans_to_json};
 use crate::plans::{KnownUnits, Plan, MAX_AMOUNT};
@@ -71,13 +71,59 @@ pub enum PlansCmd {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum AccountsCmd {
     /// Create an account.
-    #[command(after_help = "Example:\n  plangate accounts create acme --plan pro")]
+    #[command(
+        after_help = "Example:\n  plangate accounts create acme --plan pro --metadata owner=ops --metadata tier=gold"
+    )]
     Create {
         /// Account id (any text up to 200 bytes).
         id: String,
         /// Its plan [default: none, i.e. the default plan].
         #[arg(long)]
         plan: Option<String>,
+        /// A metadata entry KEY=VALUE (a string); repeat for more.
+        #[arg(long, value_name = "KEY=VALUE")]
+        metadata: Vec<String>,
+    },
+    /// Set or remove metadata entries of an account (other entries stay).
+    #[command(
+        after_help = "Example:\n  plangate accounts update acme --metadata tier=platinum --unset trial"
+    )]
+    Update {
+        /// Account id.
+        id: String,
+        /// Set KEY to VALUE (a string); repeat for more.
+        #[arg(long, value_name = "KEY=VALUE")]
+        metadata: Vec<String>,
+        /// Remove KEY; repeat for more.
+        #[arg(long, value_name = "KEY")]
+        unset: Vec<String>,
+    },
+    /// List accounts by id, a page at a time (the next page: --after the last id printed).
+    #[command(
+        after_help = "Example:\n  plangate accounts list --plan pro --limit 50\n  plangate accounts list --after acme"
+    )]
+    List {
+        /// Accounts per page (1 to 1000).
+        #[arg(long, default_value_t = 100, value_name = "N")]
+        limit: usize,
+        /// Start after this account id (the cursor: the last id of the previous page).
+        #[arg(long, value_name = "ID")]
+        after: Option<String>,
+        /// Only accounts on this plan (explicitly or as the default plan).
+        #[arg(long, value_name = "PLAN")]
+        plan: Option<String>,
+    },
+    /// Delete an account: its keys stop working at once and are deleted with its quota blocks;
+    /// its ledger rows and usage events are kept for audit.
+    #[command(
+        after_help = "Refused while the account has unexpired credits, unless --force.\n\nExample:\n  plangate accounts delete acme --force"
+    )]
+    Delete {
+        /// Account id.
+        id: String,
+        /// Delete even though unexpired credits remain (they are forfeited).
+        #[arg(long)]
+        force: bool,
     },
     /// Assign a plan to an account.
     Assign {
@@ -96,16 +142,25 @@ pub enum AccountsCmd {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum KeysCmd {
     /// Create a key; the plaintext is printed once and stored only hashed.
+    #[command(
+        after_help = "Example:\n  plangate keys create acme --label ci --expires 2027-01-01T00:00:00Z"
+    )]
     Create {
         /// Account id.
         account: String,
+        /// A label to recognise the key by in `keys list` (e.g. ci).
+        #[arg(long)]
+        label: Option<String>,
+        /// When the key stops working (RFC 3339, e.g. 2027-01-01T00:00:00Z) [default: never].
+        #[arg(long, value_name = "TIME")]
+        expires: Option<String>,
     },
-    /// Revoke a key by id (takes effect within 5 seconds everywhere).
+    /// Revoke a key by id (takes effect within 5 seconds everywhere; a revoked key is an error).
     Revoke {
         /// Key id, as `keys list` shows it.
         key_id: String,
     },
-    /// List an account's keys (id and prefix only).
+    /// List an account's keys (id, prefix, label, expiry; never the key).
     List {
         /// Account id.
         account: String,
@@ -127,7 +182,7 @@ pub enum CreditsCmd {
         #[arg(long, value_name = "TIME")]
         expires: Option<String>,
     },
-    /// Show an account's balance and its quota blocks.
+    /// Show an account's balance and its quota blocks (expired ones marked).
     Balance {
         /// Account id.
         account: String,
@@ -144,6 +199,50 @@ pub enum CreditsCmd {
     },
 }
 
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum LimitsCmd {
+    /// Reset an account's rate-limit windows: the current window's counters of every endpoint of its
+    /// plan (or one) start again from zero. In-flight requests keep their concurrency slots.
+    #[command(
+        after_help = "The counters are in Redis ([storage] redis_url or redis_cluster of the config, or --redis-url).\nWith in-process counters, use the admin API of each gateway: POST /admin/accounts/ID/limits/reset.\n\nExamples:\n  plangate limits reset acme\n  plangate limits reset acme --endpoint gpt-4o"
+    )]
+    Reset {
+        /// Account id.
+        account: String,
+        /// Only this endpoint [default: every endpoint of the account's plan].
+        #[arg(long, value_name = "ENDPOINT")]
+        endpoint: Option<String>,
+        /// Redis URL of the counters (wins over the config's [storage]).
+        #[arg(
+            long,
+            env = "PLANGATE_REDIS_URL",
+            hide_env_values = true,
+            value_name = "URL"
+        )]
+        redis_url: Option<String>,
+    },
+}
+
+impl PlansCmd {
+    /// Whether the command changes plans (refused under `[plans] source =
+    /// "file"`).
+    pub fn writes(&self) -> bool {
+        matches!(
+            self,
+            PlansCmd::Apply { .. } | PlansCmd::Delete { .. } | PlansCmd::SetDefault { .. }
+        )
+    }
+}
+
+/// Whether `a` and `b` name the same file (as far as the file system
+/// tells; by name when one of them does not exist).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 /// One admin command.
 #[derive(Debug, Clone)]
 pub enum AdminCmd {
@@ -152,6 +251,7 @@ pub enum AdminCmd {
     Accounts(AccountsCmd),
     Keys(KeysCmd),
     Credits(CreditsCmd),
+    Limits(LimitsCmd),
 }
 
 /// Run an admin command against the catalog `target` names and print its
@@ -198,6 +298,24 @@ pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliErro
     if let AdminCmd::Migrate = cmd {
         return migrate_cmd(&url, json).await.map_err(at);
     }
+    // Under `[plans] source = "file"` the plans file is the only source of
+    // plans: a plan written here would be undone by the next reload.
+    // Applying that file itself (what `serve` does) is fine: it is how a
+    // new database gets its plans before the first `serve`.
+    if let (AdminCmd::Plans(c), Some(path)) = (&cmd, &config) {
+        if c.writes() {
+            let view = view(path)?;
+            if let Some(message) = view.plan_writes_refused() {
+                let own_file = match (c, &view.plans_file) {
+                    (PlansCmd::Apply { file, .. }, Some(own)) => same_file(file, own),
+                    _ => false,
+                };
+                if !own_file {
+                    return Err(CliError::BadInput(message));
+                }
+            }
+        }
+    }
     let catalog = PostgresCatalog::connect_with(
         &url,
         Arc::new(SystemClock),
@@ -214,6 +332,30 @@ pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliErro
     // As in the gateway: a database that stops answering fails the
     // command after `catalog_timeout` instead of hanging it.
     let catalog = Timed::new(catalog, timeout);
+    // Without a config, the gateways' own record says who owns the plans.
+    if let (AdminCmd::Plans(c), None) = (&cmd, &config) {
+        if c.writes() {
+            let owner = catalog
+                .plans_file_owner()
+                .await
+                .map_err(catalog_err)
+                .map_err(at)?;
+            if let Some(owner) = owner {
+                let own_file = match c {
+                    PlansCmd::Apply { file, .. } => same_file(file, Path::new(&owner)),
+                    _ => false,
+                };
+                if !own_file {
+                    let message =
+                        refusal(PlansSource::File, Some(Path::new(&owner))).unwrap_or_default();
+                    return Err(CliError::BadInput(format!(
+                        "{message} (as the gateway last started on this database says; \
+                         pass --config FILE to follow a config instead)"
+                    )));
+                }
+            }
+        }
+    }
     match cmd {
         AdminCmd::Migrate => migrate_cmd(&url, json).await,
         AdminCmd::Plans(c) => {
@@ -226,6 +368,13 @@ pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliErro
         AdminCmd::Accounts(c) => accounts(&catalog, c, json).await,
         AdminCmd::Keys(c) => keys(&catalog, c, json).await,
         AdminCmd::Credits(c) => credits(&catalog, c, json).await,
+        AdminCmd::Limits(c) => {
+            let storage = match &config {
+                Some(path) => Some(view(path)?.storage),
+                None => None,
+            };
+            limits(&catalog, c, json, storage.as_ref()).await
+        }
     }
     .map_err(at)
 }
@@ -294,6 +443,168 @@ pub(crate) fn catalog_err(e: CatalogError) -> CliError {
         }
         CatalogError::Unavailable(m) => CliError::Failure(m),
     }
+}
+
+/// `limits reset`: the account's plan from the catalog, the counters in
+/// the counter store the config (or `--redis-url`) names.
+async fn limits(
+    catalog: &dyn Catalog,
+    cmd: LimitsCmd,
+    json: bool,
+    storage: Option<&crate::config::StorageConfig>,
+) -> Result<String, CliError> {
+    use crate::limiter::redis::{RedisOptions, RedisStore};
+    let LimitsCmd::Reset {
+        account,
+        endpoint,
+        redis_url,
+    } = cmd;
+    let account_row = catalog.get_account(&account).await.map_err(catalog_err)?;
+    let Some(plan_id) = account_row.effective_plan else {
+        return Err(CliError::BadInput(format!(
+            "account {account} has no plan (no plans exist): nothing to reset"
+        )));
+    };
+    let plan = catalog.get_plan(&plan_id).await.map_err(catalog_err)?;
+    let options = RedisOptions::default();
+    let store = match (redis_url, storage) {
+        (Some(url), _) => RedisStore::connect_with(&url, options)
+            .await
+            .map_err(|e| CliError::Failure(format!("Redis at {}: {e}", mask_url(&url))))?,
+        (None, Some(s)) if !s.redis_cluster.is_empty() => {
+            RedisStore::connect_cluster(&s.redis_cluster, options)
+                .await
+                .map_err(|e| CliError::Failure(format!("[storage] redis_cluster: {e}")))?
+        }
+        (None, Some(s)) if s.redis_url.is_some() => {
+            let url = s.redis_url.clone().unwrap_or_default();
+            RedisStore::connect_with(&url, options)
+                .await
+                .map_err(|e| CliError::Failure(format!("Redis at {}: {e}", mask_url(&url))))?
+        }
+        _ => {
+            return Err(CliError::BadInput(
+                "no counter store: the config's [storage] has no redis_url or redis_cluster \
+                 (pass --redis-url URL); in-process counters live in each gateway: use its \
+                 admin API, POST /admin/accounts/ID/limits/reset"
+                    .into(),
+            ))
+        }
+    };
+    let now_ms = crate::clock::Clock::now_ms(&SystemClock);
+    let reset =
+        crate::limiter::reset_account_windows(&store, &plan, &account, endpoint.as_deref(), now_ms)
+            .await
+            .map_err(|e| CliError::Failure(format!("resetting the counters: {e}")))?
+            .ok_or_else(|| {
+                CliError::BadInput(format!(
+                    "endpoint `{}` is not in plan `{}` of account {account}",
+                    endpoint.as_deref().unwrap_or_default(),
+                    plan.id
+                ))
+            })?;
+    tracing::warn!(account = %account, endpoint = endpoint.as_deref().unwrap_or("*"), by = %operator(), endpoints = ?reset, "admin: rate-limit windows reset");
+    Ok(if json {
+        to_json(&serde_json::json!({ "account": account, "reset": reset }))
+    } else {
+        format!(
+            "reset the current rate-limit windows of {account} on {}",
+            if reset.is_empty() {
+                "no endpoint (its plan has none)".to_owned()
+            } else {
+                reset.join(", ")
+            }
+        )
+    })
+}
+
+/// `KEY=VALUE` entries (string values) and keys to remove (`null`), as a
+/// metadata patch.
+fn parse_metadata(
+    set: &[String],
+    unset: &[String],
+) -> Result<serde_json::Map<String, serde_json::Value>, CliError> {
+    let mut out = serde_json::Map::new();
+    for entry in set {
+        let Some((k, v)) = entry.split_once('=').filter(|(k, _)| !k.is_empty()) else {
+            return Err(CliError::BadInput(format!(
+                "--metadata `{entry}`: expected KEY=VALUE, e.g. owner=ops"
+            )));
+        };
+        out.insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
+    }
+    for k in unset {
+        out.insert(k.clone(), serde_json::Value::Null);
+    }
+    Ok(out)
+}
+
+/// An RFC 3339 time given to option `flag`.
+fn parse_time(flag: &str, s: &str) -> Result<SystemTime, CliError> {
+    humantime::parse_rfc3339_weak(s).map_err(|e| {
+        CliError::BadInput(format!(
+            "{flag} `{s}`: {e} (use RFC 3339 in UTC, e.g. 2030-01-01T00:00:00Z)"
+        ))
+    })
+}
+
+/// Who runs an admin command, for the log of what it changed: the
+/// login name from the environment (`$USER`, `$LOGNAME`), else `unknown`.
+pub(crate) fn operator() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .map(|u| format!("cli:{u}"))
+        .unwrap_or_else(|_| "cli:unknown".into())
+}
+
+/// `accounts list`: one page, and how to get the next.
+async fn list_accounts(
+    catalog: &dyn Catalog,
+    limit: usize,
+    after: Option<String>,
+    plan: Option<String>,
+    json: bool,
+) -> Result<String, CliError> {
+    if !(1..=MAX_ACCOUNTS_PAGE).contains(&limit) {
+        return Err(CliError::BadInput(format!(
+            "--limit {limit}: must be 1 to {MAX_ACCOUNTS_PAGE}"
+        )));
+    }
+    // One more than asked: a next page is promised only when there is one.
+    let mut page = catalog
+        .list_accounts(plan.as_deref(), after.as_deref(), limit + 1)
+        .await
+        .map_err(catalog_err)?;
+    let next = if page.len() > limit {
+        page.truncate(limit);
+        page.last().map(|a| a.id.clone())
+    } else {
+        None
+    };
+    if json {
+        return Ok(to_json(&serde_json::json!({
+            "accounts": page,
+            "next_after": next,
+        })));
+    }
+    if page.is_empty() {
+        return Ok("no accounts".into());
+    }
+    let mut out: Vec<String> = page
+        .iter()
+        .map(|a| {
+            let plan = match (&a.plan_id, &a.effective_plan) {
+                (Some(p), _) => p.clone(),
+                (None, Some(d)) => format!("{d} (default)"),
+                (None, None) => "-".into(),
+            };
+            format!("{}\t{plan}\t{}", a.id, a.metadata)
+        })
+        .collect();
+    if let Some(next) = next {
+        out.push(format!("(more: --after {next})"));
+    }
+    Ok(out.join("\n"))
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
@@ -435,10 +746,47 @@ fn describe_plan(plan: &Plan, is_default: bool) -> String {
 
 async fn accounts(catalog: &dyn Catalog, cmd: AccountsCmd, json: bool) -> Result<String, CliError> {
     let account = match cmd {
-        AccountsCmd::Create { id, plan } => catalog
-            .create_account(&id, plan.as_deref(), serde_json::Value::Null)
-            .await
-            .map_err(catalog_err)?,
+        AccountsCmd::Create { id, plan, metadata } => {
+            let metadata = parse_metadata(&metadata, &[])?;
+            catalog
+                .create_account(&id, plan.as_deref(), serde_json::Value::Object(metadata))
+                .await
+                .map_err(catalog_err)?
+        }
+        AccountsCmd::Update {
+            id,
+            metadata,
+            unset,
+        } => {
+            if metadata.is_empty() && unset.is_empty() {
+                return Err(CliError::BadInput(
+                    "nothing to update: give --metadata KEY=VALUE or --unset KEY".into(),
+                ));
+            }
+            let patch = parse_metadata(&metadata, &unset)?;
+            catalog
+                .update_account_metadata(&id, &patch)
+                .await
+                .map_err(catalog_err)?
+        }
+        AccountsCmd::List { limit, after, plan } => {
+            return list_accounts(catalog, limit, after, plan, json).await;
+        }
+        AccountsCmd::Delete { id, force } => {
+            let d = catalog
+                .delete_account(&id, force)
+                .await
+                .map_err(catalog_err)?;
+            tracing::warn!(account = %id, by = %operator(), keys = d.keys, blocks = d.blocks, credits_forfeited = d.credits_forfeited, "admin: account deleted");
+            return Ok(if json {
+                to_json(&d)
+            } else {
+                format!(
+                    "deleted account {id}: {} key(s) and {} quota block(s) deleted, {} credits forfeited; its ledger and usage are kept",
+                    d.keys, d.blocks, d.credits_forfeited
+                )
+            });
+        }
         AccountsCmd::Assign { id, plan } => {
             catalog
                 .assign_plan(&id, Some(&plan))
@@ -467,8 +815,22 @@ async fn accounts(catalog: &dyn Catalog, cmd: AccountsCmd, json: bool) -> Result
 
 async fn keys(catalog: &dyn Catalog, cmd: KeysCmd, json: bool) -> Result<String, CliError> {
     match cmd {
-        KeysCmd::Create { account } => {
-            let key = catalog.create_key(&account).await.map_err(catalog_err)?;
+        KeysCmd::Create {
+            account,
+            label,
+            expires,
+        } => {
+            let opts = KeyOptions {
+                label,
+                expires_at: expires
+                    .as_deref()
+                    .map(|s| parse_time("--expires", s))
+                    .transpose()?,
+            };
+            let key = catalog
+                .create_key_with(&account, &opts)
+                .await
+                .map_err(catalog_err)?;
             Ok(if json {
                 to_json(&key)
             } else {
@@ -497,13 +859,23 @@ async fn keys(catalog: &dyn Catalog, cmd: KeysCmd, json: bool) -> Result<String,
             let lines: Vec<String> = keys
                 .iter()
                 .map(|k| {
-                    format!(
-                        "{}\t{}...\tcreated {}{}",
-                        k.id,
-                        k.prefix,
-                        time(k.created_at),
-                        if k.revoked { "\trevoked" } else { "" }
-                    )
+                    let mut line =
+                        format!("{}\t{}...\tcreated {}", k.id, k.prefix, time(k.created_at));
+                    if let Some(label) = &k.label {
+                        line += &format!("\tlabel {label}");
+                    }
+                    if let Some(at) = k.expires_at {
+                        let expired = at <= SystemTime::now();
+                        line += &format!(
+                            "\t{} {}",
+                            if expired { "expired" } else { "expires" },
+                            time(Some(at))
+                        );
+                    }
+                    if k.revoked {
+                        line += "\trevoked";
+                    }
+                    line
                 })
                 .collect();
             Ok(lines.join("\n"))
@@ -528,13 +900,7 @@ async fn credits(catalog: &dyn Catalog, cmd: CreditsCmd, json: bool) -> Result<S
             }
             let expires_at = expires
                 .as_deref()
-                .map(|s| {
-                    humantime::parse_rfc3339_weak(s).map_err(|e| {
-                        CliError::BadInput(format!(
-                            "--expires `{s}`: {e} (use RFC 3339 in UTC, e.g. 2030-01-01T00:00:00Z)"
-                        ))
-                    })
-                })
+                .map(|s| parse_time("--expires", s))
                 .transpose()?;
             let block = catalog
                 .create_quota_block(&account, amount, expires_at, serde_json::Value::Null)
@@ -552,22 +918,35 @@ async fn credits(catalog: &dyn Catalog, cmd: CreditsCmd, json: bool) -> Result<S
         }
         CreditsCmd::Balance { account } => {
             let balance = catalog.balance(&account).await.map_err(catalog_err)?;
-            if json {
-                return Ok(to_json(
-                    &serde_json::json!({ "account": account, "balance": balance }),
-                ));
-            }
             let blocks = catalog
                 .list_quota_blocks(&account)
                 .await
                 .map_err(catalog_err)?;
+            let now = SystemTime::now();
+            let expired = |b: &crate::catalog::QuotaBlock| b.expires_at.is_some_and(|e| e <= now);
+            if json {
+                let blocks: Vec<serde_json::Value> = blocks
+                    .iter()
+                    .map(|b| {
+                        let mut v = serde_json::to_value(b).unwrap_or_default();
+                        v["expired"] = expired(b).into();
+                        v
+                    })
+                    .collect();
+                return Ok(to_json(&serde_json::json!({
+                    "account": account,
+                    "balance": balance,
+                    "blocks": blocks,
+                })));
+            }
             let mut out = format!("{account}: {balance} credits");
-            for b in blocks {
+            for b in &blocks {
                 out += &format!(
-                    "\n  {}\t{}/{}\texpires {}",
+                    "\n  {}\t{}/{}\t{} {}",
                     b.id,
                     b.credits_remaining,
                     b.credits_granted,
+                    if expired(b) { "EXPIRED" } else { "expires" },
                     time(b.expires_at)
                 );
             }

@@ -24,9 +24,11 @@ pub fn run(config: &Path) -> Result<String, CliError> {
         }
     };
     let plans_path = match &loaded {
-        Some(c) => Some(c.plans.file.clone()),
+        Some(c) => c.plans.file.clone(),
         None => config::plans_file_hint(config),
     };
+    // `[plans] source = "database"` without a file: no plans to check.
+    let no_file = loaded.as_ref().is_some_and(|c| c.plans.file.is_none());
     // With the config loaded, plans may name only units its routes measure
     // or reserve; without it, the plans file is checked on its own.
     let known = loaded.as_ref().map(Config::known_units);
@@ -48,6 +50,7 @@ pub fn run(config: &Path) -> Result<String, CliError> {
     }
     match (loaded, plans) {
         (Some(c), Some(plans)) if errors.is_empty() => Ok(summary(&c, &plans)),
+        (Some(c), None) if errors.is_empty() && no_file => Ok(summary(&c, &PlanSet::default())),
         _ => {
             let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
             Err(CliError::BadInput(lines.join("\n")))
@@ -140,7 +143,10 @@ fn summary(c: &Config, plans: &PlanSet) -> String {
         c.path.display(),
         count(c.upstreams.len(), "upstream"),
         count(c.routes.len(), "route"),
-        c.plans.file.display(),
+        c.plans.file.as_ref().map_or_else(
+            || "no plans file (the database owns the plans)".into(),
+            |f| f.display().to_string()
+        ),
         count(plans.plans.len(), "plan"),
         default,
         count(endpoints.len(), "endpoint"),

@@ -18,9 +18,9 @@ use super::raw::{
 use super::{
     defaults, parse_duration, parse_size, parse_value_source, substitute_env, AdminConfig,
     AuthConfig, CliView, Config, ConfigError, ConfigErrors, EndpointSource, LogConfig,
-    OnStoreError, PlansConfig, Route, RoutePath, ServerConfig, StorageConfig, TlsFiles, Upstream,
-    UsageConfig, ValueSource, MAX_REQUEST_BODY_BYTES, MAX_RETAIN_SECS, MAX_SETTING_SECS,
-    MIN_RETAIN_SECS,
+    OnStoreError, PlansConfig, PlansSource, Route, RoutePath, ServerConfig, StorageConfig,
+    TlsFiles, Upstream, UsageConfig, ValueSource, MAX_REQUEST_BODY_BYTES, MAX_RETAIN_SECS,
+    MAX_SETTING_SECS, MIN_RETAIN_SECS,
 };
 use crate::plans::parse::{check_unit_name, MAX_ID_BYTES};
 use crate::plans::{KnownUnits, Unit};
@@ -94,6 +94,11 @@ pub(super) fn build_cli_view(
         errors: Vec::new(),
     };
     let storage = b.storage(raw.storage.as_ref());
+    let plans = raw.plans.as_ref().map(|p| p.get_ref());
+    let plans_source = b.plans_source(plans.and_then(|p| p.source.as_ref()));
+    let plans_file = plans
+        .and_then(|p| p.file.as_ref())
+        .and_then(|f| b.path(f, "plans.file"));
     let mut units = Vec::new();
     for (i, r) in raw.routes.iter().enumerate() {
         for (kind, map) in [("usage", &r.usage), ("reserve", &r.reserve)] {
@@ -111,6 +116,8 @@ pub(super) fn build_cli_view(
     Ok(CliView {
         storage,
         known_units: KnownUnits::new(units),
+        plans_source,
+        plans_file,
     })
 }
 
@@ -630,8 +637,9 @@ impl Builder<'_> {
 
     fn plans(&mut self, spanned: Option<&toml::Spanned<super::raw::RawPlans>>) -> PlansConfig {
         let mut out = PlansConfig {
-            file: PathBuf::new(),
+            file: None,
             watch: true,
+            source: PlansSource::File,
         };
         let Some(spanned) = spanned else {
             self.error_nowhere(
@@ -641,20 +649,39 @@ impl Builder<'_> {
             return out;
         };
         let raw = spanned.get_ref();
+        out.source = self.plans_source(raw.source.as_ref());
         match &raw.file {
-            Some(f) => {
-                if let Some(path) = self.path(f, "plans.file") {
-                    out.file = path;
-                }
-            }
+            Some(f) => out.file = self.path(f, "plans.file"),
+            // Under "database" the plans need no file.
+            None if out.source == PlansSource::Database => {}
             None => self.error_at(
                 spanned.span(),
                 "plans.file",
-                "missing: the plans file, relative to this file (e.g. \"plans.yaml\")",
+                "missing: the plans file, relative to this file (e.g. \"plans.yaml\"); \
+                 only source = \"database\" runs without one",
             ),
         }
         out.watch = raw.watch.unwrap_or(true);
         out
+    }
+
+    fn plans_source(&mut self, raw: Option<&Str>) -> PlansSource {
+        let Some(s) = raw else {
+            return PlansSource::File;
+        };
+        match self.string(s, "plans.source").as_deref() {
+            Some("file") => PlansSource::File,
+            Some("database") => PlansSource::Database,
+            Some(other) => {
+                self.error_at(
+                    s.span(),
+                    "plans.source",
+                    format!("`{other}` is not a plans source: \"file\" or \"database\""),
+                );
+                PlansSource::File
+            }
+            None => PlansSource::File,
+        }
     }
 
     fn usage(&mut self, raw: Option<&RawUsage>) -> UsageConfig {

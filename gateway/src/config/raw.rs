@@ -86,6 +86,8 @@ pub struct RawAuth {
 pub struct RawPlans {
     pub file: Option<Str>,
     pub watch: Option<bool>,
+    /// `"file"` or `"database"`: which one owns the plans.
+    pub source: Option<Str>,
 }
 
 /// `[usage]`

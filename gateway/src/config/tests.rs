@@ -131,7 +131,7 @@ fn minimal_file_gets_defaults() {
     assert_eq!(c.storage.postgres_url, None);
     assert_eq!(c.auth.header, "authorization");
     assert!(c.log.access, "the access log is on by default");
-    assert_eq!(c.plans.file, Path::new("conf/plans.yaml"));
+    assert_eq!(c.plans.file.as_deref(), Some(Path::new("conf/plans.yaml")));
     assert!(c.plans.watch);
     assert_eq!(c.usage.retain, Duration::from_secs(400 * 86_400));
     assert!(c.upstreams.is_empty() && c.routes.is_empty());
@@ -598,5 +598,44 @@ fn usage_presets_and_sums() {
     assert_eq!(
         errors(&route("reserve.token = \"body:max_tokens + body:n\"")),
         vec![format!("{f}:10:17: routes[0].reserve.token: a reservation is one number the request carries; sums (`+`) are for `usage`")]
+    );
+}
+
+/// `[plans] source`: the file by default, or the database; anything else
+/// is refused where it is written. The CLI view reads it too.
+#[test]
+fn plans_source_is_file_unless_database() {
+    use crate::config::PlansSource;
+    let source = |extra: &str| load(&format!("{MINIMAL}{extra}")).map(|c| c.plans.source);
+    assert_eq!(source(""), Ok(PlansSource::File));
+    assert_eq!(source("source = \"file\"\n"), Ok(PlansSource::File));
+    assert_eq!(source("source = \"database\"\n"), Ok(PlansSource::Database));
+    assert_eq!(
+        errors(&format!("{MINIMAL}source = \"db\"\n")),
+        vec!["conf/plangate.toml:3:10: plans.source: `db` is not a plans source: \"file\" or \"database\""]
+    );
+    // Only the database may own the plans without a file.
+    let c = load("[plans]\nsource = \"database\"\n").unwrap();
+    assert_eq!(
+        (c.plans.source, c.plans.file),
+        (PlansSource::Database, None)
+    );
+    let e = errors("[plans]\nsource = \"file\"\n");
+    assert!(
+        e[0].contains("plans.file: missing") && e[0].contains("only source = \"database\""),
+        "{e:?}"
+    );
+    let c = load(MINIMAL).unwrap();
+    let refused = c.plans.writes_refused().expect("refused under file");
+    assert!(refused.contains("conf/plans.yaml"), "{refused}");
+    let path = Path::new("conf/plangate.toml");
+    let view = CliView::from_toml(MINIMAL, path, &env).unwrap();
+    assert_eq!(view.plan_writes_refused(), Some(refused));
+    let text = format!("{MINIMAL}source = \"database\"\n");
+    assert_eq!(
+        CliView::from_toml(&text, path, &env)
+            .unwrap()
+            .plan_writes_refused(),
+        None
     );
 }

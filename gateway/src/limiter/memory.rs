@@ -707,6 +707,26 @@ impl CounterStore for MemoryStore {
         Ok(false)
     }
 
+    async fn reset_windows(
+        &self,
+        account: &str,
+        endpoint: &str,
+        windows: &[crate::plans::Window],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.with_entry(account, endpoint, now_ms, |e| {
+            let index = |secs| window_index(now_ms, secs);
+            e.counters.retain(|c| {
+                !windows.iter().any(|w| {
+                    w.window_secs == c.window_secs
+                        && w.unit == c.unit
+                        && c.index == index(w.window_secs)
+                })
+            });
+        });
+        Ok(())
+    }
+
     async fn outbox_accounts(&self) -> Result<Vec<String>, StoreError> {
         Ok(self
             .credits

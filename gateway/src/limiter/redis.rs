@@ -1346,6 +1346,31 @@ impl CounterStore for RedisStore {
         flag("reap", self.run(&inv).await?)
     }
 
+    async fn reset_windows(
+        &self,
+        account: &str,
+        endpoint: &str,
+        windows: &[crate::plans::Window],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        if windows.is_empty() {
+            return Ok(());
+        }
+        // Every key shares the account's hash tag: one DEL, one slot.
+        let mut cmd = redis::cmd("DEL");
+        for w in windows {
+            cmd.arg(self.keys.window(
+                account,
+                endpoint,
+                w.window_secs,
+                w.unit.as_str(),
+                window_index(now_ms, w.window_secs),
+            ));
+        }
+        self.query(&cmd).await?;
+        Ok(())
+    }
+
     async fn wallet_accounts(&self) -> Result<Vec<String>, StoreError> {
         let keys = self.scan(&self.keys.wallet_pattern(), "hash").await?;
         let mut accounts: Vec<String> = keys

@@ -467,6 +467,18 @@ impl CounterStore for Counting {
     ) -> Result<bool, StoreError> {
         self.inner.reap(account, admission, now_ms).await
     }
+
+    async fn reset_windows(
+        &self,
+        account: &str,
+        endpoint: &str,
+        windows: &[crate::plans::Window],
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .reset_windows(account, endpoint, windows, now_ms)
+            .await
+    }
 }
 
 const KEEPER_T0: u64 = 1_700_000_000_000 - 1_700_000_000_000 % 86_400_000 + 3_600_000;

@@ -104,10 +104,12 @@ async fn postgres_batched_deductions_exact_across_two_catalogs() {
         )
         .await
         .unwrap();
+    // Granted just before it expires (an expired grant is refused).
     let expired = a
-        .create_quota_block("hot", 500, Some(at(Duration::ZERO)), null.clone())
+        .create_quota_block("hot", 500, Some(at(Duration::from_millis(1))), null.clone())
         .await
         .unwrap();
+    clock.advance(Duration::from_millis(1));
 
     // Burst one: 150 deductions split over the two catalogs. The earliest
     // expiring block drains first, then the next; never-expiring untouched.

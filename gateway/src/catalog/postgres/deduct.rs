@@ -267,7 +267,9 @@ async fn batch_in_tx(
     let keys: Vec<&str> = ds.iter().map(|d| d.idempotency_key.as_str()).collect();
 
     let known = conn
-        .prepare_cached("SELECT id FROM accounts WHERE id = ANY($1)")
+        // KEY SHARE holds each account against its deletion until the
+        // batch commits (the ledger has no foreign key to do it, V4).
+        .prepare_cached("SELECT id FROM accounts WHERE id = ANY($1) ORDER BY id FOR KEY SHARE")
         .await?;
     // Accounts in id order, each one's blocks in drain order: every
     // batch (and deduct_tx, and refund_tx, which lock one account's
@@ -548,6 +550,16 @@ pub(super) async fn deduct_tx(
         tx.rollback().await?;
         return replay(&conn, &d.idempotency_key, now).await;
     };
+    // The ledger has no foreign key on the account (a deleted account's
+    // rows stay, V4): the account must exist, held against its deletion
+    // as the key held it (KEY SHARE), and the key is checked first.
+    let account = tx
+        .prepare_cached("SELECT 1 FROM accounts WHERE id = $1 FOR KEY SHARE")
+        .await?;
+    if tx.query_opt(&account, &[&d.account_id]).await?.is_none() {
+        tx.rollback().await?;
+        return Err(CatalogError::not_found("account", &d.account_id).into());
+    }
     let select = tx
         .prepare_cached(
             "SELECT id, credits_remaining FROM quota_blocks
