@@ -374,8 +374,21 @@ impl<S: CounterStore> Outbox<S> {
     pub async fn drain(&self, timeout: Duration) -> Vec<String> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if self.dirty.lock().is_empty() {
+            // Empty, and nothing taken out of it by the writer task still
+            // being written: done. (Checking `dirty` alone returned while
+            // the writer was mid-batch, and the process exited before the
+            // batch reached the catalog.)
+            if self.pending_accounts() == 0 {
                 return Vec::new();
+            }
+            if self.dirty.lock().is_empty() {
+                // The writer task has them: wait for it.
+                if tokio::time::Instant::now() >= deadline {
+                    let n = self.flushing.load(Ordering::SeqCst);
+                    return vec![format!("({n} being written by the writer task)")];
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
             }
             self.flush_dirty().await;
             if tokio::time::Instant::now() >= deadline {
