@@ -270,7 +270,7 @@ EOF
 
 declare -A GW_PID
 start_plangate() { # name port
-  RUST_LOG=warn "$PLANGATE" serve --config "$OUT/$1.toml" >"$OUT/gw-$1.log" 2>&1 &
+  RUST_LOG="${BENCH_RUST_LOG:-warn}" "$PLANGATE" serve --config "$OUT/$1.toml" >"$OUT/gw-$1.log" 2>&1 &
   GW_PID[$1]=$!
   PIDS+=($!)
   wait_port "$2"
