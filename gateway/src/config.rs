@@ -327,6 +327,11 @@ pub struct Route {
     /// `stream_options.include_usage` injected (OpenAI chat and completions;
     /// not the Responses or Anthropic shapes: `usage.preset`).
     pub inject_include_usage: bool,
+    /// `cap.<unit> = "<field>"` (fit instead of fail): a request asking for
+    /// more of the unit than its windows have left, or asking nothing, is
+    /// admitted with the top-level body field rewritten to what is left
+    /// (at least 1). The field is one of the unit's `reserve` sources.
+    pub cap: Option<(Unit, String)>,
 }
 
 /// The whole checked configuration.

@@ -129,6 +129,15 @@ pub fn insert_degraded(headers: &mut HeaderMap) {
     headers.insert(DEGRADED, HeaderValue::from_static("true"));
 }
 
+/// `x-ratelimit-capped-tokens: N` (named for the unit capped): `cap`
+/// rewrote the request to ask for `n`, what its windows had left.
+pub fn insert_capped(headers: &mut HeaderMap, n: u64) {
+    headers.insert(
+        HeaderName::from_static("x-ratelimit-capped-tokens"),
+        HeaderValue::from(n),
+    );
+}
+
 /// `x-ratelimit-would-deny: <error code>`: shadow mode (`enforce: false`)
 /// admitted a request its limits would have refused with that code.
 pub fn insert_would_deny(headers: &mut HeaderMap, code: &'static str) {

@@ -383,7 +383,10 @@ async fn answer(
             opts.tokens_per_chunk.saturating_mul(u64::from(chunks)),
         ),
     };
+    // Mounted under any prefix (`/capped/v1/...` answers as `/v1/...`),
+    // like an upstream behind a path-routing proxy.
     let path = parts.uri.path();
+    let path = path.find("/v1/").map_or(path, |i| &path[i..]);
     let resp = match (&parts.method, path) {
         (&Method::POST, "/v1/chat/completions")
         | (&Method::POST, "/v1/completions")

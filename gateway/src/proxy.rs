@@ -361,6 +361,12 @@ struct Admission {
     /// Size of the request body (read, or as declared), for the prompt
     /// estimate of a stream cut short.
     body_bytes: u64,
+    /// The body as read (routes that read it), for a rewrite by `cap`.
+    bytes: Option<Bytes>,
+    /// The route caps a unit and the request did not ask for any of it.
+    cap_absent: bool,
+    /// The body forwarded is not the one received (content-length goes).
+    rewritten: bool,
 }
 
 impl Gateway {
@@ -508,7 +514,7 @@ impl Gateway {
         // The bytes of a body read before admission are held against the
         // budget until the attempt is decided.
         let mut hold = BodyHold::new(&core.bodies, &account);
-        let admission = read_admission(route, &parts.headers, body, table, &mut hold).await?;
+        let mut admission = read_admission(route, &parts.headers, body, table, &mut hold).await?;
         let endpoint = admission.endpoint.as_str();
 
         let plan = self.plan_of(&account).await?;
@@ -529,14 +535,47 @@ impl Gateway {
         // while the store decides: a cancelled attempt could leave a slot
         // taken in the store with no permit to release it until its lease
         // expired. Finished, its permit is dropped and releases the slot.
-        let attempt = {
+        let attempt_with = |units: Vec<(Unit, u64)>| {
             let limiter = core.limiter.clone();
             let (id, acct, ep) = (request_id.clone(), account.clone(), endpoint.to_owned());
-            let (pol, units) = (policy.clone(), admission.start_units.clone());
-            run_to_completion(async move { limiter.attempt(&id, &acct, &ep, &pol, &units).await })
+            let pol = policy.clone();
+            async move {
+                run_to_completion(
+                    async move { limiter.attempt(&id, &acct, &ep, &pol, &units).await },
+                )
                 .await
                 .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("attempt task: {e}"))))
+            }
         };
+        // Fit instead of fail (`cap`): a request that asks nothing of the
+        // capped unit asks for everything, and one refused for that unit
+        // is tried once more with what its windows have left.
+        if let (Some((unit, _)), true) = (&route.cap, admission.cap_absent) {
+            set_units(&mut admission.start_units, unit, crate::plans::MAX_AMOUNT);
+        }
+        let mut attempt = attempt_with(admission.start_units.clone()).await;
+        let mut capped = None;
+        if let (Some((unit, field)), Ok(Attempt::Denied(denial, info))) = (&route.cap, &attempt) {
+            let fit = fit_left(unit, denial, info).and_then(|left| {
+                let bytes = admission.bytes.as_ref()?;
+                Some((left, usage::request::with_field(bytes, field, left)?))
+            });
+            if let Some((left, bytes)) = fit {
+                set_units(&mut admission.start_units, unit, left);
+                attempt = attempt_with(admission.start_units.clone()).await;
+                if matches!(attempt, Ok(Attempt::Admitted(..))) {
+                    admission.body = full(Bytes::from(bytes));
+                    admission.rewritten = true;
+                    capped = Some(left);
+                }
+            } else if admission.cap_absent {
+                // Nothing left: the refusal a request that asked nothing
+                // gets (its default reservation), not one naming the
+                // everything it was made to ask for.
+                set_units(&mut admission.start_units, unit, 1);
+                attempt = attempt_with(admission.start_units.clone()).await;
+            }
+        }
         core.metrics.admission_latency(started.elapsed());
         drop(hold);
         let (permit, info, degraded) = match attempt {
@@ -625,7 +664,7 @@ impl Gateway {
                 .insert(upstream.auth_header.clone(), auth.clone());
         }
         parts.headers.insert(REQUEST_ID, client_request_id.clone());
-        if admission.injected_usage {
+        if admission.rewritten {
             // The body was rewritten; its length changed.
             parts.headers.remove(header::CONTENT_LENGTH);
         }
@@ -738,6 +777,9 @@ impl Gateway {
         }
         if let Some(code) = would_deny {
             headers::insert_would_deny(&mut resp_parts.headers, code);
+        }
+        if let Some(n) = capped {
+            headers::insert_capped(&mut resp_parts.headers, n);
         }
         resp_parts.headers.insert(REQUEST_ID, client_request_id);
         if rewrites_body {
@@ -1080,6 +1122,9 @@ async fn read_admission(
             body: limited.boxed_unsync(),
             injected_usage: false,
             body_bytes,
+            bytes: None,
+            cap_absent: false,
+            rewritten: false,
         });
     }
     let bytes = read_body(body, table, hold).await?;
@@ -1104,13 +1149,46 @@ async fn read_admission(
             injected_usage = true;
         }
     }
+    let cap_absent = route
+        .cap
+        .as_ref()
+        .is_some_and(|(unit, _)| facts.reserved.iter().any(|(u, n)| u == unit && n.is_none()));
     Ok(Admission {
         endpoint,
         start_units: default_reservations(facts.reserved),
-        body: full(bytes),
+        body: full(bytes.clone()),
         injected_usage,
         body_bytes,
+        bytes: Some(bytes),
+        cap_absent,
+        rewritten: injected_usage,
     })
+}
+
+/// Set `unit`'s start amount to `n`.
+fn set_units(units: &mut Vec<(Unit, u64)>, unit: &Unit, n: u64) {
+    match units.iter_mut().find(|(u, _)| u == unit) {
+        Some(entry) => entry.1 = n,
+        None => units.push((unit.clone(), n)),
+    }
+}
+
+/// What a request refused for `unit` (its windows full for its start
+/// amount, or the amount larger than a window) could still have: the least
+/// room among the unit's windows, if at least 1.
+fn fit_left(unit: &Unit, denial: &Denial, info: &RateLimitInfo) -> Option<u64> {
+    let (Denial::Window { window, .. } | Denial::TooLarge { window, .. }) = denial else {
+        return None;
+    };
+    if window.unit != *unit {
+        return None;
+    }
+    info.windows
+        .iter()
+        .filter(|w| w.unit == *unit)
+        .map(|w| w.limit.saturating_sub(w.used))
+        .min()
+        .filter(|left| *left >= 1)
 }
 
 /// Read a request body before admission: at most `max_request_body`
@@ -1657,6 +1735,7 @@ mod tests {
             usage: vec![],
             reserve: vec![],
             inject_include_usage: true,
+            cap: None,
         }
     }
 

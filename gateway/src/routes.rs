@@ -15,6 +15,7 @@
 //!     usage: vec![],
 //!     reserve: vec![],
 //!     inject_include_usage: true,
+//!     cap: None,
 //! };
 //! let router = Router::new(&[
 //!     route(RoutePath::Prefix("/v1/".into())),
@@ -134,6 +135,7 @@ mod tests {
             usage: vec![],
             reserve: vec![],
             inject_include_usage: true,
+            cap: None,
         }
     }
 

@@ -293,6 +293,14 @@ usage.token = ["body:usage.total_tokens"]
 reserve.token = ["body:max_completion_tokens", "body:max_tokens", "body:max_output_tokens"]
 
 [[routes]]
+path = "/capped/v1/chat/completions"
+upstream = "mock"
+endpoint = "{{model}}"
+usage.token = ["body:usage.total_tokens"]
+reserve.token = ["body:max_completion_tokens", "body:max_tokens"]
+cap.token = "max_tokens"
+
+[[routes]]
 path = "/v1/embeddings"
 upstream = "mock"
 endpoint = "{{model}}"

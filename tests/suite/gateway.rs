@@ -1031,3 +1031,66 @@ async fn shadow_mode_admits_counts_and_reports() {
         gw.stop().await;
     }
 }
+
+/// Fit instead of fail (issue 15 item 5): on a route with
+/// `cap.token = "max_tokens"`, a request asking for more tokens than its
+/// windows have left, or asking nothing, is admitted with `max_tokens`
+/// rewritten to what is left and says so in `x-ratelimit-capped-tokens`;
+/// one that fits is untouched; with nothing left it is refused as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capped_requests_fit_instead_of_failing() {
+    for gw in gateways().await {
+        let (_, key) = gw.account(None).await;
+        let sent_max_tokens = || {
+            let sent = gw.mock.stats().last_request().expect("forwarded");
+            let v: serde_json::Value = serde_json::from_slice(&sent.body).expect("json");
+            v.get("max_tokens").and_then(serde_json::Value::as_u64)
+        };
+        let chat = |max_tokens: Option<u64>, tokens: &'static str| {
+            let mut body =
+                json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]});
+            if let Some(n) = max_tokens {
+                body["max_tokens"] = json!(n);
+            }
+            let key = key.clone();
+            let gw = &gw;
+            async move {
+                gw.post_with(
+                    "/capped/v1/chat/completions",
+                    Some(&key),
+                    &body,
+                    &[("x-mock-tokens", tokens)],
+                )
+                .await
+            }
+        };
+        // The plan allows 1,000 tokens a minute. Asking 5,000: capped to 1,000.
+        let r = chat(Some(5_000), "600").await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.header("x-ratelimit-capped-tokens"), Some("1000"));
+        assert_eq!(sent_max_tokens(), Some(1_000));
+        gw.wait_settled().await;
+        // 600 used: asking 100 fits, untouched.
+        let r = chat(Some(100), "100").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-ratelimit-capped-tokens"), None);
+        assert_eq!(sent_max_tokens(), Some(100));
+        gw.wait_settled().await;
+        // 700 used: asking nothing is capped to the 300 left.
+        let r = chat(None, "300").await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.header("x-ratelimit-capped-tokens"), Some("300"));
+        assert_eq!(sent_max_tokens(), Some(300));
+        gw.wait_settled().await;
+        // A new minute: capped to the 1,000 and all used; then nothing is
+        // left, and a request asking nothing gets the usual 429 for tokens.
+        gw.clock.advance(Duration::from_secs(60));
+        let r = chat(Some(5_000), "1000").await;
+        assert_eq!(r.header("x-ratelimit-capped-tokens"), Some("1000"));
+        gw.wait_settled().await;
+        let r = chat(None, "10").await;
+        assert_eq!(r.status, 429, "{:?}", r.body);
+        assert_eq!(r.json()["error"]["type"], "tokens", "{:?}", r.body);
+        assert_eq!(r.header("x-ratelimit-capped-tokens"), None);
+    }
+}

@@ -853,6 +853,7 @@ impl Builder<'_> {
             let (usage, inject_include_usage) =
                 self.usage_sources(&r.usage, &format!("{key}.usage"));
             let reserve = self.sources(&r.reserve, &format!("{key}.reserve"));
+            let cap = self.cap(&r.cap, &reserve, &format!("{key}.cap"));
             for (unit, sources) in &reserve {
                 if sources.iter().any(|s| matches!(s, ValueSource::Sum(_))) {
                     let key = format!("{key}.reserve.{}", unit.as_str());
@@ -878,6 +879,7 @@ impl Builder<'_> {
                     usage,
                     reserve,
                     inject_include_usage,
+                    cap,
                 });
             }
         }
@@ -995,6 +997,46 @@ impl Builder<'_> {
                 (out, true)
             }
         }
+    }
+
+    /// `cap.<unit> = "<field>"`: at most one unit, whose `reserve` sources
+    /// include `body:<field>` (a top-level field), so that the rewritten
+    /// field is what the request reserves.
+    fn cap(
+        &mut self,
+        raw: &BTreeMap<Str, toml::Spanned<String>>,
+        reserve: &[(Unit, Vec<ValueSource>)],
+        key: &str,
+    ) -> Option<(Unit, String)> {
+        let mut out = None;
+        for (name, field) in raw {
+            let key = format!("{key}.{}", name.get_ref());
+            let unit = self.unit(name, &key)?;
+            let f = field.get_ref();
+            let problem = if out.is_some() {
+                Some("a route caps one unit".to_string())
+            } else if f.is_empty() || f.contains(['.', ' ']) {
+                Some(format!(
+                    "`{f}` is not a top-level body field such as `max_tokens`"
+                ))
+            } else if !reserve.iter().any(|(u, sources)| {
+                *u == unit
+                    && sources
+                        .iter()
+                        .any(|s| matches!(s, ValueSource::Body(p) if p.len() == 1 && p[0] == *f))
+            }) {
+                Some(format!(
+                    "`{f}` must be what the request reserves: add \"body:{f}\" to reserve.{unit}"
+                ))
+            } else {
+                None
+            };
+            match problem {
+                Some(p) => self.error_at(field.span(), &key, p),
+                None => out = Some((unit, f.clone())),
+            }
+        }
+        out
     }
 
     /// `usage.<unit>` or `reserve.<unit>`: a source or a list of them.

@@ -138,4 +138,7 @@ pub struct RawRoute {
     /// `reserve.<unit> = "source"` or `["source", ...]`.
     #[serde(default)]
     pub reserve: BTreeMap<Str, Spanned<toml::Value>>,
+    /// `cap.<unit> = "max_tokens"`: fit instead of fail.
+    #[serde(default)]
+    pub cap: BTreeMap<Str, Spanned<String>>,
 }

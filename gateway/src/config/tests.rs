@@ -301,6 +301,7 @@ usage.image = "body:data.length"
                 vec![ValueSource::Body(vec!["max_tokens".into()])]
             )],
             inject_include_usage: true,
+            cap: None,
         }
     );
     assert_eq!(c.routes[1].path, RoutePath::Prefix("/v1/".into()));
@@ -637,5 +638,29 @@ fn plans_source_is_file_unless_database() {
             .unwrap()
             .plan_writes_refused(),
         None
+    );
+}
+
+#[test]
+fn cap_names_a_reserved_top_level_field() {
+    let route = |extra: &str| {
+        format!(
+            "{MINIMAL}[[upstreams]]\nname = \"a\"\nurl = \"http://x\"\n[[routes]]\npath = \"/v1/chat/completions\"\nupstream = \"a\"\nendpoint = \"{{model}}\"\nreserve.token = [\"body:max_completion_tokens\", \"body:max_tokens\"]\n{extra}\n"
+        )
+    };
+    let c = load(&route("cap.token = \"max_tokens\"")).unwrap();
+    assert_eq!(
+        c.routes[0].cap,
+        Some((Unit::new("token"), "max_tokens".to_owned()))
+    );
+    assert_eq!(load(&route("")).unwrap().routes[0].cap, None);
+    let f = "conf/plangate.toml";
+    assert_eq!(
+        errors(&route("cap.token = \"n\"")),
+        vec![format!("{f}:11:13: routes[0].cap.token: `n` must be what the request reserves: add \"body:n\" to reserve.token")]
+    );
+    assert_eq!(
+        errors(&route("cap.token = \"usage.max\"")),
+        vec![format!("{f}:11:13: routes[0].cap.token: `usage.max` is not a top-level body field such as `max_tokens`")]
     );
 }

@@ -477,6 +477,16 @@ pub fn with_include_usage(body: &[u8], facts: &RequestFacts) -> Option<Vec<u8>> 
     serde_json::to_vec(&obj).ok()
 }
 
+/// `body` (a JSON object) with its top-level `field` set to `n`; `None`
+/// when it is not a JSON object.
+pub fn with_field(body: &[u8], field: &str, n: u64) -> Option<Vec<u8>> {
+    let Ok(Value::Object(mut obj)) = serde_json::from_slice(body) else {
+        return None;
+    };
+    obj.insert(field.to_owned(), Value::from(n));
+    serde_json::to_vec(&obj).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
