@@ -14,6 +14,9 @@ use serde::Serialize;
 /// The unit every request counts as unless told otherwise.
 pub const REQUEST_UNIT: &str = "request";
 
+/// The unit of spend-cap windows: credits charged, counted by the gateway.
+pub const CREDIT_UNIT: &str = "credit";
+
 // --- Bounds on numbers (README "Limits on numbers").
 //
 // Every number that reaches a store is bounded here, once, so that all
@@ -117,6 +120,16 @@ fn edit_distance(a: &str, b: &str) -> usize {
 pub struct Unit(Arc<str>);
 
 impl Unit {
+    /// The unit of spend caps ([`CREDIT_UNIT`]).
+    pub fn credit() -> Self {
+        Unit::new(CREDIT_UNIT)
+    }
+
+    /// `credit`: a window on the credits charged (a spend cap).
+    pub fn is_credit(&self) -> bool {
+        self.as_str() == CREDIT_UNIT
+    }
+
     pub fn new(name: &str) -> Self {
         Unit(Arc::from(name))
     }

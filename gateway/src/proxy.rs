@@ -547,6 +547,18 @@ impl Gateway {
                 .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("attempt task: {e}"))))
             }
         };
+        // Spend caps (`credit` windows) reserve the admission charge; the
+        // settlement counts what the request was charged in all.
+        if let (Some(cost), true) = (
+            &policy.credits,
+            policy.windows.iter().any(|w| w.unit.is_credit()),
+        ) {
+            set_units(
+                &mut admission.start_units,
+                &Unit::credit(),
+                cost.per_request,
+            );
+        }
         // Fit instead of fail (`cap`): a request that asks nothing of the
         // capped unit asks for everything, and one refused for that unit
         // is tried once more with what its windows have left.
@@ -1394,6 +1406,25 @@ impl Settle {
                 Some(cost) if !self.upstream_failed => cost.unit_charge(&units),
                 _ => 0,
             };
+            // Spend caps: the credits charged in all (nothing when the
+            // admission charge is refunded).
+            let mut settled_units = settled_units;
+            if let Some(cost) = &self.credits {
+                if permit
+                    .ticket()
+                    .policy
+                    .windows
+                    .iter()
+                    .any(|w| w.unit.is_credit())
+                {
+                    let spent = if self.upstream_failed || permit.ticket().charged.is_none() {
+                        0
+                    } else {
+                        cost.per_request.saturating_add(charge)
+                    };
+                    set_units(&mut settled_units, &Unit::credit(), spent);
+                }
+            }
             if charge > 0 {
                 self.core.metrics.credits_charged(charge);
             }
@@ -1418,15 +1449,18 @@ impl Settle {
     /// The request's usage record (the store adds what its per-unit charge
     /// takes to `credits`).
     fn usage_record(&self, ticket: &crate::limiter::Ticket, units: &[(Unit, u64)]) -> UsageEvent {
+        // A spend cap's `credit` is not a unit of work: the record's
+        // `credits` says what was charged.
         let mut measured: Vec<UnitUsage> = units
             .iter()
+            .filter(|(u, _)| !u.is_credit())
             .map(|(u, n)| UnitUsage {
                 unit: u.as_str().to_owned(),
                 measured: *n,
                 reserved: 0,
             })
             .collect();
-        for (u, n) in &self.reserved {
+        for (u, n) in self.reserved.iter().filter(|(u, _)| !u.is_credit()) {
             match measured.iter_mut().find(|m| m.unit == u.as_str()) {
                 Some(m) => m.reserved = *n,
                 None => measured.push(UnitUsage {

@@ -1094,3 +1094,77 @@ async fn capped_requests_fit_instead_of_failing() {
         assert_eq!(r.header("x-ratelimit-capped-tokens"), None);
     }
 }
+
+/// Spend caps (issue 15 item 2): a `credit` window counts the credits an
+/// endpoint's requests are charged — the admission charge at admission
+/// (reserved like any start amount), the per-unit charge at settlement —
+/// and refuses once they reach its limit, on top of the balance; a request
+/// the upstream failed (its admission charge refunded) counts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_windows_cap_what_is_spent() {
+    for backend in Backend::all().await {
+        let mut opts = Options::new(backend);
+        opts.plans = plangate_tests::harness::TEST_PLANS.replace(
+            "      \"paid-model\":\n",
+            "      \"spend-model\":\n        fixed_windows:\n          - window: 60s\n            limit: 100\n          - window: 60s\n            limit: 10\n            unit_type: credit\n        credits:\n          min_balance: 1\n          per_request: 1\n          per_unit: { token: { credits: 1, per: 100 } }\n      \"paid-model\":\n",
+        );
+        assert!(opts.plans.contains("spend-model"));
+        let gw = TestGateway::start(opts).await;
+        let (account, key) = gw.account(None).await;
+        gw.catalog()
+            .create_quota_block(&account, 1_000, None, json!({}))
+            .await
+            .expect("grant");
+        let chat = |tokens: &'static str, status: Option<&'static str>| {
+            let key = key.clone();
+            let gw = &gw;
+            async move {
+                let mut headers = vec![("x-mock-tokens", tokens)];
+                if let Some(s) = status {
+                    headers.push(("x-mock-status", s));
+                }
+                let body = json!({"model": "spend-model", "messages": [{"role": "user", "content": "hi"}]});
+                let r = gw
+                    .post_with("/v1/chat/completions", Some(&key), &body, &headers)
+                    .await;
+                gw.wait_settled().await;
+                r
+            }
+        };
+        // 1 + ceil(250 / 100) = 4 credits each.
+        let r = chat("250", None).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.header("x-ratelimit-limit-credits"), Some("10"));
+        assert_eq!(chat("250", None).await.status, 200);
+        // A failed upstream: refunded, counts nothing.
+        assert_eq!(chat("250", Some("500")).await.status, 500);
+        let spent = |limits: &serde_json::Value| {
+            limits["endpoints"]["spend-model"]["windows"]
+                .as_array()
+                .expect("windows")
+                .iter()
+                .find(|w| w["unit"] == "credit")
+                .and_then(|w| w["used"].as_u64())
+        };
+        assert_eq!(spent(&gw.limits(&key).await), Some(8));
+        // 8 + 1 fits the cap at admission; settled at 12 (past it, like any
+        // unit measured at the end)...
+        assert_eq!(chat("250", None).await.status, 200);
+        assert_eq!(spent(&gw.limits(&key).await), Some(12));
+        // ...and the next is refused by the cap, not the balance.
+        let r = chat("250", None).await;
+        assert_eq!(r.status, 429, "{:?}", r.body);
+        assert_eq!(r.code(), "rate_limit_exceeded");
+        // The ledger (written from the outbox) agrees: 12 charged.
+        let mut balance = 0;
+        for _ in 0..250 {
+            balance = gw.catalog().balance(&account).await.expect("balance");
+            if balance == 1_000 - 12 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(balance, 1_000 - 12);
+        gw.stop().await;
+    }
+}

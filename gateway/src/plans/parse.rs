@@ -165,7 +165,8 @@ pub fn check_plan_units(
 
 /// Why `unit` may not be used in plans, if it may not.
 fn unknown_unit(known: &KnownUnits, unit: &str) -> Option<String> {
-    if known.contains(unit) {
+    // Spend caps count what the gateway charges, not what a route measures.
+    if known.contains(unit) || unit == RESERVED_UNIT {
         return None;
     }
     let mut message = format!(
@@ -651,6 +652,15 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// A window's unit: a known unit, or `credit` (a spend cap: the credits
+    /// the endpoint's requests are charged, counted by the gateway itself).
+    fn window_unit(&mut self, node: &Node, path: &str) -> Option<Unit> {
+        if matches!(&node.value, Value::Scalar { text, .. } if &**text == RESERVED_UNIT) {
+            return Some(Unit::new(RESERVED_UNIT));
+        }
+        self.known_unit(node, path)
+    }
+
     /// [`Checker::unit`], also refused when not among the known units.
     fn known_unit(&mut self, node: &Node, path: &str) -> Option<Unit> {
         let unit = self.unit(node, path)?;
@@ -790,6 +800,31 @@ impl<'a> Checker<'a> {
         if let Some(credits) = fields.value("credits") {
             policy.credits = self.credits(credits, &join(path, "credits"));
         }
+        if policy.credits.is_none() && fields.value("credits").is_none() {
+            if let Some(i) = policy.windows.iter().position(|w| w.unit.is_credit()) {
+                // At the window's `unit_type` (or `unit_kind`) value.
+                let pos = fields
+                    .value("fixed_windows")
+                    .and_then(|n| match &n.value {
+                        Value::Seq(items) => items.get(i),
+                        _ => None,
+                    })
+                    .and_then(|item| match &item.value {
+                        Value::Map(entries) => entries.iter().find_map(|(k, v)| {
+                            matches!(&k.value, Value::Scalar { text, .. }
+                                if &**text == "unit_type" || &**text == "unit_kind")
+                            .then_some(v.pos)
+                        }),
+                        _ => None,
+                    })
+                    .unwrap_or(fields.pos);
+                self.error(
+                    pos,
+                    &format!("{}[{i}].unit_type", join(path, "fixed_windows")),
+                    "a `credit` window caps the credits the endpoint's requests are charged: the endpoint needs `credits:`",
+                );
+            }
+        }
         policy
     }
 
@@ -855,8 +890,8 @@ impl<'a> Checker<'a> {
                 );
                 None
             }
-            (Some(u), None) => self.known_unit(u, &join(path, "unit_type")),
-            (None, Some(u)) => self.known_unit(u, &join(path, "unit_kind")),
+            (Some(u), None) => self.window_unit(u, &join(path, "unit_type")),
+            (None, Some(u)) => self.window_unit(u, &join(path, "unit_kind")),
             (None, None) => Some(Unit::new(REQUEST_UNIT)),
         };
         Some(Window {

@@ -147,7 +147,7 @@ fn validation_errors_are_located() {
         ),
         (
             "plans:\n  p:\n    endpoints:\n      e:\n        fixed_windows:\n          - {window: 60s, limit: 1, unit_type: credit}\n",
-            &["plans.yaml:6:48: plans.p.endpoints.e.fixed_windows[0].unit_type: `credit` is a reserved unit name (credits are configured under `credits:`)"],
+            &["plans.yaml:6:48: plans.p.endpoints.e.fixed_windows[0].unit_type: a `credit` window caps the credits the endpoint's requests are charged: the endpoint needs `credits:`"],
         ),
         (
             "plans:\n  p:\n    nmae: x\n    endpoints:\n      e:\n        fixed_windows:\n          - {window: 60s, limt: 1}\n",
@@ -726,4 +726,28 @@ plans:
         errors("plans:\n  p:\n    enforce: maybe\n    endpoints: {}\n"),
         vec!["plans.yaml:3:14: plans.p.enforce: expected true or false, found `maybe`"]
     );
+}
+
+#[test]
+fn credit_windows_are_spend_caps_of_endpoints_with_credits() {
+    let text = r#"
+plans:
+  p:
+    endpoints:
+      e:
+        fixed_windows:
+          - { window: 2_592_000s, limit: 5_000, unit_type: credit }
+        credits: { min_balance: 1, per_request: 1 }
+"#;
+    let set = parse_plans(text, "plans.yaml").expect("parses");
+    let policy = set.plans["p"].policy("e").expect("endpoint");
+    assert!(policy.windows[0].unit.is_credit());
+    // Known to every config: the gateway counts it, no route measures it.
+    check_plan_units(&set, &KnownUnits::new([]), "plans.yaml").expect("no route needed");
+    // Pricing credits in credits stays refused.
+    let priced = text.replace(
+        "per_request: 1 }",
+        "per_request: 1, per_unit: { credit: { credits: 1, per: 1 } } }",
+    );
+    assert!(errors(&priced)[0].contains("`credit` is a reserved unit name"));
 }
