@@ -140,9 +140,15 @@ impl App {
         } else {
             None
         };
-        let store: AnyStore = match redis {
-            Some(redis) => redis.into(),
-            None => MemoryStore::new().into(),
+        let store: AnyStore = match (redis, &config.storage.spool) {
+            (Some(redis), _) => redis.into(),
+            (None, Some(path)) => {
+                let (store, refunded) = MemoryStore::with_spool(path, clock.now_ms())
+                    .map_err(|e| bad(format!("[storage] spool {}: {e}", path.display())))?;
+                tracing::info!(path = %path.display(), refunded, "outbox spool replayed (admissions of requests that never ended refunded)");
+                store.into()
+            }
+            (None, None) => MemoryStore::new().into(),
         };
         let cache = CatalogCache::new_lazy(catalog.clone(), clock.clone(), CacheConfig::default())
             .await
@@ -815,7 +821,7 @@ pub async fn run(app: App, listen: Listen, on_bound: impl FnOnce(&Bound)) -> Res
     if left.is_empty() {
         tracing::info!("credit charges written to the catalog");
     } else {
-        tracing::error!(accounts = ?left, "credit charges not yet written to the catalog at exit; they stay in the counter store's outbox and are written by the next gateway to start (with the in-process store they are lost)");
+        tracing::error!(accounts = ?left, "credit charges not yet written to the catalog at exit; they stay in the counter store's outbox and are written by the next gateway to start (with the in-process store they are lost, unless [storage] spool keeps them)");
     }
     Ok(())
 }

@@ -118,6 +118,10 @@ pub struct StorageConfig {
     /// `serve` exits (1) when a configured store does not answer at start
     /// instead of starting not ready (`serve --require-stores` sets it too).
     pub require_at_start: bool,
+    /// With in-process counters: the file that keeps their credit and
+    /// usage outbox durable (`limiter::spool`); resolved relative to the
+    /// config file's directory.
+    pub spool: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,7 @@ mod keeper;
 pub mod keys;
 pub mod memory;
 pub mod redis;
+pub mod spool;
 #[cfg(test)]
 mod tests;
 pub mod wallet;

@@ -102,6 +102,8 @@ pub struct Setup {
     /// `[plans] source`: "file" (the default) or "database" (the admin
     /// API may change plans).
     pub plans_source: String,
+    /// `[storage] spool` (in-process counters' durable outbox).
+    pub spool: Option<String>,
 }
 
 impl Setup {
@@ -122,6 +124,7 @@ impl Setup {
             admin_token: REL_ADMIN_TOKEN.to_owned(),
             extra_server: String::new(),
             plans_source: "file".into(),
+            spool: None,
         }
     }
 
@@ -136,6 +139,9 @@ impl Setup {
         }
         if let Some(t) = &self.catalog_timeout {
             storage.push_str(&format!("catalog_timeout = \"{t}\"\n"));
+        }
+        if let Some(s) = &self.spool {
+            storage.push_str(&format!("spool = \"{s}\"\n"));
         }
         format!(
             r#"

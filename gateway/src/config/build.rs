@@ -488,9 +488,20 @@ impl Builder<'_> {
             catalog_timeout: Duration::from_secs(defaults::CATALOG_TIMEOUT_SECS),
             on_store_error: OnStoreError::Open,
             require_at_start: false,
+            spool: None,
         };
         let Some(raw) = raw else { return out };
         out.require_at_start = raw.require_at_start.unwrap_or(false);
+        if let Some(s) = &raw.spool {
+            out.spool = self.path(s, "storage.spool");
+            if raw.redis_url.is_some() || raw.redis_cluster.is_some() {
+                self.error_at(
+                    s.span(),
+                    "storage.spool",
+                    "the spool keeps the in-process counters' outbox; with Redis the outbox lives in Redis",
+                );
+            }
+        }
         if let Some(s) = &raw.postgres_url {
             out.postgres_url = self.nonempty(s, "storage.postgres_url");
             if let Some(url) = &out.postgres_url {

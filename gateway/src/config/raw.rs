@@ -71,6 +71,8 @@ pub struct RawStorage {
     pub catalog_timeout: Option<Str>,
     pub on_store_error: Option<Str>,
     pub require_at_start: Option<bool>,
+    /// The in-process store's durable outbox file.
+    pub spool: Option<Str>,
 }
 
 /// `[auth]`

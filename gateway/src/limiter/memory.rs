@@ -55,6 +55,8 @@ pub struct MemoryStore {
     credits: Box<[Mutex<CreditShard>]>,
     /// Outbox entry ids, increasing.
     outbox_ids: AtomicU64,
+    /// Keeps the outboxes durable (`[storage] spool`).
+    spool: Option<super::spool::Spool>,
 }
 
 /// Accounts' credit states, by account id.
@@ -170,7 +172,24 @@ impl MemoryStore {
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
             outbox_ids: AtomicU64::new(0),
+            spool: None,
         }
+    }
+
+    /// A store whose outboxes are kept durable in the spool file at `path`
+    /// (`[storage] spool`): its entries not yet acknowledged are loaded
+    /// into the outboxes (and the admission charges of requests that never
+    /// ended refunded) before the store is used. Returns how many
+    /// admissions were refunded.
+    pub fn with_spool(path: &std::path::Path, now_ms: u64) -> std::io::Result<(Self, usize)> {
+        let (spool, replayed) = super::spool::Spool::open(path, now_ms)?;
+        let mut store = Self::new();
+        store.outbox_ids = AtomicU64::new(replayed.max_id);
+        for (account, items) in replayed.outboxes {
+            store.with_credits(&account, |credits| credits.outbox.extend(items));
+        }
+        store.spool = Some(spool);
+        Ok((store, replayed.refunded))
     }
 
     fn credit_shard(&self, account: &str) -> &Mutex<CreditShard> {
@@ -192,12 +211,17 @@ impl MemoryStore {
         out
     }
 
-    fn push_op(&self, credits: &mut AccountCredits, op: WalletOp) {
-        self.push(credits, OutboxOp::Credit(op));
+    fn push_op(&self, account: &str, credits: &mut AccountCredits, op: WalletOp) {
+        self.push(account, credits, OutboxOp::Credit(op));
     }
 
-    fn push(&self, credits: &mut AccountCredits, op: OutboxOp) {
+    /// Append to the account's outbox (and to the spool, under the
+    /// account's lock: the file has each account's order).
+    fn push(&self, account: &str, credits: &mut AccountCredits, op: OutboxOp) {
         let id = self.outbox_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(spool) = &self.spool {
+            spool.op(account, id, &op);
+        }
         credits.outbox.push_back(OutboxItem {
             id: id.to_string(),
             op,
@@ -236,7 +260,7 @@ impl MemoryStore {
                 draws: draws.clone(),
                 at_ms: req.now_ms,
             };
-            self.push_op(credits, op);
+            self.push_op(req.account, credits, op);
         }
         Ok(Charged {
             balance: balance - taken,
@@ -250,7 +274,7 @@ impl MemoryStore {
         if let Some(usage) = req.usage {
             let mut usage = usage.clone();
             usage.credits = usage.credits.saturating_add(taken);
-            self.push(credits, OutboxOp::Usage(Box::new(usage)));
+            self.push(req.account, credits, OutboxOp::Usage(Box::new(usage)));
         }
     }
 
@@ -267,7 +291,7 @@ impl MemoryStore {
                 key: admission_key(req.request_id),
                 at_ms: now,
             };
-            self.push_op(credits, op);
+            self.push_op(req.account, credits, op);
         } else if let Some(wallet) = credits.wallet(now) {
             wallet.admitted.remove(req.request_id);
         }
@@ -291,7 +315,7 @@ impl MemoryStore {
                 draws,
                 at_ms: now,
             };
-            self.push_op(credits, op);
+            self.push_op(req.account, credits, op);
             return taken;
         }
         0
@@ -607,6 +631,11 @@ impl CounterStore for MemoryStore {
             if settled && (!req.credits.is_empty() || req.usage.is_some()) {
                 self.with_credits(req.account, |credits| self.settle_credits(credits, req));
             }
+            // After what the end recorded: a crash in between leaves an
+            // admission unended, refunded at replay.
+            if let (true, Some(spool)) = (settled, &self.spool) {
+                spool.ended(req.account, req.request_id);
+            }
             settled
         }))
     }
@@ -660,6 +689,10 @@ impl CounterStore for MemoryStore {
     }
 
     async fn outbox_ack(&self, account: &str, ids: &[String]) -> Result<(), StoreError> {
+        if let Some(spool) = &self.spool {
+            let numbers: Vec<u64> = ids.iter().filter_map(|id| id.parse().ok()).collect();
+            spool.ack(account, &numbers);
+        }
         let ids: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
         self.with_credits(account, |credits| {
             credits
