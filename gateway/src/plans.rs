@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 pub mod parse;
 
+pub use crate::clock::{Period, WindowLen};
+
 use serde::Serialize;
 
 /// The unit every request counts as unless told otherwise.
@@ -158,12 +160,13 @@ impl From<&str> for Unit {
     }
 }
 
-/// One fixed window: at most `limit` units of `unit` per `window_secs`,
-/// aligned to the Unix epoch.
+/// One window: at most `limit` units of `unit` per window of `len` (fixed
+/// seconds aligned to the Unix epoch, or a UTC calendar day, week or
+/// month).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
-    /// Window length in whole seconds (1 to [`MAX_WINDOW_SECS`]).
-    pub window_secs: u64,
+    /// Fixed windows: whole seconds, 1 to [`MAX_WINDOW_SECS`].
+    pub len: WindowLen,
     /// Units allowed per window (1 to [`MAX_AMOUNT`]).
     pub limit: u64,
     pub unit: Unit,

@@ -551,7 +551,7 @@ impl Gateway {
                 outcome.error = Some(e.code());
                 if let Denial::Window { window, .. } | Denial::TooLarge { window, .. } = &denial {
                     outcome.note(|f| {
-                        f.window = Some(format!("{}/{}s", window.unit.as_str(), window.window_secs))
+                        f.window = Some(format!("{}/{}", window.unit.as_str(), window.len))
                     });
                 }
                 // Nothing was written: the info is the state after the
@@ -926,7 +926,8 @@ pub async fn limits_json(
                 continue;
             }
             let info = core.limiter.info(account, id, policy).await;
-            endpoints.insert(id.clone(), endpoint_json(policy, info.ok()));
+            let now_ms = core.limiter.clock().now_ms();
+            endpoints.insert(id.clone(), endpoint_json(policy, info.ok(), now_ms));
         }
         if let Some(o) = only {
             if !plan.endpoints.contains_key(o) {
@@ -955,7 +956,10 @@ pub async fn limits_json(
     }))
 }
 
-fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>) -> serde_json::Value {
+/// One endpoint of `/v1/limits`. A calendar window also names its period
+/// (`"window": "1mo"`, `"calendar": "utc"`) and its `window_seconds` is the
+/// length of the current period (a month: 28 to 31 days).
+fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>, now_ms: u64) -> serde_json::Value {
     // Without the counter store (degraded), limits are known but usage is not.
     let windows: Vec<serde_json::Value> = policy
         .windows
@@ -963,14 +967,19 @@ fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>) -> serde_json::Va
         .enumerate()
         .map(|(i, w)| {
             let state = info.as_ref().and_then(|info| info.windows.get(i));
-            serde_json::json!({
+            let mut out = serde_json::json!({
                 "unit": w.unit.as_str(),
-                "window_seconds": w.window_secs,
+                "window": w.len.to_string(),
+                "window_seconds": w.len.secs_at(now_ms),
                 "limit": w.limit,
                 "used": state.map(|s| s.used),
                 "remaining": state.map(|s| s.remaining),
                 "reset_ms": state.map(|s| s.reset_ms),
-            })
+            });
+            if w.len.period().is_some() {
+                out["calendar"] = serde_json::json!(crate::plans::parse::CALENDAR_UTC);
+            }
+            out
         })
         .collect();
     let concurrency = (policy.max_concurrent > 0).then(|| {

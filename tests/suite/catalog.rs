@@ -12,7 +12,7 @@ use plangate::catalog::postgres::{migrate, PgOptions, PostgresCatalog, MIGRATION
 use plangate::catalog::timed::Timed;
 use plangate::catalog::{hash_key, Catalog, CatalogError, Deduction, Invalidation, QuotaBlock};
 use plangate::clock::{Clock, ManualClock, SharedClock, SystemClock};
-use plangate::plans::{CreditCost, PerUnit, Plan, PlanSet, Policy, Unit, Window};
+use plangate::plans::{CreditCost, PerUnit, Plan, PlanSet, Policy, Unit, Window, WindowLen};
 
 mod batch;
 mod usage;
@@ -64,7 +64,7 @@ async fn postgres() -> Option<Fixture> {
 fn policy(limit: u64) -> Arc<Policy> {
     Arc::new(Policy {
         windows: vec![Window {
-            window_secs: 60,
+            len: WindowLen::Fixed(60),
             limit,
             unit: Unit::request(),
         }],
@@ -87,17 +87,17 @@ fn rich_plan(id: &str) -> Arc<Plan> {
     let chat = Policy {
         windows: vec![
             Window {
-                window_secs: 60,
+                len: WindowLen::Fixed(60),
                 limit: 3,
                 unit: Unit::request(),
             },
             Window {
-                window_secs: 86_400,
+                len: WindowLen::Fixed(86_400),
                 limit: 200,
                 unit: Unit::request(),
             },
             Window {
-                window_secs: 60,
+                len: WindowLen::Fixed(60),
                 limit: 40_000,
                 unit: Unit::new("token"),
             },

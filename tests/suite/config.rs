@@ -72,7 +72,7 @@ fn original_first_example_loads_unchanged() {
     let windows: Vec<(u64, u64, &str)> = gpt
         .windows
         .iter()
-        .map(|w| (w.window_secs, w.limit, w.unit.as_str()))
+        .map(|w| (w.len.max_secs(), w.limit, w.unit.as_str()))
         .collect();
     assert_eq!(
         windows,

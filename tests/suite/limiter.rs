@@ -21,7 +21,7 @@ use plangate::limiter::{
     Attempt, AttemptRequest, CounterStore, Denial, EndRequest, Limiter, Permit, RateLimitInfo,
     RenewRequest, UsageRequest, Verdict, WindowSpec, SETTLE_GRACE_MS,
 };
-use plangate::plans::{Policy, Unit, Window};
+use plangate::plans::{Policy, Unit, Window, WindowLen};
 use redis::aio::MultiplexedConnection;
 
 const MINUTE: u64 = 60_000;
@@ -38,7 +38,7 @@ fn policy(windows: &[(u64, u64, &str)], max_concurrent: u32, expiry_secs: u64) -
         windows: windows
             .iter()
             .map(|&(window_secs, limit, unit)| Window {
-                window_secs,
+                len: WindowLen::Fixed(window_secs),
                 limit,
                 unit: Unit::new(unit),
             })
@@ -146,9 +146,9 @@ impl Raw {
             keys.push(self.keys.window(
                 account,
                 endpoint,
-                w.window_secs,
+                w.len,
                 w.unit.as_str(),
-                window_index(now_ms, w.window_secs),
+                w.len.index(now_ms),
             ));
         }
         let mut out = Vec::new();
@@ -447,8 +447,8 @@ async fn free_plan_fourth_request_in_a_minute_is_denied<S: CounterStore + Debug>
     assert_eq!(reset, 42_750);
     let req = info.unit("request").expect("request info");
     assert_eq!(
-        (req.window_secs, req.limit, req.remaining, req.reset_ms),
-        (60, 3, 0, reset)
+        (req.len, req.limit, req.remaining, req.reset_ms),
+        (WindowLen::Fixed(60), 3, 0, reset)
     );
     let tok = info.unit("token").expect("token info");
     assert_eq!((tok.limit, tok.remaining), (40_000, 39_970));
@@ -600,9 +600,13 @@ async fn reservations_are_settled<S: CounterStore + Debug>(h: &Harness<S>) {
         assert!(permit.end(&tokens(actual)).await.expect("end"), "case {i}");
         assert_eq!(h.usage(&endpoint, &p).await.0, vec![want_used], "case {i}");
         if let Some(raw) = &h.raw {
-            let key = raw
-                .keys
-                .window(&h.account, &endpoint, 60, "token", window_index(T0, 60));
+            let key = raw.keys.window(
+                &h.account,
+                &endpoint,
+                WindowLen::Fixed(60),
+                "token",
+                window_index(T0, 60),
+            );
             let state = raw.key_state(&key).await;
             assert_eq!(state.value, vec![want_raw.to_owned()], "case {i}: {key}");
         }
@@ -612,9 +616,13 @@ async fn reservations_are_settled<S: CounterStore + Debug>(h: &Harness<S>) {
     if let Some(raw) = &h.raw {
         h.clock.set_ms(T0);
         let (permit, _) = h.admit("r", "floor", &p, &tokens(100)).await;
-        let key = raw
-            .keys
-            .window(&h.account, "floor", 60, "token", window_index(T0, 60));
+        let key = raw.keys.window(
+            &h.account,
+            "floor",
+            WindowLen::Fixed(60),
+            "token",
+            window_index(T0, 60),
+        );
         let mut c = raw.conn.clone();
         let _: () = redis::cmd("SET")
             .arg(&key)
@@ -730,8 +738,8 @@ async fn info_picks_the_most_constraining_window<S: CounterStore + Debug>(h: &Ha
         let info = h.info(&endpoint, &p).await;
         let u = info.unit("request").expect("request info");
         assert_eq!(
-            (u.window_secs, u.remaining),
-            (want_secs, want_remaining),
+            (u.len, u.remaining),
+            (WindowLen::Fixed(want_secs), want_remaining),
             "case {i}"
         );
         assert_eq!(u.reset_ms, window_reset_ms(h.now(), want_secs), "case {i}");
@@ -755,7 +763,7 @@ async fn plan_change_keeps_counts_of_windows_that_stay<S: CounterStore + Debug>(
     let _n2 = h.admit("n2", "e", &new, &[]).await;
     let (denial, _) = h.deny("n3", "e", &new, &[]).await;
     assert!(
-        matches!(&denial, Denial::Window { window, used: 5, .. } if window.window_secs == 60),
+        matches!(&denial, Denial::Window { window, used: 5, .. } if window.len == WindowLen::Fixed(60)),
         "{denial:?}"
     );
 }
@@ -890,7 +898,7 @@ const EXACT_LIMIT: u64 = 100;
 
 async fn attempt_once<S: CounterStore>(store: &S, account: &str, id: &str) -> bool {
     let windows = [WindowSpec {
-        window_secs: 60,
+        len: WindowLen::Fixed(60),
         limit: EXACT_LIMIT,
         unit: Unit::request(),
         amount: 1,
@@ -913,7 +921,7 @@ async fn attempt_once<S: CounterStore>(store: &S, account: &str, id: &str) -> bo
 
 async fn used_now<S: CounterStore>(store: &S, account: &str) -> u64 {
     let windows = [Window {
-        window_secs: 60,
+        len: WindowLen::Fixed(60),
         limit: EXACT_LIMIT,
         unit: Unit::request(),
     }];
@@ -1112,7 +1120,7 @@ async fn recovers_after_outage(mode: RedisMode) {
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let windows = [WindowSpec {
-        window_secs: 60,
+        len: WindowLen::Fixed(60),
         limit: EXACT_LIMIT,
         unit: Unit::request(),
         amount: 1,
@@ -1175,9 +1183,13 @@ async fn redis_ttls_cover_windows_and_the_longest_lease() {
     let raw = h.raw.clone().expect("redis harness");
     let slack = plangate::limiter::redis::TTL_SLACK_MS as i64;
     let set = raw.keys.in_flight(&h.account, "e");
-    let counter = raw
-        .keys
-        .window(&h.account, "e", 60, "request", window_index(T0, 60));
+    let counter = raw.keys.window(
+        &h.account,
+        "e",
+        WindowLen::Fixed(60),
+        "request",
+        window_index(T0, 60),
+    );
     // Real time passes between the scripts and the PTTL reads: allow 2 s.
     let pttl = |k: String| {
         let raw = raw.clone();

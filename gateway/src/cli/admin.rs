@@ -411,7 +411,7 @@ fn describe_plan(plan: &Plan, is_default: bool) -> String {
         let windows: Vec<String> = policy
             .windows
             .iter()
-            .map(|w| format!("{} {}/{}s", w.limit, w.unit.plural(), w.window_secs))
+            .map(|w| format!("{} {}/{}", w.limit, w.unit.plural(), w.len))
             .collect();
         out += &format!("\n  {endpoint}: {}", windows.join(", "));
         if policy.max_concurrent > 0 {
