@@ -21,7 +21,7 @@ use plangate::limiter::{
     Attempt, AttemptRequest, CounterStore, Denial, EndRequest, Limiter, Permit, RateLimitInfo,
     RenewRequest, UsageRequest, Verdict, WindowSpec, SETTLE_GRACE_MS,
 };
-use plangate::plans::{Policy, Unit, Window, WindowLen};
+use plangate::plans::{Period, Policy, Unit, Window, WindowLen};
 use redis::aio::MultiplexedConnection;
 
 const MINUTE: u64 = 60_000;
@@ -47,6 +47,32 @@ fn policy(windows: &[(u64, u64, &str)], max_concurrent: u32, expiry_secs: u64) -
         concurrency_expiry_secs: expiry_secs,
         credits: None,
     })
+}
+
+/// A policy of windows of any length.
+fn len_policy(windows: &[(WindowLen, u64, &str)]) -> Arc<Policy> {
+    Arc::new(Policy {
+        windows: windows
+            .iter()
+            .map(|&(len, limit, unit)| Window {
+                len,
+                limit,
+                unit: Unit::new(unit),
+            })
+            .collect(),
+        max_concurrent: 0,
+        concurrency_expiry_secs: 60,
+        credits: None,
+    })
+}
+
+const MONTH: WindowLen = WindowLen::Calendar(Period::Month);
+const WEEK: WindowLen = WindowLen::Calendar(Period::Week);
+const CAL_DAY: WindowLen = WindowLen::Calendar(Period::Day);
+
+/// `y-m-d h:mi:s` UTC in ms.
+fn utc(y: u64, m: u64, d: u64, h: u64, mi: u64, s: u64) -> u64 {
+    plangate::clock::days_from_civil(y, m, d) * DAY + ((h * 60 + mi) * 60 + s) * 1000
 }
 
 /// The free tier of ORIGINAL.md: 3 requests/min, 200 requests/day, 40k
@@ -424,7 +450,157 @@ conformance!(
     expired_request_is_still_settled_once,
     keeper_keeps_a_live_permits_slot,
     keeper_stops_with_the_permit,
+    month_window_resets_on_the_first_after_a_leap_february,
+    month_window_settles_across_the_month_end,
+    short_months_and_the_year_end_reset_on_the_first,
+    week_window_resets_on_monday,
+    calendar_and_fixed_days_keep_separate_counters,
 );
+
+/// A monthly token quota: full on Feb 29 2028 (a leap year) until the last
+/// moment, reset at 00:00 UTC on March 1st; the reset reported is the real
+/// month end (seconds away, then 31 days).
+async fn month_window_resets_on_the_first_after_a_leap_february<S: CounterStore + Debug>(
+    h: &Harness<S>,
+) {
+    let p = len_policy(&[(MONTH, 1_000, "token")]);
+    // Feb 1st: the month is 29 days long.
+    h.clock.set_ms(utc(2028, 2, 1, 0, 0, 0));
+    let (permit, info) = h.admit("a", "e", &p, &tokens(300)).await;
+    assert_eq!(info.windows[0].reset_ms, 29 * DAY);
+    permit.end(&tokens(400)).await.expect("end");
+    // Feb 29, 23:59:58: 400 used, 600 left; 2 s to the month end.
+    h.clock.set_ms(utc(2028, 2, 29, 23, 59, 58));
+    let (permit, info) = h.admit("b", "e", &p, &tokens(600)).await;
+    let tok = info.unit("token").expect("token info");
+    assert_eq!((tok.len, tok.remaining, tok.reset_ms), (MONTH, 0, 2_000));
+    permit.end(&tokens(600)).await.expect("end");
+    let (denial, info) = h.deny("c", "e", &p, &tokens(1)).await;
+    assert_eq!(
+        denial,
+        Denial::Window {
+            window: p.windows[0].clone(),
+            used: 1_000,
+            requested: 1,
+            reset_ms: 2_000,
+        }
+    );
+    assert_eq!(info.windows[0].reset_ms, 2_000);
+    // The last millisecond of February is still February.
+    h.clock.set_ms(utc(2028, 3, 1, 0, 0, 0) - 1);
+    h.deny("c", "e", &p, &tokens(1)).await;
+    // March 1st 00:00 UTC: a new month of 31 days.
+    h.clock.set_ms(utc(2028, 3, 1, 0, 0, 0));
+    let (permit, info) = h.admit("d", "e", &p, &tokens(1_000)).await;
+    assert_eq!(
+        (info.windows[0].used, info.windows[0].reset_ms),
+        (1_000, 31 * DAY)
+    );
+    permit.end(&tokens(1_000)).await.expect("end");
+}
+
+/// A request admitted in one month and ended in the next: an excess lands
+/// in the new month, a give-back goes to the old one (SPEC §4 End).
+async fn month_window_settles_across_the_month_end<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = len_policy(&[(MONTH, 10_000, "token")]);
+    h.clock.set_ms(utc(2027, 1, 31, 23, 59, 0));
+    let (over, _) = h.admit("over", "e", &p, &tokens(100)).await;
+    let (under, _) = h.admit("under", "e", &p, &tokens(500)).await;
+    assert_eq!(h.usage("e", &p).await.0, vec![600]);
+    h.clock.set_ms(utc(2027, 2, 1, 0, 0, 30));
+    assert_eq!(h.usage("e", &p).await.0, vec![0], "a new month");
+    over.end(&tokens(250)).await.expect("end");
+    under.end(&tokens(200)).await.expect("end");
+    // February: only the excess of `over`; `under`'s give-back went to
+    // January (gone), not taken from February.
+    assert_eq!(h.usage("e", &p).await.0, vec![150]);
+}
+
+/// 28-day and 30-day months, and a December, each reset on the 1st.
+async fn short_months_and_the_year_end_reset_on_the_first<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = len_policy(&[(MONTH, 2, "request")]);
+    // (a moment in the month, its next 1st); the next months (March, May,
+    // January) have 31 days.
+    let cases = [
+        (utc(2027, 2, 14, 10, 0, 0), utc(2027, 3, 1, 0, 0, 0)),
+        (utc(2027, 4, 30, 23, 0, 0), utc(2027, 5, 1, 0, 0, 0)),
+        (utc(2026, 12, 31, 23, 59, 59), utc(2027, 1, 1, 0, 0, 0)),
+    ];
+    for (i, (t, next)) in cases.into_iter().enumerate() {
+        let endpoint = format!("m{i}");
+        h.clock.set_ms(t);
+        for n in 0..2 {
+            let (permit, _) = h.admit(&format!("r{n}"), &endpoint, &p, &[]).await;
+            permit.end(&[]).await.expect("end");
+        }
+        let (denial, _) = h.deny("r2", &endpoint, &p, &[]).await;
+        assert!(
+            matches!(denial, Denial::Window { reset_ms, .. } if reset_ms == next - t),
+            "case {i}: {denial:?}"
+        );
+        h.clock.set_ms(next);
+        let (permit, info) = h.admit("r3", &endpoint, &p, &[]).await;
+        assert_eq!(
+            (info.windows[0].used, info.windows[0].reset_ms),
+            (1, 31 * DAY),
+            "case {i}"
+        );
+        permit.end(&[]).await.expect("end");
+    }
+}
+
+/// A weekly quota runs Monday 00:00 UTC to Monday: Sunday night is the old
+/// week, Monday the new one.
+async fn week_window_resets_on_monday<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = len_policy(&[(WEEK, 2, "request")]);
+    // Monday 2026-11-30 and Sunday 2026-12-06, 23:59:59.
+    for (i, t) in [utc(2026, 11, 30, 0, 0, 0), utc(2026, 12, 6, 23, 59, 59)]
+        .into_iter()
+        .enumerate()
+    {
+        h.clock.set_ms(t);
+        let (permit, _) = h.admit(&format!("w{i}"), "e", &p, &[]).await;
+        permit.end(&[]).await.expect("end");
+    }
+    let (denial, info) = h.deny("w2", "e", &p, &[]).await;
+    assert!(
+        matches!(
+            denial,
+            Denial::Window {
+                reset_ms: 1_000,
+                used: 2,
+                ..
+            }
+        ),
+        "{denial:?}"
+    );
+    assert_eq!(info.unit("request").map(|u| u.reset_ms), Some(1_000));
+    h.clock.set_ms(utc(2026, 12, 7, 0, 0, 0));
+    let (permit, info) = h.admit("w3", "e", &p, &[]).await;
+    assert_eq!(
+        (info.windows[0].used, info.windows[0].reset_ms),
+        (1, 7 * DAY)
+    );
+    permit.end(&[]).await.expect("end");
+}
+
+/// `window: 1d, calendar: utc` and `window: 1d` have the same boundaries
+/// but their own counters (their keys differ), so switching a plan from
+/// one to the other starts afresh rather than reading the other's count.
+async fn calendar_and_fixed_days_keep_separate_counters<S: CounterStore + Debug>(h: &Harness<S>) {
+    let calendar = len_policy(&[(CAL_DAY, 5, "request")]);
+    let fixed = len_policy(&[(WindowLen::Fixed(86_400), 5, "request")]);
+    for i in 0..2 {
+        let (permit, _) = h.admit(&format!("c{i}"), "e", &calendar, &[]).await;
+        permit.end(&[]).await.expect("end");
+    }
+    let (permit, _) = h.admit("f", "e", &fixed, &[]).await;
+    permit.end(&[]).await.expect("end");
+    assert_eq!(h.usage("e", &calendar).await.0, vec![2]);
+    assert_eq!(h.usage("e", &fixed).await.0, vec![1]);
+    let info = h.info("e", &calendar).await;
+    assert_eq!(info.windows[0].reset_ms, (T0 / DAY + 1) * DAY - T0);
+}
 
 async fn free_plan_fourth_request_in_a_minute_is_denied<S: CounterStore + Debug>(h: &Harness<S>) {
     let p = free_plan();
@@ -1236,6 +1412,41 @@ async fn redis_ttls_cover_windows_and_the_longest_lease() {
     let (_d, _) = h.admit("d", "e", &short, &[]).await;
     set_covers(600_000).await;
     assert_eq!(h.usage("e", &short).await, (vec![4], 4));
+    h.finish().await;
+}
+
+/// A calendar month's counter lives until the month's real end (+ slack):
+/// an hour when written in the last hour of a leap February, 29 days when
+/// written on its first day, and under its own key token (`1mo`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_month_counters_live_to_the_month_end() {
+    let Some(h) = redis_harness(RedisMode::Multiplexed).await else {
+        return;
+    };
+    let raw = h.raw.clone().expect("redis harness");
+    let slack = plangate::limiter::redis::TTL_SLACK_MS as i64;
+    let p = len_policy(&[(MONTH, 1_000, "token")]);
+    for (endpoint, t, left) in [
+        ("late", utc(2028, 2, 29, 23, 0, 0), 3_600_000i64),
+        ("early", utc(2028, 2, 1, 0, 0, 0), 29 * DAY as i64),
+    ] {
+        h.clock.set_ms(t);
+        let (permit, _) = h.admit("r", endpoint, &p, &tokens(10)).await;
+        permit.end(&tokens(10)).await.expect("end");
+        let key = raw
+            .keys
+            .window(&h.account, endpoint, MONTH, "token", MONTH.index(t));
+        assert!(key.contains(":w:1mo:token:"), "{key}");
+        let state = raw.key_state(&key).await;
+        assert_eq!(state.value, vec!["10".to_owned()], "{key}");
+        // Real time passes between the script and the PTTL read: allow 2 s.
+        assert!(
+            state.pttl <= left + slack && state.pttl > left + slack - 2_000,
+            "{key}: {} ms left, want {} ms",
+            state.pttl,
+            left + slack
+        );
+    }
     h.finish().await;
 }
 
