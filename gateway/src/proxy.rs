@@ -925,8 +925,8 @@ pub async fn limits_json(
             if only.is_some_and(|o| o != id) {
                 continue;
             }
-            let info = core.limiter.info(account, id, policy).await;
             let now_ms = core.limiter.clock().now_ms();
+            let info = core.limiter.info(account, id, policy).await;
             endpoints.insert(id.clone(), endpoint_json(policy, info.ok(), now_ms));
         }
         if let Some(o) = only {
