@@ -88,16 +88,31 @@ pub enum Period {
     Week,
     /// From the 1st 00:00 UTC to the 1st of the next month.
     Month,
+    /// An account's billing month (`accounts.billing_anchor`, 2 to 31):
+    /// from that day of the month 00:00 UTC to the same day of the next
+    /// month, clamped to the last day of short months (anchor 31: Jan 31,
+    /// Feb 28 or 29, Mar 31, Apr 30...). Plans never name it: a plan's
+    /// `1mo` becomes it for an account with an anchor (see
+    /// `plans::Policy::anchored`). Anchor 1 is [`Period::Month`].
+    MonthFrom(u8),
 }
 
 impl Period {
-    /// The spelling in plans (`window: 1d | 1w | 1mo`), which is also the
-    /// token of the counter keys.
+    /// The spelling in plans (`window: 1d | 1w | 1mo`); a billing month
+    /// is a `1mo` too.
     pub fn as_str(self) -> &'static str {
         match self {
             Period::Day => "1d",
             Period::Week => "1w",
-            Period::Month => "1mo",
+            Period::Month | Period::MonthFrom(_) => "1mo",
+        }
+    }
+
+    /// The billing anchor of a billing month.
+    pub fn anchor(self) -> Option<u8> {
+        match self {
+            Period::MonthFrom(a) => Some(a),
+            _ => None,
         }
     }
 
@@ -111,12 +126,13 @@ impl Period {
         }
     }
 
-    /// Its name in words (`day`, `week`, `month`).
+    /// Its name in words (`day`, `week`, `month`, `billing month`).
     pub fn noun(self) -> &'static str {
         match self {
             Period::Day => "day",
             Period::Week => "week",
             Period::Month => "month",
+            Period::MonthFrom(_) => "billing month",
         }
     }
 }
@@ -125,7 +141,8 @@ impl WindowLen {
     /// Index of the window containing `now_ms`: strictly increasing from
     /// one window to the next. Fixed: `floor(t / W)`; day: days since the
     /// epoch; week: weeks since the Monday before the epoch
-    /// (1969-12-29); month: `year * 12 + month - 1`.
+    /// (1969-12-29); month: `year * 12 + month - 1`; billing month: the
+    /// same of the month it starts in.
     pub fn index(self, now_ms: u64) -> u64 {
         match self {
             WindowLen::Fixed(secs) => window_index(now_ms, secs),
@@ -135,6 +152,7 @@ impl WindowLen {
                 let (y, m, _) = civil_from_days(now_ms / DAY_MS);
                 y * 12 + (m - 1)
             }
+            WindowLen::Calendar(Period::MonthFrom(a)) => billing_month(now_ms, a).0,
         }
     }
 
@@ -151,6 +169,7 @@ impl WindowLen {
                 let (y, m, _) = civil_from_days(now_ms / DAY_MS);
                 days_from_civil(y, m, 1) * DAY_MS
             }
+            WindowLen::Calendar(Period::MonthFrom(a)) => billing_month(now_ms, a).1,
         }
     }
 
@@ -163,9 +182,10 @@ impl WindowLen {
             WindowLen::Calendar(Period::Week) => (self.index(now_ms) * 7 + 4) * DAY_MS,
             WindowLen::Calendar(Period::Month) => {
                 let (y, m, _) = civil_from_days(now_ms / DAY_MS);
-                let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                let (y, m) = next_month(y, m);
                 days_from_civil(y, m, 1) * DAY_MS
             }
+            WindowLen::Calendar(Period::MonthFrom(a)) => billing_month(now_ms, a).2,
         }
     }
 
@@ -187,7 +207,7 @@ impl WindowLen {
             WindowLen::Fixed(secs) => secs,
             WindowLen::Calendar(Period::Day) => 86_400,
             WindowLen::Calendar(Period::Week) => 7 * 86_400,
-            WindowLen::Calendar(Period::Month) => 31 * 86_400,
+            WindowLen::Calendar(Period::Month | Period::MonthFrom(_)) => 31 * 86_400,
         }
     }
 
@@ -200,16 +220,57 @@ impl WindowLen {
     }
 }
 
-/// How a window is named in counter keys, plans and log lines: `60s` for a
-/// fixed window (`60` in keys, as before calendar windows existed), `1mo`
-/// for a calendar one. The two can never meet: a fixed token is digits
-/// only.
+/// How a window is named in plans and log lines: `60s` for a fixed window,
+/// `1mo` for a calendar one, `1mo@15` for a billing month from the 15th
+/// (counter keys use the same without the fixed window's `s`: a fixed
+/// token is digits only, so the kinds never meet).
 impl std::fmt::Display for WindowLen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             WindowLen::Fixed(secs) => write!(f, "{secs}s"),
+            WindowLen::Calendar(Period::MonthFrom(a)) => write!(f, "1mo@{a}"),
             WindowLen::Calendar(p) => f.write_str(p.as_str()),
         }
+    }
+}
+
+/// The month after (`y`, `m`).
+fn next_month(y: u64, m: u64) -> (u64, u64) {
+    if m == 12 {
+        (y + 1, 1)
+    } else {
+        (y, m + 1)
+    }
+}
+
+/// Days in month `m` of year `y`.
+pub fn days_in_month(y: u64, m: u64) -> u64 {
+    match m {
+        2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// The billing month with anchor `anchor` that contains `now_ms`: (index,
+/// start ms, end ms). It starts on day `min(anchor, days in the month)` of
+/// its month, 00:00 UTC. Before the first anchor day after the epoch it
+/// starts at 0 (the epoch), with the index of December 1969.
+fn billing_month(now_ms: u64, anchor: u8) -> (u64, u64, u64) {
+    let anchor = u64::from(anchor.clamp(1, 31));
+    let day_of = |y: u64, m: u64| days_from_civil(y, m, anchor.min(days_in_month(y, m)));
+    let today = now_ms / DAY_MS;
+    let (y, m, _) = civil_from_days(today);
+    let this = day_of(y, m);
+    if today >= this {
+        let (ny, nm) = next_month(y, m);
+        (y * 12 + m - 1, this * DAY_MS, day_of(ny, nm) * DAY_MS)
+    } else if (y, m) == (1970, 1) {
+        (1969 * 12 + 11, 0, this * DAY_MS)
+    } else {
+        let (py, pm) = if m == 1 { (y - 1, 12) } else { (y, m - 1) };
+        (py * 12 + pm - 1, day_of(py, pm) * DAY_MS, this * DAY_MS)
     }
 }
 
@@ -412,6 +473,98 @@ mod tests {
     }
 
     #[test]
+    fn billing_months_run_anchor_to_anchor_clamped_in_short_months() {
+        let from = |a| WindowLen::Calendar(Period::MonthFrom(a));
+        // (anchor, time, start, end)
+        let cases = [
+            (
+                15,
+                "2027-03-14T23:59:59.999Z",
+                "2027-02-15T00:00:00Z",
+                "2027-03-15T00:00:00Z",
+            ),
+            (
+                15,
+                "2027-03-15T00:00:00Z",
+                "2027-03-15T00:00:00Z",
+                "2027-04-15T00:00:00Z",
+            ),
+            // Anchor 31: Jan 31 -> Feb 28 -> Mar 31 -> Apr 30 -> May 31.
+            (
+                31,
+                "2027-02-10T00:00:00Z",
+                "2027-01-31T00:00:00Z",
+                "2027-02-28T00:00:00Z",
+            ),
+            (
+                31,
+                "2027-02-28T00:00:00Z",
+                "2027-02-28T00:00:00Z",
+                "2027-03-31T00:00:00Z",
+            ),
+            (
+                31,
+                "2027-04-30T12:00:00Z",
+                "2027-04-30T00:00:00Z",
+                "2027-05-31T00:00:00Z",
+            ),
+            // A leap year: Feb 29.
+            (
+                31,
+                "2028-02-28T23:59:59.999Z",
+                "2028-01-31T00:00:00Z",
+                "2028-02-29T00:00:00Z",
+            ),
+            (
+                30,
+                "2028-02-29T00:00:00Z",
+                "2028-02-29T00:00:00Z",
+                "2028-03-30T00:00:00Z",
+            ),
+            (
+                29,
+                "2027-03-01T00:00:00Z",
+                "2027-02-28T00:00:00Z",
+                "2027-03-29T00:00:00Z",
+            ),
+            // Across a year end.
+            (
+                20,
+                "2027-01-05T00:00:00Z",
+                "2026-12-20T00:00:00Z",
+                "2027-01-20T00:00:00Z",
+            ),
+            // Before the first anchor day after the epoch.
+            (
+                10,
+                "1970-01-02T00:00:00Z",
+                "1970-01-01T00:00:00Z",
+                "1970-01-10T00:00:00Z",
+            ),
+        ];
+        for (a, t, start, end) in cases {
+            let len = from(a);
+            let t_ms = at(t);
+            assert_eq!(
+                rfc(len.start_ms(t_ms)),
+                rfc(at(start)),
+                "{len} start of {t}"
+            );
+            assert_eq!(rfc(len.end_ms(t_ms)), rfc(at(end)), "{len} end of {t}");
+            assert_eq!(len.index(at(end)), len.index(t_ms) + 1, "{len} next of {t}");
+            assert_eq!(
+                len.index(at(end) - 1),
+                len.index(t_ms),
+                "{len} last ms of {t}"
+            );
+        }
+        // The index is the month the period starts in.
+        assert_eq!(from(15).index(at("2027-03-14T00:00:00Z")), 2027 * 12 + 1);
+        assert_eq!(from(31).secs_at(at("2027-02-10T00:00:00Z")), 28 * 86_400);
+        assert_eq!(from(15).to_string(), "1mo@15");
+    }
+
+    #[test]
     fn a_utc_day_is_the_fixed_day() {
         // Same boundaries and index as `86_400s` (keys still differ).
         for t in [
@@ -433,6 +586,7 @@ mod tests {
             Just(DAY),
             Just(WEEK),
             Just(MONTH),
+            (2u8..=31).prop_map(|a| WindowLen::Calendar(Period::MonthFrom(a))),
         ]
     }
 
@@ -466,6 +620,20 @@ mod tests {
         fn window_index_is_monotonic(len in any_len(), t in 0u64..MAX_T, d in 0u64..100 * 86_400_000) {
             prop_assert!(len.index(t) <= len.index(t + d));
             prop_assert!(len.start_ms(t) <= len.start_ms(t + d));
+        }
+
+        #[test]
+        fn billing_months_start_on_their_clamped_anchor_day(t in 0u64..MAX_T, a in 2u8..=31) {
+            let len = WindowLen::Calendar(Period::MonthFrom(a));
+            let start = len.start_ms(t);
+            if start > 0 {
+                let (y, m, d) = civil_from_days(start / DAY_MS);
+                prop_assert_eq!(start % DAY_MS, 0);
+                prop_assert_eq!(d, u64::from(a).min(days_in_month(y, m)));
+            }
+            // One month later, clamped: 28 to 31 days.
+            let days = (len.end_ms(t) - start) / DAY_MS;
+            prop_assert!(start == 0 || (28..=31).contains(&days), "{} days", days);
         }
 
         #[test]

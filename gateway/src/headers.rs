@@ -18,7 +18,7 @@ use std::fmt::{self, Write as _};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::limiter::RateLimitInfo;
-use crate::plans::WindowLen;
+use crate::plans::{Period, WindowLen};
 
 /// `x-ratelimit-limit-concurrency`
 pub const LIMIT_CONCURRENCY: HeaderName = HeaderName::from_static("x-ratelimit-limit-concurrency");
@@ -290,6 +290,9 @@ pub fn format_period(secs: u64) -> String {
 pub fn format_window(len: WindowLen) -> String {
     match len {
         WindowLen::Fixed(secs) => format_period(secs),
+        WindowLen::Calendar(Period::MonthFrom(a)) => {
+            format!("billing month (from day {a}, UTC)")
+        }
         WindowLen::Calendar(p) => format!("calendar {} (UTC)", p.noun()),
     }
 }

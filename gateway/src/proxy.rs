@@ -957,8 +957,9 @@ pub async fn limits_json(
 }
 
 /// One endpoint of `/v1/limits`. A calendar window also names its period
-/// (`"window": "1mo"`, `"calendar": "utc"`) and its `window_seconds` is the
-/// length of the current period (a month: 28 to 31 days).
+/// (`"window": "1mo"`, `"calendar": "utc"`, and for an account's billing
+/// month its `"billing_anchor"`) and its `window_seconds` is the length of
+/// the current period (a month: 28 to 31 days).
 fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>, now_ms: u64) -> serde_json::Value {
     // Without the counter store (degraded), limits are known but usage is not.
     let windows: Vec<serde_json::Value> = policy
@@ -969,15 +970,21 @@ fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>, now_ms: u64) -> s
             let state = info.as_ref().and_then(|info| info.windows.get(i));
             let mut out = serde_json::json!({
                 "unit": w.unit.as_str(),
-                "window": w.len.to_string(),
+                "window": match w.len.period() {
+                    Some(p) => p.as_str().to_owned(),
+                    None => w.len.to_string(),
+                },
                 "window_seconds": w.len.secs_at(now_ms),
                 "limit": w.limit,
                 "used": state.map(|s| s.used),
                 "remaining": state.map(|s| s.remaining),
                 "reset_ms": state.map(|s| s.reset_ms),
             });
-            if w.len.period().is_some() {
+            if let Some(p) = w.len.period() {
                 out["calendar"] = serde_json::json!(crate::plans::parse::CALENDAR_UTC);
+                if let Some(anchor) = p.anchor() {
+                    out["billing_anchor"] = serde_json::json!(anchor);
+                }
             }
             out
         })

@@ -1066,6 +1066,13 @@ impl Catalog for Deaf {
     async fn assign_plan(&self, a: &str, p: Option<&str>) -> plangate::catalog::CatalogResult<()> {
         self.0.assign_plan(a, p).await
     }
+    async fn set_billing_anchor(
+        &self,
+        a: &str,
+        anchor: Option<u8>,
+    ) -> plangate::catalog::CatalogResult<()> {
+        self.0.set_billing_anchor(a, anchor).await
+    }
     async fn get_account(
         &self,
         id: &str,

@@ -14,10 +14,11 @@ use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
 use super::{
-    check_credits, check_grant, check_id, generate_id, generate_key, hash_key, ms_to_time,
-    normalize_metadata, trunc_micros, Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError,
-    CatalogResult, CreditOp, CreditSnapshot, DeductResult, Deduction, Draw, GroupBy, Invalidation,
-    KeyOwner, LedgerEntry, NewApiKey, QuotaBlock, UsageBucket, UsageCursor, UsageEvent, UsageQuery,
+    check_billing_anchor, check_credits, check_grant, check_id, generate_id, generate_key,
+    hash_key, ms_to_time, normalize_metadata, trunc_micros, Account, ApiKeyInfo, ApplyReport,
+    Catalog, CatalogError, CatalogResult, CreditOp, CreditSnapshot, DeductResult, Deduction, Draw,
+    GroupBy, Invalidation, KeyOwner, LedgerEntry, NewApiKey, QuotaBlock, UsageBucket, UsageCursor,
+    UsageEvent, UsageQuery,
 };
 use crate::catalog::usage::{check_batch, epoch_ms_ceil, Summary};
 use crate::clock::SharedClock;
@@ -161,6 +162,7 @@ struct State {
 
 struct AccountRow {
     plan_id: Option<String>,
+    billing_anchor: Option<u8>,
     metadata: serde_json::Value,
     /// Bumped by credit changes made outside the wallets.
     credit_version: u64,
@@ -289,6 +291,7 @@ impl State {
             plan_id: row.plan_id.clone(),
             effective_plan: row.plan_id.clone().or_else(|| self.default_plan.clone()),
             metadata: row.metadata.clone(),
+            billing_anchor: row.billing_anchor,
         })
     }
 }
@@ -453,6 +456,7 @@ impl Catalog for MemoryCatalog {
                 id.to_string(),
                 AccountRow {
                     credit_version: 0,
+                    billing_anchor: None,
                     plan_id: plan_id.map(str::to_string),
                     metadata,
                 },
@@ -480,6 +484,19 @@ impl Catalog for MemoryCatalog {
 
     async fn get_account(&self, id: &str) -> CatalogResult<Account> {
         self.state.lock().account(id)
+    }
+
+    async fn set_billing_anchor(&self, account_id: &str, anchor: Option<u8>) -> CatalogResult<()> {
+        check_billing_anchor(anchor)?;
+        {
+            let mut st = self.state.lock();
+            st.require_account(account_id)?;
+            if let Some(row) = st.accounts.get_mut(account_id) {
+                row.billing_anchor = anchor;
+            }
+        }
+        self.notify(Invalidation::Account(account_id.to_string()));
+        Ok(())
     }
 
     async fn create_key(&self, account_id: &str) -> CatalogResult<NewApiKey> {

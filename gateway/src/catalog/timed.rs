@@ -118,6 +118,14 @@ impl<C: Catalog> Catalog for Timed<C> {
         self.within("get_account", self.inner.get_account(id)).await
     }
 
+    async fn set_billing_anchor(&self, account_id: &str, anchor: Option<u8>) -> CatalogResult<()> {
+        self.within(
+            "set_billing_anchor",
+            self.inner.set_billing_anchor(account_id, anchor),
+        )
+        .await
+    }
+
     async fn create_key(&self, account_id: &str) -> CatalogResult<NewApiKey> {
         self.within("create_key", self.inner.create_key(account_id))
             .await
@@ -305,6 +313,7 @@ mod tests {
         create_account(id: &str, plan_id: Option<&str>, metadata: serde_json::Value) -> Account;
         assign_plan(account_id: &str, plan_id: Option<&str>) -> ();
         get_account(id: &str) -> Account;
+        set_billing_anchor(account_id: &str, anchor: Option<u8>) -> ();
         create_key(account_id: &str) -> NewApiKey;
         revoke_key(key_id: &str) -> ();
         list_keys(account_id: &str) -> Vec<ApiKeyInfo>;

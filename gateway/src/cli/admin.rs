@@ -78,6 +78,21 @@ pub enum AccountsCmd {
         /// Its plan [default: none, i.e. the default plan].
         #[arg(long)]
         plan: Option<String>,
+        /// The day of the month (1 to 31) its billing month starts on: its
+        /// plan's calendar month windows (`window: 1mo, calendar: utc`) run
+        /// from that day, clamped in short months [default: the 1st].
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=31))]
+        billing_anchor: Option<u8>,
+    },
+    /// Set the day of the month (1 to 31, or `none`) an account's billing
+    /// month starts on.
+    #[command(after_help = "Example:\n  plangate accounts billing-anchor acme 15")]
+    BillingAnchor {
+        /// Account id.
+        id: String,
+        /// 1 to 31, or `none` for the calendar month.
+        #[arg(value_parser = parse_anchor)]
+        day: Anchor,
     },
     /// Assign a plan to an account.
     Assign {
@@ -91,6 +106,22 @@ pub enum AccountsCmd {
         /// Account id.
         id: String,
     },
+}
+
+/// A billing anchor on the command line: a day (1 to 31) or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Anchor(pub Option<u8>);
+
+fn parse_anchor(s: &str) -> Result<Anchor, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Anchor(None));
+    }
+    match s.parse::<u8>() {
+        Ok(day @ 1..=31) => Ok(Anchor(Some(day))),
+        _ => Err(format!(
+            "`{s}` is not a day of the month (1 to 31) or `none`"
+        )),
+    }
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -435,10 +466,31 @@ fn describe_plan(plan: &Plan, is_default: bool) -> String {
 
 async fn accounts(catalog: &dyn Catalog, cmd: AccountsCmd, json: bool) -> Result<String, CliError> {
     let account = match cmd {
-        AccountsCmd::Create { id, plan } => catalog
-            .create_account(&id, plan.as_deref(), serde_json::Value::Null)
-            .await
-            .map_err(catalog_err)?,
+        AccountsCmd::Create {
+            id,
+            plan,
+            billing_anchor,
+        } => {
+            let mut account = catalog
+                .create_account(&id, plan.as_deref(), serde_json::Value::Null)
+                .await
+                .map_err(catalog_err)?;
+            if let Some(anchor) = billing_anchor {
+                catalog
+                    .set_billing_anchor(&id, Some(anchor))
+                    .await
+                    .map_err(catalog_err)?;
+                account.billing_anchor = Some(anchor);
+            }
+            account
+        }
+        AccountsCmd::BillingAnchor { id, day } => {
+            catalog
+                .set_billing_anchor(&id, day.0)
+                .await
+                .map_err(catalog_err)?;
+            catalog.get_account(&id).await.map_err(catalog_err)?
+        }
         AccountsCmd::Assign { id, plan } => {
             catalog
                 .assign_plan(&id, Some(&plan))
@@ -459,8 +511,12 @@ async fn accounts(catalog: &dyn Catalog, cmd: AccountsCmd, json: bool) -> Result
         (None, Some(d)) => format!("{d} (the default plan)"),
         (None, None) => "none (no plans exist yet)".into(),
     };
+    let anchor = match account.billing_anchor {
+        Some(day) => format!("\n  billing month: from day {day}"),
+        None => String::new(),
+    };
     Ok(format!(
-        "account {}\n  plan: {plan}\n  balance: {balance} credits\n  metadata: {}",
+        "account {}\n  plan: {plan}{anchor}\n  balance: {balance} credits\n  metadata: {}",
         account.id, account.metadata
     ))
 }

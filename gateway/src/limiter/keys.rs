@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! <prefix>{<account>}:<endpoint>:w:<window>:<unit>:<window_index>   window counter (string)
-//!     (<window>: a fixed window's seconds, `60`, or a calendar period, `1d`, `1w`, `1mo`)
+//!     (<window>: a fixed window's seconds, `60`, or a calendar period, `1d`, `1w`, `1mo`, `1mo@15`)
 //! <prefix>{<account>}:<endpoint>:f                                  in-flight set (zset)
 //! <prefix>{<account>}/w        credit wallet (hash: block id -> remaining:expiry:order, `#v` version)
 //! <prefix>{<account>}/o        credit outbox (stream), written to the catalog and trimmed
@@ -145,8 +145,9 @@ impl Keys {
 
     /// The counter of window `index` of length `len` on `unit`. The
     /// window token is the seconds of a fixed window (`60`) or the period
-    /// of a calendar window (`1d`, `1w`, `1mo`): never the same, so a
-    /// calendar window never shares a counter with a fixed one.
+    /// of a calendar window (`1d`, `1w`, `1mo`, a billing month from the
+    /// 15th `1mo@15`): never the same, so a calendar window never shares a
+    /// counter with a fixed one, nor a billing month with another anchor's.
     pub fn window(
         &self,
         account: &str,
@@ -160,8 +161,9 @@ impl Keys {
             WindowLen::Fixed(secs) => {
                 let _ = write!(k, ":w:{secs}:");
             }
-            WindowLen::Calendar(p) => {
-                let _ = write!(k, ":w:{}:", p.as_str());
+            // `1d`, `1w`, `1mo`, `1mo@15`.
+            calendar @ WindowLen::Calendar(_) => {
+                let _ = write!(k, ":w:{calendar}:");
             }
         }
         escape_into(&mut k, unit);
@@ -296,6 +298,7 @@ mod tests {
             (Period::Day, "1d"),
             (Period::Week, "1w"),
             (Period::Month, "1mo"),
+            (Period::MonthFrom(15), "1mo@15"),
         ] {
             assert_eq!(
                 k.window(
@@ -405,6 +408,8 @@ mod tests {
                 WindowLen::Calendar(Period::Day),
                 WindowLen::Calendar(Period::Week),
                 WindowLen::Calendar(Period::Month),
+                WindowLen::Calendar(Period::MonthFrom(15)),
+                WindowLen::Calendar(Period::MonthFrom(31)),
             ];
             for (a, la) in lens.iter().enumerate() {
                 for (b, lb) in lens.iter().enumerate() {

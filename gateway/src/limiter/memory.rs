@@ -590,7 +590,10 @@ impl Entry {
 fn len_code(len: WindowLen) -> u64 {
     match len {
         WindowLen::Fixed(secs) => secs,
-        WindowLen::Calendar(p) => u64::MAX - p as u64,
+        WindowLen::Calendar(Period::Day) => u64::MAX,
+        WindowLen::Calendar(Period::Week) => u64::MAX - 1,
+        WindowLen::Calendar(Period::Month) => u64::MAX - 2,
+        WindowLen::Calendar(Period::MonthFrom(a)) => u64::MAX - 100 - u64::from(a),
     }
 }
 
@@ -600,6 +603,8 @@ fn len_from_code(code: u64) -> WindowLen {
         0 => WindowLen::Calendar(Period::Day),
         1 => WindowLen::Calendar(Period::Week),
         2 => WindowLen::Calendar(Period::Month),
+        // Anchors are 0..=255 as u8: codes MAX-100 .. MAX-355.
+        n @ 100..=355 => WindowLen::Calendar(Period::MonthFrom((n - 100) as u8)),
         _ => WindowLen::Fixed(code),
     }
 }
@@ -807,6 +812,24 @@ mod tests {
         }))
         .expect("memory store does not fail")
         .verdict
+    }
+
+    #[test]
+    fn len_codes_round_trip_and_never_collide() {
+        let mut lens = vec![
+            WindowLen::Fixed(1),
+            WindowLen::Fixed(60),
+            WindowLen::Fixed(crate::plans::MAX_WINDOW_SECS),
+            WindowLen::Calendar(Period::Day),
+            WindowLen::Calendar(Period::Week),
+            WindowLen::Calendar(Period::Month),
+        ];
+        lens.extend((1..=31).map(|a| WindowLen::Calendar(Period::MonthFrom(a))));
+        let codes: std::collections::HashSet<u64> = lens.iter().map(|l| len_code(*l)).collect();
+        assert_eq!(codes.len(), lens.len());
+        for len in lens {
+            assert_eq!(len_from_code(len_code(len)), len);
+        }
     }
 
     #[test]
