@@ -12,7 +12,9 @@ use plangate::catalog::postgres::{migrate, PgOptions, PostgresCatalog, MIGRATION
 use plangate::catalog::timed::Timed;
 use plangate::catalog::{hash_key, Catalog, CatalogError, Deduction, Invalidation, QuotaBlock};
 use plangate::clock::{Clock, ManualClock, SharedClock, SystemClock};
-use plangate::plans::{CreditCost, PerUnit, Plan, PlanSet, Policy, Unit, Window, WindowLen};
+use plangate::plans::{
+    CreditCost, PerUnit, Period, Plan, PlanSet, Policy, Unit, Window, WindowLen,
+};
 
 mod batch;
 mod usage;
@@ -1007,6 +1009,93 @@ async fn cache_follows_changes(f: Fixture) {
     .await;
 }
 
+/// Billing anchors: set, read back, cleared, checked; a cache hands an
+/// anchored account its plan with billing months instead of calendar
+/// months, and follows a change of anchor.
+async fn billing_anchors(f: Fixture) {
+    let c = &f.catalog;
+    let month = WindowLen::Calendar(Period::Month);
+    let monthly = Arc::new(Plan {
+        id: "monthly".into(),
+        name: "Monthly".into(),
+        endpoints: [(
+            "chat".to_string(),
+            Arc::new(Policy {
+                windows: vec![Window {
+                    len: month,
+                    limit: 1_000,
+                    unit: Unit::new("token"),
+                }],
+                max_concurrent: 0,
+                concurrency_expiry_secs: 60,
+                credits: None,
+            }),
+        )]
+        .into(),
+    });
+    c.apply_plans(&set(Some("monthly"), &[monthly]), false)
+        .await
+        .unwrap();
+    let a = c
+        .create_account("anchored", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(a.billing_anchor, None);
+    c.set_billing_anchor("anchored", Some(31)).await.unwrap();
+    assert_eq!(
+        c.get_account("anchored").await.unwrap().billing_anchor,
+        Some(31)
+    );
+    for bad in [0u8, 32, 255] {
+        assert!(
+            is_invalid(c.set_billing_anchor("anchored", Some(bad)).await),
+            "{bad}"
+        );
+    }
+    assert!(is_not_found(c.set_billing_anchor("ghost", Some(5)).await));
+    assert_eq!(
+        c.get_account("anchored").await.unwrap().billing_anchor,
+        Some(31),
+        "a refused anchor changes nothing"
+    );
+
+    let cache = CatalogCache::new(c.clone(), Arc::new(SystemClock), CacheConfig::default())
+        .await
+        .unwrap();
+    let lens = |plan: Arc<Plan>| plan.endpoints["chat"].windows[0].len;
+    let got = cache.plan_for_account("anchored").await.unwrap().unwrap();
+    assert_eq!(
+        lens(got.clone()),
+        WindowLen::Calendar(Period::MonthFrom(31))
+    );
+    // Built once, not per call.
+    let again = cache.plan_for_account("anchored").await.unwrap().unwrap();
+    assert!(Arc::ptr_eq(&got, &again));
+    // Accounts without an anchor share the plan itself.
+    let plain = cache.plan_for_account("stranger").await.unwrap().unwrap();
+    assert!(Arc::ptr_eq(&plain, &cache.plans().plans["monthly"]));
+
+    c.set_billing_anchor("anchored", Some(15)).await.unwrap();
+    wait_for(|| {
+        let cache = cache.clone();
+        async move {
+            lens(cache.plan_for_account("anchored").await.unwrap().unwrap())
+                == WindowLen::Calendar(Period::MonthFrom(15))
+        }
+    })
+    .await;
+    c.set_billing_anchor("anchored", None).await.unwrap();
+    assert_eq!(
+        c.get_account("anchored").await.unwrap().billing_anchor,
+        None
+    );
+    wait_for(|| {
+        let cache = cache.clone();
+        async move { lens(cache.plan_for_account("anchored").await.unwrap().unwrap()) == month }
+    })
+    .await;
+}
+
 /// Poll (bounded) until `cond` holds: used only to wait for a notification,
 /// never to wait out a window. Fails if it takes longer than a second.
 async fn wait_for<F, Fut>(cond: F)
@@ -1251,6 +1340,7 @@ conformance!(
     notifications,
     cache_follows_changes,
     cache_ttl_backstop,
+    billing_anchors,
 );
 
 // ------------------------------------------------------- Postgres only

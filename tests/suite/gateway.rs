@@ -1052,3 +1052,95 @@ plans:
         assert_eq!(w[2]["used"], 3, "the week goes on");
     }
 }
+
+/// A billing anchor set through the admin API moves an account's monthly
+/// quota: from the 31st, the period in February 2028 ends on Feb 29 (the
+/// month is clamped); cleared, the calendar month is back. Both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_anchor_moves_the_monthly_quota() {
+    const PLANS: &str = "\
+default_plan: monthly
+plans:
+  monthly:
+    endpoints:
+      gpt-test:
+        fixed_windows:
+          - {window: 1mo, calendar: utc, limit: 5}
+";
+    // 2028-02-28T23:59:30Z.
+    const T: u64 = 1_835_395_170_000;
+    for backend in Backend::all().await {
+        let gw = TestGateway::start(Options {
+            plans: PLANS.to_owned(),
+            ..Options::new(backend)
+        })
+        .await;
+        gw.clock.set_ms(T);
+        let admin = |method: Method, path: String, body: String| {
+            let gw = &gw;
+            async move { gw.admin(method, &path, Some(ADMIN_TOKEN), &body).await }
+        };
+        let account = plangate_tests::harness::unique("anchored");
+        let r = admin(
+            Method::POST,
+            "/admin/accounts".into(),
+            json!({"id": account, "billing_anchor": 31}).to_string(),
+        )
+        .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        assert_eq!(r.json()["billing_anchor"], 31);
+        let key = gw.catalog().create_key(&account).await.unwrap().key;
+        let limits = || {
+            let gw = &gw;
+            let key = key.clone();
+            async move {
+                let req = Request::builder()
+                    .uri("/v1/limits")
+                    .header("authorization", format!("Bearer {key}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let r = gw.send(req).await;
+                assert_eq!(r.status, 200);
+                r.json()["endpoints"]["gpt-test"]["windows"][0].clone()
+            }
+        };
+
+        let r = gw.chat(&key, "gpt-test").await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.header("x-ratelimit-reset-requests"), Some("30s"));
+        wait_settled(&gw).await;
+        let w = limits().await;
+        assert_eq!(w["window"], "1mo");
+        assert_eq!(w["billing_anchor"], 31);
+        // Jan 31 to Feb 29.
+        assert_eq!(w["window_seconds"], 29 * 86_400);
+        assert_eq!(
+            (w["used"].as_u64(), w["reset_ms"].as_u64()),
+            (Some(1), Some(30_000))
+        );
+
+        // Not a day of the month: 400, nothing changes.
+        for bad in [json!({"billing_anchor": 0}), json!({"billing_anchor": 32})] {
+            let r = admin(
+                Method::PUT,
+                format!("/admin/accounts/{account}/billing-anchor"),
+                bad.to_string(),
+            )
+            .await;
+            assert_eq!(r.status, 400, "{bad}");
+        }
+        // Cleared: the calendar month, to March 1st, a fresh counter.
+        let r = admin(
+            Method::PUT,
+            format!("/admin/accounts/{account}/billing-anchor"),
+            json!({"billing_anchor": null}).to_string(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.json()["billing_anchor"], serde_json::Value::Null);
+        let w = limits().await;
+        assert!(w.get("billing_anchor").is_none(), "{w}");
+        assert_eq!(w["reset_ms"], 86_400_000 + 30_000);
+        assert_eq!(w["used"], 0);
+    }
+}

@@ -455,7 +455,56 @@ conformance!(
     short_months_and_the_year_end_reset_on_the_first,
     week_window_resets_on_monday,
     calendar_and_fixed_days_keep_separate_counters,
+    billing_month_runs_anchor_to_anchor_clamped_in_short_months,
 );
+
+/// A billing month from the 31st (an account's `billing_anchor`): Jan 31
+/// to Feb 28 in 2027, Feb 28 to Mar 31; Jan 31 to Feb 29 in 2028. The
+/// resets reported are those ends; its counter is not the calendar
+/// month's.
+async fn billing_month_runs_anchor_to_anchor_clamped_in_short_months<S: CounterStore + Debug>(
+    h: &Harness<S>,
+) {
+    let from_31 = WindowLen::Calendar(Period::MonthFrom(31));
+    let p = len_policy(&[(from_31, 2, "request")]);
+    // (when, the period's end)
+    let cases = [
+        (utc(2027, 2, 27, 12, 0, 0), utc(2027, 2, 28, 0, 0, 0)),
+        (utc(2027, 3, 30, 23, 0, 0), utc(2027, 3, 31, 0, 0, 0)),
+        (utc(2028, 2, 28, 23, 59, 59), utc(2028, 2, 29, 0, 0, 0)),
+    ];
+    for (i, (t, end)) in cases.into_iter().enumerate() {
+        let endpoint = format!("b{i}");
+        h.clock.set_ms(t);
+        for n in 0..2 {
+            let (permit, info) = h.admit(&format!("r{n}"), &endpoint, &p, &[]).await;
+            assert_eq!(info.windows[0].reset_ms, end - t, "case {i}");
+            permit.end(&[]).await.expect("end");
+        }
+        let (denial, _) = h.deny("r2", &endpoint, &p, &[]).await;
+        assert!(
+            matches!(denial, Denial::Window { reset_ms, .. } if reset_ms == end - t),
+            "case {i}: {denial:?}"
+        );
+        // The calendar month is another counter.
+        assert_eq!(
+            h.usage(&endpoint, &len_policy(&[(MONTH, 2, "request")]))
+                .await
+                .0,
+            vec![0]
+        );
+        h.clock.set_ms(end);
+        let (permit, _) = h.admit("r3", &endpoint, &p, &[]).await;
+        permit.end(&[]).await.expect("end");
+    }
+    // From Feb 28, 2027 the next period ends on Mar 31 (31 days).
+    h.clock.set_ms(utc(2027, 2, 28, 0, 0, 0));
+    let info = h.info("b0", &p).await;
+    assert_eq!(
+        (info.windows[0].used, info.windows[0].reset_ms),
+        (1, 31 * DAY)
+    );
+}
 
 /// A monthly token quota: full on Feb 29 2028 (a leap year) until the last
 /// moment, reset at 00:00 UTC on March 1st; the reset reported is the real
