@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use plangate::limiter::memory::MemoryStore;
 use plangate::limiter::redis::{RedisMode, RedisOptions, RedisStore, ATTEMPT_LUA};
 use plangate::limiter::{AttemptRequest, CounterStore, EndRequest, Verdict, WindowSpec};
-use plangate::plans::Unit;
+use plangate::plans::{Unit, WindowLen};
 
 const NOW_MS: u64 = 1_741_955_657_250;
 
@@ -25,7 +25,7 @@ const NOW_MS: u64 = 1_741_955_657_250;
 /// every attempt is admitted and runs the full write path.
 fn windows() -> Vec<WindowSpec> {
     let w = |secs, unit: &str, amount| WindowSpec {
-        window_secs: secs,
+        len: WindowLen::Fixed(secs),
         limit: 1 << 50,
         unit: Unit::new(unit),
         amount,

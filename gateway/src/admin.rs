@@ -78,6 +78,9 @@ struct NewAccount {
     plan_id: Option<String>,
     #[serde(default)]
     metadata: Option<serde_json::Value>,
+    /// Day of the month (1 to 31) the account's billing month starts on.
+    #[serde(default)]
+    billing_anchor: Option<u8>,
 }
 
 #[derive(Deserialize)]
@@ -100,6 +103,24 @@ struct NewKey {
 #[serde(deny_unknown_fields)]
 struct PlanRef {
     plan_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnchorRef {
+    billing_anchor: Option<u8>,
+}
+
+/// 400 for a billing anchor that is no day of the month.
+fn check_anchor(anchor: Option<u8>) -> Result<(), ApiError> {
+    match anchor {
+        Some(a) if !(1..=crate::plans::MAX_BILLING_ANCHOR).contains(&a) => {
+            Err(ApiError::InvalidRequest {
+                message: format!("billing_anchor must be a day of the month, 1 to 31, not {a}"),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -292,7 +313,8 @@ impl Admin {
             }
             (&Method::POST, ["admin", "accounts"]) => {
                 let a: NewAccount = read_json(req).await?;
-                let account = catalog
+                check_anchor(a.billing_anchor)?;
+                let mut account = catalog
                     .create_account(
                         &a.id,
                         a.plan_id.as_deref(),
@@ -300,6 +322,13 @@ impl Admin {
                     )
                     .await
                     .map_err(catalog_error)?;
+                if let Some(anchor) = a.billing_anchor {
+                    catalog
+                        .set_billing_anchor(&a.id, Some(anchor))
+                        .await
+                        .map_err(catalog_error)?;
+                    account.billing_anchor = Some(anchor);
+                }
                 Ok(json(
                     StatusCode::CREATED,
                     &serde_json::to_value(account).unwrap_or_default(),
@@ -379,6 +408,22 @@ impl Admin {
                 let r: PlanRef = read_json(req).await?;
                 catalog
                     .assign_plan(id, r.plan_id.as_deref())
+                    .await
+                    .map_err(catalog_error)?;
+                self.core
+                    .cache
+                    .invalidate(&Invalidation::Account((*id).to_owned()));
+                let account = catalog.get_account(id).await.map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::to_value(account).unwrap_or_default(),
+                ))
+            }
+            (&Method::PUT, ["admin", "accounts", id, "billing-anchor"]) => {
+                let r: AnchorRef = read_json(req).await?;
+                check_anchor(r.billing_anchor)?;
+                catalog
+                    .set_billing_anchor(id, r.billing_anchor)
                     .await
                     .map_err(catalog_error)?;
                 self.core

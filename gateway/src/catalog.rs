@@ -79,6 +79,10 @@ pub struct Account {
     pub effective_plan: Option<String>,
     /// Free-form JSON (an object; `{}` when none was given).
     pub metadata: serde_json::Value,
+    /// The day of the month (1 to 31) the account's billing month starts
+    /// on: its plan's `1mo` windows run from that day (clamped in short
+    /// months). `None`: the calendar month.
+    pub billing_anchor: Option<u8>,
 }
 
 /// An API key as listed: never the key itself.
@@ -460,6 +464,10 @@ pub trait Catalog: Send + Sync + 'static {
     /// audit. Refused (Conflict) while it has unexpired credits, unless
     /// `force`. NotFound if absent.
     async fn delete_account(&self, id: &str, force: bool) -> CatalogResult<DeletedAccount>;
+    /// Set (1 to 31) or clear the account's billing anchor; NotFound if
+    /// the account is absent, Invalid outside 1 to 31. Caches hear of it
+    /// through [`Catalog::subscribe`] (as of a plan assignment).
+    async fn set_billing_anchor(&self, account_id: &str, anchor: Option<u8>) -> CatalogResult<()>;
 
     // --- API keys
     /// Create a random key for an existing account; only its hash is kept.
@@ -631,6 +639,18 @@ pub fn parse_hex_digest(hex: &str) -> Option<KeyDigest> {
 
 /// Longest plan or account id, in bytes (SPEC §3).
 pub const MAX_ID_BYTES: usize = 200;
+
+/// Check a billing anchor: a day of the month, 1 to 31.
+pub(crate) fn check_billing_anchor(anchor: Option<u8>) -> CatalogResult<()> {
+    match anchor {
+        Some(a) if !(1..=crate::plans::MAX_BILLING_ANCHOR).contains(&a) => {
+            Err(CatalogError::Invalid(format!(
+                "billing_anchor must be a day of the month, 1 to 31, not {a}"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Check an operator-chosen id (account or plan): 1 to 200 bytes and no NUL
 /// (which Postgres text cannot hold), so both backends refuse the same ids.

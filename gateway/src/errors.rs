@@ -28,7 +28,7 @@ use http::{Response, StatusCode};
 use serde::Serialize;
 
 use crate::catalog::CatalogError;
-use crate::headers::{format_duration_ms, format_period, insert_rate_limit};
+use crate::headers::{format_duration_ms, format_window, insert_rate_limit};
 use crate::limiter::{Denial, RateLimitInfo};
 use crate::plans::Window;
 
@@ -315,7 +315,7 @@ impl ApiError {
                 "Rate limit reached for {endpoint} on {} per {}: Limit {}, Used {used}, \
                  Requested {}. Please try again in {}.",
                 window.unit.plural(),
-                format_period(window.window_secs),
+                format_window(window.len),
                 window.limit,
                 // The store checks `used + max(amount, 1)`: a request that
                 // deducts nothing yet still needs one unit of room.
@@ -330,7 +330,7 @@ impl ApiError {
                 "Request too large for {endpoint} on {} per {}: Limit {}, Requested {requested}. \
                  The request must be made smaller to run successfully.",
                 window.unit.plural(),
-                format_period(window.window_secs),
+                format_window(window.len),
                 window.limit,
             ),
             ConcurrencyLimited { endpoint, limit } => format!(
@@ -509,13 +509,13 @@ pub fn mask_key(key: &str) -> String {
 mod tests {
     use super::*;
     use crate::limiter::{ConcurrencyInfo, UnitInfo};
-    use crate::plans::Unit;
+    use crate::plans::{Unit, WindowLen};
     use http_body_util::{BodyExt, Full};
     use proptest::prelude::*;
 
     fn window(secs: u64, limit: u64, unit: &str) -> Window {
         Window {
-            window_secs: secs,
+            len: WindowLen::Fixed(secs),
             limit,
             unit: Unit::new(unit),
         }
@@ -827,7 +827,7 @@ mod tests {
                 limit: 40_000,
                 remaining: 10,
                 reset_ms: 1_500,
-                window_secs: 60,
+                len: WindowLen::Fixed(60),
             }],
             concurrent: Some(ConcurrencyInfo {
                 limit: 2,

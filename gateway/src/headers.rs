@@ -18,6 +18,7 @@ use std::fmt::{self, Write as _};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::limiter::RateLimitInfo;
+use crate::plans::{Period, WindowLen};
 
 /// `x-ratelimit-limit-concurrency`
 pub const LIMIT_CONCURRENCY: HeaderName = HeaderName::from_static("x-ratelimit-limit-concurrency");
@@ -302,6 +303,18 @@ pub fn format_period(secs: u64) -> String {
     s
 }
 
+/// A window's length for messages: a fixed window as [`format_period`]
+/// (`1m`, `1d`), a calendar one by its period (`calendar month (UTC)`).
+pub fn format_window(len: WindowLen) -> String {
+    match len {
+        WindowLen::Fixed(secs) => format_period(secs),
+        WindowLen::Calendar(Period::MonthFrom(a)) => {
+            format!("billing month (from day {a}, UTC)")
+        }
+        WindowLen::Calendar(p) => format!("calendar {} (UTC)", p.noun()),
+    }
+}
+
 /// A fixed-capacity buffer that implements `fmt::Write`, so a header value
 /// can be rendered without a temporary `String`.
 struct StackBuf {
@@ -418,7 +431,7 @@ mod tests {
             limit,
             remaining,
             reset_ms,
-            window_secs: 60,
+            len: WindowLen::Fixed(60),
         }
     }
 

@@ -23,8 +23,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use crate::background::{Background, Job};
-use crate::clock::{window_index, window_reset_ms, SharedClock};
-use crate::plans::{Policy, Unit, Window};
+use crate::clock::SharedClock;
+use crate::plans::{Policy, Unit, Window, WindowLen};
 use keeper::{due_after, retry_after, DueLease, Keeper, LeaseKey};
 use wallet::{Charged, CreditAsk, EndCredits, OutboxItem, Unended, WalletInit, WalletSnapshot};
 
@@ -62,7 +62,7 @@ pub enum StoreError {
 /// One window of an attempt, with the amount this request deducts from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowSpec {
-    pub window_secs: u64,
+    pub len: WindowLen,
     pub limit: u64,
     pub unit: Unit,
     /// Start amount deducted at admission (0 if the unit was not given).
@@ -123,9 +123,10 @@ pub struct AttemptOutcome {
 /// Settlement of one window at the end of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settlement {
-    pub window_secs: u64,
+    pub len: WindowLen,
     pub unit: Unit,
-    /// Index (floor(t/W)) of the window the start amount was deducted from.
+    /// Index ([`WindowLen::index`]) of the window the start amount was
+    /// deducted from.
     pub admitted_index: u64,
     /// Start amount deducted at admission.
     pub reserved: u64,
@@ -518,7 +519,7 @@ pub struct UnitInfo {
     pub remaining: u64,
     /// Milliseconds to the end of that window.
     pub reset_ms: u64,
-    pub window_secs: u64,
+    pub len: WindowLen,
 }
 
 /// Concurrency limit and free slots.
@@ -532,7 +533,7 @@ pub struct ConcurrencyInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowState {
     pub unit: Unit,
-    pub window_secs: u64,
+    pub len: WindowLen,
     pub limit: u64,
     pub used: u64,
     pub remaining: u64,
@@ -564,11 +565,11 @@ impl RateLimitInfo {
                 let used = used.get(i).copied().unwrap_or(0);
                 WindowState {
                     unit: w.unit.clone(),
-                    window_secs: w.window_secs,
+                    len: w.len,
                     limit: w.limit,
                     used,
                     remaining: w.limit.saturating_sub(used),
-                    reset_ms: window_reset_ms(now_ms, w.window_secs),
+                    reset_ms: w.len.reset_ms(now_ms),
                 }
             })
             .collect();
@@ -579,7 +580,7 @@ impl RateLimitInfo {
                 limit: w.limit,
                 remaining: w.remaining,
                 reset_ms: w.reset_ms,
-                window_secs: w.window_secs,
+                len: w.len,
             };
             match units.iter_mut().find(|u| u.unit == w.unit) {
                 None => units.push(candidate),
@@ -663,7 +664,7 @@ pub fn start_amounts(policy: &Policy, start_units: &[(Unit, u64)]) -> Vec<Window
                 None => 0,
             };
             WindowSpec {
-                window_secs: w.window_secs,
+                len: w.len,
                 limit: w.limit,
                 unit: w.unit.clone(),
                 amount,
@@ -706,7 +707,7 @@ fn shadow_denial(
                 window: window.clone(),
                 used: before,
                 requested: spec.amount,
-                reset_ms: window_reset_ms(now_ms, window.window_secs),
+                reset_ms: window.len.reset_ms(now_ms),
             });
         }
     }
@@ -746,9 +747,9 @@ impl Ticket {
                     .find(|(u, _)| *u == w.unit)
                     .map(|(_, n)| *n)?;
                 Some(Settlement {
-                    window_secs: w.window_secs,
+                    len: w.len,
                     unit: w.unit.clone(),
-                    admitted_index: window_index(self.admitted_ms, w.window_secs),
+                    admitted_index: w.len.index(self.admitted_ms),
                     reserved,
                     actual,
                 })
@@ -1042,7 +1043,7 @@ impl<S: CounterStore> Limiter<S> {
                     ))
                 })?;
                 Denial::Window {
-                    reset_ms: window_reset_ms(now_ms, window.window_secs),
+                    reset_ms: window.len.reset_ms(now_ms),
                     used: outcome.used.get(index).copied().unwrap_or(0),
                     requested: specs[index].amount,
                     window,

@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 pub mod parse;
 
+pub use crate::clock::{Period, WindowLen};
+
 use serde::Serialize;
 
 /// The unit every request counts as unless told otherwise.
@@ -171,12 +173,13 @@ impl From<&str> for Unit {
     }
 }
 
-/// One fixed window: at most `limit` units of `unit` per `window_secs`,
-/// aligned to the Unix epoch.
+/// One window: at most `limit` units of `unit` per window of `len` (fixed
+/// seconds aligned to the Unix epoch, or a UTC calendar day, week or
+/// month).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
-    /// Window length in whole seconds (1 to [`MAX_WINDOW_SECS`]).
-    pub window_secs: u64,
+    /// Fixed windows: whole seconds, 1 to [`MAX_WINDOW_SECS`].
+    pub len: WindowLen,
     /// Units allowed per window (1 to [`MAX_AMOUNT`]).
     pub limit: u64,
     pub unit: Unit,
@@ -274,11 +277,131 @@ impl Plan {
     pub fn policy(&self, endpoint: &str) -> Option<&Arc<Policy>> {
         self.endpoints.get(endpoint)
     }
+
+    /// Whether some window of the plan is a calendar month (which an
+    /// account's billing anchor moves).
+    pub fn has_months(&self) -> bool {
+        self.endpoints.values().any(|p| {
+            p.windows
+                .iter()
+                .any(|w| w.len == WindowLen::Calendar(Period::Month))
+        })
+    }
+
+    /// The plan as it applies to an account whose billing month starts on
+    /// day `anchor` (1 to 31; `accounts.billing_anchor`): every calendar
+    /// month window (`1mo`) becomes a billing month from that day
+    /// ([`Period::MonthFrom`]); anything else is shared, not copied. An
+    /// anchor of 1 (or out of range) is the calendar month itself.
+    pub fn anchored(self: &Arc<Self>, anchor: u8) -> Arc<Plan> {
+        if !(2..=MAX_BILLING_ANCHOR).contains(&anchor) || !self.has_months() {
+            return self.clone();
+        }
+        let month = WindowLen::Calendar(Period::Month);
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|(id, policy)| {
+                let policy = if policy.windows.iter().any(|w| w.len == month) {
+                    let mut p = Policy::clone(policy);
+                    for w in &mut p.windows {
+                        if w.len == month {
+                            w.len = WindowLen::Calendar(Period::MonthFrom(anchor));
+                        }
+                    }
+                    Arc::new(p)
+                } else {
+                    policy.clone()
+                };
+                (id.clone(), policy)
+            })
+            .collect();
+        Arc::new(Plan {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            endpoints,
+        })
+    }
 }
+
+/// The largest billing anchor (a day of the month).
+pub const MAX_BILLING_ANCHOR: u8 = 31;
 
 /// The content of a plans file: every plan plus an optional default.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PlanSet {
     pub default_plan: Option<String>,
     pub plans: BTreeMap<String, Arc<Plan>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(len: WindowLen) -> Window {
+        Window {
+            len,
+            limit: 10,
+            unit: Unit::request(),
+        }
+    }
+
+    fn policy(lens: &[WindowLen]) -> Arc<Policy> {
+        Arc::new(Policy {
+            windows: lens.iter().map(|l| window(*l)).collect(),
+            max_concurrent: 0,
+            concurrency_expiry_secs: DEFAULT_CONCURRENCY_EXPIRY_SECS,
+            credits: None,
+            enforce: true,
+        })
+    }
+
+    #[test]
+    fn anchoring_moves_only_calendar_months_and_shares_the_rest() {
+        let month = WindowLen::Calendar(Period::Month);
+        let week = WindowLen::Calendar(Period::Week);
+        let plan = Arc::new(Plan {
+            id: "p".into(),
+            name: "P".into(),
+            endpoints: [
+                (
+                    "monthly".to_string(),
+                    policy(&[WindowLen::Fixed(60), month]),
+                ),
+                ("weekly".to_string(), policy(&[week])),
+            ]
+            .into_iter()
+            .collect(),
+        });
+        let anchored = plan.anchored(15);
+        let lens: Vec<WindowLen> = anchored.endpoints["monthly"]
+            .windows
+            .iter()
+            .map(|w| w.len)
+            .collect();
+        assert_eq!(
+            lens,
+            vec![
+                WindowLen::Fixed(60),
+                WindowLen::Calendar(Period::MonthFrom(15))
+            ]
+        );
+        assert!(Arc::ptr_eq(
+            &anchored.endpoints["weekly"],
+            &plan.endpoints["weekly"]
+        ));
+        // Anchor 1 is the calendar month; out of range is ignored; a plan
+        // without months is shared whole.
+        assert!(Arc::ptr_eq(&plan.anchored(1), &plan));
+        assert!(Arc::ptr_eq(&plan.anchored(32), &plan));
+        let weekly = Arc::new(Plan {
+            id: "w".into(),
+            name: "W".into(),
+            endpoints: [("weekly".to_string(), policy(&[week]))]
+                .into_iter()
+                .collect(),
+        });
+        assert!(!weekly.has_months());
+        assert!(Arc::ptr_eq(&weekly.anchored(15), &weekly));
+    }
 }

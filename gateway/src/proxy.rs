@@ -602,7 +602,7 @@ impl Gateway {
                 outcome.error = Some(e.code());
                 if let Denial::Window { window, .. } | Denial::TooLarge { window, .. } = &denial {
                     outcome.note(|f| {
-                        f.window = Some(format!("{}/{}s", window.unit.as_str(), window.window_secs))
+                        f.window = Some(format!("{}/{}", window.unit.as_str(), window.len))
                     });
                 }
                 // Nothing was written: the info is the state after the
@@ -639,9 +639,8 @@ impl Gateway {
         let would_deny = permit.as_ref().and_then(|p| p.would_deny()).map(|denial| {
             core.metrics.would_deny(endpoint);
             if let Denial::Window { window, .. } | Denial::TooLarge { window, .. } = denial {
-                outcome.note(|f| {
-                    f.window = Some(format!("{}/{}s", window.unit.as_str(), window.window_secs))
-                });
+                outcome
+                    .note(|f| f.window = Some(format!("{}/{}", window.unit.as_str(), window.len)));
             }
             let code = ApiError::from_denial(denial, endpoint).code();
             outcome.note(|f| f.would_deny = Some(code));
@@ -1035,8 +1034,9 @@ pub async fn limits_json(
             if only.is_some_and(|o| o != id) {
                 continue;
             }
+            let now_ms = core.limiter.clock().now_ms();
             let info = core.limiter.info(account, id, policy).await;
-            endpoints.insert(id.clone(), endpoint_json(policy, info.ok()));
+            endpoints.insert(id.clone(), endpoint_json(policy, info.ok(), now_ms));
         }
         if let Some(o) = only {
             if !plan.endpoints.contains_key(o) {
@@ -1065,7 +1065,11 @@ pub async fn limits_json(
     }))
 }
 
-fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>) -> serde_json::Value {
+/// One endpoint of `/v1/limits`. A calendar window also names its period
+/// (`"window": "1mo"`, `"calendar": "utc"`, and for an account's billing
+/// month its `"billing_anchor"`) and its `window_seconds` is the length of
+/// the current period (a month: 28 to 31 days).
+fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>, now_ms: u64) -> serde_json::Value {
     // Without the counter store (degraded), limits are known but usage is not.
     let windows: Vec<serde_json::Value> = policy
         .windows
@@ -1073,14 +1077,25 @@ fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>) -> serde_json::Va
         .enumerate()
         .map(|(i, w)| {
             let state = info.as_ref().and_then(|info| info.windows.get(i));
-            serde_json::json!({
+            let mut out = serde_json::json!({
                 "unit": w.unit.as_str(),
-                "window_seconds": w.window_secs,
+                "window": match w.len.period() {
+                    Some(p) => p.as_str().to_owned(),
+                    None => w.len.to_string(),
+                },
+                "window_seconds": w.len.secs_at(now_ms),
                 "limit": w.limit,
                 "used": state.map(|s| s.used),
                 "remaining": state.map(|s| s.remaining),
                 "reset_ms": state.map(|s| s.reset_ms),
-            })
+            });
+            if let Some(p) = w.len.period() {
+                out["calendar"] = serde_json::json!(crate::plans::parse::CALENDAR_UTC);
+                if let Some(anchor) = p.anchor() {
+                    out["billing_anchor"] = serde_json::json!(anchor);
+                }
+            }
+            out
         })
         .collect();
     let concurrency = (policy.max_concurrent > 0).then(|| {

@@ -25,7 +25,7 @@ use plangate::config::Config;
 use plangate::limiter::keys::Keys;
 use plangate::limiter::redis::{RedisOptions, RedisStore};
 use plangate::limiter::{AttemptRequest, CounterStore, UsageRequest, Verdict, WindowSpec};
-use plangate::plans::{Unit, Window};
+use plangate::plans::{Unit, Window, WindowLen};
 use plangate_tests::harness::{send_to, unique, ADMIN_TOKEN, T0_MS};
 use tokio::sync::watch;
 
@@ -183,7 +183,7 @@ const LIMIT: u64 = 100;
 
 fn minute_window() -> [WindowSpec; 1] {
     [WindowSpec {
-        window_secs: 60,
+        len: WindowLen::Fixed(60),
         limit: LIMIT,
         unit: Unit::request(),
         amount: 1,
@@ -210,7 +210,7 @@ async fn attempt(store: &RedisStore, account: &str, id: &str) -> Verdict {
 
 async fn used(store: &RedisStore, account: &str) -> u64 {
     let windows = [Window {
-        window_secs: 60,
+        len: WindowLen::Fixed(60),
         limit: LIMIT,
         unit: Unit::request(),
     }];

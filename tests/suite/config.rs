@@ -72,7 +72,7 @@ fn original_first_example_loads_unchanged() {
     let windows: Vec<(u64, u64, &str)> = gpt
         .windows
         .iter()
-        .map(|w| (w.window_secs, w.limit, w.unit.as_str()))
+        .map(|w| (w.len.max_secs(), w.limit, w.unit.as_str()))
         .collect();
     assert_eq!(
         windows,
@@ -112,14 +112,14 @@ fn plan_validation_rules_name_file_line_and_key() {
                 "window_rules.yaml:6:21: plans.free.endpoints.gpt-4o.fixed_windows[0].window: must be at least 1s".into(),
                 "window_rules.yaml:8:21: plans.free.endpoints.gpt-4o.fixed_windows[1].window: `1500ms` is not a whole number of seconds".into(),
                 "window_rules.yaml:11:20: plans.free.endpoints.gpt-4o.fixed_windows[2].limit: must be at least 1".into(),
-                "window_rules.yaml:14:24: plans.free.endpoints.gpt-4o.fixed_windows[3].unit_type: `credit` is a reserved unit name (credits are configured under `credits:`)".into(),
+                "window_rules.yaml:14:24: plans.free.endpoints.gpt-4o.fixed_windows[3].unit_type: a `credit` window caps the credits the endpoint's requests are charged: the endpoint needs `credits:`".into(),
             ],
         ),
         (
             "unknown_keys.yaml",
             vec![
                 "unknown_keys.yaml:3:5: plans.free.title: unknown key `title` (expected one of `name`, `endpoints`, `enforce`)".into(),
-                "unknown_keys.yaml:9:13: plans.free.endpoints.gpt-4o.fixed_windows[0].unit: unknown key `unit` (expected one of `window`, `limit`, `unit_type`, `unit_kind`)".into(),
+                "unknown_keys.yaml:9:13: plans.free.endpoints.gpt-4o.fixed_windows[0].unit: unknown key `unit` (expected one of `window`, `calendar`, `limit`, `unit_type`, `unit_kind`)".into(),
                 "unknown_keys.yaml:10:9: plans.free.endpoints.gpt-4o.max_concurent: unknown key `max_concurent` (expected one of `fixed_windows`, `max_concurrent`, `concurrency_expiry`, `credits`, `enforce`)".into(),
             ],
         ),

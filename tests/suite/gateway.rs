@@ -1168,3 +1168,180 @@ async fn credit_windows_cap_what_is_spent() {
         gw.stop().await;
     }
 }
+
+/// A monthly quota (`window: 1mo, calendar: utc`) through the gateway, on
+/// both backends (on Postgres the plan is stored as JSON and read back):
+/// the headers, the 429 and `/v1/limits` report the real month end, in the
+/// last minute of a leap February and again on March 1st.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calendar_month_quota_reports_the_real_reset() {
+    const PLANS: &str = "\
+default_plan: monthly
+plans:
+  monthly:
+    endpoints:
+      gpt-test:
+        fixed_windows:
+          - {window: 1mo, calendar: utc, limit: 2}
+          - {window: 1mo, calendar: utc, limit: 1_000_000, unit_type: token}
+          - {window: 1w, calendar: utc, limit: 100}
+";
+    // 2028-02-29T23:59:30Z and 2028-03-01T00:00:00Z.
+    const LEAP_END: u64 = 1_835_481_570_000;
+    const MARCH_1: u64 = 1_835_481_600_000;
+    for backend in Backend::all().await {
+        let gw = TestGateway::start(Options {
+            plans: PLANS.to_owned(),
+            ..Options::new(backend)
+        })
+        .await;
+        gw.clock.set_ms(LEAP_END);
+        let (_, key) = gw.account(None).await;
+        for remaining in ["1", "0"] {
+            let r = gw.chat(&key, "gpt-test").await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            assert_eq!(r.header("x-ratelimit-limit-requests"), Some("2"));
+            assert_eq!(r.header("x-ratelimit-remaining-requests"), Some(remaining));
+            assert_eq!(r.header("x-ratelimit-reset-requests"), Some("30s"));
+            assert_eq!(r.header("x-ratelimit-reset-tokens"), Some("30s"));
+            wait_settled(&gw).await;
+        }
+        let r = gw.chat(&key, "gpt-test").await;
+        assert_eq!(r.status, 429);
+        assert_eq!(r.header("retry-after"), Some("30"));
+        assert_eq!(
+            r.json()["error"]["message"],
+            "Rate limit reached for gpt-test on requests per calendar month (UTC): Limit 2, \
+             Used 2, Requested 1. Please try again in 30s."
+        );
+        let limits = |key: String| {
+            let gw = &gw;
+            async move {
+                let req = Request::builder()
+                    .uri("/v1/limits")
+                    .header("authorization", format!("Bearer {key}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let r = gw.send(req).await;
+                assert_eq!(r.status, 200);
+                r.json()["endpoints"]["gpt-test"]["windows"].clone()
+            }
+        };
+        let w = limits(key.clone()).await;
+        assert_eq!(w[0]["window"], "1mo");
+        assert_eq!(w[0]["calendar"], "utc");
+        assert_eq!(w[0]["window_seconds"], 29 * 86_400, "a leap February");
+        assert_eq!(w[0]["used"], 2);
+        assert_eq!(w[0]["reset_ms"], 30_000);
+        // Tue 2028-02-29: the week ends on Monday 2028-03-06.
+        assert_eq!(w[2]["window"], "1w");
+        assert_eq!(w[2]["reset_ms"], 30_000 + 5 * 86_400_000);
+
+        // March 1st: a new month of 31 days (744 hours), the same week.
+        gw.clock.set_ms(MARCH_1);
+        let r = gw.chat(&key, "gpt-test").await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("1"));
+        assert_eq!(r.header("x-ratelimit-reset-requests"), Some("744h0m0s"));
+        wait_settled(&gw).await;
+        let w = limits(key.clone()).await;
+        assert_eq!(w[0]["window_seconds"], 31 * 86_400);
+        assert_eq!(
+            (w[0]["used"].as_u64(), w[0]["reset_ms"].as_u64()),
+            (Some(1), Some(31 * 86_400_000))
+        );
+        assert_eq!(w[2]["used"], 3, "the week goes on");
+    }
+}
+
+/// A billing anchor set through the admin API moves an account's monthly
+/// quota: from the 31st, the period in February 2028 ends on Feb 29 (the
+/// month is clamped); cleared, the calendar month is back. Both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_anchor_moves_the_monthly_quota() {
+    const PLANS: &str = "\
+default_plan: monthly
+plans:
+  monthly:
+    endpoints:
+      gpt-test:
+        fixed_windows:
+          - {window: 1mo, calendar: utc, limit: 5}
+";
+    // 2028-02-28T23:59:30Z.
+    const T: u64 = 1_835_395_170_000;
+    for backend in Backend::all().await {
+        let gw = TestGateway::start(Options {
+            plans: PLANS.to_owned(),
+            ..Options::new(backend)
+        })
+        .await;
+        gw.clock.set_ms(T);
+        let admin = |method: Method, path: String, body: String| {
+            let gw = &gw;
+            async move { gw.admin(method, &path, Some(ADMIN_TOKEN), &body).await }
+        };
+        let account = plangate_tests::harness::unique("anchored");
+        let r = admin(
+            Method::POST,
+            "/admin/accounts".into(),
+            json!({"id": account, "billing_anchor": 31}).to_string(),
+        )
+        .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        assert_eq!(r.json()["billing_anchor"], 31);
+        let key = gw.catalog().create_key(&account).await.unwrap().key;
+        let limits = || {
+            let gw = &gw;
+            let key = key.clone();
+            async move {
+                let req = Request::builder()
+                    .uri("/v1/limits")
+                    .header("authorization", format!("Bearer {key}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let r = gw.send(req).await;
+                assert_eq!(r.status, 200);
+                r.json()["endpoints"]["gpt-test"]["windows"][0].clone()
+            }
+        };
+
+        let r = gw.chat(&key, "gpt-test").await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.header("x-ratelimit-reset-requests"), Some("30s"));
+        wait_settled(&gw).await;
+        let w = limits().await;
+        assert_eq!(w["window"], "1mo");
+        assert_eq!(w["billing_anchor"], 31);
+        // Jan 31 to Feb 29.
+        assert_eq!(w["window_seconds"], 29 * 86_400);
+        assert_eq!(
+            (w["used"].as_u64(), w["reset_ms"].as_u64()),
+            (Some(1), Some(30_000))
+        );
+
+        // Not a day of the month: 400, nothing changes.
+        for bad in [json!({"billing_anchor": 0}), json!({"billing_anchor": 32})] {
+            let r = admin(
+                Method::PUT,
+                format!("/admin/accounts/{account}/billing-anchor"),
+                bad.to_string(),
+            )
+            .await;
+            assert_eq!(r.status, 400, "{bad}");
+        }
+        // Cleared: the calendar month, to March 1st, a fresh counter.
+        let r = admin(
+            Method::PUT,
+            format!("/admin/accounts/{account}/billing-anchor"),
+            json!({"billing_anchor": null}).to_string(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.json()["billing_anchor"], serde_json::Value::Null);
+        let w = limits().await;
+        assert!(w.get("billing_anchor").is_none(), "{w}");
+        assert_eq!(w["reset_ms"], 86_400_000 + 30_000);
+        assert_eq!(w["used"], 0);
+    }
+}

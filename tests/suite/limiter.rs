@@ -21,7 +21,7 @@ use plangate::limiter::{
     Attempt, AttemptRequest, CounterStore, Denial, EndRequest, Limiter, Permit, RateLimitInfo,
     RenewRequest, UsageRequest, Verdict, WindowSpec, SETTLE_GRACE_MS,
 };
-use plangate::plans::{Policy, Unit, Window};
+use plangate::plans::{Period, Policy, Unit, Window, WindowLen};
 use redis::aio::MultiplexedConnection;
 
 const MINUTE: u64 = 60_000;
@@ -38,7 +38,7 @@ fn policy(windows: &[(u64, u64, &str)], max_concurrent: u32, expiry_secs: u64) -
         windows: windows
             .iter()
             .map(|&(window_secs, limit, unit)| Window {
-                window_secs,
+                len: WindowLen::Fixed(window_secs),
                 limit,
                 unit: Unit::new(unit),
             })
@@ -48,6 +48,33 @@ fn policy(windows: &[(u64, u64, &str)], max_concurrent: u32, expiry_secs: u64) -
         credits: None,
         enforce: true,
     })
+}
+
+/// A policy of windows of any length.
+fn len_policy(windows: &[(WindowLen, u64, &str)]) -> Arc<Policy> {
+    Arc::new(Policy {
+        windows: windows
+            .iter()
+            .map(|&(len, limit, unit)| Window {
+                len,
+                limit,
+                unit: Unit::new(unit),
+            })
+            .collect(),
+        max_concurrent: 0,
+        concurrency_expiry_secs: 60,
+        credits: None,
+        enforce: true,
+    })
+}
+
+const MONTH: WindowLen = WindowLen::Calendar(Period::Month);
+const WEEK: WindowLen = WindowLen::Calendar(Period::Week);
+const CAL_DAY: WindowLen = WindowLen::Calendar(Period::Day);
+
+/// `y-m-d h:mi:s` UTC in ms.
+fn utc(y: u64, m: u64, d: u64, h: u64, mi: u64, s: u64) -> u64 {
+    plangate::clock::days_from_civil(y, m, d) * DAY + ((h * 60 + mi) * 60 + s) * 1000
 }
 
 /// The free tier of ORIGINAL.md: 3 requests/min, 200 requests/day, 40k
@@ -147,9 +174,9 @@ impl Raw {
             keys.push(self.keys.window(
                 account,
                 endpoint,
-                w.window_secs,
+                w.len,
                 w.unit.as_str(),
-                window_index(now_ms, w.window_secs),
+                w.len.index(now_ms),
             ));
         }
         let mut out = Vec::new();
@@ -427,6 +454,12 @@ conformance!(
     keeper_stops_with_the_permit,
     shadow_mode_counts_and_reports_but_refuses_nothing,
     reset_windows_clears_the_current_windows_of_one_endpoint,
+    month_window_resets_on_the_first_after_a_leap_february,
+    month_window_settles_across_the_month_end,
+    short_months_and_the_year_end_reset_on_the_first,
+    week_window_resets_on_monday,
+    calendar_and_fixed_days_keep_separate_counters,
+    billing_month_runs_anchor_to_anchor_clamped_in_short_months,
 );
 
 /// `limits reset`: the current windows of (account, endpoint) count from
@@ -468,6 +501,199 @@ async fn reset_windows_clears_the_current_windows_of_one_endpoint<S: CounterStor
     permit.end(&[]).await.expect("end");
 }
 
+/// A billing month from the 31st (an account's `billing_anchor`): Jan 31
+/// to Feb 28 in 2027, Feb 28 to Mar 31; Jan 31 to Feb 29 in 2028. The
+/// resets reported are those ends; its counter is not the calendar
+/// month's.
+async fn billing_month_runs_anchor_to_anchor_clamped_in_short_months<S: CounterStore + Debug>(
+    h: &Harness<S>,
+) {
+    let from_31 = WindowLen::Calendar(Period::MonthFrom(31));
+    let p = len_policy(&[(from_31, 2, "request")]);
+    // (when, the period's end)
+    let cases = [
+        (utc(2027, 2, 27, 12, 0, 0), utc(2027, 2, 28, 0, 0, 0)),
+        (utc(2027, 3, 30, 23, 0, 0), utc(2027, 3, 31, 0, 0, 0)),
+        (utc(2028, 2, 28, 23, 59, 59), utc(2028, 2, 29, 0, 0, 0)),
+    ];
+    for (i, (t, end)) in cases.into_iter().enumerate() {
+        let endpoint = format!("b{i}");
+        h.clock.set_ms(t);
+        for n in 0..2 {
+            let (permit, info) = h.admit(&format!("r{n}"), &endpoint, &p, &[]).await;
+            assert_eq!(info.windows[0].reset_ms, end - t, "case {i}");
+            permit.end(&[]).await.expect("end");
+        }
+        let (denial, _) = h.deny("r2", &endpoint, &p, &[]).await;
+        assert!(
+            matches!(denial, Denial::Window { reset_ms, .. } if reset_ms == end - t),
+            "case {i}: {denial:?}"
+        );
+        // The calendar month is another counter.
+        assert_eq!(
+            h.usage(&endpoint, &len_policy(&[(MONTH, 2, "request")]))
+                .await
+                .0,
+            vec![0]
+        );
+        h.clock.set_ms(end);
+        let (permit, _) = h.admit("r3", &endpoint, &p, &[]).await;
+        permit.end(&[]).await.expect("end");
+    }
+    // From Feb 28, 2027 the next period ends on Mar 31 (31 days).
+    h.clock.set_ms(utc(2027, 2, 28, 0, 0, 0));
+    let info = h.info("b0", &p).await;
+    assert_eq!(
+        (info.windows[0].used, info.windows[0].reset_ms),
+        (1, 31 * DAY)
+    );
+}
+
+/// A monthly token quota: full on Feb 29 2028 (a leap year) until the last
+/// moment, reset at 00:00 UTC on March 1st; the reset reported is the real
+/// month end (seconds away, then 31 days).
+async fn month_window_resets_on_the_first_after_a_leap_february<S: CounterStore + Debug>(
+    h: &Harness<S>,
+) {
+    let p = len_policy(&[(MONTH, 1_000, "token")]);
+    // Feb 1st: the month is 29 days long.
+    h.clock.set_ms(utc(2028, 2, 1, 0, 0, 0));
+    let (permit, info) = h.admit("a", "e", &p, &tokens(300)).await;
+    assert_eq!(info.windows[0].reset_ms, 29 * DAY);
+    permit.end(&tokens(400)).await.expect("end");
+    // Feb 29, 23:59:58: 400 used, 600 left; 2 s to the month end.
+    h.clock.set_ms(utc(2028, 2, 29, 23, 59, 58));
+    let (permit, info) = h.admit("b", "e", &p, &tokens(600)).await;
+    let tok = info.unit("token").expect("token info");
+    assert_eq!((tok.len, tok.remaining, tok.reset_ms), (MONTH, 0, 2_000));
+    permit.end(&tokens(600)).await.expect("end");
+    let (denial, info) = h.deny("c", "e", &p, &tokens(1)).await;
+    assert_eq!(
+        denial,
+        Denial::Window {
+            window: p.windows[0].clone(),
+            used: 1_000,
+            requested: 1,
+            reset_ms: 2_000,
+        }
+    );
+    assert_eq!(info.windows[0].reset_ms, 2_000);
+    // The last millisecond of February is still February.
+    h.clock.set_ms(utc(2028, 3, 1, 0, 0, 0) - 1);
+    h.deny("c", "e", &p, &tokens(1)).await;
+    // March 1st 00:00 UTC: a new month of 31 days.
+    h.clock.set_ms(utc(2028, 3, 1, 0, 0, 0));
+    let (permit, info) = h.admit("d", "e", &p, &tokens(1_000)).await;
+    assert_eq!(
+        (info.windows[0].used, info.windows[0].reset_ms),
+        (1_000, 31 * DAY)
+    );
+    permit.end(&tokens(1_000)).await.expect("end");
+}
+
+/// A request admitted in one month and ended in the next: an excess lands
+/// in the new month, a give-back goes to the old one (SPEC §4 End).
+async fn month_window_settles_across_the_month_end<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = len_policy(&[(MONTH, 10_000, "token")]);
+    h.clock.set_ms(utc(2027, 1, 31, 23, 59, 0));
+    let (over, _) = h.admit("over", "e", &p, &tokens(100)).await;
+    let (under, _) = h.admit("under", "e", &p, &tokens(500)).await;
+    assert_eq!(h.usage("e", &p).await.0, vec![600]);
+    h.clock.set_ms(utc(2027, 2, 1, 0, 0, 30));
+    assert_eq!(h.usage("e", &p).await.0, vec![0], "a new month");
+    over.end(&tokens(250)).await.expect("end");
+    under.end(&tokens(200)).await.expect("end");
+    // February: only the excess of `over`; `under`'s give-back went to
+    // January (gone), not taken from February.
+    assert_eq!(h.usage("e", &p).await.0, vec![150]);
+}
+
+/// 28-day and 30-day months, and a December, each reset on the 1st.
+async fn short_months_and_the_year_end_reset_on_the_first<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = len_policy(&[(MONTH, 2, "request")]);
+    // (a moment in the month, its next 1st); the next months (March, May,
+    // January) have 31 days.
+    let cases = [
+        (utc(2027, 2, 14, 10, 0, 0), utc(2027, 3, 1, 0, 0, 0)),
+        (utc(2027, 4, 30, 23, 0, 0), utc(2027, 5, 1, 0, 0, 0)),
+        (utc(2026, 12, 31, 23, 59, 59), utc(2027, 1, 1, 0, 0, 0)),
+    ];
+    for (i, (t, next)) in cases.into_iter().enumerate() {
+        let endpoint = format!("m{i}");
+        h.clock.set_ms(t);
+        for n in 0..2 {
+            let (permit, _) = h.admit(&format!("r{n}"), &endpoint, &p, &[]).await;
+            permit.end(&[]).await.expect("end");
+        }
+        let (denial, _) = h.deny("r2", &endpoint, &p, &[]).await;
+        assert!(
+            matches!(denial, Denial::Window { reset_ms, .. } if reset_ms == next - t),
+            "case {i}: {denial:?}"
+        );
+        h.clock.set_ms(next);
+        let (permit, info) = h.admit("r3", &endpoint, &p, &[]).await;
+        assert_eq!(
+            (info.windows[0].used, info.windows[0].reset_ms),
+            (1, 31 * DAY),
+            "case {i}"
+        );
+        permit.end(&[]).await.expect("end");
+    }
+}
+
+/// A weekly quota runs Monday 00:00 UTC to Monday: Sunday night is the old
+/// week, Monday the new one.
+async fn week_window_resets_on_monday<S: CounterStore + Debug>(h: &Harness<S>) {
+    let p = len_policy(&[(WEEK, 2, "request")]);
+    // Monday 2026-11-30 and Sunday 2026-12-06, 23:59:59.
+    for (i, t) in [utc(2026, 11, 30, 0, 0, 0), utc(2026, 12, 6, 23, 59, 59)]
+        .into_iter()
+        .enumerate()
+    {
+        h.clock.set_ms(t);
+        let (permit, _) = h.admit(&format!("w{i}"), "e", &p, &[]).await;
+        permit.end(&[]).await.expect("end");
+    }
+    let (denial, info) = h.deny("w2", "e", &p, &[]).await;
+    assert!(
+        matches!(
+            denial,
+            Denial::Window {
+                reset_ms: 1_000,
+                used: 2,
+                ..
+            }
+        ),
+        "{denial:?}"
+    );
+    assert_eq!(info.unit("request").map(|u| u.reset_ms), Some(1_000));
+    h.clock.set_ms(utc(2026, 12, 7, 0, 0, 0));
+    let (permit, info) = h.admit("w3", "e", &p, &[]).await;
+    assert_eq!(
+        (info.windows[0].used, info.windows[0].reset_ms),
+        (1, 7 * DAY)
+    );
+    permit.end(&[]).await.expect("end");
+}
+
+/// `window: 1d, calendar: utc` and `window: 1d` have the same boundaries
+/// but their own counters (their keys differ), so switching a plan from
+/// one to the other starts afresh rather than reading the other's count.
+async fn calendar_and_fixed_days_keep_separate_counters<S: CounterStore + Debug>(h: &Harness<S>) {
+    let calendar = len_policy(&[(CAL_DAY, 5, "request")]);
+    let fixed = len_policy(&[(WindowLen::Fixed(86_400), 5, "request")]);
+    for i in 0..2 {
+        let (permit, _) = h.admit(&format!("c{i}"), "e", &calendar, &[]).await;
+        permit.end(&[]).await.expect("end");
+    }
+    let (permit, _) = h.admit("f", "e", &fixed, &[]).await;
+    permit.end(&[]).await.expect("end");
+    assert_eq!(h.usage("e", &calendar).await.0, vec![2]);
+    assert_eq!(h.usage("e", &fixed).await.0, vec![1]);
+    let info = h.info("e", &calendar).await;
+    assert_eq!(info.windows[0].reset_ms, (T0 / DAY + 1) * DAY - T0);
+}
+
 async fn free_plan_fourth_request_in_a_minute_is_denied<S: CounterStore + Debug>(h: &Harness<S>) {
     let p = free_plan();
     for i in 0..3 {
@@ -489,8 +715,8 @@ async fn free_plan_fourth_request_in_a_minute_is_denied<S: CounterStore + Debug>
     assert_eq!(reset, 42_750);
     let req = info.unit("request").expect("request info");
     assert_eq!(
-        (req.window_secs, req.limit, req.remaining, req.reset_ms),
-        (60, 3, 0, reset)
+        (req.len, req.limit, req.remaining, req.reset_ms),
+        (WindowLen::Fixed(60), 3, 0, reset)
     );
     let tok = info.unit("token").expect("token info");
     assert_eq!((tok.limit, tok.remaining), (40_000, 39_970));
@@ -642,9 +868,13 @@ async fn reservations_are_settled<S: CounterStore + Debug>(h: &Harness<S>) {
         assert!(permit.end(&tokens(actual)).await.expect("end"), "case {i}");
         assert_eq!(h.usage(&endpoint, &p).await.0, vec![want_used], "case {i}");
         if let Some(raw) = &h.raw {
-            let key = raw
-                .keys
-                .window(&h.account, &endpoint, 60, "token", window_index(T0, 60));
+            let key = raw.keys.window(
+                &h.account,
+                &endpoint,
+                WindowLen::Fixed(60),
+                "token",
+                window_index(T0, 60),
+            );
             let state = raw.key_state(&key).await;
             assert_eq!(state.value, vec![want_raw.to_owned()], "case {i}: {key}");
         }
@@ -654,9 +884,13 @@ async fn reservations_are_settled<S: CounterStore + Debug>(h: &Harness<S>) {
     if let Some(raw) = &h.raw {
         h.clock.set_ms(T0);
         let (permit, _) = h.admit("r", "floor", &p, &tokens(100)).await;
-        let key = raw
-            .keys
-            .window(&h.account, "floor", 60, "token", window_index(T0, 60));
+        let key = raw.keys.window(
+            &h.account,
+            "floor",
+            WindowLen::Fixed(60),
+            "token",
+            window_index(T0, 60),
+        );
         let mut c = raw.conn.clone();
         let _: () = redis::cmd("SET")
             .arg(&key)
@@ -772,8 +1006,8 @@ async fn info_picks_the_most_constraining_window<S: CounterStore + Debug>(h: &Ha
         let info = h.info(&endpoint, &p).await;
         let u = info.unit("request").expect("request info");
         assert_eq!(
-            (u.window_secs, u.remaining),
-            (want_secs, want_remaining),
+            (u.len, u.remaining),
+            (WindowLen::Fixed(want_secs), want_remaining),
             "case {i}"
         );
         assert_eq!(u.reset_ms, window_reset_ms(h.now(), want_secs), "case {i}");
@@ -797,7 +1031,7 @@ async fn plan_change_keeps_counts_of_windows_that_stay<S: CounterStore + Debug>(
     let _n2 = h.admit("n2", "e", &new, &[]).await;
     let (denial, _) = h.deny("n3", "e", &new, &[]).await;
     assert!(
-        matches!(&denial, Denial::Window { window, used: 5, .. } if window.window_secs == 60),
+        matches!(&denial, Denial::Window { window, used: 5, .. } if window.len == WindowLen::Fixed(60)),
         "{denial:?}"
     );
 }
@@ -932,7 +1166,7 @@ const EXACT_LIMIT: u64 = 100;
 
 async fn attempt_once<S: CounterStore>(store: &S, account: &str, id: &str) -> bool {
     let windows = [WindowSpec {
-        window_secs: 60,
+        len: WindowLen::Fixed(60),
         limit: EXACT_LIMIT,
         unit: Unit::request(),
         amount: 1,
@@ -955,7 +1189,7 @@ async fn attempt_once<S: CounterStore>(store: &S, account: &str, id: &str) -> bo
 
 async fn used_now<S: CounterStore>(store: &S, account: &str) -> u64 {
     let windows = [Window {
-        window_secs: 60,
+        len: WindowLen::Fixed(60),
         limit: EXACT_LIMIT,
         unit: Unit::request(),
     }];
@@ -1154,7 +1388,7 @@ async fn recovers_after_outage(mode: RedisMode) {
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let windows = [WindowSpec {
-        window_secs: 60,
+        len: WindowLen::Fixed(60),
         limit: EXACT_LIMIT,
         unit: Unit::request(),
         amount: 1,
@@ -1217,9 +1451,13 @@ async fn redis_ttls_cover_windows_and_the_longest_lease() {
     let raw = h.raw.clone().expect("redis harness");
     let slack = plangate::limiter::redis::TTL_SLACK_MS as i64;
     let set = raw.keys.in_flight(&h.account, "e");
-    let counter = raw
-        .keys
-        .window(&h.account, "e", 60, "request", window_index(T0, 60));
+    let counter = raw.keys.window(
+        &h.account,
+        "e",
+        WindowLen::Fixed(60),
+        "request",
+        window_index(T0, 60),
+    );
     // Real time passes between the scripts and the PTTL reads: allow 2 s.
     let pttl = |k: String| {
         let raw = raw.clone();
@@ -1266,6 +1504,41 @@ async fn redis_ttls_cover_windows_and_the_longest_lease() {
     let (_d, _) = h.admit("d", "e", &short, &[]).await;
     set_covers(600_000).await;
     assert_eq!(h.usage("e", &short).await, (vec![4], 4));
+    h.finish().await;
+}
+
+/// A calendar month's counter lives until the month's real end (+ slack):
+/// an hour when written in the last hour of a leap February, 29 days when
+/// written on its first day, and under its own key token (`1mo`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_month_counters_live_to_the_month_end() {
+    let Some(h) = redis_harness(RedisMode::Multiplexed).await else {
+        return;
+    };
+    let raw = h.raw.clone().expect("redis harness");
+    let slack = plangate::limiter::redis::TTL_SLACK_MS as i64;
+    let p = len_policy(&[(MONTH, 1_000, "token")]);
+    for (endpoint, t, left) in [
+        ("late", utc(2028, 2, 29, 23, 0, 0), 3_600_000i64),
+        ("early", utc(2028, 2, 1, 0, 0, 0), 29 * DAY as i64),
+    ] {
+        h.clock.set_ms(t);
+        let (permit, _) = h.admit("r", endpoint, &p, &tokens(10)).await;
+        permit.end(&tokens(10)).await.expect("end");
+        let key = raw
+            .keys
+            .window(&h.account, endpoint, MONTH, "token", MONTH.index(t));
+        assert!(key.contains(":w:1mo:token:"), "{key}");
+        let state = raw.key_state(&key).await;
+        assert_eq!(state.value, vec!["10".to_owned()], "{key}");
+        // Real time passes between the script and the PTTL read: allow 2 s.
+        assert!(
+            state.pttl <= left + slack && state.pttl > left + slack - 2_000,
+            "{key}: {} ms left, want {} ms",
+            state.pttl,
+            left + slack
+        );
+    }
     h.finish().await;
 }
 

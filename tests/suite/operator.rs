@@ -637,6 +637,51 @@ async fn admin_commands_read_only_the_storage_section() {
     drop_database(db_name(&db)).await;
 }
 
+/// `accounts create --billing-anchor` and `accounts billing-anchor`: set,
+/// shown, changed, cleared; days outside 1 to 31 refused (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_anchors_from_the_command_line() {
+    let Some(db) = plangate_tests::postgres_db("opsanchor").await else {
+        return;
+    };
+    plangate::catalog::postgres::migrate(&db)
+        .await
+        .expect("migrate");
+    let dir = TempDir::new("ops-anchor");
+    let config = write_config(&dir, &format!("postgres_url = \"{db}\""), "t", "Bearer k");
+    let config_arg = config.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--config", config_arg]);
+        tokio::task::block_in_place(|| plangate(dir.path(), &all, &[], Duration::from_secs(60)))
+    };
+    let ok = |out: Out| {
+        assert_eq!(out.code, Some(0), "{}", out.text());
+        out.stdout
+    };
+    let created = ok(run(&[
+        "accounts",
+        "create",
+        "acme",
+        "--billing-anchor",
+        "15",
+    ]));
+    assert!(created.contains("billing month: from day 15"), "{created}");
+    ok(run(&["accounts", "billing-anchor", "acme", "31"]));
+    let show = ok(run(&["accounts", "show", "acme"]));
+    assert!(show.contains("billing month: from day 31"), "{show}");
+    for bad in ["0", "32", "first"] {
+        let out = run(&["accounts", "billing-anchor", "acme", bad]);
+        assert_eq!(out.code, Some(2), "{bad}: {}", out.text());
+    }
+    let out = run(&["accounts", "create", "other", "--billing-anchor", "32"]);
+    assert_eq!(out.code, Some(2), "{}", out.text());
+    ok(run(&["accounts", "billing-anchor", "acme", "none"]));
+    let show = ok(run(&["accounts", "show", "acme"]));
+    assert!(!show.contains("billing month"), "{show}");
+    drop_database(db_name(&db)).await;
+}
+
 /// The shell block under "## Running in production" in README.md.
 fn readme_production_block() -> String {
     let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");

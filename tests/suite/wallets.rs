@@ -17,7 +17,7 @@ use plangate::credits::Outbox;
 use plangate::limiter::memory::MemoryStore;
 use plangate::limiter::redis::{RedisOptions, RedisStore};
 use plangate::limiter::{AnyStore, Attempt, Denial, Ending, Limiter};
-use plangate::plans::{CreditCost, PerUnit, Policy, Unit, Window};
+use plangate::plans::{CreditCost, PerUnit, Policy, Unit, Window, WindowLen};
 
 /// 2023-11-14 22:13:20 UTC.
 const T0: u64 = 1_700_000_000_000;
@@ -139,7 +139,7 @@ fn policy(per_request: u64, min_balance: u64, per_token: Option<(u64, u64)>) -> 
     }
     Arc::new(Policy {
         windows: vec![Window {
-            window_secs: 60,
+            len: WindowLen::Fixed(60),
             limit: 1_000_000,
             unit: Unit::request(),
         }],

@@ -175,6 +175,17 @@ impl<K, T> Map<K, T> {
     }
 }
 
+/// A plan as the cache found it and the same plan anchored.
+type AnchoredPlan = (Arc<Plan>, Arc<Plan>);
+
+/// What the cache keeps of an account.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Assigned {
+    /// The assigned plan (`None`: the default plan, or no such account).
+    plan: Option<String>,
+    billing_anchor: Option<u8>,
+}
+
 struct Inner {
     catalog: Arc<dyn Catalog>,
     clock: SharedClock,
@@ -184,8 +195,13 @@ struct Inner {
     plans_loaded_ms: AtomicU64,
     /// Bumped by every plan invalidation (see [`Map`]).
     plans_epoch: AtomicU64,
-    /// Account id → its assigned plan (`None`: default plan or unknown account).
-    accounts: Map<Box<str>, Option<String>>,
+    /// Account id → its assigned plan (`None`: default plan or unknown
+    /// account) and billing anchor.
+    accounts: Map<Box<str>, Assigned>,
+    /// (plan id, billing anchor) → (the plan, the plan anchored): built
+    /// once per plan version and anchor, not per request (a stale entry,
+    /// whose plan is no longer the snapshot's, is rebuilt).
+    anchored: parking_lot::Mutex<HashMap<(String, u8), AnchoredPlan>>,
     /// Key digest → owner (`None`: no such unrevoked key). Keyed on the
     /// 32-byte SHA-256 rather than its 64-character hex form: with 100,000
     /// keys that is 8 MB less, and a lookup needs no hex string.
@@ -262,6 +278,7 @@ impl CatalogCache {
             plans_loaded_ms: now.into(),
             plans_epoch: 0.into(),
             accounts: Map::new(),
+            anchored: Default::default(),
             keys: Map::new(),
             hits: 0.into(),
             loads: 0.into(),
@@ -336,25 +353,55 @@ impl CatalogCache {
     /// the default plan. Accounts the catalog does not know are on the
     /// default plan too.
     pub async fn plan_id_for_account(&self, account: &str) -> CatalogResult<Option<String>> {
-        let assigned = self.assigned_plan(account).await?;
-        Ok(assigned.or_else(|| self.plans().default_plan.clone()))
+        let assigned = self.assigned(account).await?;
+        Ok(assigned.plan.or_else(|| self.plans().default_plan.clone()))
     }
 
     /// The plan in force for `account` (see [`Self::plan_id_for_account`]);
     /// `None` when no plan exists at all.
+    ///
+    /// For an account with a billing anchor (2 to 31), the plan's calendar
+    /// month windows are billing months from that day ([`Plan::anchored`]).
     pub async fn plan_for_account(&self, account: &str) -> CatalogResult<Option<Arc<Plan>>> {
-        let Some(id) = self.plan_id_for_account(account).await? else {
+        let assigned = self.assigned(account).await?;
+        let Some(id) = assigned.plan.or_else(|| self.plans().default_plan.clone()) else {
             return Ok(None);
         };
-        if let Some(plan) = self.plans().plans.get(&id) {
-            return Ok(Some(plan.clone()));
+        let plan = match self.plans().plans.get(&id) {
+            Some(plan) => Some(plan.clone()),
+            None => {
+                // The account names a plan newer than our snapshot (its
+                // notification is still on the way): reload once.
+                if let Err(e) = self.refresh_plans().await {
+                    tracing::warn!(error = %e, "reloading plans failed");
+                }
+                self.plans().plans.get(&id).cloned()
+            }
+        };
+        Ok(match (plan, assigned.billing_anchor) {
+            (Some(plan), Some(anchor)) if anchor > 1 && plan.has_months() => {
+                Some(self.anchored(&plan, anchor))
+            }
+            (plan, _) => plan,
+        })
+    }
+
+    /// `plan` anchored on `anchor`, built once per plan version.
+    fn anchored(&self, plan: &Arc<Plan>, anchor: u8) -> Arc<Plan> {
+        let mut map = self.inner.anchored.lock();
+        let key = (plan.id.clone(), anchor);
+        if let Some((base, anchored)) = map.get(&key) {
+            if Arc::ptr_eq(base, plan) {
+                return anchored.clone();
+            }
         }
-        // The account names a plan newer than our snapshot (its notification
-        // is still on the way): reload once.
-        if let Err(e) = self.refresh_plans().await {
-            tracing::warn!(error = %e, "reloading plans failed");
+        // Bounded: plan ids × 30 anchors; dropped whole if plans churn.
+        if map.len() >= 10_000 {
+            map.clear();
         }
-        Ok(self.plans().plans.get(&id).cloned())
+        let anchored = plan.anchored(anchor);
+        map.insert(key, (plan.clone(), anchored.clone()));
+        anchored
     }
 
     /// Hit, load and stale counters since start.
@@ -371,7 +418,7 @@ impl CatalogCache {
         self.inner.invalidate(inv);
     }
 
-    async fn assigned_plan(&self, account: &str) -> CatalogResult<Option<String>> {
+    async fn assigned(&self, account: &str) -> CatalogResult<Assigned> {
         let inner = &self.inner;
         inner
             .lookup(
@@ -386,8 +433,11 @@ impl CatalogCache {
                         let id = owned.clone();
                         async move {
                             match cat.get_account(&id).await {
-                                Ok(a) => Ok(a.plan_id),
-                                Err(CatalogError::NotFound { .. }) => Ok(None),
+                                Ok(a) => Ok(Assigned {
+                                    plan: a.plan_id,
+                                    billing_anchor: a.billing_anchor,
+                                }),
+                                Err(CatalogError::NotFound { .. }) => Ok(Assigned::default()),
                                 Err(e) => Err(e),
                             }
                         }

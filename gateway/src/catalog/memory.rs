@@ -14,12 +14,12 @@ use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
 use super::{
-    already_revoked, check_block_expiry, check_credits, check_grant, check_id, check_key_options,
-    credits_left, generate_id, generate_key, hash_key, merge_metadata, ms_to_time,
-    normalize_metadata, time_to_ms, trunc_micros, Account, ApiKeyInfo, ApplyReport, Catalog,
-    CatalogError, CatalogResult, CreditOp, CreditSnapshot, DeductResult, Deduction, DeletedAccount,
-    Draw, GroupBy, Invalidation, KeyOptions, KeyOwner, LedgerEntry, NewApiKey, QuotaBlock,
-    UsageBucket, UsageCursor, UsageEvent, UsageQuery, MAX_ACCOUNTS_PAGE,
+    already_revoked, check_billing_anchor, check_block_expiry, check_credits, check_grant,
+    check_id, check_key_options, credits_left, generate_id, generate_key, hash_key, merge_metadata,
+    ms_to_time, normalize_metadata, time_to_ms, trunc_micros, Account, ApiKeyInfo, ApplyReport,
+    Catalog, CatalogError, CatalogResult, CreditOp, CreditSnapshot, DeductResult, Deduction,
+    DeletedAccount, Draw, GroupBy, Invalidation, KeyOptions, KeyOwner, LedgerEntry, NewApiKey,
+    QuotaBlock, UsageBucket, UsageCursor, UsageEvent, UsageQuery, MAX_ACCOUNTS_PAGE,
 };
 use crate::catalog::usage::{check_batch, epoch_ms_ceil, Summary};
 use crate::clock::SharedClock;
@@ -168,6 +168,7 @@ struct State {
 
 struct AccountRow {
     plan_id: Option<String>,
+    billing_anchor: Option<u8>,
     metadata: serde_json::Value,
     /// Bumped by credit changes made outside the wallets.
     credit_version: u64,
@@ -298,6 +299,7 @@ impl State {
             plan_id: row.plan_id.clone(),
             effective_plan: row.plan_id.clone().or_else(|| self.default_plan.clone()),
             metadata: row.metadata.clone(),
+            billing_anchor: row.billing_anchor,
         })
     }
 }
@@ -463,6 +465,7 @@ impl Catalog for MemoryCatalog {
                 id.to_string(),
                 AccountRow {
                     credit_version,
+                    billing_anchor: None,
                     plan_id: plan_id.map(str::to_string),
                     metadata,
                 },
@@ -582,6 +585,19 @@ impl Catalog for MemoryCatalog {
             version,
         });
         Ok(deleted)
+    }
+
+    async fn set_billing_anchor(&self, account_id: &str, anchor: Option<u8>) -> CatalogResult<()> {
+        check_billing_anchor(anchor)?;
+        {
+            let mut st = self.state.lock();
+            st.require_account(account_id)?;
+            if let Some(row) = st.accounts.get_mut(account_id) {
+                row.billing_anchor = anchor;
+            }
+        }
+        self.notify(Invalidation::Account(account_id.to_string()));
+        Ok(())
     }
 
     async fn create_key_with(

@@ -131,6 +131,14 @@ impl<C: Catalog> Catalog for Timed<C> {
         .await
     }
 
+    async fn set_billing_anchor(&self, account_id: &str, anchor: Option<u8>) -> CatalogResult<()> {
+        self.within(
+            "set_billing_anchor",
+            self.inner.set_billing_anchor(account_id, anchor),
+        )
+        .await
+    }
+
     async fn update_account_metadata(
         &self,
         id: &str,
@@ -363,6 +371,7 @@ mod tests {
             patch: &serde_json::Map<String, serde_json::Value>
         ) -> Account;
         delete_account(id: &str, force: bool) -> DeletedAccount;
+        set_billing_anchor(account_id: &str, anchor: Option<u8>) -> ();
         create_key(account_id: &str) -> NewApiKey;
         create_key_with(account_id: &str, opts: &KeyOptions) -> NewApiKey;
         revoke_key(key_id: &str) -> ();

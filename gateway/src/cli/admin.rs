@@ -83,6 +83,11 @@ pub enum AccountsCmd {
         /// A metadata entry KEY=VALUE (a string); repeat for more.
         #[arg(long, value_name = "KEY=VALUE")]
         metadata: Vec<String>,
+        /// The day of the month (1 to 31) its billing month starts on: its
+        /// plan's calendar month windows (`window: 1mo, calendar: utc`) run
+        /// from that day, clamped in short months [default: the 1st].
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=31))]
+        billing_anchor: Option<u8>,
     },
     /// Set or remove metadata entries of an account (other entries stay).
     #[command(
@@ -125,6 +130,16 @@ pub enum AccountsCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Set the day of the month (1 to 31, or `none`) an account's billing
+    /// month starts on.
+    #[command(after_help = "Example:\n  plangate accounts billing-anchor acme 15")]
+    BillingAnchor {
+        /// Account id.
+        id: String,
+        /// 1 to 31, or `none` for the calendar month.
+        #[arg(value_parser = parse_anchor)]
+        day: Anchor,
+    },
     /// Assign a plan to an account.
     Assign {
         /// Account id.
@@ -137,6 +152,22 @@ pub enum AccountsCmd {
         /// Account id.
         id: String,
     },
+}
+
+/// A billing anchor on the command line: a day (1 to 31) or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Anchor(pub Option<u8>);
+
+fn parse_anchor(s: &str) -> Result<Anchor, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Anchor(None));
+    }
+    match s.parse::<u8>() {
+        Ok(day @ 1..=31) => Ok(Anchor(Some(day))),
+        _ => Err(format!(
+            "`{s}` is not a day of the month (1 to 31) or `none`"
+        )),
+    }
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -722,7 +753,7 @@ fn describe_plan(plan: &Plan, is_default: bool) -> String {
         let windows: Vec<String> = policy
             .windows
             .iter()
-            .map(|w| format!("{} {}/{}s", w.limit, w.unit.plural(), w.window_secs))
+            .map(|w| format!("{} {}/{}", w.limit, w.unit.plural(), w.len))
             .collect();
         out += &format!("\n  {endpoint}: {}", windows.join(", "));
         if policy.max_concurrent > 0 {
@@ -746,12 +777,25 @@ fn describe_plan(plan: &Plan, is_default: bool) -> String {
 
 async fn accounts(catalog: &dyn Catalog, cmd: AccountsCmd, json: bool) -> Result<String, CliError> {
     let account = match cmd {
-        AccountsCmd::Create { id, plan, metadata } => {
+        AccountsCmd::Create {
+            id,
+            plan,
+            metadata,
+            billing_anchor,
+        } => {
             let metadata = parse_metadata(&metadata, &[])?;
-            catalog
+            let mut account = catalog
                 .create_account(&id, plan.as_deref(), serde_json::Value::Object(metadata))
                 .await
-                .map_err(catalog_err)?
+                .map_err(catalog_err)?;
+            if let Some(anchor) = billing_anchor {
+                catalog
+                    .set_billing_anchor(&id, Some(anchor))
+                    .await
+                    .map_err(catalog_err)?;
+                account.billing_anchor = Some(anchor);
+            }
+            account
         }
         AccountsCmd::Update {
             id,
@@ -787,6 +831,13 @@ async fn accounts(catalog: &dyn Catalog, cmd: AccountsCmd, json: bool) -> Result
                 )
             });
         }
+        AccountsCmd::BillingAnchor { id, day } => {
+            catalog
+                .set_billing_anchor(&id, day.0)
+                .await
+                .map_err(catalog_err)?;
+            catalog.get_account(&id).await.map_err(catalog_err)?
+        }
         AccountsCmd::Assign { id, plan } => {
             catalog
                 .assign_plan(&id, Some(&plan))
@@ -807,8 +858,12 @@ async fn accounts(catalog: &dyn Catalog, cmd: AccountsCmd, json: bool) -> Result
         (None, Some(d)) => format!("{d} (the default plan)"),
         (None, None) => "none (no plans exist yet)".into(),
     };
+    let anchor = match account.billing_anchor {
+        Some(day) => format!("\n  billing month: from day {day}"),
+        None => String::new(),
+    };
     Ok(format!(
-        "account {}\n  plan: {plan}\n  balance: {balance} credits\n  metadata: {}",
+        "account {}\n  plan: {plan}{anchor}\n  balance: {balance} credits\n  metadata: {}",
         account.id, account.metadata
     ))
 }

@@ -5,8 +5,9 @@
 //! wallet at once all run on one Redis Cluster slot:
 //!
 //! ```text
-//! <prefix>{<account>}:<endpoint>:w:<window_secs>:<unit>:<window_index>   window counter (string)
-//! <prefix>{<account>}:<endpoint>:f                                       in-flight set (zset)
+//! <prefix>{<account>}:<endpoint>:w:<window>:<unit>:<window_index>   window counter (string)
+//!     (<window>: a fixed window's seconds, `60`, or a calendar period, `1d`, `1w`, `1mo`, `1mo@15`)
+//! <prefix>{<account>}:<endpoint>:f                                  in-flight set (zset)
 //! <prefix>{<account>}/w        credit wallet (hash: block id -> remaining:expiry:order, `#v` version)
 //! <prefix>{<account>}/o        credit outbox (stream), written to the catalog and trimmed
 //! <prefix>{<account>}/a        credit admissions not yet ended (hash: request id -> instance|draws|endpoint)
@@ -24,6 +25,8 @@
 //! braces escaped too, so it can never open a tag of its own.
 
 use std::fmt::Write as _;
+
+use crate::plans::WindowLen;
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "pg:";
@@ -140,17 +143,29 @@ impl Keys {
         k
     }
 
-    /// The counter of window `index` of length `window_secs` on `unit`.
+    /// The counter of window `index` of length `len` on `unit`. The
+    /// window token is the seconds of a fixed window (`60`) or the period
+    /// of a calendar window (`1d`, `1w`, `1mo`, a billing month from the
+    /// 15th `1mo@15`): never the same, so a calendar window never shares a
+    /// counter with a fixed one, nor a billing month with another anchor's.
     pub fn window(
         &self,
         account: &str,
         endpoint: &str,
-        window_secs: u64,
+        len: WindowLen,
         unit: &str,
         index: u64,
     ) -> String {
         let mut k = self.base(account, endpoint);
-        let _ = write!(k, ":w:{window_secs}:");
+        match len {
+            WindowLen::Fixed(secs) => {
+                let _ = write!(k, ":w:{secs}:");
+            }
+            // `1d`, `1w`, `1mo`, `1mo@15`.
+            calendar @ WindowLen::Calendar(_) => {
+                let _ = write!(k, ":w:{calendar}:");
+            }
+        }
         escape_into(&mut k, unit);
         let _ = write!(k, ":{index}");
         k
@@ -268,15 +283,34 @@ fn cluster_hash_part(key: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plans::Period;
     use proptest::prelude::*;
 
     #[test]
     fn key_shapes() {
         let k = Keys::default();
         assert_eq!(
-            k.window("acct", "gpt-4o", 60, "request", 7),
+            k.window("acct", "gpt-4o", WindowLen::Fixed(60), "request", 7),
             "pg:{acct}:gpt-4o:w:60:request:7"
         );
+        // Calendar windows: the period instead of the seconds.
+        for (period, token) in [
+            (Period::Day, "1d"),
+            (Period::Week, "1w"),
+            (Period::Month, "1mo"),
+            (Period::MonthFrom(15), "1mo@15"),
+        ] {
+            assert_eq!(
+                k.window(
+                    "acct",
+                    "gpt-4o",
+                    WindowLen::Calendar(period),
+                    "token",
+                    24_339
+                ),
+                format!("pg:{{acct}}:gpt-4o:w:{token}:token:24339")
+            );
+        }
         assert_eq!(k.in_flight("acct", "gpt-4o"), "pg:{acct}:gpt-4o:f");
         assert_eq!(k.wallet("acct"), "pg:{acct}/w");
         assert_eq!(k.outbox("acct"), "pg:{acct}/o");
@@ -332,7 +366,9 @@ mod tests {
             let k = Keys::new("p:");
             let tag = Keys::tag(&account);
             let inner = &tag[1..tag.len() - 1];
-            let w = k.window(&account, &endpoint, secs, &unit, index);
+            let w = k.window(&account, &endpoint, WindowLen::Fixed(secs), &unit, index);
+            let m = k.window(&account, &endpoint, WindowLen::Calendar(Period::Month), &unit, index);
+            prop_assert_eq!(cluster_hash_part(&m), inner);
             let f = k.in_flight(&account, &endpoint);
             prop_assert_eq!(cluster_hash_part(&w), inner);
             prop_assert_eq!(cluster_hash_part(&f), inner);
@@ -351,9 +387,39 @@ mod tests {
             let same = a1 == a2 && e1 == e2;
             prop_assert_eq!(k.in_flight(&a1, &e1) == k.in_flight(&a2, &e2), same);
             prop_assert_eq!(
-                k.window(&a1, &e1, 60, "u", 1) == k.window(&a2, &e2, 60, "u", 1),
+                k.window(&a1, &e1, WindowLen::Fixed(60), "u", 1)
+                    == k.window(&a2, &e2, WindowLen::Fixed(60), "u", 1),
                 same
             );
+        }
+
+        /// A calendar window never shares a counter with a fixed one, nor
+        /// with another period, whatever the lengths and indexes.
+        #[test]
+        fn calendar_and_fixed_windows_never_share_a_key(
+            secs in 1u64..=crate::plans::MAX_WINDOW_SECS,
+            i1 in any::<u64>(),
+            i2 in any::<u64>(),
+            unit in "[a-z:%]{1,6}",
+        ) {
+            let k = Keys::default();
+            let lens = [
+                WindowLen::Fixed(secs),
+                WindowLen::Calendar(Period::Day),
+                WindowLen::Calendar(Period::Week),
+                WindowLen::Calendar(Period::Month),
+                WindowLen::Calendar(Period::MonthFrom(15)),
+                WindowLen::Calendar(Period::MonthFrom(31)),
+            ];
+            for (a, la) in lens.iter().enumerate() {
+                for (b, lb) in lens.iter().enumerate() {
+                    let same = a == b && i1 == i2;
+                    prop_assert_eq!(
+                        k.window("a", "e", *la, &unit, i1) == k.window("a", "e", *lb, &unit, i2),
+                        same
+                    );
+                }
+            }
         }
     }
 }

@@ -33,8 +33,7 @@ use super::{
     AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
     UsageRequest, Verdict, SETTLE_GRACE_MS,
 };
-use crate::clock::window_index;
-use crate::plans::Unit;
+use crate::plans::{Period, Unit, WindowLen};
 
 /// Number of shards of a [`MemoryStore::new`] store.
 pub const DEFAULT_SHARDS: usize = 64;
@@ -138,7 +137,8 @@ struct Entry {
 
 #[derive(Debug)]
 struct Counter {
-    window_secs: u64,
+    /// The window's [`len_code`].
+    len: u64,
     unit: Unit,
     index: u64,
     count: u64,
@@ -428,7 +428,7 @@ impl Entry {
     /// Drop ended windows and in-flight records past their grace.
     fn prune(&mut self, now_ms: u64) {
         self.counters
-            .retain(|c| c.index >= window_index(now_ms, c.window_secs));
+            .retain(|c| c.index >= len_from_code(c.len).index(now_ms));
         if now_ms >= self.next_drop {
             self.in_flight.retain(|&(_, exp)| drop_at(exp) > now_ms);
             self.next_drop = self
@@ -458,24 +458,26 @@ impl Entry {
             .position(|(id, _)| **id == *request_id)
     }
 
-    /// Units used in the window of length `window_secs` on `unit` that
-    /// contains `now_ms`.
-    fn used(&self, window_secs: u64, unit: &Unit, now_ms: u64) -> u64 {
-        let index = window_index(now_ms, window_secs);
+    /// Units used in the window of length `len` on `unit` that contains
+    /// `now_ms`.
+    fn used(&self, len: WindowLen, unit: &Unit, now_ms: u64) -> u64 {
+        let index = len.index(now_ms);
+        let code = len_code(len);
         self.counters
             .iter()
-            .find(|c| c.window_secs == window_secs && c.unit == *unit && c.index == index)
+            .find(|c| c.len == code && c.unit == *unit && c.index == index)
             .map_or(0, |c| c.count)
     }
 
     /// The counter of the current window, created (or moved on from an
     /// ended window) as needed.
-    fn current(&mut self, window_secs: u64, unit: &Unit, now_ms: u64) -> &mut Counter {
-        let index = window_index(now_ms, window_secs);
+    fn current(&mut self, len: WindowLen, unit: &Unit, now_ms: u64) -> &mut Counter {
+        let index = len.index(now_ms);
+        let code = len_code(len);
         let pos = self
             .counters
             .iter()
-            .position(|c| c.window_secs == window_secs && c.unit == *unit);
+            .position(|c| c.len == code && c.unit == *unit);
         let pos = match pos {
             Some(p) => p,
             None => {
@@ -484,7 +486,7 @@ impl Entry {
                 // waste a quarter of a 3-window pair's counter memory.
                 self.counters.reserve_exact(1);
                 self.counters.push(Counter {
-                    window_secs,
+                    len: code,
                     unit: unit.clone(),
                     index,
                     count: 0,
@@ -517,7 +519,7 @@ impl Entry {
         let mut used: Vec<u64> = req
             .windows
             .iter()
-            .map(|w| self.used(w.window_secs, &w.unit, now))
+            .map(|w| self.used(w.len, &w.unit, now))
             .collect();
         let in_flight = self.live(now);
         let record = self.in_flight_pos(req.request_id);
@@ -559,7 +561,7 @@ impl Entry {
             // A zero amount writes nothing, as in the Redis store, so that
             // an unused window does not hold memory.
             if w.amount > 0 {
-                let c = self.current(w.window_secs, &w.unit, now);
+                let c = self.current(w.len, &w.unit, now);
                 c.count = c.count.saturating_add(w.amount);
                 *u = c.count;
             }
@@ -591,20 +593,43 @@ impl Entry {
         let now = req.now_ms;
         for s in req.settlements {
             if s.actual > s.reserved {
-                let c = self.current(s.window_secs, &s.unit, now);
+                let c = self.current(s.len, &s.unit, now);
                 c.count = c.count.saturating_add(s.actual - s.reserved);
             } else if s.actual < s.reserved {
                 let back = s.reserved - s.actual;
                 if let Some(c) = self.counters.iter_mut().find(|c| {
-                    c.window_secs == s.window_secs
-                        && c.unit == s.unit
-                        && c.index == s.admitted_index
+                    c.len == len_code(s.len) && c.unit == s.unit && c.index == s.admitted_index
                 }) {
                     c.count = c.count.saturating_sub(back);
                 }
             }
         }
         true
+    }
+}
+
+/// A window length in 8 bytes rather than [`WindowLen`]'s 16, for the
+/// counters (most of this store's memory): fixed windows are their seconds
+/// (at most `MAX_WINDOW_SECS`), calendar periods the top values.
+fn len_code(len: WindowLen) -> u64 {
+    match len {
+        WindowLen::Fixed(secs) => secs,
+        WindowLen::Calendar(Period::Day) => u64::MAX,
+        WindowLen::Calendar(Period::Week) => u64::MAX - 1,
+        WindowLen::Calendar(Period::Month) => u64::MAX - 2,
+        WindowLen::Calendar(Period::MonthFrom(a)) => u64::MAX - 100 - u64::from(a),
+    }
+}
+
+/// The inverse of [`len_code`].
+fn len_from_code(code: u64) -> WindowLen {
+    match u64::MAX - code {
+        0 => WindowLen::Calendar(Period::Day),
+        1 => WindowLen::Calendar(Period::Week),
+        2 => WindowLen::Calendar(Period::Month),
+        // Anchors are 0..=255 as u8: codes MAX-100 .. MAX-355.
+        n @ 100..=355 => WindowLen::Calendar(Period::MonthFrom((n - 100) as u8)),
+        _ => WindowLen::Fixed(code),
     }
 }
 
@@ -748,12 +773,9 @@ impl CounterStore for MemoryStore {
         now_ms: u64,
     ) -> Result<(), StoreError> {
         self.with_entry(account, endpoint, now_ms, |e| {
-            let index = |secs| window_index(now_ms, secs);
             e.counters.retain(|c| {
                 !windows.iter().any(|w| {
-                    w.window_secs == c.window_secs
-                        && w.unit == c.unit
-                        && c.index == index(w.window_secs)
+                    c.len == len_code(w.len) && w.unit == c.unit && c.index == w.len.index(now_ms)
                 })
             });
         });
@@ -781,7 +803,7 @@ impl CounterStore for MemoryStore {
                 used: req
                     .windows
                     .iter()
-                    .map(|w| e.used(w.window_secs, &w.unit, req.now_ms))
+                    .map(|w| e.used(w.len, &w.unit, req.now_ms))
                     .collect(),
                 in_flight: e.live(req.now_ms),
             }),
@@ -819,7 +841,7 @@ mod tests {
 
     fn spec(secs: u64, limit: u64, amount: u64) -> WindowSpec {
         WindowSpec {
-            window_secs: secs,
+            len: WindowLen::Fixed(secs),
             limit,
             unit: Unit::request(),
             amount,
@@ -840,6 +862,24 @@ mod tests {
         }))
         .expect("memory store does not fail")
         .verdict
+    }
+
+    #[test]
+    fn len_codes_round_trip_and_never_collide() {
+        let mut lens = vec![
+            WindowLen::Fixed(1),
+            WindowLen::Fixed(60),
+            WindowLen::Fixed(crate::plans::MAX_WINDOW_SECS),
+            WindowLen::Calendar(Period::Day),
+            WindowLen::Calendar(Period::Week),
+            WindowLen::Calendar(Period::Month),
+        ];
+        lens.extend((1..=31).map(|a| WindowLen::Calendar(Period::MonthFrom(a))));
+        let codes: std::collections::HashSet<u64> = lens.iter().map(|l| len_code(*l)).collect();
+        assert_eq!(codes.len(), lens.len());
+        for len in lens {
+            assert_eq!(len_from_code(len_code(len)), len);
+        }
     }
 
     #[test]
@@ -974,9 +1014,9 @@ mod tests {
         // the new one (ids are the caller's business).
         assert_eq!(attempt(&s, "a", "r1", T0 + 1_000, 1_000), Verdict::Admitted);
         let settle = [Settlement {
-            window_secs: 60,
+            len: WindowLen::Fixed(60),
             unit: Unit::request(),
-            admitted_index: window_index(T0, 60),
+            admitted_index: WindowLen::Fixed(60).index(T0),
             reserved: 1,
             actual: 3,
         }];
@@ -998,7 +1038,7 @@ mod tests {
                 endpoint: "e",
                 now_ms,
                 windows: &[crate::plans::Window {
-                    window_secs: 60,
+                    len: WindowLen::Fixed(60),
                     limit: 100,
                     unit: Unit::request(),
                 }],

@@ -47,7 +47,7 @@ use super::{
     UsageRequest, Verdict, SETTLE_GRACE_MS,
 };
 use crate::catalog::UsageEvent;
-use crate::clock::{window_index, window_reset_ms};
+use crate::plans::WindowLen;
 
 /// Keys outlive their window by this much, so that a gateway whose clock
 /// runs slightly behind still finds the counter of a window that has just
@@ -1086,9 +1086,10 @@ fn count_u32(n: u64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// TTL of window counter keys: until the window ends, plus slack.
-fn window_ttl_ms(now_ms: u64, window_secs: u64) -> u64 {
-    window_reset_ms(now_ms, window_secs) + TTL_SLACK_MS
+/// TTL of window counter keys: until the window ends (a calendar month's
+/// real end), plus slack.
+fn window_ttl_ms(now_ms: u64, len: WindowLen) -> u64 {
+    len.reset_ms(now_ms) + TTL_SLACK_MS
 }
 
 impl CounterStore for RedisStore {
@@ -1102,17 +1103,14 @@ impl CounterStore for RedisStore {
             .arg(TTL_SLACK_MS)
             .arg(SETTLE_GRACE_MS);
         for w in req.windows {
-            let index = window_index(req.now_ms, w.window_secs);
-            inv.key(self.keys.window(
-                req.account,
-                req.endpoint,
-                w.window_secs,
-                w.unit.as_str(),
-                index,
-            ))
+            let index = w.len.index(req.now_ms);
+            inv.key(
+                self.keys
+                    .window(req.account, req.endpoint, w.len, w.unit.as_str(), index),
+            )
             .arg(w.limit)
             .arg(w.amount)
-            .arg(window_ttl_ms(req.now_ms, w.window_secs));
+            .arg(window_ttl_ms(req.now_ms, w.len));
         }
         if let Some(ask) = req.credits {
             inv.key(self.keys.wallet(req.account))
@@ -1182,21 +1180,18 @@ impl CounterStore for RedisStore {
             .arg(SETTLE_GRACE_MS);
         for s in req.settlements {
             let unit = s.unit.as_str();
-            let current = window_index(req.now_ms, s.window_secs);
+            let current = s.len.index(req.now_ms);
             inv.key(
                 self.keys
-                    .window(req.account, req.endpoint, s.window_secs, unit, current),
+                    .window(req.account, req.endpoint, s.len, unit, current),
             )
-            .key(self.keys.window(
-                req.account,
-                req.endpoint,
-                s.window_secs,
-                unit,
-                s.admitted_index,
-            ))
+            .key(
+                self.keys
+                    .window(req.account, req.endpoint, s.len, unit, s.admitted_index),
+            )
             .arg(s.actual.saturating_sub(s.reserved))
             .arg(s.reserved.saturating_sub(s.actual))
-            .arg(window_ttl_ms(req.now_ms, s.window_secs));
+            .arg(window_ttl_ms(req.now_ms, s.len));
         }
         if !req.credits.is_empty() || req.usage.is_some() {
             let usage = match req.usage {
@@ -1362,9 +1357,9 @@ impl CounterStore for RedisStore {
             cmd.arg(self.keys.window(
                 account,
                 endpoint,
-                w.window_secs,
+                w.len,
                 w.unit.as_str(),
-                window_index(now_ms, w.window_secs),
+                w.len.index(now_ms),
             ));
         }
         self.query(&cmd).await?;
@@ -1398,14 +1393,11 @@ impl CounterStore for RedisStore {
         inv.key(self.keys.in_flight(req.account, req.endpoint))
             .arg(req.now_ms);
         for w in req.windows {
-            let index = window_index(req.now_ms, w.window_secs);
-            inv.key(self.keys.window(
-                req.account,
-                req.endpoint,
-                w.window_secs,
-                w.unit.as_str(),
-                index,
-            ));
+            let index = w.len.index(req.now_ms);
+            inv.key(
+                self.keys
+                    .window(req.account, req.endpoint, w.len, w.unit.as_str(), index),
+            );
         }
         let reply = array("usage", self.run(&inv).await?)?;
         let nums = int_list("usage", &reply)?;

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use super::memory::MemoryStore;
 use super::wallet::{OutboxItem, Unended, WalletInit, WalletSnapshot};
 use super::*;
-use crate::clock::window_start_ms;
+use crate::clock::{window_index, window_reset_ms, window_start_ms, Period};
 
 fn block_on<T>(f: impl Future<Output = T>) -> T {
     tokio::runtime::Builder::new_current_thread()
@@ -41,7 +41,7 @@ proptest! {
         let store = MemoryStore::new();
         let now = 1_700_000_000_000 - 1_700_000_000_000 % 60_000;
         let unit = Unit::new("token");
-        let spec = |amount| [WindowSpec { window_secs: 60, limit: 1_000_000, unit: unit.clone(), amount }];
+        let spec = |amount| [WindowSpec { len: WindowLen::Fixed(60), limit: 1_000_000, unit: unit.clone(), amount }];
         let run = |id: &str, amount: u64| block_on(store.attempt(&AttemptRequest {
             request_id: id, account: "a", endpoint: "e", now_ms: now,
             windows: &spec(amount), max_concurrent: 0, lease_ms: 60_000,
@@ -50,7 +50,7 @@ proptest! {
         prop_assert_eq!(run("other", other).verdict, Verdict::Admitted);
         prop_assert_eq!(run("r", reserved).verdict, Verdict::Admitted);
         let settle = [Settlement {
-            window_secs: 60, unit: unit.clone(), admitted_index: window_index(now, 60),
+            len: WindowLen::Fixed(60), unit: unit.clone(), admitted_index: window_index(now, 60),
             reserved, actual,
         }];
         let ended = block_on(store.end(&EndRequest {
@@ -62,7 +62,7 @@ proptest! {
         prop_assert!(ended);
         let used = block_on(store.usage(&UsageRequest {
             account: "a", endpoint: "e", now_ms: now + end_after,
-            windows: &[Window { window_secs: 60, limit: 1, unit: unit.clone() }],
+            windows: &[Window { len: WindowLen::Fixed(60), limit: 1, unit: unit.clone() }],
         })).expect("usage").used[0];
         // reserved + (actual - reserved), on top of the other traffic.
         prop_assert_eq!(used, other + actual);
@@ -73,7 +73,7 @@ proptest! {
         let store = MemoryStore::new();
         let now = 1_700_000_000_000 - 1_700_000_000_000 % 60_000;
         let unit = Unit::new("token");
-        let windows = [WindowSpec { window_secs: 60, limit: 1_000_000, unit: unit.clone(), amount: reserved }];
+        let windows = [WindowSpec { len: WindowLen::Fixed(60), limit: 1_000_000, unit: unit.clone(), amount: reserved }];
         block_on(store.attempt(&AttemptRequest {
             request_id: "r", account: "a", endpoint: "e", now_ms: now,
             windows: &windows, max_concurrent: 0, lease_ms: 600_000,
@@ -81,7 +81,7 @@ proptest! {
         })).expect("attempt");
         let later = now + 90_000;
         let settle = [Settlement {
-            window_secs: 60, unit: unit.clone(), admitted_index: window_index(now, 60),
+            len: WindowLen::Fixed(60), unit: unit.clone(), admitted_index: window_index(now, 60),
             reserved, actual,
         }];
         block_on(store.end(&EndRequest {
@@ -91,7 +91,7 @@ proptest! {
         })).expect("end");
         let used = block_on(store.usage(&UsageRequest {
             account: "a", endpoint: "e", now_ms: later,
-            windows: &[Window { window_secs: 60, limit: 1, unit }],
+            windows: &[Window { len: WindowLen::Fixed(60), limit: 1, unit }],
         })).expect("usage").used[0];
         // Only an excess lands in the new window; a give-back never makes
         // it negative (it cannot: u64) nor takes anything from it.
@@ -101,6 +101,29 @@ proptest! {
     #[test]
     fn memory_store_matches_the_model(ops in proptest::collection::vec(op(), 1..80)) {
         check_against_model(&ops)?;
+    }
+
+    /// Calendar windows, from a few minutes before boundaries: the end of
+    /// a leap February (Tue 2028-02-29), of a short month that is also a
+    /// Sunday (2027-02-28), of a year (Fri 2027-12-31) and of a 31-day
+    /// month that is a Sunday (2026-05-31). Ends settle across them.
+    #[test]
+    fn memory_store_matches_the_model_across_calendar_boundaries(
+        ops in proptest::collection::vec(op(), 1..80),
+        start in prop_oneof![
+            Just(1_835_481_600_000u64), // 2028-03-01T00:00:00Z
+            Just(1_803_859_200_000u64), // 2027-03-01T00:00:00Z
+            Just(1_830_297_600_000u64), // 2028-01-01T00:00:00Z
+            Just(1_780_272_000_000u64), // 2026-06-01T00:00:00Z
+        ],
+        before in 0u64..600_000,
+    ) {
+        let lens = [
+            WindowLen::Calendar(Period::Month),
+            WindowLen::Calendar(Period::Day),
+            WindowLen::Calendar(Period::Week),
+        ];
+        check_against_model_at(&ops, start - before, lens)?;
     }
 }
 
@@ -131,7 +154,7 @@ fn op() -> impl Strategy<Value = Op> {
 /// on read.
 #[derive(Default)]
 struct Model {
-    counts: HashMap<(u64, Unit, u64), u64>,
+    counts: HashMap<(WindowLen, Unit, u64), u64>,
     in_flight: HashMap<String, u64>,
 }
 
@@ -140,8 +163,8 @@ impl Model {
         self.in_flight.values().filter(|&&e| e > now).count() as u32
     }
 
-    fn used(&self, secs: u64, unit: &Unit, now: u64) -> u64 {
-        let key = (secs, unit.clone(), window_index(now, secs));
+    fn used(&self, len: WindowLen, unit: &Unit, now: u64) -> u64 {
+        let key = (len, unit.clone(), len.index(now));
         self.counts.get(&key).copied().unwrap_or(0)
     }
 
@@ -150,7 +173,7 @@ impl Model {
         let used: Vec<u64> = req
             .windows
             .iter()
-            .map(|w| self.used(w.window_secs, &w.unit, now))
+            .map(|w| self.used(w.len, &w.unit, now))
             .collect();
         let in_flight = self.live(now);
         let verdict = if self.in_flight.get(req.request_id).is_some_and(|&e| e > now) {
@@ -179,11 +202,7 @@ impl Model {
         for w in req.windows {
             let c = self
                 .counts
-                .entry((
-                    w.window_secs,
-                    w.unit.clone(),
-                    window_index(now, w.window_secs),
-                ))
+                .entry((w.len, w.unit.clone(), w.len.index(now)))
                 .or_default();
             *c += w.amount;
             after.push(*c);
@@ -206,15 +225,11 @@ impl Model {
         }
         for s in req.settlements {
             if s.actual > s.reserved {
-                let key = (
-                    s.window_secs,
-                    s.unit.clone(),
-                    window_index(now, s.window_secs),
-                );
+                let key = (s.len, s.unit.clone(), s.len.index(now));
                 *self.counts.entry(key).or_default() += s.actual - s.reserved;
-            } else if let Some(c) =
-                self.counts
-                    .get_mut(&(s.window_secs, s.unit.clone(), s.admitted_index))
+            } else if let Some(c) = self
+                .counts
+                .get_mut(&(s.len, s.unit.clone(), s.admitted_index))
             {
                 *c = c.saturating_sub(s.reserved - s.actual);
             }
@@ -234,23 +249,38 @@ impl Model {
 }
 
 fn check_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
+    let lens = [
+        WindowLen::Fixed(60),
+        WindowLen::Fixed(60),
+        WindowLen::Fixed(3_600),
+    ];
+    check_against_model_at(ops, 1_700_000_000_000u64 + 12_345, lens)
+}
+
+/// [`check_against_model`] with windows of lengths `lens` (request,
+/// token, request), from `start` on.
+fn check_against_model_at(
+    ops: &[Op],
+    start: u64,
+    lens: [WindowLen; 3],
+) -> Result<(), TestCaseError> {
     // A small sweep interval so that sweeping happens during the run.
     let store = MemoryStore::with_options(2, 3);
     let mut model = Model::default();
     let policy = Policy {
         windows: vec![
             Window {
-                window_secs: 60,
+                len: lens[0],
                 limit: 8,
                 unit: Unit::request(),
             },
             Window {
-                window_secs: 60,
+                len: lens[1],
                 limit: 150,
                 unit: Unit::new("token"),
             },
             Window {
-                window_secs: 3_600,
+                len: lens[2],
                 limit: 30,
                 unit: Unit::request(),
             },
@@ -261,7 +291,7 @@ fn check_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
         enforce: true,
     };
     let lease_ms = 30_000;
-    let mut now = 1_700_000_000_000u64 + 12_345;
+    let mut now = start;
     // id -> (admitted at, reserved per window)
     let mut tickets: HashMap<u8, (u64, Vec<u64>)> = HashMap::new();
     for op in ops {
@@ -343,7 +373,7 @@ fn check_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
         let want: Vec<u64> = policy
             .windows
             .iter()
-            .map(|w| model.used(w.window_secs, &w.unit, now))
+            .map(|w| model.used(w.len, &w.unit, now))
             .collect();
         prop_assert_eq!(&usage.used, &want, "usage after {:?} at {}", op, now);
         prop_assert_eq!(usage.in_flight, model.live(now));
@@ -354,12 +384,12 @@ fn check_against_model(ops: &[Op]) -> Result<(), TestCaseError> {
 #[test]
 fn info_prefers_fewest_remaining_then_later_reset() {
     let w = |secs, limit| Window {
-        window_secs: secs,
+        len: WindowLen::Fixed(secs),
         limit,
         unit: Unit::request(),
     };
     let now = 1_700_000_000_000 + 30_000;
-    // (windows, used, chosen window_secs)
+    // (windows, used, chosen window length in seconds)
     let cases: [(Vec<Window>, Vec<u64>, u64); 4] = [
         (vec![w(60, 3), w(86_400, 200)], vec![1, 1], 60),
         (vec![w(60, 10), w(86_400, 5)], vec![1, 1], 86_400),
@@ -375,7 +405,10 @@ fn info_prefers_fewest_remaining_then_later_reset() {
             enforce: true,
         };
         let info = RateLimitInfo::from_usage(&policy, &used, 0, now);
-        assert_eq!(info.unit("request").map(|u| u.window_secs), Some(want));
+        assert_eq!(
+            info.unit("request").map(|u| u.len),
+            Some(WindowLen::Fixed(want))
+        );
     }
 }
 
@@ -487,7 +520,7 @@ const KEEPER_T0: u64 = 1_700_000_000_000 - 1_700_000_000_000 % 86_400_000 + 3_60
 fn keeper_policy() -> Arc<Policy> {
     Arc::new(Policy {
         windows: vec![Window {
-            window_secs: 86_400,
+            len: WindowLen::Fixed(86_400),
             limit: 1_000,
             unit: Unit::request(),
         }],

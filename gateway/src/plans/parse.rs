@@ -19,7 +19,7 @@ use serde_json::{json, Map as JsonMap, Value as Json};
 use self::tree::{Node, Pos, Value};
 use crate::config::{parse_duration, ConfigError, ConfigErrors};
 use crate::plans::{
-    CreditCost, KnownUnits, PerUnit, Plan, PlanSet, Policy, Unit, Window,
+    CreditCost, KnownUnits, PerUnit, Period, Plan, PlanSet, Policy, Unit, Window, WindowLen,
     DEFAULT_CONCURRENCY_EXPIRY_SECS, MAX_AMOUNT, MAX_CONCURRENCY_EXPIRY_SECS, MAX_CONCURRENT,
     MAX_WINDOW_SECS, REQUEST_UNIT,
 };
@@ -35,6 +35,9 @@ pub const RESERVED_UNIT: &str = "credit";
 
 /// The pseudo file name used in errors about plans given as JSON.
 pub const JSON_ORIGIN: &str = "<json>";
+
+/// The one calendar of calendar windows (`calendar: utc`).
+pub const CALENDAR_UTC: &str = "utc";
 
 /// Parse the text of a plans file (YAML, or JSON, which is YAML too).
 /// `origin` names it in errors. Returns every problem found, in file order.
@@ -198,11 +201,15 @@ fn policy_to_json(policy: &Policy) -> Json {
         .windows
         .iter()
         .map(|w| {
-            json!({
-                "window": render_secs(w.window_secs),
+            let mut out = json!({
+                "window": w.len.to_string(),
                 "limit": w.limit,
                 "unit_type": w.unit.as_str(),
-            })
+            });
+            if w.len.period().is_some() {
+                out["calendar"] = json!(CALENDAR_UTC);
+            }
+            out
         })
         .collect();
     let mut out = JsonMap::new();
@@ -801,26 +808,33 @@ impl<'a> Checker<'a> {
             policy.credits = self.credits(credits, &join(path, "credits"));
         }
         if policy.credits.is_none() && fields.value("credits").is_none() {
-            if let Some(i) = policy.windows.iter().position(|w| w.unit.is_credit()) {
-                // At the window's `unit_type` (or `unit_kind`) value.
-                let pos = fields
-                    .value("fixed_windows")
-                    .and_then(|n| match &n.value {
-                        Value::Seq(items) => items.get(i),
-                        _ => None,
-                    })
-                    .and_then(|item| match &item.value {
-                        Value::Map(entries) => entries.iter().find_map(|(k, v)| {
-                            matches!(&k.value, Value::Scalar { text, .. }
-                                if &**text == "unit_type" || &**text == "unit_kind")
-                            .then_some(v.pos)
-                        }),
-                        _ => None,
-                    })
-                    .unwrap_or(fields.pos);
+            // The first window (as written) whose unit is `credit`: its
+            // index and the position of its `unit_type` (or `unit_kind`).
+            let items = match fields.value("fixed_windows").map(|n| &n.value) {
+                Some(Value::Seq(items)) => items.clone(),
+                _ => Default::default(),
+            };
+            let found = items
+                .iter()
+                .enumerate()
+                .find_map(|(i, item)| match &item.value {
+                    Value::Map(entries) => entries.iter().find_map(|(k, v)| {
+                        let unit_key = matches!(&k.value, Value::Scalar { text, .. }
+                        if &**text == "unit_type" || &**text == "unit_kind");
+                        let credit = matches!(&v.value, Value::Scalar { text, .. }
+                        if &**text == RESERVED_UNIT);
+                        (unit_key && credit).then(|| (i, v.pos, k.value.clone()))
+                    }),
+                    _ => None,
+                });
+            if let Some((i, pos, key)) = found {
+                let key = match key {
+                    Value::Scalar { text, .. } => text.to_string(),
+                    _ => "unit_type".into(),
+                };
                 self.error(
                     pos,
-                    &format!("{}[{i}].unit_type", join(path, "fixed_windows")),
+                    &format!("{}[{i}].{key}", join(path, "fixed_windows")),
                     "a `credit` window caps the credits the endpoint's requests are charged: the endpoint needs `credits:`",
                 );
             }
@@ -838,20 +852,20 @@ impl<'a> Checker<'a> {
             return;
         };
         // (window, unit) -> index of the first window with that pair.
-        let mut seen: HashMap<(u64, Unit), usize> = HashMap::new();
+        let mut seen: HashMap<(WindowLen, Unit), usize> = HashMap::new();
         for (i, item) in items.iter().enumerate() {
             let item_path = format!("{path}[{i}]");
             let Some(window) = self.window(item, &item_path) else {
                 continue;
             };
-            let pair = (window.window_secs, window.unit.clone());
+            let pair = (window.len, window.unit.clone());
             if let Some(first) = seen.get(&pair) {
                 self.error(
                     item.pos,
                     &item_path,
                     format!(
-                        "duplicate window: `{}` per {}s is already limited by {path}[{first}]",
-                        window.unit, window.window_secs
+                        "duplicate window: `{}` per {} is already limited by {path}[{first}]",
+                        window.unit, window.len
                     ),
                 );
                 continue;
@@ -862,9 +876,18 @@ impl<'a> Checker<'a> {
     }
 
     fn window(&mut self, node: &Node, path: &str) -> Option<Window> {
-        let fields = self.fields(node, path, &["window", "limit", "unit_type", "unit_kind"])?;
-        let secs = match fields.value("window") {
-            Some(w) => self.seconds(w, &join(path, "window"), MAX_WINDOW_SECS),
+        let fields = self.fields(
+            node,
+            path,
+            &["window", "calendar", "limit", "unit_type", "unit_kind"],
+        )?;
+        // Some(true): `calendar: utc`; None: a bad calendar (reported).
+        let calendar = match fields.value("calendar") {
+            Some(c) => self.calendar(c, &join(path, "calendar")),
+            None => Some(false),
+        };
+        let len = match fields.value("window") {
+            Some(w) => self.window_len(w, &join(path, "window"), calendar),
             None => {
                 self.error(
                     fields.pos,
@@ -895,10 +918,75 @@ impl<'a> Checker<'a> {
             (None, None) => Some(Unit::new(REQUEST_UNIT)),
         };
         Some(Window {
-            window_secs: secs?,
+            len: len?,
             limit: limit?,
             unit: unit?,
         })
+    }
+
+    /// A window's `calendar`: only `utc` is known (`Some(true)`).
+    fn calendar(&mut self, node: &Node, path: &str) -> Option<bool> {
+        let text = self.string(node, path)?;
+        if text.eq_ignore_ascii_case(CALENDAR_UTC) {
+            return Some(true);
+        }
+        self.error(
+            node.pos,
+            path,
+            format!(
+                "unknown calendar `{text}`: only `utc` is supported (days from 00:00 UTC, \
+                 weeks from Monday, months from the 1st)"
+            ),
+        );
+        None
+    }
+
+    /// A window's length: with `calendar: utc` one of `1d`, `1w`, `1mo`;
+    /// without, a fixed duration of whole seconds (`1w` and `1mo` are
+    /// refused there: they have no fixed length aligned to the epoch that
+    /// means what they say). `calendar` is `None` when it was refused:
+    /// nothing more is reported then.
+    fn window_len(&mut self, node: &Node, path: &str, calendar: Option<bool>) -> Option<WindowLen> {
+        let period = match &node.value {
+            Value::Scalar { text, .. } => Period::parse(text).map(|p| (p, text.trim())),
+            _ => None,
+        };
+        match (calendar?, period) {
+            (true, Some((p, _))) => Some(WindowLen::Calendar(p)),
+            (true, None) => {
+                let found = match &node.value {
+                    Value::Scalar { text, .. } => format!("`{text}`"),
+                    _ => node.kind().to_string(),
+                };
+                self.error(
+                    node.pos,
+                    path,
+                    format!(
+                        "a calendar window is `1d`, `1w` or `1mo`, found {found} \
+                         (remove `calendar` for a fixed window)"
+                    ),
+                );
+                None
+            }
+            (false, Some((p @ (Period::Week | Period::Month), text))) => {
+                let hint = match p {
+                    Period::Week => {
+                        "add `calendar: utc` for calendar weeks (from Monday 00:00 UTC), \
+                         or write `7d` for fixed 7-day windows"
+                    }
+                    _ => "add `calendar: utc` for calendar months (from the 1st 00:00 UTC)",
+                };
+                self.error(
+                    node.pos,
+                    path,
+                    format!("`{text}` is a calendar window: {hint}"),
+                );
+                None
+            }
+            (false, _) => self
+                .seconds(node, path, MAX_WINDOW_SECS)
+                .map(WindowLen::Fixed),
+        }
     }
 
     fn credits(&mut self, node: &Node, path: &str) -> Option<CreditCost> {

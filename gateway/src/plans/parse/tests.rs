@@ -2,7 +2,8 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::plans::{
-    KnownUnits, MAX_AMOUNT, MAX_CONCURRENCY_EXPIRY_SECS, MAX_CONCURRENT, MAX_WINDOW_SECS,
+    KnownUnits, Period, WindowLen, MAX_AMOUNT, MAX_CONCURRENCY_EXPIRY_SECS, MAX_CONCURRENT,
+    MAX_WINDOW_SECS,
 };
 
 /// SPEC §3's example, verbatim.
@@ -53,17 +54,17 @@ fn spec_example_loads() {
         gpt.windows,
         vec![
             Window {
-                window_secs: 60,
+                len: WindowLen::Fixed(60),
                 limit: 3,
                 unit: Unit::request()
             },
             Window {
-                window_secs: 86_400,
+                len: WindowLen::Fixed(86_400),
                 limit: 200,
                 unit: Unit::request()
             },
             Window {
-                window_secs: 60,
+                len: WindowLen::Fixed(60),
                 limit: 40_000,
                 unit: Unit::new("token")
             },
@@ -100,7 +101,7 @@ fn defaults_apply() {
     assert_eq!(set.default_plan, None);
     let policy = plan.policy("e").unwrap();
     assert_eq!(policy.windows[0].unit, Unit::request());
-    assert_eq!(policy.windows[0].window_secs, 60);
+    assert_eq!(policy.windows[0].len, WindowLen::Fixed(60));
     assert_eq!(
         policy.concurrency_expiry_secs,
         DEFAULT_CONCURRENCY_EXPIRY_SECS
@@ -154,7 +155,7 @@ fn validation_errors_are_located() {
             &[
                 "plans.yaml:3:5: plans.p.nmae: unknown key `nmae` (expected one of `name`, `endpoints`, `enforce`)",
                 "plans.yaml:7:13: plans.p.endpoints.e.fixed_windows[0].limit: missing `limit`",
-                "plans.yaml:7:27: plans.p.endpoints.e.fixed_windows[0].limt: unknown key `limt` (expected one of `window`, `limit`, `unit_type`, `unit_kind`)",
+                "plans.yaml:7:27: plans.p.endpoints.e.fixed_windows[0].limt: unknown key `limt` (expected one of `window`, `calendar`, `limit`, `unit_type`, `unit_kind`)",
             ],
         ),
         (
@@ -277,6 +278,117 @@ fn json_round_trip_of_the_example() {
     assert_eq!(parse_plans(&text, "<json>").unwrap(), set);
 }
 
+const CALENDAR_PLANS: &str = "\
+plans:
+  pro:
+    endpoints:
+      chat:
+        fixed_windows:
+          - {window: 60s, limit: 100}
+          - {window: 1mo, calendar: utc, limit: 1_000_000, unit_type: token}
+          - {window: 1w, calendar: UTC, limit: 5_000}
+          - {window: 1d, calendar: utc, limit: 1_000}
+          - {window: 1d, limit: 2_000}
+";
+
+#[test]
+fn calendar_windows_load_and_round_trip() {
+    let set = parse_plans(CALENDAR_PLANS, "plans.yaml").unwrap();
+    let plan = &set.plans["pro"];
+    let lens: Vec<WindowLen> = plan.endpoints["chat"]
+        .windows
+        .iter()
+        .map(|w| w.len)
+        .collect();
+    assert_eq!(
+        lens,
+        vec![
+            WindowLen::Fixed(60),
+            WindowLen::Calendar(Period::Month),
+            WindowLen::Calendar(Period::Week),
+            WindowLen::Calendar(Period::Day),
+            // `1d` without a calendar stays the fixed 86,400 s window
+            // (the same boundaries, its own counter).
+            WindowLen::Fixed(86_400),
+        ]
+    );
+    let json = plan_to_json(plan);
+    assert_eq!(
+        json["endpoints"]["chat"]["fixed_windows"][1],
+        json!({"window": "1mo", "calendar": "utc", "limit": 1_000_000, "unit_type": "token"})
+    );
+    assert_eq!(
+        json["endpoints"]["chat"]["fixed_windows"][4],
+        json!({"window": "86400s", "limit": 2_000, "unit_type": "request"})
+    );
+    assert_eq!(&plan_from_json("pro", &json).unwrap(), &**plan);
+}
+
+#[test]
+fn calendar_window_errors_are_located() {
+    let file = |window: &str| {
+        format!("plans:\n  p:\n    endpoints:\n      e:\n        fixed_windows:\n          - {window}\n")
+    };
+    let cases: &[(&str, &str)] = &[
+        (
+            "{window: 1mo, limit: 1}",
+            "plans.yaml:6:22: plans.p.endpoints.e.fixed_windows[0].window: `1mo` is a calendar window: \
+             add `calendar: utc` for calendar months (from the 1st 00:00 UTC)",
+        ),
+        (
+            "{window: 1w, limit: 1}",
+            "plans.yaml:6:22: plans.p.endpoints.e.fixed_windows[0].window: `1w` is a calendar window: \
+             add `calendar: utc` for calendar weeks (from Monday 00:00 UTC), or write `7d` for fixed 7-day windows",
+        ),
+        (
+            "{window: 60s, calendar: utc, limit: 1}",
+            "plans.yaml:6:22: plans.p.endpoints.e.fixed_windows[0].window: a calendar window is `1d`, `1w` \
+             or `1mo`, found `60s` (remove `calendar` for a fixed window)",
+        ),
+        (
+            "{window: 2mo, calendar: utc, limit: 1}",
+            "plans.yaml:6:22: plans.p.endpoints.e.fixed_windows[0].window: a calendar window is `1d`, `1w` \
+             or `1mo`, found `2mo` (remove `calendar` for a fixed window)",
+        ),
+        (
+            "{window: 1mo, calendar: Europe/Paris, limit: 1}",
+            "plans.yaml:6:37: plans.p.endpoints.e.fixed_windows[0].calendar: unknown calendar \
+             `Europe/Paris`: only `utc` is supported (days from 00:00 UTC, weeks from Monday, months from the 1st)",
+        ),
+        (
+            "{window: 1mo, calendar: [utc], limit: 1}",
+            "plans.yaml:6:37: plans.p.endpoints.e.fixed_windows[0].calendar: expected a string, found a list",
+        ),
+    ];
+    for (window, want) in cases {
+        assert_eq!(errors(&file(window)), vec![want.to_string()], "{window}");
+    }
+    // The same (period, unit) twice is a duplicate; a calendar day next to
+    // a fixed day is not.
+    let twice = "plans:\n  p:\n    endpoints:\n      e:\n        fixed_windows:\n          \
+                 - {window: 1mo, calendar: utc, limit: 1}\n          - {window: 1mo, calendar: utc, limit: 2}\n";
+    assert_eq!(
+        errors(twice),
+        vec![
+            "plans.yaml:7:13: plans.p.endpoints.e.fixed_windows[1]: duplicate window: `request` \
+              per 1mo is already limited by plans.p.endpoints.e.fixed_windows[0]"
+                .to_string()
+        ]
+    );
+    // The JSON form is checked alike.
+    let err = plan_from_json(
+        "pro",
+        &json!({"endpoints": {"e": {"fixed_windows": [{"window": "1mo", "limit": 1}]}}}),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().starts_with(
+            "<json>: plans.pro.endpoints.e.fixed_windows[0].window: `1mo` is a calendar window"
+        ),
+        "{err}"
+    );
+}
+
 #[test]
 fn plan_from_json_reports_paths() {
     let err = plan_from_json(
@@ -358,7 +470,7 @@ fn numbers_at_their_bounds_load() {
     );
     let set = parse_plans(&text, "plans.yaml").unwrap();
     let policy = &set.plans["p"].endpoints["e"];
-    assert_eq!(policy.windows[0].window_secs, MAX_WINDOW_SECS);
+    assert_eq!(policy.windows[0].len, WindowLen::Fixed(MAX_WINDOW_SECS));
     assert_eq!(policy.windows[0].limit, MAX_AMOUNT);
     assert_eq!(policy.max_concurrent, MAX_CONCURRENT);
     assert_eq!(policy.concurrency_expiry_secs, MAX_CONCURRENCY_EXPIRY_SECS);
@@ -383,8 +495,8 @@ fn stored_plans_above_the_bounds_are_clamped_not_refused() {
     .unwrap();
     let policy = &plan.endpoints["e"];
     assert_eq!(
-        (policy.windows[0].window_secs, policy.windows[0].limit),
-        (MAX_WINDOW_SECS, MAX_AMOUNT)
+        (policy.windows[0].len, policy.windows[0].limit),
+        (WindowLen::Fixed(MAX_WINDOW_SECS), MAX_AMOUNT)
     );
     assert_eq!(policy.max_concurrent, MAX_CONCURRENT);
     assert_eq!(policy.concurrency_expiry_secs, MAX_CONCURRENCY_EXPIRY_SECS);
@@ -502,12 +614,17 @@ fn unit_strategy() -> impl Strategy<Value = Unit> {
     ]
 }
 
+fn len_strategy() -> impl Strategy<Value = WindowLen> {
+    prop_oneof![
+        3 => (1u64..=MAX_WINDOW_SECS).prop_map(WindowLen::Fixed),
+        1 => prop_oneof![Just(Period::Day), Just(Period::Week), Just(Period::Month)]
+            .prop_map(WindowLen::Calendar),
+    ]
+}
+
 fn policy_strategy() -> impl Strategy<Value = Policy> {
     (
-        prop::collection::vec(
-            (1u64..=MAX_WINDOW_SECS, 1u64..=MAX_AMOUNT, unit_strategy()),
-            0..5,
-        ),
+        prop::collection::vec((len_strategy(), 1u64..=MAX_AMOUNT, unit_strategy()), 0..5),
         0u32..=MAX_CONCURRENT,
         1u64..=MAX_CONCURRENCY_EXPIRY_SECS,
         prop::option::of((
@@ -529,11 +646,7 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
                     seen.push((*secs, unit.clone()));
                     fresh
                 })
-                .map(|(window_secs, limit, unit)| Window {
-                    window_secs,
-                    limit,
-                    unit,
-                })
+                .map(|(len, limit, unit)| Window { len, limit, unit })
                 .collect();
             Policy {
                 windows,
