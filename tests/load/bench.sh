@@ -209,6 +209,16 @@ plans:
           min_balance: 1
           per_request: 1
           per_unit: { token: { credits: 1, per: 1000 } }
+      "gpt-bench-spendcap":         # gpt-bench-credits + a spend cap: a window
+        fixed_windows:              # on the credits charged (issue 15 item 2)
+          - { window: 60s, limit: $BIG, unit_type: request }
+          - { window: 86_400s, limit: $BIG, unit_type: request }
+          - { window: 60s, limit: $BIG, unit_type: token }
+          - { window: 2_592_000s, limit: $BIG, unit_type: credit }
+        credits:
+          min_balance: 1
+          per_request: 1
+          per_unit: { token: { credits: 1, per: 1000 } }
       "gpt-bench-1w":
         fixed_windows:
           - { window: 60s, limit: $BIG, unit_type: request }
@@ -357,6 +367,10 @@ TARGETS=(
   "redis-credits|$P_REDIS|redis|KEY=$(cat "$OUT/key-pg.txt") MODEL=gpt-bench-credits"
 )
 [ -n "${GW_PID[floor]:-}" ] && TARGETS+=("hyper-floor|$P_FLOOR|floor|KEY=x")
+# Only when asked for (--only "redis-credits redis-spendcap"): what a spend
+# cap adds to the credit path.
+[[ " $ONLY " == *" redis-spendcap "* ]] &&
+  TARGETS+=("redis-spendcap|$P_REDIS|redis|KEY=$(cat "$OUT/key-pg.txt") MODEL=gpt-bench-spendcap")
 if [ "$SCALING" = 1 ]; then
   TARGETS+=(
     "redis-1key-rotating|$P_REDIS|redis|KEYS_FILE=$OUT/keys-1.txt"
