@@ -25,7 +25,7 @@ use plangate::config::Config;
 use plangate::limiter::keys::Keys;
 use plangate::limiter::redis::{RedisOptions, RedisStore};
 use plangate::limiter::{AttemptRequest, CounterStore, UsageRequest, Verdict, WindowSpec};
-use plangate::plans::{Unit, Window, WindowLen};
+use plangate::plans::{Period, Unit, Window, WindowLen};
 use plangate_tests::harness::{send_to, unique, ADMIN_TOKEN, T0_MS};
 use tokio::sync::watch;
 
@@ -262,6 +262,78 @@ async fn cluster_store_admits_exactly_the_limit_from_8_instances() {
     let holding: Vec<_> = per_node.iter().filter(|(_, k)| !k.is_empty()).collect();
     assert_eq!(holding.len(), 1, "keys of one account split: {per_node:?}");
     assert_eq!(holding[0].1.len(), 2, "window counter + in-flight set");
+    delete_keys(&nodes, &per_node).await;
+}
+
+/// Calendar windows on the cluster (issue 15 item 1): a month's counter
+/// and a fixed minute's live on the account's master, each with a TTL;
+/// in the last minute of a leap February the month is full, on March 1st
+/// it counts from zero again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calendar_month_windows_on_the_cluster() {
+    let Some(nodes) = cluster().await else { return };
+    let prefix = format!("pgt:{}:", unique("cal"));
+    let store = RedisStore::connect_cluster(&nodes, options(&prefix))
+        .await
+        .expect("cluster store");
+    let account = unique("month");
+    // 2028-02-29 23:59:00 UTC and a minute later.
+    let feb29: u64 = 1_835_481_540_000;
+    let mar1 = feb29 + 60_000;
+    let windows = [
+        WindowSpec {
+            len: WindowLen::Calendar(Period::Month),
+            limit: 2,
+            unit: Unit::request(),
+            amount: 1,
+        },
+        WindowSpec {
+            len: WindowLen::Fixed(60),
+            limit: 100,
+            unit: Unit::request(),
+            amount: 1,
+        },
+    ];
+    let attempt_at = |now_ms: u64, id: &'static str| {
+        let (store, account, windows) = (&store, &account, &windows);
+        async move {
+            store
+                .attempt(&AttemptRequest {
+                    request_id: id,
+                    account,
+                    endpoint: "e",
+                    now_ms,
+                    windows,
+                    max_concurrent: 0,
+                    lease_ms: 60_000,
+                    credits: None,
+                })
+                .await
+                .expect("attempt")
+                .verdict
+        }
+    };
+    assert_eq!(attempt_at(feb29, "a").await, Verdict::Admitted);
+    assert_eq!(attempt_at(feb29 + 1, "b").await, Verdict::Admitted);
+    assert_eq!(
+        attempt_at(feb29 + 2, "c").await,
+        Verdict::WindowFull { index: 0 }
+    );
+    assert_eq!(
+        attempt_at(mar1, "d").await,
+        Verdict::Admitted,
+        "a new month"
+    );
+
+    let per_node = keys_per_node(&nodes, store.keys()).await;
+    let holding: Vec<_> = per_node.iter().filter(|(_, k)| !k.is_empty()).collect();
+    assert_eq!(holding.len(), 1, "keys of one account split: {per_node:?}");
+    // February's and March's month counters, two minutes, the in-flight set.
+    assert_eq!(holding[0].1.len(), 5, "{per_node:?}");
+    assert!(
+        holding[0].1.iter().any(|k| k.contains("1mo")),
+        "{per_node:?}"
+    );
     delete_keys(&nodes, &per_node).await;
 }
 
