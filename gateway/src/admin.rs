@@ -397,13 +397,7 @@ impl Admin {
                     &serde_json::json!({"account": id, "reset": reset}),
                 ))
             }
-            (&Method::GET, ["admin", "accounts", id]) => {
-                let account = catalog.get_account(id).await.map_err(catalog_error)?;
-                Ok(json(
-                    StatusCode::OK,
-                    &serde_json::to_value(account).unwrap_or_default(),
-                ))
-            }
+            (&Method::GET, ["admin", "accounts", id]) => account_json(catalog, id).await,
             (&Method::PUT, ["admin", "accounts", id, "plan"]) => {
                 let r: PlanRef = read_json(req).await?;
                 catalog
@@ -413,11 +407,7 @@ impl Admin {
                 self.core
                     .cache
                     .invalidate(&Invalidation::Account((*id).to_owned()));
-                let account = catalog.get_account(id).await.map_err(catalog_error)?;
-                Ok(json(
-                    StatusCode::OK,
-                    &serde_json::to_value(account).unwrap_or_default(),
-                ))
+                account_json(catalog, id).await
             }
             (&Method::PUT, ["admin", "accounts", id, "billing-anchor"]) => {
                 let r: AnchorRef = read_json(req).await?;
@@ -429,11 +419,7 @@ impl Admin {
                 self.core
                     .cache
                     .invalidate(&Invalidation::Account((*id).to_owned()));
-                let account = catalog.get_account(id).await.map_err(catalog_error)?;
-                Ok(json(
-                    StatusCode::OK,
-                    &serde_json::to_value(account).unwrap_or_default(),
-                ))
+                account_json(catalog, id).await
             }
             (&Method::POST, ["admin", "accounts", id, "keys"]) => {
                 // The body is optional: `{"label": "ci", "expires_at": "..."}`.
@@ -622,4 +608,13 @@ fn parse_rfc3339(s: &str) -> Result<SystemTime, ApiError> {
     humantime::parse_rfc3339_weak(s).map_err(|e| {
         ApiError::invalid_request(format!("expires_at `{s}` is not an RFC 3339 time: {e}"))
     })
+}
+
+/// The account as the admin API shows it (200), read from the catalog.
+async fn account_json(catalog: &dyn Catalog, id: &str) -> Result<Response<Body>, ApiError> {
+    let account = catalog.get_account(id).await.map_err(catalog_error)?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::to_value(account).unwrap_or_default(),
+    ))
 }

@@ -126,22 +126,18 @@ impl Background {
         self.capacity
     }
 
-    /// Count a job as running, or refuse it (at capacity, when `bounded`).
-    fn enter(self: &Arc<Self>, job: Job, bounded: bool) -> Option<Running> {
+    /// Count a job as running until the returned guard is dropped.
+    fn enter(self: &Arc<Self>, job: Job) -> Running {
         let lane = &self.lanes[job.index()];
-        if self.running.fetch_add(1, Ordering::SeqCst) >= self.capacity && bounded {
-            self.running.fetch_sub(1, Ordering::SeqCst);
-            lane.refused.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
+        self.running.fetch_add(1, Ordering::SeqCst);
         lane.started.fetch_add(1, Ordering::Relaxed);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         lane.running.lock().insert(id, Instant::now());
-        Some(Running {
+        Running {
             owner: self.clone(),
             job,
             id,
-        })
+        }
     }
 
     /// Run `fut` as a background job of kind `job`. Returns false if it was
@@ -159,13 +155,22 @@ impl Background {
                 .fetch_add(1, Ordering::Relaxed);
             return false;
         };
-        let Some(running) = self.enter(job, true) else {
+        let lane = &self.lanes[job.index()];
+        if self.running.load(Ordering::SeqCst) >= self.capacity {
+            lane.refused.fetch_add(1, Ordering::Relaxed);
             return false;
-        };
+        }
         let mut fut = Box::pin(fut);
         if (&mut fut).now_or_never().is_some() {
+            // Done already: counted, never registered as running (no lock
+            // on the in-process stores' path).
+            lane.started.fetch_add(1, Ordering::Relaxed);
             return true;
         }
+        // Started (its first poll may have sent a store call): tracked from
+        // here, never refused any more (a race past the capacity check
+        // overshoots it by the jobs in that race).
+        let running = self.enter(job);
         rt.spawn(async move {
             let _running = running;
             fut.await;
@@ -177,7 +182,7 @@ impl Background {
     /// that already has its own task, such as a keeper pass). Never
     /// refused.
     pub async fn run<T>(self: &Arc<Self>, job: Job, fut: impl Future<Output = T>) -> T {
-        let _running = self.enter(job, false);
+        let _running = self.enter(job);
         fut.await
     }
 

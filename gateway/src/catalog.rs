@@ -331,7 +331,9 @@ pub struct Draw {
 
 /// A credit operation a gateway decided (in its counter store's wallet,
 /// `limiter::wallet`) and the catalog records: idempotent by ledger key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Serialized as the in-process store's spool writes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(tag = "k", rename_all = "lowercase")]
 pub enum CreditOp {
     /// A deduction. `deducted: None` when the wallet was not loaded at the
     /// end of the request: the catalog decides (as far as the balance goes).

@@ -252,6 +252,12 @@ pub struct Policy {
 pub const DEFAULT_CONCURRENCY_EXPIRY_SECS: u64 = 60;
 
 impl Policy {
+    /// Whether a window counts credits spent (a spend cap, `unit_type:
+    /// credit`).
+    pub fn caps_spend(&self) -> bool {
+        self.windows.iter().any(|w| w.unit.is_credit())
+    }
+
     /// The distinct units this policy limits, in order of first appearance.
     pub fn units(&self) -> Vec<Unit> {
         let mut out: Vec<Unit> = Vec::new();

@@ -549,10 +549,7 @@ impl Gateway {
         };
         // Spend caps (`credit` windows) reserve the admission charge; the
         // settlement counts what the request was charged in all.
-        if let (Some(cost), true) = (
-            &policy.credits,
-            policy.windows.iter().any(|w| w.unit.is_credit()),
-        ) {
+        if let (Some(cost), true) = (&policy.credits, policy.caps_spend()) {
             set_units(
                 &mut admission.start_units,
                 &Unit::credit(),
@@ -800,6 +797,22 @@ impl Gateway {
         Ok(Response::from_parts(resp_parts, body.boxed_unsync()))
     }
 
+    /// The caller of one of the gateway's own `GET` endpoints (`/v1/limits`,
+    /// `/v1/usage`, `/v1/models`), recorded in the request's outcome.
+    async fn get_caller(
+        &self,
+        req: &Request<Incoming>,
+        table: &RouteTable,
+        outcome: &Outcome,
+    ) -> Result<KeyOwner, ApiError> {
+        if req.method() != Method::GET {
+            return Err(ApiError::MethodNotAllowed);
+        }
+        let owner = self.authenticate(req.headers(), &table.key_headers).await?;
+        outcome.caller(&owner);
+        Ok(owner)
+    }
+
     /// Resolve the caller's account from its API key.
     async fn authenticate(
         &self,
@@ -857,11 +870,7 @@ impl Gateway {
         table: &RouteTable,
         outcome: &Outcome,
     ) -> Result<Response<Body>, ApiError> {
-        if req.method() != Method::GET {
-            return Err(ApiError::MethodNotAllowed);
-        }
-        let owner = self.authenticate(req.headers(), &table.key_headers).await?;
-        outcome.caller(&owner);
+        let owner = self.get_caller(&req, table, outcome).await?;
         let v = limits_json(&self.core, &owner.account_id, None).await?;
         Ok(json_response(StatusCode::OK, &v))
     }
@@ -875,11 +884,7 @@ impl Gateway {
         table: &RouteTable,
         outcome: &Outcome,
     ) -> Result<Response<Body>, ApiError> {
-        if req.method() != Method::GET {
-            return Err(ApiError::MethodNotAllowed);
-        }
-        let owner = self.authenticate(req.headers(), &table.key_headers).await?;
-        outcome.caller(&owner);
+        let owner = self.get_caller(&req, table, outcome).await?;
         let plan = self.plan_of(&owner.account_id).await?;
         let models = plan_models(plan.as_deref(), &table.routes);
         match req.uri().path().strip_prefix("/v1/models/") {
@@ -946,11 +951,7 @@ impl Gateway {
         table: &RouteTable,
         outcome: &Outcome,
     ) -> Result<Response<Body>, ApiError> {
-        if req.method() != Method::GET {
-            return Err(ApiError::MethodNotAllowed);
-        }
-        let owner = self.authenticate(req.headers(), &table.key_headers).await?;
-        outcome.caller(&owner);
+        let owner = self.get_caller(&req, table, outcome).await?;
         let account = owner.account_id;
         let v = async {
             let p = crate::query::parse(req.uri().query(), &["since", "until", "group_by"])?;
@@ -1400,7 +1401,7 @@ impl Settle {
             self.access = Some(line);
         }
         if let Some(permit) = self.permit.take() {
-            let settled_units = if self.upstream_failed {
+            let mut settled_units = if self.upstream_failed {
                 // Nothing was served: give back every reservation except
                 // the request itself.
                 permit
@@ -1423,15 +1424,8 @@ impl Settle {
             };
             // Spend caps: the credits charged in all (nothing when the
             // admission charge is refunded).
-            let mut settled_units = settled_units;
             if let Some(cost) = &self.credits {
-                if permit
-                    .ticket()
-                    .policy
-                    .windows
-                    .iter()
-                    .any(|w| w.unit.is_credit())
-                {
+                if permit.ticket().policy.caps_spend() {
                     let spent = if self.upstream_failed || permit.ticket().charged.is_none() {
                         0
                     } else {

@@ -26,97 +26,17 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::wallet::{admission_key, OutboxItem, OutboxOp, WalletOp};
-use crate::catalog::{Draw, UsageEvent};
 
 /// One line of the spool.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "lowercase")]
 enum Line {
     /// An outbox entry of account `a`.
-    Op { a: String, id: u64, op: SpoolOp },
+    Op { a: String, id: u64, op: OutboxOp },
     /// The catalog has account `a`'s entries `ids`.
     Ack { a: String, ids: Vec<u64> },
     /// Request `r` of account `a`, admitted with a credit charge, ended.
     End { a: String, r: String },
-}
-
-/// [`OutboxOp`] as the spool writes it.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "k", rename_all = "lowercase")]
-enum SpoolOp {
-    Charge {
-        key: String,
-        request_id: String,
-        endpoint: String,
-        requested: u64,
-        deducted: Option<u64>,
-        draws: Vec<Draw>,
-        at_ms: u64,
-    },
-    Refund {
-        key: String,
-        at_ms: u64,
-    },
-    Usage {
-        event: Box<UsageEvent>,
-    },
-}
-
-impl From<&OutboxOp> for SpoolOp {
-    fn from(op: &OutboxOp) -> Self {
-        match op {
-            OutboxOp::Credit(WalletOp::Charge {
-                key,
-                request_id,
-                endpoint,
-                requested,
-                deducted,
-                draws,
-                at_ms,
-            }) => SpoolOp::Charge {
-                key: key.clone(),
-                request_id: request_id.clone(),
-                endpoint: endpoint.clone(),
-                requested: *requested,
-                deducted: *deducted,
-                draws: draws.clone(),
-                at_ms: *at_ms,
-            },
-            OutboxOp::Credit(WalletOp::Refund { key, at_ms }) => SpoolOp::Refund {
-                key: key.clone(),
-                at_ms: *at_ms,
-            },
-            OutboxOp::Usage(event) => SpoolOp::Usage {
-                event: event.clone(),
-            },
-        }
-    }
-}
-
-impl From<SpoolOp> for OutboxOp {
-    fn from(op: SpoolOp) -> Self {
-        match op {
-            SpoolOp::Charge {
-                key,
-                request_id,
-                endpoint,
-                requested,
-                deducted,
-                draws,
-                at_ms,
-            } => OutboxOp::Credit(WalletOp::Charge {
-                key,
-                request_id,
-                endpoint,
-                requested,
-                deducted,
-                draws,
-                at_ms,
-            }),
-            SpoolOp::Refund { key, at_ms } => OutboxOp::Credit(WalletOp::Refund { key, at_ms }),
-            SpoolOp::Usage { event } => OutboxOp::Usage(event),
-        }
-    }
 }
 
 /// What a replay found: per account, the outbox entries still to write
@@ -145,7 +65,7 @@ impl Spool {
     /// with what is still pending.
     pub fn open(path: &Path, now_ms: u64) -> std::io::Result<(Spool, Replayed)> {
         let mut order: Vec<String> = Vec::new();
-        let mut pending: HashMap<String, Vec<(u64, SpoolOp)>> = HashMap::new();
+        let mut pending: HashMap<String, Vec<(u64, OutboxOp)>> = HashMap::new();
         let mut open: HashSet<(String, String)> = HashSet::new();
         let mut max_id = 0;
         if let Ok(file) = File::open(path) {
@@ -166,15 +86,15 @@ impl Spool {
                 match parsed {
                     Line::Op { a, id, op } => {
                         max_id = max_id.max(id);
-                        if let SpoolOp::Charge {
+                        if let OutboxOp::Credit(WalletOp::Charge {
                             key, request_id, ..
-                        } = &op
+                        }) = &op
                         {
                             if *key == admission_key(request_id) {
                                 open.insert((a.clone(), request_id.clone()));
                             }
                         }
-                        if let SpoolOp::Refund { key, .. } = &op {
+                        if let OutboxOp::Credit(WalletOp::Refund { key, .. }) = &op {
                             if let Some(r) = key.strip_prefix("adm:") {
                                 open.remove(&(a.clone(), r.to_owned()));
                             }
@@ -208,10 +128,10 @@ impl Spool {
             }
             pending.entry(a).or_default().push((
                 max_id,
-                SpoolOp::Refund {
+                OutboxOp::Credit(WalletOp::Refund {
                     key: admission_key(&r),
                     at_ms: now_ms,
-                },
+                }),
             ));
         }
         // Rewrite the file with what is pending, then append to it.
@@ -238,7 +158,7 @@ impl Spool {
                     .into_iter()
                     .map(|(id, op)| OutboxItem {
                         id: id.to_string(),
-                        op: op.into(),
+                        op,
                     })
                     .collect();
                 (!items.is_empty()).then_some((a, items))
@@ -285,11 +205,7 @@ impl Spool {
                     .insert((Box::from(account), Box::from(request_id.as_str())));
             }
         }
-        self.append(&LineRef::Op {
-            a: account,
-            id,
-            op: &SpoolOp::from(op),
-        });
+        self.append(&LineRef::Op { a: account, id, op });
     }
 
     /// The catalog has these entries.
@@ -316,7 +232,7 @@ enum LineRef<'a> {
     Op {
         a: &'a str,
         id: u64,
-        op: &'a SpoolOp,
+        op: &'a OutboxOp,
     },
     Ack {
         a: &'a str,
@@ -331,6 +247,7 @@ enum LineRef<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::Draw;
 
     fn charge(key: &str, request_id: &str) -> OutboxOp {
         OutboxOp::Credit(WalletOp::Charge {

@@ -106,8 +106,10 @@ pub struct OutboxItem {
     pub op: OutboxOp,
 }
 
-/// What an outbox entry asks the catalog to record.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What an outbox entry asks the catalog to record (serialized as the
+/// in-process store's spool writes it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OutboxOp {
     /// A charge or refund.
     Credit(WalletOp),
