@@ -143,10 +143,11 @@ impl Background {
     /// Run `fut` as a background job of kind `job`. Returns false if it was
     /// refused (at capacity, or outside a runtime): the caller says what
     /// that leaves undone. A job whose future is done on its first poll
-    /// (the in-process stores) runs right here, without a task.
-    pub fn spawn<F>(self: &Arc<Self>, job: Job, fut: F) -> bool
+    /// (the in-process stores) runs right here, without a task. `Unpin`: the
+    /// caller boxes it once (a settlement already is).
+    pub fn spawn<F>(self: &Arc<Self>, job: Job, mut fut: F) -> bool
     where
-        F: Future<Output = ()> + Send + 'static,
+        F: Future<Output = ()> + Unpin + Send + 'static,
     {
         use futures_util::FutureExt as _;
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -160,7 +161,6 @@ impl Background {
             lane.refused.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        let mut fut = Box::pin(fut);
         if (&mut fut).now_or_never().is_some() {
             // Done already: counted, never registered as running (no lock
             // on the in-process stores' path).
@@ -291,9 +291,12 @@ mod tests {
         let bg = Arc::new(Background::new(10));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let before = Instant::now();
-        assert!(bg.spawn(Job::Settle, async move {
-            let _ = rx.await;
-        }));
+        assert!(bg.spawn(
+            Job::Settle,
+            Box::pin(async move {
+                let _ = rx.await;
+            })
+        ));
         tokio::task::yield_now().await;
         assert_eq!(bg.pending(Job::Settle), 1);
         assert_eq!(bg.pending(Job::Release), 0);
@@ -337,11 +340,14 @@ mod tests {
         let (tx, rx) = tokio::sync::watch::channel(false);
         for _ in 0..2 {
             let mut rx = rx.clone();
-            assert!(bg.spawn(Job::Release, async move {
-                let _ = rx.wait_for(|done| *done).await;
-            }));
+            assert!(bg.spawn(
+                Job::Release,
+                Box::pin(async move {
+                    let _ = rx.wait_for(|done| *done).await;
+                })
+            ));
         }
-        assert!(!bg.spawn(Job::Settle, async {}), "at capacity");
+        assert!(!bg.spawn(Job::Settle, Box::pin(async {})), "at capacity");
         assert_eq!(bg.refusals(Job::Settle), 1);
         // Work that has its own task is counted but never refused.
         assert_eq!(bg.run(Job::Renew, async { 7 }).await, 7);
@@ -354,7 +360,7 @@ mod tests {
             .idle(&[Job::Release], Instant::now() + Duration::from_secs(1))
             .await;
         assert!(left.is_empty(), "{left:?}");
-        assert!(bg.spawn(Job::Settle, async {}), "room again");
+        assert!(bg.spawn(Job::Settle, Box::pin(async {})), "room again");
         assert_eq!(bg.pending(Job::Settle), 0, "done on its first poll");
     }
 }

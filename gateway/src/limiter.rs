@@ -1107,9 +1107,12 @@ impl<S: CounterStore> Limiter<S> {
     fn end_in_background(self: &Arc<Self>, job: Job, ticket: Ticket, ending: Ending) {
         let request_id = ticket.request_id.clone();
         let limiter = self.clone();
-        let spawned = self.background.spawn(job, async move {
-            limiter.end_loop(job, &ticket, &ending).await;
-        });
+        let spawned = self.background.spawn(
+            job,
+            Box::pin(async move {
+                limiter.end_loop(job, &ticket, &ending).await;
+            }),
+        );
         if !spawned {
             tracing::warn!(request_id = %request_id, job = job.as_str(), "too many requests awaiting their end; this one expires with its lease");
         }
