@@ -146,9 +146,11 @@ impl App {
                 let (store, refunded) = MemoryStore::with_spool(path, clock.now_ms())
                     .map_err(|e| bad(format!("[storage] spool {}: {e}", path.display())))?;
                 tracing::info!(path = %path.display(), refunded, "outbox spool replayed (admissions of requests that never ended refunded)");
-                store.into()
+                store.with_outbox_limit(config.storage.outbox_memory).into()
             }
-            (None, None) => MemoryStore::new().into(),
+            (None, None) => MemoryStore::new()
+                .with_outbox_limit(config.storage.outbox_memory)
+                .into(),
         };
         let cache = CatalogCache::new_lazy(catalog.clone(), clock.clone(), CacheConfig::default())
             .await

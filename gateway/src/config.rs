@@ -122,6 +122,11 @@ pub struct StorageConfig {
     /// usage outbox durable (`limiter::spool`); resolved relative to the
     /// config file's directory.
     pub spool: Option<PathBuf>,
+    /// With in-process counters: past about this many bytes of outbox
+    /// entries the catalog has not taken, admissions are refused (credit
+    /// requests 503, others as `on_store_error` says), so memory stays
+    /// bounded while Postgres is down or slow.
+    pub outbox_memory: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -372,6 +377,10 @@ pub mod defaults {
     pub const UNADMITTED_BODY_BUDGET: u64 = 256 * 1024 * 1024;
     /// `[server] unadmitted_body_per_account`: 32 MiB.
     pub const UNADMITTED_BODY_PER_ACCOUNT: u64 = 32 * 1024 * 1024;
+    /// `[storage] outbox_memory`: a usage record takes about 580 bytes
+    /// (`in_process_outbox_is_bounded_while_postgres_is_down`: 14 in
+    /// 8 KiB), so about 450,000 of them.
+    pub const OUTBOX_MEMORY: u64 = 256 * 1024 * 1024;
     /// `[storage] store_timeout`, milliseconds.
     pub const STORE_TIMEOUT_MS: u64 = 50;
     /// `[storage] catalog_timeout`, seconds: well above a healthy catalog

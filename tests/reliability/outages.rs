@@ -608,3 +608,102 @@ async fn postgres_outage_serves_cached_and_credits_from_wallet_and_writes_charge
         served
     );
 }
+
+/// While Postgres is down, the in-process counters' outbox grows only to
+/// `[storage] outbox_memory`: past it admissions are refused (a credit
+/// request 503 `catalog_unavailable`; others as `on_store_error` says,
+/// here closed: 503), nothing admitted before is lost, and once Postgres
+/// is back the outbox is written and requests are admitted again. Before
+/// the bound, every request was admitted and its record kept in memory
+/// for as long as the outage lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_process_outbox_is_bounded_while_postgres_is_down() {
+    let _serial = serial().await;
+    let Some(db) = plangate_tests::postgres_db("rel_obx").await else {
+        return;
+    };
+    migrate(&db).await.expect("migrate");
+    let direct = PostgresCatalog::connect(&db, Arc::new(SystemClock))
+        .await
+        .expect("direct catalog");
+    let cut = TcpCut::start(postgres_addr(&db).await).await;
+    let mock = plangate::mock::start(MockOptions::default())
+        .await
+        .expect("mock");
+    let mut setup = Setup::new(&mock.url());
+    setup.postgres_url = Some(via(&db, cut.addr));
+    setup.store_timeout = "1s".into();
+    setup.request_timeout = "5s".into();
+    setup.extra_storage = "outbox_memory = \"8KiB\"\n".into();
+    let rig = Rig::start(&setup).await;
+    let (account, key) = rig.account().await;
+    direct
+        .create_quota_block(&account, 1_000, None, serde_json::json!({}))
+        .await
+        .expect("grant");
+    let tokens = [("x-mock-tokens", "250")];
+    let paid = || rig.chat(&key, "paid-model", &tokens);
+    assert_eq!(rig.chat(&key, "free-model", &tokens).await.status, 200);
+    assert_eq!(paid().await.status, 200);
+    until(Duration::from_secs(5), || async {
+        rig.charges_pending() == 0
+    })
+    .await
+    .expect("warm-up records written");
+
+    cut.cut();
+    let mut served = 2u64;
+    let mut refused = None;
+    for _ in 0..1_000 {
+        let r = rig.chat(&key, "free-model", &tokens).await;
+        if r.status == 200 {
+            served += 1;
+        } else {
+            refused = Some(r);
+            break;
+        }
+    }
+    let refused = refused.expect("admissions refused once the outbox is full");
+    let during = served - 2;
+    eprintln!(
+        "FIGURES in-process outbox bound 8KiB: {during} requests admitted during the outage, then {} {}",
+        refused.status,
+        refused.code()
+    );
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert!(
+        (5..=60).contains(&during),
+        "about 8 KiB of usage records are kept, not more: {during}"
+    );
+    let paid_refused = paid().await;
+    assert_eq!(paid_refused.status, 503, "{:?}", paid_refused.body);
+    assert_eq!(paid_refused.code(), "catalog_unavailable");
+
+    cut.restore();
+    let back = until(Duration::from_secs(15), || async {
+        rig.chat(&key, "free-model", &tokens).await.status == 200
+    })
+    .await;
+    assert!(back.is_some(), "admitted again once the outbox is written");
+    served += 1;
+    assert_eq!(paid().await.status, 200);
+    served += 1;
+    until(Duration::from_secs(10), || async {
+        rig.charges_pending() == 0
+    })
+    .await
+    .expect("records written after restore");
+    let q = plangate::catalog::UsageQuery {
+        account_id: Some(account.clone()),
+        ..Default::default()
+    };
+    let events = direct
+        .usage_events(&q, None, 10_000)
+        .await
+        .expect("usage events");
+    assert_eq!(
+        events.len() as u64,
+        served,
+        "one record for every request served, none for the refused"
+    );
+}

@@ -104,6 +104,8 @@ pub struct Setup {
     pub plans_source: String,
     /// `[storage] spool` (in-process counters' durable outbox).
     pub spool: Option<String>,
+    /// More `[storage]` lines, each ending in a newline.
+    pub extra_storage: String,
 }
 
 impl Setup {
@@ -125,6 +127,7 @@ impl Setup {
             extra_server: String::new(),
             plans_source: "file".into(),
             spool: None,
+            extra_storage: String::new(),
         }
     }
 
@@ -143,6 +146,7 @@ impl Setup {
         if let Some(s) = &self.spool {
             storage.push_str(&format!("spool = \"{s}\"\n"));
         }
+        storage.push_str(&self.extra_storage);
         format!(
             r#"
 [server]

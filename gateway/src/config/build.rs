@@ -489,8 +489,21 @@ impl Builder<'_> {
             on_store_error: OnStoreError::Open,
             require_at_start: false,
             spool: None,
+            outbox_memory: defaults::OUTBOX_MEMORY,
         };
         let Some(raw) = raw else { return out };
+        if let Some(v) = &raw.outbox_memory {
+            if let Some(n) = self.size(v, "storage.outbox_memory") {
+                out.outbox_memory = n;
+            }
+            if raw.redis_url.is_some() || raw.redis_cluster.is_some() {
+                self.error_at(
+                    v.span(),
+                    "storage.outbox_memory",
+                    "bounds the in-process counters' outbox; with Redis the outbox lives in Redis",
+                );
+            }
+        }
         out.require_at_start = raw.require_at_start.unwrap_or(false);
         if let Some(s) = &raw.spool {
             out.spool = self.path(s, "storage.spool");

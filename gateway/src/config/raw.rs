@@ -73,6 +73,8 @@ pub struct RawStorage {
     pub require_at_start: Option<bool>,
     /// The in-process store's durable outbox file.
     pub spool: Option<Str>,
+    /// The most memory the in-process store's outbox may hold.
+    pub outbox_memory: Option<Spanned<toml::Value>>,
 }
 
 /// `[auth]`

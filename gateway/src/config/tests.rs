@@ -664,3 +664,24 @@ fn cap_names_a_reserved_top_level_field() {
         vec![format!("{f}:11:13: routes[0].cap.token: `usage.max` is not a top-level body field such as `max_tokens`")]
     );
 }
+
+#[test]
+fn outbox_memory_bounds_the_in_process_outbox_only() {
+    let c = load(&format!("{MINIMAL}[storage]\noutbox_memory = \"16MiB\"\n")).expect("loads");
+    assert_eq!(c.storage.outbox_memory, 16 * 1024 * 1024);
+    let c = load(MINIMAL).expect("loads");
+    assert_eq!(c.storage.outbox_memory, defaults::OUTBOX_MEMORY);
+    let f = "conf/plangate.toml";
+    assert_eq!(
+        errors(&format!(
+            "{MINIMAL}[storage]\nredis_url = \"redis://127.0.0.1:6379\"\noutbox_memory = \"1MiB\"\n"
+        )),
+        vec![format!("{f}:5:17: storage.outbox_memory: bounds the in-process counters' outbox; with Redis the outbox lives in Redis")]
+    );
+    assert_eq!(
+        errors(&format!("{MINIMAL}[storage]\noutbox_memory = 0\n")),
+        vec![format!(
+            "{f}:4:17: storage.outbox_memory: must be at least 1 byte"
+        )]
+    );
+}

@@ -56,6 +56,11 @@ pub struct MemoryStore {
     outbox_ids: AtomicU64,
     /// Keeps the outboxes durable (`[storage] spool`).
     spool: Option<super::spool::Spool>,
+    /// About how many bytes the outboxes hold ([`OutboxItem::approx_bytes`]).
+    outbox_bytes: AtomicU64,
+    /// Past this many, admissions are refused (`[storage] outbox_memory`):
+    /// while the catalog does not take the outboxes, memory stays bounded.
+    outbox_max: u64,
 }
 
 /// Accounts' credit states, by account id.
@@ -173,7 +178,23 @@ impl MemoryStore {
                 .collect(),
             outbox_ids: AtomicU64::new(0),
             spool: None,
+            outbox_bytes: AtomicU64::new(0),
+            outbox_max: u64::MAX,
         }
+    }
+
+    /// Refuse admissions while the outboxes hold `bytes` or more (about:
+    /// [`OutboxItem::approx_bytes`]) that the catalog has not taken. The
+    /// ends of requests already admitted still append theirs, so the bound
+    /// is exceeded by at most what the requests in flight record.
+    pub fn with_outbox_limit(mut self, bytes: u64) -> Self {
+        self.outbox_max = bytes;
+        self
+    }
+
+    /// About how many bytes the outboxes hold.
+    pub fn outbox_bytes(&self) -> u64 {
+        self.outbox_bytes.load(Ordering::Relaxed)
     }
 
     /// A store whose outboxes are kept durable in the spool file at `path`
@@ -186,6 +207,8 @@ impl MemoryStore {
         let mut store = Self::new();
         store.outbox_ids = AtomicU64::new(replayed.max_id);
         for (account, items) in replayed.outboxes {
+            let bytes: u64 = items.iter().map(OutboxItem::approx_bytes).sum();
+            store.outbox_bytes.fetch_add(bytes, Ordering::Relaxed);
             store.with_credits(&account, |credits| credits.outbox.extend(items));
         }
         store.spool = Some(spool);
@@ -222,10 +245,13 @@ impl MemoryStore {
         if let Some(spool) = &self.spool {
             spool.op(account, id, &op);
         }
-        credits.outbox.push_back(OutboxItem {
+        let item = OutboxItem {
             id: id.to_string(),
             op,
-        });
+        };
+        self.outbox_bytes
+            .fetch_add(item.approx_bytes(), Ordering::Relaxed);
+        credits.outbox.push_back(item);
     }
 
     /// The admission's credit charge (windows and concurrency admitted it).
@@ -640,6 +666,17 @@ fn drop_at(expiry: u64) -> u64 {
 
 impl CounterStore for MemoryStore {
     async fn attempt(&self, req: &AttemptRequest<'_>) -> Result<AttemptOutcome, StoreError> {
+        let held = self.outbox_bytes();
+        if held >= self.outbox_max {
+            // The catalog has not taken what was recorded (it is down or
+            // slow): admitting more would grow memory without bound. Credit
+            // requests fail closed; others as `on_store_error` says.
+            return Err(StoreError::Catalog(format!(
+                "the in-process outbox holds about {held} bytes the catalog has not taken \
+                 (the limit, [storage] outbox_memory, is {})",
+                self.outbox_max
+            )));
+        }
         Ok(self.with_entry(req.account, req.endpoint, req.now_ms, |e| {
             match req.credits {
                 None => e.attempt(req, || Ok(None)),
@@ -719,11 +756,18 @@ impl CounterStore for MemoryStore {
             spool.ack(account, &numbers);
         }
         let ids: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
-        self.with_credits(account, |credits| {
-            credits
-                .outbox
-                .retain(|item| !ids.contains(item.id.as_str()));
+        let freed = self.with_credits(account, |credits| {
+            let mut freed = 0;
+            credits.outbox.retain(|item| {
+                let keep = !ids.contains(item.id.as_str());
+                if !keep {
+                    freed += item.approx_bytes();
+                }
+                keep
+            });
+            freed
         });
+        self.outbox_bytes.fetch_sub(freed, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1081,5 +1125,85 @@ mod tests {
         // Past the grace: the record is gone, the end changes nothing.
         assert!(!end(T0 + 1_000 + SETTLE_GRACE_MS));
         assert_eq!(s.len(), 0);
+    }
+
+    /// Past `with_outbox_limit`, admissions fail (the catalog has not taken
+    /// what was recorded) until the outbox is acknowledged; the end of a
+    /// request admitted before still records.
+    #[test]
+    fn a_full_outbox_refuses_admissions_until_acknowledged() {
+        let record = |id: &str| crate::catalog::UsageEvent {
+            request_id: id.into(),
+            account_id: "a".into(),
+            key_id: Some("key_1".into()),
+            endpoint: "e".into(),
+            route: "/v1/chat/completions".into(),
+            units: Vec::new(),
+            credits: 0,
+            status: 200,
+            degraded: false,
+            streamed: false,
+            cut_short: false,
+            started_at: std::time::UNIX_EPOCH,
+            ended_at: std::time::UNIX_EPOCH,
+        };
+        let s = MemoryStore::new().with_outbox_limit(1_000);
+        let end = |id: &str| {
+            let usage = record(id);
+            run(s.end(&EndRequest {
+                request_id: id,
+                account: "a",
+                endpoint: "e",
+                now_ms: T0,
+                settlements: &[],
+                credits: Default::default(),
+                usage: Some(&usage),
+            }))
+            .expect("end")
+        };
+        let try_admit = |id: &str| {
+            run(s.attempt(&AttemptRequest {
+                request_id: id,
+                account: "a",
+                endpoint: "e",
+                now_ms: T0,
+                windows: &[spec(60, 100, 1)],
+                max_concurrent: 0,
+                lease_ms: 60_000,
+                credits: None,
+            }))
+        };
+        let mut admitted = 0;
+        while let Ok(outcome) = try_admit(&format!("r{admitted}")) {
+            assert_eq!(outcome.verdict, Verdict::Admitted);
+            assert!(end(&format!("r{admitted}")));
+            admitted += 1;
+            assert!(admitted < 100, "never refused");
+        }
+        let per_record = OutboxItem {
+            id: "100".into(),
+            op: OutboxOp::Usage(Box::new(record("r100"))),
+        }
+        .approx_bytes();
+        assert!(admitted >= 1 && s.outbox_bytes() >= 1_000, "{admitted}");
+        assert!(
+            s.outbox_bytes() < 1_000 + per_record,
+            "{}",
+            s.outbox_bytes()
+        );
+        let refused = try_admit("late");
+        assert!(
+            matches!(refused, Err(StoreError::Catalog(_))),
+            "{refused:?}"
+        );
+        let ids: Vec<String> = run(s.outbox_read("a", 1_000))
+            .expect("read")
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(ids.len(), admitted);
+        run(s.outbox_ack("a", &ids)).expect("ack");
+        assert_eq!(s.outbox_bytes(), 0);
+        assert_eq!(attempt(&s, "a", "after", T0, 60_000), Verdict::Admitted);
     }
 }

@@ -117,6 +117,49 @@ pub enum OutboxOp {
     Usage(Box<UsageEvent>),
 }
 
+impl OutboxItem {
+    /// About how many bytes of memory the entry holds (its allocations and
+    /// their headers): what `[storage] outbox_memory` counts for the
+    /// in-process store.
+    pub fn approx_bytes(&self) -> u64 {
+        // Each `String`/`Vec`/`Box` is one allocation; count ~16 bytes of
+        // allocator overhead for each beside its contents.
+        const ALLOC: usize = 16;
+        let s = |s: &str| s.len() + ALLOC;
+        let draws = |d: &[Draw]| {
+            ALLOC
+                + d.iter()
+                    .map(|d| std::mem::size_of::<Draw>() + s(&d.block_id))
+                    .sum::<usize>()
+        };
+        let op = match &self.op {
+            OutboxOp::Credit(WalletOp::Charge {
+                key,
+                request_id,
+                endpoint,
+                draws: d,
+                ..
+            }) => s(key) + s(request_id) + s(endpoint) + draws(d),
+            OutboxOp::Credit(WalletOp::Refund { key, .. }) => s(key),
+            OutboxOp::Usage(u) => {
+                std::mem::size_of::<UsageEvent>()
+                    + ALLOC
+                    + s(&u.request_id)
+                    + s(&u.account_id)
+                    + u.key_id.as_deref().map_or(0, s)
+                    + s(&u.endpoint)
+                    + s(&u.route)
+                    + ALLOC
+                    + u.units
+                        .iter()
+                        .map(|x| std::mem::size_of_val(x) + s(&x.unit))
+                        .sum::<usize>()
+            }
+        };
+        (std::mem::size_of::<Self>() + s(&self.id) + op) as u64
+    }
+}
+
 /// An admission whose end has not come (yet), as a wallet remembers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unended {
