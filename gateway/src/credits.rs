@@ -466,6 +466,8 @@ impl<S: CounterStore> WalletSource for Outbox<S> {
         Ok(WalletSnapshot {
             version: snapshot.version,
             loaded_ms,
+            // Read before the catalog by the limiter (`Limiter::load_wallet`).
+            acks: 0,
             blocks: snapshot
                 .blocks
                 .into_iter()

@@ -265,6 +265,13 @@ pub trait CounterStore: Send + Sync + 'static {
         ids: &[String],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// How many times the account's outbox was acknowledged (recently): a
+    /// wallet load reads it before the catalog and passes it in the
+    /// snapshot, and [`CounterStore::wallet_init`] refuses the snapshot
+    /// ([`WalletInit::Pending`]) if an acknowledgement came in between —
+    /// the catalog may have recorded that batch after it was read.
+    fn outbox_acks(&self, account: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Accounts whose outbox is not empty (for recovery after a restart:
     /// entries another gateway wrote and did not flush).
     fn outbox_accounts(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
@@ -445,6 +452,13 @@ impl CounterStore for AnyStore {
         match self {
             AnyStore::Memory(s) => s.outbox_ack(account, ids).await,
             AnyStore::Redis(s) => Box::pin(s.outbox_ack(account, ids)).await,
+        }
+    }
+
+    async fn outbox_acks(&self, account: &str) -> Result<u64, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.outbox_acks(account).await,
+            AnyStore::Redis(s) => Box::pin(s.outbox_acks(account)).await,
         }
     }
 
@@ -873,7 +887,9 @@ impl<S: CounterStore> Limiter<S> {
             .get()
             .ok_or_else(|| StoreError::Unavailable("credits: no wallet source".into()))?;
         for _ in 0..WALLET_LOAD_TRIES {
-            let snapshot = source.snapshot(account).await?;
+            let acks = self.timed(self.store.outbox_acks(account)).await?;
+            let mut snapshot = source.snapshot(account).await?;
+            snapshot.acks = acks;
             match self
                 .timed(self.store.wallet_init(account, &snapshot))
                 .await?
@@ -1332,6 +1348,7 @@ impl Ending {
         EndCredits {
             charge: if self.refund { 0 } else { self.charge },
             refund: self.refund,
+            admitted: true,
         }
     }
 }

@@ -942,7 +942,7 @@ async fn client_request_ids_are_bounded_correlation_ids_never_ledger_keys() {
                 rows = gw.catalog().ledger(acct).await.unwrap();
                 if rows
                     .iter()
-                    .filter(|e| e.idempotency_key.starts_with("use:"))
+                    .filter(|e| e.idempotency_key.starts_with("req:"))
                     .count()
                     >= if acct == &a { 1 } else { 2 }
                 {

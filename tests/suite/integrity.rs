@@ -136,17 +136,29 @@ fn units_used(limits: &Value, endpoint: &str, unit: &str) -> u64 {
         .expect("window")
 }
 
-/// Per-unit credits charged to `account` (ledger rows `use:*`), once the
-/// background charge has landed (bounded wait, never for a window).
+/// Per-unit credits charged to `account`, once the background charge has
+/// landed (bounded wait, never for a window). A request's ledger row
+/// (`req:*`) holds its admission charge (`per_request: 1` in every plan
+/// here) and its per-unit charge; `use:*` rows (the wallet dropped
+/// meanwhile) the per-unit charge alone.
 async fn unit_credits(gw: &TestGateway, account: &str, expect_rows: usize) -> u64 {
+    const PER_REQUEST: u64 = 1;
     let mut sum = 0;
     for _ in 0..300 {
         let ledger = gw.catalog().ledger(account).await.expect("ledger");
         let rows: Vec<_> = ledger
             .iter()
-            .filter(|e| e.idempotency_key.starts_with("use:"))
+            .filter(|e| {
+                e.idempotency_key.starts_with("req:") || e.idempotency_key.starts_with("use:")
+            })
             .collect();
-        sum = rows.iter().map(|e| e.requested).sum();
+        sum = rows
+            .iter()
+            .map(|e| match e.idempotency_key.starts_with("req:") {
+                true => e.requested - PER_REQUEST,
+                false => e.requested,
+            })
+            .sum();
         if rows.len() >= expect_rows {
             return sum;
         }

@@ -274,7 +274,8 @@ async fn block_expiring_mid_load_is_not_drawn_after_expiry() {
 
 /// `min_balance` holds at admission; a per-unit charge above the balance
 /// takes what is there and records the shortfall; an upstream failure
-/// refunds the admission charge (in the wallet and in the catalog).
+/// gives the admission charge back (the catalog never records it); each
+/// served request is one ledger row with both charges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_balance_shortfall_and_refund() {
     for b in backends().await {
@@ -324,16 +325,19 @@ async fn min_balance_shortfall_and_refund() {
         b.flush().await;
         let ledger = b.catalog.ledger("acct").await.unwrap();
         let row = |k: &str| ledger.iter().find(|e| e.idempotency_key == k).cloned();
-        let r1 = row("adm:r1").expect("adm:r1");
-        assert_eq!((r1.deducted, r1.refunded), (1, 1), "{}", b.name);
-        let use3 = row("use:r3").expect("use:r3");
+        // One ledger row per request, written at its end: r1's upstream
+        // failed, so it has none (its admission was never recorded).
+        assert_eq!(row("req:r1"), None, "{}", b.name);
+        assert_eq!(row("adm:r1"), None, "{}", b.name);
+        let r3 = row("req:r3").expect("req:r3");
         assert_eq!(
-            (use3.requested, use3.deducted, use3.shortfall),
-            (100, 6, 94),
-            "{}: shortfall recorded",
+            (r3.requested, r3.deducted, r3.shortfall),
+            (101, 7, 94),
+            "{}: admission + per-unit charge, shortfall recorded",
             b.name
         );
-        assert_eq!(row("use:r2").map(|e| e.deducted), Some(4), "{}", b.name);
+        assert_eq!(row("req:r2").map(|e| e.deducted), Some(5), "{}", b.name);
+        assert_eq!(ledger.len(), 2, "{}: {ledger:#?}", b.name);
         assert_eq!(b.catalog.balance("acct").await.unwrap(), 0, "{}", b.name);
         assert_eq!(net(&ledger), 12, "{}", b.name);
     }
@@ -449,4 +453,120 @@ async fn outbox_left_by_a_dead_instance_is_written_once() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(left, 0);
+}
+
+/// A request's admission charge reaches the catalog only at its end, with
+/// its per-unit charge (one ledger row). A wallet dropped and loaded again
+/// while admissions are unended holds their draws back, so the balance
+/// stays exact: 10 credits, r1 admitted (1), a grant of 5 drops the
+/// wallet, r2 admitted from the reloaded wallet; both end; the wallet and
+/// the catalog agree on 13. (Loaded without holding r1 back, the wallet
+/// said 14 while the catalog said 13.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_holds_back_unended_admissions() {
+    use plangate::clock::Clock;
+    use plangate::limiter::CounterStore;
+    for b in backends().await {
+        b.account("acct", &[(10, None)]).await;
+        let policy = policy(1, 1, None);
+        let r1 = attempt(&b, 0, "r1", "acct", &policy).await.expect("r1");
+        b.catalog
+            .create_quota_block("acct", 5, None, serde_json::json!({}))
+            .await
+            .unwrap();
+        // Wait for the grant's invalidation to drop the wallet everywhere:
+        // an admission then reloads it.
+        let store = |i: usize| b.instances[i % b.instances.len()].limiter.clone();
+        let mut r2 = None;
+        for n in 0..200 {
+            let p = attempt(&b, 1, &format!("g{n}"), "acct", &policy)
+                .await
+                .expect("admitted");
+            let balance = p.ticket().charged.as_ref().map(|c| c.balance);
+            if balance == Some(13) {
+                r2 = Some(p);
+                break;
+            }
+            // Still the old wallet (10 - r1 - this one): give it back.
+            assert_eq!(balance, Some(8), "{}", b.name);
+            p.end_as(Ending {
+                refund: true,
+                ..Ending::default()
+            })
+            .await
+            .expect("end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let r2 = r2.unwrap_or_else(|| panic!("{}: the grant never reached the wallet", b.name));
+        r1.end_as(Ending::default()).await.expect("end r1");
+        r2.end_as(Ending::default()).await.expect("end r2");
+        b.flush().await;
+        assert_eq!(b.catalog.balance("acct").await.unwrap(), 13, "{}", b.name);
+        for i in 0..b.instances.len() {
+            let wallet = store(i)
+                .store()
+                .wallet_balance("acct", b.clock.now_ms())
+                .await
+                .expect("balance");
+            assert_eq!(wallet, Some(13), "{}: the wallet agrees", b.name);
+        }
+        // One row per served request; those given back left none.
+        let ledger = b.catalog.ledger("acct").await.unwrap();
+        let keys: Vec<&str> = ledger.iter().map(|e| e.idempotency_key.as_str()).collect();
+        assert_eq!(keys.len(), 2, "{}: {keys:?}", b.name);
+        assert_eq!(keys[0], "req:r1", "{}", b.name);
+        assert!(keys[1].starts_with("req:g"), "{}: {keys:?}", b.name);
+    }
+}
+
+/// A wallet load refuses a snapshot read before an outbox batch was
+/// acknowledged (the catalog may have recorded the batch after the read):
+/// `wallet_init` with the acknowledgement count read before the batch says
+/// `Pending`, with the count read after it loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_read_before_an_acknowledgement_is_refused() {
+    use plangate::clock::Clock;
+    use plangate::limiter::wallet::{WalletInit, WalletSnapshot};
+    use plangate::limiter::CounterStore;
+    for b in backends().await {
+        b.account("acct", &[(10, None)]).await;
+        let policy = policy(1, 1, None);
+        let p = attempt(&b, 0, "r1", "acct", &policy).await.expect("r1");
+        let store = b.instances[0].limiter.store();
+        let before = store.outbox_acks("acct").await.expect("acks");
+        // The end's ledger row is written and acknowledged (by the flush,
+        // or the background writer before it).
+        p.end_as(Ending::default()).await.expect("end");
+        b.flush().await;
+        let after = store.outbox_acks("acct").await.expect("acks");
+        assert!(after > before, "{}: {before} -> {after}", b.name);
+        store
+            .wallet_invalidate("acct", None)
+            .await
+            .expect("drop the wallet");
+        let snapshot = |acks| WalletSnapshot {
+            version: 1_000_000,
+            loaded_ms: b.clock.now_ms(),
+            acks,
+            blocks: Vec::new(),
+        };
+        assert_eq!(
+            store
+                .wallet_init("acct", &snapshot(before))
+                .await
+                .expect("init"),
+            WalletInit::Pending,
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            store
+                .wallet_init("acct", &snapshot(after))
+                .await
+                .expect("init"),
+            WalletInit::Loaded,
+            "{}",
+            b.name
+        );
+    }
 }

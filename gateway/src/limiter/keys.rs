@@ -89,6 +89,12 @@ impl Keys {
         self.account_key(account, "/a")
     }
 
+    /// How many outbox batches of the account were acknowledged (a wallet
+    /// load refuses a snapshot read before one).
+    pub fn outbox_acks(&self, account: &str) -> String {
+        self.account_key(account, "/k")
+    }
+
     /// The newest credit version the store has seen for the account.
     pub fn wallet_version(&self, account: &str) -> String {
         self.account_key(account, "/v")

@@ -26,13 +26,14 @@ use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 
 use super::wallet::{
-    admission_key, usage_key, Charged, CreditAsk, OutboxItem, OutboxOp, Unended, Wallet,
-    WalletInit, WalletOp, WalletSnapshot, WALLET_TTL_MS,
+    admission_key, request_key, usage_key, Charged, CreditAsk, OutboxItem, OutboxOp, Unended,
+    Wallet, WalletInit, WalletOp, WalletSnapshot, WALLET_TTL_MS,
 };
 use super::{
     AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
     UsageRequest, Verdict, SETTLE_GRACE_MS,
 };
+use crate::catalog::Draw;
 use crate::plans::{Period, Unit, WindowLen};
 
 /// Number of shards of a [`MemoryStore::new`] store.
@@ -74,6 +75,12 @@ struct AccountCredits {
     outbox: VecDeque<OutboxItem>,
     /// The newest credit version seen in an invalidation.
     min_version: u64,
+    /// Draws of admissions not ended yet, by request id: recorded (or
+    /// given back) at their end; a wallet loaded meanwhile holds them back.
+    admissions: HashMap<Box<str>, Vec<Draw>>,
+    /// How many times the outbox was acknowledged
+    /// ([`CounterStore::outbox_acks`]).
+    acks: u64,
 }
 
 impl AccountCredits {
@@ -90,7 +97,13 @@ impl AccountCredits {
     }
 
     fn is_empty(&self) -> bool {
-        self.wallet.is_none() && self.outbox.is_empty() && self.min_version == 0
+        // `acks` keeps the state (a few words per account written to the
+        // catalog): a load that read it must see it move.
+        self.wallet.is_none()
+            && self.outbox.is_empty()
+            && self.min_version == 0
+            && self.admissions.is_empty()
+            && self.acks == 0
     }
 }
 
@@ -274,19 +287,10 @@ impl MemoryStore {
         }
         let (taken, draws) = wallet.draw(ask.amount);
         if taken > 0 {
-            wallet
-                .admitted
+            // Recorded at the end, with the per-unit charge.
+            credits
+                .admissions
                 .insert(Box::from(req.request_id), draws.clone());
-            let op = WalletOp::Charge {
-                key: admission_key(req.request_id),
-                request_id: req.request_id.to_owned(),
-                endpoint: req.endpoint.to_owned(),
-                requested: ask.amount,
-                deducted: Some(taken),
-                draws: draws.clone(),
-                at_ms: req.now_ms,
-            };
-            self.push_op(req.account, credits, op);
         }
         Ok(Charged {
             balance: balance - taken,
@@ -294,56 +298,81 @@ impl MemoryStore {
         })
     }
 
-    /// The credits and the usage record of an end whose record was there.
-    fn settle_credits(&self, credits: &mut AccountCredits, req: &EndRequest<'_>) {
-        let taken = self.settle_charges(credits, req);
-        if let Some(usage) = req.usage {
+    /// The credits and the usage record of an end (`settles`: its record
+    /// was there).
+    fn settle_credits(&self, credits: &mut AccountCredits, req: &EndRequest<'_>, settles: bool) {
+        let taken = self.settle_charges(credits, req, settles);
+        if let (true, Some(usage)) = (settles, req.usage) {
             let mut usage = usage.clone();
             usage.credits = usage.credits.saturating_add(taken);
             self.push(req.account, credits, OutboxOp::Usage(Box::new(usage)));
         }
     }
 
-    /// The refund or per-unit charge of an end; what the charge took.
-    fn settle_charges(&self, credits: &mut AccountCredits, req: &EndRequest<'_>) -> u64 {
+    /// The admission's charge and the per-unit charge of an end, as one
+    /// ledger row (`req:<id>`), or the admission's draws given back; what
+    /// the per-unit charge took. Mirrors the Redis end script.
+    fn settle_charges(
+        &self,
+        credits: &mut AccountCredits,
+        req: &EndRequest<'_>,
+        settles: bool,
+    ) -> u64 {
         let now = req.now_ms;
+        let admitted = credits.admissions.remove(req.request_id);
         if req.credits.refund {
-            if let Some(wallet) = credits.wallet(now) {
-                if let Some(draws) = wallet.admitted.remove(req.request_id) {
-                    wallet.give_back(&draws);
-                }
+            if let (Some(draws), Some(wallet)) = (&admitted, credits.wallet(now)) {
+                wallet.give_back(draws);
             }
-            let op = WalletOp::Refund {
-                key: admission_key(req.request_id),
-                at_ms: now,
-            };
-            self.push_op(req.account, credits, op);
-        } else if let Some(wallet) = credits.wallet(now) {
-            wallet.admitted.remove(req.request_id);
+            return 0;
         }
-        let charge = req.credits.charge;
-        if charge > 0 {
-            let (deducted, draws) = match credits.wallet(now) {
-                Some(wallet) => {
+        let charge = if settles { req.credits.charge } else { 0 };
+        if admitted.is_none() && charge == 0 {
+            return 0;
+        }
+        let adm_draws = admitted.unwrap_or_default();
+        let adm_taken: u64 = adm_draws.iter().map(|d| d.credits).sum();
+        let op = |key: String, requested, deducted, draws| WalletOp::Charge {
+            key,
+            request_id: req.request_id.to_owned(),
+            endpoint: req.endpoint.to_owned(),
+            requested,
+            deducted,
+            draws,
+            at_ms: now,
+        };
+        let loaded = charge == 0 || credits.wallet(now).is_some();
+        if loaded {
+            let (taken, unit_draws) = match credits.wallet(now) {
+                Some(wallet) if charge > 0 => {
                     wallet.balance(now);
-                    let (taken, draws) = wallet.draw(charge);
-                    (Some(taken), draws)
+                    wallet.draw(charge)
                 }
-                None => (None, Vec::new()),
+                _ => (0, Vec::new()),
             };
-            let taken = deducted.unwrap_or(0);
-            let op = WalletOp::Charge {
-                key: usage_key(req.request_id),
-                request_id: req.request_id.to_owned(),
-                endpoint: req.endpoint.to_owned(),
-                requested: charge,
-                deducted,
+            let draws = super::wallet::merge_draws(&adm_draws, &unit_draws);
+            let charge_op = op(
+                request_key(req.request_id),
+                adm_taken + charge,
+                Some(adm_taken + taken),
                 draws,
-                at_ms: now,
-            };
-            self.push_op(req.account, credits, op);
+            );
+            self.push_op(req.account, credits, charge_op);
             return taken;
         }
+        // The wallet was dropped meanwhile: the admission as decided, the
+        // per-unit charge for the catalog to decide.
+        if adm_taken > 0 {
+            let adm = op(
+                admission_key(req.request_id),
+                adm_taken,
+                Some(adm_taken),
+                adm_draws,
+            );
+            self.push_op(req.account, credits, adm);
+        }
+        let unit = op(usage_key(req.request_id), charge, None, Vec::new());
+        self.push_op(req.account, credits, unit);
         0
     }
 
@@ -690,8 +719,12 @@ impl CounterStore for MemoryStore {
     async fn end(&self, req: &EndRequest<'_>) -> Result<bool, StoreError> {
         Ok(self.with_entry(req.account, req.endpoint, req.now_ms, |e| {
             let settled = e.end(req);
-            if settled && (!req.credits.is_empty() || req.usage.is_some()) {
-                self.with_credits(req.account, |credits| self.settle_credits(credits, req));
+            // An unended admission's charge is recorded even when the
+            // record is gone (as on Redis).
+            if !req.credits.is_empty() || (settled && req.usage.is_some()) {
+                self.with_credits(req.account, |credits| {
+                    self.settle_credits(credits, req, settled)
+                });
             }
             // After what the end recorded: a crash in between leaves an
             // admission unended, refunded at replay.
@@ -710,12 +743,15 @@ impl CounterStore for MemoryStore {
         Ok(self.with_credits(account, |credits| {
             if credits.wallet.is_some() {
                 WalletInit::Loaded
-            } else if !credits.outbox.is_empty() {
+            } else if !credits.outbox.is_empty() || snapshot.acks != credits.acks {
+                // Not written yet, or written since the snapshot was read.
                 WalletInit::Pending
             } else if snapshot.version < credits.min_version {
                 WalletInit::Stale
             } else {
-                credits.wallet = Some((Wallet::load(snapshot), snapshot.loaded_ms));
+                let unended = credits.admissions.values().map(Vec::as_slice);
+                let wallet = Wallet::load(snapshot, unended);
+                credits.wallet = Some((wallet, snapshot.loaded_ms));
                 WalletInit::Loaded
             }
         }))
@@ -757,6 +793,7 @@ impl CounterStore for MemoryStore {
         }
         let ids: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
         let freed = self.with_credits(account, |credits| {
+            credits.acks += 1;
             let mut freed = 0;
             credits.outbox.retain(|item| {
                 let keep = !ids.contains(item.id.as_str());
@@ -769,6 +806,10 @@ impl CounterStore for MemoryStore {
         });
         self.outbox_bytes.fetch_sub(freed, Ordering::Relaxed);
         Ok(())
+    }
+
+    async fn outbox_acks(&self, account: &str) -> Result<u64, StoreError> {
+        Ok(self.with_credits(account, |credits| credits.acks))
     }
 
     async fn wallet_accounts(&self) -> Result<Vec<String>, StoreError> {

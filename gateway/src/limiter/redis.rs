@@ -117,6 +117,26 @@ local function wallet_draw(key, blocks, amount)
   end
   return amount - left, table.concat(parts, ';')
 end
+-- Draws (`id=n;id=n`) of one request merged, in first-drawn order: their
+-- total and the merged draws.
+local function merge_draws(a, b)
+  local order, by, total = {}, {}, 0
+  for _, d in ipairs({a, b}) do
+    for id, n in string.gmatch(d, '([^;=]+)=(%d+)') do
+      if not by[id] then
+        order[#order + 1] = id
+        by[id] = 0
+      end
+      by[id] = by[id] + tonumber(n)
+      total = total + tonumber(n)
+    end
+  end
+  local parts = {}
+  for i, id in ipairs(order) do
+    parts[i] = id .. '=' .. fmt(by[id])
+  end
+  return total, table.concat(parts, ';')
+end
 -- Give draws back to the blocks still held.
 local function wallet_give_back(key, draws)
   for id, n in string.gmatch(draws, '([^;=]+)=(%d+)') do
@@ -192,16 +212,16 @@ if verdict == 0 and credits then
     local taken
     taken, draws = wallet_draw(wallet, blocks, amount)
     balance = balance - taken
-    -- Who admitted it, what it drew, where: until its end, for a refund,
-    -- or for the reaper should its gateway die first. Kept as long as an
-    -- end may still settle.
+    -- Who admitted it, what it drew, where: until its end, which records
+    -- the charge (one ledger row with the per-unit charge) or gives the
+    -- draws back; or the reaper, should its gateway die first. A wallet
+    -- loaded meanwhile holds these draws back. Kept as long as an end may
+    -- still settle (the lease keeper extends it).
     local adm = KEYS[n + 4]
     redis.call('HSET', adm, id, ARGV[10 + 3 * n] .. '|' .. draws .. '|' .. ARGV[9 + 3 * n])
     if redis.call('PTTL', adm) < grace then
       redis.call('PEXPIRE', adm, 2 * grace)
     end
-    redis.call('XADD', outbox, '*', 'e', 'c\t' .. ARGV[1] .. '\tadm:' .. id .. '\t' .. ARGV[7 + 3 * n]
-      .. '\t' .. fmt(taken) .. '\t' .. draws .. '\t' .. id .. '\t' .. ARGV[9 + 3 * n])
   end
 end
 if verdict == 0 then
@@ -246,69 +266,87 @@ return out
 
 /// End a request. KEYS[1] in-flight zset; per settlement i:
 /// KEYS[2i] counter of the current window, KEYS[2i+1] counter of the
-/// admission window; with credits then the wallet and the outbox.
-/// ARGV: now, request id, settle grace ms, then per
+/// admission window; with credits then the wallet, the outbox and the
+/// unended admissions. ARGV: now, request id, settle grace ms, then per
 /// settlement: units to add, units to give back, ttl ms of the current
 /// window's counter; with credits or a usage record then the per-unit
 /// charge, 1 to refund the admission charge (else 0), the endpoint and the
 /// usage record (JSON; empty for none). Returns 1 if the request's
 /// record was there, live or expired less than the grace ago (and settles
-/// only then).
+/// windows, the per-unit charge and the usage record only then). The
+/// admission's charge is recorded (or given back) whenever it is still
+/// unended: with the per-unit charge as one ledger row `req:<id>`, or,
+/// when the wallet was dropped meanwhile, as `adm:<id>` beside an
+/// undecided `use:<id>`.
 const END_LUA: &str = r#"
 local now = tonumber(ARGV[1])
 local id = ARGV[2]
-local score = redis.call('ZSCORE', KEYS[1], id)
-if not score then
-  return 0
-end
-redis.call('ZREM', KEYS[1], id)
-if tonumber(score) + tonumber(ARGV[3]) <= now then
-  return 0
-end
 -- Without credits or usage: 1 + 2n keys and 3 + 3n arguments; with: 4 + 2n
 -- and 7 + 3n.
 local credits = (#ARGV - 3) % 3 ~= 0
 local n = credits and (#KEYS - 4) / 2 or (#KEYS - 1) / 2
+local score = redis.call('ZSCORE', KEYS[1], id)
+if score then
+  redis.call('ZREM', KEYS[1], id)
+end
+-- The record is there, live or expired less than the grace ago: settle.
+local settles = score and tonumber(score) + tonumber(ARGV[3]) > now
 if credits then
   local wallet, outbox, adm = KEYS[2 * n + 2], KEYS[2 * n + 3], KEYS[2 * n + 4]
-  local charge = tonumber(ARGV[4 + 3 * n])
-  -- What the end records goes into one outbox entry (one field per
-  -- operation, in order): a refund, a per-unit charge, the usage record.
-  local entry = {}
+  -- The admission's draws are recorded now, with the per-unit charge, as
+  -- one ledger row (or given back when nothing was served) -- also when
+  -- the record is gone, so an admission is never left uncharged.
   local admitted = redis.call('HGET', adm, id)
+  local adm_draws = ''
   if admitted then
     redis.call('HDEL', adm, id)
+    adm_draws = string.match(admitted, '^[^|]*|([^|]*)')
   end
-  if ARGV[5 + 3 * n] == '1' then
-    if admitted then
-      wallet_give_back(wallet, string.match(admitted, '^[^|]*|([^|]*)'))
-    end
-    entry[#entry + 1] = 'r'
-    entry[#entry + 1] = 'r\t' .. ARGV[1] .. '\tadm:' .. id
-  end
+  local charge = settles and tonumber(ARGV[4 + 3 * n]) or 0
+  local entry = {}
   local taken = 0
-  if charge > 0 then
-    local blocks, _, loaded = wallet_blocks(wallet, now)
-    entry[#entry + 1] = 'c'
+  if ARGV[5 + 3 * n] == '1' then
+    wallet_give_back(wallet, adm_draws)
+  elseif admitted or charge > 0 then
+    local blocks, balance, loaded = nil, 0, true
+    if charge > 0 then
+      blocks, balance, loaded = wallet_blocks(wallet, now)
+    end
     if loaded then
-      local draws
-      taken, draws = wallet_draw(wallet, blocks, charge)
-      entry[#entry + 1] = 'c\t' .. ARGV[1] .. '\tuse:' .. id .. '\t' .. ARGV[4 + 3 * n]
-        .. '\t' .. fmt(taken) .. '\t' .. draws .. '\t' .. id .. '\t' .. ARGV[6 + 3 * n]
+      local unit_draws = ''
+      if charge > 0 then
+        taken, unit_draws = wallet_draw(wallet, blocks, charge)
+      end
+      local adm_taken = merge_draws(adm_draws, '')
+      local _, draws = merge_draws(adm_draws, unit_draws)
+      entry[#entry + 1] = 'c'
+      entry[#entry + 1] = 'c\t' .. ARGV[1] .. '\treq:' .. id .. '\t' .. fmt(adm_taken + charge)
+        .. '\t' .. fmt(adm_taken + taken) .. '\t' .. draws .. '\t' .. id .. '\t' .. ARGV[6 + 3 * n]
     else
-      -- Not loaded (invalidated meanwhile): the catalog decides.
+      -- Not loaded (invalidated meanwhile): the admission as it was
+      -- decided; the per-unit charge the catalog decides.
+      if admitted then
+        local adm_taken = merge_draws(adm_draws, '')
+        entry[#entry + 1] = 'c'
+        entry[#entry + 1] = 'c\t' .. ARGV[1] .. '\tadm:' .. id .. '\t' .. fmt(adm_taken)
+          .. '\t' .. fmt(adm_taken) .. '\t' .. adm_draws .. '\t' .. id .. '\t' .. ARGV[6 + 3 * n]
+      end
+      entry[#entry + 1] = 'u'
       entry[#entry + 1] = 'u\t' .. ARGV[1] .. '\tuse:' .. id .. '\t' .. ARGV[4 + 3 * n]
         .. '\t\t\t' .. id .. '\t' .. ARGV[6 + 3 * n]
     end
   end
   -- The usage record, with what the per-unit charge took.
-  if ARGV[7 + 3 * n] ~= '' then
+  if settles and ARGV[7 + 3 * n] ~= '' then
     entry[#entry + 1] = 'g'
     entry[#entry + 1] = 'g\t' .. fmt(taken) .. '\t' .. ARGV[7 + 3 * n]
   end
   if #entry > 0 then
     redis.call('XADD', outbox, '*', unpack(entry))
   end
+end
+if not settles then
+  return 0
 end
 for i = 1, n do
   local add = ARGV[3 * i + 1]
@@ -341,9 +379,11 @@ end
 return out
 "#;
 
-/// Renew a lease. KEYS[1] in-flight zset. ARGV: now, request id, new lease
-/// expiry ms, the set's minimum TTL ms (lease + grace + slack). Returns 1
-/// if the request was (live) in flight.
+/// Renew a lease. KEYS[1] in-flight zset, KEYS[2] the account's unended
+/// admissions (if any), which must outlive the request: its end records
+/// the admission's charge from there. ARGV: now, request id, new lease expiry ms, the keys'
+/// minimum TTL ms (lease + grace + slack). Returns 1 if the request was
+/// (live) in flight.
 const RENEW_LUA: &str = r#"
 local now = tonumber(ARGV[1])
 local score = redis.call('ZSCORE', KEYS[1], ARGV[2])
@@ -352,8 +392,10 @@ if not score or tonumber(score) <= now then
 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
 local ttl = tonumber(ARGV[4])
-if redis.call('PTTL', KEYS[1]) < ttl then
-  redis.call('PEXPIRE', KEYS[1], ttl)
+for i = 1, #KEYS do
+  if redis.call('PTTL', KEYS[i]) < ttl then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
 end
 return 1
 "#;
@@ -369,9 +411,12 @@ fn end_script() -> String {
 }
 
 /// Load a wallet unless loaded. KEYS[1] wallet, KEYS[2] outbox, KEYS[3]
-/// newest version seen. ARGV: version, ttl ms, then per block (in drain
-/// order): id, remaining, expiry ms (0: never). Returns 0 loaded (now or
-/// before), 1 outbox not empty, 2 snapshot older than an invalidation.
+/// newest version seen, KEYS[4] unended admissions, KEYS[5] outbox
+/// acknowledgement count. ARGV: version, ttl ms, the acknowledgement count
+/// read before the snapshot, then per block (in drain order): id,
+/// remaining, expiry ms (0: never). Returns 0 loaded (now or before), 1
+/// outbox not empty (or written since the snapshot was read), 2 snapshot
+/// older than an invalidation.
 const WALLET_INIT_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
@@ -379,14 +424,32 @@ end
 if redis.call('XLEN', KEYS[2]) > 0 then
   return 1
 end
+-- An outbox batch acknowledged since the snapshot was read: the catalog
+-- may have recorded it after the read.
+if (redis.call('GET', KEYS[5]) or '0') ~= ARGV[3] then
+  return 1
+end
 if tonumber(redis.call('GET', KEYS[3]) or '0') > tonumber(ARGV[1]) then
   return 2
 end
 redis.call('HSET', KEYS[1], '#v', ARGV[1])
 local order = 0
-for i = 3, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   order = order + 1
   redis.call('HSET', KEYS[1], 'b:' .. ARGV[i], ARGV[i + 1] .. ':' .. ARGV[i + 2] .. ':' .. order)
+end
+-- Admissions not ended yet drew from an earlier wallet and are not in the
+-- catalog: hold their draws back.
+local adm = redis.call('HGETALL', KEYS[4])
+for i = 2, #adm, 2 do
+  local draws = string.match(adm[i], '^[^|]*|([^|]*)') or ''
+  for id, n in string.gmatch(draws, '([^;=]+)=(%d+)') do
+    local v = redis.call('HGET', KEYS[1], 'b:' .. id)
+    if v then
+      local rem, rest = string.match(v, '^(%d+)(:.*)$')
+      redis.call('HSET', KEYS[1], 'b:' .. id, fmt(math.max(tonumber(rem) - tonumber(n), 0)) .. rest)
+    end
+  end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 0
@@ -413,10 +476,11 @@ return 1
 
 /// Refund an admission whose gateway died before its end. KEYS[1]
 /// wallet, KEYS[2] outbox, KEYS[3] the in-flight set of the admission's
-/// endpoint, KEYS[4] the account's unended admissions. ARGV: now, request id. Only when the admission is still
-/// unended and its lease has run out (a live request is never reaped):
-/// its draws go back, its record goes (a late end settles nothing), a
-/// refund goes to the outbox. Returns 1 if reaped.
+/// endpoint, KEYS[4] the account's unended admissions. ARGV: now, request
+/// id. Only when the admission is still unended and its lease has run out
+/// (a live request is never reaped): its draws go back, its record goes (a
+/// late end settles nothing). The catalog never saw the charge (an end
+/// records it), so nothing goes to the outbox. Returns 1 if reaped.
 const WALLET_REAP_LUA: &str = r#"
 local now, id = tonumber(ARGV[1]), ARGV[2]
 local admitted = redis.call('HGET', KEYS[4], id)
@@ -430,12 +494,13 @@ end
 redis.call('HDEL', KEYS[4], id)
 redis.call('ZREM', KEYS[3], id)
 wallet_give_back(KEYS[1], string.match(admitted, '^[^|]*|([^|]*)'))
-redis.call('XADD', KEYS[2], '*', 'e', 'r\t' .. ARGV[1] .. '\tadm:' .. id)
 return 1
 "#;
 
-/// Acknowledge outbox entries. KEYS[1] outbox. ARGV: the smallest id not
-/// acknowledged (one past the newest entry written to the catalog). The
+/// Acknowledge outbox entries. KEYS[1] outbox, KEYS[2] its acknowledgement
+/// count (a wallet load compares it with the count it read before the
+/// catalog). ARGV: the smallest id not acknowledged (one past the newest
+/// entry written to the catalog), the count's TTL ms. The
 /// writer reads an outbox from its start, so what it acknowledges is a
 /// prefix of the stream: `XTRIM MINID` drops it in one pass (an `XDEL` of
 /// each id cost 350 µs per batch of ~400 in the benchmark, a third of the
@@ -443,6 +508,8 @@ return 1
 /// TTL lives only while it holds entries).
 const OUTBOX_ACK_LUA: &str = r#"
 redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 if redis.call('XLEN', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[1])
 end
@@ -653,7 +720,7 @@ impl RedisStore {
             end: Script::new(&end_script()),
             usage: Script::new(USAGE_LUA),
             renew: Script::new(RENEW_LUA),
-            wallet_init: Script::new(WALLET_INIT_LUA),
+            wallet_init: Script::new(&format!("{WALLET_LUA}{WALLET_INIT_LUA}")),
             wallet_invalidate: Script::new(WALLET_INVALIDATE_LUA),
             wallet_balance: Script::new(&format!("{WALLET_LUA}{WALLET_BALANCE_LUA}")),
             wallet_reap: Script::new(&format!("{WALLET_LUA}{WALLET_REAP_LUA}")),
@@ -721,7 +788,7 @@ impl RedisStore {
             &end_script(),
             USAGE_LUA,
             RENEW_LUA,
-            WALLET_INIT_LUA,
+            &format!("{WALLET_LUA}{WALLET_INIT_LUA}"),
             WALLET_INVALIDATE_LUA,
             &format!("{WALLET_LUA}{WALLET_BALANCE_LUA}"),
             &format!("{WALLET_LUA}{WALLET_REAP_LUA}"),
@@ -1219,8 +1286,11 @@ impl CounterStore for RedisStore {
         inv.key(self.keys.wallet(account))
             .key(self.keys.outbox(account))
             .key(self.keys.wallet_version(account))
+            .key(self.keys.admissions(account))
+            .key(self.keys.outbox_acks(account))
             .arg(snapshot.version)
-            .arg(WALLET_TTL_MS);
+            .arg(WALLET_TTL_MS)
+            .arg(snapshot.acks);
         for b in &snapshot.blocks {
             inv.arg(&b.id)
                 .arg(b.remaining)
@@ -1282,8 +1352,20 @@ impl CounterStore for RedisStore {
         let next = next_stream_id(ids)
             .ok_or_else(|| StoreError::Protocol(format!("outbox entry ids {ids:?}")))?;
         let mut inv = self.outbox_ack.prepare_invoke();
-        inv.key(self.keys.outbox(account)).arg(next);
+        inv.key(self.keys.outbox(account))
+            .key(self.keys.outbox_acks(account))
+            .arg(next)
+            .arg(WALLET_TTL_MS);
         self.run(&inv).await.map(|_| ())
+    }
+
+    async fn outbox_acks(&self, account: &str) -> Result<u64, StoreError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.keys.outbox_acks(account));
+        match self.query(&cmd).await? {
+            Value::Nil => Ok(0),
+            v => as_u64(&v).ok_or_else(|| bad_reply("outbox acknowledgements", &v)),
+        }
     }
 
     async fn heartbeat(&self, instance: &str, ttl_ms: u64) -> Result<(), StoreError> {
@@ -1417,6 +1499,7 @@ impl CounterStore for RedisStore {
     async fn renew(&self, req: &RenewRequest<'_>) -> Result<bool, StoreError> {
         let mut inv = self.renew.prepare_invoke();
         inv.key(self.keys.in_flight(req.account, req.endpoint))
+            .key(self.keys.admissions(req.account))
             .arg(req.now_ms)
             .arg(req.request_id)
             .arg(req.now_ms.saturating_add(req.lease_ms))

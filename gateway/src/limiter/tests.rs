@@ -472,6 +472,10 @@ impl CounterStore for Counting {
         self.inner.outbox_ack(account, ids).await
     }
 
+    async fn outbox_acks(&self, account: &str) -> Result<u64, StoreError> {
+        self.inner.outbox_acks(account).await
+    }
+
     async fn outbox_accounts(&self) -> Result<Vec<String>, StoreError> {
         self.inner.outbox_accounts().await
     }

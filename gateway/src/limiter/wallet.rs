@@ -52,6 +52,9 @@ pub struct WalletSnapshot {
     /// When it was read (the gateway's clock, ms): the in-process store
     /// keeps the wallet [`WALLET_TTL_MS`] from then.
     pub loaded_ms: u64,
+    /// The outbox's acknowledgement count read before the catalog
+    /// ([`crate::limiter::CounterStore::outbox_acks`]).
+    pub acks: u64,
 }
 
 /// Credits an admission charges, atomically with its windows.
@@ -85,11 +88,14 @@ pub struct EndCredits {
     /// Give back the admission charge (nothing was served). The store
     /// remembers each admission's draws until its end.
     pub refund: bool,
+    /// The admission was asked for credits: its charge (remembered by the
+    /// store until now) is recorded with this end, or given back.
+    pub admitted: bool,
 }
 
 impl EndCredits {
     pub fn is_empty(&self) -> bool {
-        self.charge == 0 && !self.refund
+        self.charge == 0 && !self.refund && !self.admitted
     }
 }
 
@@ -182,14 +188,22 @@ pub enum WalletInit {
     Stale,
 }
 
-/// The ledger key of an admission charge.
+/// The ledger key of an admission charge recorded apart (the wallet was
+/// dropped before the request's end).
 pub fn admission_key(request_id: &str) -> String {
     format!("adm:{request_id}")
 }
 
-/// The ledger key of a per-unit charge.
+/// The ledger key of a per-unit charge the catalog decides (the wallet
+/// was dropped between the request's admission and its end).
 pub fn usage_key(request_id: &str) -> String {
     format!("use:{request_id}")
+}
+
+/// The ledger key of a request's charge: its admission and per-unit
+/// charges together, recorded at its end (one ledger row per request).
+pub fn request_key(request_id: &str) -> String {
+    format!("req:{request_id}")
 }
 
 /// An account's wallet: its blocks in drain order. The in-process store's
@@ -199,21 +213,28 @@ pub struct Wallet {
     pub version: u64,
     /// In drain order (the snapshot's), expired ones dropped lazily.
     blocks: Vec<WalletBlock>,
-    /// Draws of admissions not yet ended, by request id, for refunds.
-    pub admitted: std::collections::HashMap<Box<str>, Vec<Draw>>,
 }
 
 impl Wallet {
-    pub fn load(snapshot: &WalletSnapshot) -> Self {
+    /// The wallet of `snapshot`, holding back what `unended` admissions
+    /// drew (the catalog records their charges only at their ends).
+    pub fn load<'a>(snapshot: &WalletSnapshot, unended: impl Iterator<Item = &'a [Draw]>) -> Self {
         let mut blocks = snapshot.blocks.clone();
         // The snapshot is in drain order already; sorting again (stable)
         // makes the wallet independent of how the catalog ordered it.
         blocks.sort_by_key(|b| b.expires_ms.unwrap_or(u64::MAX));
-        Wallet {
+        let mut wallet = Wallet {
             version: snapshot.version,
             blocks,
-            admitted: Default::default(),
+        };
+        for draws in unended {
+            for d in draws {
+                if let Some(b) = wallet.blocks.iter_mut().find(|b| b.id == d.block_id) {
+                    b.remaining = b.remaining.saturating_sub(d.credits);
+                }
+            }
         }
+        wallet
     }
 
     /// Drop blocks expired at `now_ms`; the balance of the rest.
@@ -259,6 +280,19 @@ impl Wallet {
     }
 }
 
+/// One request's admission and per-unit draws as one list: each block
+/// once, in the order first drawn.
+pub fn merge_draws(admission: &[Draw], unit: &[Draw]) -> Vec<Draw> {
+    let mut out: Vec<Draw> = admission.to_vec();
+    for d in unit {
+        match out.iter_mut().find(|o| o.block_id == d.block_id) {
+            Some(o) => o.credits = o.credits.saturating_add(d.credits),
+            None => out.push(d.clone()),
+        }
+    }
+    out
+}
+
 /// Draws as the Redis scripts write them: `id=n;id=n`.
 pub fn encode_draws(draws: &[Draw]) -> String {
     let mut s = String::new();
@@ -301,16 +335,20 @@ mod tests {
 
     #[test]
     fn draws_earliest_expiry_first_never_expiring_last_and_skips_expired() {
-        let mut w = Wallet::load(&WalletSnapshot {
-            version: 1,
-            loaded_ms: 0,
-            blocks: vec![
-                block("never", 10, None),
-                block("late", 5, Some(2_000)),
-                block("gone", 7, Some(1_000)),
-                block("early", 3, Some(1_500)),
-            ],
-        });
+        let mut w = Wallet::load(
+            &WalletSnapshot {
+                version: 1,
+                loaded_ms: 0,
+                acks: 0,
+                blocks: vec![
+                    block("never", 10, None),
+                    block("late", 5, Some(2_000)),
+                    block("gone", 7, Some(1_000)),
+                    block("early", 3, Some(1_500)),
+                ],
+            },
+            std::iter::empty(),
+        );
         assert_eq!(w.balance(1_000), 18);
         let (taken, draws) = w.draw(10);
         assert_eq!(taken, 10);
@@ -326,6 +364,50 @@ mod tests {
             credits: 7,
         }]);
         assert_eq!(w.balance(1_000), 10);
+    }
+
+    /// A wallet loaded while admissions are unended holds their draws
+    /// back; merged draws list each block once.
+    #[test]
+    fn loads_hold_back_unended_admissions_and_draws_merge() {
+        let held = [
+            vec![Draw {
+                block_id: "a".into(),
+                credits: 2,
+            }],
+            vec![
+                Draw {
+                    block_id: "b".into(),
+                    credits: 9,
+                },
+                Draw {
+                    block_id: "x".into(),
+                    credits: 1,
+                },
+            ],
+        ];
+        let snapshot = WalletSnapshot {
+            version: 1,
+            loaded_ms: 0,
+            acks: 0,
+            blocks: vec![block("a", 5, None), block("b", 4, None)],
+        };
+        let mut w = Wallet::load(&snapshot, held.iter().map(Vec::as_slice));
+        assert_eq!(w.balance(0), 3, "a: 5 - 2, b: 4 - 9 floored at 0");
+        let merged = merge_draws(
+            &held[1],
+            &[
+                Draw {
+                    block_id: "b".into(),
+                    credits: 1,
+                },
+                Draw {
+                    block_id: "c".into(),
+                    credits: 4,
+                },
+            ],
+        );
+        assert_eq!(encode_draws(&merged), "b=10;x=1;c=4");
     }
 
     #[test]
