@@ -529,6 +529,15 @@ impl Gateway {
         };
 
         outcome.endpoint = Some(endpoint.to_owned());
+        let policy = self
+            .key_policy(
+                &account,
+                &owner.key_id,
+                owner.plan_id.as_deref(),
+                endpoint,
+                policy,
+            )
+            .await?;
 
         // Rate limits.
         // The attempt must run to completion even if the client goes away
@@ -835,6 +844,21 @@ impl Gateway {
         }
     }
 
+    /// The policy of `endpoint` as it applies to the caller's key: the
+    /// account's, plus the windows the key's own plan has for the
+    /// endpoint (key-level limits). A key plan that does not list the
+    /// endpoint adds nothing (the account's plan decides access).
+    async fn key_policy(
+        &self,
+        account: &str,
+        key_id: &str,
+        key_plan: Option<&str>,
+        endpoint: &str,
+        policy: Arc<Policy>,
+    ) -> Result<Arc<Policy>, ApiError> {
+        key_policy(&self.core, account, key_id, key_plan, endpoint, policy).await
+    }
+
     async fn plan_of(&self, account: &str) -> Result<Option<Arc<Plan>>, ApiError> {
         self.core
             .cache
@@ -871,7 +895,7 @@ impl Gateway {
         outcome: &Outcome,
     ) -> Result<Response<Body>, ApiError> {
         let owner = self.get_caller(&req, table, outcome).await?;
-        let v = limits_json(&self.core, &owner.account_id, None).await?;
+        let v = limits_json(&self.core, &owner.account_id, None, Some(&owner)).await?;
         Ok(json_response(StatusCode::OK, &v))
     }
 
@@ -1019,10 +1043,44 @@ pub async fn reset_limits(
 
 /// The `/v1/limits` document for `account` (optionally one endpoint); also
 /// served by the admin API.
+/// The policy of `endpoint` as it applies to key `key_id` of `account`,
+/// whose own plan is `key_plan`: `policy` (the account's) with the key
+/// plan's windows for the endpoint added ([`Policy::with_key`]). A key
+/// without a plan, or whose plan does not list the endpoint, gets
+/// `policy` itself.
+async fn key_policy(
+    core: &Core,
+    account: &str,
+    key_id: &str,
+    key_plan: Option<&str>,
+    endpoint: &str,
+    policy: Arc<Policy>,
+) -> Result<Arc<Policy>, ApiError> {
+    if key_plan.is_none() {
+        return Ok(policy);
+    }
+    let plan = core
+        .cache
+        .plan_for_key(account, key_plan)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "key plan lookup failed");
+            ApiError::CatalogUnavailable
+        })?;
+    Ok(match plan.as_ref().and_then(|p| p.policy(endpoint)) {
+        Some(own) if !own.windows.is_empty() => Arc::new(policy.with_key(key_id, own)),
+        _ => policy,
+    })
+}
+
+/// `/v1/limits` (with the caller's key: its own windows too, marked
+/// `"scope": "key"`) and the admin API's view of an account (`key`
+/// `None`: the account's windows only).
 pub async fn limits_json(
     core: &Core,
     account: &str,
     only: Option<&str>,
+    key: Option<&KeyOwner>,
 ) -> Result<serde_json::Value, ApiError> {
     let plan = core
         .cache
@@ -1035,9 +1093,23 @@ pub async fn limits_json(
             if only.is_some_and(|o| o != id) {
                 continue;
             }
+            let policy = match key {
+                Some(k) => {
+                    key_policy(
+                        core,
+                        account,
+                        &k.key_id,
+                        k.plan_id.as_deref(),
+                        id,
+                        policy.clone(),
+                    )
+                    .await?
+                }
+                None => policy.clone(),
+            };
             let now_ms = core.limiter.clock().now_ms();
-            let info = core.limiter.info(account, id, policy).await;
-            endpoints.insert(id.clone(), endpoint_json(policy, info.ok(), now_ms));
+            let info = core.limiter.info(account, id, &policy).await;
+            endpoints.insert(id.clone(), endpoint_json(&policy, info.ok(), now_ms));
         }
         if let Some(o) = only {
             if !plan.endpoints.contains_key(o) {
@@ -1061,6 +1133,7 @@ pub async fn limits_json(
     Ok(serde_json::json!({
         "account": account,
         "plan": plan.as_ref().map(|p| p.id.clone()),
+        "key_plan": key.and_then(|k| k.plan_id.clone()),
         "endpoints": endpoints,
         "credits": { "balance": balance },
     }))
@@ -1089,6 +1162,7 @@ fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>, now_ms: u64) -> s
                 "used": state.map(|s| s.used),
                 "remaining": state.map(|s| s.remaining),
                 "reset_ms": state.map(|s| s.reset_ms),
+                "scope": if policy.is_key_window(i) { "key" } else { "account" },
             });
             if let Some(p) = w.len.period() {
                 out["calendar"] = serde_json::json!(crate::plans::parse::CALENDAR_UTC);
@@ -1790,6 +1864,7 @@ mod tests {
             concurrency_expiry_secs: 60,
             credits: None,
             enforce: true,
+            key: None,
         });
         let plan = Plan {
             id: "p".into(),

@@ -74,6 +74,7 @@ fn policy(limit: u64) -> Arc<Policy> {
         concurrency_expiry_secs: 60,
         credits: None,
         enforce: true,
+        key: None,
     })
 }
 
@@ -120,6 +121,7 @@ fn rich_plan(id: &str) -> Arc<Plan> {
             .into(),
         }),
         enforce: true,
+        key: None,
     };
     Arc::new(Plan {
         id: id.into(),
@@ -1263,6 +1265,7 @@ async fn billing_anchors(f: Fixture) {
                 concurrency_expiry_secs: 60,
                 credits: None,
                 enforce: true,
+                key: None,
             }),
         )]
         .into(),
@@ -1445,6 +1448,13 @@ impl Catalog for Deaf {
     }
     async fn revoke_key(&self, id: &str) -> plangate::catalog::CatalogResult<()> {
         self.0.revoke_key(id).await
+    }
+    async fn set_key_plan(
+        &self,
+        id: &str,
+        plan: Option<&str>,
+    ) -> plangate::catalog::CatalogResult<()> {
+        self.0.set_key_plan(id, plan).await
     }
     async fn list_keys(
         &self,

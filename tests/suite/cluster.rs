@@ -202,6 +202,7 @@ async fn attempt(store: &RedisStore, account: &str, id: &str) -> Verdict {
             max_concurrent: 0,
             lease_ms: 60_000,
             credits: None,
+            key: None,
         })
         .await
         .expect("attempt")
@@ -220,6 +221,7 @@ async fn used(store: &RedisStore, account: &str) -> u64 {
             endpoint: "e",
             now_ms: T0_MS,
             windows: &windows,
+            key: None,
         })
         .await
         .expect("usage")
@@ -307,6 +309,7 @@ async fn calendar_month_windows_on_the_cluster() {
                     max_concurrent: 0,
                     lease_ms: 60_000,
                     credits: None,
+                    key: None,
                 })
                 .await
                 .expect("attempt")
@@ -404,6 +407,7 @@ async fn cluster_store_on_dead_nodes_errors_instead_of_hanging() {
         max_concurrent: 0,
         lease_ms: 1_000,
         credits: None,
+        key: None,
     };
     let call = store.attempt(&req);
     let out = tokio::time::timeout(Duration::from_secs(10), call)

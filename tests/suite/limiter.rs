@@ -47,6 +47,7 @@ fn policy(windows: &[(u64, u64, &str)], max_concurrent: u32, expiry_secs: u64) -
         concurrency_expiry_secs: expiry_secs,
         credits: None,
         enforce: true,
+        key: None,
     })
 }
 
@@ -65,6 +66,7 @@ fn len_policy(windows: &[(WindowLen, u64, &str)]) -> Arc<Policy> {
         concurrency_expiry_secs: 60,
         credits: None,
         enforce: true,
+        key: None,
     })
 }
 
@@ -341,6 +343,7 @@ impl<S: CounterStore + Debug> Harness<S> {
                 endpoint,
                 now_ms: self.now(),
                 windows: &policy.windows,
+                key: None,
             })
             .await
             .expect("usage");
@@ -822,6 +825,7 @@ async fn end_is_idempotent_and_unknown_ids_are_harmless<S: CounterStore + Debug>
             settlements: &settle,
             credits: Default::default(),
             usage: None,
+            key: None,
         })
         .await
         .expect("end unknown");
@@ -1181,6 +1185,7 @@ async fn attempt_once<S: CounterStore>(store: &S, account: &str, id: &str) -> bo
             max_concurrent: 0,
             lease_ms: 60_000,
             credits: None,
+            key: None,
         })
         .await
         .expect("attempt");
@@ -1199,6 +1204,7 @@ async fn used_now<S: CounterStore>(store: &S, account: &str) -> u64 {
             endpoint: "e",
             now_ms: T0,
             windows: &windows,
+            key: None,
         })
         .await
         .expect("usage")
@@ -1402,6 +1408,7 @@ async fn recovers_after_outage(mode: RedisMode) {
         max_concurrent: 0,
         lease_ms: 60_000,
         credits: None,
+        key: None,
     };
     // Unreachable: an error (or no answer), never an answer or a panic.
     let during = tokio::time::timeout(Duration::from_secs(1), store.attempt(&req)).await;

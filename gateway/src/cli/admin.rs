@@ -174,7 +174,7 @@ fn parse_anchor(s: &str) -> Result<Anchor, String> {
 pub enum KeysCmd {
     /// Create a key; the plaintext is printed once and stored only hashed.
     #[command(
-        after_help = "Example:\n  plangate keys create acme --label ci --expires 2027-01-01T00:00:00Z"
+        after_help = "Example:\n  plangate keys create acme --label ci --expires 2027-01-01T00:00:00Z --plan ci-small"
     )]
     Create {
         /// Account id.
@@ -185,6 +185,21 @@ pub enum KeysCmd {
         /// When the key stops working (RFC 3339, e.g. 2027-01-01T00:00:00Z) [default: never].
         #[arg(long, value_name = "TIME")]
         expires: Option<String>,
+        /// A plan of the key's own: its windows limit this key on top of its account's plan.
+        #[arg(long, value_name = "PLAN")]
+        plan: Option<String>,
+    },
+    /// Give a key a plan of its own (`--plan`) or take it away (`--no-plan`).
+    #[command(after_help = "Example:\n  plangate keys update key_3f9a --plan ci-small")]
+    Update {
+        /// Key id, as `keys list` shows it.
+        key_id: String,
+        /// The key's own plan: its windows limit the key on top of its account's plan.
+        #[arg(long, value_name = "PLAN", required_unless_present = "no_plan")]
+        plan: Option<String>,
+        /// Remove the key's own plan: only its account's limits apply.
+        #[arg(long, conflicts_with = "plan")]
+        no_plan: bool,
     },
     /// Revoke a key by id (takes effect within 5 seconds everywhere; a revoked key is an error).
     Revoke {
@@ -874,6 +889,7 @@ async fn keys(catalog: &dyn Catalog, cmd: KeysCmd, json: bool) -> Result<String,
             account,
             label,
             expires,
+            plan,
         } => {
             let opts = KeyOptions {
                 label,
@@ -881,6 +897,7 @@ async fn keys(catalog: &dyn Catalog, cmd: KeysCmd, json: bool) -> Result<String,
                     .as_deref()
                     .map(|s| parse_time("--expires", s))
                     .transpose()?,
+                plan,
             };
             let key = catalog
                 .create_key_with(&account, &opts)
@@ -893,6 +910,24 @@ async fn keys(catalog: &dyn Catalog, cmd: KeysCmd, json: bool) -> Result<String,
                     "created key {} for account {account}\n{}\nStore it now: plangate keeps only its hash and cannot show it again.",
                     key.id, key.key
                 )
+            })
+        }
+        KeysCmd::Update {
+            key_id,
+            plan,
+            no_plan: _,
+        } => {
+            catalog
+                .set_key_plan(&key_id, plan.as_deref())
+                .await
+                .map_err(catalog_err)?;
+            Ok(if json {
+                to_json(&serde_json::json!({ "id": key_id, "plan_id": plan }))
+            } else {
+                match plan {
+                    Some(p) => format!("key {key_id} now has plan {p} on top of its account's"),
+                    None => format!("key {key_id} now has only its account's limits"),
+                }
             })
         }
         KeysCmd::Revoke { key_id } => {
@@ -918,6 +953,9 @@ async fn keys(catalog: &dyn Catalog, cmd: KeysCmd, json: bool) -> Result<String,
                         format!("{}\t{}...\tcreated {}", k.id, k.prefix, time(k.created_at));
                     if let Some(label) = &k.label {
                         line += &format!("\tlabel {label}");
+                    }
+                    if let Some(plan) = &k.plan_id {
+                        line += &format!("\tplan {plan}");
                     }
                     if let Some(at) = k.expires_at {
                         let expired = at <= SystemTime::now();

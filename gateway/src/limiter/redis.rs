@@ -43,8 +43,8 @@ use super::wallet::{
     WALLET_TTL_MS,
 };
 use super::{
-    AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
-    UsageRequest, Verdict, SETTLE_GRACE_MS,
+    AttemptOutcome, AttemptRequest, CounterStore, EndRequest, KeyScope, RenewRequest, StoreError,
+    Usage, UsageRequest, Verdict, SETTLE_GRACE_MS,
 };
 use crate::catalog::UsageEvent;
 use crate::plans::WindowLen;
@@ -1102,12 +1102,20 @@ impl CounterStore for RedisStore {
             .arg(req.now_ms.saturating_add(req.lease_ms))
             .arg(TTL_SLACK_MS)
             .arg(SETTLE_GRACE_MS);
-        for w in req.windows {
+        // A key's own windows are more windows of the same script, under
+        // the key's counters (with the account's hash tag): admitted with
+        // the account's, all or nothing.
+        for (i, w) in req.windows.iter().enumerate() {
             let index = w.len.index(req.now_ms);
-            inv.key(
-                self.keys
-                    .window(req.account, req.endpoint, w.len, w.unit.as_str(), index),
-            )
+            let key = KeyScope::of(req.key, req.windows.len(), i);
+            inv.key(self.keys.scoped_window(
+                req.account,
+                key,
+                req.endpoint,
+                w.len,
+                w.unit.as_str(),
+                index,
+            ))
             .arg(w.limit)
             .arg(w.amount)
             .arg(window_ttl_ms(req.now_ms, w.len));
@@ -1178,17 +1186,22 @@ impl CounterStore for RedisStore {
             .arg(req.now_ms)
             .arg(req.request_id)
             .arg(SETTLE_GRACE_MS);
-        for s in req.settlements {
+        for (i, s) in req.settlements.iter().enumerate() {
             let unit = s.unit.as_str();
             let current = s.len.index(req.now_ms);
+            let key = KeyScope::of(req.key, req.settlements.len(), i);
             inv.key(
                 self.keys
-                    .window(req.account, req.endpoint, s.len, unit, current),
+                    .scoped_window(req.account, key, req.endpoint, s.len, unit, current),
             )
-            .key(
-                self.keys
-                    .window(req.account, req.endpoint, s.len, unit, s.admitted_index),
-            )
+            .key(self.keys.scoped_window(
+                req.account,
+                key,
+                req.endpoint,
+                s.len,
+                unit,
+                s.admitted_index,
+            ))
             .arg(s.actual.saturating_sub(s.reserved))
             .arg(s.reserved.saturating_sub(s.actual))
             .arg(window_ttl_ms(req.now_ms, s.len));
@@ -1392,12 +1405,17 @@ impl CounterStore for RedisStore {
         let mut inv = self.usage.prepare_invoke();
         inv.key(self.keys.in_flight(req.account, req.endpoint))
             .arg(req.now_ms);
-        for w in req.windows {
+        for (i, w) in req.windows.iter().enumerate() {
             let index = w.len.index(req.now_ms);
-            inv.key(
-                self.keys
-                    .window(req.account, req.endpoint, w.len, w.unit.as_str(), index),
-            );
+            let key = KeyScope::of(req.key, req.windows.len(), i);
+            inv.key(self.keys.scoped_window(
+                req.account,
+                key,
+                req.endpoint,
+                w.len,
+                w.unit.as_str(),
+                index,
+            ));
         }
         let reply = array("usage", self.run(&inv).await?)?;
         let nums = int_list("usage", &reply)?;
