@@ -2326,6 +2326,49 @@ async fn cli_end_to_end() {
         ok(run(&["keys", "revoke", &key_id]));
         assert!(ok(run(&["keys", "list", "alice"])).contains("revoked"));
 
+        // Key-level limits: a key with a plan of its own, changed, cleared;
+        // an unknown plan is a clear refusal (exit 2).
+        let ci: serde_json::Value = serde_json::from_str(&ok(run(&[
+            "keys",
+            "create",
+            "alice",
+            "--plan",
+            "free_tier",
+            "--json",
+        ])))
+        .unwrap();
+        let ci_id = ci["id"].as_str().unwrap().to_string();
+        let listed = ok(run(&["keys", "list", "alice"]));
+        assert!(listed.contains("plan free_tier"), "{listed}");
+        let err = run(&["keys", "create", "alice", "--plan", "ghost"]);
+        assert_eq!(err.code, 2, "{}", err.stderr);
+        assert!(
+            err.stderr.contains("plan not found: ghost"),
+            "{}",
+            err.stderr
+        );
+        let err = run(&["keys", "update", &ci_id, "--plan", "ghost"]);
+        assert_eq!(err.code, 2, "{}", err.stderr);
+        assert!(
+            err.stderr.contains("plan not found: ghost"),
+            "{}",
+            err.stderr
+        );
+        assert!(ok(run(&["keys", "update", &ci_id, "--plan", "premium"])).contains("premium"));
+        assert!(ok(run(&["keys", "list", "alice"])).contains("plan premium"));
+        // A plan a key uses cannot be deleted.
+        ok(run(&["accounts", "assign", "alice", "free_tier"]));
+        bad_input(run(&["plans", "delete", "premium"]));
+        ok(run(&["keys", "update", &ci_id, "--no-plan"]));
+        assert!(!ok(run(&["keys", "list", "alice"])).contains("plan "));
+        ok(run(&["accounts", "assign", "alice", "premium"]));
+        // Neither or both of --plan / --no-plan: a usage error.
+        assert_ne!(run(&["keys", "update", &ci_id]).code, 0);
+        assert_ne!(
+            run(&["keys", "update", &ci_id, "--plan", "premium", "--no-plan"]).code,
+            0
+        );
+
         let block: serde_json::Value = serde_json::from_str(&ok(run(&[
             "credits",
             "grant",
