@@ -420,6 +420,30 @@ mod tests {
     }
 
     #[test]
+    fn a_keys_windows_follow_the_accounts_and_keep_their_own_enforce() {
+        let account = policy(&[WindowLen::Fixed(60), WindowLen::Fixed(3600)]);
+        let mut key = Policy::clone(&policy(&[WindowLen::Fixed(60)]));
+        key.enforce = false;
+        key.max_concurrent = 7;
+        let both = account.with_key("key_1", &key);
+        assert_eq!(both.windows.len(), 3);
+        assert_eq!(both.windows[2], key.windows[0]);
+        // Concurrency, credits, lease: the account's.
+        assert_eq!(both.max_concurrent, account.max_concurrent);
+        assert_eq!(
+            (0..3).map(|i| both.is_key_window(i)).collect::<Vec<_>>(),
+            [false, false, true]
+        );
+        assert_eq!(
+            (0..3).map(|i| both.enforces_window(i)).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+        assert!(both.shadows_any() && !account.shadows_any());
+        assert_eq!(both.key.as_ref().map(|k| &*k.key_id), Some("key_1"));
+        assert!(!account.is_key_window(0));
+    }
+
+    #[test]
     fn anchoring_moves_only_calendar_months_and_shares_the_rest() {
         let month = WindowLen::Calendar(Period::Month);
         let week = WindowLen::Calendar(Period::Week);

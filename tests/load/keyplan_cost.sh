@@ -5,17 +5,22 @@
 # key without a plan of its own and for a key whose plan adds two windows
 # (docs/LIMITER.md "Key-level limits, measured").
 #
-#   tests/load/keyplan_cost.sh [N]        # N requests per key (default 2000)
+#   tests/load/keyplan_cost.sh [N [ROUNDS]]   # N requests per key (2000), ROUNDS
+#                                             # alternating rounds (1; for the CPU figure)
 #
 # Environment: PLANGATE_BIN (default target/release/plangate, else
 # target/debug/plangate), PG_ADMIN (postgres://postgres@127.0.0.1:5432/postgres).
 # Starts its own redis-server (port 16499, so its commandstats are its own),
 # mock upstream and gateway, and a fresh database it drops at the end.
 # Requests are sequential (one curl, one keep-alive connection): the counts
-# are exact; the CPU figure is only as quiet as the machine.
+# are exact; the CPU figure is only as quiet as the machine. CALLGRIND=1
+# runs the gateway under valgrind's callgrind and reports instructions per
+# request instead (exact, whatever the load; slow: use N of a few hundred);
+# CALLGRIND_KEEP=DIR keeps each phase's profile for callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 N=${1:-2000}
+ROUNDS=${2:-1}
 BIN=${PLANGATE_BIN:-}
 if [ -z "$BIN" ]; then
   BIN=target/release/plangate
@@ -87,9 +92,15 @@ TOML
 "$BIN" accounts create acct --postgres-url "$PG_URL" >/dev/null
 PLAIN=$("$BIN" keys create acct --json --postgres-url "$PG_URL" | jq -r .key)
 KEYED=$("$BIN" keys create acct --plan bench-key --json --postgres-url "$PG_URL" | jq -r .key)
-RUST_LOG=warn "$BIN" serve --config "$OUT/plangate.toml" >"$OUT/gw.log" 2>&1 &
+if [ "${CALLGRIND:-0}" = 1 ]; then
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.%p" \
+    "$BIN" serve --config "$OUT/plangate.toml" >"$OUT/gw.log" 2>&1 &
+else
+  RUST_LOG=warn "$BIN" serve --config "$OUT/plangate.toml" >"$OUT/gw.log" 2>&1 &
+fi
 GW=$!
 PIDS+=($GW)
+for _ in $(seq 600); do (exec 3<>/dev/tcp/127.0.0.1/"$P_GW") 2>/dev/null && break; sleep 0.1; done
 wait_port "$P_GW"
 
 cpu_ticks() { local s=0 t f; for t in /proc/"$1"/task/*/stat; do f=$(sed 's/.*) //' "$t" 2>/dev/null) || continue; set -- $f; s=$((s + ${12} + ${13})); done; echo "$s"; }
@@ -106,11 +117,20 @@ run() { # label key
     -d '{"model":"gpt-bench","messages":[]}' "http://127.0.0.1:$P_GW/v1/chat/completions"
   sleep 1
   redis-cli -p "$P_REDIS" config resetstat >/dev/null
+  [ "${CALLGRIND:-0}" = 1 ] && callgrind_control -z "$GW" >/dev/null
   local c0; c0=$(cpu_ticks "$GW")
   curl -s -K "$cfg" -H "authorization: Bearer $2" -H 'content-type: application/json' \
     -d '{"model":"gpt-bench","messages":[]}' | sort | uniq -c | awk '{ printf "  status %s x %s\n", $2, $1 }'
   sleep 1 # let the outbox writer flush what these requests appended
   local c1; c1=$(cpu_ticks "$GW")
+  if [ "${CALLGRIND:-0}" = 1 ]; then
+    rm -f "$OUT"/cg.*.[0-9]*
+    callgrind_control -d "$GW" >/dev/null
+    [ -n "${CALLGRIND_KEEP:-}" ] && cat "$OUT"/cg.*.[0-9]* >"$CALLGRIND_KEEP/$1.$round.callgrind"
+    local ir
+    ir=$(cat "$OUT"/cg.*.[0-9]* | awk '/^summary:/ { s += $2 } END { print s }')
+    awk -v ir="$ir" -v n="$N" -v label="$1" 'BEGIN { printf "%-8s %.0f instructions/req in the gateway (callgrind, every thread)\n", label, ir / n }'
+  fi
   stats >"$OUT/stats-$1.txt"
   awk -v n="$N" -v label="$1" -v ticks="$((c1 - c0))" -v hz="$HZ" '
     { total += $2; if ($1 ~ /^eval/) scripts += $2; per[$1] = $2 }
@@ -120,5 +140,8 @@ run() { # label key
     }' "$OUT/stats-$1.txt"
 }
 echo "$N sequential requests per key, $BIN"
-run plain "$PLAIN"
-run keyplan "$KEYED"
+for round in $(seq "$ROUNDS"); do
+  echo "round $round"
+  run plain "$PLAIN"
+  run keyplan "$KEYED"
+done

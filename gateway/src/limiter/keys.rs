@@ -179,7 +179,9 @@ impl Keys {
         unit: &str,
         index: u64,
     ) -> String {
-        let mut k = self.base(account, endpoint);
+        // Room for the key's part too: a reallocation per key would cost
+        // more than the rest of the key's building.
+        let mut k = self.base_with(account, endpoint, key_id.len() + 3);
         k.push_str(":k:");
         escape_into(&mut k, key_id);
         window_into(k, len, unit, index)
@@ -225,9 +227,16 @@ impl Keys {
     }
 
     fn base(&self, account: &str, endpoint: &str) -> String {
+        self.base_with(account, endpoint, 0)
+    }
+
+    /// [`Keys::base`] with room for `extra` more bytes than a window's
+    /// suffix.
+    fn base_with(&self, account: &str, endpoint: &str, extra: usize) -> String {
         // Built in place (no intermediate tag string): this runs for every
         // key of every attempt and end.
-        let mut k = String::with_capacity(self.prefix.len() + account.len() + endpoint.len() + 40);
+        let mut k =
+            String::with_capacity(self.prefix.len() + account.len() + endpoint.len() + 40 + extra);
         k.push_str(&self.prefix);
         k.push('{');
         escape_account(&mut k, account);
