@@ -330,9 +330,11 @@ pub trait CounterStore: Send + Sync + 'static {
     /// (account, endpoint) (`limits reset`): the next attempt counts from
     /// zero. In-flight requests keep their concurrency slots; one that
     /// ends later settles against the cleared counter (never below zero).
+    /// With `key`, the windows are that API key's own (key-level limits).
     fn reset_windows(
         &self,
         account: &str,
+        key: Option<&str>,
         endpoint: &str,
         windows: &[Window],
         now_ms: u64,
@@ -341,12 +343,15 @@ pub trait CounterStore: Send + Sync + 'static {
 
 /// Reset `account`'s current window counters on every endpoint of `plan`,
 /// or only on `endpoint` (`plangate limits reset`, `POST
-/// /admin/accounts/{id}/limits/reset`). Returns the endpoints reset;
-/// `Ok(None)` when `endpoint` is not one of the plan's.
+/// /admin/accounts/{id}/limits/reset`), and those of the account's keys
+/// with plans of their own (`keys`: key id and its plan) on the same
+/// endpoints. Returns the endpoints reset; `Ok(None)` when `endpoint` is
+/// not one of the plan's.
 pub async fn reset_account_windows<S: CounterStore>(
     store: &S,
     plan: &crate::plans::Plan,
     account: &str,
+    keys: &[(String, Arc<crate::plans::Plan>)],
     endpoint: Option<&str>,
     now_ms: u64,
 ) -> Result<Option<Vec<String>>, StoreError> {
@@ -356,8 +361,15 @@ pub async fn reset_account_windows<S: CounterStore>(
             continue;
         }
         store
-            .reset_windows(account, id, &policy.windows, now_ms)
+            .reset_windows(account, None, id, &policy.windows, now_ms)
             .await?;
+        for (key, key_plan) in keys {
+            if let Some(own) = key_plan.policy(id) {
+                store
+                    .reset_windows(account, Some(key), id, &own.windows, now_ms)
+                    .await?;
+            }
+        }
         reset.push(id.clone());
     }
     Ok((endpoint.is_none() || !reset.is_empty()).then_some(reset))
@@ -523,14 +535,18 @@ impl CounterStore for AnyStore {
     async fn reset_windows(
         &self,
         account: &str,
+        key: Option<&str>,
         endpoint: &str,
         windows: &[Window],
         now_ms: u64,
     ) -> Result<(), StoreError> {
         match self {
-            AnyStore::Memory(s) => s.reset_windows(account, endpoint, windows, now_ms).await,
+            AnyStore::Memory(s) => {
+                s.reset_windows(account, key, endpoint, windows, now_ms)
+                    .await
+            }
             AnyStore::Redis(s) => {
-                Box::pin(s.reset_windows(account, endpoint, windows, now_ms)).await
+                Box::pin(s.reset_windows(account, key, endpoint, windows, now_ms)).await
             }
         }
     }

@@ -1019,11 +1019,22 @@ pub async fn reset_limits(
     let Some(plan) = plan else {
         return Ok(Vec::new());
     };
+    // The account's keys with plans of their own: their windows too.
+    let mut keys = Vec::new();
+    for k in core.catalog.list_keys(account).await? {
+        if let (false, Some(plan_id)) = (k.revoked, k.plan_id.as_deref()) {
+            let key_plan = core.cache.plan_for_key(account, Some(plan_id)).await?;
+            if let Some(key_plan) = key_plan {
+                keys.push((k.id, key_plan));
+            }
+        }
+    }
     let now_ms = core.limiter.clock().now_ms();
     let reset = crate::limiter::reset_account_windows(
         core.limiter.store(),
         &plan,
         account,
+        &keys,
         endpoint,
         now_ms,
     )
@@ -1041,8 +1052,6 @@ pub async fn reset_limits(
     })
 }
 
-/// The `/v1/limits` document for `account` (optionally one endpoint); also
-/// served by the admin API.
 /// The policy of `endpoint` as it applies to key `key_id` of `account`,
 /// whose own plan is `key_plan`: `policy` (the account's) with the key
 /// plan's windows for the endpoint added ([`Policy::with_key`]). A key
@@ -1073,9 +1082,10 @@ async fn key_policy(
     })
 }
 
-/// `/v1/limits` (with the caller's key: its own windows too, marked
-/// `"scope": "key"`) and the admin API's view of an account (`key`
-/// `None`: the account's windows only).
+/// The `/v1/limits` document for `account` (optionally one endpoint):
+/// with the caller's key, its own windows too (marked `"scope": "key"`);
+/// the admin API's view of an account passes no key (the account's
+/// windows only).
 pub async fn limits_json(
     core: &Core,
     account: &str,

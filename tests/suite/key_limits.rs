@@ -103,6 +103,22 @@ async fn a_keys_plan_limits_it_on_top_of_its_account() {
         assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
         assert_eq!(gw.chat(&plain, "gpt-test").await.status, 429);
 
+        // `limits reset` (admin API) clears the key's own windows too.
+        let r = gw
+            .admin(
+                Method::POST,
+                &format!("/admin/accounts/{account}/limits/reset?endpoint=gpt-test"),
+                Some(ADMIN_TOKEN),
+                "",
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let r = gw.chat(&ci, "gpt-test").await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("1"));
+        assert_eq!(gw.chat(&ci, "gpt-test").await.status, 200);
+        assert_eq!(gw.chat(&plain, "gpt-test").await.status, 200);
+
         // `/v1/limits`: the key's windows, marked, after the account's.
         let limits = gw.limits(&ci).await;
         assert_eq!(limits["key_plan"], "ci-small");

@@ -470,6 +470,7 @@ conformance!(
     two_keys_are_apart_at_key_level_and_shared_at_account_level,
     key_windows_settle_with_the_account_windows,
     shadowed_key_plan_counts_but_refuses_nothing,
+    reset_clears_a_keys_own_windows_apart_from_the_accounts,
 );
 
 // --- Key-level limits (issue 15 item 3): a key's own plan adds windows
@@ -610,6 +611,39 @@ async fn key_windows_settle_with_the_account_windows<S: CounterStore + Debug>(h:
         .expect("end");
 }
 
+/// `limits reset` of a key's own windows clears them only; the account's
+/// reset leaves the key's alone.
+async fn reset_clears_a_keys_own_windows_apart_from_the_accounts<S: CounterStore + Debug>(
+    h: &Harness<S>,
+) {
+    let account = policy(&[(60, 10, "request")], 0, 60);
+    let k = keyed(&account, "key_r", &[(60, 2, "request")]);
+    let own = policy(&[(60, 2, "request")], 0, 60);
+    for i in 0..2 {
+        h.admit(&format!("r{i}"), "chat", &k, &[])
+            .await
+            .0
+            .end(&[])
+            .await
+            .expect("end");
+    }
+    h.deny("r2", "chat", &k, &[]).await;
+    h.store()
+        .reset_windows(&h.account, None, "chat", &account.windows, h.now())
+        .await
+        .expect("reset");
+    assert_eq!(h.usage("chat", &k).await.0, vec![0, 2]);
+    h.deny("r3", "chat", &k, &[]).await;
+    h.store()
+        .reset_windows(&h.account, Some("key_r"), "chat", &own.windows, h.now())
+        .await
+        .expect("reset");
+    assert_eq!(h.usage("chat", &k).await.0, vec![0, 0]);
+    let (permit, info) = h.admit("r4", "chat", &k, &[]).await;
+    assert_eq!((info.windows[0].used, info.windows[1].used), (1, 1));
+    permit.end(&[]).await.expect("end");
+}
+
 async fn shadowed_key_plan_counts_but_refuses_nothing<S: CounterStore + Debug>(h: &Harness<S>) {
     let account = policy(&[(60, 3, "request")], 0, 60);
     let mut shadow = (*policy(&[(60, 1, "request")], 0, 60)).clone();
@@ -663,11 +697,11 @@ async fn reset_windows_clears_the_current_windows_of_one_endpoint<S: CounterStor
     h.deny("r3", "gpt-4-turbo", &p, &[]).await;
 
     h.store()
-        .reset_windows(&h.account, "gpt-4-turbo", &p.windows, h.now())
+        .reset_windows(&h.account, None, "gpt-4-turbo", &p.windows, h.now())
         .await
         .expect("reset");
     h.store()
-        .reset_windows(&h.account, "live", &live.windows, h.now())
+        .reset_windows(&h.account, None, "live", &live.windows, h.now())
         .await
         .expect("reset");
     assert_eq!(h.usage("gpt-4-turbo", &p).await, (vec![0, 0, 0], 0));

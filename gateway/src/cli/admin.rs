@@ -537,18 +537,31 @@ async fn limits(
             ))
         }
     };
+    // The account's keys with plans of their own: their windows too.
+    let mut keys = Vec::new();
+    for k in catalog.list_keys(&account).await.map_err(catalog_err)? {
+        if let (false, Some(plan_id)) = (k.revoked, k.plan_id.as_deref()) {
+            keys.push((k.id, catalog.get_plan(plan_id).await.map_err(catalog_err)?));
+        }
+    }
     let now_ms = crate::clock::Clock::now_ms(&SystemClock);
-    let reset =
-        crate::limiter::reset_account_windows(&store, &plan, &account, endpoint.as_deref(), now_ms)
-            .await
-            .map_err(|e| CliError::Failure(format!("resetting the counters: {e}")))?
-            .ok_or_else(|| {
-                CliError::BadInput(format!(
-                    "endpoint `{}` is not in plan `{}` of account {account}",
-                    endpoint.as_deref().unwrap_or_default(),
-                    plan.id
-                ))
-            })?;
+    let reset = crate::limiter::reset_account_windows(
+        &store,
+        &plan,
+        &account,
+        &keys,
+        endpoint.as_deref(),
+        now_ms,
+    )
+    .await
+    .map_err(|e| CliError::Failure(format!("resetting the counters: {e}")))?
+    .ok_or_else(|| {
+        CliError::BadInput(format!(
+            "endpoint `{}` is not in plan `{}` of account {account}",
+            endpoint.as_deref().unwrap_or_default(),
+            plan.id
+        ))
+    })?;
     tracing::warn!(account = %account, endpoint = endpoint.as_deref().unwrap_or("*"), by = %operator(), endpoints = ?reset, "admin: rate-limit windows reset");
     Ok(if json {
         to_json(&serde_json::json!({ "account": account, "reset": reset }))

@@ -836,16 +836,24 @@ impl CounterStore for MemoryStore {
     async fn reset_windows(
         &self,
         account: &str,
+        key: Option<&str>,
         endpoint: &str,
         windows: &[crate::plans::Window],
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        self.with_entry(account, endpoint, now_ms, |e| {
-            e.counters.retain(|c| {
-                !windows.iter().any(|w| {
-                    c.len == len_code(w.len) && w.unit == c.unit && c.index == w.len.index(now_ms)
-                })
-            });
+        let current = |c: &Counter| {
+            windows.iter().any(|w| {
+                c.len == len_code(w.len) && w.unit == c.unit && c.index == w.len.index(now_ms)
+            })
+        };
+        self.with_entry(account, endpoint, now_ms, |e| match key {
+            None => e.counters.retain(|c| !current(c)),
+            Some(key) => e.keyed.retain_mut(|k| {
+                if *k.key == *key {
+                    k.counters.retain(|c| !current(c));
+                }
+                !k.counters.is_empty()
+            }),
         });
         Ok(())
     }

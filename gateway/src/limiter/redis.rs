@@ -1357,6 +1357,7 @@ impl CounterStore for RedisStore {
     async fn reset_windows(
         &self,
         account: &str,
+        key: Option<&str>,
         endpoint: &str,
         windows: &[crate::plans::Window],
         now_ms: u64,
@@ -1367,8 +1368,9 @@ impl CounterStore for RedisStore {
         // Every key shares the account's hash tag: one DEL, one slot.
         let mut cmd = redis::cmd("DEL");
         for w in windows {
-            cmd.arg(self.keys.window(
+            cmd.arg(self.keys.scoped_window(
                 account,
+                key,
                 endpoint,
                 w.len,
                 w.unit.as_str(),

@@ -515,12 +515,13 @@ impl CounterStore for Counting {
     async fn reset_windows(
         &self,
         account: &str,
+        key: Option<&str>,
         endpoint: &str,
         windows: &[crate::plans::Window],
         now_ms: u64,
     ) -> Result<(), StoreError> {
         self.inner
-            .reset_windows(account, endpoint, windows, now_ms)
+            .reset_windows(account, key, endpoint, windows, now_ms)
             .await
     }
 }
