@@ -529,15 +529,16 @@ impl Gateway {
         };
 
         outcome.endpoint = Some(endpoint.to_owned());
-        let policy = self
-            .key_policy(
-                &account,
-                &owner.key_id,
-                owner.plan_id.as_deref(),
-                endpoint,
-                policy,
-            )
-            .await?;
+        // A key with a plan of its own: its windows on top of the account's.
+        let policy = key_policy(
+            core,
+            &account,
+            &owner.key_id,
+            owner.plan_id.as_deref(),
+            endpoint,
+            policy,
+        )
+        .await?;
 
         // Rate limits.
         // The attempt must run to completion even if the client goes away
@@ -844,21 +845,6 @@ impl Gateway {
         }
     }
 
-    /// The policy of `endpoint` as it applies to the caller's key: the
-    /// account's, plus the windows the key's own plan has for the
-    /// endpoint (key-level limits). A key plan that does not list the
-    /// endpoint adds nothing (the account's plan decides access).
-    async fn key_policy(
-        &self,
-        account: &str,
-        key_id: &str,
-        key_plan: Option<&str>,
-        endpoint: &str,
-        policy: Arc<Policy>,
-    ) -> Result<Arc<Policy>, ApiError> {
-        key_policy(&self.core, account, key_id, key_plan, endpoint, policy).await
-    }
-
     async fn plan_of(&self, account: &str) -> Result<Option<Arc<Plan>>, ApiError> {
         self.core
             .cache
@@ -1056,7 +1042,8 @@ pub async fn reset_limits(
 /// whose own plan is `key_plan`: `policy` (the account's) with the key
 /// plan's windows for the endpoint added ([`Policy::with_key`]). A key
 /// without a plan, or whose plan does not list the endpoint, gets
-/// `policy` itself.
+/// `policy` itself: the account's plan alone decides access, and a key
+/// plan adds limits only where it names the endpoint.
 async fn key_policy(
     core: &Core,
     account: &str,
