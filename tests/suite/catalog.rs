@@ -2355,6 +2355,14 @@ async fn cli_end_to_end() {
             err.stderr
         );
         assert!(ok(run(&["keys", "update", &ci_id, "--plan", "premium"])).contains("premium"));
+        // free_tier has a concurrency limit, which a key plan does not carry: said.
+        let out = ok(run(&["keys", "update", &ci_id, "--plan", "free_tier"]));
+        assert!(
+            out.contains("note: only the windows of plan free_tier limit a key"),
+            "{out}"
+        );
+        let out = ok(run(&["keys", "update", &ci_id, "--plan", "premium"]));
+        assert!(!out.contains("note:"), "{out}");
         assert!(ok(run(&["keys", "list", "alice"])).contains("plan premium"));
         // A plan a key uses cannot be deleted.
         ok(run(&["accounts", "assign", "alice", "free_tier"]));

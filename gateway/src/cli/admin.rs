@@ -896,6 +896,33 @@ async fn accounts(catalog: &dyn Catalog, cmd: AccountsCmd, json: bool) -> Result
     ))
 }
 
+/// What of a key's plan does not apply to the key: only its windows do
+/// (concurrency and credits stay the account's). Empty when all of it
+/// applies.
+async fn key_plan_note(catalog: &dyn Catalog, plan: Option<&str>) -> String {
+    let Some(Ok(plan)) = (match plan {
+        Some(p) => Some(catalog.get_plan(p).await),
+        None => None,
+    }) else {
+        return String::new();
+    };
+    let unused: Vec<&str> = plan
+        .endpoints
+        .iter()
+        .filter(|(_, p)| p.max_concurrent > 0 || p.credits.is_some())
+        .map(|(id, _)| id.as_str())
+        .collect();
+    if unused.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nnote: only the windows of plan {} limit a key; its max_concurrent and credits \
+         (on {}) stay the account's plan's",
+        plan.id,
+        unused.join(", ")
+    )
+}
+
 async fn keys(catalog: &dyn Catalog, cmd: KeysCmd, json: bool) -> Result<String, CliError> {
     match cmd {
         KeysCmd::Create {
@@ -920,8 +947,10 @@ async fn keys(catalog: &dyn Catalog, cmd: KeysCmd, json: bool) -> Result<String,
                 to_json(&key)
             } else {
                 format!(
-                    "created key {} for account {account}\n{}\nStore it now: plangate keeps only its hash and cannot show it again.",
-                    key.id, key.key
+                    "created key {} for account {account}\n{}\nStore it now: plangate keeps only its hash and cannot show it again.{}",
+                    key.id,
+                    key.key,
+                    key_plan_note(catalog, opts.plan.as_deref()).await
                 )
             })
         }
@@ -938,7 +967,10 @@ async fn keys(catalog: &dyn Catalog, cmd: KeysCmd, json: bool) -> Result<String,
                 to_json(&serde_json::json!({ "id": key_id, "plan_id": plan }))
             } else {
                 match plan {
-                    Some(p) => format!("key {key_id} now has plan {p} on top of its account's"),
+                    Some(p) => format!(
+                        "key {key_id} now has plan {p} on top of its account's{}",
+                        key_plan_note(catalog, Some(&p)).await
+                    ),
                     None => format!("key {key_id} now has only its account's limits"),
                 }
             })
