@@ -55,6 +55,7 @@ async fn pair<S: CounterStore>(
             max_concurrent: 0,
             lease_ms: 60_000,
             credits: None,
+            key: None,
         })
         .await;
     let t1 = Instant::now();
@@ -71,6 +72,7 @@ async fn pair<S: CounterStore>(
             settlements: &[],
             credits: Default::default(),
             usage: None,
+            key: None,
         })
         .await
         .expect("end");

@@ -97,6 +97,9 @@ struct NewKey {
     label: Option<String>,
     #[serde(default)]
     expires_at: Option<String>,
+    /// A plan of the key's own (key-level limits).
+    #[serde(default)]
+    plan: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -433,6 +436,7 @@ impl Admin {
                 let opts = KeyOptions {
                     label: k.label,
                     expires_at: k.expires_at.as_deref().map(parse_rfc3339).transpose()?,
+                    plan: k.plan,
                 };
                 let key = catalog
                     .create_key_with(id, &opts)
@@ -446,12 +450,26 @@ impl Admin {
                         "prefix": key.prefix,
                         "label": opts.label,
                         "expires_at": opts.expires_at.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                        "plan_id": opts.plan,
                     }),
                 ))
             }
             (&Method::GET, ["admin", "accounts", id, "keys"]) => {
                 let keys = catalog.list_keys(id).await.map_err(catalog_error)?;
                 Ok(json(StatusCode::OK, &serde_json::json!({"keys": keys})))
+            }
+            (&Method::PUT, ["admin", "keys", key_id, "plan"]) => {
+                // `{"plan_id": "ci-small"}` gives the key a plan of its
+                // own; `{"plan_id": null}` takes it away.
+                let r: PlanRef = read_json(req).await?;
+                catalog
+                    .set_key_plan(key_id, r.plan_id.as_deref())
+                    .await
+                    .map_err(catalog_error)?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"id": key_id, "plan_id": r.plan_id}),
+                ))
             }
             (&Method::DELETE, ["admin", "keys", key_id]) => {
                 catalog.revoke_key(key_id).await.map_err(catalog_error)?;
@@ -528,7 +546,7 @@ impl Admin {
                         .find_map(|kv| kv.strip_prefix("endpoint="))
                         .map(percent_decode)
                 });
-                let v = limits_json(&self.core, id, endpoint.as_deref()).await?;
+                let v = limits_json(&self.core, id, endpoint.as_deref(), None).await?;
                 Ok(json(StatusCode::OK, &v))
             }
             (&Method::GET, ["admin", "usage"]) => {

@@ -104,6 +104,8 @@ pub struct ApiKeyInfo {
     /// From this instant on the key is refused like a revoked one.
     #[serde(with = "humantime_serde_opt")]
     pub expires_at: Option<SystemTime>,
+    /// The key's own plan (key-level limits on top of its account's), if any.
+    pub plan_id: Option<String>,
 }
 
 /// What a new key may carry besides its account.
@@ -114,6 +116,9 @@ pub struct KeyOptions {
     pub label: Option<String>,
     /// When the key stops working; must be in the future.
     pub expires_at: Option<SystemTime>,
+    /// A plan of the key's own: its windows apply to this key on top of
+    /// the account's plan. Must name an existing plan.
+    pub plan: Option<String>,
 }
 
 /// What [`Catalog::delete_account`] removed.
@@ -223,6 +228,8 @@ pub struct KeyOwner {
     /// When the key expires (catalog clock, ms since the epoch), if it
     /// does: caches refuse it from then on without asking again.
     pub expires_at_ms: Option<u64>,
+    /// The key's own plan, if it has one (key-level limits).
+    pub plan_id: Option<String>,
 }
 
 impl KeyOwner {
@@ -492,6 +499,11 @@ pub trait Catalog: Send + Sync + 'static {
     async fn revoke_key(&self, key_id: &str) -> CatalogResult<()>;
     /// An account's keys, revoked ones included, oldest first.
     async fn list_keys(&self, account_id: &str) -> CatalogResult<Vec<ApiKeyInfo>>;
+
+    /// Give a key a plan of its own, or take it away (`None`): its
+    /// windows apply to the key on top of its account's plan. The plan
+    /// must exist; a revoked key cannot be changed.
+    async fn set_key_plan(&self, key_id: &str, plan_id: Option<&str>) -> CatalogResult<()>;
 
     // --- credits
     /// Grant credits to an existing account as a new block. Invalid when

@@ -69,6 +69,25 @@ pub struct WindowSpec {
     pub amount: u64,
 }
 
+/// The API key whose own plan adds windows to a store request
+/// (issue 15 item 3): the last `windows` of the request's windows (or
+/// settlements) are the key's, counted under the key's id on top of the
+/// account's, in the same atomic operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyScope<'a> {
+    /// The key's id (never the key itself).
+    pub id: &'a str,
+    /// How many of the request's windows, the last ones, are the key's.
+    pub windows: usize,
+}
+
+impl<'a> KeyScope<'a> {
+    /// The key that item `i` of `len` items belongs to, if it is the key's.
+    pub fn of(scope: Option<Self>, len: usize, i: usize) -> Option<&'a str> {
+        scope.and_then(|k| (i >= len.saturating_sub(k.windows)).then_some(k.id))
+    }
+}
+
 /// What a store is asked to do atomically at admission.
 #[derive(Debug, Clone)]
 pub struct AttemptRequest<'a> {
@@ -84,6 +103,8 @@ pub struct AttemptRequest<'a> {
     /// Credits charged from the account's wallet, atomically with the
     /// windows; `None` for an endpoint without credits.
     pub credits: Option<CreditAsk>,
+    /// Which of `windows` are the API key's own.
+    pub key: Option<KeyScope<'a>>,
 }
 
 /// The store's verdict on an attempt.
@@ -153,6 +174,8 @@ pub struct EndRequest<'a> {
     /// Its `credits` are the admission's; the store adds what the per-unit
     /// charge took.
     pub usage: Option<&'a crate::catalog::UsageEvent>,
+    /// Which of `settlements` are the API key's own windows.
+    pub key: Option<KeyScope<'a>>,
 }
 
 /// Read-only look at the counters of (account, endpoint).
@@ -162,6 +185,8 @@ pub struct UsageRequest<'a> {
     pub endpoint: &'a str,
     pub now_ms: u64,
     pub windows: &'a [Window],
+    /// Which of `windows` are the API key's own.
+    pub key: Option<KeyScope<'a>>,
 }
 
 /// The answer to a [`UsageRequest`].
@@ -312,9 +337,11 @@ pub trait CounterStore: Send + Sync + 'static {
     /// (account, endpoint) (`limits reset`): the next attempt counts from
     /// zero. In-flight requests keep their concurrency slots; one that
     /// ends later settles against the cleared counter (never below zero).
+    /// With `key`, the windows are that API key's own (key-level limits).
     fn reset_windows(
         &self,
         account: &str,
+        key: Option<&str>,
         endpoint: &str,
         windows: &[Window],
         now_ms: u64,
@@ -323,12 +350,15 @@ pub trait CounterStore: Send + Sync + 'static {
 
 /// Reset `account`'s current window counters on every endpoint of `plan`,
 /// or only on `endpoint` (`plangate limits reset`, `POST
-/// /admin/accounts/{id}/limits/reset`). Returns the endpoints reset;
-/// `Ok(None)` when `endpoint` is not one of the plan's.
+/// /admin/accounts/{id}/limits/reset`), and those of the account's keys
+/// with plans of their own (`keys`: key id and its plan) on the same
+/// endpoints. Returns the endpoints reset; `Ok(None)` when `endpoint` is
+/// not one of the plan's.
 pub async fn reset_account_windows<S: CounterStore>(
     store: &S,
     plan: &crate::plans::Plan,
     account: &str,
+    keys: &[(String, Arc<crate::plans::Plan>)],
     endpoint: Option<&str>,
     now_ms: u64,
 ) -> Result<Option<Vec<String>>, StoreError> {
@@ -338,8 +368,15 @@ pub async fn reset_account_windows<S: CounterStore>(
             continue;
         }
         store
-            .reset_windows(account, id, &policy.windows, now_ms)
+            .reset_windows(account, None, id, &policy.windows, now_ms)
             .await?;
+        for (key, key_plan) in keys {
+            if let Some(own) = key_plan.policy(id) {
+                store
+                    .reset_windows(account, Some(key), id, &own.windows, now_ms)
+                    .await?;
+            }
+        }
         reset.push(id.clone());
     }
     Ok((endpoint.is_none() || !reset.is_empty()).then_some(reset))
@@ -512,14 +549,18 @@ impl CounterStore for AnyStore {
     async fn reset_windows(
         &self,
         account: &str,
+        key: Option<&str>,
         endpoint: &str,
         windows: &[Window],
         now_ms: u64,
     ) -> Result<(), StoreError> {
         match self {
-            AnyStore::Memory(s) => s.reset_windows(account, endpoint, windows, now_ms).await,
+            AnyStore::Memory(s) => {
+                s.reset_windows(account, key, endpoint, windows, now_ms)
+                    .await
+            }
             AnyStore::Redis(s) => {
-                Box::pin(s.reset_windows(account, endpoint, windows, now_ms)).await
+                Box::pin(s.reset_windows(account, key, endpoint, windows, now_ms)).await
             }
         }
     }
@@ -552,6 +593,8 @@ pub struct WindowState {
     pub used: u64,
     pub remaining: u64,
     pub reset_ms: u64,
+    /// One of the API key's own windows (its plan's), not the account's.
+    pub key: bool,
 }
 
 /// Where a caller stands: per unit the most constraining window, plus
@@ -584,6 +627,7 @@ impl RateLimitInfo {
                     used,
                     remaining: w.limit.saturating_sub(used),
                     reset_ms: w.len.reset_ms(now_ms),
+                    key: policy.is_key_window(i),
                 }
             })
             .collect();
@@ -645,6 +689,14 @@ pub enum Denial {
     Credits { balance: u64, required: u64 },
 }
 
+/// The key scope of a policy combined with a key's plan ([`Policy::with_key`]).
+pub fn key_scope(policy: &Policy) -> Option<KeyScope<'_>> {
+    policy.key.as_ref().map(|k| KeyScope {
+        id: &k.key_id,
+        windows: k.count,
+    })
+}
+
 /// Where a limiter gets wallets from and tells about outbox writes: the
 /// catalog side of credits (`credits::Outbox`).
 #[async_trait::async_trait]
@@ -697,6 +749,11 @@ pub fn too_large(specs: &[WindowSpec]) -> Option<usize> {
 /// same tests in the same order as an enforcing attempt (a start amount
 /// above a window's limit, then a window without room for `max(amount, 1)`
 /// before this request, then every slot taken before it).
+///
+/// Only the windows in shadow mode are judged (an enforced window that
+/// had no room refused the request in the store): all of them when the
+/// account's policy is `enforce: false`, else the key's windows of a key
+/// plan with `enforce: false`.
 fn shadow_denial(
     policy: &Policy,
     specs: &[WindowSpec],
@@ -704,13 +761,17 @@ fn shadow_denial(
     in_flight: u32,
     now_ms: u64,
 ) -> Option<Denial> {
-    if let Some(i) = too_large(specs) {
+    let shadowed = |i: usize| !policy.enforces_window(i);
+    if let Some(i) = (0..specs.len()).find(|&i| shadowed(i) && specs[i].amount > specs[i].limit) {
         return Some(Denial::TooLarge {
             window: policy.windows.get(i)?.clone(),
             requested: specs[i].amount,
         });
     }
     for (i, (spec, window)) in specs.iter().zip(&policy.windows).enumerate() {
+        if !shadowed(i) {
+            continue;
+        }
         let before = used
             .get(i)
             .copied()
@@ -725,7 +786,7 @@ fn shadow_denial(
             });
         }
     }
-    (policy.max_concurrent > 0 && in_flight > policy.max_concurrent).then_some(
+    (!policy.enforce && policy.max_concurrent > 0 && in_flight > policy.max_concurrent).then_some(
         Denial::Concurrency {
             limit: policy.max_concurrent,
         },
@@ -749,7 +810,7 @@ pub struct Ticket {
 
 impl Ticket {
     /// Settlements for the measured units (units not measured stay as
-    /// reserved).
+    /// reserved), in policy order: the key's windows last.
     pub fn settlements(&self, final_units: &[(Unit, u64)]) -> Vec<Settlement> {
         self.policy
             .windows
@@ -972,13 +1033,19 @@ impl<S: CounterStore> Limiter<S> {
         // Shadow mode (`enforce: false`): the store counts without limits,
         // and what the limits would have decided is worked out from the
         // counts it returns (`shadow_denial`).
-        let shadow = !policy.enforce;
+        // With a key plan in shadow mode, only the key's windows are.
+        let shadow = policy.shadows_any();
         let unlimited: Vec<WindowSpec>;
         let store_specs: &[WindowSpec] = if shadow {
             unlimited = specs
                 .iter()
-                .map(|s| WindowSpec {
-                    limit: u64::MAX,
+                .enumerate()
+                .map(|(i, s)| WindowSpec {
+                    limit: if policy.enforces_window(i) {
+                        s.limit
+                    } else {
+                        u64::MAX
+                    },
                     ..s.clone()
                 })
                 .collect();
@@ -986,7 +1053,9 @@ impl<S: CounterStore> Limiter<S> {
         } else {
             &specs
         };
-        if let (false, Some(i)) = (shadow, too_large(&specs)) {
+        let enforced_too_large = (0..specs.len())
+            .find(|&i| policy.enforces_window(i) && specs[i].amount > specs[i].limit);
+        if let Some(i) = enforced_too_large {
             let info = self.info(account, endpoint, policy).await?;
             let denial = Denial::TooLarge {
                 window: policy.windows[i].clone(),
@@ -1000,9 +1069,14 @@ impl<S: CounterStore> Limiter<S> {
             endpoint,
             now_ms,
             windows: store_specs,
-            max_concurrent: if shadow { 0 } else { policy.max_concurrent },
+            max_concurrent: if policy.enforce {
+                policy.max_concurrent
+            } else {
+                0
+            },
             lease_ms: policy.concurrency_expiry_secs.saturating_mul(1000).max(1),
             credits,
+            key: key_scope(policy),
         };
         let ticket = || Ticket {
             request_id: Arc::from(request_id),
@@ -1094,6 +1168,20 @@ impl<S: CounterStore> Limiter<S> {
         usage: Option<&crate::catalog::UsageEvent>,
     ) -> Result<bool, StoreError> {
         let settlements = ticket.settlements(final_units);
+        // The key's windows come last in the policy, so their settlements
+        // come last too.
+        let key = key_scope(&ticket.policy).map(|k| KeyScope {
+            windows: ticket
+                .policy
+                .windows
+                .iter()
+                .enumerate()
+                .filter(|(i, w)| {
+                    ticket.policy.is_key_window(*i) && final_units.iter().any(|(u, _)| *u == w.unit)
+                })
+                .count(),
+            ..k
+        });
         let req = EndRequest {
             request_id: &ticket.request_id,
             account: &ticket.account,
@@ -1102,6 +1190,7 @@ impl<S: CounterStore> Limiter<S> {
             settlements: &settlements,
             credits,
             usage,
+            key,
         };
         let settled = self.timed(self.store.end(&req)).await?;
         if settled && (!credits.is_empty() || usage.is_some()) {
@@ -1307,6 +1396,7 @@ impl<S: CounterStore> Limiter<S> {
             endpoint,
             now_ms,
             windows: &policy.windows,
+            key: key_scope(policy),
         };
         let usage = self.timed(self.store.usage(&req)).await?;
         Ok(RateLimitInfo::from_usage(

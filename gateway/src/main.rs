@@ -138,7 +138,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AccountsCmd,
     },
-    /// Manage API keys: create (printed once), revoke, list.
+    /// Manage API keys: create (printed once, optionally with a plan of its own), update its plan, revoke, list.
     #[command(after_help = ADMIN_HELP)]
     Keys {
         #[command(flatten)]

@@ -246,6 +246,22 @@ pub struct Policy {
     /// refuse is admitted (and counted as `would_deny`). Credits are
     /// enforced either way.
     pub enforce: bool,
+    /// Set only on a policy as it applies to one API key with a plan of
+    /// its own ([`Policy::with_key`]): its last `count` windows are the
+    /// key's, counted per key. `None` on every policy of a plan.
+    pub key: Option<KeyWindows>,
+}
+
+/// The key-level part of a policy combined by [`Policy::with_key`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyWindows {
+    /// The API key's id: its counters are the key's own.
+    pub key_id: Arc<str>,
+    /// How many of the policy's windows (the last ones) are the key's.
+    pub count: usize,
+    /// The key plan's `enforce` for its windows (the account's windows
+    /// keep the account policy's `enforce`).
+    pub enforce: bool,
 }
 
 /// Default lifetime of a concurrency slot.
@@ -256,6 +272,46 @@ impl Policy {
     /// credit`).
     pub fn caps_spend(&self) -> bool {
         self.windows.iter().any(|w| w.unit.is_credit())
+    }
+
+    /// This policy as it applies to the API key `key_id`, whose own plan
+    /// has `key_policy` for the same endpoint: the account's windows, then
+    /// the key's (counted per key, on top of the account's). Concurrency,
+    /// credits, lease and `enforce` of the account windows stay the
+    /// account policy's; the key's `enforce` governs its windows.
+    pub fn with_key(&self, key_id: &str, key_policy: &Policy) -> Policy {
+        let mut windows = Vec::with_capacity(self.windows.len() + key_policy.windows.len());
+        windows.extend(self.windows.iter().cloned());
+        windows.extend(key_policy.windows.iter().cloned());
+        Policy {
+            windows,
+            key: Some(KeyWindows {
+                key_id: Arc::from(key_id),
+                count: key_policy.windows.len(),
+                enforce: key_policy.enforce,
+            }),
+            ..self.clone()
+        }
+    }
+
+    /// Whether window `i` is one of the key's ([`Policy::with_key`]).
+    pub fn is_key_window(&self, i: usize) -> bool {
+        self.key
+            .as_ref()
+            .is_some_and(|k| i >= self.windows.len().saturating_sub(k.count))
+    }
+
+    /// Whether the limit of window `i` is enforced (not shadow mode).
+    pub fn enforces_window(&self, i: usize) -> bool {
+        match &self.key {
+            Some(k) if self.is_key_window(i) => k.enforce,
+            _ => self.enforce,
+        }
+    }
+
+    /// Whether any window, or the concurrency limit, is in shadow mode.
+    pub fn shadows_any(&self) -> bool {
+        !self.enforce || self.key.as_ref().is_some_and(|k| !k.enforce && k.count > 0)
     }
 
     /// The distinct units this policy limits, in order of first appearance.
@@ -359,7 +415,32 @@ mod tests {
             concurrency_expiry_secs: DEFAULT_CONCURRENCY_EXPIRY_SECS,
             credits: None,
             enforce: true,
+            key: None,
         })
+    }
+
+    #[test]
+    fn a_keys_windows_follow_the_accounts_and_keep_their_own_enforce() {
+        let account = policy(&[WindowLen::Fixed(60), WindowLen::Fixed(3600)]);
+        let mut key = Policy::clone(&policy(&[WindowLen::Fixed(60)]));
+        key.enforce = false;
+        key.max_concurrent = 7;
+        let both = account.with_key("key_1", &key);
+        assert_eq!(both.windows.len(), 3);
+        assert_eq!(both.windows[2], key.windows[0]);
+        // Concurrency, credits, lease: the account's.
+        assert_eq!(both.max_concurrent, account.max_concurrent);
+        assert_eq!(
+            (0..3).map(|i| both.is_key_window(i)).collect::<Vec<_>>(),
+            [false, false, true]
+        );
+        assert_eq!(
+            (0..3).map(|i| both.enforces_window(i)).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+        assert!(both.shadows_any() && !account.shadows_any());
+        assert_eq!(both.key.as_ref().map(|k| &*k.key_id), Some("key_1"));
+        assert!(!account.is_key_window(0));
     }
 
     #[test]

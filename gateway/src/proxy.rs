@@ -529,6 +529,16 @@ impl Gateway {
         };
 
         outcome.endpoint = Some(endpoint.to_owned());
+        // A key with a plan of its own: its windows on top of the account's.
+        let policy = key_policy(
+            core,
+            &account,
+            &owner.key_id,
+            owner.plan_id.as_deref(),
+            endpoint,
+            policy,
+        )
+        .await?;
 
         // Rate limits.
         // The attempt must run to completion even if the client goes away
@@ -871,7 +881,7 @@ impl Gateway {
         outcome: &Outcome,
     ) -> Result<Response<Body>, ApiError> {
         let owner = self.get_caller(&req, table, outcome).await?;
-        let v = limits_json(&self.core, &owner.account_id, None).await?;
+        let v = limits_json(&self.core, &owner.account_id, None, Some(&owner)).await?;
         Ok(json_response(StatusCode::OK, &v))
     }
 
@@ -995,11 +1005,22 @@ pub async fn reset_limits(
     let Some(plan) = plan else {
         return Ok(Vec::new());
     };
+    // The account's keys with plans of their own: their windows too.
+    let mut keys = Vec::new();
+    for k in core.catalog.list_keys(account).await? {
+        if let (false, Some(plan_id)) = (k.revoked, k.plan_id.as_deref()) {
+            let key_plan = core.cache.plan_for_key(account, Some(plan_id)).await?;
+            if let Some(key_plan) = key_plan {
+                keys.push((k.id, key_plan));
+            }
+        }
+    }
     let now_ms = core.limiter.clock().now_ms();
     let reset = crate::limiter::reset_account_windows(
         core.limiter.store(),
         &plan,
         account,
+        &keys,
         endpoint,
         now_ms,
     )
@@ -1017,12 +1038,46 @@ pub async fn reset_limits(
     })
 }
 
-/// The `/v1/limits` document for `account` (optionally one endpoint); also
-/// served by the admin API.
+/// The policy of `endpoint` as it applies to key `key_id` of `account`,
+/// whose own plan is `key_plan`: `policy` (the account's) with the key
+/// plan's windows for the endpoint added ([`Policy::with_key`]). A key
+/// without a plan, or whose plan does not list the endpoint, gets
+/// `policy` itself: the account's plan alone decides access, and a key
+/// plan adds limits only where it names the endpoint.
+async fn key_policy(
+    core: &Core,
+    account: &str,
+    key_id: &str,
+    key_plan: Option<&str>,
+    endpoint: &str,
+    policy: Arc<Policy>,
+) -> Result<Arc<Policy>, ApiError> {
+    if key_plan.is_none() {
+        return Ok(policy);
+    }
+    let plan = core
+        .cache
+        .plan_for_key(account, key_plan)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "key plan lookup failed");
+            ApiError::CatalogUnavailable
+        })?;
+    Ok(match plan.as_ref().and_then(|p| p.policy(endpoint)) {
+        Some(own) if !own.windows.is_empty() => Arc::new(policy.with_key(key_id, own)),
+        _ => policy,
+    })
+}
+
+/// The `/v1/limits` document for `account` (optionally one endpoint):
+/// with the caller's key, its own windows too (marked `"scope": "key"`);
+/// the admin API's view of an account passes no key (the account's
+/// windows only).
 pub async fn limits_json(
     core: &Core,
     account: &str,
     only: Option<&str>,
+    key: Option<&KeyOwner>,
 ) -> Result<serde_json::Value, ApiError> {
     let plan = core
         .cache
@@ -1035,9 +1090,23 @@ pub async fn limits_json(
             if only.is_some_and(|o| o != id) {
                 continue;
             }
+            let policy = match key {
+                Some(k) => {
+                    key_policy(
+                        core,
+                        account,
+                        &k.key_id,
+                        k.plan_id.as_deref(),
+                        id,
+                        policy.clone(),
+                    )
+                    .await?
+                }
+                None => policy.clone(),
+            };
             let now_ms = core.limiter.clock().now_ms();
-            let info = core.limiter.info(account, id, policy).await;
-            endpoints.insert(id.clone(), endpoint_json(policy, info.ok(), now_ms));
+            let info = core.limiter.info(account, id, &policy).await;
+            endpoints.insert(id.clone(), endpoint_json(&policy, info.ok(), now_ms));
         }
         if let Some(o) = only {
             if !plan.endpoints.contains_key(o) {
@@ -1061,6 +1130,7 @@ pub async fn limits_json(
     Ok(serde_json::json!({
         "account": account,
         "plan": plan.as_ref().map(|p| p.id.clone()),
+        "key_plan": key.and_then(|k| k.plan_id.clone()),
         "endpoints": endpoints,
         "credits": { "balance": balance },
     }))
@@ -1089,6 +1159,7 @@ fn endpoint_json(policy: &Policy, info: Option<RateLimitInfo>, now_ms: u64) -> s
                 "used": state.map(|s| s.used),
                 "remaining": state.map(|s| s.remaining),
                 "reset_ms": state.map(|s| s.reset_ms),
+                "scope": if policy.is_key_window(i) { "key" } else { "account" },
             });
             if let Some(p) = w.len.period() {
                 out["calendar"] = serde_json::json!(crate::plans::parse::CALENDAR_UTC);
@@ -1790,6 +1861,7 @@ mod tests {
             concurrency_expiry_secs: 60,
             credits: None,
             enforce: true,
+            key: None,
         });
         let plan = Plan {
             id: "p".into(),

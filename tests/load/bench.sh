@@ -241,6 +241,12 @@ plans:
           - { window: 60s, limit: $BIG, unit_type: token }
         max_concurrent: 100000
         concurrency_expiry: 60s
+  bench-key:                        # a key's own plan (redis-keyplan, issue 15
+    endpoints:                      # item 3): two more windows on gpt-bench
+      "gpt-bench":
+        fixed_windows:
+          - { window: 60s, limit: $BIG, unit_type: request }
+          - { window: 60s, limit: $BIG, unit_type: token }
 EOF
 
 plangate_conf() { # name port admin-port storage-lines
@@ -292,6 +298,8 @@ psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" >/
 "$PLANGATE" plans apply "$OUT/plans.yaml" --postgres-url "$PG_URL" >/dev/null
 "$PLANGATE" accounts create bench-one --postgres-url "$PG_URL" >/dev/null
 "$PLANGATE" keys create bench-one --json --postgres-url "$PG_URL" | jq -r .key >"$OUT/key-pg.txt"
+# A second key of the same account with a plan of its own (redis-keyplan).
+"$PLANGATE" keys create bench-one --plan bench-key --json --postgres-url "$PG_URL" | jq -r .key >"$OUT/key-keyplan.txt"
 # Credits for redis-credits (gpt-bench-credits on the same one hot account
 # and key): far more than any run spends (2 credits a request).
 "$PLANGATE" credits grant bench-one 1000000000000 --postgres-url "$PG_URL" >/dev/null
@@ -371,6 +379,10 @@ TARGETS=(
 # cap adds to the credit path.
 [[ " $ONLY " == *" redis-spendcap "* ]] &&
   TARGETS+=("redis-spendcap|$P_REDIS|redis|KEY=$(cat "$OUT/key-pg.txt") MODEL=gpt-bench-spendcap")
+# Only when asked for (--only "plangate-redis redis-keyplan"): what a key
+# plan adds (gpt-bench's 3 account windows + 2 of the key's own).
+[[ " $ONLY " == *" redis-keyplan "* ]] &&
+  TARGETS+=("redis-keyplan|$P_REDIS|redis|KEY=$(cat "$OUT/key-keyplan.txt")")
 if [ "$SCALING" = 1 ]; then
   TARGETS+=(
     "redis-1key-rotating|$P_REDIS|redis|KEYS_FILE=$OUT/keys-1.txt"

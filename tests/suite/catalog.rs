@@ -74,6 +74,7 @@ fn policy(limit: u64) -> Arc<Policy> {
         concurrency_expiry_secs: 60,
         credits: None,
         enforce: true,
+        key: None,
     })
 }
 
@@ -120,6 +121,7 @@ fn rich_plan(id: &str) -> Arc<Plan> {
             .into(),
         }),
         enforce: true,
+        key: None,
     };
     Arc::new(Plan {
         id: id.into(),
@@ -471,6 +473,7 @@ async fn key_labels_and_expiry(f: Fixture) {
     let opts = KeyOptions {
         label: Some("ci".into()),
         expires_at: Some(expires),
+        ..KeyOptions::default()
     };
     let key = c.create_key_with("acct", &opts).await.unwrap();
     let plain = c.create_key("acct").await.unwrap();
@@ -523,6 +526,107 @@ async fn key_labels_and_expiry(f: Fixture) {
         assert!(matches!(r, Err(CatalogError::Invalid(_))), "{bad:?}: {r:?}");
     }
     assert_eq!(c.list_keys("acct").await.unwrap().len(), 2);
+}
+
+/// Key-level limits: a key carries a plan of its own (created with it,
+/// changed, cleared), which lookups and caches see; an unknown plan is
+/// refused; a plan a key uses is neither deleted nor pruned.
+async fn key_plans(f: Fixture) {
+    use plangate::catalog::KeyOptions;
+    let c = &f.catalog;
+    c.apply_plans(
+        &set(Some("free"), &[plan("free", 10), plan("ci-small", 2)]),
+        false,
+    )
+    .await
+    .unwrap();
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let with_plan = KeyOptions {
+        plan: Some("ci-small".into()),
+        ..KeyOptions::default()
+    };
+    let key = c.create_key_with("acct", &with_plan).await.unwrap();
+    let plain = c.create_key("acct").await.unwrap();
+    let owner = c.lookup_key(&hash_key(&key.key)).await.unwrap().unwrap();
+    assert_eq!(owner.plan_id.as_deref(), Some("ci-small"));
+    let owner = c.lookup_key(&hash_key(&plain.key)).await.unwrap().unwrap();
+    assert_eq!(owner.plan_id, None);
+    let listed = c.list_keys("acct").await.unwrap();
+    assert_eq!(listed[0].plan_id.as_deref(), Some("ci-small"));
+    assert_eq!(listed[1].plan_id, None);
+
+    // Unknown plans are refused, creating or updating.
+    let ghost = KeyOptions {
+        plan: Some("ghost".into()),
+        ..KeyOptions::default()
+    };
+    let r = c.create_key_with("acct", &ghost).await;
+    assert!(
+        matches!(&r, Err(CatalogError::NotFound { kind: "plan", id }) if id == "ghost"),
+        "{r:?}"
+    );
+    let r = c.create_key_with("nobody", &with_plan).await;
+    assert!(
+        matches!(
+            &r,
+            Err(CatalogError::NotFound {
+                kind: "account",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let r = c.set_key_plan(&plain.id, Some("ghost")).await;
+    assert!(
+        matches!(&r, Err(CatalogError::NotFound { kind: "plan", .. })),
+        "{r:?}"
+    );
+    assert!(is_not_found(c.set_key_plan("key_missing", None).await));
+    assert_eq!(c.list_keys("acct").await.unwrap().len(), 2);
+
+    // A plan a key uses stays.
+    assert!(is_conflict(c.delete_plan("ci-small").await));
+    let report = c
+        .apply_plans(&set(Some("free"), &[plan("free", 10)]), true)
+        .await
+        .unwrap();
+    assert_eq!(report.kept_in_use, vec!["ci-small".to_string()]);
+
+    // Changed and cleared; a cache holding the key follows.
+    let cache = CatalogCache::new(c.clone(), Arc::new(f.clock.clone()), CacheConfig::default())
+        .await
+        .unwrap();
+    let cached = cache.resolve_key(&hash_key(&plain.key)).await.unwrap();
+    assert_eq!(cached.unwrap().plan_id, None);
+    c.set_key_plan(&plain.id, Some("ci-small")).await.unwrap();
+    let hash = hash_key(&plain.key);
+    wait_for(|| {
+        let cache = cache.clone();
+        let hash = hash.clone();
+        async move {
+            cache
+                .resolve_key(&hash)
+                .await
+                .unwrap()
+                .is_some_and(|o| o.plan_id.as_deref() == Some("ci-small"))
+        }
+    })
+    .await;
+    // And hands out the key's plan.
+    let key_plan = cache.plan_for_key("acct", Some("ci-small")).await.unwrap();
+    assert_eq!(key_plan.map(|p| p.id.clone()).as_deref(), Some("ci-small"));
+    c.set_key_plan(&key.id, None).await.unwrap();
+    let owner = c.lookup_key(&hash_key(&key.key)).await.unwrap().unwrap();
+    assert_eq!(owner.plan_id, None);
+    // Now unused by keys: deletable.
+    c.set_key_plan(&plain.id, None).await.unwrap();
+    c.delete_plan("ci-small").await.unwrap();
+
+    // A revoked key's plan cannot be changed.
+    c.revoke_key(&plain.id).await.unwrap();
+    assert!(c.set_key_plan(&plain.id, None).await.is_err());
 }
 
 /// Accounts listed by id in pages, filtered by effective plan; metadata
@@ -1263,6 +1367,7 @@ async fn billing_anchors(f: Fixture) {
                 concurrency_expiry_secs: 60,
                 credits: None,
                 enforce: true,
+                key: None,
             }),
         )]
         .into(),
@@ -1446,6 +1551,13 @@ impl Catalog for Deaf {
     async fn revoke_key(&self, id: &str) -> plangate::catalog::CatalogResult<()> {
         self.0.revoke_key(id).await
     }
+    async fn set_key_plan(
+        &self,
+        id: &str,
+        plan: Option<&str>,
+    ) -> plangate::catalog::CatalogResult<()> {
+        self.0.set_key_plan(id, plan).await
+    }
     async fn list_keys(
         &self,
         a: &str,
@@ -1600,6 +1712,7 @@ conformance!(
     accounts,
     keys,
     key_labels_and_expiry,
+    key_plans,
     account_lifecycle,
     plans_file_owner_round_trips,
     quota_blocks_and_expiry,
@@ -2212,6 +2325,57 @@ async fn cli_end_to_end() {
         );
         ok(run(&["keys", "revoke", &key_id]));
         assert!(ok(run(&["keys", "list", "alice"])).contains("revoked"));
+
+        // Key-level limits: a key with a plan of its own, changed, cleared;
+        // an unknown plan is a clear refusal (exit 2).
+        let ci: serde_json::Value = serde_json::from_str(&ok(run(&[
+            "keys",
+            "create",
+            "alice",
+            "--plan",
+            "free_tier",
+            "--json",
+        ])))
+        .unwrap();
+        let ci_id = ci["id"].as_str().unwrap().to_string();
+        let listed = ok(run(&["keys", "list", "alice"]));
+        assert!(listed.contains("plan free_tier"), "{listed}");
+        let err = run(&["keys", "create", "alice", "--plan", "ghost"]);
+        assert_eq!(err.code, 2, "{}", err.stderr);
+        assert!(
+            err.stderr.contains("plan not found: ghost"),
+            "{}",
+            err.stderr
+        );
+        let err = run(&["keys", "update", &ci_id, "--plan", "ghost"]);
+        assert_eq!(err.code, 2, "{}", err.stderr);
+        assert!(
+            err.stderr.contains("plan not found: ghost"),
+            "{}",
+            err.stderr
+        );
+        assert!(ok(run(&["keys", "update", &ci_id, "--plan", "premium"])).contains("premium"));
+        // free_tier has a concurrency limit, which a key plan does not carry: said.
+        let out = ok(run(&["keys", "update", &ci_id, "--plan", "free_tier"]));
+        assert!(
+            out.contains("note: only the windows of plan free_tier limit a key"),
+            "{out}"
+        );
+        let out = ok(run(&["keys", "update", &ci_id, "--plan", "premium"]));
+        assert!(!out.contains("note:"), "{out}");
+        assert!(ok(run(&["keys", "list", "alice"])).contains("plan premium"));
+        // A plan a key uses cannot be deleted.
+        ok(run(&["accounts", "assign", "alice", "free_tier"]));
+        bad_input(run(&["plans", "delete", "premium"]));
+        ok(run(&["keys", "update", &ci_id, "--no-plan"]));
+        assert!(!ok(run(&["keys", "list", "alice"])).contains("plan "));
+        ok(run(&["accounts", "assign", "alice", "premium"]));
+        // Neither or both of --plan / --no-plan: a usage error.
+        assert_ne!(run(&["keys", "update", &ci_id]).code, 0);
+        assert_ne!(
+            run(&["keys", "update", &ci_id, "--plan", "premium", "--no-plan"]).code,
+            0
+        );
 
         let block: serde_json::Value = serde_json::from_str(&ok(run(&[
             "credits",

@@ -24,7 +24,9 @@ use plangate::clock::{ManualClock, SharedClock};
 use plangate::config::Config;
 use plangate::limiter::keys::Keys;
 use plangate::limiter::redis::{RedisOptions, RedisStore};
-use plangate::limiter::{AttemptRequest, CounterStore, UsageRequest, Verdict, WindowSpec};
+use plangate::limiter::{
+    AttemptRequest, CounterStore, KeyScope, UsageRequest, Verdict, WindowSpec,
+};
 use plangate::plans::{Period, Unit, Window, WindowLen};
 use plangate_tests::harness::{send_to, unique, ADMIN_TOKEN, T0_MS};
 use tokio::sync::watch;
@@ -202,6 +204,7 @@ async fn attempt(store: &RedisStore, account: &str, id: &str) -> Verdict {
             max_concurrent: 0,
             lease_ms: 60_000,
             credits: None,
+            key: None,
         })
         .await
         .expect("attempt")
@@ -220,6 +223,7 @@ async fn used(store: &RedisStore, account: &str) -> u64 {
             endpoint: "e",
             now_ms: T0_MS,
             windows: &windows,
+            key: None,
         })
         .await
         .expect("usage")
@@ -307,6 +311,7 @@ async fn calendar_month_windows_on_the_cluster() {
                     max_concurrent: 0,
                     lease_ms: 60_000,
                     credits: None,
+                    key: None,
                 })
                 .await
                 .expect("attempt")
@@ -334,6 +339,139 @@ async fn calendar_month_windows_on_the_cluster() {
         holding[0].1.iter().any(|k| k.contains("1mo")),
         "{per_node:?}"
     );
+    delete_keys(&nodes, &per_node).await;
+}
+
+/// Key-level limits on the cluster (issue 15 item 3): an API key's own
+/// counters carry its account's hash tag, so one script admits against
+/// the account's windows and the key's on the account's master (no
+/// CROSSSLOT), exactly, from several gateways at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_windows_live_on_their_accounts_master_and_admit_exactly() {
+    let Some(nodes) = cluster().await else { return };
+    let prefix = format!("pgt:{}:", unique("kl"));
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        let s = RedisStore::connect_cluster(&nodes, options(&prefix))
+            .await
+            .expect("cluster store");
+        stores.push(Arc::new(s));
+    }
+    // Account: 10 a minute; each key: 3 a minute of its own.
+    let windows = |account_limit: u64, key_limit: u64| {
+        [
+            WindowSpec {
+                len: WindowLen::Fixed(60),
+                limit: account_limit,
+                unit: Unit::request(),
+                amount: 1,
+            },
+            WindowSpec {
+                len: WindowLen::Fixed(60),
+                limit: key_limit,
+                unit: Unit::request(),
+                amount: 1,
+            },
+        ]
+    };
+    // Several accounts, so that their slots fall on different masters.
+    let accounts: Vec<String> = (0..6).map(|_| unique("kacct")).collect();
+    let mut tasks = Vec::new();
+    for (a, account) in accounts.iter().enumerate() {
+        for key in ["key_a", "key_b", "key_c", "key_d"] {
+            for i in 0..20 {
+                let store = stores[(a + i) % stores.len()].clone();
+                let (account, key) = (account.clone(), key.to_owned());
+                tasks.push(tokio::spawn(async move {
+                    let w = windows(10, 3);
+                    let v = store
+                        .attempt(&AttemptRequest {
+                            request_id: &format!("{key}-{i}"),
+                            account: &account,
+                            endpoint: "e",
+                            now_ms: T0_MS,
+                            windows: &w,
+                            max_concurrent: 0,
+                            lease_ms: 60_000,
+                            credits: None,
+                            key: Some(KeyScope {
+                                id: &key,
+                                windows: 1,
+                            }),
+                        })
+                        .await
+                        .expect("attempt")
+                        .verdict;
+                    (account, key, v)
+                }));
+            }
+        }
+    }
+    let mut admitted: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for t in tasks {
+        let (account, key, v) = t.await.expect("task");
+        match v {
+            Verdict::Admitted => *admitted.entry((account, key)).or_default() += 1,
+            Verdict::WindowFull { .. } => {}
+            other => panic!("unexpected verdict {other:?}"),
+        }
+    }
+    for account in &accounts {
+        let per_key: Vec<u64> = ["key_a", "key_b", "key_c", "key_d"]
+            .iter()
+            .map(|k| {
+                admitted
+                    .get(&(account.clone(), (*k).to_owned()))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect();
+        // At most 3 per key, exactly 10 for the account in all (4 × 3 > 10).
+        assert!(per_key.iter().all(|&n| n <= 3), "{per_key:?}");
+        assert_eq!(per_key.iter().sum::<u64>(), 10, "{per_key:?}");
+        // The store agrees, key by key.
+        for (k, n) in ["key_a", "key_b", "key_c", "key_d"].iter().zip(&per_key) {
+            let lw = [
+                Window {
+                    len: WindowLen::Fixed(60),
+                    limit: 10,
+                    unit: Unit::request(),
+                },
+                Window {
+                    len: WindowLen::Fixed(60),
+                    limit: 3,
+                    unit: Unit::request(),
+                },
+            ];
+            let usage = stores[0]
+                .usage(&UsageRequest {
+                    account,
+                    endpoint: "e",
+                    now_ms: T0_MS,
+                    windows: &lw,
+                    key: Some(KeyScope { id: k, windows: 1 }),
+                })
+                .await
+                .expect("usage");
+            assert_eq!(usage.used, vec![10, *n]);
+        }
+    }
+    // Every account's keys, its keys' counters included, on one master.
+    let per_node = keys_per_node(&nodes, stores[0].keys()).await;
+    for account in &accounts {
+        let tag = Keys::tag(account);
+        let holding: Vec<_> = per_node
+            .iter()
+            .filter(|(_, keys)| keys.iter().any(|k| k.contains(&tag)))
+            .collect();
+        assert_eq!(holding.len(), 1, "keys of {account} split: {per_node:?}");
+        let mine: Vec<&String> = holding[0].1.iter().filter(|k| k.contains(&tag)).collect();
+        let key_counters = mine.iter().filter(|k| k.contains(":k:")).count();
+        // The account's counter, its in-flight set, 4 keys' counters.
+        assert_eq!((mine.len(), key_counters), (6, 4), "{mine:?}");
+    }
+    let masters = per_node.values().filter(|k| !k.is_empty()).count();
+    eprintln!("key-level counters of 6 accounts on {masters} masters");
     delete_keys(&nodes, &per_node).await;
 }
 
@@ -404,6 +542,7 @@ async fn cluster_store_on_dead_nodes_errors_instead_of_hanging() {
         max_concurrent: 0,
         lease_ms: 1_000,
         credits: None,
+        key: None,
     };
     let call = store.attempt(&req);
     let out = tokio::time::timeout(Duration::from_secs(10), call)

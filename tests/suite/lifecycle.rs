@@ -693,6 +693,9 @@ async fn the_cli_covers_the_account_lifecycle() {
     // A unique account: the gateway's key prefix is shared by every run.
     let acct = plangate_tests::harness::unique("lim");
     ok(cli(&["accounts", "create", &acct, "--plan", "daily"]));
+    // A key with a plan of its own: its windows are reset too.
+    let key = json_of(cli(&["keys", "create", &acct, "--plan", "daily", "--json"]));
+    let key_id = key["id"].as_str().expect("key id").to_owned();
     refused(cli(&["limits", "reset", &acct]), "no counter store");
     let store = plangate::limiter::redis::RedisStore::connect_with(
         &redis,
@@ -706,15 +709,14 @@ async fn the_cli_covers_the_account_lifecycle() {
         Duration::from_secs(5),
     );
     let plan = plangate::plans::parse::parse_plans(&plans_with_daily(), "plans.yaml").unwrap();
-    let policy = plan.plans["daily"].endpoints["gpt-4o"].clone();
+    let daily = plan.plans["daily"].endpoints["gpt-4o"].clone();
+    let policy = std::sync::Arc::new(daily.with_key(&key_id, &daily));
     let id = plangate_tests::harness::unique("req");
     let used = || async {
-        limiter
-            .info(&acct, "gpt-4o", &policy)
-            .await
-            .expect("info")
-            .windows[0]
-            .used
+        let info = limiter.info(&acct, "gpt-4o", &policy).await.expect("info");
+        // The account's window and the key's own agree here.
+        assert_eq!(info.windows[0].used, info.windows[1].used);
+        info.windows[1].used
     };
     let before = used().await;
     for i in 0..2 {

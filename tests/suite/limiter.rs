@@ -18,8 +18,8 @@ use plangate::limiter::keys::Keys;
 use plangate::limiter::memory::MemoryStore;
 use plangate::limiter::redis::{RedisMode, RedisOptions, RedisStore};
 use plangate::limiter::{
-    Attempt, AttemptRequest, CounterStore, Denial, EndRequest, Limiter, Permit, RateLimitInfo,
-    RenewRequest, UsageRequest, Verdict, WindowSpec, SETTLE_GRACE_MS,
+    Attempt, AttemptRequest, CounterStore, Denial, EndRequest, KeyScope, Limiter, Permit,
+    RateLimitInfo, RenewRequest, UsageRequest, Verdict, WindowSpec, SETTLE_GRACE_MS,
 };
 use plangate::plans::{Period, Policy, Unit, Window, WindowLen};
 use redis::aio::MultiplexedConnection;
@@ -47,6 +47,7 @@ fn policy(windows: &[(u64, u64, &str)], max_concurrent: u32, expiry_secs: u64) -
         concurrency_expiry_secs: expiry_secs,
         credits: None,
         enforce: true,
+        key: None,
     })
 }
 
@@ -65,6 +66,7 @@ fn len_policy(windows: &[(WindowLen, u64, &str)]) -> Arc<Policy> {
         concurrency_expiry_secs: 60,
         credits: None,
         enforce: true,
+        key: None,
     })
 }
 
@@ -170,9 +172,11 @@ impl Raw {
         now_ms: u64,
     ) -> Vec<RawKey> {
         let mut keys = vec![self.keys.in_flight(account, endpoint)];
-        for w in &policy.windows {
-            keys.push(self.keys.window(
+        let scope = plangate::limiter::key_scope(policy);
+        for (i, w) in policy.windows.iter().enumerate() {
+            keys.push(self.keys.scoped_window(
                 account,
+                KeyScope::of(scope, policy.windows.len(), i),
                 endpoint,
                 w.len,
                 w.unit.as_str(),
@@ -341,6 +345,7 @@ impl<S: CounterStore + Debug> Harness<S> {
                 endpoint,
                 now_ms: self.now(),
                 windows: &policy.windows,
+                key: plangate::limiter::key_scope(policy),
             })
             .await
             .expect("usage");
@@ -460,7 +465,215 @@ conformance!(
     week_window_resets_on_monday,
     calendar_and_fixed_days_keep_separate_counters,
     billing_month_runs_anchor_to_anchor_clamped_in_short_months,
+    key_window_refuses_while_the_account_has_room,
+    account_window_refuses_while_the_key_has_room,
+    two_keys_are_apart_at_key_level_and_shared_at_account_level,
+    key_windows_settle_with_the_account_windows,
+    shadowed_key_plan_counts_but_refuses_nothing,
+    reset_clears_a_keys_own_windows_apart_from_the_accounts,
 );
+
+// --- Key-level limits (issue 15 item 3): a key's own plan adds windows
+// counted per key, admitted with the account's in one store operation.
+
+/// The account's policy as key `key` with a plan of `key_windows` sees it.
+fn keyed(account: &Arc<Policy>, key: &str, key_windows: &[(u64, u64, &str)]) -> Arc<Policy> {
+    Arc::new(account.with_key(key, &policy(key_windows, 0, 60)))
+}
+
+async fn key_window_refuses_while_the_account_has_room<S: CounterStore + Debug>(h: &Harness<S>) {
+    let account = policy(&[(60, 10, "request")], 0, 60);
+    let k = keyed(&account, "key_ci", &[(60, 2, "request")]);
+    for i in 0..2 {
+        let (permit, info) = h.admit(&format!("k{i}"), "chat", &k, &[]).await;
+        // The tightest window is reported: the key's.
+        let req = info.unit("request").expect("request info");
+        assert_eq!((req.limit, req.remaining), (2, 1 - i));
+        assert!(info.windows[1].key && !info.windows[0].key);
+        permit.end(&[]).await.expect("end");
+    }
+    let (denial, info) = h.deny("k2", "chat", &k, &[]).await;
+    assert!(
+        matches!(&denial, Denial::Window { window, used: 2, .. } if window.limit == 2),
+        "{denial:?}"
+    );
+    // Nothing moved: the account's counter kept its 2, the key's its 2.
+    assert_eq!(
+        (info.windows[0].used, info.windows[1].used),
+        (2, 2),
+        "{info:?}"
+    );
+    assert_eq!(h.usage("chat", &account).await.0, vec![2]);
+    // The account still has room for its other keys and for keyless calls.
+    let (permit, info) = h.admit("plain", "chat", &account, &[]).await;
+    assert_eq!(info.windows[0].used, 3);
+    permit.end(&[]).await.expect("end");
+}
+
+async fn account_window_refuses_while_the_key_has_room<S: CounterStore + Debug>(h: &Harness<S>) {
+    let account = policy(&[(60, 2, "request")], 0, 60);
+    let k = keyed(
+        &account,
+        "key_big",
+        &[(60, 100, "request"), (86_400, 1000, "request")],
+    );
+    for i in 0..2 {
+        let (permit, _) = h.admit(&format!("a{i}"), "chat", &k, &[]).await;
+        permit.end(&[]).await.expect("end");
+    }
+    let (denial, info) = h.deny("a2", "chat", &k, &[]).await;
+    assert!(
+        matches!(&denial, Denial::Window { window, used: 2, .. } if window.limit == 2),
+        "{denial:?}"
+    );
+    assert_eq!(
+        info.windows.iter().map(|w| w.used).collect::<Vec<_>>(),
+        vec![2, 2, 2]
+    );
+    // The key's own counters did not move on the refusal either.
+    assert_eq!(h.usage("chat", &k).await.0, vec![2, 2, 2]);
+}
+
+async fn two_keys_are_apart_at_key_level_and_shared_at_account_level<S: CounterStore + Debug>(
+    h: &Harness<S>,
+) {
+    let account = policy(&[(60, 5, "request")], 0, 60);
+    let a = keyed(&account, "key_a", &[(60, 2, "request")]);
+    let b = keyed(&account, "key_b", &[(60, 2, "request")]);
+    for i in 0..2 {
+        h.admit(&format!("a{i}"), "chat", &a, &[])
+            .await
+            .0
+            .end(&[])
+            .await
+            .expect("end");
+    }
+    h.deny("a2", "chat", &a, &[]).await;
+    // Key b has its own 2, and the account its 5 in all.
+    for i in 0..2 {
+        let (permit, info) = h.admit(&format!("b{i}"), "chat", &b, &[]).await;
+        assert_eq!((info.windows[0].used, info.windows[1].used), (3 + i, 1 + i));
+        permit.end(&[]).await.expect("end");
+    }
+    h.deny("b2", "chat", &b, &[]).await;
+    // A third key without a plan takes the account's last request...
+    h.admit("c0", "chat", &account, &[])
+        .await
+        .0
+        .end(&[])
+        .await
+        .expect("end");
+    // ... after which a fresh key with room is refused by the account.
+    let c = keyed(&account, "key_c", &[(60, 2, "request")]);
+    let (denial, info) = h.deny("c1", "chat", &c, &[]).await;
+    assert!(
+        matches!(&denial, Denial::Window { window, .. } if window.limit == 5),
+        "{denial:?}"
+    );
+    assert_eq!((info.windows[0].used, info.windows[1].used), (5, 0));
+    // The next minute both keys start again.
+    h.clock.set_ms(minute_end(T0));
+    h.admit("a3", "chat", &a, &[])
+        .await
+        .0
+        .end(&[])
+        .await
+        .expect("end");
+}
+
+async fn key_windows_settle_with_the_account_windows<S: CounterStore + Debug>(h: &Harness<S>) {
+    let account = policy(&[(60, 10_000, "token")], 0, 60);
+    let k = keyed(
+        &account,
+        "key_t",
+        &[(60, 1_000, "token"), (60, 5, "request")],
+    );
+    // Reserve 300, use 120: both token windows give 180 back.
+    let (permit, _) = h.admit("t0", "chat", &k, &tokens(300)).await;
+    assert_eq!(h.usage("chat", &k).await.0, vec![300, 300, 1]);
+    permit.end(&tokens(120)).await.expect("end");
+    assert_eq!(h.usage("chat", &k).await.0, vec![120, 120, 1]);
+    // Reserve 100, use 950: both add 850; the key's window is now over.
+    let (permit, _) = h.admit("t1", "chat", &k, &tokens(100)).await;
+    permit.end(&tokens(950)).await.expect("end");
+    assert_eq!(h.usage("chat", &k).await.0, vec![1_070, 1_070, 2]);
+    let (denial, _) = h.deny("t2", "chat", &k, &tokens(1)).await;
+    assert!(
+        matches!(&denial, Denial::Window { window, .. } if window.limit == 1_000),
+        "{denial:?}"
+    );
+    // The account's window alone still admits.
+    h.admit("t3", "chat", &account, &tokens(1))
+        .await
+        .0
+        .end(&tokens(1))
+        .await
+        .expect("end");
+}
+
+/// `limits reset` of a key's own windows clears them only; the account's
+/// reset leaves the key's alone.
+async fn reset_clears_a_keys_own_windows_apart_from_the_accounts<S: CounterStore + Debug>(
+    h: &Harness<S>,
+) {
+    let account = policy(&[(60, 10, "request")], 0, 60);
+    let k = keyed(&account, "key_r", &[(60, 2, "request")]);
+    let own = policy(&[(60, 2, "request")], 0, 60);
+    for i in 0..2 {
+        h.admit(&format!("r{i}"), "chat", &k, &[])
+            .await
+            .0
+            .end(&[])
+            .await
+            .expect("end");
+    }
+    h.deny("r2", "chat", &k, &[]).await;
+    h.store()
+        .reset_windows(&h.account, None, "chat", &account.windows, h.now())
+        .await
+        .expect("reset");
+    assert_eq!(h.usage("chat", &k).await.0, vec![0, 2]);
+    h.deny("r3", "chat", &k, &[]).await;
+    h.store()
+        .reset_windows(&h.account, Some("key_r"), "chat", &own.windows, h.now())
+        .await
+        .expect("reset");
+    assert_eq!(h.usage("chat", &k).await.0, vec![0, 0]);
+    let (permit, info) = h.admit("r4", "chat", &k, &[]).await;
+    assert_eq!((info.windows[0].used, info.windows[1].used), (1, 1));
+    permit.end(&[]).await.expect("end");
+}
+
+async fn shadowed_key_plan_counts_but_refuses_nothing<S: CounterStore + Debug>(h: &Harness<S>) {
+    let account = policy(&[(60, 3, "request")], 0, 60);
+    let mut shadow = (*policy(&[(60, 1, "request")], 0, 60)).clone();
+    shadow.enforce = false;
+    let k = Arc::new(account.with_key("key_s", &shadow));
+    let (permit, _) = h.admit("s0", "chat", &k, &[]).await;
+    assert!(permit.would_deny().is_none());
+    permit.end(&[]).await.expect("end");
+    // Over the key's (shadowed) limit: admitted, with what it would deny.
+    let (permit, info) = h.admit("s1", "chat", &k, &[]).await;
+    assert!(
+        matches!(permit.would_deny(), Some(Denial::Window { window, .. }) if window.limit == 1),
+        "{:?}",
+        permit.would_deny()
+    );
+    assert_eq!((info.windows[0].used, info.windows[1].used), (2, 2));
+    permit.end(&[]).await.expect("end");
+    // The account's (enforced) window still refuses.
+    h.admit("s2", "chat", &k, &[])
+        .await
+        .0
+        .end(&[])
+        .await
+        .expect("end");
+    let (denial, _) = h.deny("s3", "chat", &k, &[]).await;
+    assert!(
+        matches!(&denial, Denial::Window { window, .. } if window.limit == 3),
+        "{denial:?}"
+    );
+}
 
 /// `limits reset`: the current windows of (account, endpoint) count from
 /// zero again; another endpoint's counters and the concurrency slots of
@@ -484,11 +697,11 @@ async fn reset_windows_clears_the_current_windows_of_one_endpoint<S: CounterStor
     h.deny("r3", "gpt-4-turbo", &p, &[]).await;
 
     h.store()
-        .reset_windows(&h.account, "gpt-4-turbo", &p.windows, h.now())
+        .reset_windows(&h.account, None, "gpt-4-turbo", &p.windows, h.now())
         .await
         .expect("reset");
     h.store()
-        .reset_windows(&h.account, "live", &live.windows, h.now())
+        .reset_windows(&h.account, None, "live", &live.windows, h.now())
         .await
         .expect("reset");
     assert_eq!(h.usage("gpt-4-turbo", &p).await, (vec![0, 0, 0], 0));
@@ -822,6 +1035,7 @@ async fn end_is_idempotent_and_unknown_ids_are_harmless<S: CounterStore + Debug>
             settlements: &settle,
             credits: Default::default(),
             usage: None,
+            key: None,
         })
         .await
         .expect("end unknown");
@@ -1181,6 +1395,7 @@ async fn attempt_once<S: CounterStore>(store: &S, account: &str, id: &str) -> bo
             max_concurrent: 0,
             lease_ms: 60_000,
             credits: None,
+            key: None,
         })
         .await
         .expect("attempt");
@@ -1199,6 +1414,7 @@ async fn used_now<S: CounterStore>(store: &S, account: &str) -> u64 {
             endpoint: "e",
             now_ms: T0,
             windows: &windows,
+            key: None,
         })
         .await
         .expect("usage")
@@ -1402,6 +1618,7 @@ async fn recovers_after_outage(mode: RedisMode) {
         max_concurrent: 0,
         lease_ms: 60_000,
         credits: None,
+        key: None,
     };
     // Unreachable: an error (or no answer), never an answer or a panic.
     let during = tokio::time::timeout(Duration::from_secs(1), store.attempt(&req)).await;

@@ -8,6 +8,7 @@ mod config;
 mod gateway;
 mod http_ops;
 mod integrity;
+mod key_limits;
 mod lifecycle;
 mod limiter;
 mod litellm;

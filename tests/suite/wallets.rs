@@ -151,6 +151,7 @@ fn policy(per_request: u64, min_balance: u64, per_token: Option<(u64, u64)>) -> 
             per_unit,
         }),
         enforce: true,
+        key: None,
     })
 }
 

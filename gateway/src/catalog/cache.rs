@@ -367,7 +367,28 @@ impl CatalogCache {
         let Some(id) = assigned.plan.or_else(|| self.plans().default_plan.clone()) else {
             return Ok(None);
         };
-        let plan = match self.plans().plans.get(&id) {
+        Ok(self.plan_by_id(&id, assigned.billing_anchor).await)
+    }
+
+    /// The plan of a key that has one of its own (key-level limits,
+    /// `keys create --plan`), as it applies under the key's account's
+    /// billing anchor; `None` for a key without one. A plan the snapshot
+    /// does not hold even after a reload (deleted meanwhile) adds nothing.
+    pub async fn plan_for_key(
+        &self,
+        account: &str,
+        plan_id: Option<&str>,
+    ) -> CatalogResult<Option<Arc<Plan>>> {
+        let Some(id) = plan_id else {
+            return Ok(None);
+        };
+        let assigned = self.assigned(account).await?;
+        Ok(self.plan_by_id(id, assigned.billing_anchor).await)
+    }
+
+    /// Plan `id` from the snapshot (reloaded once when missing), anchored.
+    async fn plan_by_id(&self, id: &str, billing_anchor: Option<u8>) -> Option<Arc<Plan>> {
+        let plan = match self.plans().plans.get(id) {
             Some(plan) => Some(plan.clone()),
             None => {
                 // The account names a plan newer than our snapshot (its
@@ -375,15 +396,15 @@ impl CatalogCache {
                 if let Err(e) = self.refresh_plans().await {
                     tracing::warn!(error = %e, "reloading plans failed");
                 }
-                self.plans().plans.get(&id).cloned()
+                self.plans().plans.get(id).cloned()
             }
         };
-        Ok(match (plan, assigned.billing_anchor) {
+        match (plan, billing_anchor) {
             (Some(plan), Some(anchor)) if anchor > 1 && plan.has_months() => {
                 Some(self.anchored(&plan, anchor))
             }
             (plan, _) => plan,
-        })
+        }
     }
 
     /// `plan` anchored on `anchor`, built once per plan version.

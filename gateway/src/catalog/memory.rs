@@ -183,6 +183,7 @@ struct KeyRow {
     revoked: bool,
     label: Option<String>,
     expires_at: Option<SystemTime>,
+    plan_id: Option<String>,
 }
 
 struct BlockRow {
@@ -249,6 +250,7 @@ impl State {
         self.accounts
             .values()
             .any(|a| a.plan_id.as_deref() == Some(id))
+            || self.keys.values().any(|k| k.plan_id.as_deref() == Some(id))
     }
 
     /// The account's blocks, in no particular order.
@@ -419,7 +421,7 @@ impl Catalog for MemoryCatalog {
             }
             if st.plan_in_use(id) {
                 return Err(CatalogError::Conflict(format!(
-                    "plan `{id}` is in use by accounts"
+                    "plan `{id}` is in use by accounts or keys"
                 )));
             }
             st.plans.remove(id);
@@ -612,6 +614,9 @@ impl Catalog for MemoryCatalog {
         {
             let mut st = self.state.lock();
             st.require_account(account_id)?;
+            if let Some(plan) = &opts.plan {
+                st.require_plan(plan)?;
+            }
             let seq = st.seq();
             st.key_by_hash.insert(hash.clone(), id.clone());
             st.keys.insert(
@@ -625,6 +630,7 @@ impl Catalog for MemoryCatalog {
                     revoked: false,
                     label: opts.label.clone(),
                     expires_at: opts.expires_at.map(trunc_micros),
+                    plan_id: opts.plan.clone(),
                 },
             );
         }
@@ -644,6 +650,7 @@ impl Catalog for MemoryCatalog {
                 key_id: id.clone(),
                 account_id: row.account_id.clone(),
                 expires_at_ms: row.expires_at.map(time_to_ms),
+                plan_id: row.plan_id.clone(),
             })
         }))
     }
@@ -684,8 +691,30 @@ impl Catalog for MemoryCatalog {
                 revoked: k.revoked,
                 label: k.label.clone(),
                 expires_at: k.expires_at,
+                plan_id: k.plan_id.clone(),
             })
             .collect())
+    }
+
+    async fn set_key_plan(&self, key_id: &str, plan_id: Option<&str>) -> CatalogResult<()> {
+        let hash = {
+            let mut st = self.state.lock();
+            if let Some(plan) = plan_id {
+                st.require_plan(plan)?;
+            }
+            let row = st
+                .keys
+                .get_mut(key_id)
+                .ok_or_else(|| CatalogError::not_found("key", key_id))?;
+            if row.revoked {
+                return Err(already_revoked(key_id));
+            }
+            row.plan_id = plan_id.map(str::to_owned);
+            row.hash.clone()
+        };
+        // Caches hold the key's owner, plan included: reload it.
+        self.notify(Invalidation::Key(hash));
+        Ok(())
     }
 
     async fn create_quota_block(

@@ -80,6 +80,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "billing_anchor",
         sql: include_str!("../../../migrations/V5__billing_anchor.sql"),
     },
+    Migration {
+        version: 6,
+        name: "key_plan",
+        sql: include_str!("../../../migrations/V6__key_plan.sql"),
+    },
 ];
 
 /// What `migrate` did.
@@ -261,6 +266,19 @@ fn fk_not_found(e: tokio_postgres::Error, kind: &'static str, id: &str) -> PgErr
         PgErr::Catalog(CatalogError::not_found(kind, id))
     } else {
         PgErr::Db(e)
+    }
+}
+
+/// A foreign key violation inserting a key: its plan (constraint
+/// `api_keys_plan_id_fkey`) or else its account does not exist.
+fn key_fk_not_found(e: tokio_postgres::Error, account_id: &str, plan: Option<&str>) -> PgErr {
+    let on_plan = e
+        .as_db_error()
+        .and_then(|d| d.constraint())
+        .is_some_and(|c| c == "api_keys_plan_id_fkey");
+    match plan {
+        Some(plan) if on_plan => PgErr::Catalog(CatalogError::not_found("plan", plan)),
+        _ => fk_not_found(e, "account", account_id),
     }
 }
 
@@ -790,6 +808,7 @@ impl PostgresCatalog {
                     "DELETE FROM plans p
                      WHERE NOT (p.id = ANY($1)) AND NOT p.is_default
                        AND NOT EXISTS (SELECT 1 FROM accounts a WHERE a.plan_id = p.id)
+                       AND NOT EXISTS (SELECT 1 FROM api_keys k WHERE k.plan_id = p.id)
                      RETURNING p.id",
                     &[&names],
                 )
@@ -844,9 +863,10 @@ impl PostgresCatalog {
         // The foreign key refuses a plan in use; its violation is the check.
         match tx.execute("DELETE FROM plans WHERE id = $1", &[&id]).await {
             Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
-                return Err(
-                    CatalogError::Conflict(format!("plan `{id}` is in use by accounts")).into(),
-                )
+                return Err(CatalogError::Conflict(format!(
+                    "plan `{id}` is in use by accounts or keys"
+                ))
+                .into())
             }
             r => r?,
         };
@@ -1474,8 +1494,8 @@ impl Catalog for PostgresCatalog {
         check_key_options(opts, now)?;
         let conn = self.conn().await?;
         conn.execute(
-            "INSERT INTO api_keys (id, account_id, key_hash, prefix, created_at, label, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO api_keys (id, account_id, key_hash, prefix, created_at, label, expires_at, plan_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             &[
                 &id,
                 &account_id,
@@ -1484,10 +1504,11 @@ impl Catalog for PostgresCatalog {
                 &now,
                 &opts.label,
                 &opts.expires_at,
+                &opts.plan,
             ],
         )
         .await
-        .map_err(|e| CatalogError::from(fk_not_found(e, "account", account_id)))?;
+        .map_err(|e| CatalogError::from(key_fk_not_found(e, account_id, opts.plan.as_deref())))?;
         // Only matters to a cache holding a negative entry for this hash.
         let inv = Invalidation::Key(hash);
         notify_sql(&conn, &inv).await.map_err(db_err)?;
@@ -1499,7 +1520,7 @@ impl Catalog for PostgresCatalog {
         let conn = self.conn().await?;
         let stmt = conn
             .prepare_cached(
-                "SELECT id, account_id, expires_at FROM api_keys
+                "SELECT id, account_id, expires_at, plan_id FROM api_keys
                  WHERE key_hash = $1 AND revoked_at IS NULL
                    AND (expires_at IS NULL OR expires_at > $2)",
             )
@@ -1513,6 +1534,7 @@ impl Catalog for PostgresCatalog {
                 key_id: r.get(0),
                 account_id: r.get(1),
                 expires_at_ms: r.get::<_, Option<SystemTime>>(2).map(time_to_ms),
+                plan_id: r.get(3),
             }))
     }
 
@@ -1549,7 +1571,7 @@ impl Catalog for PostgresCatalog {
         self.require_account(&conn, account_id).await?;
         let rows = conn
             .query(
-                "SELECT id, prefix, created_at, revoked_at IS NOT NULL, label, expires_at
+                "SELECT id, prefix, created_at, revoked_at IS NOT NULL, label, expires_at, plan_id
                  FROM api_keys WHERE account_id = $1 ORDER BY seq",
                 &[&account_id],
             )
@@ -1565,8 +1587,41 @@ impl Catalog for PostgresCatalog {
                 revoked: r.get(3),
                 label: r.get(4),
                 expires_at: r.get(5),
+                plan_id: r.get(6),
             })
             .collect())
+    }
+
+    async fn set_key_plan(&self, key_id: &str, plan_id: Option<&str>) -> CatalogResult<()> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt(
+                "UPDATE api_keys SET plan_id = $2 WHERE id = $1 AND revoked_at IS NULL
+                 RETURNING key_hash",
+                &[&key_id, &plan_id],
+            )
+            .await
+            .map_err(|e| match plan_id {
+                Some(plan) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
+                    CatalogError::not_found("plan", plan)
+                }
+                _ => db_err(e),
+            })?;
+        let Some(row) = row else {
+            let exists = conn
+                .query_opt("SELECT 1 FROM api_keys WHERE id = $1", &[&key_id])
+                .await
+                .map_err(db_err)?;
+            return Err(match exists {
+                Some(_) => already_revoked(key_id),
+                None => CatalogError::not_found("key", key_id),
+            });
+        };
+        // Caches hold the key's owner, plan included: reload it.
+        let inv = Invalidation::Key(row.get(0));
+        notify_sql(&conn, &inv).await.map_err(db_err)?;
+        self.notify_local(inv);
+        Ok(())
     }
 
     async fn create_quota_block(

@@ -175,6 +175,11 @@ impl<C: Catalog> Catalog for Timed<C> {
             .await
     }
 
+    async fn set_key_plan(&self, key_id: &str, plan_id: Option<&str>) -> CatalogResult<()> {
+        self.within("set_key_plan", self.inner.set_key_plan(key_id, plan_id))
+            .await
+    }
+
     async fn revoke_key(&self, key_id: &str) -> CatalogResult<()> {
         self.within("revoke_key", self.inner.revoke_key(key_id))
             .await
@@ -375,6 +380,7 @@ mod tests {
         create_key(account_id: &str) -> NewApiKey;
         create_key_with(account_id: &str, opts: &KeyOptions) -> NewApiKey;
         revoke_key(key_id: &str) -> ();
+        set_key_plan(key_id: &str, plan_id: Option<&str>) -> ();
         list_keys(account_id: &str) -> Vec<ApiKeyInfo>;
         create_quota_block(
             account_id: &str,

@@ -174,7 +174,7 @@ fn parse_anchor(s: &str) -> Result<Anchor, String> {
 pub enum KeysCmd {
     /// Create a key; the plaintext is printed once and stored only hashed.
     #[command(
-        after_help = "Example:\n  plangate keys create acme --label ci --expires 2027-01-01T00:00:00Z"
+        after_help = "Example:\n  plangate keys create acme --label ci --expires 2027-01-01T00:00:00Z --plan ci-small"
     )]
     Create {
         /// Account id.
@@ -185,6 +185,21 @@ pub enum KeysCmd {
         /// When the key stops working (RFC 3339, e.g. 2027-01-01T00:00:00Z) [default: never].
         #[arg(long, value_name = "TIME")]
         expires: Option<String>,
+        /// A plan of the key's own: its windows limit this key on top of its account's plan.
+        #[arg(long, value_name = "PLAN")]
+        plan: Option<String>,
+    },
+    /// Give a key a plan of its own (`--plan`) or take it away (`--no-plan`).
+    #[command(after_help = "Example:\n  plangate keys update key_3f9a --plan ci-small")]
+    Update {
+        /// Key id, as `keys list` shows it.
+        key_id: String,
+        /// The key's own plan: its windows limit the key on top of its account's plan.
+        #[arg(long, value_name = "PLAN", required_unless_present = "no_plan")]
+        plan: Option<String>,
+        /// Remove the key's own plan: only its account's limits apply.
+        #[arg(long, conflicts_with = "plan")]
+        no_plan: bool,
     },
     /// Revoke a key by id (takes effect within 5 seconds everywhere; a revoked key is an error).
     Revoke {
@@ -522,18 +537,31 @@ async fn limits(
             ))
         }
     };
+    // The account's keys with plans of their own: their windows too.
+    let mut keys = Vec::new();
+    for k in catalog.list_keys(&account).await.map_err(catalog_err)? {
+        if let (false, Some(plan_id)) = (k.revoked, k.plan_id.as_deref()) {
+            keys.push((k.id, catalog.get_plan(plan_id).await.map_err(catalog_err)?));
+        }
+    }
     let now_ms = crate::clock::Clock::now_ms(&SystemClock);
-    let reset =
-        crate::limiter::reset_account_windows(&store, &plan, &account, endpoint.as_deref(), now_ms)
-            .await
-            .map_err(|e| CliError::Failure(format!("resetting the counters: {e}")))?
-            .ok_or_else(|| {
-                CliError::BadInput(format!(
-                    "endpoint `{}` is not in plan `{}` of account {account}",
-                    endpoint.as_deref().unwrap_or_default(),
-                    plan.id
-                ))
-            })?;
+    let reset = crate::limiter::reset_account_windows(
+        &store,
+        &plan,
+        &account,
+        &keys,
+        endpoint.as_deref(),
+        now_ms,
+    )
+    .await
+    .map_err(|e| CliError::Failure(format!("resetting the counters: {e}")))?
+    .ok_or_else(|| {
+        CliError::BadInput(format!(
+            "endpoint `{}` is not in plan `{}` of account {account}",
+            endpoint.as_deref().unwrap_or_default(),
+            plan.id
+        ))
+    })?;
     tracing::warn!(account = %account, endpoint = endpoint.as_deref().unwrap_or("*"), by = %operator(), endpoints = ?reset, "admin: rate-limit windows reset");
     Ok(if json {
         to_json(&serde_json::json!({ "account": account, "reset": reset }))
@@ -868,12 +896,40 @@ async fn accounts(catalog: &dyn Catalog, cmd: AccountsCmd, json: bool) -> Result
     ))
 }
 
+/// What of a key's plan does not apply to the key: only its windows do
+/// (concurrency and credits stay the account's). Empty when all of it
+/// applies.
+async fn key_plan_note(catalog: &dyn Catalog, plan: Option<&str>) -> String {
+    let Some(Ok(plan)) = (match plan {
+        Some(p) => Some(catalog.get_plan(p).await),
+        None => None,
+    }) else {
+        return String::new();
+    };
+    let unused: Vec<&str> = plan
+        .endpoints
+        .iter()
+        .filter(|(_, p)| p.max_concurrent > 0 || p.credits.is_some())
+        .map(|(id, _)| id.as_str())
+        .collect();
+    if unused.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nnote: only the windows of plan {} limit a key; its max_concurrent and credits \
+         (on {}) stay the account's plan's",
+        plan.id,
+        unused.join(", ")
+    )
+}
+
 async fn keys(catalog: &dyn Catalog, cmd: KeysCmd, json: bool) -> Result<String, CliError> {
     match cmd {
         KeysCmd::Create {
             account,
             label,
             expires,
+            plan,
         } => {
             let opts = KeyOptions {
                 label,
@@ -881,6 +937,7 @@ async fn keys(catalog: &dyn Catalog, cmd: KeysCmd, json: bool) -> Result<String,
                     .as_deref()
                     .map(|s| parse_time("--expires", s))
                     .transpose()?,
+                plan,
             };
             let key = catalog
                 .create_key_with(&account, &opts)
@@ -890,9 +947,32 @@ async fn keys(catalog: &dyn Catalog, cmd: KeysCmd, json: bool) -> Result<String,
                 to_json(&key)
             } else {
                 format!(
-                    "created key {} for account {account}\n{}\nStore it now: plangate keeps only its hash and cannot show it again.",
-                    key.id, key.key
+                    "created key {} for account {account}\n{}\nStore it now: plangate keeps only its hash and cannot show it again.{}",
+                    key.id,
+                    key.key,
+                    key_plan_note(catalog, opts.plan.as_deref()).await
                 )
+            })
+        }
+        KeysCmd::Update {
+            key_id,
+            plan,
+            no_plan: _,
+        } => {
+            catalog
+                .set_key_plan(&key_id, plan.as_deref())
+                .await
+                .map_err(catalog_err)?;
+            Ok(if json {
+                to_json(&serde_json::json!({ "id": key_id, "plan_id": plan }))
+            } else {
+                match plan {
+                    Some(p) => format!(
+                        "key {key_id} now has plan {p} on top of its account's{}",
+                        key_plan_note(catalog, Some(&p)).await
+                    ),
+                    None => format!("key {key_id} now has only its account's limits"),
+                }
             })
         }
         KeysCmd::Revoke { key_id } => {
@@ -918,6 +998,9 @@ async fn keys(catalog: &dyn Catalog, cmd: KeysCmd, json: bool) -> Result<String,
                         format!("{}\t{}...\tcreated {}", k.id, k.prefix, time(k.created_at));
                     if let Some(label) = &k.label {
                         line += &format!("\tlabel {label}");
+                    }
+                    if let Some(plan) = &k.plan_id {
+                        line += &format!("\tplan {plan}");
                     }
                     if let Some(at) = k.expires_at {
                         let expired = at <= SystemTime::now();

@@ -7,6 +7,8 @@
 //! ```text
 //! <prefix>{<account>}:<endpoint>:w:<window>:<unit>:<window_index>   window counter (string)
 //!     (<window>: a fixed window's seconds, `60`, or a calendar period, `1d`, `1w`, `1mo`, `1mo@15`)
+//! <prefix>{<account>}:<endpoint>:k:<key>:w:<window>:<unit>:<window_index>
+//!                                                  an API key's own window counter (string)
 //! <prefix>{<account>}:<endpoint>:f                                  in-flight set (zset)
 //! <prefix>{<account>}/w        credit wallet (hash: block id -> remaining:expiry:order, `#v` version)
 //! <prefix>{<account>}/o        credit outbox (stream), written to the catalog and trimmed
@@ -16,6 +18,11 @@
 //!
 //! The endpoint keys continue the tag with `:`, the account keys with `/`,
 //! which an escaped endpoint id never starts with, so the two never meet.
+//! After the (escaped, colon-free) endpoint comes `:w:` (an account
+//! counter), `:k:` (a key's counter, the escaped key id, then `:w:` as
+//! for the account) or `:f`: none is a prefix of another. A key's
+//! counters carry its account's tag, so they sit on the account's slot
+//! and one script admits against both.
 //!
 //! Account ids, endpoint ids and unit names are arbitrary UTF-8 and may
 //! contain `{`, `}` and `:`. They are percent-escaped (`%`, `{`, `}`, `:`)
@@ -162,19 +169,45 @@ impl Keys {
         unit: &str,
         index: u64,
     ) -> String {
-        let mut k = self.base(account, endpoint);
-        match len {
-            WindowLen::Fixed(secs) => {
-                let _ = write!(k, ":w:{secs}:");
-            }
-            // `1d`, `1w`, `1mo`, `1mo@15`.
-            calendar @ WindowLen::Calendar(_) => {
-                let _ = write!(k, ":w:{calendar}:");
-            }
+        let k = self.base(account, endpoint);
+        window_into(k, len, unit, index)
+    }
+
+    /// The counter of an API key's own window (a key with a plan of its
+    /// own): like [`Keys::window`], under the key's id, with its account's
+    /// hash tag.
+    pub fn key_window(
+        &self,
+        account: &str,
+        key_id: &str,
+        endpoint: &str,
+        len: WindowLen,
+        unit: &str,
+        index: u64,
+    ) -> String {
+        // Room for the key's part too: a reallocation per key would cost
+        // more than the rest of the key's building.
+        let mut k = self.base_with(account, endpoint, key_id.len() + 3);
+        k.push_str(":k:");
+        escape_into(&mut k, key_id);
+        window_into(k, len, unit, index)
+    }
+
+    /// The counter of `window` for the account, or for `key` when it is
+    /// one of the key's windows.
+    pub fn scoped_window(
+        &self,
+        account: &str,
+        key: Option<&str>,
+        endpoint: &str,
+        len: WindowLen,
+        unit: &str,
+        index: u64,
+    ) -> String {
+        match key {
+            None => self.window(account, endpoint, len, unit, index),
+            Some(key) => self.key_window(account, key, endpoint, len, unit, index),
         }
-        escape_into(&mut k, unit);
-        let _ = write!(k, ":{index}");
-        k
     }
 
     /// The set of in-flight requests of (account, endpoint): members are
@@ -200,9 +233,16 @@ impl Keys {
     }
 
     fn base(&self, account: &str, endpoint: &str) -> String {
+        self.base_with(account, endpoint, 0)
+    }
+
+    /// [`Keys::base`] with room for `extra` more bytes than a window's
+    /// suffix.
+    fn base_with(&self, account: &str, endpoint: &str, extra: usize) -> String {
         // Built in place (no intermediate tag string): this runs for every
         // key of every attempt and end.
-        let mut k = String::with_capacity(self.prefix.len() + account.len() + endpoint.len() + 40);
+        let mut k =
+            String::with_capacity(self.prefix.len() + account.len() + endpoint.len() + 40 + extra);
         k.push_str(&self.prefix);
         k.push('{');
         escape_account(&mut k, account);
@@ -210,6 +250,23 @@ impl Keys {
         escape_into(&mut k, endpoint);
         k
     }
+}
+
+/// `base` (an endpoint's key, or a key's under it) continued with the
+/// window: `:w:<window>:<unit>:<index>`.
+fn window_into(mut k: String, len: WindowLen, unit: &str, index: u64) -> String {
+    match len {
+        WindowLen::Fixed(secs) => {
+            let _ = write!(k, ":w:{secs}:");
+        }
+        // `1d`, `1w`, `1mo`, `1mo@15`.
+        calendar @ WindowLen::Calendar(_) => {
+            let _ = write!(k, ":w:{calendar}:");
+        }
+    }
+    escape_into(&mut k, unit);
+    let _ = write!(k, ":{index}");
+    k
 }
 
 /// An account id as the hash tag holds it: escaped, and the empty id as
@@ -318,6 +375,21 @@ mod tests {
             );
         }
         assert_eq!(k.in_flight("acct", "gpt-4o"), "pg:{acct}:gpt-4o:f");
+        assert_eq!(
+            k.key_window(
+                "acct",
+                "key_1",
+                "gpt-4o",
+                WindowLen::Fixed(60),
+                "request",
+                7
+            ),
+            "pg:{acct}:gpt-4o:k:key_1:w:60:request:7"
+        );
+        assert_eq!(
+            k.key_window("acct", "k:w:60", "e", WindowLen::Fixed(60), "u", 7),
+            "pg:{acct}:e:k:k%3Aw%3A60:w:60:u:7"
+        );
         assert_eq!(k.wallet("acct"), "pg:{acct}/w");
         assert_eq!(k.outbox("acct"), "pg:{acct}/o");
         assert_eq!(k.wallet_version("acct"), "pg:{acct}/v");
@@ -378,6 +450,8 @@ mod tests {
             let f = k.in_flight(&account, &endpoint);
             prop_assert_eq!(cluster_hash_part(&w), inner);
             prop_assert_eq!(cluster_hash_part(&f), inner);
+            let kw = k.key_window(&account, &unit, &endpoint, WindowLen::Fixed(secs), &unit, index);
+            prop_assert_eq!(cluster_hash_part(&kw), inner);
             let (wallet, outbox) = (k.wallet(&account), k.outbox(&account));
             prop_assert_eq!(cluster_hash_part(&wallet), inner);
             prop_assert_eq!(cluster_hash_part(&outbox), inner);
@@ -397,6 +471,23 @@ mod tests {
                     == k.window(&a2, &e2, WindowLen::Fixed(60), "u", 1),
                 same
             );
+        }
+
+        /// A key's counter never is an account's, nor another key's, nor
+        /// another endpoint's, whatever the ids hold.
+        #[test]
+        fn key_counters_never_meet_account_counters(
+            a in "[a:{}%]{0,4}", e1 in "[a:{}%kw]{0,5}", e2 in "[a:{}%kw]{0,5}",
+            k1 in "[a:{}%kw0-9]{0,5}", k2 in "[a:{}%kw0-9]{0,5}",
+            u1 in "[a:%]{0,3}", u2 in "[a:%]{0,3}",
+        ) {
+            let k = Keys::default();
+            let len = WindowLen::Fixed(60);
+            let key1 = k.key_window(&a, &k1, &e1, len, &u1, 1);
+            prop_assert_ne!(&key1, &k.window(&a, &e2, len, &u2, 1));
+            prop_assert_ne!(&key1, &k.in_flight(&a, &e2));
+            let same = e1 == e2 && k1 == k2 && u1 == u2;
+            prop_assert_eq!(key1 == k.key_window(&a, &k2, &e2, len, &u2, 1), same);
         }
 
         /// A calendar window never shares a counter with a fixed one, nor

@@ -30,8 +30,8 @@ use super::wallet::{
     Wallet, WalletInit, WalletOp, WalletSnapshot, WALLET_TTL_MS,
 };
 use super::{
-    AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
-    UsageRequest, Verdict, SETTLE_GRACE_MS,
+    AttemptOutcome, AttemptRequest, CounterStore, EndRequest, KeyScope, RenewRequest, StoreError,
+    Usage, UsageRequest, Verdict, SETTLE_GRACE_MS,
 };
 use crate::catalog::Draw;
 use crate::plans::{Period, Unit, WindowLen};
@@ -141,6 +141,11 @@ impl Pair {
 struct Entry {
     /// The current (or most recent) window of each (length, unit).
     counters: Vec<Counter>,
+    /// The counters of API keys with plans of their own (issue 15 item
+    /// 3), by key: under the pair's lock with the account's, so one
+    /// attempt admits against both. Empty (no allocation) for accounts
+    /// whose keys have no plan.
+    keyed: Vec<KeyCounters>,
     /// Request id and lease expiry (ms). A record is live while expiry > now,
     /// and kept until expiry + [`SETTLE_GRACE_MS`] so that an end settles it.
     /// A list rather than a map: counting the live records (every
@@ -151,6 +156,13 @@ struct Entry {
     /// (u64::MAX when empty), so pruning is O(1) until a record can be past
     /// its grace.
     next_drop: u64,
+}
+
+/// One API key's own counters in a pair.
+#[derive(Debug)]
+struct KeyCounters {
+    key: Box<str>,
+    counters: Vec<Counter>,
 }
 
 #[derive(Debug)]
@@ -471,19 +483,27 @@ impl Entry {
     fn new() -> Self {
         Entry {
             counters: Vec::new(),
+            keyed: Vec::new(),
             in_flight: Vec::new(),
             next_drop: u64::MAX,
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.counters.is_empty() && self.in_flight.is_empty()
+        self.counters.is_empty() && self.keyed.is_empty() && self.in_flight.is_empty()
     }
 
     /// Drop ended windows and in-flight records past their grace.
     fn prune(&mut self, now_ms: u64) {
         self.counters
             .retain(|c| c.index >= len_from_code(c.len).index(now_ms));
+        if !self.keyed.is_empty() {
+            self.keyed.retain_mut(|k| {
+                k.counters
+                    .retain(|c| c.index >= len_from_code(c.len).index(now_ms));
+                !k.counters.is_empty()
+            });
+        }
         if now_ms >= self.next_drop {
             self.in_flight.retain(|&(_, exp)| drop_at(exp) > now_ms);
             self.next_drop = self
@@ -513,12 +533,42 @@ impl Entry {
             .position(|(id, _)| **id == *request_id)
     }
 
+    /// The account's counters, or `key`'s own.
+    fn counters(&self, key: Option<&str>) -> &[Counter] {
+        match key {
+            None => &self.counters,
+            Some(key) => self
+                .keyed
+                .iter()
+                .find(|k| *k.key == *key)
+                .map_or(&[], |k| &k.counters),
+        }
+    }
+
+    /// The account's counters, or `key`'s own (created if missing).
+    fn counters_mut(&mut self, key: Option<&str>) -> &mut Vec<Counter> {
+        let Some(key) = key else {
+            return &mut self.counters;
+        };
+        let pos = match self.keyed.iter().position(|k| *k.key == *key) {
+            Some(p) => p,
+            None => {
+                self.keyed.push(KeyCounters {
+                    key: Box::from(key),
+                    counters: Vec::new(),
+                });
+                self.keyed.len() - 1
+            }
+        };
+        &mut self.keyed[pos].counters
+    }
+
     /// Units used in the window of length `len` on `unit` that contains
-    /// `now_ms`.
-    fn used(&self, len: WindowLen, unit: &Unit, now_ms: u64) -> u64 {
+    /// `now_ms`, the account's or `key`'s own.
+    fn used(&self, key: Option<&str>, len: WindowLen, unit: &Unit, now_ms: u64) -> u64 {
         let index = len.index(now_ms);
         let code = len_code(len);
-        self.counters
+        self.counters(key)
             .iter()
             .find(|c| c.len == code && c.unit == *unit && c.index == index)
             .map_or(0, |c| c.count)
@@ -526,11 +576,17 @@ impl Entry {
 
     /// The counter of the current window, created (or moved on from an
     /// ended window) as needed.
-    fn current(&mut self, len: WindowLen, unit: &Unit, now_ms: u64) -> &mut Counter {
+    fn current(
+        &mut self,
+        key: Option<&str>,
+        len: WindowLen,
+        unit: &Unit,
+        now_ms: u64,
+    ) -> &mut Counter {
         let index = len.index(now_ms);
         let code = len_code(len);
-        let pos = self
-            .counters
+        let counters = self.counters_mut(key);
+        let pos = counters
             .iter()
             .position(|c| c.len == code && c.unit == *unit);
         let pos = match pos {
@@ -539,17 +595,17 @@ impl Entry {
                 // Grown one at a time: a pair has a handful of counters
                 // (one per window), and the default growth to 4 would
                 // waste a quarter of a 3-window pair's counter memory.
-                self.counters.reserve_exact(1);
-                self.counters.push(Counter {
+                counters.reserve_exact(1);
+                counters.push(Counter {
                     len: code,
                     unit: unit.clone(),
                     index,
                     count: 0,
                 });
-                self.counters.len() - 1
+                counters.len() - 1
             }
         };
-        let c = &mut self.counters[pos];
+        let c = &mut counters[pos];
         if c.index != index {
             c.index = index;
             c.count = 0;
@@ -571,10 +627,12 @@ impl Entry {
         charge: impl FnOnce() -> Result<Option<Charged>, (Verdict, Option<Charged>)>,
     ) -> AttemptOutcome {
         let now = req.now_ms;
+        let n = req.windows.len();
         let mut used: Vec<u64> = req
             .windows
             .iter()
-            .map(|w| self.used(w.len, &w.unit, now))
+            .enumerate()
+            .map(|(i, w)| self.used(KeyScope::of(req.key, n, i), w.len, &w.unit, now))
             .collect();
         let in_flight = self.live(now);
         let record = self.in_flight_pos(req.request_id);
@@ -612,11 +670,11 @@ impl Entry {
                 }
             }
         };
-        for (w, u) in req.windows.iter().zip(used.iter_mut()) {
+        for (i, (w, u)) in req.windows.iter().zip(used.iter_mut()).enumerate() {
             // A zero amount writes nothing, as in the Redis store, so that
             // an unused window does not hold memory.
             if w.amount > 0 {
-                let c = self.current(w.len, &w.unit, now);
+                let c = self.current(KeyScope::of(req.key, n, i), w.len, &w.unit, now);
                 c.count = c.count.saturating_add(w.amount);
                 *u = c.count;
             }
@@ -646,13 +704,23 @@ impl Entry {
         self.in_flight.swap_remove(i);
         self.shrink_in_flight();
         let now = req.now_ms;
-        for s in req.settlements {
+        let n = req.settlements.len();
+        for (i, s) in req.settlements.iter().enumerate() {
+            let key = KeyScope::of(req.key, n, i);
             if s.actual > s.reserved {
-                let c = self.current(s.len, &s.unit, now);
+                let c = self.current(key, s.len, &s.unit, now);
                 c.count = c.count.saturating_add(s.actual - s.reserved);
             } else if s.actual < s.reserved {
                 let back = s.reserved - s.actual;
-                if let Some(c) = self.counters.iter_mut().find(|c| {
+                let counters = match key {
+                    None => Some(&mut self.counters),
+                    Some(key) => self
+                        .keyed
+                        .iter_mut()
+                        .find(|k| *k.key == *key)
+                        .map(|k| &mut k.counters),
+                };
+                if let Some(c) = counters.into_iter().flatten().find(|c| {
                     c.len == len_code(s.len) && c.unit == s.unit && c.index == s.admitted_index
                 }) {
                     c.count = c.count.saturating_sub(back);
@@ -853,16 +921,24 @@ impl CounterStore for MemoryStore {
     async fn reset_windows(
         &self,
         account: &str,
+        key: Option<&str>,
         endpoint: &str,
         windows: &[crate::plans::Window],
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        self.with_entry(account, endpoint, now_ms, |e| {
-            e.counters.retain(|c| {
-                !windows.iter().any(|w| {
-                    c.len == len_code(w.len) && w.unit == c.unit && c.index == w.len.index(now_ms)
-                })
-            });
+        let current = |c: &Counter| {
+            windows.iter().any(|w| {
+                c.len == len_code(w.len) && w.unit == c.unit && c.index == w.len.index(now_ms)
+            })
+        };
+        self.with_entry(account, endpoint, now_ms, |e| match key {
+            None => e.counters.retain(|c| !current(c)),
+            Some(key) => e.keyed.retain_mut(|k| {
+                if *k.key == *key {
+                    k.counters.retain(|c| !current(c));
+                }
+                !k.counters.is_empty()
+            }),
         });
         Ok(())
     }
@@ -888,7 +964,11 @@ impl CounterStore for MemoryStore {
                 used: req
                     .windows
                     .iter()
-                    .map(|w| e.used(w.len, &w.unit, req.now_ms))
+                    .enumerate()
+                    .map(|(i, w)| {
+                        let key = KeyScope::of(req.key, req.windows.len(), i);
+                        e.used(key, w.len, &w.unit, req.now_ms)
+                    })
                     .collect(),
                 in_flight: e.live(req.now_ms),
             }),
@@ -944,6 +1024,7 @@ mod tests {
             max_concurrent: 0,
             lease_ms: lease,
             credits: None,
+            key: None,
         }))
         .expect("memory store does not fail")
         .verdict
@@ -979,6 +1060,7 @@ mod tests {
             settlements: &[],
             credits: Default::default(),
             usage: None,
+            key: None,
         }))
         .expect("end");
         assert!(ended);
@@ -989,6 +1071,7 @@ mod tests {
             endpoint: "e",
             now_ms: T0 + 120_000,
             windows: &[],
+            key: None,
         }))
         .expect("usage");
         assert_eq!(usage.in_flight, 0);
@@ -1010,6 +1093,7 @@ mod tests {
                 max_concurrent: 0,
                 lease_ms: 1_000,
                 credits: None,
+                key: None,
             }))
             .expect("attempt")
             .verdict
@@ -1034,6 +1118,7 @@ mod tests {
                 settlements: &[],
                 credits: Default::default(),
                 usage: None,
+                key: None,
             }))
             .expect("end");
             assert!(ended, "{id}");
@@ -1114,6 +1199,7 @@ mod tests {
                 settlements: &settle,
                 credits: Default::default(),
                 usage: None,
+                key: None,
             }))
             .expect("end")
         };
@@ -1127,6 +1213,7 @@ mod tests {
                     limit: 100,
                     unit: Unit::request(),
                 }],
+                key: None,
             }))
             .expect("usage")
         };
@@ -1160,6 +1247,7 @@ mod tests {
                 settlements: &[],
                 credits: Default::default(),
                 usage: None,
+                key: None,
             }))
             .expect("end")
         };

@@ -43,8 +43,8 @@ use super::wallet::{
     WALLET_TTL_MS,
 };
 use super::{
-    AttemptOutcome, AttemptRequest, CounterStore, EndRequest, RenewRequest, StoreError, Usage,
-    UsageRequest, Verdict, SETTLE_GRACE_MS,
+    AttemptOutcome, AttemptRequest, CounterStore, EndRequest, KeyScope, RenewRequest, StoreError,
+    Usage, UsageRequest, Verdict, SETTLE_GRACE_MS,
 };
 use crate::catalog::UsageEvent;
 use crate::plans::WindowLen;
@@ -1169,12 +1169,20 @@ impl CounterStore for RedisStore {
             .arg(req.now_ms.saturating_add(req.lease_ms))
             .arg(TTL_SLACK_MS)
             .arg(SETTLE_GRACE_MS);
-        for w in req.windows {
+        // A key's own windows are more windows of the same script, under
+        // the key's counters (with the account's hash tag): admitted with
+        // the account's, all or nothing.
+        for (i, w) in req.windows.iter().enumerate() {
             let index = w.len.index(req.now_ms);
-            inv.key(
-                self.keys
-                    .window(req.account, req.endpoint, w.len, w.unit.as_str(), index),
-            )
+            let key = KeyScope::of(req.key, req.windows.len(), i);
+            inv.key(self.keys.scoped_window(
+                req.account,
+                key,
+                req.endpoint,
+                w.len,
+                w.unit.as_str(),
+                index,
+            ))
             .arg(w.limit)
             .arg(w.amount)
             .arg(window_ttl_ms(req.now_ms, w.len));
@@ -1245,17 +1253,22 @@ impl CounterStore for RedisStore {
             .arg(req.now_ms)
             .arg(req.request_id)
             .arg(SETTLE_GRACE_MS);
-        for s in req.settlements {
+        for (i, s) in req.settlements.iter().enumerate() {
             let unit = s.unit.as_str();
             let current = s.len.index(req.now_ms);
+            let key = KeyScope::of(req.key, req.settlements.len(), i);
             inv.key(
                 self.keys
-                    .window(req.account, req.endpoint, s.len, unit, current),
+                    .scoped_window(req.account, key, req.endpoint, s.len, unit, current),
             )
-            .key(
-                self.keys
-                    .window(req.account, req.endpoint, s.len, unit, s.admitted_index),
-            )
+            .key(self.keys.scoped_window(
+                req.account,
+                key,
+                req.endpoint,
+                s.len,
+                unit,
+                s.admitted_index,
+            ))
             .arg(s.actual.saturating_sub(s.reserved))
             .arg(s.reserved.saturating_sub(s.actual))
             .arg(window_ttl_ms(req.now_ms, s.len));
@@ -1426,6 +1439,7 @@ impl CounterStore for RedisStore {
     async fn reset_windows(
         &self,
         account: &str,
+        key: Option<&str>,
         endpoint: &str,
         windows: &[crate::plans::Window],
         now_ms: u64,
@@ -1436,8 +1450,9 @@ impl CounterStore for RedisStore {
         // Every key shares the account's hash tag: one DEL, one slot.
         let mut cmd = redis::cmd("DEL");
         for w in windows {
-            cmd.arg(self.keys.window(
+            cmd.arg(self.keys.scoped_window(
                 account,
+                key,
                 endpoint,
                 w.len,
                 w.unit.as_str(),
@@ -1474,12 +1489,17 @@ impl CounterStore for RedisStore {
         let mut inv = self.usage.prepare_invoke();
         inv.key(self.keys.in_flight(req.account, req.endpoint))
             .arg(req.now_ms);
-        for w in req.windows {
+        for (i, w) in req.windows.iter().enumerate() {
             let index = w.len.index(req.now_ms);
-            inv.key(
-                self.keys
-                    .window(req.account, req.endpoint, w.len, w.unit.as_str(), index),
-            );
+            let key = KeyScope::of(req.key, req.windows.len(), i);
+            inv.key(self.keys.scoped_window(
+                req.account,
+                key,
+                req.endpoint,
+                w.len,
+                w.unit.as_str(),
+                index,
+            ));
         }
         let reply = array("usage", self.run(&inv).await?)?;
         let nums = int_list("usage", &reply)?;

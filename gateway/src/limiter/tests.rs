@@ -46,6 +46,7 @@ proptest! {
             request_id: id, account: "a", endpoint: "e", now_ms: now,
             windows: &spec(amount), max_concurrent: 0, lease_ms: 60_000,
             credits: None,
+            key: None,
         })).expect("attempt");
         prop_assert_eq!(run("other", other).verdict, Verdict::Admitted);
         prop_assert_eq!(run("r", reserved).verdict, Verdict::Admitted);
@@ -58,11 +59,13 @@ proptest! {
             settlements: &settle,
             credits: Default::default(),
             usage: None,
+            key: None,
         })).expect("end");
         prop_assert!(ended);
         let used = block_on(store.usage(&UsageRequest {
             account: "a", endpoint: "e", now_ms: now + end_after,
             windows: &[Window { len: WindowLen::Fixed(60), limit: 1, unit: unit.clone() }],
+            key: None,
         })).expect("usage").used[0];
         // reserved + (actual - reserved), on top of the other traffic.
         prop_assert_eq!(used, other + actual);
@@ -78,6 +81,7 @@ proptest! {
             request_id: "r", account: "a", endpoint: "e", now_ms: now,
             windows: &windows, max_concurrent: 0, lease_ms: 600_000,
             credits: None,
+            key: None,
         })).expect("attempt");
         let later = now + 90_000;
         let settle = [Settlement {
@@ -88,10 +92,12 @@ proptest! {
             request_id: "r", account: "a", endpoint: "e", now_ms: later, settlements: &settle,
             credits: Default::default(),
             usage: None,
+            key: None,
         })).expect("end");
         let used = block_on(store.usage(&UsageRequest {
             account: "a", endpoint: "e", now_ms: later,
             windows: &[Window { len: WindowLen::Fixed(60), limit: 1, unit }],
+            key: None,
         })).expect("usage").used[0];
         // Only an excess lands in the new window; a give-back never makes
         // it negative (it cannot: u64) nor takes anything from it.
@@ -289,6 +295,7 @@ fn check_against_model_at(
         concurrency_expiry_secs: 30,
         credits: None,
         enforce: true,
+        key: None,
     };
     let lease_ms = 30_000;
     let mut now = start;
@@ -313,6 +320,7 @@ fn check_against_model_at(
                     max_concurrent: policy.max_concurrent,
                     lease_ms,
                     credits: None,
+                    key: None,
                 };
                 let got = block_on(store.attempt(&req)).expect("attempt");
                 let want = model.attempt(&req);
@@ -346,6 +354,7 @@ fn check_against_model_at(
                     settlements: &settlements,
                     credits: Default::default(),
                     usage: None,
+                    key: None,
                 };
                 let got = block_on(store.end(&req)).expect("end");
                 prop_assert_eq!(got, model.end(&req), "{:?} at {}", op, now);
@@ -368,6 +377,7 @@ fn check_against_model_at(
             endpoint: "e",
             now_ms: now,
             windows: &policy.windows,
+            key: None,
         }))
         .expect("usage");
         let want: Vec<u64> = policy
@@ -403,6 +413,7 @@ fn info_prefers_fewest_remaining_then_later_reset() {
             concurrency_expiry_secs: 60,
             credits: None,
             enforce: true,
+            key: None,
         };
         let info = RateLimitInfo::from_usage(&policy, &used, 0, now);
         assert_eq!(
@@ -508,12 +519,13 @@ impl CounterStore for Counting {
     async fn reset_windows(
         &self,
         account: &str,
+        key: Option<&str>,
         endpoint: &str,
         windows: &[crate::plans::Window],
         now_ms: u64,
     ) -> Result<(), StoreError> {
         self.inner
-            .reset_windows(account, endpoint, windows, now_ms)
+            .reset_windows(account, key, endpoint, windows, now_ms)
             .await
     }
 }
@@ -532,6 +544,7 @@ fn keeper_policy() -> Arc<Policy> {
         concurrency_expiry_secs: 10,
         credits: None,
         enforce: true,
+        key: None,
     })
 }
 

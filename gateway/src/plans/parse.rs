@@ -760,6 +760,7 @@ impl<'a> Checker<'a> {
             concurrency_expiry_secs: DEFAULT_CONCURRENCY_EXPIRY_SECS,
             credits: None,
             enforce,
+            key: None,
         };
         let Some(fields) = self.fields(
             node,

@@ -661,6 +661,7 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
                         .collect(),
                 }),
                 enforce: true,
+                key: None,
             }
         })
 }
