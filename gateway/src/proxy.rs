@@ -1798,6 +1798,7 @@ mod tests {
                 .iter()
                 .map(|e| ((*e).to_owned(), policy.clone()))
                 .collect(),
+            notify: Vec::new(),
         };
         let images = route(EndpointSource::Literal("images".into()));
         let elsewhere = route(EndpointSource::Literal("not-in-plan".into()));

@@ -13,7 +13,7 @@ use plangate::catalog::timed::Timed;
 use plangate::catalog::{hash_key, Catalog, CatalogError, Deduction, Invalidation, QuotaBlock};
 use plangate::clock::{Clock, ManualClock, SharedClock, SystemClock};
 use plangate::plans::{
-    CreditCost, PerUnit, Period, Plan, PlanSet, Policy, Unit, Window, WindowLen,
+    CreditCost, NotifyRule, PerUnit, Period, Plan, PlanSet, Policy, Unit, Window, WindowLen,
 };
 
 mod batch;
@@ -82,6 +82,7 @@ fn plan(id: &str, limit: u64) -> Arc<Plan> {
         id: id.into(),
         name: format!("Plan {id}"),
         endpoints: [("chat".to_string(), policy(limit))].into(),
+        notify: Vec::new(),
     })
 }
 
@@ -129,6 +130,13 @@ fn rich_plan(id: &str) -> Arc<Plan> {
             ("dall-e-3".to_string(), policy(1)),
         ]
         .into(),
+        notify: vec![
+            NotifyRule::Window { percent: 80 },
+            NotifyRule::Balance { percent: 90 },
+            NotifyRule::Expiry {
+                within_secs: 7 * 86_400,
+            },
+        ],
     })
 }
 
@@ -1266,6 +1274,7 @@ async fn billing_anchors(f: Fixture) {
             }),
         )]
         .into(),
+        notify: Vec::new(),
     });
     c.apply_plans(&set(Some("monthly"), &[monthly]), false)
         .await
