@@ -156,9 +156,33 @@ impl App {
         let limiter = Limiter::new(store, clock.clone(), config.storage.store_timeout);
         let outbox = Outbox::install(&limiter, catalog.clone());
         outbox.start();
+        let cache = Arc::new(cache);
+        let notifier = match &config.notify {
+            Some(n) => {
+                let notifier = crate::notify::Notifier::new(
+                    n.clone(),
+                    catalog.clone(),
+                    cache.clone(),
+                    clock.clone(),
+                    limiter.background().clone(),
+                )
+                .map_err(bad)?;
+                // Pending notifications (of this or an earlier run) are
+                // picked up by the worker's first pass.
+                notifier.start();
+                Some(notifier)
+            }
+            None => {
+                if cache.plans().plans.values().any(|p| !p.notify.is_empty()) {
+                    tracing::warn!("plans have `notify:` thresholds but the config has no [notify] section: no notifications are sent");
+                }
+                None
+            }
+        };
         let core = Arc::new(Core {
             catalog: catalog.clone(),
-            cache: Arc::new(cache),
+            cache,
+            notifier,
             limiter,
             on_store_error: config.storage.on_store_error,
             record_usage: config.usage.record,

@@ -40,10 +40,24 @@ pub enum Job {
     /// Writing an account's outbox (charges, refunds, usage records) to
     /// the catalog.
     WriteCharges,
+    /// Queueing a threshold notification in the catalog (`notify.rs`).
+    Notify,
+    /// One delivery attempt of a threshold notification (a webhook POST).
+    Deliver,
 }
 
+/// How many kinds of [`Job`] there are.
+const JOB_KINDS: usize = 6;
+
 impl Job {
-    const ALL: [Job; 4] = [Job::Settle, Job::Release, Job::Renew, Job::WriteCharges];
+    const ALL: [Job; JOB_KINDS] = [
+        Job::Settle,
+        Job::Release,
+        Job::Renew,
+        Job::WriteCharges,
+        Job::Notify,
+        Job::Deliver,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -51,6 +65,8 @@ impl Job {
             Job::Release => "release",
             Job::Renew => "renew",
             Job::WriteCharges => "write_charges",
+            Job::Notify => "notify",
+            Job::Deliver => "deliver",
         }
     }
 
@@ -78,7 +94,7 @@ struct Lane {
 /// documentation).
 #[derive(Debug)]
 pub struct Background {
-    lanes: [Lane; 4],
+    lanes: [Lane; JOB_KINDS],
     /// Jobs running, all kinds.
     running: AtomicUsize,
     next_id: AtomicU64,

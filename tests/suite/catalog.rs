@@ -1540,6 +1540,46 @@ impl Catalog for Deaf {
     async fn prune_usage(&self, before: SystemTime) -> plangate::catalog::CatalogResult<u64> {
         self.0.prune_usage(before).await
     }
+    async fn enqueue_notification(
+        &self,
+        n: &plangate::catalog::NewNotification,
+    ) -> plangate::catalog::CatalogResult<bool> {
+        self.0.enqueue_notification(n).await
+    }
+    async fn claim_notifications(
+        &self,
+        limit: usize,
+        lease: Duration,
+    ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::Notification>> {
+        self.0.claim_notifications(limit, lease).await
+    }
+    async fn finish_notification(
+        &self,
+        id: &str,
+        result: &plangate::catalog::Attempted,
+    ) -> plangate::catalog::CatalogResult<()> {
+        self.0.finish_notification(id, result).await
+    }
+    async fn notifications(
+        &self,
+        q: &plangate::catalog::NotificationQuery,
+    ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::Notification>> {
+        self.0.notifications(q).await
+    }
+    async fn expiring_blocks(
+        &self,
+        until: SystemTime,
+        after: Option<&str>,
+        limit: usize,
+    ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::QuotaBlock>> {
+        self.0.expiring_blocks(until, after, limit).await
+    }
+    async fn prune_notifications(
+        &self,
+        before: SystemTime,
+    ) -> plangate::catalog::CatalogResult<u64> {
+        self.0.prune_notifications(before).await
+    }
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Invalidation> {
         self.1.subscribe()
     }
