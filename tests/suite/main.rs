@@ -11,6 +11,7 @@ mod integrity;
 mod lifecycle;
 mod limiter;
 mod litellm;
+mod notify;
 mod operator;
 mod reload;
 mod sdk;
