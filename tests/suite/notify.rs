@@ -285,7 +285,7 @@ async fn window_threshold_fires_once_per_window_under_concurrency() {
         assert_eq!(hook.header(TIMESTAMP_HEADER), (T0_MS / 1000).to_string());
         // A tampered body does not verify.
         let mut forged = hook.clone();
-        forged.body = Bytes::from(hook.body.to_vec().into_iter().rev().collect::<Vec<u8>>());
+        forged.body = Bytes::from(hook.body.iter().copied().rev().collect::<Vec<u8>>());
         assert!(!forged.verifies());
 
         let page = log(&gw, &format!("account={account}")).await;
