@@ -79,3 +79,109 @@ fn event_types_name_the_kind() {
     assert_eq!(event_type("balance"), "balance.threshold");
     assert_eq!(event_type("expiry"), "block.expiring");
 }
+
+mod observe {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::catalog::cache::CacheConfig;
+    use crate::catalog::memory::MemoryCatalog;
+    use crate::catalog::NotificationQuery;
+    use crate::clock::{Clock as _, ManualClock};
+    use crate::config::WebhookSecret;
+    use crate::plans::{Policy, Unit, Window, WindowLen, DEFAULT_CONCURRENCY_EXPIRY_SECS};
+
+    fn plan(notify: Vec<NotifyRule>) -> Plan {
+        let policy = Policy {
+            windows: vec![Window {
+                len: WindowLen::Fixed(60),
+                limit: 10,
+                unit: Unit::request(),
+            }],
+            max_concurrent: 0,
+            concurrency_expiry_secs: DEFAULT_CONCURRENCY_EXPIRY_SECS,
+            credits: None,
+            enforce: true,
+        };
+        Plan {
+            id: "p".into(),
+            name: "p".into(),
+            endpoints: BTreeMap::from([("chat".to_string(), Arc::new(policy))]),
+            notify,
+        }
+    }
+
+    fn started(bg: &Background, job: &str) -> String {
+        let mut text = String::new();
+        bg.render(&mut text);
+        let prefix = format!("plangate_background_started_total{{job=\"{job}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or("?")
+            .to_string()
+    }
+
+    /// Below a threshold `observe` does nothing but compare; at or above
+    /// it, one queueing per process, whatever the number of requests.
+    #[tokio::test]
+    async fn queues_once_per_process_and_nothing_below_the_threshold() {
+        let clock = ManualClock::new(1_800_000_000_000);
+        let shared: SharedClock = Arc::new(clock.clone());
+        let catalog: Arc<dyn Catalog> = Arc::new(MemoryCatalog::new(shared.clone()));
+        let cache = Arc::new(
+            CatalogCache::new(catalog.clone(), shared.clone(), CacheConfig::default())
+                .await
+                .unwrap(),
+        );
+        let bg = Arc::new(Background::default());
+        let config = NotifyConfig {
+            url: "http://127.0.0.1:9/hooks".parse().unwrap(),
+            secret: WebhookSecret(Arc::from(&b"0123456789abcdef"[..])),
+            timeout: Duration::from_secs(1),
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(10),
+            max_attempts: 3,
+            poll_interval: Duration::from_secs(3600),
+            scan_interval: Duration::from_secs(3600),
+            retain: Duration::from_secs(86_400),
+            ca_file: None,
+        };
+        let n = Notifier::new(config, catalog.clone(), cache, shared, bg.clone()).unwrap();
+        let plan = plan(vec![NotifyRule::Window { percent: 80 }]);
+        let policy = plan.endpoints["chat"].clone();
+        let now = clock.now_ms();
+        for used in 0..8 {
+            let info = RateLimitInfo::from_usage(&policy, &[used], 0, now);
+            n.observe("a", "chat", &plan, &info, None);
+        }
+        assert_eq!(started(&bg, "notify"), "0");
+        for used in [8, 9, 10, 10, 10] {
+            let info = RateLimitInfo::from_usage(&policy, &[used], 0, now);
+            n.observe("a", "chat", &plan, &info, None);
+        }
+        assert_eq!(started(&bg, "notify"), "1");
+        let q = NotificationQuery {
+            limit: 10,
+            ..Default::default()
+        };
+        let rows = catalog.notifications(&q).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].dedupe_key, "w|a|chat|request|60s|1800000000000|80");
+        // Another account, and the next window, are notifications of their own.
+        let info = RateLimitInfo::from_usage(&policy, &[9], 0, now);
+        n.observe("b", "chat", &plan, &info, None);
+        clock.advance(Duration::from_secs(60));
+        let info = RateLimitInfo::from_usage(&policy, &[9], 0, clock.now_ms());
+        n.observe("a", "chat", &plan, &info, None);
+        assert_eq!(catalog.notifications(&q).await.unwrap().len(), 3);
+        // A plan without `notify:` costs one check.
+        let quiet = super::observe::plan(Vec::new());
+        n.observe("c", "chat", &quiet, &info, None);
+        assert_eq!(started(&bg, "notify"), "3");
+        // Retries wait `backoff`, doubled each time, at most `max_backoff`.
+        assert_eq!(
+            [1, 2, 3, 4, 5, 6, 1000].map(|a| n.backoff(a).as_secs()),
+            [1, 2, 4, 8, 10, 10, 10]
+        );
+    }
+}
