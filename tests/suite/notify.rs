@@ -37,6 +37,11 @@ plans:
           - window: 60s
             limit: 1000
         credits: {per_request: 10}
+      "tok":
+        fixed_windows:
+          - window: 60s
+            limit: 400
+            unit_type: token
 "#;
 
 /// One request the receiver got.
@@ -590,6 +595,43 @@ async fn delivery_log_pages_and_filters() {
             .admin(Method::GET, "/admin/notifications", None, "")
             .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        gw.stop().await;
+    }
+}
+
+/// A token window crossed by a settlement (tokens are counted when the
+/// response ends) is seen by the account's next admission: detection is
+/// level-triggered on the counts admissions return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thresholds_reached_at_settlement_fire_at_the_next_admission() {
+    for backend in Backend::all().await {
+        let receiver = Receiver::start(0).await;
+        let gw = gateway(backend, &receiver.url(), None).await;
+        let (account, key) = gw.account(None).await;
+        let mut used = 0;
+        while used < 320 {
+            assert_eq!(chat(&gw, &key, "tok").await, StatusCode::OK, "{backend:?}");
+            gw.wait_settled().await;
+            let limits = gw.limits(&key).await;
+            used = plangate_tests::harness::tokens_used(&limits, "tok");
+        }
+        assert!(
+            used < 400,
+            "{backend:?}: {used} tokens; the next request must fit"
+        );
+        notifier(&gw).deliver_due().await;
+        // No request reserves tokens here, so every admission so far saw
+        // less than 80%: only the last settlement reached it.
+        assert_eq!(receiver.received().len(), 0, "{backend:?}");
+        assert_eq!(chat(&gw, &key, "tok").await, StatusCode::OK);
+        let got = receiver.wait_for(1).await;
+        notifier(&gw).deliver_due().await;
+        assert_eq!(receiver.received().len(), 1, "{backend:?}");
+        let body = got[0].json();
+        assert_eq!(body["account"], account.as_str());
+        assert_eq!(body["data"]["window"]["unit"], "token", "{body}");
+        assert_eq!(body["data"]["window"]["threshold"], 320);
+        assert!(body["data"]["window"]["used"].as_u64().unwrap() >= 320);
         gw.stop().await;
     }
 }
