@@ -186,6 +186,34 @@ struct Granted {
     loaded_ms: u64,
 }
 
+/// A balance an admission left, to be compared with the plan's balance
+/// thresholds (again when the granted credits are (re)loaded).
+#[derive(Debug, Clone)]
+struct BalanceCheck {
+    endpoint: String,
+    plan: String,
+    percents: Vec<u8>,
+    balance: u64,
+}
+
+/// What this process knows of one account's granted credits.
+#[derive(Debug, Default)]
+struct GrantedEntry {
+    /// Bumped by every invalidation: a load started before it is stale and
+    /// its result dropped.
+    generation: u64,
+    loaded: Option<Granted>,
+    loading: bool,
+    /// The latest balance observed: checked again when a load completes,
+    /// so that the last request before a threshold is not missed while the
+    /// granted credits were being read.
+    last: Option<BalanceCheck>,
+}
+
+/// Accounts whose granted credits one process keeps; past it, all are
+/// forgotten (and read again as needed).
+const MAX_GRANTED: usize = 100_000;
+
 /// Counters shown on `/metrics`.
 #[derive(Debug, Default)]
 struct Counters {
@@ -207,8 +235,8 @@ pub struct Notifier {
     /// Dedupe keys queued (or found queued) by this process → when they
     /// may be forgotten (clock ms).
     seen: Mutex<HashMap<String, u64>>,
-    /// Account → its granted credits; `None` while a load is under way.
-    granted: Mutex<HashMap<String, Option<Granted>>>,
+    /// Account → its granted credits.
+    granted: Mutex<HashMap<String, GrantedEntry>>,
     /// Woken when a notification is queued.
     wake: Arc<tokio::sync::Notify>,
     /// One delivery pass at a time in this process.
@@ -324,12 +352,10 @@ impl Notifier {
                 let event = events.recv().await;
                 let Some(me) = weak.upgrade() else { return };
                 match event {
-                    Ok(Invalidation::Credits { account, .. }) => {
-                        me.granted.lock().remove(&account);
-                    }
+                    Ok(Invalidation::Credits { account, .. }) => me.reload_granted(Some(&account)),
                     Ok(Invalidation::All)
                     | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        me.granted.lock().clear();
+                        me.reload_granted(None)
                     }
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
@@ -388,97 +414,160 @@ impl Notifier {
                         });
                     }
                 }
-                NotifyRule::Balance { percent } => {
-                    let Some(balance) = balance else { continue };
-                    let Some(granted) = self.granted(account, now_ms) else {
-                        continue;
-                    };
-                    let at = NotifyRule::threshold(granted.total, percent);
-                    let used = granted.total.saturating_sub(balance);
-                    if granted.total == 0 || used < at {
-                        continue;
-                    }
-                    let key = format!("b|{account}|{}|{percent}", granted.tag);
-                    self.due(key, now_ms + BALANCE_SEEN_MS, || NewNotification {
-                        dedupe_key: String::new(),
-                        account_id: account.to_owned(),
-                        kind: "balance",
-                        data: json!({
-                            "plan": plan.id,
-                            "endpoint": endpoint,
-                            "threshold_percent": percent,
-                            "granted": granted.total,
-                            "used": used,
-                            "balance": balance,
-                        }),
-                    });
-                }
+                NotifyRule::Balance { .. } => {}
                 NotifyRule::Expiry { .. } => {}
+            }
+        }
+        if let Some(balance) = balance {
+            let percents: Vec<u8> = plan
+                .notify
+                .iter()
+                .filter_map(|r| match r {
+                    NotifyRule::Balance { percent } => Some(*percent),
+                    _ => None,
+                })
+                .collect();
+            if !percents.is_empty() {
+                let check = BalanceCheck {
+                    endpoint: endpoint.to_owned(),
+                    plan: plan.id.clone(),
+                    percents,
+                    balance,
+                };
+                self.observe_balance(account, check, now_ms);
             }
         }
     }
 
-    /// The account's granted credits, if known (a load is started in the
-    /// background when they are not, or are old).
-    fn granted(self: &Arc<Self>, account: &str, now_ms: u64) -> Option<Granted> {
+    /// Compare `check` with the account's granted credits, if known; read
+    /// them (in the background) if not known or old, `check` compared again
+    /// when they arrive.
+    fn observe_balance(self: &Arc<Self>, account: &str, check: BalanceCheck, now_ms: u64) {
         let (known, load) = {
             let mut map = self.granted.lock();
-            match map.get(account) {
-                Some(Some(g)) if now_ms < g.loaded_ms + GRANTED_TTL_MS => (Some(g.clone()), false),
-                Some(Some(g)) => {
-                    let g = g.clone();
-                    map.insert(account.to_owned(), None);
-                    (Some(g), true)
-                }
-                Some(None) => (None, false),
-                None => {
-                    map.insert(account.to_owned(), None);
-                    (None, true)
-                }
+            if map.len() >= MAX_GRANTED && !map.contains_key(account) {
+                map.clear();
             }
+            let e = map.entry(account.to_owned()).or_default();
+            e.last = Some(check.clone());
+            let fresh = e
+                .loaded
+                .as_ref()
+                .is_some_and(|g| now_ms < g.loaded_ms.saturating_add(GRANTED_TTL_MS));
+            let load = (!fresh && !e.loading).then(|| {
+                e.loading = true;
+                e.generation
+            });
+            (e.loaded.clone(), load)
         };
-        if load {
-            let me = self.clone();
-            let owned = account.to_owned();
-            let spawned = self.background.spawn(
-                Job::Notify,
-                Box::pin(async move {
-                    let account = owned;
-                    let loaded = me.catalog.credit_snapshot(&account).await;
+        if let Some(granted) = known {
+            self.check_balance(account, &check, &granted);
+        }
+        if let Some(generation) = load {
+            self.load_granted(account, generation);
+        }
+    }
+
+    /// Queue what `check` reaches of its thresholds, given `granted`.
+    fn check_balance(self: &Arc<Self>, account: &str, check: &BalanceCheck, granted: &Granted) {
+        let used = granted.total.saturating_sub(check.balance);
+        for &percent in &check.percents {
+            let at = NotifyRule::threshold(granted.total, percent);
+            if granted.total == 0 || used < at {
+                continue;
+            }
+            let key = format!("b|{account}|{}|{percent}", granted.tag);
+            let now_ms = self.clock.now_ms();
+            self.due(key, now_ms + BALANCE_SEEN_MS, || NewNotification {
+                dedupe_key: String::new(),
+                account_id: account.to_owned(),
+                kind: "balance",
+                data: json!({
+                    "plan": check.plan,
+                    "endpoint": check.endpoint,
+                    "threshold_percent": percent,
+                    "granted": granted.total,
+                    "used": used,
+                    "balance": check.balance,
+                }),
+            });
+        }
+    }
+
+    /// After an invalidation (of one account, or of all): read the granted
+    /// credits again (those read before it are stale), and compare the
+    /// last balance seen with them.
+    fn reload_granted(self: &Arc<Self>, account: Option<&str>) {
+        let loads: Vec<(String, u64)> = {
+            let mut map = self.granted.lock();
+            let mut out = Vec::new();
+            for (id, e) in map.iter_mut() {
+                if account.is_some_and(|a| a != id) {
+                    continue;
+                }
+                e.generation += 1;
+                e.loading = true;
+                out.push((id.clone(), e.generation));
+            }
+            out
+        };
+        for (account, generation) in loads {
+            self.load_granted(&account, generation);
+        }
+    }
+
+    /// Read the account's granted credits in the background; kept only if
+    /// no invalidation came since `generation`.
+    fn load_granted(self: &Arc<Self>, account: &str, generation: u64) {
+        let me = self.clone();
+        let owned = account.to_owned();
+        let spawned = self.background.spawn(
+            Job::Notify,
+            Box::pin(async move {
+                let account = owned;
+                let loaded = me.catalog.credit_snapshot(&account).await;
+                let ready = {
                     let mut map = me.granted.lock();
+                    let Some(e) = map.get_mut(&account) else { return };
+                    if e.generation != generation {
+                        // A newer load is under way.
+                        return;
+                    }
+                    e.loading = false;
                     match loaded {
                         Ok(snapshot) => {
                             let mut ids: Vec<&str> =
                                 snapshot.blocks.iter().map(|b| b.id.as_str()).collect();
                             ids.sort_unstable();
-                            let tag = hex(&Sha256::digest(ids.join(",").as_bytes())[..8]);
-                            let total = snapshot
-                                .blocks
-                                .iter()
-                                .map(|b| b.credits_granted)
-                                .fold(0u64, u64::saturating_add);
-                            map.insert(
-                                account,
-                                Some(Granted {
-                                    total,
-                                    tag,
-                                    loaded_ms: me.clock.now_ms(),
-                                }),
-                            );
+                            let granted = Granted {
+                                total: snapshot
+                                    .blocks
+                                    .iter()
+                                    .map(|b| b.credits_granted)
+                                    .fold(0u64, u64::saturating_add),
+                                tag: hex(&Sha256::digest(ids.join(",").as_bytes())[..8]),
+                                loaded_ms: me.clock.now_ms(),
+                            };
+                            e.loaded = Some(granted.clone());
+                            e.last.clone().map(|check| (check, granted))
                         }
-                        Err(e) => {
-                            map.remove(&account);
+                        Err(err) => {
                             me.background.failed(Job::Notify);
-                            tracing::warn!(account = %account, error = %e, "notify: granted credits not read");
+                            tracing::warn!(account = %account, error = %err, "notify: granted credits not read");
+                            None
                         }
                     }
-                }),
-            );
-            if !spawned {
-                self.granted.lock().remove(account);
+                };
+                if let Some((check, granted)) = ready {
+                    me.check_balance(&account, &check, &granted);
+                }
+            }),
+        );
+        if !spawned {
+            if let Some(e) = self.granted.lock().get_mut(account) {
+                e.loading = false;
             }
         }
-        known
     }
 
     /// Queue the notification `make` builds under `key`, unless this
