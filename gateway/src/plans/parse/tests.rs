@@ -153,7 +153,7 @@ fn validation_errors_are_located() {
         (
             "plans:\n  p:\n    nmae: x\n    endpoints:\n      e:\n        fixed_windows:\n          - {window: 60s, limt: 1}\n",
             &[
-                "plans.yaml:3:5: plans.p.nmae: unknown key `nmae` (expected one of `name`, `endpoints`, `enforce`)",
+                "plans.yaml:3:5: plans.p.nmae: unknown key `nmae` (expected one of `name`, `endpoints`, `enforce`, `notify`)",
                 "plans.yaml:7:13: plans.p.endpoints.e.fixed_windows[0].limit: missing `limit`",
                 "plans.yaml:7:27: plans.p.endpoints.e.fixed_windows[0].limt: unknown key `limt` (expected one of `window`, `calendar`, `limit`, `unit_type`, `unit_kind`)",
             ],
