@@ -1,9 +1,9 @@
 //! One owner for the work a request leaves behind.
 //!
 //! A request's settlement (the end script after its response), the release
-//! of a slot whose attempt timed out, lease renewals and the writing of
-//! credit charges to the catalog all run after the request path has moved
-//! on. They run here, as [`Job`]s of a [`Background`]: every one is
+//! of a slot whose attempt timed out, lease renewals, the writing of
+//! credit charges to the catalog, and the queueing and delivery of
+//! threshold notifications all run after the request path has moved on. They run here, as [`Job`]s of a [`Background`]: every one is
 //! counted while it runs (queue depth and the age of the oldest, per kind),
 //! its failures are counted, and the number running at once is bounded —
 //! beyond [`Background::capacity`] a job is refused and counted, instead of
