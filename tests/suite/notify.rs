@@ -429,7 +429,7 @@ async fn pending_notifications_survive_a_restart() {
     gw.stop().await;
 
     let receiver = Receiver::start(0).await;
-    let gw = gateway(Backend::Real, &receiver.url(), pg).await;
+    let gw = gateway(Backend::Real, &receiver.url(), pg.clone()).await;
     gw.clock.set_ms(T0_MS + 1_000);
     notifier(&gw).deliver_due().await;
     let got = receiver.wait_for(1).await;
@@ -439,6 +439,38 @@ async fn pending_notifications_survive_a_restart() {
     let page = log(&gw, &format!("account={account}")).await;
     assert_eq!(page["notifications"][0]["status"], "delivered", "{page}");
     assert_eq!(page["notifications"][0]["attempts"], 2);
+
+    // The same log from the command line.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(plangate_tests::plangate_bin())
+            .args(args)
+            .env("PLANGATE_POSTGRES_URL", pg.as_deref().unwrap())
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, text, err) = cli(&["notifications", "list", "--account", &account]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(text.contains("window.threshold"), "{text}");
+    assert!(
+        text.contains("2 attempt(s)\tdelivered (last error: "),
+        "{text}"
+    );
+    let (code, text, _) = cli(&["notifications", "list", "--status", "pending", "--json"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["notifications"], serde_json::json!([]));
+    let (code, _, err) = cli(&["notifications", "list", "--status", "sent"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--status: `sent` is not pending, delivered or failed"),
+        "{err}"
+    );
     gw.stop().await;
 }
 
