@@ -841,6 +841,12 @@ pub async fn run(app: App, listen: Listen, on_bound: impl FnOnce(&Bound)) -> Res
     for (job, pending) in left {
         tracing::error!(job = job.as_str(), pending, "background work left at exit: these requests' settlements are lost unless the counter store still answers (their slots expire with their leases)");
     }
+    // Notifications being queued (a catalog insert each). Deliveries under
+    // way are not waited for: their rows stay pending and are sent again
+    // once their lease ends (delivery is at least once).
+    for (job, pending) in background.idle(&[Job::Notify], deadline).await {
+        tracing::warn!(job = job.as_str(), pending, "threshold notifications not queued at exit; the next request over each threshold queues it");
+    }
     let left = app.core.outbox.drain(Duration::from_secs(10)).await;
     if left.is_empty() {
         tracing::info!("credit charges written to the catalog");
