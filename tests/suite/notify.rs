@@ -667,3 +667,34 @@ async fn thresholds_reached_at_settlement_fire_at_the_next_admission() {
         gw.stop().await;
     }
 }
+
+/// A receiver that always fails: after `max_attempts` (5) the
+/// notification is marked failed and never tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deliveries_give_up_after_max_attempts() {
+    for backend in Backend::all().await {
+        let receiver = Receiver::start(usize::MAX).await;
+        let gw = gateway(backend, &receiver.url(), None).await;
+        let (account, key) = gw.account(None).await;
+        for _ in 0..8 {
+            assert_eq!(chat(&gw, &key, "chat-n").await, StatusCode::OK);
+        }
+        receiver.wait_for(1).await;
+        let n = notifier(&gw);
+        // Backoffs of 1, 2, 4 and 8 s (at most max_backoff = 10 s).
+        for (wait, total) in [(1, 2), (2, 3), (4, 4), (8, 5)] {
+            gw.clock.advance(Duration::from_secs(wait));
+            n.deliver_due().await;
+            assert_eq!(receiver.received().len(), total, "{backend:?}");
+        }
+        gw.clock.advance(Duration::from_secs(3600));
+        n.deliver_due().await;
+        assert_eq!(receiver.received().len(), 5, "{backend:?}: given up");
+        let page = log(&gw, &format!("account={account}&status=failed")).await;
+        let row = &page["notifications"][0];
+        assert_eq!(row["attempts"], 5, "{page}");
+        assert_eq!(row["last_error"], "HTTP 500");
+        assert!(row["next_attempt_at"].is_null());
+        gw.stop().await;
+    }
+}
