@@ -445,10 +445,15 @@ impl Notifier {
     fn observe_balance(self: &Arc<Self>, account: &str, check: BalanceCheck, now_ms: u64) {
         let (known, load) = {
             let mut map = self.granted.lock();
-            if map.len() >= MAX_GRANTED && !map.contains_key(account) {
-                map.clear();
+            if !map.contains_key(account) {
+                if map.len() >= MAX_GRANTED {
+                    map.clear();
+                }
+                map.insert(account.to_owned(), GrantedEntry::default());
             }
-            let e = map.entry(account.to_owned()).or_default();
+            let Some(e) = map.get_mut(account) else {
+                return;
+            };
             e.last = Some(check.clone());
             let fresh = e
                 .loaded
