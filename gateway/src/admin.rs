@@ -13,8 +13,10 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
+use crate::catalog::notifications::MAX_NOTIFICATIONS_PAGE;
 use crate::catalog::{
-    Catalog, CatalogError, GroupBy, Invalidation, KeyOptions, UsageCursor, MAX_ACCOUNTS_PAGE,
+    Catalog, CatalogError, GroupBy, Invalidation, KeyOptions, NotificationQuery,
+    NotificationStatus, UsageCursor, MAX_ACCOUNTS_PAGE,
 };
 use crate::errors::ApiError;
 use crate::plans::parse::{parse_plans_for, plan_to_json, plans_to_json};
@@ -27,6 +29,8 @@ use crate::server::{error_response, Body};
 const USAGE_PAGE_DEFAULT: usize = 100;
 /// Most events one page of `GET /admin/usage/events` holds.
 const USAGE_PAGE_MAX: usize = 1000;
+/// Notifications per page of `GET /admin/notifications` unless `limit` says.
+const NOTIFICATIONS_PAGE_DEFAULT: usize = 100;
 
 /// Accounts per page of `GET /admin/accounts` unless `limit` says.
 const ACCOUNTS_PAGE_DEFAULT: usize = 100;
@@ -247,6 +251,9 @@ impl Admin {
             (&Method::GET, ["metrics"]) => {
                 let mut text = self.core.metrics.render();
                 self.core.limiter.background().render(&mut text);
+                if let Some(n) = &self.core.notifier {
+                    n.render(&mut text);
+                }
                 let mut resp = Response::new(full(text));
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -564,6 +571,55 @@ impl Admin {
                 Ok(json(
                     StatusCode::OK,
                     &serde_json::json!({"group_by": group_by.as_str(), "buckets": buckets}),
+                ))
+            }
+            (&Method::GET, ["admin", "notifications"]) => {
+                let p = query::parse(query.as_deref(), &["account", "status", "limit", "cursor"])?;
+                let status = match p.get("status") {
+                    None => None,
+                    Some(s) => Some(NotificationStatus::parse(s).ok_or_else(|| {
+                        ApiError::invalid_parameter(
+                            "status",
+                            format!(
+                                "status: `{}` is not pending, delivered or failed",
+                                s.escape_debug()
+                            ),
+                        )
+                    })?),
+                };
+                let before_seq = match p.get("cursor") {
+                    None => None,
+                    Some(c) => Some(c.parse::<u64>().map_err(|_| {
+                        ApiError::invalid_parameter(
+                            "cursor",
+                            format!(
+                                "cursor: `{}` is not a cursor this API returned",
+                                c.escape_debug()
+                            ),
+                        )
+                    })?),
+                };
+                let limit = p.limit(NOTIFICATIONS_PAGE_DEFAULT, MAX_NOTIFICATIONS_PAGE - 1)?;
+                // One more than asked: a next page is promised only when
+                // there is one.
+                let mut rows = catalog
+                    .notifications(&NotificationQuery {
+                        account: p.get("account").map(str::to_owned),
+                        status,
+                        before_seq,
+                        limit: limit + 1,
+                    })
+                    .await
+                    .map_err(catalog_error)?;
+                let next = if rows.len() > limit {
+                    rows.truncate(limit);
+                    rows.last().map(|n| n.seq.to_string())
+                } else {
+                    None
+                };
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"notifications": rows, "next_cursor": next}),
                 ))
             }
             (&Method::GET, ["admin", "usage", "events"]) => {

@@ -158,9 +158,33 @@ impl App {
         let limiter = Limiter::new(store, clock.clone(), config.storage.store_timeout);
         let outbox = Outbox::install(&limiter, catalog.clone());
         outbox.start();
+        let cache = Arc::new(cache);
+        let notifier = match &config.notify {
+            Some(n) => {
+                let notifier = crate::notify::Notifier::new(
+                    n.clone(),
+                    catalog.clone(),
+                    cache.clone(),
+                    clock.clone(),
+                    limiter.background().clone(),
+                )
+                .map_err(bad)?;
+                // Pending notifications (of this or an earlier run) are
+                // picked up by the worker's first pass.
+                notifier.start();
+                Some(notifier)
+            }
+            None => {
+                if cache.plans().plans.values().any(|p| !p.notify.is_empty()) {
+                    tracing::warn!("plans have `notify:` thresholds but the config has no [notify] section: no notifications are sent");
+                }
+                None
+            }
+        };
         let core = Arc::new(Core {
             catalog: catalog.clone(),
-            cache: Arc::new(cache),
+            cache,
+            notifier,
             limiter,
             on_store_error: config.storage.on_store_error,
             record_usage: config.usage.record,
@@ -818,6 +842,12 @@ pub async fn run(app: App, listen: Listen, on_bound: impl FnOnce(&Bound)) -> Res
     }
     for (job, pending) in left {
         tracing::error!(job = job.as_str(), pending, "background work left at exit: these requests' settlements are lost unless the counter store still answers (their slots expire with their leases)");
+    }
+    // Notifications being queued (a catalog insert each). Deliveries under
+    // way are not waited for: their rows stay pending and are sent again
+    // once their lease ends (delivery is at least once).
+    for (job, pending) in background.idle(&[Job::Notify], deadline).await {
+        tracing::warn!(job = job.as_str(), pending, "threshold notifications not queued at exit; the next request over each threshold queues it");
     }
     let left = app.core.outbox.drain(Duration::from_secs(10)).await;
     if left.is_empty() {

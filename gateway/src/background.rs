@@ -1,9 +1,9 @@
 //! One owner for the work a request leaves behind.
 //!
 //! A request's settlement (the end script after its response), the release
-//! of a slot whose attempt timed out, lease renewals and the writing of
-//! credit charges to the catalog all run after the request path has moved
-//! on. They run here, as [`Job`]s of a [`Background`]: every one is
+//! of a slot whose attempt timed out, lease renewals, the writing of
+//! credit charges to the catalog, and the queueing and delivery of
+//! threshold notifications all run after the request path has moved on. They run here, as [`Job`]s of a [`Background`]: every one is
 //! counted while it runs (queue depth and the age of the oldest, per kind),
 //! its failures are counted, and the number running at once is bounded —
 //! beyond [`Background::capacity`] a job is refused and counted, instead of
@@ -40,10 +40,24 @@ pub enum Job {
     /// Writing an account's outbox (charges, refunds, usage records) to
     /// the catalog.
     WriteCharges,
+    /// Queueing a threshold notification in the catalog (`notify.rs`).
+    Notify,
+    /// One delivery attempt of a threshold notification (a webhook POST).
+    Deliver,
 }
 
+/// How many kinds of [`Job`] there are.
+const JOB_KINDS: usize = 6;
+
 impl Job {
-    const ALL: [Job; 4] = [Job::Settle, Job::Release, Job::Renew, Job::WriteCharges];
+    const ALL: [Job; JOB_KINDS] = [
+        Job::Settle,
+        Job::Release,
+        Job::Renew,
+        Job::WriteCharges,
+        Job::Notify,
+        Job::Deliver,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -51,6 +65,8 @@ impl Job {
             Job::Release => "release",
             Job::Renew => "renew",
             Job::WriteCharges => "write_charges",
+            Job::Notify => "notify",
+            Job::Deliver => "deliver",
         }
     }
 
@@ -78,7 +94,7 @@ struct Lane {
 /// documentation).
 #[derive(Debug)]
 pub struct Background {
-    lanes: [Lane; 4],
+    lanes: [Lane; JOB_KINDS],
     /// Jobs running, all kinds.
     running: AtomicUsize,
     next_id: AtomicU64,

@@ -11,9 +11,13 @@
 
 pub mod cache;
 pub mod memory;
+pub mod notifications;
 pub mod postgres;
 pub mod usage;
 
+pub use notifications::{
+    Attempted, NewNotification, Notification, NotificationQuery, NotificationStatus,
+};
 pub use usage::{BucketKey, GroupBy, UnitUsage, UsageBucket, UsageCursor, UsageEvent, UsageQuery};
 pub mod timed;
 
@@ -578,6 +582,37 @@ pub trait Catalog: Send + Sync + 'static {
     /// Delete every event that ended before `before` (retention). Returns
     /// how many were deleted.
     async fn prune_usage(&self, before: SystemTime) -> CatalogResult<u64>;
+
+    // --- threshold notifications (`catalog/notifications.rs`)
+    /// Queue a notification unless one with its dedupe key exists (queued,
+    /// delivered or failed); true when queued. Due at once.
+    async fn enqueue_notification(&self, n: &NewNotification) -> CatalogResult<bool>;
+    /// Up to `limit` pending notifications due now (catalog clock), oldest
+    /// first, each leased for `lease`: not handed out again (to this or any
+    /// gateway) before the lease ends unless finished first.
+    async fn claim_notifications(
+        &self,
+        limit: usize,
+        lease: std::time::Duration,
+    ) -> CatalogResult<Vec<Notification>>;
+    /// Record how a delivery attempt of notification `id` ended (attempts
+    /// counted, status, next attempt, last error). A notification that is
+    /// no longer pending is left as it is.
+    async fn finish_notification(&self, id: &str, result: &Attempted) -> CatalogResult<()>;
+    /// The delivery log: newest first, filtered and paged by `q`.
+    async fn notifications(&self, q: &NotificationQuery) -> CatalogResult<Vec<Notification>>;
+    /// Quota blocks, of every account, with credits left that expire after
+    /// now and no later than `until`, in id order after `after` (keyset
+    /// pages of at most `limit`).
+    async fn expiring_blocks(
+        &self,
+        until: SystemTime,
+        after: Option<&str>,
+        limit: usize,
+    ) -> CatalogResult<Vec<QuotaBlock>>;
+    /// Delete delivered and failed notifications created before `before`
+    /// (their windows long over); returns how many.
+    async fn prune_notifications(&self, before: SystemTime) -> CatalogResult<u64>;
 
     /// Invalidations from this catalog and (for Postgres) every other
     /// instance sharing the database.

@@ -355,8 +355,47 @@ pub struct Config {
     pub plans: PlansConfig,
     pub usage: UsageConfig,
     pub log: LogConfig,
+    /// `[notify]`: threshold notifications are delivered only with it.
+    pub notify: Option<NotifyConfig>,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
+}
+
+/// The secret webhooks are signed with. Never printed: `Debug` shows its
+/// length only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookSecret(pub std::sync::Arc<[u8]>);
+
+impl fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WebhookSecret(<{} bytes>)", self.0.len())
+    }
+}
+
+/// The shortest signing secret accepted, in bytes.
+pub const MIN_WEBHOOK_SECRET_BYTES: usize = 16;
+
+/// `[notify]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifyConfig {
+    /// Where notifications are POSTed (http or https).
+    pub url: http::Uri,
+    pub secret: WebhookSecret,
+    /// Per delivery attempt (connect + response head).
+    pub timeout: Duration,
+    /// The wait before the first retry; doubled at each further one.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// Attempts before a notification is marked failed.
+    pub max_attempts: u32,
+    /// How often the queue is read for due deliveries (real time).
+    pub poll_interval: Duration,
+    /// How often quota blocks are scanned for `expires_within` (real time).
+    pub scan_interval: Duration,
+    /// Delivered and failed notifications older than this are deleted.
+    pub retain: Duration,
+    /// Extra CA certificates for an https receiver.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Defaults for settings the file may leave out.
@@ -392,6 +431,20 @@ pub mod defaults {
     pub const AUTH_HEADER: &str = "authorization";
     /// `[usage] retain`, days.
     pub const USAGE_RETAIN_DAYS: u64 = 400;
+    /// `[notify] timeout`, seconds.
+    pub const NOTIFY_TIMEOUT_SECS: u64 = 10;
+    /// `[notify] backoff`, seconds (doubled at each retry).
+    pub const NOTIFY_BACKOFF_SECS: u64 = 10;
+    /// `[notify] max_backoff`, seconds: 1 hour.
+    pub const NOTIFY_MAX_BACKOFF_SECS: u64 = 3_600;
+    /// `[notify] max_attempts`: with the defaults, retried for about a day.
+    pub const NOTIFY_MAX_ATTEMPTS: u32 = 30;
+    /// `[notify] poll_interval`, seconds.
+    pub const NOTIFY_POLL_SECS: u64 = 1;
+    /// `[notify] scan_interval`, seconds.
+    pub const NOTIFY_SCAN_SECS: u64 = 300;
+    /// `[notify] retain`, days.
+    pub const NOTIFY_RETAIN_DAYS: u64 = 30;
     /// `[[upstreams]] drop_response_headers`: what upstreams say about
     /// themselves and the operator's account with them, which customers
     /// should not see — LiteLLM's cost, key spend, API base and provider

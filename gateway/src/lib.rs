@@ -24,6 +24,7 @@ pub mod health;
 pub mod limiter;
 pub mod metrics;
 pub mod mock;
+pub mod notify;
 pub mod plans;
 pub mod proxy;
 pub mod query;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use plangate::cli::admin::{
-    AccountsCmd, AdminCmd, CreditsCmd, DbTarget, KeysCmd, LimitsCmd, PlansCmd,
+    AccountsCmd, AdminCmd, CreditsCmd, DbTarget, KeysCmd, LimitsCmd, NotificationsCmd, PlansCmd,
 };
 use plangate::cli::usage::UsageCmd;
 use plangate::cli::{self, CliError, ConfigArg};
@@ -162,6 +162,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: LimitsCmd,
     },
+    /// Threshold notifications (plans' `notify:`): the delivery log.
+    #[command(after_help = ADMIN_HELP)]
+    Notifications {
+        #[command(flatten)]
+        target: DbTarget,
+        #[command(subcommand)]
+        cmd: NotificationsCmd,
+    },
     /// Usage events (export).
     Usage {
         #[command(flatten)]
@@ -219,6 +227,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Keys { target, cmd } => admin(target, AdminCmd::Keys(cmd)),
         Cmd::Credits { target, cmd } => admin(target, AdminCmd::Credits(cmd)),
         Cmd::Limits { target, cmd } => admin(target, AdminCmd::Limits(cmd)),
+        Cmd::Notifications { target, cmd } => admin(target, AdminCmd::Notifications(cmd)),
         Cmd::Usage { target, cmd } => runtime()?.block_on(cli::usage::run(&target, cmd)),
     }
 }

@@ -333,7 +333,42 @@ pub struct Plan {
     /// Human-readable name; defaults to the id.
     pub name: String,
     pub endpoints: BTreeMap<String, Arc<Policy>>,
+    /// Threshold notifications (`notify:`), delivered as signed webhooks
+    /// (`notify.rs`); empty: none.
+    pub notify: Vec<NotifyRule>,
 }
+
+/// One threshold notification of a plan (`notify:` in plans.yaml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NotifyRule {
+    /// `{at: 80%, of: window}`: a window (any window of any endpoint of
+    /// the plan) has counted `percent`% of its limit, i.e. at least
+    /// `ceil(limit * percent / 100)` units. Once per window (per account,
+    /// endpoint, window and window start).
+    Window { percent: u8 },
+    /// `{at: 80%, of: balance}`: `percent`% of the credits granted in the
+    /// account's unexpired quota blocks has been used, i.e. the balance is
+    /// at most `granted - ceil(granted * percent / 100)`. Once per set of
+    /// unexpired blocks (a new grant re-arms it).
+    Balance { percent: u8 },
+    /// `{expires_within: 7d}`: a quota block with credits left expires
+    /// within this many seconds. Once per block.
+    Expiry { within_secs: u64 },
+}
+
+impl NotifyRule {
+    /// The number of units (of `limit`) at which a `percent`% threshold is
+    /// reached: `ceil(limit * percent / 100)`, at least 1.
+    pub fn threshold(limit: u64, percent: u8) -> u64 {
+        ((limit as u128 * percent as u128).div_ceil(100) as u64).max(1)
+    }
+}
+
+/// The longest `expires_within`: one year, in seconds.
+pub const MAX_EXPIRES_WITHIN_SECS: u64 = 365 * 86_400;
+
+/// Most `notify` rules one plan may have.
+pub const MAX_NOTIFY_RULES: usize = 32;
 
 impl Plan {
     pub fn policy(&self, endpoint: &str) -> Option<&Arc<Policy>> {
@@ -382,6 +417,7 @@ impl Plan {
             id: self.id.clone(),
             name: self.name.clone(),
             endpoints,
+            notify: self.notify.clone(),
         })
     }
 }
@@ -459,6 +495,7 @@ mod tests {
             ]
             .into_iter()
             .collect(),
+            notify: Vec::new(),
         });
         let anchored = plan.anchored(15);
         let lens: Vec<WindowLen> = anchored.endpoints["monthly"]
@@ -487,6 +524,7 @@ mod tests {
             endpoints: [("weekly".to_string(), policy(&[week]))]
                 .into_iter()
                 .collect(),
+            notify: Vec::new(),
         });
         assert!(!weekly.has_months());
         assert!(Arc::ptr_eq(&weekly.anchored(15), &weekly));

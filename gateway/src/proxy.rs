@@ -270,6 +270,8 @@ pub struct Core {
     pub outbox: Arc<crate::credits::Outbox<AnyStore>>,
     /// Bytes of request bodies read before admission.
     pub bodies: Arc<BodyBudget>,
+    /// Threshold notifications (`[notify]`); `None` without that section.
+    pub notifier: Option<Arc<crate::notify::Notifier>>,
 }
 
 /// The main listener's handler.
@@ -662,6 +664,13 @@ impl Gateway {
             .map(|c| c.balance);
         if let (Some(_), Some(cost)) = (credit_balance, &policy.credits) {
             core.metrics.credits_charged(cost.per_request);
+        }
+        // Threshold notifications: compares the counts and balance the
+        // admission returned with the plan's thresholds; no I/O here.
+        if let (Some(notifier), Some(plan), Some(info), Some(_)) =
+            (&core.notifier, &plan, &info, &permit)
+        {
+            notifier.observe(&account, endpoint, plan, info, credit_balance);
         }
 
         // Forward.
@@ -1870,6 +1879,7 @@ mod tests {
                 .iter()
                 .map(|e| ((*e).to_owned(), policy.clone()))
                 .collect(),
+            notify: Vec::new(),
         };
         let images = route(EndpointSource::Literal("images".into()));
         let elsewhere = route(EndpointSource::Literal("not-in-plan".into()));

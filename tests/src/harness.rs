@@ -117,6 +117,8 @@ pub struct Options {
     pub system_clock: bool,
     /// `[plans] source`: "file" (the default) or "database".
     pub plans_source: &'static str,
+    /// Appended to the config file (whole sections, e.g. `[notify]`).
+    pub extra_config: String,
 }
 
 impl Options {
@@ -134,6 +136,7 @@ impl Options {
             mock: MockOptions::default(),
             system_clock: false,
             plans_source: "file",
+            extra_config: String::new(),
         }
     }
 }
@@ -325,7 +328,10 @@ upstream = "mock"
 endpoint = "{{model}}"
 usage.preset = "anthropic-messages"
 reserve.token = "body:max_tokens"
+
+{extra_config}
 "#,
+            extra_config = opts.extra_config,
             extra_server = opts.extra_server,
             extra_admin = opts.extra_admin,
             on_store_error = opts.on_store_error,

@@ -13,7 +13,7 @@ use plangate::catalog::timed::Timed;
 use plangate::catalog::{hash_key, Catalog, CatalogError, Deduction, Invalidation, QuotaBlock};
 use plangate::clock::{Clock, ManualClock, SharedClock, SystemClock};
 use plangate::plans::{
-    CreditCost, PerUnit, Period, Plan, PlanSet, Policy, Unit, Window, WindowLen,
+    CreditCost, NotifyRule, PerUnit, Period, Plan, PlanSet, Policy, Unit, Window, WindowLen,
 };
 
 mod batch;
@@ -83,6 +83,7 @@ fn plan(id: &str, limit: u64) -> Arc<Plan> {
         id: id.into(),
         name: format!("Plan {id}"),
         endpoints: [("chat".to_string(), policy(limit))].into(),
+        notify: Vec::new(),
     })
 }
 
@@ -131,6 +132,13 @@ fn rich_plan(id: &str) -> Arc<Plan> {
             ("dall-e-3".to_string(), policy(1)),
         ]
         .into(),
+        notify: vec![
+            NotifyRule::Window { percent: 80 },
+            NotifyRule::Balance { percent: 90 },
+            NotifyRule::Expiry {
+                within_secs: 7 * 86_400,
+            },
+        ],
     })
 }
 
@@ -1371,6 +1379,7 @@ async fn billing_anchors(f: Fixture) {
             }),
         )]
         .into(),
+        notify: Vec::new(),
     });
     c.apply_plans(&set(Some("monthly"), &[monthly]), false)
         .await
@@ -1643,6 +1652,46 @@ impl Catalog for Deaf {
     async fn prune_usage(&self, before: SystemTime) -> plangate::catalog::CatalogResult<u64> {
         self.0.prune_usage(before).await
     }
+    async fn enqueue_notification(
+        &self,
+        n: &plangate::catalog::NewNotification,
+    ) -> plangate::catalog::CatalogResult<bool> {
+        self.0.enqueue_notification(n).await
+    }
+    async fn claim_notifications(
+        &self,
+        limit: usize,
+        lease: Duration,
+    ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::Notification>> {
+        self.0.claim_notifications(limit, lease).await
+    }
+    async fn finish_notification(
+        &self,
+        id: &str,
+        result: &plangate::catalog::Attempted,
+    ) -> plangate::catalog::CatalogResult<()> {
+        self.0.finish_notification(id, result).await
+    }
+    async fn notifications(
+        &self,
+        q: &plangate::catalog::NotificationQuery,
+    ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::Notification>> {
+        self.0.notifications(q).await
+    }
+    async fn expiring_blocks(
+        &self,
+        until: SystemTime,
+        after: Option<&str>,
+        limit: usize,
+    ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::QuotaBlock>> {
+        self.0.expiring_blocks(until, after, limit).await
+    }
+    async fn prune_notifications(
+        &self,
+        before: SystemTime,
+    ) -> plangate::catalog::CatalogResult<u64> {
+        self.0.prune_notifications(before).await
+    }
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Invalidation> {
         self.1.subscribe()
     }
@@ -1681,6 +1730,174 @@ async fn cache_ttl_backstop(f: Fixture) {
     f.clock.advance(Duration::from_millis(3_000));
     assert_eq!(cache.resolve_key(&hash).await.unwrap(), None);
     assert_eq!(f.clock.now_ms(), T0 + 5_000);
+}
+
+/// The threshold-notification queue (`notify.rs`): one row per dedupe
+/// key, claims leased, attempts recorded, the log paged newest first,
+/// expiring blocks found across accounts, old rows pruned.
+async fn threshold_notification_queue(f: Fixture) {
+    use plangate::catalog::{Attempted, NewNotification, NotificationQuery, NotificationStatus};
+    let c = &f.catalog;
+    let new = |key: &str, account: &str| NewNotification {
+        dedupe_key: key.to_owned(),
+        account_id: account.to_owned(),
+        kind: "window",
+        data: serde_json::json!({"n": key}),
+    };
+    assert!(c.enqueue_notification(&new("k1", "a")).await.unwrap());
+    assert!(
+        !c.enqueue_notification(&new("k1", "a")).await.unwrap(),
+        "deduped"
+    );
+    assert!(c.enqueue_notification(&new("k2", "b")).await.unwrap());
+    assert!(matches!(
+        c.enqueue_notification(&new("", "a")).await,
+        Err(CatalogError::Invalid(_))
+    ));
+    // Claimed once, leased: a second claim finds nothing until the lease ends.
+    let lease = Duration::from_secs(30);
+    let claimed = c.claim_notifications(10, lease).await.unwrap();
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|n| n.dedupe_key.as_str())
+            .collect::<Vec<_>>(),
+        vec!["k1", "k2"]
+    );
+    assert_eq!(claimed[0].attempts, 0);
+    assert_eq!(claimed[0].data, serde_json::json!({"n": "k1"}));
+    assert!(c.claim_notifications(10, lease).await.unwrap().is_empty());
+    let (k1, k2) = (claimed[0].id.clone(), claimed[1].id.clone());
+    c.finish_notification(&k1, &Attempted::Delivered)
+        .await
+        .unwrap();
+    c.finish_notification(
+        &k2,
+        &Attempted::Retry {
+            at: f.at(Duration::from_secs(5)),
+            error: "HTTP 503".into(),
+        },
+    )
+    .await
+    .unwrap();
+    // Finishing a delivered one again changes nothing.
+    c.finish_notification(&k1, &Attempted::Failed { error: "x".into() })
+        .await
+        .unwrap();
+    assert!(matches!(
+        c.finish_notification("nt_missing", &Attempted::Delivered)
+            .await,
+        Err(CatalogError::NotFound { .. })
+    ));
+    assert!(c.claim_notifications(10, lease).await.unwrap().is_empty());
+    f.clock.advance(Duration::from_secs(5));
+    let again = c.claim_notifications(10, lease).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].id, k2);
+    assert_eq!(again[0].attempts, 1);
+    assert_eq!(again[0].last_error.as_deref(), Some("HTTP 503"));
+    c.finish_notification(
+        &k2,
+        &Attempted::Failed {
+            error: "HTTP 410".into(),
+        },
+    )
+    .await
+    .unwrap();
+
+    let q = |account: Option<&str>, status, before_seq, limit| NotificationQuery {
+        account: account.map(str::to_owned),
+        status,
+        before_seq,
+        limit,
+    };
+    let all = c.notifications(&q(None, None, None, 10)).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].id, k2, "newest first");
+    assert_eq!(all[0].status, NotificationStatus::Failed);
+    assert_eq!(all[0].attempts, 2);
+    assert_eq!(all[0].last_error.as_deref(), Some("HTTP 410"));
+    assert_eq!(all[0].next_attempt_at, None);
+    assert_eq!(all[1].status, NotificationStatus::Delivered);
+    assert_eq!(all[1].attempts, 1);
+    assert_eq!(all[1].delivered_at, Some(f.at(Duration::ZERO)));
+    let page = c
+        .notifications(&q(None, None, Some(all[0].seq), 10))
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].id, k1);
+    let of_a = c
+        .notifications(&q(Some("a"), None, None, 10))
+        .await
+        .unwrap();
+    assert_eq!(of_a.len(), 1);
+    let failed = c
+        .notifications(&q(None, Some(NotificationStatus::Failed), None, 10))
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 1);
+    assert!(matches!(
+        c.notifications(&q(None, None, None, 0)).await,
+        Err(CatalogError::Invalid(_))
+    ));
+
+    // Expiring blocks across accounts, with credits left, in id order.
+    c.apply_plans(&set(Some("free"), &[plan("free", 1)]), false)
+        .await
+        .unwrap();
+    for a in ["x1", "x2"] {
+        c.create_account(a, None, serde_json::Value::Null)
+            .await
+            .unwrap();
+    }
+    let day = Duration::from_secs(86_400);
+    let soon = c
+        .create_quota_block("x1", 5, Some(f.at(day * 2)), serde_json::json!({}))
+        .await
+        .unwrap();
+    let also = c
+        .create_quota_block("x2", 5, Some(f.at(day * 3)), serde_json::json!({}))
+        .await
+        .unwrap();
+    c.create_quota_block("x2", 5, Some(f.at(day * 30)), serde_json::json!({}))
+        .await
+        .unwrap();
+    c.create_quota_block("x1", 5, None, serde_json::json!({}))
+        .await
+        .unwrap();
+    let mut want = vec![soon.id.clone(), also.id.clone()];
+    want.sort();
+    let found = c.expiring_blocks(f.at(day * 7), None, 10).await.unwrap();
+    assert_eq!(found.iter().map(|b| b.id.clone()).collect::<Vec<_>>(), want);
+    let next = c
+        .expiring_blocks(f.at(day * 7), Some(&want[0]), 10)
+        .await
+        .unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].id, want[1]);
+    assert_eq!(
+        c.expiring_blocks(f.at(day * 7), None, 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Delivered and failed rows past retention go; pending ones stay.
+    assert!(c.enqueue_notification(&new("k3", "a")).await.unwrap());
+    f.clock.advance(Duration::from_secs(10));
+    assert_eq!(
+        c.prune_notifications(f.at(Duration::from_secs(15)))
+            .await
+            .unwrap(),
+        2
+    );
+    let left = c.notifications(&q(None, None, None, 10)).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].dedupe_key, "k3");
+    // Their dedupe keys are free again.
+    assert!(c.enqueue_notification(&new("k1", "a")).await.unwrap());
 }
 
 macro_rules! conformance {
@@ -1726,6 +1943,7 @@ conformance!(
     cache_follows_changes,
     cache_ttl_backstop,
     billing_anchors,
+    threshold_notification_queue,
 );
 
 // ------------------------------------------------------- Postgres only

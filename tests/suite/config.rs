@@ -118,7 +118,7 @@ fn plan_validation_rules_name_file_line_and_key() {
         (
             "unknown_keys.yaml",
             vec![
-                "unknown_keys.yaml:3:5: plans.free.title: unknown key `title` (expected one of `name`, `endpoints`, `enforce`)".into(),
+                "unknown_keys.yaml:3:5: plans.free.title: unknown key `title` (expected one of `name`, `endpoints`, `enforce`, `notify`)".into(),
                 "unknown_keys.yaml:9:13: plans.free.endpoints.gpt-4o.fixed_windows[0].unit: unknown key `unit` (expected one of `window`, `calendar`, `limit`, `unit_type`, `unit_kind`)".into(),
                 "unknown_keys.yaml:10:9: plans.free.endpoints.gpt-4o.max_concurent: unknown key `max_concurent` (expected one of `fixed_windows`, `max_concurrent`, `concurrency_expiry`, `credits`, `enforce`)".into(),
             ],

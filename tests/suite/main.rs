@@ -12,6 +12,7 @@ mod key_limits;
 mod lifecycle;
 mod limiter;
 mod litellm;
+mod notify;
 mod operator;
 mod reload;
 mod sdk;

@@ -21,7 +21,9 @@ use super::{
     DeletedAccount, Draw, GroupBy, Invalidation, KeyOptions, KeyOwner, LedgerEntry, NewApiKey,
     QuotaBlock, UsageBucket, UsageCursor, UsageEvent, UsageQuery, MAX_ACCOUNTS_PAGE,
 };
+use crate::catalog::notifications::NotificationStore;
 use crate::catalog::usage::{check_batch, epoch_ms_ceil, Summary};
+use crate::catalog::{Attempted, NewNotification, Notification, NotificationQuery};
 use crate::clock::SharedClock;
 use crate::plans::{Plan, PlanSet};
 
@@ -31,6 +33,9 @@ pub const USAGE_CAPACITY: usize = 100_000;
 /// The in-process catalog. Times come from the clock it is given.
 pub struct MemoryCatalog {
     state: Mutex<State>,
+    /// Threshold notifications (queue and delivery log), kept in memory:
+    /// lost with the process, like everything here.
+    notifications: Mutex<NotificationStore>,
     /// Apart from `state`: recording usage never waits for a deduction.
     usage: Mutex<UsageStore>,
     clock: SharedClock,
@@ -318,6 +323,7 @@ impl MemoryCatalog {
         let (events, _) = broadcast::channel(1024);
         Self {
             state: Mutex::new(State::default()),
+            notifications: Mutex::new(NotificationStore::default()),
             usage: Mutex::new(UsageStore::new(capacity)),
             clock,
             events,
@@ -1050,6 +1056,58 @@ impl Catalog for MemoryCatalog {
         // Events are whole ms: one ended before `before` exactly when it
         // ended before `before` rounded up to a whole ms.
         Ok(self.usage.lock().prune(epoch_ms_ceil(before)))
+    }
+
+    async fn enqueue_notification(&self, n: &NewNotification) -> CatalogResult<bool> {
+        let now = self.now();
+        self.notifications.lock().enqueue(n, now)
+    }
+
+    async fn claim_notifications(
+        &self,
+        limit: usize,
+        lease: std::time::Duration,
+    ) -> CatalogResult<Vec<Notification>> {
+        let now = self.now();
+        Ok(self.notifications.lock().claim(now, limit, lease))
+    }
+
+    async fn finish_notification(&self, id: &str, result: &Attempted) -> CatalogResult<()> {
+        let now = self.now();
+        self.notifications.lock().finish(id, result, now)
+    }
+
+    async fn notifications(&self, q: &NotificationQuery) -> CatalogResult<Vec<Notification>> {
+        self.notifications.lock().page(q)
+    }
+
+    async fn expiring_blocks(
+        &self,
+        until: SystemTime,
+        after: Option<&str>,
+        limit: usize,
+    ) -> CatalogResult<Vec<QuotaBlock>> {
+        let now = self.now();
+        let st = self.state.lock();
+        let mut rows: Vec<(&String, &BlockRow)> = st
+            .blocks
+            .iter()
+            .filter(|(id, b)| {
+                b.remaining > 0
+                    && b.expires_at.is_some_and(|e| e > now && e <= until)
+                    && after.map_or(true, |a| id.as_str() > a)
+            })
+            .collect();
+        rows.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        Ok(rows
+            .into_iter()
+            .take(limit)
+            .map(|(id, b)| b.to_block(id))
+            .collect())
+    }
+
+    async fn prune_notifications(&self, before: SystemTime) -> CatalogResult<u64> {
+        Ok(self.notifications.lock().prune(before))
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Invalidation> {

@@ -18,7 +18,8 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::{
     already_revoked, check_block_expiry, check_key_options, credits_left, merge_metadata,
-    time_to_ms, trunc_micros, DeletedAccount, KeyOptions, MAX_ACCOUNTS_PAGE,
+    time_to_ms, trunc_micros, Attempted, DeletedAccount, KeyOptions, NewNotification, Notification,
+    NotificationQuery, MAX_ACCOUNTS_PAGE,
 };
 use super::{
     check_billing_anchor, check_credits, check_grant, check_id, generate_id, generate_key,
@@ -32,6 +33,7 @@ use crate::plans::parse::{plan_from_json, plan_to_json};
 use crate::plans::{Plan, PlanSet};
 
 mod deduct;
+mod notifications;
 mod usage;
 
 pub use deduct::{BatchStats, MAX_BATCH};
@@ -84,6 +86,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 6,
         name: "key_plan",
         sql: include_str!("../../../migrations/V6__key_plan.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "notifications",
+        sql: include_str!("../../../migrations/V7__notifications.sql"),
     },
 ];
 
@@ -1871,6 +1878,39 @@ impl Catalog for PostgresCatalog {
 
     async fn prune_usage(&self, before: SystemTime) -> CatalogResult<u64> {
         usage::prune(&self.pool, before).await
+    }
+
+    async fn enqueue_notification(&self, n: &NewNotification) -> CatalogResult<bool> {
+        notifications::enqueue(&self.pool, n, self.now()).await
+    }
+
+    async fn claim_notifications(
+        &self,
+        limit: usize,
+        lease: Duration,
+    ) -> CatalogResult<Vec<Notification>> {
+        notifications::claim(&self.pool, self.now(), limit, lease).await
+    }
+
+    async fn finish_notification(&self, id: &str, result: &Attempted) -> CatalogResult<()> {
+        notifications::finish(&self.pool, id, result, self.now()).await
+    }
+
+    async fn notifications(&self, q: &NotificationQuery) -> CatalogResult<Vec<Notification>> {
+        notifications::page(&self.pool, q).await
+    }
+
+    async fn expiring_blocks(
+        &self,
+        until: SystemTime,
+        after: Option<&str>,
+        limit: usize,
+    ) -> CatalogResult<Vec<QuotaBlock>> {
+        notifications::expiring_blocks(&self.pool, self.now(), until, after, limit).await
+    }
+
+    async fn prune_notifications(&self, before: SystemTime) -> CatalogResult<u64> {
+        notifications::prune(&self.pool, before).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Invalidation> {

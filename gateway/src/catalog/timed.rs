@@ -20,9 +20,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::{
-    Account, ApiKeyInfo, ApplyReport, Catalog, CatalogError, CatalogResult, CreditOp,
+    Account, ApiKeyInfo, ApplyReport, Attempted, Catalog, CatalogError, CatalogResult, CreditOp,
     CreditSnapshot, DeductResult, Deduction, DeletedAccount, GroupBy, Invalidation, KeyOptions,
-    KeyOwner, LedgerEntry, NewApiKey, QuotaBlock, UsageBucket, UsageCursor, UsageEvent, UsageQuery,
+    KeyOwner, LedgerEntry, NewApiKey, NewNotification, Notification, NotificationQuery, QuotaBlock,
+    UsageBucket, UsageCursor, UsageEvent, UsageQuery,
 };
 use crate::plans::{Plan, PlanSet};
 
@@ -275,6 +276,57 @@ impl<C: Catalog> Catalog for Timed<C> {
             .await
     }
 
+    async fn enqueue_notification(&self, n: &NewNotification) -> CatalogResult<bool> {
+        self.within("enqueue_notification", self.inner.enqueue_notification(n))
+            .await
+    }
+
+    async fn claim_notifications(
+        &self,
+        limit: usize,
+        lease: Duration,
+    ) -> CatalogResult<Vec<Notification>> {
+        self.within(
+            "claim_notifications",
+            self.inner.claim_notifications(limit, lease),
+        )
+        .await
+    }
+
+    async fn finish_notification(&self, id: &str, result: &Attempted) -> CatalogResult<()> {
+        self.within(
+            "finish_notification",
+            self.inner.finish_notification(id, result),
+        )
+        .await
+    }
+
+    async fn notifications(&self, q: &NotificationQuery) -> CatalogResult<Vec<Notification>> {
+        self.within("notifications", self.inner.notifications(q))
+            .await
+    }
+
+    async fn expiring_blocks(
+        &self,
+        until: SystemTime,
+        after: Option<&str>,
+        limit: usize,
+    ) -> CatalogResult<Vec<QuotaBlock>> {
+        self.within(
+            "expiring_blocks",
+            self.inner.expiring_blocks(until, after, limit),
+        )
+        .await
+    }
+
+    async fn prune_notifications(&self, before: SystemTime) -> CatalogResult<u64> {
+        self.within(
+            "prune_notifications",
+            self.inner.prune_notifications(before),
+        )
+        .await
+    }
+
     async fn credit_snapshot(&self, account_id: &str) -> CatalogResult<CreditSnapshot> {
         self.within("credit_snapshot", self.inner.credit_snapshot(account_id))
             .await
@@ -402,6 +454,12 @@ mod tests {
         usage_events(q: &UsageQuery, after: Option<&UsageCursor>, limit: usize) -> Vec<UsageEvent>;
         usage_summary(q: &UsageQuery, group_by: GroupBy) -> Vec<UsageBucket>;
         prune_usage(before: SystemTime) -> u64;
+        enqueue_notification(n: &NewNotification) -> bool;
+        claim_notifications(limit: usize, lease: Duration) -> Vec<Notification>;
+        finish_notification(id: &str, result: &Attempted) -> ();
+        notifications(q: &NotificationQuery) -> Vec<Notification>;
+        expiring_blocks(until: SystemTime, after: Option<&str>, limit: usize) -> Vec<QuotaBlock>;
+        prune_notifications(before: SystemTime) -> u64;
         plans_file_owner() -> Option<String>;
         set_plans_file_owner(file: Option<&str>) -> ();
     }

@@ -246,6 +246,25 @@ pub enum CreditsCmd {
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
+pub enum NotificationsCmd {
+    /// The delivery log of threshold notifications, newest first: status, attempts, last error.
+    #[command(
+        after_help = "Examples:\n  plangate notifications list --account acme\n  plangate notifications list --status failed --json"
+    )]
+    List {
+        /// Only this account's.
+        #[arg(long, value_name = "ACCOUNT")]
+        account: Option<String>,
+        /// Only those pending, delivered or failed.
+        #[arg(long, value_name = "STATUS")]
+        status: Option<String>,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
 pub enum LimitsCmd {
     /// Reset an account's rate-limit windows: the current window's counters of every endpoint of its
     /// plan (or one) start again from zero. In-flight requests keep their concurrency slots.
@@ -298,6 +317,7 @@ pub enum AdminCmd {
     Keys(KeysCmd),
     Credits(CreditsCmd),
     Limits(LimitsCmd),
+    Notifications(NotificationsCmd),
 }
 
 /// Run an admin command against the catalog `target` names and print its
@@ -414,6 +434,7 @@ pub async fn execute(target: &DbTarget, cmd: AdminCmd) -> Result<String, CliErro
         AdminCmd::Accounts(c) => accounts(&catalog, c, json).await,
         AdminCmd::Keys(c) => keys(&catalog, c, json).await,
         AdminCmd::Credits(c) => credits(&catalog, c, json).await,
+        AdminCmd::Notifications(c) => notifications(&catalog, c, json).await,
         AdminCmd::Limits(c) => {
             let storage = match &config {
                 Some(path) => Some(view(path)?.storage),
@@ -1113,4 +1134,60 @@ async fn credits(catalog: &dyn Catalog, cmd: CreditsCmd, json: bool) -> Result<S
             })
         }
     }
+}
+
+/// `plangate notifications list`: the delivery log, as the admin API's
+/// `GET /admin/notifications` shows it.
+async fn notifications(
+    catalog: &dyn Catalog,
+    cmd: NotificationsCmd,
+    json: bool,
+) -> Result<String, CliError> {
+    let NotificationsCmd::List {
+        account,
+        status,
+        limit,
+    } = cmd;
+    let status = match status.as_deref() {
+        None => None,
+        Some(s) => Some(crate::catalog::NotificationStatus::parse(s).ok_or_else(|| {
+            CliError::BadInput(format!(
+                "--status: `{s}` is not pending, delivered or failed"
+            ))
+        })?),
+    };
+    let rows = catalog
+        .notifications(&crate::catalog::NotificationQuery {
+            account,
+            status,
+            before_seq: None,
+            limit,
+        })
+        .await
+        .map_err(catalog_err)?;
+    if json {
+        return Ok(to_json(&serde_json::json!({ "notifications": rows })));
+    }
+    if rows.is_empty() {
+        return Ok("no notifications".into());
+    }
+    let lines: Vec<String> = rows
+        .iter()
+        .map(|n| {
+            format!(
+                "{}\t{}\t{}\t{}\t{} attempt(s)\t{}{}",
+                n.id,
+                time(n.created_at),
+                n.account_id,
+                crate::notify::event_type(&n.kind),
+                n.attempts,
+                n.status.as_str(),
+                n.last_error
+                    .as_deref()
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    Ok(lines.join("\n"))
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::header::HeaderName;
 
 use super::raw::{
-    RawAdmin, RawConfig, RawRoute, RawServer, RawStorage, RawUpstream, RawUsage, Str,
+    RawAdmin, RawConfig, RawNotify, RawRoute, RawServer, RawStorage, RawUpstream, RawUsage, Str,
 };
 use super::{
     defaults, parse_duration, parse_size, parse_value_source, substitute_env, AdminConfig,
@@ -22,6 +22,7 @@ use super::{
     TlsFiles, Upstream, UsageConfig, ValueSource, MAX_REQUEST_BODY_BYTES, MAX_RETAIN_SECS,
     MAX_SETTING_SECS, MIN_RETAIN_SECS,
 };
+use super::{NotifyConfig, WebhookSecret, MIN_WEBHOOK_SECRET_BYTES};
 use crate::plans::parse::{check_unit_name, MAX_ID_BYTES};
 use crate::plans::{KnownUnits, Unit};
 
@@ -51,6 +52,7 @@ pub(super) fn build(
     let log = LogConfig {
         access: raw.log.as_ref().and_then(|l| l.access).unwrap_or(true),
     };
+    let notify = raw.notify.as_ref().and_then(|n| b.notify(n));
     let upstreams = b.upstreams(&raw.upstreams);
     let routes = b.routes(&raw.routes, &upstreams);
     if !b.errors.is_empty() {
@@ -67,6 +69,7 @@ pub(super) fn build(
         plans,
         usage,
         log,
+        notify,
         upstreams,
         routes,
     })
@@ -736,6 +739,171 @@ impl Builder<'_> {
             Err(e) => self.error_at(s.span(), key, e),
         }
         out
+    }
+
+    /// `[notify]`: a receiver URL and a signing secret (from the
+    /// environment or a file, never from the config file itself, and never
+    /// echoed in an error), delivery timings.
+    fn notify(&mut self, spanned: &toml::Spanned<RawNotify>) -> Option<NotifyConfig> {
+        let raw = spanned.get_ref();
+        let url = match &raw.url {
+            Some(u) => self.upstream_url(u, "notify.url"),
+            None => {
+                self.error_at(
+                    spanned.span(),
+                    "notify.url",
+                    "missing: a [notify] section needs the `url` webhooks are POSTed to",
+                );
+                None
+            }
+        };
+        let secret = match (&raw.secret_env, &raw.secret_file) {
+            (Some(_), Some(f)) => {
+                self.error_at(
+                    f.span(),
+                    "notify.secret_file",
+                    "give either `secret_env` or `secret_file`, not both",
+                );
+                None
+            }
+            (Some(name), None) => {
+                let var = self.nonempty(name, "notify.secret_env")?;
+                match (self.env)(&var) {
+                    Some(v) => Some((v.into_bytes(), name.span(), "notify.secret_env")),
+                    None => {
+                        self.error_at(
+                            name.span(),
+                            "notify.secret_env",
+                            format!("the environment variable `{var}` is not set"),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, Some(f)) => {
+                let path = self.path(f, "notify.secret_file")?;
+                match std::fs::read(&path) {
+                    Ok(mut bytes) => {
+                        while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                            bytes.pop();
+                        }
+                        Some((bytes, f.span(), "notify.secret_file"))
+                    }
+                    Err(e) => {
+                        self.error_at(
+                            f.span(),
+                            "notify.secret_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, None) => {
+                self.error_at(
+                    spanned.span(),
+                    "notify.secret_env",
+                    "missing: a [notify] section needs `secret_env` (the name of an environment \
+                     variable) or `secret_file` holding the signing secret",
+                );
+                None
+            }
+        };
+        let secret = secret.and_then(|(bytes, span, key)| {
+            if bytes.len() < MIN_WEBHOOK_SECRET_BYTES {
+                self.error_at(
+                    span,
+                    key,
+                    format!(
+                        "the signing secret is {} bytes; at least {MIN_WEBHOOK_SECRET_BYTES} are needed",
+                        bytes.len()
+                    ),
+                );
+                return None;
+            }
+            Some(WebhookSecret(bytes.into()))
+        });
+        let timeout = self.duration(
+            raw.timeout.as_ref(),
+            "notify.timeout",
+            Duration::from_secs(defaults::NOTIFY_TIMEOUT_SECS),
+        );
+        let backoff = self.duration(
+            raw.backoff.as_ref(),
+            "notify.backoff",
+            Duration::from_secs(defaults::NOTIFY_BACKOFF_SECS),
+        );
+        let max_backoff = self.duration(
+            raw.max_backoff.as_ref(),
+            "notify.max_backoff",
+            Duration::from_secs(defaults::NOTIFY_MAX_BACKOFF_SECS),
+        );
+        if max_backoff < backoff {
+            if let Some(s) = &raw.max_backoff {
+                self.error_at(s.span(), "notify.max_backoff", "must be at least `backoff`");
+            }
+        }
+        let max_attempts = match &raw.max_attempts {
+            None => defaults::NOTIFY_MAX_ATTEMPTS,
+            Some(n) => match u32::try_from(*n.get_ref()) {
+                Ok(v @ 1..=1000) => v,
+                _ => {
+                    self.error_at(
+                        n.span(),
+                        "notify.max_attempts",
+                        format!("`{}` must be from 1 to 1000", n.get_ref()),
+                    );
+                    defaults::NOTIFY_MAX_ATTEMPTS
+                }
+            },
+        };
+        let poll_interval = self.duration(
+            raw.poll_interval.as_ref(),
+            "notify.poll_interval",
+            Duration::from_secs(defaults::NOTIFY_POLL_SECS),
+        );
+        let scan_interval = self.duration(
+            raw.scan_interval.as_ref(),
+            "notify.scan_interval",
+            Duration::from_secs(defaults::NOTIFY_SCAN_SECS),
+        );
+        let mut retain = Duration::from_secs(defaults::NOTIFY_RETAIN_DAYS * 86_400);
+        if let Some(s) = &raw.retain {
+            if let Some(v) = self.string(s, "notify.retain") {
+                match parse_duration(&v) {
+                    Ok(d) if d < Duration::from_secs(MIN_RETAIN_SECS) => self.error_at(
+                        s.span(),
+                        "notify.retain",
+                        format!("`{v}` is too short: notifications are kept at least 1h"),
+                    ),
+                    Ok(d) if d > Duration::from_secs(MAX_RETAIN_SECS) => self.error_at(
+                        s.span(),
+                        "notify.retain",
+                        format!(
+                            "`{v}` is too long: must be at most {MAX_RETAIN_SECS}s (100 years)"
+                        ),
+                    ),
+                    Ok(d) => retain = d,
+                    Err(e) => self.error_at(s.span(), "notify.retain", e),
+                }
+            }
+        }
+        let ca_file = match &raw.ca_file {
+            Some(f) => Some(self.path(f, "notify.ca_file")?),
+            None => None,
+        };
+        Some(NotifyConfig {
+            url: url?,
+            secret: secret?,
+            timeout,
+            backoff,
+            max_backoff,
+            max_attempts,
+            poll_interval,
+            scan_interval,
+            retain,
+            ca_file,
+        })
     }
 
     fn upstreams(&mut self, raw: &[RawUpstream]) -> Vec<Upstream> {

@@ -25,6 +25,7 @@ pub struct RawConfig {
     pub plans: Option<Spanned<RawPlans>>,
     pub usage: Option<RawUsage>,
     pub log: Option<RawLog>,
+    pub notify: Option<Spanned<RawNotify>>,
     #[serde(default)]
     pub upstreams: Vec<RawUpstream>,
     #[serde(default)]
@@ -92,6 +93,25 @@ pub struct RawPlans {
     pub watch: Option<bool>,
     /// `"file"` or `"database"`: which one owns the plans.
     pub source: Option<Str>,
+}
+
+/// `[notify]`: where threshold notifications are delivered.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNotify {
+    pub url: Option<Str>,
+    /// The name of the environment variable holding the signing secret.
+    pub secret_env: Option<Str>,
+    /// A file holding the signing secret (trailing newline ignored).
+    pub secret_file: Option<Str>,
+    pub timeout: Option<Str>,
+    pub backoff: Option<Str>,
+    pub max_backoff: Option<Str>,
+    pub max_attempts: Option<Spanned<i64>>,
+    pub poll_interval: Option<Str>,
+    pub scan_interval: Option<Str>,
+    pub retain: Option<Str>,
+    pub ca_file: Option<Str>,
 }
 
 /// `[usage]`

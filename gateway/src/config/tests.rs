@@ -685,3 +685,109 @@ fn outbox_memory_bounds_the_in_process_outbox_only() {
         )]
     );
 }
+
+fn notify_env(name: &str) -> Option<String> {
+    match name {
+        "HOOK_SECRET" => Some("0123456789abcdef0123".into()),
+        "SHORT_SECRET" => Some("short".into()),
+        _ => None,
+    }
+}
+
+fn load_notify(section: &str) -> Result<Config, ConfigErrors> {
+    let text = format!("{MINIMAL}\n{section}");
+    Config::from_toml(&text, Path::new("conf/plangate.toml"), &notify_env)
+}
+
+#[test]
+fn notify_section_loads_with_defaults() {
+    let config = load_notify(
+        "[notify]\nurl = \"https://hooks.example.com/plangate\"\nsecret_env = \"HOOK_SECRET\"\n",
+    )
+    .unwrap();
+    let n = config.notify.expect("[notify]");
+    assert_eq!(n.url, "https://hooks.example.com/plangate");
+    assert_eq!(&*n.secret.0, b"0123456789abcdef0123");
+    // Never printed.
+    assert!(!format!("{n:?}").contains("0123456789abcdef"), "{n:?}");
+    assert_eq!(n.timeout, Duration::from_secs(10));
+    assert_eq!(n.backoff, Duration::from_secs(10));
+    assert_eq!(n.max_backoff, Duration::from_secs(3600));
+    assert_eq!(n.max_attempts, 30);
+    assert_eq!(n.retain, Duration::from_secs(30 * 86_400));
+    assert!(load(MINIMAL).unwrap().notify.is_none());
+}
+
+#[test]
+fn notify_secret_file_drops_its_trailing_newline() {
+    let dir = std::env::temp_dir().join(format!("plangate-notify-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("hook.secret"), "file-secret-0123456789\n").unwrap();
+    let text = format!(
+        "{MINIMAL}\n[notify]\nurl = \"http://127.0.0.1:9/h\"\nsecret_file = \"hook.secret\"\n"
+    );
+    let config = Config::from_toml(&text, &dir.join("plangate.toml"), &notify_env).unwrap();
+    assert_eq!(&*config.notify.unwrap().secret.0, b"file-secret-0123456789");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn notify_errors_are_located() {
+    let errs = |section: &str| -> Vec<String> {
+        match load_notify(section) {
+            Ok(c) => panic!("expected errors, loaded {c:?}"),
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    };
+    let f = "conf/plangate.toml";
+    assert_eq!(
+        errs("[notify]\nsecret_env = \"HOOK_SECRET\"\n"),
+        vec![format!("{f}:4:1: notify.url: missing: a [notify] section needs the `url` webhooks are POSTed to")]
+    );
+    assert_eq!(
+        errs("[notify]\nurl = \"ftp://x/\"\nsecret_env = \"HOOK_SECRET\"\n"),
+        vec![format!(
+            "{f}:5:7: notify.url: `ftp://x/`: unsupported scheme `ftp` (use http or https)"
+        )]
+    );
+    assert_eq!(
+        errs("[notify]\nurl = \"http://x/\"\n"),
+        vec![format!("{f}:4:1: notify.secret_env: missing: a [notify] section needs `secret_env` (the name of an environment variable) or `secret_file` holding the signing secret")]
+    );
+    assert_eq!(
+        errs("[notify]\nurl = \"http://x/\"\nsecret_env = \"NOPE\"\n"),
+        vec![format!(
+            "{f}:6:14: notify.secret_env: the environment variable `NOPE` is not set"
+        )]
+    );
+    // The secret's length is said, never its value.
+    assert_eq!(
+        errs("[notify]\nurl = \"http://x/\"\nsecret_env = \"SHORT_SECRET\"\n"),
+        vec![format!(
+            "{f}:6:14: notify.secret_env: the signing secret is 5 bytes; at least 16 are needed"
+        )]
+    );
+    assert_eq!(
+        errs("[notify]\nurl = \"http://x/\"\nsecret_env = \"HOOK_SECRET\"\nsecret_file = \"s\"\n"),
+        vec![format!(
+            "{f}:7:15: notify.secret_file: give either `secret_env` or `secret_file`, not both"
+        )]
+    );
+    assert_eq!(
+        errs("[notify]\nurl = \"http://x/\"\nsecret_file = \"missing.secret\"\n"),
+        vec![format!("{f}:6:15: notify.secret_file: cannot read conf/missing.secret: No such file or directory (os error 2)")]
+    );
+    assert_eq!(
+        errs("[notify]\nurl = \"http://x/\"\nsecret_env = \"HOOK_SECRET\"\nmax_attempts = 0\nbackoff = \"10s\"\nmax_backoff = \"1s\"\nretain = \"1m\"\ntimeout = \"0s\"\n"),
+        vec![
+            format!("{f}:7:16: notify.max_attempts: `0` must be from 1 to 1000"),
+            format!("{f}:9:15: notify.max_backoff: must be at least `backoff`"),
+            format!("{f}:10:10: notify.retain: `1m` is too short: notifications are kept at least 1h"),
+            format!("{f}:11:11: notify.timeout: must be longer than 0"),
+        ]
+    );
+    assert_eq!(
+        errs("[notify]\nurl = \"http://x/\"\nsecret_env = \"HOOK_SECRET\"\nsecret = \"inline\"\n"),
+        vec![format!("{f}:7:1: notify.secret: unknown field `secret`, expected one of `url`, `secret_env`, `secret_file`, `timeout`, `backoff`, `max_backoff`, `max_attempts`, `poll_interval`, `scan_interval`, `retain`, `ca_file`")]
+    );
+}

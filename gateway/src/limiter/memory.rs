@@ -1287,6 +1287,7 @@ mod tests {
                 settlements: &[],
                 credits: Default::default(),
                 usage: Some(&usage),
+                key: None,
             }))
             .expect("end")
         };
@@ -1300,6 +1301,7 @@ mod tests {
                 max_concurrent: 0,
                 lease_ms: 60_000,
                 credits: None,
+                key: None,
             }))
         };
         let mut admitted = 0;

@@ -19,9 +19,9 @@ use serde_json::{json, Map as JsonMap, Value as Json};
 use self::tree::{Node, Pos, Value};
 use crate::config::{parse_duration, ConfigError, ConfigErrors};
 use crate::plans::{
-    CreditCost, KnownUnits, PerUnit, Period, Plan, PlanSet, Policy, Unit, Window, WindowLen,
-    DEFAULT_CONCURRENCY_EXPIRY_SECS, MAX_AMOUNT, MAX_CONCURRENCY_EXPIRY_SECS, MAX_CONCURRENT,
-    MAX_WINDOW_SECS, REQUEST_UNIT,
+    CreditCost, KnownUnits, NotifyRule, PerUnit, Period, Plan, PlanSet, Policy, Unit, Window,
+    WindowLen, DEFAULT_CONCURRENCY_EXPIRY_SECS, MAX_AMOUNT, MAX_CONCURRENCY_EXPIRY_SECS,
+    MAX_CONCURRENT, MAX_EXPIRES_WITHIN_SECS, MAX_NOTIFY_RULES, MAX_WINDOW_SECS, REQUEST_UNIT,
 };
 
 /// Plan and endpoint ids are opaque strings of at most this many bytes.
@@ -193,7 +193,23 @@ pub fn plan_to_json(plan: &Plan) -> Json {
         .iter()
         .map(|(id, policy)| (id.clone(), policy_to_json(policy)))
         .collect();
-    json!({ "name": plan.name, "endpoints": endpoints })
+    let mut out = json!({ "name": plan.name, "endpoints": endpoints });
+    // Left out when empty, so that plans without notifications are stored
+    // as they were before notifications existed.
+    if !plan.notify.is_empty() {
+        out["notify"] = Json::Array(plan.notify.iter().map(notify_to_json).collect());
+    }
+    out
+}
+
+fn notify_to_json(rule: &NotifyRule) -> Json {
+    match *rule {
+        NotifyRule::Window { percent } => json!({ "at": format!("{percent}%"), "of": "window" }),
+        NotifyRule::Balance { percent } => json!({ "at": format!("{percent}%"), "of": "balance" }),
+        NotifyRule::Expiry { within_secs } => {
+            json!({ "expires_within": render_secs(within_secs) })
+        }
+    }
 }
 
 fn policy_to_json(policy: &Policy) -> Json {
@@ -724,8 +740,10 @@ impl<'a> Checker<'a> {
             id: id.to_string(),
             name: id.to_string(),
             endpoints: BTreeMap::new(),
+            notify: Vec::new(),
         };
-        let Some(fields) = self.fields(node, path, &["name", "endpoints", "enforce"]) else {
+        let Some(fields) = self.fields(node, path, &["name", "endpoints", "enforce", "notify"])
+        else {
             return plan;
         };
         if let Some(name) = fields.value("name") {
@@ -750,7 +768,165 @@ impl<'a> Checker<'a> {
                     .insert(endpoint.to_string(), Arc::new(policy));
             }
         }
+        if let Some(notify) = fields.value("notify") {
+            let has_credits = plan.endpoints.values().any(|p| p.credits.is_some());
+            plan.notify = self.notify(notify, &join(path, "notify"), has_credits);
+        }
         plan
+    }
+
+    /// A plan's `notify:` list: `{at: 80%, of: window | balance}` and
+    /// `{expires_within: 7d}` items, no two alike.
+    fn notify(&mut self, node: &Node, path: &str, has_credits: bool) -> Vec<NotifyRule> {
+        let Value::Seq(items) = &node.value else {
+            self.error(
+                node.pos,
+                path,
+                format!(
+                    "expected a list of notifications such as `- {{at: 80%, of: window}}`, found {}",
+                    node.kind()
+                ),
+            );
+            return Vec::new();
+        };
+        if items.len() > MAX_NOTIFY_RULES {
+            self.error(
+                node.pos,
+                path,
+                format!(
+                    "{} notifications; at most {MAX_NOTIFY_RULES} are allowed",
+                    items.len()
+                ),
+            );
+            return Vec::new();
+        }
+        // Each rule with the index of the item it came from.
+        let mut out: Vec<(NotifyRule, usize)> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let item_path = format!("{path}[{i}]");
+            let Some(rule) = self.notify_rule(item, &item_path, has_credits) else {
+                continue;
+            };
+            if let Some(&(_, first)) = out.iter().find(|(r, _)| *r == rule) {
+                self.error(
+                    item.pos,
+                    &item_path,
+                    format!("duplicate notification: the same as {path}[{first}]"),
+                );
+                continue;
+            }
+            out.push((rule, i));
+        }
+        out.into_iter().map(|(rule, _)| rule).collect()
+    }
+
+    fn notify_rule(&mut self, node: &Node, path: &str, has_credits: bool) -> Option<NotifyRule> {
+        let fields = self.fields(node, path, &["at", "of", "expires_within"])?;
+        if let Some(within) = fields.value("expires_within") {
+            for other in ["at", "of"] {
+                if let Some(pos) = fields.key_pos(other) {
+                    self.error(
+                        pos,
+                        &join(path, other),
+                        "`expires_within` is a notification of its own: give it without `at` and `of`",
+                    );
+                    return None;
+                }
+            }
+            let key = join(path, "expires_within");
+            return self
+                .seconds(within, &key, MAX_EXPIRES_WITHIN_SECS)
+                .map(|within_secs| NotifyRule::Expiry { within_secs });
+        }
+        let percent = match fields.value("at") {
+            Some(at) => self.percent(at, &join(path, "at")),
+            None => {
+                self.error(
+                    fields.pos,
+                    &join(path, "at"),
+                    "missing `at` (a percentage such as `80%`), or give `expires_within`",
+                );
+                None
+            }
+        };
+        let of = match fields.value("of") {
+            Some(of) => {
+                let key = join(path, "of");
+                match self.string(of, &key).as_deref() {
+                    Some("window") => Some(false),
+                    Some("balance") if !has_credits => {
+                        self.error(
+                            of.pos,
+                            &key,
+                            "`of: balance` needs credits: no endpoint of the plan has `credits:`",
+                        );
+                        None
+                    }
+                    Some("balance") => Some(true),
+                    Some(other) => {
+                        self.error(
+                            of.pos,
+                            &key,
+                            format!("`{other}` is not a threshold: `window` or `balance`"),
+                        );
+                        None
+                    }
+                    None => None,
+                }
+            }
+            None => {
+                self.error(
+                    fields.pos,
+                    &join(path, "of"),
+                    "missing `of` (`window` or `balance`)",
+                );
+                None
+            }
+        };
+        let percent = percent?;
+        Some(if of? {
+            NotifyRule::Balance { percent }
+        } else {
+            NotifyRule::Window { percent }
+        })
+    }
+
+    /// A whole percentage from 1% to 100%, written with its `%`.
+    fn percent(&mut self, node: &Node, path: &str) -> Option<u8> {
+        let text = match &node.value {
+            Value::Scalar { text, .. } => text.trim().to_string(),
+            _ => {
+                self.error(
+                    node.pos,
+                    path,
+                    format!("expected a percentage such as `80%`, found {}", node.kind()),
+                );
+                return None;
+            }
+        };
+        let Some(digits) = text.strip_suffix('%') else {
+            self.error(
+                node.pos,
+                path,
+                format!("`{text}` is not a percentage: write it with `%`, e.g. `{text}%`"),
+            );
+            return None;
+        };
+        match digits.trim().parse::<u32>() {
+            Ok(n @ 1..=100) => Some(n as u8),
+            Ok(_) => {
+                self.error(node.pos, path, format!("`{text}` must be from 1% to 100%"));
+                None
+            }
+            Err(_) => {
+                self.error(
+                    node.pos,
+                    path,
+                    format!("`{text}` is not a whole percentage from 1% to 100%"),
+                );
+                None
+            }
+        }
     }
 
     fn policy(&mut self, node: &Node, path: &str, enforce: bool) -> Policy {

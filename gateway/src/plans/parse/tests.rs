@@ -153,7 +153,7 @@ fn validation_errors_are_located() {
         (
             "plans:\n  p:\n    nmae: x\n    endpoints:\n      e:\n        fixed_windows:\n          - {window: 60s, limt: 1}\n",
             &[
-                "plans.yaml:3:5: plans.p.nmae: unknown key `nmae` (expected one of `name`, `endpoints`, `enforce`)",
+                "plans.yaml:3:5: plans.p.nmae: unknown key `nmae` (expected one of `name`, `endpoints`, `enforce`, `notify`)",
                 "plans.yaml:7:13: plans.p.endpoints.e.fixed_windows[0].limit: missing `limit`",
                 "plans.yaml:7:27: plans.p.endpoints.e.fixed_windows[0].limt: unknown key `limt` (expected one of `window`, `calendar`, `limit`, `unit_type`, `unit_kind`)",
             ],
@@ -671,14 +671,33 @@ fn plan_strategy() -> impl Strategy<Value = Plan> {
         "\\PC{1,20}",
         "\\PC{0,20}",
         prop::collection::btree_map("\\PC{1,30}", policy_strategy(), 0..4),
+        prop::collection::btree_set(1u8..=100, 0..3),
+        prop::collection::btree_set(1u8..=100, 0..3),
+        prop::option::of(1..=crate::plans::MAX_EXPIRES_WITHIN_SECS),
     )
-        .prop_map(|(id, name, endpoints)| Plan {
-            id,
-            name,
-            endpoints: endpoints
+        .prop_map(|(id, name, endpoints, windows, balances, expiry)| {
+            let has_credits = endpoints.values().any(|p: &Policy| p.credits.is_some());
+            let mut notify: Vec<NotifyRule> = windows
                 .into_iter()
-                .map(|(k, v)| (k, Arc::new(v)))
-                .collect(),
+                .map(|percent| NotifyRule::Window { percent })
+                .collect();
+            if has_credits {
+                notify.extend(
+                    balances
+                        .into_iter()
+                        .map(|percent| NotifyRule::Balance { percent }),
+                );
+            }
+            notify.extend(expiry.map(|within_secs| NotifyRule::Expiry { within_secs }));
+            Plan {
+                id,
+                name,
+                endpoints: endpoints
+                    .into_iter()
+                    .map(|(k, v)| (k, Arc::new(v)))
+                    .collect(),
+                notify,
+            }
         })
 }
 
@@ -864,4 +883,105 @@ plans:
         "per_request: 1, per_unit: { credit: { credits: 1, per: 1 } } }",
     );
     assert!(errors(&priced)[0].contains("`credit` is a reserved unit name"));
+}
+
+const NOTIFY_PLANS: &str = r#"plans:
+  pro:
+    notify:
+      - {at: 80%, of: window}
+      - at: 100%
+        of: window
+      - {at: 90%, of: balance}
+      - expires_within: 7d
+    endpoints:
+      chat:
+        fixed_windows: [{window: 60s, limit: 10}]
+        credits: {per_request: 1}
+"#;
+
+#[test]
+fn notify_rules_load_and_round_trip() {
+    let set = parse_plans(NOTIFY_PLANS, "plans.yaml").unwrap();
+    let plan = &set.plans["pro"];
+    assert_eq!(
+        plan.notify,
+        vec![
+            NotifyRule::Window { percent: 80 },
+            NotifyRule::Window { percent: 100 },
+            NotifyRule::Balance { percent: 90 },
+            NotifyRule::Expiry {
+                within_secs: 7 * 86_400
+            },
+        ]
+    );
+    let json = plan_to_json(plan);
+    assert_eq!(
+        json["notify"],
+        serde_json::json!([
+            {"at": "80%", "of": "window"},
+            {"at": "100%", "of": "window"},
+            {"at": "90%", "of": "balance"},
+            {"expires_within": "604800s"},
+        ])
+    );
+    assert_eq!(&plan_from_json("pro", &json).unwrap(), &**plan);
+    // A plan without notifications is stored as before (no key).
+    let plain = parse_plans(SPEC_EXAMPLE, "plans.yaml").unwrap();
+    assert!(plan_to_json(&plain.plans["free_tier"])
+        .get("notify")
+        .is_none());
+}
+
+#[test]
+fn notify_thresholds_round_up() {
+    assert_eq!(NotifyRule::threshold(10, 80), 8);
+    assert_eq!(NotifyRule::threshold(3, 80), 3);
+    assert_eq!(NotifyRule::threshold(1000, 1), 10);
+    assert_eq!(NotifyRule::threshold(7, 100), 7);
+    assert_eq!(NotifyRule::threshold(1, 1), 1);
+    assert_eq!(NotifyRule::threshold(MAX_AMOUNT, 100), MAX_AMOUNT);
+}
+
+#[test]
+fn notify_errors_are_located() {
+    let text = r#"plans:
+  a:
+    notify:
+      - {at: 80, of: window}
+      - {at: 0%, of: window}
+      - {at: 101%, of: window}
+      - {at: 80%, of: windows}
+      - {at: 50%}
+      - {of: window}
+      - {expires_within: 7d, at: 80%}
+      - {expires_within: 0s}
+      - {expires_within: 400d}
+      - {at: 80%, of: window, every: 1d}
+      - {at: 75%, of: window}
+      - {at: 75%, of: window}
+      - {at: 80%, of: balance}
+    endpoints:
+      chat: {fixed_windows: [{window: 60s, limit: 10}]}
+  b:
+    notify: {at: 80%, of: window}
+    endpoints: {}
+"#;
+    assert_eq!(
+        errors(text),
+        vec![
+            "plans.yaml:4:14: plans.a.notify[0].at: `80` is not a percentage: write it with `%`, e.g. `80%`",
+            "plans.yaml:5:14: plans.a.notify[1].at: `0%` must be from 1% to 100%",
+            "plans.yaml:6:14: plans.a.notify[2].at: `101%` must be from 1% to 100%",
+            "plans.yaml:7:23: plans.a.notify[3].of: `windows` is not a threshold: `window` or `balance`",
+            "plans.yaml:8:9: plans.a.notify[4].of: missing `of` (`window` or `balance`)",
+            "plans.yaml:9:9: plans.a.notify[5].at: missing `at` (a percentage such as `80%`), or give `expires_within`",
+            "plans.yaml:10:30: plans.a.notify[6].at: `expires_within` is a notification of its own: give it without `at` and `of`",
+            "plans.yaml:11:26: plans.a.notify[7].expires_within: must be at least 1s",
+            "plans.yaml:12:26: plans.a.notify[8].expires_within: `400d` is too long: must be at most 31536000s (1 year)",
+            "plans.yaml:13:31: plans.a.notify[9].every: unknown key `every` (expected one of `at`, `of`, `expires_within`)",
+            "plans.yaml:15:9: plans.a.notify[11]: duplicate notification: the same as plans.a.notify[10]",
+            "plans.yaml:16:23: plans.a.notify[12].of: `of: balance` needs credits: no endpoint of the plan has `credits:`",
+            "plans.yaml:20:13: plans.b.notify: expected a list of notifications such as `- {at: 80%, of: window}`, found a mapping",
+        ]
+    );
 }
