@@ -1410,6 +1410,14 @@ impl Catalog for Deaf {
     ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::Account>> {
         self.0.list_accounts(plan, after, limit).await
     }
+    async fn search_accounts(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::AccountSummary>> {
+        self.0.search_accounts(prefix, after, limit).await
+    }
     async fn update_account_metadata(
         &self,
         id: &str,
