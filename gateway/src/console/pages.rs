@@ -250,7 +250,7 @@ async fn top_accounts(ctx: &Ctx<'_>) -> String {
             r#"<div class="win"><a href="/ui/accounts/{}">{}</a>{}<span class="mut">{} req · {} units</span></div>"#,
             enc(id),
             esc(id),
-            bar(*requests, max),
+            bar_of(*requests, max, Some("plain")),
             num(*requests),
             num(*units)
         );
@@ -261,14 +261,22 @@ async fn top_accounts(ctx: &Ctx<'_>) -> String {
     out
 }
 
-/// A horizontal bar, `used` of `limit`, as inline SVG.
+/// A horizontal bar, `used` of `limit`, as inline SVG, coloured by how
+/// full it is.
 fn bar(used: u64, limit: u64) -> String {
+    bar_of(used, limit, None)
+}
+
+/// [`bar`] in colour `class` (a comparison, not a limit) when given.
+fn bar_of(used: u64, limit: u64, class: Option<&str>) -> String {
     let pct = if limit == 0 {
         0.0
     } else {
         (used as f64 / limit as f64 * 100.0).min(100.0)
     };
-    let cls = if pct >= 90.0 {
+    let cls = if let Some(c) = class {
+        c
+    } else if pct >= 90.0 {
         "hi"
     } else if pct >= 70.0 {
         "mid"

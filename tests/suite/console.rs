@@ -1,0 +1,247 @@
+//! The admin console (`/ui/`) in a real headless Chromium, driven over
+//! WebDriver, against a real gateway on Postgres and Redis: sign-in, the
+//! accounts search among 10,000, live usage bars, credits, keys, CSRF,
+//! session expiry (on the injected clock) and sign-out. Screenshots of each
+//! page go to `PLANGATE_CONSOLE_SCREENSHOTS` (e.g. `docs/console`), else to
+//! the target directory.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::Full;
+use plangate_tests::harness::{send_to, Backend, Options, TestGateway, ADMIN_TOKEN};
+use plangate_tests::webdriver::Browser;
+
+fn screenshot_dir() -> PathBuf {
+    match std::env::var_os("PLANGATE_CONSOLE_SCREENSHOTS") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console"),
+    }
+}
+
+/// 10,000 accounts `cust-00001` .. `cust-10000` in one statement.
+async fn seed_accounts(url: &str, n: u32) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+        .execute(
+            "INSERT INTO accounts (id, metadata, created_at)
+             SELECT 'cust-' || lpad(i::text, 5, '0'), '{}', now()
+             FROM generate_series(1, $1::int) i",
+            &[&(n as i32)],
+        )
+        .await
+        .expect("seed accounts");
+    client
+        .execute("ANALYZE accounts", &[])
+        .await
+        .expect("analyze");
+}
+
+/// The text of the usage of `endpoint`'s `unit` window of `window`.
+fn usage_css(endpoint: &str, window: &str, unit: &str) -> String {
+    format!(
+        r#"div.win[data-endpoint="{endpoint}"][data-window="{window}"][data-unit="{unit}"] .usage"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_in_a_real_browser() {
+    if !Backend::all().await.contains(&Backend::Real) {
+        return; // skipped loudly by Backend::all
+    }
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let mut opts = Options::new(Backend::Real);
+    opts.extra_admin = "console_session_ttl = \"10m\"".into();
+    let t = TestGateway::start(opts).await;
+    let pg = t.config.storage.postgres_url.clone().expect("postgres url");
+    seed_accounts(&pg, 10_000).await;
+    let target = "cust-04242";
+    let key = t.catalog().create_key(target).await.expect("key").key;
+    let ui = format!("http://{}/ui", t.admin_addr);
+    let shots = screenshot_dir();
+
+    // Not signed in: every page leads to the sign-in form.
+    b.goto(&format!("{ui}/accounts")).await;
+    assert!(b.url().await.ends_with("/ui/login"), "{}", b.url().await);
+    b.screenshot(&shots.join("login.png")).await;
+
+    // A wrong token is refused, and said so.
+    b.type_into("#token", "not-the-token").await;
+    b.click("#signin").await;
+    let error = b.wait_text("#error", |s| !s.is_empty()).await;
+    assert!(error.contains("Wrong admin token"), "{error}");
+    assert!(b.try_find("#signout").await.is_none());
+
+    // Sign in.
+    b.type_into("#token", ADMIN_TOKEN).await;
+    b.click("#signin").await;
+    b.find("#signout").await;
+    assert!(b.url().await.ends_with("/ui/"), "{}", b.url().await);
+    let cookies = b.cookies().await;
+    let session = cookies
+        .iter()
+        .find(|c| c["name"] == "plangate_console")
+        .expect("session cookie");
+    assert_eq!(session["httpOnly"], true);
+    assert_eq!(session["sameSite"], "Strict");
+    assert!(session["expiry"].as_u64().is_some(), "expires: {session}");
+    let sid = session["value"].as_str().unwrap().to_owned();
+    assert!(!b.source().await.contains(ADMIN_TOKEN));
+
+    // Find one account among 10,000 by the start of its id.
+    b.click("header a[href='/ui/accounts']").await;
+    b.type_into("#q", "cust-0424").await;
+    b.click("#search").await;
+    b.wait_text("#accounts", |s| s.contains(target)).await;
+    let rows = b
+        .exec("return document.querySelectorAll('#accounts tbody tr').length")
+        .await;
+    assert_eq!(rows, 10, "cust-04240 to cust-04249");
+    b.screenshot(&shots.join("accounts.png")).await;
+    // Pages: the first page of everything, then the next.
+    b.type_into("#q", "cust-").await;
+    b.click("#search").await;
+    b.wait_text("#accounts", |s| s.contains("cust-00001")).await;
+    b.click("#next").await;
+    b.wait_text("#accounts", |s| s.contains("cust-00051")).await;
+    b.goto(&format!("{ui}/accounts?q=cust-0424")).await;
+    b.click(&format!("a[href='/ui/accounts/{target}']")).await;
+    b.wait_text("#account-id", |s| s == target).await;
+
+    // Usage bars follow requests: the page's live refresh redraws them.
+    let css = usage_css("gpt-test", "60s", "request");
+    let before = b.text(&css).await;
+    assert!(before.starts_with("0 / 3"), "{before}");
+    for _ in 0..2 {
+        assert_eq!(t.chat(&key, "gpt-test").await.status, 200);
+    }
+    t.wait_settled().await;
+    // Live: redrawn by the page's script within its 5 s refresh.
+    let mut seen = String::new();
+    for _ in 0..80 {
+        seen = b.text(&css).await;
+        if seen.starts_with("2 / 3") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen.starts_with("2 / 3"), "live bar: {seen}");
+    let tokens = b.text(&usage_css("gpt-test", "60s", "token")).await;
+    assert!(!tokens.starts_with("0 /"), "tokens counted: {tokens}");
+    b.screenshot(&shots.join("account.png")).await;
+
+    // Grant credits with an expiry: the balance moves.
+    assert_eq!(b.text("#balance").await, "0");
+    b.type_into("#credits", "1500").await;
+    b.exec("document.getElementById('credits-expires').value = '2027-03-01'; return 1")
+        .await;
+    b.click("#grant").await;
+    b.accept_alert().await;
+    b.wait_text("#done", |s| s.contains("Credits granted"))
+        .await;
+    assert_eq!(b.text("#balance").await, "1,500");
+    let blocks = b.text("#blocks").await;
+    assert!(blocks.contains("2027-03-01 00:00:00 UTC"), "{blocks}");
+    assert_eq!(t.catalog().balance(target).await.unwrap(), 1500);
+
+    // A form without the CSRF token is refused, in the browser...
+    b.exec(
+        "const f = document.getElementById('credits').form;
+         f.querySelector('input[name=csrf]').remove();
+         document.getElementById('credits').value = '99';
+         f.submit(); return 1",
+    )
+    .await;
+    let refused = b.wait_text("#error", |s| !s.is_empty()).await;
+    assert!(refused.contains("CSRF"), "{refused}");
+    // ...and from outside it, with the session cookie but no or a wrong token.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    for body in ["credits=99", "credits=99&csrf=0000"] {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("/ui/accounts/{target}/credits"))
+            .header("cookie", format!("plangate_console={sid}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let r = send_to(&client, t.admin_addr, req).await;
+        assert_eq!(r.status, 403, "{body}");
+    }
+    assert_eq!(t.catalog().balance(target).await.unwrap(), 1500);
+
+    // Create a key (shown once) and revoke it.
+    b.goto(&format!("{ui}/accounts/{target}")).await;
+    b.type_into("#key-label", "console-test").await;
+    b.click("#create-key").await;
+    b.accept_alert().await;
+    let new_key = b.wait_text("#new-key", |s| s.starts_with("pg_")).await;
+    assert_eq!(t.chat(&new_key, "gpt-test").await.status, 200);
+    let keys = t.catalog().list_keys(target).await.unwrap();
+    let made = keys
+        .iter()
+        .find(|k| k.label.as_deref() == Some("console-test"))
+        .expect("the new key");
+    b.goto(&format!("{ui}/accounts/{target}")).await;
+    assert!(
+        !b.source().await.contains(&new_key),
+        "a key is shown only once"
+    );
+    b.click(&format!("button.revoke[data-key='{}']", made.id))
+        .await;
+    b.accept_alert().await;
+    b.wait_text("#done", |s| s.contains("Key revoked")).await;
+    assert_eq!(t.chat(&new_key, "gpt-test").await.status, 401);
+    assert_eq!(t.chat(&key, "gpt-test").await.status, 429, "3 a minute");
+
+    // The other pages render.
+    b.goto(&format!("{ui}/plans")).await;
+    b.wait_text("#plan-basic", |s| s.contains("gpt-test")).await;
+    b.screenshot(&shots.join("plans.png")).await;
+    b.goto(&format!("{ui}/")).await;
+    b.wait_text("#rpm-hour", |s| s.contains("admitted")).await;
+    b.screenshot(&shots.join("overview.png")).await;
+    // On a phone.
+    b.set_size(390, 844).await;
+    b.goto(&format!("{ui}/accounts/{target}")).await;
+    b.find("#limits").await;
+    b.screenshot(&shots.join("account-phone.png")).await;
+    b.set_size(1280, 900).await;
+    assert!(!b.source().await.contains(ADMIN_TOKEN));
+
+    // Sign out: the session is gone.
+    b.click("#signout").await;
+    b.find("#signin").await;
+    b.goto(&format!("{ui}/accounts")).await;
+    assert!(b.url().await.ends_with("/ui/login"), "{}", b.url().await);
+    let req = Request::builder()
+        .uri("/ui/accounts")
+        .header("cookie", format!("plangate_console={sid}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = send_to(&client, t.admin_addr, req).await;
+    assert_eq!(r.status, 303, "a signed-out session id is refused");
+
+    // A session expires (10 minutes here) on the gateway's clock.
+    b.type_into("#token", ADMIN_TOKEN).await;
+    b.click("#signin").await;
+    b.find("#signout").await;
+    t.clock.advance(Duration::from_secs(9 * 60));
+    b.goto(&format!("{ui}/accounts")).await;
+    b.find("#accounts").await;
+    t.clock.advance(Duration::from_secs(60));
+    b.goto(&format!("{ui}/accounts")).await;
+    let note = b.wait_text("#note", |s| !s.is_empty()).await;
+    assert!(note.contains("expired"), "{note}");
+    assert!(b.url().await.contains("/ui/login"));
+
+    b.quit().await;
+    t.stop().await;
+}
