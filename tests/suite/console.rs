@@ -245,3 +245,253 @@ async fn console_in_a_real_browser() {
     b.quit().await;
     t.stop().await;
 }
+
+/// A console client without a browser: cookies kept, forms posted.
+struct Http<'a> {
+    t: &'a TestGateway,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+    cookies: std::collections::BTreeMap<String, String>,
+}
+
+impl<'a> Http<'a> {
+    fn new(t: &'a TestGateway) -> Self {
+        Http {
+            t,
+            client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .build_http(),
+            cookies: Default::default(),
+        }
+    }
+
+    async fn send(&mut self, method: Method, path: &str, form: Option<&str>) -> Resp {
+        let cookie: Vec<String> = self
+            .cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let mut b = Request::builder().method(method).uri(path);
+        if !cookie.is_empty() {
+            b = b.header("cookie", cookie.join("; "));
+        }
+        if form.is_some() {
+            b = b.header("content-type", "application/x-www-form-urlencoded");
+        }
+        let req = b
+            .body(Full::new(Bytes::from(form.unwrap_or("").to_owned())))
+            .unwrap();
+        let r = send_to(&self.client, self.t.admin_addr, req).await;
+        for v in r.headers.get_all("set-cookie") {
+            let v = v.to_str().unwrap();
+            let (kv, attrs) = v.split_once(';').unwrap_or((v, ""));
+            let (k, val) = kv.split_once('=').unwrap();
+            if val.is_empty() || attrs.contains("Max-Age=0") {
+                self.cookies.remove(k);
+            } else {
+                self.cookies.insert(k.to_owned(), val.to_owned());
+            }
+        }
+        r
+    }
+
+    async fn get(&mut self, path: &str) -> Resp {
+        self.send(Method::GET, path, None).await
+    }
+
+    async fn post(&mut self, path: &str, form: &str) -> Resp {
+        self.send(Method::POST, path, Some(form)).await
+    }
+
+    /// Sign in through the form; the page's CSRF token.
+    async fn sign_in(&mut self) -> String {
+        let login = self.get("/ui/login").await;
+        let nonce = csrf_of(&login);
+        let r = self
+            .post("/ui/login", &format!("csrf={nonce}&token={ADMIN_TOKEN}"))
+            .await;
+        assert_eq!(r.status, 303);
+        assert_eq!(r.header("location"), Some("/ui/"));
+        let home = self.get("/ui/").await;
+        assert_eq!(home.status, 200);
+        csrf_of(&home)
+    }
+}
+
+use plangate_tests::harness::Resp;
+
+fn text(r: &Resp) -> String {
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+fn csrf_of(r: &Resp) -> String {
+    let body = text(r);
+    let start = body.find(r#"name="csrf" value=""#).expect("a csrf field") + 19;
+    body[start..start + 64].to_owned()
+}
+
+/// Every action of the account page, on each backend, over plain HTTP:
+/// assign a plan, grant credits, create and revoke a key, reset counters;
+/// the sign-in form's own CSRF check; security headers; no admin token in
+/// any page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_actions_on_each_backend() {
+    for t in TestGateway::each_backend().await {
+        let (account, key) = t.account(None).await;
+        let mut h = Http::new(&t);
+        // The sign-in form refuses a post without its own CSRF cookie...
+        let r = h
+            .post("/ui/login", &format!("csrf=x&token={ADMIN_TOKEN}"))
+            .await;
+        assert_eq!(r.status, 403);
+        assert!(!h.cookies.contains_key("plangate_console"));
+        // ...and a wrong token, without echoing it.
+        let nonce = csrf_of(&h.get("/ui/login").await);
+        let r = h
+            .post("/ui/login", &format!("csrf={nonce}&token=guess-123"))
+            .await;
+        assert_eq!(r.status, 401);
+        assert!(!text(&r).contains("guess-123"));
+        let csrf = h.sign_in().await;
+        let page = h.get(&format!("/ui/accounts/{account}")).await;
+        assert_eq!(page.status, 200);
+        let csp = page.header("content-security-policy").unwrap();
+        assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
+        assert_eq!(page.header("cache-control"), Some("no-store"));
+        assert_eq!(page.header("x-frame-options"), Some("DENY"));
+        assert!(!text(&page).contains(ADMIN_TOKEN));
+
+        // Assign a plan, and back to the default.
+        let r = h
+            .post(
+                &format!("/ui/accounts/{account}/plan"),
+                &format!("csrf={csrf}&plan=other"),
+            )
+            .await;
+        assert_eq!(r.status, 303, "{}", text(&r));
+        let a = t.catalog().get_account(&account).await.unwrap();
+        assert_eq!(a.plan_id.as_deref(), Some("other"));
+        let r = h
+            .post(
+                &format!("/ui/accounts/{account}/plan"),
+                &format!("csrf={csrf}&plan="),
+            )
+            .await;
+        assert_eq!(r.status, 303);
+        let a = t.catalog().get_account(&account).await.unwrap();
+        assert_eq!(a.plan_id, None);
+        // An unknown plan: the page says so, nothing changes.
+        let r = h
+            .post(
+                &format!("/ui/accounts/{account}/plan"),
+                &format!("csrf={csrf}&plan=ghost"),
+            )
+            .await;
+        assert_eq!(r.status, 404);
+        assert!(text(&r).contains("ghost"), "{}", text(&r));
+
+        // Grant credits; a bad amount or a past date is refused.
+        for (form, status) in [
+            ("credits=0", 400),
+            ("credits=ten", 400),
+            ("credits=5&expires=2020-01-01", 400),
+            ("credits=5&expires=someday", 400),
+            ("credits=250&expires=2027-02-01", 303),
+        ] {
+            let r = h
+                .post(
+                    &format!("/ui/accounts/{account}/credits"),
+                    &format!("csrf={csrf}&{form}"),
+                )
+                .await;
+            assert_eq!(r.status, status, "{form}: {}", text(&r));
+        }
+        assert_eq!(t.catalog().balance(&account).await.unwrap(), 250);
+
+        // Create a key: shown once, works; revoke it: refused at once.
+        let r = h
+            .post(
+                &format!("/ui/accounts/{account}/keys"),
+                &format!("csrf={csrf}&label=from+the+console"),
+            )
+            .await;
+        assert_eq!(r.status, 201);
+        let body = text(&r);
+        let at = body.find(r#"id="new-key">"#).unwrap() + 13;
+        let new_key = body[at..].split('<').next().unwrap().to_owned();
+        assert!(new_key.starts_with("pg_"), "{new_key}");
+        assert_eq!(t.chat(&new_key, "gpt-test").await.status, 200);
+        let made = t
+            .catalog()
+            .list_keys(&account)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|k| k.label.as_deref() == Some("from the console"))
+            .unwrap();
+        let page = text(&h.get(&format!("/ui/accounts/{account}")).await);
+        assert!(!page.contains(&new_key));
+        assert!(page.contains("from the console"));
+        // A key of another account is not revoked from this page.
+        let (_, other_key) = t.account(None).await;
+        let other = t
+            .catalog()
+            .lookup_key(&plangate::catalog::hash_key(&other_key))
+            .await
+            .unwrap()
+            .unwrap();
+        let r = h
+            .post(
+                &format!("/ui/accounts/{account}/keys/{}/revoke", other.key_id),
+                &format!("csrf={csrf}"),
+            )
+            .await;
+        assert_eq!(r.status, 404);
+        assert_eq!(t.chat(&other_key, "gpt-test").await.status, 200);
+        let r = h
+            .post(
+                &format!("/ui/accounts/{account}/keys/{}/revoke", made.id),
+                &format!("csrf={csrf}"),
+            )
+            .await;
+        assert_eq!(r.status, 303);
+        assert_eq!(t.chat(&new_key, "gpt-test").await.status, 401);
+
+        // Reset counters: the window that was full is empty again (the
+        // new key's request was the first of 3 this minute).
+        for _ in 0..2 {
+            assert_eq!(t.chat(&key, "gpt-test").await.status, 200);
+        }
+        t.wait_settled().await;
+        assert_eq!(t.chat(&key, "gpt-test").await.status, 429, "3 a minute");
+        let r = h
+            .post(
+                &format!("/ui/accounts/{account}/reset"),
+                &format!("csrf={csrf}&endpoint=gpt-test"),
+            )
+            .await;
+        assert_eq!(r.status, 303);
+        assert_eq!(t.chat(&key, "gpt-test").await.status, 200);
+
+        // The live fragment, the plans page, the overview; unknown pages.
+        t.wait_settled().await;
+        let bars = text(&h.get(&format!("/ui/accounts/{account}/limits")).await);
+        assert!(bars.contains("1 / 3"), "{bars}");
+        let plans = h.get("/ui/plans").await;
+        assert!(text(&plans).contains(r#"id="plan-other""#));
+        let overview = text(&h.get("/ui/").await);
+        assert!(overview.contains("rpm-hour"));
+        assert_eq!(h.get("/ui/nowhere").await.status, 404);
+        assert_eq!(h.get("/ui/accounts/no-such-account").await.status, 404);
+        // A session is not an admin API credential, nor the reverse.
+        let r = t.admin(Method::GET, "/admin/plans", None, "").await;
+        assert_eq!(r.status, 401);
+        let mut bearer_only = Http::new(&t);
+        let r = bearer_only.get("/ui/accounts").await;
+        assert_eq!(r.status, 303);
+        t.stop().await;
+    }
+}
