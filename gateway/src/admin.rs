@@ -167,6 +167,11 @@ impl Admin {
         &self.token
     }
 
+    /// The units plans may name now.
+    pub(crate) fn units(&self) -> Arc<KnownUnits> {
+        self.units.load_full()
+    }
+
     /// Why plan writes are refused (`[plans] source = "file"`), if they are.
     pub(crate) fn plan_writes_refused(&self) -> Option<&str> {
         self.plan_writes_refused.as_deref()

@@ -495,3 +495,71 @@ async fn console_actions_on_each_backend() {
         t.stop().await;
     }
 }
+
+fn unescape(s: &str) -> String {
+    s.replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+}
+
+/// Database-owned plans are edited on the plans page: what it shows
+/// applies as it is, a refused edit shows each error at its line and
+/// changes nothing; file-owned plans are not editable (409).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_plan_edits_on_each_backend() {
+    for backend in Backend::all().await {
+        let mut opts = Options::new(backend);
+        opts.plans_source = "database";
+        let t = TestGateway::start(opts).await;
+        let mut h = Http::new(&t);
+        let csrf = h.sign_in().await;
+        let page = text(&h.get("/ui/plans").await);
+        let start = page.find(r#"id="plans-text""#).expect("an edit form");
+        let start = start + page[start..].find('>').unwrap() + 1;
+        let end = start + page[start..].find("</textarea>").unwrap();
+        let shown = unescape(&page[start..end]);
+        let enc = |s: &str| s.bytes().map(|b| format!("%{b:02X}")).collect::<String>();
+        // What the page shows applies unchanged.
+        let r = h
+            .post("/ui/plans", &format!("csrf={csrf}&plans={}", enc(&shown)))
+            .await;
+        assert_eq!(r.status, 303, "{}", text(&r));
+
+        // An error is shown at its line; nothing is applied.
+        let bad = "plans:\n  gold:\n    endpoints:\n      gpt-test:\n        fixed_windows:\n          - window: 60s\n            limit: 0\n";
+        let r = h
+            .post("/ui/plans", &format!("csrf={csrf}&plans={}", enc(bad)))
+            .await;
+        assert_eq!(r.status, 400);
+        let body = text(&r);
+        assert!(body.contains(r#"data-line="7""#), "{body}");
+        assert!(body.contains("plans:7:"), "{body}");
+        assert!(body.contains("▶    7 │             limit: 0"), "{body}");
+        assert!(t.catalog().get_plan("gold").await.is_err());
+
+        // A good edit applies, and every gateway's cache hears of it.
+        let good = bad.replace("limit: 0", "limit: 7");
+        let r = h
+            .post("/ui/plans", &format!("csrf={csrf}&plans={}", enc(&good)))
+            .await;
+        assert_eq!(r.status, 303, "{}", text(&r));
+        let gold = t.catalog().get_plan("gold").await.unwrap();
+        assert_eq!(gold.endpoints["gpt-test"].windows[0].limit, 7);
+        assert!(text(&h.get("/ui/plans?done=plans").await).contains(r#"id="plan-gold""#));
+        // Without the CSRF token: refused.
+        let r = h.post("/ui/plans", &format!("plans={}", enc(&good))).await;
+        assert_eq!(r.status, 403);
+        t.stop().await;
+    }
+    // File-owned plans: shown, not editable.
+    let t = TestGateway::start(Options::new(Backend::Memory)).await;
+    let mut h = Http::new(&t);
+    let csrf = h.sign_in().await;
+    let page = text(&h.get("/ui/plans").await);
+    assert!(!page.contains("plans-text"));
+    let r = h.post("/ui/plans", &format!("csrf={csrf}&plans=x")).await;
+    assert_eq!(r.status, 409);
+    t.stop().await;
+}

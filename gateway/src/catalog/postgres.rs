@@ -1367,7 +1367,8 @@ impl Catalog for PostgresCatalog {
                    (SELECT LEAST(COALESCE(SUM(q.credits_remaining), 0), 9223372036854775807)::int8
                       FROM quota_blocks q
                       WHERE q.account_id = a.id AND (q.expires_at IS NULL OR q.expires_at > $5)),
-                   (SELECT max(u.ended_at) FROM usage_events u WHERE u.account_id = a.id)
+                   (SELECT max(u.ended_at) FROM usage_events u
+                      WHERE u.account_id = a.id COLLATE \"C\")
                  FROM accounts a
                  WHERE a.id COLLATE \"C\" >= $1::text COLLATE \"C\"
                    AND ($2::text IS NULL OR a.id COLLATE \"C\" < $2::text COLLATE \"C\")

@@ -140,7 +140,7 @@ pub(crate) async fn get(ctx: &Ctx<'_>, segs: &[&str], query: &str) -> Response<B
             Ok(s) => html(StatusCode::OK, s),
             Err(e) => html(e.status(), esc(&e.message())),
         },
-        ["plans"] => plans(ctx).await,
+        ["plans"] => plans_page(ctx, &q, None).await,
         _ => not_found(ctx, "No such console page."),
     }
 }
@@ -808,6 +808,7 @@ fn parse_expiry(s: Option<&str>) -> Result<Option<SystemTime>, ApiError> {
 /// A POST action (the CSRF token already checked).
 pub(crate) async fn post(ctx: &Ctx<'_>, segs: &[&str], form: &Form) -> Response<Body> {
     let result = match segs {
+        ["plans"] => return apply_plans(ctx, form).await,
         ["accounts", id, action] => act(ctx, id, action, form).await,
         ["accounts", id, "keys", key_id, "revoke"] => {
             let catalog = &ctx.admin.core().catalog;
@@ -928,15 +929,114 @@ async fn act(
 
 // ---------------------------------------------------------------- plans
 
-async fn plans(ctx: &Ctx<'_>) -> Response<Body> {
+/// Each error of a refused plans edit under the line it names, with two
+/// lines of context.
+fn error_listing(text: &str, errors: &crate::config::ConfigErrors) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = format!(
+        r#"<div class="msg err" id="plan-errors"><p>The plans were not applied: {} error(s).</p>"#,
+        errors.0.len()
+    );
+    for e in &errors.0 {
+        let _ = write!(
+            out,
+            r#"<p class="plan-error" data-line="{}"><strong>{}</strong></p>"#,
+            e.line.unwrap_or(0),
+            esc(&e.to_string())
+        );
+        let Some(line) = e.line.filter(|l| *l >= 1 && *l <= lines.len()) else {
+            continue;
+        };
+        out.push_str(r#"<pre class="listing">"#);
+        for n in line.saturating_sub(2).max(1)..=(line + 2).min(lines.len()) {
+            let mark = if n == line { "▶" } else { " " };
+            let _ = writeln!(out, "{mark}{n:>5} │ {}", esc(lines[n - 1]));
+            if n == line {
+                let col = e.column.unwrap_or(1).max(1);
+                let _ = writeln!(out, "       │ {}^", " ".repeat(col - 1));
+            }
+        }
+        out.push_str("</pre>");
+    }
+    out.push_str("</div>");
+    out
+}
+
+/// Check and apply an edited plans document (database-owned plans only).
+async fn apply_plans(ctx: &Ctx<'_>, form: &Form) -> Response<Body> {
+    if let Some(why) = ctx.admin.plan_writes_refused() {
+        return failure(
+            ctx,
+            &ApiError::Conflict {
+                message: why.to_owned(),
+            },
+        );
+    }
+    let text = form.get("plans").unwrap_or("").to_owned();
+    let units = ctx.admin.units();
+    let checked = {
+        let text = text.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::plans::parse::parse_plans_for(&text, "plans", &units)
+        })
+        .await
+    };
+    let plans = match checked {
+        Ok(Ok(plans)) => plans,
+        Ok(Err(errors)) => {
+            let mut resp = plans_page(ctx, &Form::default(), Some((&text, &errors))).await;
+            *resp.status_mut() = StatusCode::BAD_REQUEST;
+            return resp;
+        }
+        Err(_) => return failure(ctx, &ApiError::Internal),
+    };
+    let core = ctx.admin.core();
+    match core.catalog.apply_plans(&plans, false).await {
+        Ok(report) => {
+            core.cache.invalidate(&Invalidation::All);
+            tracing::warn!(target: "plangate::console", upserted = ?report.upserted, default_plan = ?report.default_plan, by = "console", "console: plans applied");
+            see_other("/ui/plans?done=plans")
+        }
+        Err(e) => failure(ctx, &ApiError::from(e)),
+    }
+}
+
+/// The plans page; `edit` is a refused edit to show again: its text and
+/// the errors (with their lines).
+async fn plans_page(
+    ctx: &Ctx<'_>,
+    q: &Form,
+    edit: Option<(&str, &crate::config::ConfigErrors)>,
+) -> Response<Body> {
     let catalog: &dyn Catalog = &*ctx.admin.core().catalog;
     let set = match catalog.list_plans().await {
         Ok(s) => s,
         Err(e) => return failure(ctx, &ApiError::from(e)),
     };
     let mut body = String::from("<h1>Plans</h1>");
+    if q.get("done") == Some("plans") {
+        body.push_str(r#"<p class="msg" id="done">Plans applied.</p>"#);
+    }
     if let Some(why) = ctx.admin.plan_writes_refused() {
         let _ = write!(body, r#"<p class="mut">{}</p>"#, esc(why));
+    } else {
+        // Database-owned plans: edited here, checked as `PUT /admin/plans`
+        // checks them; a refusal shows each error at its line.
+        let text = match edit {
+            Some((text, _)) => text.to_owned(),
+            None => serde_json::to_string_pretty(&crate::plans::parse::plans_to_json(&set))
+                .unwrap_or_default(),
+        };
+        if let Some((text, errors)) = edit {
+            body.push_str(&error_listing(text, errors));
+        }
+        let _ = write!(
+            body,
+            r#"<details class="card"{}><summary>Edit plans (YAML or JSON; plans left out are kept)</summary><form method="post" action="/ui/plans" data-confirm="Apply these plans to every gateway?"><input type="hidden" name="csrf" value="{}"><textarea name="plans" id="plans-text" rows="24" spellcheck="false">{}</textarea><p><button id="apply-plans">Apply</button></p></form></details>"#,
+            if edit.is_some() { " open" } else { "" },
+            esc(&ctx.csrf),
+            esc(&text)
+        );
     }
     for (id, plan) in &set.plans {
         let default = set.default_plan.as_deref() == Some(id.as_str());
@@ -972,7 +1072,24 @@ async fn plans(ctx: &Ctx<'_>) -> Response<Body> {
             let credits = p
                 .credits
                 .as_ref()
-                .map(|c| format!("{c:?}"))
+                .map(|c| {
+                    let mut parts = Vec::new();
+                    if c.min_balance > 0 {
+                        parts.push(format!("balance ≥ {}", num(c.min_balance)));
+                    }
+                    if c.per_request > 0 {
+                        parts.push(format!("{} per request", num(c.per_request)));
+                    }
+                    for (unit, pu) in &c.per_unit {
+                        parts.push(format!(
+                            "{} per {} {}",
+                            num(pu.credits),
+                            num(pu.per),
+                            unit.as_str()
+                        ));
+                    }
+                    parts.join(" · ")
+                })
                 .unwrap_or_else(|| "—".to_owned());
             let _ = write!(
                 body,
