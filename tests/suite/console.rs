@@ -484,6 +484,19 @@ async fn console_actions_on_each_backend() {
         assert!(text(&plans).contains(r#"id="plan-other""#));
         let overview = text(&h.get("/ui/").await);
         assert!(overview.contains("rpm-hour"));
+        // Top accounts come from the usage events (written in the background).
+        let mut top = String::new();
+        for _ in 0..100 {
+            top = text(&h.get("/ui/").await);
+            if top.contains(&format!(r#"<a href="/ui/accounts/{account}">"#)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            top.contains(&format!(r#"<a href="/ui/accounts/{account}">"#)),
+            "{top}"
+        );
         assert_eq!(h.get("/ui/nowhere").await.status, 404);
         assert_eq!(h.get("/ui/accounts/no-such-account").await.status, 404);
         // A session is not an admin API credential, nor the reverse.

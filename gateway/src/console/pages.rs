@@ -217,34 +217,33 @@ fn minute_label(minute: u64) -> String {
     format!("{:02}:{:02}", m / 60, m % 60)
 }
 
-/// The accounts with the most requests over the last 24 h, from up to
-/// 10,000 of its usage events.
+/// The accounts with the most requests over the last 24 h (summed by the
+/// catalog: one bucket per account active in that day).
 async fn top_accounts(ctx: &Ctx<'_>) -> String {
-    const SCAN: usize = 10_000;
     let catalog: &dyn Catalog = &*ctx.admin.core().catalog;
     let q = UsageQuery {
         since: Some(ms_time(ctx.now_ms.saturating_sub(86_400_000))),
         ..UsageQuery::default()
     };
-    let events = match catalog.usage_events(&q, None, SCAN).await {
-        Ok(e) => e,
+    let buckets = match catalog.usage_summary(&q, GroupBy::Account).await {
+        Ok(b) => b,
         Err(e) => return format!(r#"<p class="mut">{}</p>"#, esc(&e.to_string())),
     };
-    let mut per: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
-    for e in &events {
-        let entry = per.entry(&e.account_id).or_default();
-        entry.0 += 1;
-        entry.1 += e.units.iter().map(|u| u.measured).sum::<u64>();
-    }
-    let mut top: Vec<(&str, (u64, u64))> = per.into_iter().collect();
-    top.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(b.0)));
+    let mut top: Vec<(&str, u64, u64)> = buckets
+        .iter()
+        .filter_map(|b| match &b.key {
+            BucketKey::Account(a) => Some((a.as_str(), b.requests, b.units.values().sum())),
+            _ => None,
+        })
+        .collect();
+    top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     top.truncate(8);
     if top.is_empty() {
         return r#"<p class="mut">No usage recorded in the last 24 hours.</p>"#.to_owned();
     }
-    let max = top[0].1 .0.max(1);
+    let max = top[0].1.max(1);
     let mut out = String::new();
-    for (id, (requests, units)) in &top {
+    for (id, requests, units) in &top {
         let _ = write!(
             out,
             r#"<div class="win"><a href="/ui/accounts/{}">{}</a>{}<span class="mut">{} req · {} units</span></div>"#,
@@ -254,9 +253,6 @@ async fn top_accounts(ctx: &Ctx<'_>) -> String {
             num(*requests),
             num(*units)
         );
-    }
-    if events.len() == SCAN {
-        out.push_str(r#"<p class="mut">From the first 10,000 events of the last 24 h.</p>"#);
     }
     out
 }
@@ -717,7 +713,7 @@ async fn usage_charts(ctx: &Ctx<'_>, catalog: &dyn Catalog, id: &str) -> String 
         .iter()
         .filter_map(|b| match &b.key {
             BucketKey::Endpoint(e) => Some(e.clone()),
-            BucketKey::Start(_) => None,
+            _ => None,
         })
         .take(8)
         .collect();
