@@ -1015,6 +1015,7 @@ impl DevBanner {
         println!("  gateway:        {base}");
         if let (Some(admin), Some(token)) = (bound.admin, &self.admin_token) {
             println!("  admin API:      http://{admin}  (Authorization: Bearer {token})");
+            println!("  admin console:  http://{admin}/ui/  (sign in with the same token)");
         }
         for (what, busy) in [
             ("gateway", bound.main_busy),

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::Full;
+use plangate::clock::Clock;
 use plangate_tests::harness::{send_to, Backend, Options, TestGateway, ADMIN_TOKEN};
 use plangate_tests::webdriver::Browser;
 
@@ -497,6 +498,30 @@ async fn console_actions_on_each_backend() {
             top.contains(&format!(r#"<a href="/ui/accounts/{account}">"#)),
             "{top}"
         );
+        // An account whose only usage has no units: a requests chart alone.
+        let (quiet, _) = t.account(None).await;
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(t.clock.now_ms() - 1_000);
+        t.catalog()
+            .record_usage(&[plangate::catalog::UsageEvent {
+                request_id: format!("req-{quiet}"),
+                account_id: quiet.clone(),
+                key_id: None,
+                endpoint: "gpt-test".into(),
+                route: "/v1/chat/completions".into(),
+                units: Vec::new(),
+                credits: 0,
+                status: 200,
+                degraded: false,
+                streamed: false,
+                cut_short: false,
+                started_at: at,
+                ended_at: at,
+            }])
+            .await
+            .unwrap();
+        let page = h.get(&format!("/ui/accounts/{quiet}")).await;
+        assert_eq!(page.status, 200);
+        assert!(text(&page).contains("<h3>requests</h3>"), "{}", text(&page));
         assert_eq!(h.get("/ui/nowhere").await.status, 404);
         assert_eq!(h.get("/ui/accounts/no-such-account").await.status, 404);
         // A session is not an admin API credential, nor the reverse.

@@ -748,13 +748,10 @@ async fn usage_charts(ctx: &Ctx<'_>, catalog: &dyn Catalog, id: &str) -> String 
         }
     }
     let mut out = String::new();
-    let mut order: Vec<&String> = units.keys().filter(|u| *u != "requests").collect();
-    order.insert(
-        0,
-        units.keys().find(|u| *u == "requests").unwrap_or(order[0]),
-    );
-    for unit in order {
-        let days = &units[unit];
+    // Requests first, then the units by name.
+    let mut order: Vec<(&String, &Vec<Vec<u64>>)> = units.iter().collect();
+    order.sort_by_key(|(u, _)| *u != "requests");
+    for (unit, days) in order {
         let columns: Vec<(String, Vec<u64>)> = days
             .iter()
             .enumerate()
