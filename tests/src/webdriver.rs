@@ -275,6 +275,21 @@ impl Browser {
         .unwrap_or_else(|e| panic!("script failed: {e}"))
     }
 
+    /// The current page's Navigation Timing: (ms from navigation start to
+    /// the end of the load event, bytes of the HTML as transferred).
+    pub async fn load_timing(&self) -> (f64, u64) {
+        let v = self
+            .exec(
+                "const n = performance.getEntriesByType('navigation')[0];
+                 return [n.loadEventEnd - n.startTime, n.encodedBodySize];",
+            )
+            .await;
+        (
+            v[0].as_f64().unwrap_or(f64::NAN),
+            v[1].as_u64().unwrap_or(0),
+        )
+    }
+
     /// The session's cookies (HttpOnly ones included).
     pub async fn cookies(&self) -> Vec<Value> {
         self.cmd(Method::GET, "/cookie", None)

@@ -217,6 +217,20 @@ async fn console_in_a_real_browser() {
     b.set_size(1280, 900).await;
     assert!(!b.source().await.contains(ADMIN_TOKEN));
 
+    // Load times in the browser (HTML, CSS, JS, layout), 10,000 accounts.
+    for page in [
+        "/".to_owned(),
+        "/accounts".to_owned(),
+        "/accounts?q=cust-0424".to_owned(),
+        format!("/accounts/{target}"),
+        "/plans".to_owned(),
+    ] {
+        b.goto(&format!("{ui}{page}")).await;
+        let (ms, bytes) = b.load_timing().await;
+        eprintln!("console page {page}: loaded in {ms:.0} ms, {bytes} bytes of HTML");
+        assert!(ms < 2_000.0, "{page} took {ms} ms");
+    }
+
     // Sign out: the session is gone.
     b.click("#signout").await;
     b.find("#signin").await;
