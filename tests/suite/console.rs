@@ -251,8 +251,19 @@ async fn console_in_a_real_browser() {
     t.clock.advance(Duration::from_secs(9 * 60));
     b.goto(&format!("{ui}/accounts")).await;
     b.find("#accounts").await;
+    // An open account page notices on its next refresh (every 5 s).
+    b.goto(&format!("{ui}/accounts/{target}")).await;
+    b.find("#limits").await;
     t.clock.advance(Duration::from_secs(60));
-    b.goto(&format!("{ui}/accounts")).await;
+    let mut url = String::new();
+    for _ in 0..80 {
+        url = b.url().await;
+        if url.contains("/ui/login") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(url.ends_with("/ui/login?expired=1"), "{url}");
     let note = b.wait_text("#note", |s| !s.is_empty()).await;
     assert!(note.contains("expired"), "{note}");
     assert!(b.url().await.contains("/ui/login"));

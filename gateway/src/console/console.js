@@ -11,7 +11,12 @@ document.addEventListener("submit", function (ev) {
   var src = box.getAttribute("data-src");
   function refresh() {
     fetch(src, { credentials: "same-origin", cache: "no-store" })
-      .then(function (r) { return r.ok ? r.text() : null; })
+      .then(function (r) {
+        // Signed out or expired: the fragment redirects to the sign-in
+        // page; reload so the whole page goes there, not into the box.
+        if (r.redirected) { window.location.reload(); return null; }
+        return r.ok ? r.text() : null;
+      })
       .then(function (html) { if (html !== null) box.innerHTML = html; })
       .catch(function () {});
   }
