@@ -626,3 +626,36 @@ async fn console_plan_edits_on_each_backend() {
     assert_eq!(r.status, 409);
     t.stop().await;
 }
+
+/// The overview counts an admission made without the counter store as
+/// degraded, not admitted, and shows the store down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_overview_shows_degraded_admissions() {
+    if !Backend::all().await.contains(&Backend::Real) {
+        return;
+    }
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("redis://127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    let mut opts = Options::new(Backend::Real);
+    opts.redis_url = Some(dead);
+    opts.on_store_error = "open";
+    let t = TestGateway::start(opts).await;
+    let (_, key) = t.account(None).await;
+    let r = t.chat(&key, "gpt-test").await;
+    assert_eq!(r.header("x-ratelimit-degraded"), Some("true"));
+    let mut h = Http::new(&t);
+    h.sign_in().await;
+    let page = text(&h.get("/ui/").await);
+    let hour = &page[page.find(r#"id="rpm-hour""#).unwrap()..];
+    let hour = &hour[..hour.find("</svg>").unwrap()];
+    assert!(hour.contains(" degraded: 1</title>"), "{hour}");
+    assert!(!hour.contains(" admitted: "), "{hour}");
+    assert!(
+        page.contains(r#"<span class="pill down" id="store-redis">down</span>"#),
+        "{page}"
+    );
+    assert!(page.contains(r#"<span class="pill up" id="store-postgres">up</span>"#));
+    t.stop().await;
+}
