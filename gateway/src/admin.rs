@@ -44,8 +44,9 @@ pub struct Admin {
     units: Arc<arc_swap::ArcSwap<KnownUnits>>,
     /// Under `[plans] source = "file"`: why plan writes are refused (409).
     plan_writes_refused: Option<String>,
-    /// The browser console under `/ui/` and its sessions.
-    console: crate::console::Console,
+    /// The browser console under `/ui/` and its sessions; `None` when
+    /// `[admin] console = false`.
+    console: Option<crate::console::Console>,
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -145,18 +146,15 @@ impl Admin {
             core,
             units,
             plan_writes_refused: None,
-            console: crate::console::Console::new(Default::default()),
+            console: Some(crate::console::Console::new(Default::default())),
         }
     }
 
-    /// The console's session lifetime and cookie settings.
-    pub fn with_console(mut self, opts: crate::console::ConsoleOptions) -> Self {
-        self.console = crate::console::Console::new(opts);
+    /// The console's session lifetime and cookie settings; `None`: no
+    /// console (`/ui/` is an admin API path like any other: 401, 404).
+    pub fn with_console(mut self, opts: Option<crate::console::ConsoleOptions>) -> Self {
+        self.console = opts.map(crate::console::Console::new);
         self
-    }
-
-    pub(crate) fn console(&self) -> &crate::console::Console {
-        &self.console
     }
 
     pub(crate) fn core(&self) -> &Arc<Core> {
@@ -248,8 +246,10 @@ impl Admin {
         // The console signs in with the admin token once and then holds a
         // session cookie (`console.rs`); it never takes a bearer header.
         let path = req.uri().path();
-        if path == "/ui" || path.starts_with("/ui/") {
-            return crate::console::handle(&self, req).await;
+        if let Some(console) = &self.console {
+            if path == "/ui" || path.starts_with("/ui/") {
+                return crate::console::handle(&self, console, req).await;
+            }
         }
         if !self.authorized(&req) {
             return error_response(&ApiError::AdminUnauthorized);

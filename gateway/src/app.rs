@@ -197,10 +197,10 @@ impl App {
             Arc::new(
                 Admin::new(a.token.clone(), core.clone(), units.clone())
                     .with_metrics_token(a.metrics_token.clone())
-                    .with_console(crate::console::ConsoleOptions {
+                    .with_console(a.console.then_some(crate::console::ConsoleOptions {
                         session_ttl: a.console_session_ttl,
                         secure: a.tls.is_some(),
-                    })
+                    }))
                     .with_plan_writes_refused(config.plans.writes_refused()),
             )
         });

@@ -102,6 +102,8 @@ pub struct AdminConfig {
     pub metrics_token: Option<String>,
     /// HTTPS for the admin listener.
     pub tls: Option<TlsFiles>,
+    /// Serve the browser console under `/ui/` (`[admin] console`, default true).
+    pub console: bool,
     /// How long a console (`/ui/`) sign-in lasts (default 8 h, at most 1 day).
     pub console_session_ttl: Duration,
 }

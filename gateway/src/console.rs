@@ -258,8 +258,7 @@ pub(crate) struct Ctx<'a> {
 }
 
 /// Handle a request under `/ui`.
-pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
-    let console = admin.console();
+pub async fn handle(admin: &Admin, console: &Console, req: Request<Incoming>) -> Response<Body> {
     let now_ms = admin.core().limiter.clock().now_ms();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();

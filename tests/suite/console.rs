@@ -557,6 +557,21 @@ async fn console_actions_on_each_backend() {
         assert_eq!(r.status, 303);
         t.stop().await;
     }
+    // `[admin] console = false`: no console, the admin API alone.
+    let mut opts = Options::new(Backend::Memory);
+    opts.extra_admin = "console = false".into();
+    let t = TestGateway::start(opts).await;
+    let r = t.admin(Method::GET, "/ui/login", None, "").await;
+    assert_eq!(r.status, 401);
+    let r = t
+        .admin(Method::GET, "/ui/login", Some(ADMIN_TOKEN), "")
+        .await;
+    assert_eq!(r.status, 404);
+    let r = t
+        .admin(Method::GET, "/admin/plans", Some(ADMIN_TOKEN), "")
+        .await;
+    assert_eq!(r.status, 200);
+    t.stop().await;
 }
 
 fn unescape(s: &str) -> String {

@@ -481,6 +481,7 @@ impl Builder<'_> {
             token: token?,
             metrics_token,
             tls,
+            console: raw.console.unwrap_or(true),
             console_session_ttl,
         })
     }

@@ -271,6 +271,7 @@ usage.image = "body:data.length"
             token: "s3cret".into(),
             metrics_token: None,
             tls: None,
+            console: true,
             console_session_ttl: Duration::from_secs(8 * 3600),
         })
     );
