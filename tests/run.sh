@@ -4,7 +4,8 @@
 # Makes sure both are reachable on 127.0.0.1 first: starts them if installed
 # but stopped, installs the Debian packages if missing. Also pip-installs the
 # openai SDK and the LiteLLM proxy (a real upstream the suite starts itself)
-# if missing. Under this script a test that needs a service and cannot reach
+# if missing, and chromium + chromium-driver for the console's browser tests.
+# Under this script a test that needs a service and cannot reach
 # it FAILS (it never skips).
 #
 # Usage: ./tests/run.sh [extra cargo test args]
@@ -92,10 +93,20 @@ ensure_tools() {
   command -v openssl >/dev/null || apt_install openssl
 }
 
+ensure_chromium() {
+  # tests/suite/console.rs drives the admin console in a headless Chromium
+  # through chromedriver (WebDriver over HTTP).
+  if command -v chromedriver >/dev/null && { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then
+    return
+  fi
+  apt_install chromium chromium-driver
+}
+
 ensure_postgres
 ensure_python_openai
 ensure_python_litellm
 ensure_tools
+ensure_chromium
 ensure_redis
 log "PostgreSQL and Redis are up"
 # A 3-master Redis Cluster on loopback for tests/suite/cluster.rs (idempotent).

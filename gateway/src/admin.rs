@@ -1,6 +1,7 @@
 //! The admin listener (SPEC §7): the admin API over any [`Catalog`], and
 //! `/metrics`. Every request needs `Authorization: Bearer <admin token>`,
-//! compared in constant time.
+//! compared in constant time, but the browser console under `/ui/`
+//! (`console.rs`), which has its own sign-in and sessions.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -47,6 +48,9 @@ pub struct Admin {
     units: Arc<arc_swap::ArcSwap<KnownUnits>>,
     /// Under `[plans] source = "file"`: why plan writes are refused (409).
     plan_writes_refused: Option<String>,
+    /// The browser console under `/ui/` and its sessions; `None` when
+    /// `[admin] console = false`.
+    console: Option<crate::console::Console>,
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -149,7 +153,33 @@ impl Admin {
             core,
             units,
             plan_writes_refused: None,
+            console: Some(crate::console::Console::new(Default::default())),
         }
+    }
+
+    /// The console's session lifetime and cookie settings; `None`: no
+    /// console (`/ui/` is an admin API path like any other: 401, 404).
+    pub fn with_console(mut self, opts: Option<crate::console::ConsoleOptions>) -> Self {
+        self.console = opts.map(crate::console::Console::new);
+        self
+    }
+
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The units plans may name now.
+    pub(crate) fn units(&self) -> Arc<KnownUnits> {
+        self.units.load_full()
+    }
+
+    /// Why plan writes are refused (`[plans] source = "file"`), if they are.
+    pub(crate) fn plan_writes_refused(&self) -> Option<&str> {
+        self.plan_writes_refused.as_deref()
     }
 
     /// Refuse plan writes (409 with `message`): the plans file owns them.
@@ -191,7 +221,7 @@ impl Admin {
     /// After a credit change made here: drop this gateway's copy of the
     /// account's wallet at once, so the change holds from the next request
     /// (other gateways follow the catalog's notification).
-    async fn reload_wallet(&self, account: &str) {
+    pub(crate) async fn reload_wallet(&self, account: &str) {
         use crate::limiter::CounterStore;
         if let Err(e) = self
             .core
@@ -219,6 +249,14 @@ impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         if req.uri().path() == "/healthz" {
             return json(StatusCode::OK, &serde_json::json!({"status": "ok"}));
+        }
+        // The console signs in with the admin token once and then holds a
+        // session cookie (`console.rs`); it never takes a bearer header.
+        let path = req.uri().path();
+        if let Some(console) = &self.console {
+            if path == "/ui" || path.starts_with("/ui/") {
+                return crate::console::handle(&self, console, req).await;
+            }
         }
         if !self.authorized(&req) {
             return error_response(&ApiError::AdminUnauthorized);

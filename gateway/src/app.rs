@@ -223,6 +223,10 @@ impl App {
             Arc::new(
                 Admin::new(a.token.clone(), core.clone(), units.clone())
                     .with_metrics_token(a.metrics_token.clone())
+                    .with_console(a.console.then_some(crate::console::ConsoleOptions {
+                        session_ttl: a.console_session_ttl,
+                        secure: a.tls.is_some(),
+                    }))
                     .with_plan_writes_refused(config.plans.writes_refused()),
             )
         });
@@ -1043,6 +1047,7 @@ impl DevBanner {
         println!("  gateway:        {base}");
         if let (Some(admin), Some(token)) = (bound.admin, &self.admin_token) {
             println!("  admin API:      http://{admin}  (Authorization: Bearer {token})");
+            println!("  admin console:  http://{admin}/ui/  (sign in with the same token)");
         }
         for (what, busy) in [
             ("gateway", bound.main_busy),

@@ -138,6 +138,39 @@ pub struct DeletedAccount {
     pub credits_forfeited: u64,
 }
 
+/// One row of [`Catalog::search_accounts`]: an account with its balance
+/// and when it was last seen.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AccountSummary {
+    pub account: Account,
+    /// Credits remaining in its unexpired blocks (catalog clock).
+    pub balance: u64,
+    /// When its latest usage event ended, if it has any.
+    #[serde(with = "humantime_serde_opt")]
+    pub last_seen: Option<SystemTime>,
+}
+
+/// The least string above every string that starts with `prefix`
+/// (bytewise, as ids are ordered), or `None` when there is none (an empty
+/// prefix, or one of only `char::MAX`). Bounds a prefix search to an index
+/// range: `prefix <= id < upper`.
+pub fn prefix_upper_bound(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        // UTF-8 orders bytewise as code points do, so the next code point
+        // (surrogates skipped) is the next string of this length.
+        let next = match last as u32 + 1 {
+            0xD800 => Some('\u{E000}'),
+            n => char::from_u32(n),
+        };
+        if let Some(n) = next {
+            chars.push(n);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
 /// Longest key label, in bytes.
 pub const MAX_LABEL_BYTES: usize = 200;
 
@@ -465,6 +498,16 @@ pub trait Catalog: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> CatalogResult<Vec<Account>>;
+    /// Up to `limit` accounts whose id starts with `prefix`, ordered by
+    /// id (bytewise), those after `after` only, each with its balance and
+    /// last usage. One index range scan on Postgres, however many
+    /// accounts there are.
+    async fn search_accounts(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> CatalogResult<Vec<AccountSummary>>;
     /// Set (or, with a `null` value, remove) top-level keys of the
     /// account's metadata; NotFound if absent.
     async fn update_account_metadata(

@@ -102,6 +102,10 @@ pub struct AdminConfig {
     pub metrics_token: Option<String>,
     /// HTTPS for the admin listener.
     pub tls: Option<TlsFiles>,
+    /// Serve the browser console under `/ui/` (`[admin] console`, default true).
+    pub console: bool,
+    /// How long a console (`/ui/`) sign-in lasts (default 8 h, at most 1 day).
+    pub console_session_ttl: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -404,6 +408,8 @@ pub mod defaults {
     pub const LISTEN: &str = "0.0.0.0:8080";
     /// `[admin] listen`.
     pub const ADMIN_LISTEN: &str = "127.0.0.1:9090";
+    /// `[admin] console_session_ttl`: 8 hours.
+    pub const CONSOLE_SESSION_TTL_SECS: u64 = 8 * 3600;
     /// `[server] max_request_body`: 10 MiB.
     pub const MAX_REQUEST_BODY: u64 = 10 * 1024 * 1024;
     /// `[server] request_timeout`, seconds.

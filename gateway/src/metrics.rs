@@ -33,8 +33,42 @@ const LATENCY_BUCKETS: [f64; 12] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
 ];
 
-/// Every metric the gateway exports.
+/// The classes of the console's requests-per-minute chart, in the order
+/// [`Metrics::minutes`] returns their counts.
+pub const MINUTE_CLASSES: [&str; 6] = [
+    "admitted",
+    "degraded",
+    "denied",
+    "no_credits",
+    "refused",
+    "error",
+];
+
+/// Minutes of per-minute counts kept (one day).
+const MINUTES: usize = 1440;
+
+/// One minute of [`MINUTE_CLASSES`] counts; `minute` says which minute
+/// (since the epoch, + 1 so that 0 means never used) the counts are of.
 #[derive(Debug, Default)]
+struct MinuteSlot {
+    minute: AtomicU64,
+    counts: [AtomicU64; MINUTE_CLASSES.len()],
+}
+
+/// The class of a decision on the per-minute chart.
+fn minute_class(decision: &str, degraded: bool) -> usize {
+    match decision {
+        "admitted" if degraded => 1,
+        "admitted" => 0,
+        "denied" => 2,
+        "no_credits" => 3,
+        "store_error" | "upstream_error" | "upstream_timeout" | "internal_error" | "other" => 5,
+        _ => 4,
+    }
+}
+
+/// Every metric the gateway exports.
+#[derive(Debug)]
 pub struct Metrics {
     /// Looked up by `&str`: counting allocates only for a new label.
     requests: RwLock<HashMap<Box<str>, Decisions>>,
@@ -48,11 +82,76 @@ pub struct Metrics {
     /// `plangate_store_up` per external store label (`redis`, `postgres`),
     /// set by the store watch (`health.rs`); absent for in-process stores.
     stores_up: parking_lot::Mutex<Vec<(&'static str, bool)>>,
+    /// The last day of requests per minute by [`MINUTE_CLASSES`] (the
+    /// console's overview), a ring indexed by minute.
+    minutes: Box<[MinuteSlot]>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: RwLock::default(),
+            latency_buckets: Default::default(),
+            latency_count: AtomicU64::default(),
+            latency_sum_ns: AtomicU64::default(),
+            store_errors: AtomicU64::default(),
+            in_flight: AtomicU64::default(),
+            credits_charged: AtomicU64::default(),
+            reload_failures: AtomicU64::default(),
+            stores_up: parking_lot::Mutex::default(),
+            minutes: (0..MINUTES).map(|_| MinuteSlot::default()).collect(),
+        }
+    }
 }
 
 impl Metrics {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Count a response on the per-minute chart at `now_ms` (gateway
+    /// clock). A slot reused for a new minute is zeroed by the first
+    /// request of that minute; a request racing that reset may be lost,
+    /// which a chart can afford (the counters above are exact).
+    pub fn minute(&self, now_ms: u64, decision: &str, degraded: bool) {
+        let minute = now_ms / 60_000;
+        let slot = &self.minutes[(minute % MINUTES as u64) as usize];
+        let tag = minute + 1;
+        let seen = slot.minute.load(Ordering::Relaxed);
+        if seen != tag
+            && slot
+                .minute
+                .compare_exchange(seen, tag, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            for c in &slot.counts {
+                c.store(0, Ordering::Relaxed);
+            }
+        }
+        if slot.minute.load(Ordering::Relaxed) == tag {
+            slot.counts[minute_class(decision, degraded)].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The `n` minutes up to and including `now_minute` (minutes since
+    /// the epoch), oldest first, with their counts by [`MINUTE_CLASSES`]
+    /// (zeros for a minute without requests; at most a day back).
+    pub fn minutes(&self, now_minute: u64, n: usize) -> Vec<(u64, [u64; MINUTE_CLASSES.len()])> {
+        let n = n.min(MINUTES) as u64;
+        (0..n)
+            .rev()
+            .filter_map(|back| now_minute.checked_sub(back))
+            .map(|minute| {
+                let slot = &self.minutes[(minute % MINUTES as u64) as usize];
+                let mut counts = [0; MINUTE_CLASSES.len()];
+                if slot.minute.load(Ordering::Relaxed) == minute + 1 {
+                    for (c, a) in counts.iter_mut().zip(&slot.counts) {
+                        *c = a.load(Ordering::Relaxed);
+                    }
+                }
+                (minute, counts)
+            })
+            .collect()
     }
 
     /// Count a finished routing decision: `decision` is one of `admitted`,
@@ -310,6 +409,27 @@ mod tests {
         assert_eq!(text.matches("plangate_store_up{").count(), 2);
         assert_eq!(m.store_up("redis"), Some(false));
         assert_eq!(m.store_up("memory"), None);
+    }
+
+    #[test]
+    fn minutes_ring_counts_by_class_and_forgets_old_minutes() {
+        let m = Metrics::new();
+        let t = 1_799_920_820_000; // some minute
+        let min = t / 60_000;
+        m.minute(t, "admitted", false);
+        m.minute(t + 1, "admitted", true);
+        m.minute(t, "denied", false);
+        m.minute(t, "no_access", false);
+        m.minute(t + 60_000, "upstream_error", false);
+        let got = m.minutes(min + 1, 3);
+        assert_eq!(got[0], (min - 1, [0; 6]));
+        assert_eq!(got[1], (min, [1, 1, 1, 0, 1, 0]));
+        assert_eq!(got[2], (min + 1, [0, 0, 0, 0, 0, 1]));
+        // A day later the slot is reused: the old minute reads as empty.
+        let later = t + MINUTES as u64 * 60_000;
+        m.minute(later, "no_credits", false);
+        assert_eq!(m.minutes(min, 1)[0].1, [0; 6]);
+        assert_eq!(m.minutes(later / 60_000, 1)[0].1, [0, 0, 0, 1, 0, 0]);
     }
 
     #[test]

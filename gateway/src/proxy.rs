@@ -227,6 +227,8 @@ struct Outcome {
     /// admitted request's settlement holds it too, and adds the units and
     /// credits it settled with.
     access: Option<Arc<AccessLine>>,
+    /// Admitted without the counter store (`on_store_error = "open"`).
+    degraded: bool,
 }
 
 impl Outcome {
@@ -441,6 +443,8 @@ impl Gateway {
             decision,
             status,
         );
+        let now_ms = self.core.limiter.clock().now_ms();
+        self.core.metrics.minute(now_ms, decision, outcome.degraded);
         if let Some(line) = outcome.access.take() {
             line.note(|f| {
                 f.status = status;
@@ -462,6 +466,8 @@ impl Gateway {
         let mut resp = error_response(e);
         let status = resp.status().as_u16();
         self.core.metrics.request(NO_ENDPOINT, e.code(), status);
+        let now_ms = self.core.limiter.clock().now_ms();
+        self.core.metrics.minute(now_ms, e.code(), false);
         if self.table.load().access_log && access::enabled() {
             AccessLine::new(&request_id, None, Instant::now()).note(|f| {
                 f.status = status;
@@ -642,6 +648,7 @@ impl Gateway {
             }
         };
 
+        outcome.degraded = degraded;
         outcome.note(|f| f.degraded = degraded);
         // Shadow mode: admitted although the limits would have refused it;
         // counted, reported, not refused.

@@ -10,6 +10,7 @@ pub mod litellm;
 pub mod procs;
 pub mod rig;
 pub mod soak;
+pub mod webdriver;
 
 use std::time::Duration;
 

@@ -637,6 +637,104 @@ async fn key_plans(f: Fixture) {
     assert!(c.set_key_plan(&plain.id, None).await.is_err());
 }
 
+/// The console's account search: ids starting with a prefix, in bytewise
+/// order, in pages, each with its balance (unexpired blocks) and the end of
+/// its latest usage event.
+async fn account_search(f: Fixture) {
+    let c = &f.catalog;
+    c.apply_plans(
+        &set(Some("free"), &[plan("free", 1), plan("pro", 5)]),
+        false,
+    )
+    .await
+    .unwrap();
+    for id in [
+        "ab",
+        "abc",
+        "abd",
+        "ab\u{10FFFF}",
+        "ac",
+        "B",
+        "a",
+        "é1",
+        "é2",
+    ] {
+        c.create_account(id, (id == "abc").then_some("pro"), serde_json::json!({}))
+            .await
+            .unwrap();
+    }
+    let ids = |v: Vec<plangate::catalog::AccountSummary>| {
+        v.into_iter().map(|r| r.account.id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(c.search_accounts("ab", None, 10).await.unwrap()),
+        ["ab", "abc", "abd", "ab\u{10FFFF}"]
+    );
+    assert_eq!(
+        ids(c.search_accounts("ab", None, 2).await.unwrap()),
+        ["ab", "abc"]
+    );
+    assert_eq!(
+        ids(c.search_accounts("ab", Some("abc"), 2).await.unwrap()),
+        ["abd", "ab\u{10FFFF}"]
+    );
+    assert_eq!(
+        ids(c.search_accounts("é", None, 10).await.unwrap()),
+        ["é1", "é2"]
+    );
+    assert_eq!(
+        ids(c.search_accounts("", None, 3).await.unwrap()),
+        ["B", "a", "ab"]
+    );
+    assert!(c.search_accounts("zz", None, 10).await.unwrap().is_empty());
+    assert!(c.search_accounts("%", None, 10).await.unwrap().is_empty());
+    // Balance: unexpired blocks only; last seen: the latest event's end.
+    c.create_quota_block("abc", 7, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    c.create_quota_block(
+        "abc",
+        5,
+        Some(f.at(Duration::from_secs(60))),
+        serde_json::Value::Null,
+    )
+    .await
+    .unwrap();
+    f.clock.advance(Duration::from_secs(61));
+    let event = |id: &str, ended: SystemTime| plangate::catalog::UsageEvent {
+        request_id: id.into(),
+        account_id: "abc".into(),
+        key_id: None,
+        endpoint: "m".into(),
+        route: "/v1/chat/completions".into(),
+        units: Vec::new(),
+        credits: 0,
+        status: 200,
+        degraded: false,
+        streamed: false,
+        cut_short: false,
+        started_at: ended,
+        ended_at: ended,
+    };
+    c.record_usage(&[
+        event("req-2", f.at(Duration::from_secs(20))),
+        event("req-1", f.at(Duration::from_secs(10))),
+    ])
+    .await
+    .unwrap();
+    let rows = c.search_accounts("ab", None, 2).await.unwrap();
+    assert_eq!(rows[0].balance, 0);
+    assert_eq!(rows[0].last_seen, None);
+    assert_eq!(rows[1].account.plan_id.as_deref(), Some("pro"));
+    assert_eq!(rows[1].balance, 7);
+    assert_eq!(rows[1].last_seen, Some(f.at(Duration::from_secs(20))));
+    assert_eq!(
+        rows[0].account.effective_plan.as_deref(),
+        Some("free"),
+        "the default plan is the effective plan"
+    );
+}
+
 /// Accounts listed by id in pages, filtered by effective plan; metadata
 /// patched; deleted with their keys and blocks (refused while credits
 /// remain, unless forced), their ledger kept.
@@ -1524,6 +1622,14 @@ impl Catalog for Deaf {
     ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::Account>> {
         self.0.list_accounts(plan, after, limit).await
     }
+    async fn search_accounts(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> plangate::catalog::CatalogResult<Vec<plangate::catalog::AccountSummary>> {
+        self.0.search_accounts(prefix, after, limit).await
+    }
     async fn update_account_metadata(
         &self,
         id: &str,
@@ -1931,6 +2037,7 @@ conformance!(
     key_labels_and_expiry,
     key_plans,
     account_lifecycle,
+    account_search,
     plans_file_owner_round_trips,
     quota_blocks_and_expiry,
     grants_are_bounded,

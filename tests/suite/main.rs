@@ -5,6 +5,7 @@ mod cache_trust;
 mod catalog;
 mod cluster;
 mod config;
+mod console;
 mod gateway;
 mod http_ops;
 mod integrity;

@@ -297,6 +297,17 @@ async fn admin_listener_over_tls_with_a_read_only_metrics_token() {
         ),
         400
     );
+    // Under TLS the console's cookies are `Secure`.
+    let login = client
+        .request(call("GET", "/ui/login", ""))
+        .await
+        .expect("https");
+    assert_eq!(login.status(), 200);
+    let cookie = login.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.ends_with("; Secure"),
+        "{cookie}"
+    );
     // Plain HTTP to the admin port is not served.
     let plain = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let r = plain

@@ -16,10 +16,10 @@ use tokio::sync::broadcast;
 use super::{
     already_revoked, check_billing_anchor, check_block_expiry, check_credits, check_grant,
     check_id, check_key_options, credits_left, generate_id, generate_key, hash_key, merge_metadata,
-    ms_to_time, normalize_metadata, time_to_ms, trunc_micros, Account, ApiKeyInfo, ApplyReport,
-    Catalog, CatalogError, CatalogResult, CreditOp, CreditSnapshot, DeductResult, Deduction,
-    DeletedAccount, Draw, GroupBy, Invalidation, KeyOptions, KeyOwner, LedgerEntry, NewApiKey,
-    QuotaBlock, UsageBucket, UsageCursor, UsageEvent, UsageQuery, MAX_ACCOUNTS_PAGE,
+    ms_to_time, normalize_metadata, time_to_ms, trunc_micros, Account, AccountSummary, ApiKeyInfo,
+    ApplyReport, Catalog, CatalogError, CatalogResult, CreditOp, CreditSnapshot, DeductResult,
+    Deduction, DeletedAccount, Draw, GroupBy, Invalidation, KeyOptions, KeyOwner, LedgerEntry,
+    NewApiKey, QuotaBlock, UsageBucket, UsageCursor, UsageEvent, UsageQuery, MAX_ACCOUNTS_PAGE,
 };
 use crate::catalog::notifications::NotificationStore;
 use crate::catalog::usage::{check_batch, epoch_ms_ceil, Summary};
@@ -90,6 +90,15 @@ impl UsageStore {
             }
         }
         inserted
+    }
+
+    /// When the account's latest event ended (ms), if it has any.
+    fn last_ended(&self, account: &str) -> Option<u64> {
+        self.by_time
+            .iter()
+            .rev()
+            .find(|(_, e)| e.account_id == account)
+            .map(|((ended, _), _)| *ended)
     }
 
     fn page(&self, q: &UsageQuery, after: Option<&UsageCursor>, limit: usize) -> Vec<UsageEvent> {
@@ -526,6 +535,38 @@ impl Catalog for MemoryCatalog {
             .take(limit.min(MAX_ACCOUNTS_PAGE + 1))
             .map(|id| st.account(id))
             .collect()
+    }
+
+    async fn search_accounts(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> CatalogResult<Vec<AccountSummary>> {
+        let now = self.now();
+        let rows: Vec<(Account, u64)> = {
+            let st = self.state.lock();
+            let mut ids: Vec<&String> = st
+                .accounts
+                .keys()
+                .filter(|id| id.starts_with(prefix))
+                .filter(|id| after.map_or(true, |a| id.as_bytes() > a.as_bytes()))
+                .collect();
+            ids.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            ids.into_iter()
+                .take(limit.min(MAX_ACCOUNTS_PAGE + 1))
+                .map(|id| Ok((st.account(id)?, st.balance(id, now))))
+                .collect::<CatalogResult<_>>()?
+        };
+        let usage = self.usage.lock();
+        Ok(rows
+            .into_iter()
+            .map(|(account, balance)| AccountSummary {
+                last_seen: usage.last_ended(&account.id).map(ms_to_time),
+                account,
+                balance,
+            })
+            .collect())
     }
 
     async fn update_account_metadata(

@@ -23,9 +23,9 @@ use super::{
 };
 use super::{
     check_billing_anchor, check_credits, check_grant, check_id, generate_id, generate_key,
-    hash_key, ms_to_time, normalize_metadata, Account, ApiKeyInfo, ApplyReport, Catalog,
-    CatalogError, CatalogResult, CreditOp, CreditSnapshot, DeductResult, Deduction, Draw, GroupBy,
-    Invalidation, KeyOwner, LedgerEntry, NewApiKey, QuotaBlock, UsageBucket, UsageCursor,
+    hash_key, ms_to_time, normalize_metadata, Account, AccountSummary, ApiKeyInfo, ApplyReport,
+    Catalog, CatalogError, CatalogResult, CreditOp, CreditSnapshot, DeductResult, Deduction, Draw,
+    GroupBy, Invalidation, KeyOwner, LedgerEntry, NewApiKey, QuotaBlock, UsageBucket, UsageCursor,
     UsageEvent, UsageQuery,
 };
 use crate::clock::SharedClock;
@@ -1369,6 +1369,62 @@ impl Catalog for PostgresCatalog {
                     plan_id,
                     metadata: r.get(2),
                     billing_anchor: anchor.and_then(|a| u8::try_from(a).ok()),
+                }
+            })
+            .collect())
+    }
+
+    async fn search_accounts(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> CatalogResult<Vec<AccountSummary>> {
+        let now = self.now();
+        let conn = self.conn().await?;
+        let limit = limit.min(MAX_ACCOUNTS_PAGE + 1) as i64;
+        let upper = super::prefix_upper_bound(prefix);
+        // `prefix <= id < upper` on the bytewise index (accounts_id_bytewise):
+        // one range scan stopped by the limit, whatever the table's size.
+        // Balance and last use: one index probe each per row shown.
+        let stmt = conn
+            .prepare_cached(
+                "WITH d AS (SELECT id FROM plans WHERE is_default)
+                 SELECT a.id, a.plan_id, a.metadata, (SELECT id FROM d), a.billing_anchor,
+                   (SELECT LEAST(COALESCE(SUM(q.credits_remaining), 0), 9223372036854775807)::int8
+                      FROM quota_blocks q
+                      WHERE q.account_id = a.id AND (q.expires_at IS NULL OR q.expires_at > $5)),
+                   (SELECT max(u.ended_at) FROM usage_events u
+                      WHERE u.account_id = a.id COLLATE \"C\")
+                 FROM accounts a
+                 WHERE a.id COLLATE \"C\" >= $1::text COLLATE \"C\"
+                   AND ($2::text IS NULL OR a.id COLLATE \"C\" < $2::text COLLATE \"C\")
+                   AND ($3::text IS NULL OR a.id COLLATE \"C\" > $3::text COLLATE \"C\")
+                 ORDER BY a.id COLLATE \"C\"
+                 LIMIT $4",
+            )
+            .await
+            .map_err(db_err)?;
+        let rows = conn
+            .query(&stmt, &[&prefix, &upper, &after, &limit, &now])
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let plan_id: Option<String> = r.get(1);
+                let default: Option<String> = r.get(3);
+                let anchor: Option<i16> = r.get(4);
+                AccountSummary {
+                    account: Account {
+                        id: r.get(0),
+                        effective_plan: plan_id.clone().or(default),
+                        plan_id,
+                        metadata: r.get(2),
+                        billing_anchor: anchor.and_then(|a| u8::try_from(a).ok()),
+                    },
+                    balance: r.get::<_, i64>(5) as u64,
+                    last_seen: r.get(6),
                 }
             })
             .collect())

@@ -20,10 +20,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::{
-    Account, ApiKeyInfo, ApplyReport, Attempted, Catalog, CatalogError, CatalogResult, CreditOp,
-    CreditSnapshot, DeductResult, Deduction, DeletedAccount, GroupBy, Invalidation, KeyOptions,
-    KeyOwner, LedgerEntry, NewApiKey, NewNotification, Notification, NotificationQuery, QuotaBlock,
-    UsageBucket, UsageCursor, UsageEvent, UsageQuery,
+    Account, AccountSummary, ApiKeyInfo, ApplyReport, Attempted, Catalog, CatalogError,
+    CatalogResult, CreditOp, CreditSnapshot, DeductResult, Deduction, DeletedAccount, GroupBy,
+    Invalidation, KeyOptions, KeyOwner, LedgerEntry, NewApiKey, NewNotification, Notification,
+    NotificationQuery, QuotaBlock, UsageBucket, UsageCursor, UsageEvent, UsageQuery,
 };
 use crate::plans::{Plan, PlanSet};
 
@@ -128,6 +128,19 @@ impl<C: Catalog> Catalog for Timed<C> {
         self.within(
             "list_accounts",
             self.inner.list_accounts(plan, after, limit),
+        )
+        .await
+    }
+
+    async fn search_accounts(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> CatalogResult<Vec<AccountSummary>> {
+        self.within(
+            "search_accounts",
+            self.inner.search_accounts(prefix, after, limit),
         )
         .await
     }
@@ -423,6 +436,7 @@ mod tests {
         assign_plan(account_id: &str, plan_id: Option<&str>) -> ();
         get_account(id: &str) -> Account;
         list_accounts(plan: Option<&str>, after: Option<&str>, limit: usize) -> Vec<Account>;
+        search_accounts(prefix: &str, after: Option<&str>, limit: usize) -> Vec<AccountSummary>;
         update_account_metadata(
             id: &str,
             patch: &serde_json::Map<String, serde_json::Value>

@@ -312,6 +312,9 @@ pub enum GroupBy {
     Day,
     /// By endpoint.
     Endpoint,
+    /// By account (the console's top accounts). Not read from query
+    /// strings: the admin API and `/v1/usage` group by the other three.
+    Account,
 }
 
 impl GroupBy {
@@ -331,6 +334,7 @@ impl GroupBy {
             GroupBy::Hour => "hour",
             GroupBy::Day => "day",
             GroupBy::Endpoint => "endpoint",
+            GroupBy::Account => "account",
         }
     }
 }
@@ -342,6 +346,8 @@ pub enum BucketKey {
     Start(SystemTime),
     /// Events of this endpoint.
     Endpoint(String),
+    /// Events of this account.
+    Account(String),
 }
 
 /// Sums over the events of one bucket.
@@ -368,6 +374,7 @@ impl Serialize for UsageBucket {
                 m.serialize_entry("start", &humantime::format_rfc3339_millis(*t).to_string())?
             }
             BucketKey::Endpoint(e) => m.serialize_entry("endpoint", e)?,
+            BucketKey::Account(a) => m.serialize_entry("account", a)?,
         }
         m.serialize_entry("requests", &self.requests)?;
         m.serialize_entry("credits", &self.credits)?;
@@ -383,6 +390,7 @@ pub(crate) fn bucket_key(group_by: GroupBy, e: &UsageEvent) -> BucketKey {
         GroupBy::Hour => BucketKey::Start(from_ms(ms - ms % HOUR_MS)),
         GroupBy::Day => BucketKey::Start(from_ms(ms - ms % DAY_MS)),
         GroupBy::Endpoint => BucketKey::Endpoint(e.endpoint.clone()),
+        GroupBy::Account => BucketKey::Account(e.account_id.clone()),
     }
 }
 
@@ -602,7 +610,7 @@ mod tests {
         let e = event("r", 1_799_920_820_123).normalized();
         let start = |k: BucketKey| match k {
             BucketKey::Start(t) => humantime::format_rfc3339_millis(t).to_string(),
-            BucketKey::Endpoint(e) => e,
+            BucketKey::Endpoint(e) | BucketKey::Account(e) => e,
         };
         assert_eq!(
             start(bucket_key(GroupBy::Hour, &e)),

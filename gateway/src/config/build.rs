@@ -474,11 +474,18 @@ impl Builder<'_> {
             }
         }
         let tls = self.tls_files(raw.tls_cert.as_ref(), raw.tls_key.as_ref(), "admin");
+        let console_session_ttl = self.duration(
+            raw.console_session_ttl.as_ref(),
+            "admin.console_session_ttl",
+            Duration::from_secs(defaults::CONSOLE_SESSION_TTL_SECS),
+        );
         Some(AdminConfig {
             listen,
             token: token?,
             metrics_token,
             tls,
+            console: raw.console.unwrap_or(true),
+            console_session_ttl,
         })
     }
 

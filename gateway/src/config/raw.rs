@@ -59,6 +59,10 @@ pub struct RawAdmin {
     pub metrics_token: Option<Str>,
     pub tls_cert: Option<Str>,
     pub tls_key: Option<Str>,
+    /// Serve the browser console under `/ui/` (default true).
+    pub console: Option<bool>,
+    /// How long a console sign-in lasts.
+    pub console_session_ttl: Option<Str>,
 }
 
 /// `[storage]`

@@ -271,6 +271,8 @@ usage.image = "body:data.length"
             token: "s3cret".into(),
             metrics_token: None,
             tls: None,
+            console: true,
+            console_session_ttl: Duration::from_secs(8 * 3600),
         })
     );
     assert_eq!(c.storage.on_store_error, OnStoreError::Closed);

@@ -405,6 +405,21 @@ async fn summaries(f: Fixture) {
             ),
         ]
     );
+    // By account (the console's top accounts), bytewise.
+    assert_eq!(
+        c.usage_summary(&everything(), GroupBy::Account)
+            .await
+            .unwrap(),
+        vec![
+            bucket(
+                BucketKey::Account("a".into()),
+                4,
+                17,
+                &[("image", 5), ("token", 151)]
+            ),
+            bucket(BucketKey::Account("b".into()), 2, 1, &[("token", 9)]),
+        ]
+    );
     // Filters apply before grouping.
     let b_only = UsageQuery {
         account_id: Some("b".into()),

@@ -245,6 +245,7 @@ pub(super) async fn summary(
         GroupBy::Hour => "date_trunc('hour', ended_at, 'UTC')",
         GroupBy::Day => "date_trunc('day', ended_at, 'UTC')",
         GroupBy::Endpoint => "endpoint",
+        GroupBy::Account => "account_id",
     };
     let mut params: Vec<Param> = Vec::new();
     let clauses = filters(q, &mut params);
@@ -270,6 +271,7 @@ pub(super) async fn summary(
         let k = match group_by {
             GroupBy::Hour | GroupBy::Day => BucketKey::Start(r.get::<_, SystemTime>(0)),
             GroupBy::Endpoint => BucketKey::Endpoint(r.get(0)),
+            GroupBy::Account => BucketKey::Account(r.get(0)),
         };
         let whole: bool = r.get(2);
         if whole {
