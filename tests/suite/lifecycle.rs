@@ -505,7 +505,7 @@ async fn the_admin_api_covers_the_account_lifecycle() {
 /// never straddles a window's end).
 fn plans_with_daily() -> String {
     format!(
-        "{PLANS}  daily:\n    endpoints:\n      gpt-4o:\n        fixed_windows:\n          - window: 86400s\n            limit: 100\n"
+        "{PLANS}  daily:\n    endpoints:\n      gpt-4o:\n        fixed_windows:\n          - window: 86400s\n            limit: 100\n  monthly:\n    endpoints:\n      gpt-4o:\n        fixed_windows:\n          - window: 1mo\n            calendar: utc\n            limit: 100\n"
     )
 }
 
@@ -772,6 +772,37 @@ async fn the_cli_covers_the_account_lifecycle() {
         out.text()
     );
     assert_eq!(used().await, 0);
+
+    // An account billed from the 15th counts its months in `1mo@15`
+    // counters: those are the ones reset (before, the CLI reset the
+    // unanchored `1mo` ones and left the account's month as it was).
+    let billed = plangate_tests::harness::unique("bill");
+    ok(cli(&["accounts", "create", &billed, "--plan", "monthly"]));
+    ok(cli(&["accounts", "billing-anchor", &billed, "15"]));
+    let anchored = plan.plans["monthly"].anchored(15);
+    let policy = anchored.endpoints["gpt-4o"].clone();
+    let used = || async {
+        let info = limiter
+            .info(&billed, "gpt-4o", &policy)
+            .await
+            .expect("info");
+        info.windows[0].used
+    };
+    for i in 0..2 {
+        match limiter
+            .attempt(&format!("{id}-m{i}"), &billed, "gpt-4o", &policy, &[])
+            .await
+            .expect("attempt")
+        {
+            plangate::limiter::Attempt::Admitted(permit, _) => {
+                permit.end(&[]).await.expect("end");
+            }
+            plangate::limiter::Attempt::Denied(d, _) => panic!("denied: {d:?}"),
+        }
+    }
+    assert_eq!(used().await, 2);
+    ok(with_redis(&["limits", "reset", &billed]));
+    assert_eq!(used().await, 0, "the anchored month was reset");
     drop_database(db_name(&db)).await;
 }
 

@@ -532,7 +532,13 @@ async fn limits(
             "account {account} has no plan (no plans exist): nothing to reset"
         )));
     };
-    let plan = catalog.get_plan(&plan_id).await.map_err(catalog_err)?;
+    // Anchored as the gateway anchors it (`CatalogCache::plan_by_id`): an
+    // account billed from the 15th counts its months in `1mo@15` windows.
+    let anchor = |plan: std::sync::Arc<crate::plans::Plan>| match account_row.billing_anchor {
+        Some(a) if a > 1 && plan.has_months() => plan.anchored(a),
+        _ => plan,
+    };
+    let plan = anchor(catalog.get_plan(&plan_id).await.map_err(catalog_err)?);
     let options = RedisOptions::default();
     let store = match (redis_url, storage) {
         (Some(url), _) => RedisStore::connect_with(&url, options)
@@ -562,7 +568,10 @@ async fn limits(
     let mut keys = Vec::new();
     for k in catalog.list_keys(&account).await.map_err(catalog_err)? {
         if let (false, Some(plan_id)) = (k.revoked, k.plan_id.as_deref()) {
-            keys.push((k.id, catalog.get_plan(plan_id).await.map_err(catalog_err)?));
+            keys.push((
+                k.id,
+                anchor(catalog.get_plan(plan_id).await.map_err(catalog_err)?),
+            ));
         }
     }
     let now_ms = crate::clock::Clock::now_ms(&SystemClock);
