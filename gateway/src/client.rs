@@ -373,6 +373,17 @@ pub mod admin {
         }
     }
 
+    /// Bill an account from day `anchor` of the month (1 to 31; `None`:
+    /// from the 1st): its calendar-month windows run anchor to anchor,
+    /// clamped in short months (README "Calendar windows").
+    pub async fn set_billing_anchor(
+        db: &dyn Catalog,
+        account_id: &str,
+        anchor: Option<u8>,
+    ) -> CatalogResult<()> {
+        db.set_billing_anchor(account_id, anchor).await
+    }
+
     /// The plan in force for an account (its own, else the default);
     /// unknown accounts are on the default plan. `None` if no plan exists.
     pub async fn get_account_plan(

@@ -2853,6 +2853,22 @@ mod client {
             "free"
         );
         wait_for(|| async { c.policy("acct", "images").await.is_ok() }).await;
+        // Billing anchors: set, refused out of range, cleared.
+        admin::set_billing_anchor(db, "acct", Some(15))
+            .await
+            .unwrap();
+        assert_eq!(
+            db.get_account("acct").await.unwrap().billing_anchor,
+            Some(15)
+        );
+        assert!(admin::set_billing_anchor(db, "acct", Some(32))
+            .await
+            .is_err());
+        assert!(admin::set_billing_anchor(db, "ghost", Some(2))
+            .await
+            .is_err());
+        admin::set_billing_anchor(db, "acct", None).await.unwrap();
+        assert_eq!(db.get_account("acct").await.unwrap().billing_anchor, None);
         admin::set_default_plan(db, "premium").await.unwrap();
         assert!(matches!(
             admin::delete_plan(db, "premium").await,
