@@ -42,6 +42,27 @@ async fn burst(
     (all, per)
 }
 
+/// One request on another endpoint through each process, so that both
+/// have the key and the account cached when the burst starts: on a loaded
+/// machine a process still reading them from Postgres could otherwise see
+/// the other admit the whole limit first (the check that both admitted
+/// some failed so once in CI).
+async fn warm(addrs: &[std::net::SocketAddr], key: &str) {
+    let client = http_client();
+    for &addr in addrs {
+        let r = rig::chat(
+            &client,
+            addr,
+            "/v1/chat/completions",
+            key,
+            "free-model",
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200, "warm-up: {:?}", r.body);
+    }
+}
+
 /// Two `plangate serve` processes on one Postgres database and one Redis:
 /// 400 concurrent requests against 100/day admit exactly 100; 150
 /// concurrent requests against 70 credits in two blocks admit exactly 70,
@@ -74,6 +95,7 @@ async fn exact_across_two_gateway_processes() {
     let (all, per) = loop {
         attempt += 1;
         let (_, key) = account_with_key(&*cat, "exact").await;
+        warm(&addrs, &key).await;
         let day = day_now();
         let out = burst(&addrs, 400, &key, "exact-model").await;
         if day == day_now() || attempt == 2 {
@@ -104,6 +126,7 @@ async fn exact_across_two_gateway_processes() {
     cat.create_quota_block(&account, 40, None, serde_json::json!({}))
         .await
         .expect("block 40");
+    warm(&addrs, &key).await;
     let requests_before = mock.requests();
     let (all, per) = burst(&addrs, 150, &key, "paid-exact").await;
     let forwarded = mock.requests() - requests_before;
