@@ -145,7 +145,7 @@ impl App {
             (None, Some(path)) => {
                 let (store, refunded) = MemoryStore::with_spool(path, clock.now_ms())
                     .map_err(|e| bad(format!("[storage] spool {}: {e}", path.display())))?;
-                tracing::info!(path = %path.display(), refunded, "outbox spool replayed (admissions of requests that never ended refunded)");
+                tracing::info!(path = %path.display(), refunded, "outbox spool replayed (admission charges of requests that never ended, from an older version's spool, refunded)");
                 store.with_outbox_limit(config.storage.outbox_memory).into()
             }
             (None, None) => MemoryStore::new()
