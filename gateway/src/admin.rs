@@ -391,12 +391,7 @@ impl Admin {
                     .list_accounts(p.get("plan"), p.get("after"), limit + 1)
                     .await
                     .map_err(catalog_error)?;
-                let next = if accounts.len() > limit {
-                    accounts.truncate(limit);
-                    accounts.last().map(|a| a.id.clone())
-                } else {
-                    None
-                };
+                let next = crate::catalog::next_page(&mut accounts, limit, |a| a.id.clone());
                 Ok(json(
                     StatusCode::OK,
                     &serde_json::json!({"accounts": accounts, "next_after": next}),
@@ -649,12 +644,7 @@ impl Admin {
                     })
                     .await
                     .map_err(catalog_error)?;
-                let next = if rows.len() > limit {
-                    rows.truncate(limit);
-                    rows.last().map(|n| n.seq.to_string())
-                } else {
-                    None
-                };
+                let next = crate::catalog::next_page(&mut rows, limit, |n| n.seq.to_string());
                 Ok(json(
                     StatusCode::OK,
                     &serde_json::json!({"notifications": rows, "next_cursor": next}),
@@ -674,12 +664,9 @@ impl Admin {
                     .usage_events(&q, cursor.as_ref(), limit + 1)
                     .await
                     .map_err(catalog_error)?;
-                let next = if events.len() > limit {
-                    events.truncate(limit);
-                    events.last().map(|e| UsageCursor::after(e).encode())
-                } else {
-                    None
-                };
+                let next = crate::catalog::next_page(&mut events, limit, |e| {
+                    UsageCursor::after(e).encode()
+                });
                 Ok(json(
                     StatusCode::OK,
                     &serde_json::json!({"events": events, "next_cursor": next}),

@@ -733,6 +733,22 @@ pub fn parse_hex_digest(hex: &str) -> Option<KeyDigest> {
 pub const MAX_ID_BYTES: usize = 200;
 
 /// Check a billing anchor: a day of the month, 1 to 31.
+/// Keyset paging: `rows` was read with `limit + 1` (one more than asked),
+/// so a next page is promised only when there is one. Cuts `rows` to
+/// `limit` and returns the cursor of its last row when more follow.
+pub fn next_page<T>(
+    rows: &mut Vec<T>,
+    limit: usize,
+    cursor: impl FnOnce(&T) -> String,
+) -> Option<String> {
+    if rows.len() > limit {
+        rows.truncate(limit);
+        rows.last().map(cursor)
+    } else {
+        None
+    }
+}
+
 pub(crate) fn check_billing_anchor(anchor: Option<u8>) -> CatalogResult<()> {
     match anchor {
         Some(a) if !(1..=crate::plans::MAX_BILLING_ANCHOR).contains(&a) => {

@@ -71,20 +71,7 @@ impl UpstreamClient {
             .collect();
         let tls = client_tls_config(up.ca_file.as_deref())
             .map_err(|e| format!("upstream {}: {e}", up.name))?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
+        let client = https_client(tls, Duration::from_secs(5), Duration::from_secs(60), 1024);
         Ok(Self {
             name: up.name.clone(),
             scheme,
@@ -115,6 +102,34 @@ impl UpstreamClient {
     pub fn client(&self) -> &Client<HttpsConnector<HttpConnector>, Body> {
         &self.client
     }
+}
+
+/// A pooled HTTP/1 + HTTP/2 client over plain TCP or rustls (`tls`), as
+/// the upstreams and the webhook sender use it.
+pub(crate) fn https_client<B>(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle_per_host: usize,
+) -> Client<HttpsConnector<HttpConnector>, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(max_idle_per_host)
+        .build(connector)
 }
 
 /// rustls client config: system roots (when any load) plus `ca_file`.

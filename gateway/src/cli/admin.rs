@@ -664,12 +664,7 @@ async fn list_accounts(
         .list_accounts(plan.as_deref(), after.as_deref(), limit + 1)
         .await
         .map_err(catalog_err)?;
-    let next = if page.len() > limit {
-        page.truncate(limit);
-        page.last().map(|a| a.id.clone())
-    } else {
-        None
-    };
+    let next = crate::catalog::next_page(&mut page, limit, |a| a.id.clone());
     if json {
         return Ok(to_json(&serde_json::json!({
             "accounts": page,

@@ -370,12 +370,7 @@ async fn accounts(ctx: &Ctx<'_>, q: &Form) -> Response<Body> {
         Ok(r) => r,
         Err(e) => return failure(ctx, &ApiError::from(e)),
     };
-    let next = if rows.len() > ACCOUNTS_PAGE {
-        rows.truncate(ACCOUNTS_PAGE);
-        rows.last().map(|r| r.account.id.clone())
-    } else {
-        None
-    };
+    let next = crate::catalog::next_page(&mut rows, ACCOUNTS_PAGE, |r| r.account.id.clone());
     let mut body = format!(
         r#"<h1>Accounts</h1><form class="row" method="get" action="/ui/accounts" role="search"><label>Account id starts with<input type="search" name="q" id="q" value="{}" autocomplete="off"></label><button id="search">Search</button></form>"#,
         esc(prefix)

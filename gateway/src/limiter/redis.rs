@@ -137,13 +137,15 @@ local function merge_draws(a, b)
   end
   return total, table.concat(parts, ';')
 end
--- Give draws back to the blocks still held.
-local function wallet_give_back(key, draws)
+-- Add draws to the blocks still held (sign 1: give back), or take them
+-- (sign -1: hold back, at most what a block has).
+local function wallet_adjust(key, draws, sign)
   for id, n in string.gmatch(draws, '([^;=]+)=(%d+)') do
     local v = redis.call('HGET', key, 'b:' .. id)
     if v then
       local rem, rest = string.match(v, '^(%d+)(:.*)$')
-      redis.call('HSET', key, 'b:' .. id, fmt(tonumber(rem) + tonumber(n)) .. rest)
+      local left = math.max(tonumber(rem) + sign * tonumber(n), 0)
+      redis.call('HSET', key, 'b:' .. id, fmt(left) .. rest)
     end
   end
 end
@@ -297,16 +299,17 @@ if credits then
   -- one ledger row (or given back when nothing was served) -- also when
   -- the record is gone, so an admission is never left uncharged.
   local admitted = redis.call('HGET', adm, id)
-  local adm_draws = ''
+  local adm_draws, adm_taken = '', 0
   if admitted then
     redis.call('HDEL', adm, id)
     adm_draws = string.match(admitted, '^[^|]*|([^|]*)')
+    adm_taken = merge_draws(adm_draws, '')
   end
   local charge = settles and tonumber(ARGV[4 + 3 * n]) or 0
   local entry = {}
   local taken = 0
   if ARGV[5 + 3 * n] == '1' then
-    wallet_give_back(wallet, adm_draws)
+    wallet_adjust(wallet, adm_draws, 1)
   elseif admitted or charge > 0 then
     local blocks, balance, loaded = nil, 0, true
     if charge > 0 then
@@ -317,7 +320,6 @@ if credits then
       if charge > 0 then
         taken, unit_draws = wallet_draw(wallet, blocks, charge)
       end
-      local adm_taken = merge_draws(adm_draws, '')
       local _, draws = merge_draws(adm_draws, unit_draws)
       entry[#entry + 1] = 'c'
       entry[#entry + 1] = 'c\t' .. ARGV[1] .. '\treq:' .. id .. '\t' .. fmt(adm_taken + charge)
@@ -326,7 +328,6 @@ if credits then
       -- Not loaded (invalidated meanwhile): the admission as it was
       -- decided; the per-unit charge the catalog decides.
       if admitted then
-        local adm_taken = merge_draws(adm_draws, '')
         entry[#entry + 1] = 'c'
         entry[#entry + 1] = 'c\t' .. ARGV[1] .. '\tadm:' .. id .. '\t' .. fmt(adm_taken)
           .. '\t' .. fmt(adm_taken) .. '\t' .. adm_draws .. '\t' .. id .. '\t' .. ARGV[6 + 3 * n]
@@ -442,14 +443,7 @@ end
 -- catalog: hold their draws back.
 local adm = redis.call('HGETALL', KEYS[4])
 for i = 2, #adm, 2 do
-  local draws = string.match(adm[i], '^[^|]*|([^|]*)') or ''
-  for id, n in string.gmatch(draws, '([^;=]+)=(%d+)') do
-    local v = redis.call('HGET', KEYS[1], 'b:' .. id)
-    if v then
-      local rem, rest = string.match(v, '^(%d+)(:.*)$')
-      redis.call('HSET', KEYS[1], 'b:' .. id, fmt(math.max(tonumber(rem) - tonumber(n), 0)) .. rest)
-    end
-  end
+  wallet_adjust(KEYS[1], string.match(adm[i], '^[^|]*|([^|]*)') or '', -1)
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 0
@@ -493,7 +487,7 @@ if score and tonumber(score) > now then
 end
 redis.call('HDEL', KEYS[4], id)
 redis.call('ZREM', KEYS[3], id)
-wallet_give_back(KEYS[1], string.match(admitted, '^[^|]*|([^|]*)'))
+wallet_adjust(KEYS[1], string.match(admitted, '^[^|]*|([^|]*)'), 1)
 return 1
 "#;
 
