@@ -89,6 +89,7 @@ fn event(i: u64) -> UsageEvent {
         cut_short: h % 211 == 0,
         started_at: UNIX_EPOCH + Duration::from_millis(ended - 800 - (h >> 45) % 20_000),
         ended_at: UNIX_EPOCH + Duration::from_millis(ended),
+        charge: None,
     }
 }
 

@@ -18,7 +18,9 @@ pub mod usage;
 pub use notifications::{
     Attempted, NewNotification, Notification, NotificationQuery, NotificationStatus,
 };
-pub use usage::{BucketKey, GroupBy, UnitUsage, UsageBucket, UsageCursor, UsageEvent, UsageQuery};
+pub use usage::{
+    BucketKey, GroupBy, RequestCharge, UnitUsage, UsageBucket, UsageCursor, UsageEvent, UsageQuery,
+};
 pub mod timed;
 
 use std::sync::Arc;

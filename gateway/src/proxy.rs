@@ -1585,6 +1585,7 @@ impl Settle {
             cut_short: self.cut_short,
             started_at: at(ticket.admitted_ms),
             ended_at: at(self.core.limiter.clock().now_ms().max(ticket.admitted_ms)),
+            charge: None,
         }
     }
 }

@@ -715,6 +715,7 @@ async fn account_search(f: Fixture) {
         cut_short: false,
         started_at: ended,
         ended_at: ended,
+        charge: None,
     };
     c.record_usage(&[
         event("req-2", f.at(Duration::from_secs(20))),

@@ -541,6 +541,7 @@ async fn console_actions_on_each_backend() {
                 cut_short: false,
                 started_at: at,
                 ended_at: at,
+                charge: None,
             }])
             .await
             .unwrap();

@@ -399,6 +399,31 @@ async fn credits_charged_at_admission_and_per_unit_and_insufficient_quota() {
             after, before,
             "admission charge refunded after an upstream 5xx"
         );
+        // One row per served request: each one's usage record carries its
+        // charge (admission + per-unit), shown in the ledger as `req:<id>`;
+        // Postgres has no ledger row of its own for it.
+        let ledger = gw.catalog().ledger(&account).await.unwrap();
+        let charged: Vec<u64> = ledger.iter().map(|e| e.deducted).collect();
+        assert_eq!(charged.len(), 2, "{ledger:#?}");
+        assert_eq!(charged.iter().sum::<u64>(), 10 - after);
+        assert!(ledger.iter().all(|e| e.idempotency_key.starts_with("req:")));
+        if let Some(url) = &gw.config.storage.postgres_url {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let row = client
+                .query_one(
+                    "SELECT (SELECT count(*) FROM credit_ledger WHERE account_id = $1),
+                            (SELECT count(*) FROM usage_events
+                             WHERE account_id = $1 AND draws IS NOT NULL)",
+                    &[&account],
+                )
+                .await
+                .unwrap();
+            let rows: (i64, i64) = (row.get(0), row.get(1));
+            assert_eq!(rows, (0, 2), "(ledger rows, usage rows with a charge)");
+        }
     }
 }
 

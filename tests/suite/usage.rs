@@ -42,6 +42,7 @@ fn ev(id: &str, account: &str, endpoint: &str, ended_ms: u64, tokens: u64) -> Us
         cut_short: false,
         started_at: at(ended_ms - 100),
         ended_at: at(ended_ms),
+        charge: None,
     }
 }
 

@@ -25,6 +25,7 @@ use crate::catalog::notifications::NotificationStore;
 use crate::catalog::usage::{check_batch, epoch_ms_ceil, Summary};
 use crate::catalog::{Attempted, NewNotification, Notification, NotificationQuery};
 use crate::clock::SharedClock;
+use crate::limiter::wallet::request_key;
 use crate::plans::{Plan, PlanSet};
 
 /// How many usage events the in-process catalog keeps by default.
@@ -78,7 +79,9 @@ impl UsageStore {
             if self.ended_of.contains_key(&e.request_id) {
                 continue;
             }
-            let e = e.normalized();
+            let mut e = e.normalized();
+            // Its charge is in the ledger (`State::record_charge`).
+            e.charge = None;
             let ms = e.ended_ms();
             self.ended_of.insert(e.request_id.clone(), ms);
             self.by_time.insert((ms, e.request_id.clone()), e);
@@ -244,6 +247,21 @@ impl State {
     fn seq(&mut self) -> u64 {
         self.next_seq += 1;
         self.next_seq
+    }
+
+    /// A charge a wallet decided, under ledger key `key`, once: its draws
+    /// taken from the blocks still there, its row numbered now.
+    fn record_charge(&mut self, key: &str, mut row: LedgerRow) {
+        if self.ledger.contains_key(key) {
+            return;
+        }
+        for d in &row.draws {
+            if let Some(b) = self.blocks.get_mut(&d.block_id) {
+                b.remaining = b.remaining.saturating_sub(d.credits);
+            }
+        }
+        row.seq = self.seq();
+        self.ledger.insert(key.to_owned(), row);
     }
 
     fn require_account(&self, id: &str) -> CatalogResult<&AccountRow> {
@@ -982,31 +1000,20 @@ impl Catalog for MemoryCatalog {
                         deducted: Some(deducted),
                         draws,
                         at_ms,
-                    } => {
-                        if st.ledger.contains_key(key) {
-                            continue;
-                        }
-                        for d in draws {
-                            if let Some(b) = st.blocks.get_mut(&d.block_id) {
-                                b.remaining = b.remaining.saturating_sub(d.credits);
-                            }
-                        }
-                        let seq = st.seq();
-                        st.ledger.insert(
-                            key.clone(),
-                            LedgerRow {
-                                seq,
-                                account_id: account_id.to_owned(),
-                                request_id: Some(request_id.clone()),
-                                endpoint: Some(endpoint.clone()),
-                                requested: *requested,
-                                deducted: (*deducted).min(*requested),
-                                draws: draws.clone(),
-                                refunded: None,
-                                created_at: trunc_micros(ms_to_time(*at_ms)),
-                            },
-                        );
-                    }
+                    } => st.record_charge(
+                        key,
+                        LedgerRow {
+                            seq: 0,
+                            account_id: account_id.to_owned(),
+                            request_id: Some(request_id.clone()),
+                            endpoint: Some(endpoint.clone()),
+                            requested: *requested,
+                            deducted: (*deducted).min(*requested),
+                            draws: draws.clone(),
+                            refunded: None,
+                            created_at: trunc_micros(ms_to_time(*at_ms)),
+                        },
+                    ),
                     CreditOp::Charge { deducted: None, .. } => undecided.push(op),
                     CreditOp::Refund { key, .. } => {
                         let Some(row) = st.ledger.get_mut(key) else {
@@ -1073,6 +1080,33 @@ impl Catalog for MemoryCatalog {
 
     async fn record_usage(&self, events: &[UsageEvent]) -> CatalogResult<u64> {
         check_batch(events)?;
+        // Charges first, as one Postgres statement inserts the events and
+        // takes their draws: recorded once, under `req:<id>`.
+        let charged = events.iter().filter(|e| e.charge.is_some());
+        let charged: Vec<&UsageEvent> = charged.collect();
+        if !charged.is_empty() {
+            let mut st = self.state.lock();
+            for e in charged {
+                let Some(c) = &e.charge else { continue };
+                if !st.accounts.contains_key(&e.account_id) {
+                    continue;
+                }
+                st.record_charge(
+                    &request_key(&e.request_id),
+                    LedgerRow {
+                        seq: 0,
+                        account_id: e.account_id.clone(),
+                        request_id: Some(e.request_id.clone()),
+                        endpoint: Some(e.endpoint.clone()),
+                        requested: c.requested,
+                        deducted: e.credits.min(c.requested),
+                        draws: c.draws.clone(),
+                        refunded: None,
+                        created_at: e.normalized().ended_at,
+                    },
+                );
+            }
+        }
         Ok(self.usage.lock().record(events))
     }
 
@@ -1190,6 +1224,7 @@ mod tests {
             cut_short: false,
             started_at: from_ms(ended_ms),
             ended_at: from_ms(ended_ms),
+            charge: None,
         }
     }
 

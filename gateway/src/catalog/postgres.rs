@@ -92,6 +92,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "notifications",
         sql: include_str!("../../../migrations/V7__notifications.sql"),
     },
+    Migration {
+        version: 8,
+        name: "usage_charge",
+        sql: include_str!("../../../migrations/V8__usage_charge.sql"),
+    },
 ];
 
 /// What `migrate` did.
@@ -715,15 +720,27 @@ impl PostgresCatalog {
                 &[&key],
             )
             .await?;
-        let Some(row) = row else {
+        // A request's charge its usage event carries (V8): the same entry.
+        let row = match (row, key.strip_prefix("req:")) {
+            (Some(row), _) => Some((Some(row.get::<_, i64>(0)), row)),
+            (None, Some(request_id)) => tx
+                .query_opt(
+                    "SELECT NULL, draws, refunded_at IS NOT NULL, account_id FROM usage_events
+                     WHERE request_id = $1 AND credits_requested IS NOT NULL FOR UPDATE",
+                    &[&request_id],
+                )
+                .await?
+                .map(|row| (None, row)),
+            (None, None) => None,
+        };
+        let Some((seq, row)) = row else {
             return Ok(0);
         };
-        let seq: i64 = row.get(0);
         if row.get::<_, bool>(2) {
             return Ok(0);
         }
         let draws: Vec<Draw> = serde_json::from_value(row.get(1))
-            .map_err(|e| CatalogError::Unavailable(format!("ledger row {seq}: bad draws: {e}")))?;
+            .map_err(|e| CatalogError::Unavailable(format!("ledger row {key}: bad draws: {e}")))?;
         let ids: Vec<String> = draws.iter().map(|d| d.block_id.clone()).collect();
         // Lock in the deduction order so a refund and a deduction never
         // wait for each other in a cycle. Deleted blocks get nothing back.
@@ -750,11 +767,23 @@ impl PostgresCatalog {
             )
             .await?;
         }
-        tx.execute(
-            "UPDATE credit_ledger SET refunded = $2, refunded_at = $3 WHERE seq = $1",
-            &[&seq, &refunded, &now],
-        )
-        .await?;
+        match (seq, key.strip_prefix("req:")) {
+            (Some(seq), _) => {
+                tx.execute(
+                    "UPDATE credit_ledger SET refunded = $2, refunded_at = $3 WHERE seq = $1",
+                    &[&seq, &refunded, &now],
+                )
+                .await?
+            }
+            (None, request_id) => {
+                tx.execute(
+                    "UPDATE usage_events SET credits_refunded = $2, refunded_at = $3
+                     WHERE request_id = $1",
+                    &[&request_id, &refunded, &now],
+                )
+                .await?
+            }
+        };
         let account: String = row.get(3);
         let inv = bump_credits(&tx, &account).await?;
         tx.commit().await?;
@@ -1028,11 +1057,30 @@ impl<'a> ChargeColumns<'a> {
             self.endpoints.push(endpoint);
             self.requested.push(clamp_i64(*requested));
             self.deducted.push(clamp_i64((*deducted).min(*requested)));
-            self.draws
-                .push(serde_json::to_value(draws).unwrap_or_default());
+            self.draws.push(draws_json(draws));
             self.created.push(ms_to_time(*at_ms));
         }
     }
+}
+
+/// Two ledger lists, each in its own order, merged by `created_at` (ties:
+/// `a` first), keeping each list's order.
+fn merge_by_time(a: Vec<LedgerEntry>, b: Vec<LedgerEntry>) -> Vec<LedgerEntry> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let mut b = b.into_iter().peekable();
+    for e in a {
+        while b.peek().is_some_and(|x| x.created_at < e.created_at) {
+            out.extend(b.next());
+        }
+        out.push(e);
+    }
+    out.extend(b);
+    out
+}
+
+/// Draws as the ledger stores them: `[{"block_id": "...", "credits": n}]`.
+fn draws_json(draws: &[Draw]) -> serde_json::Value {
+    serde_json::to_value(draws).unwrap_or_default()
 }
 
 /// [`BLOCK_COLUMNS`] of a table aliased `q`.
@@ -1889,26 +1937,41 @@ impl Catalog for PostgresCatalog {
             )
             .await
             .map_err(db_err)?;
-        rows.iter()
-            .map(|r| {
-                let requested = r.get::<_, i64>(3) as u64;
-                let deducted = r.get::<_, i64>(4) as u64;
-                let draws: Vec<Draw> = serde_json::from_value(r.get(6))
-                    .map_err(|e| CatalogError::Unavailable(format!("ledger: bad draws: {e}")))?;
-                Ok(LedgerEntry {
-                    idempotency_key: r.get(0),
-                    account_id: account_id.to_string(),
-                    request_id: r.get(1),
-                    endpoint: r.get(2),
-                    requested,
-                    deducted,
-                    shortfall: requested - deducted,
-                    refunded: r.get::<_, i64>(5) as u64,
-                    draws,
-                    created_at: Some(r.get(7)),
-                })
+        // Requests whose charge their usage event carries (V8).
+        let charged = conn
+            .query(
+                "SELECT 'req:' || request_id, request_id, endpoint, credits_requested, credits,
+                        credits_refunded, draws, ended_at
+                 FROM usage_events WHERE account_id = $1 AND credits_requested IS NOT NULL
+                 ORDER BY ended_at, request_id",
+                &[&account_id],
+            )
+            .await
+            .map_err(db_err)?;
+        let entry = |r: &tokio_postgres::Row| {
+            let requested = r.get::<_, i64>(3) as u64;
+            let deducted = r.get::<_, i64>(4) as u64;
+            let draws: Vec<Draw> = serde_json::from_value(r.get(6))
+                .map_err(|e| CatalogError::Unavailable(format!("ledger: bad draws: {e}")))?;
+            Ok(LedgerEntry {
+                idempotency_key: r.get(0),
+                account_id: account_id.to_string(),
+                request_id: r.get(1),
+                endpoint: r.get(2),
+                requested,
+                deducted,
+                shortfall: requested.saturating_sub(deducted),
+                refunded: r.get::<_, i64>(5) as u64,
+                draws,
+                created_at: Some(r.get(7)),
             })
-            .collect()
+        };
+        let rows = rows.iter().map(entry).collect::<CatalogResult<Vec<_>>>()?;
+        let charged = charged
+            .iter()
+            .map(entry)
+            .collect::<CatalogResult<Vec<_>>>()?;
+        Ok(merge_by_time(rows, charged))
     }
 
     async fn record_usage(&self, events: &[UsageEvent]) -> CatalogResult<u64> {

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::{CatalogError, CatalogResult, MAX_ID_BYTES};
+use super::{CatalogError, CatalogResult, Draw, MAX_ID_BYTES};
 
 /// Longest route (path pattern or name) an event may carry, in bytes.
 pub const MAX_ROUTE_BYTES: usize = 1024;
@@ -81,6 +81,24 @@ pub struct UsageEvent {
     /// When it ended.
     #[serde(with = "rfc3339_ms")]
     pub ended_at: SystemTime,
+    /// The request's credit charge, decided by a wallet and recorded with
+    /// the event: the event's row is then also the request's ledger entry
+    /// `req:<request_id>` ([`crate::limiter::wallet::request_key`]) (one row per request, docs/CATALOG.md). Set only
+    /// on the way from a wallet to the catalog; events read back carry
+    /// `None` (the ledger shows the charge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charge: Option<RequestCharge>,
+}
+
+/// The credits a request was charged (its admission and per-unit charges
+/// together), as a wallet decided them; `credits` of its event is what was
+/// taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestCharge {
+    /// Credits asked for; more than was taken when the balance fell short.
+    pub requested: u64,
+    /// The blocks the credits were taken from, in drain order.
+    pub draws: Vec<Draw>,
 }
 
 /// Milliseconds since the epoch; `None` before it.
@@ -164,6 +182,26 @@ impl UsageEvent {
         }
         if self.credits > MAX_EVENT_AMOUNT {
             return Err(err(format!("credits must be at most {MAX_EVENT_AMOUNT}")));
+        }
+        if let Some(c) = &self.charge {
+            let drawn = c
+                .draws
+                .iter()
+                .try_fold(0u64, |sum, d| sum.checked_add(d.credits));
+            if drawn != Some(self.credits) || c.requested < self.credits {
+                return Err(err(format!(
+                    "charge: its draws must add up to the {} credits taken, of at most {} requested",
+                    self.credits, c.requested
+                )));
+            }
+            if c.requested > MAX_EVENT_AMOUNT {
+                return Err(err(format!(
+                    "charge: requested must be at most {MAX_EVENT_AMOUNT}"
+                )));
+            }
+            for d in &c.draws {
+                check_text("charge block id", &d.block_id, 1, MAX_ID_BYTES).map_err(err)?;
+            }
         }
         if !(100..=999).contains(&self.status) {
             return Err(err(format!(
@@ -489,6 +527,7 @@ mod tests {
             cut_short: false,
             started_at: from_ms(ended_ms - 1500),
             ended_at: from_ms(ended_ms) + Duration::from_micros(250),
+            charge: None,
         }
     }
 

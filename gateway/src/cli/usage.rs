@@ -251,6 +251,7 @@ mod tests {
             cut_short: false,
             started_at: from_ms(1_799_920_818_000),
             ended_at: from_ms(1_799_920_820_123),
+            charge: None,
         };
         let mut out = Vec::new();
         csv_line(&mut out, &e);

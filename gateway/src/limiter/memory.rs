@@ -33,7 +33,7 @@ use super::{
     AttemptOutcome, AttemptRequest, CounterStore, EndRequest, KeyScope, RenewRequest, StoreError,
     Usage, UsageRequest, Verdict, SETTLE_GRACE_MS,
 };
-use crate::catalog::Draw;
+use crate::catalog::{Draw, RequestCharge};
 use crate::plans::{Period, Unit, WindowLen};
 
 /// Number of shards of a [`MemoryStore::new`] store.
@@ -313,34 +313,45 @@ impl MemoryStore {
     /// The credits and the usage record of an end (`settles`: its record
     /// was there).
     fn settle_credits(&self, credits: &mut AccountCredits, req: &EndRequest<'_>, settles: bool) {
-        let taken = self.settle_charges(credits, req, settles);
-        if let (true, Some(usage)) = (settles, req.usage) {
+        let usage = req.usage.filter(|_| settles);
+        let (taken, charge) = self.settle_charges(credits, req, settles, usage.is_some());
+        if let Some(usage) = usage {
             let mut usage = usage.clone();
-            usage.credits = usage.credits.saturating_add(taken);
+            match charge {
+                Some((deducted, charge)) => {
+                    usage.credits = deducted;
+                    usage.charge = Some(charge);
+                }
+                None => usage.credits = usage.credits.saturating_add(taken),
+            }
             self.push(req.account, credits, OutboxOp::Usage(Box::new(usage)));
         }
     }
 
     /// The admission's charge and the per-unit charge of an end, as one
-    /// ledger row (`req:<id>`), or the admission's draws given back; what
-    /// the per-unit charge took. Mirrors the Redis end script.
+    /// ledger entry (`req:<id>`), or the admission's draws given back; what
+    /// the per-unit charge took, and, with `carried` (the end has a usage
+    /// record to carry it), the charge for the usage record instead of a
+    /// ledger row of its own (with what it took in all). Mirrors the Redis
+    /// end script.
     fn settle_charges(
         &self,
         credits: &mut AccountCredits,
         req: &EndRequest<'_>,
         settles: bool,
-    ) -> u64 {
+        carried: bool,
+    ) -> (u64, Option<(u64, RequestCharge)>) {
         let now = req.now_ms;
         let admitted = credits.admissions.remove(req.request_id);
         if req.credits.refund {
             if let (Some(draws), Some(wallet)) = (&admitted, credits.wallet(now)) {
                 wallet.give_back(draws);
             }
-            return 0;
+            return (0, None);
         }
         let charge = if settles { req.credits.charge } else { 0 };
         if admitted.is_none() && charge == 0 {
-            return 0;
+            return (0, None);
         }
         let adm_draws = admitted.unwrap_or_default();
         let adm_taken: u64 = adm_draws.iter().map(|d| d.credits).sum();
@@ -363,6 +374,13 @@ impl MemoryStore {
                 _ => (0, Vec::new()),
             };
             let draws = super::wallet::merge_draws(&adm_draws, &unit_draws);
+            if carried {
+                let requested = adm_taken + charge;
+                return (
+                    taken,
+                    Some((adm_taken + taken, RequestCharge { requested, draws })),
+                );
+            }
             let charge_op = op(
                 request_key(req.request_id),
                 adm_taken + charge,
@@ -370,7 +388,7 @@ impl MemoryStore {
                 draws,
             );
             self.push_op(req.account, credits, charge_op);
-            return taken;
+            return (taken, None);
         }
         // The wallet was dropped meanwhile: the admission as decided, the
         // per-unit charge for the catalog to decide.
@@ -385,7 +403,7 @@ impl MemoryStore {
         }
         let unit = op(usage_key(req.request_id), charge, None, Vec::new());
         self.push_op(req.account, credits, unit);
-        0
+        (0, None)
     }
 
     /// Number of (account, endpoint) pairs currently held.
@@ -1275,6 +1293,7 @@ mod tests {
             cut_short: false,
             started_at: std::time::UNIX_EPOCH,
             ended_at: std::time::UNIX_EPOCH,
+            charge: None,
         };
         let s = MemoryStore::new().with_outbox_limit(1_000);
         let end = |id: &str| {

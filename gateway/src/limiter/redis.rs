@@ -46,7 +46,7 @@ use super::{
     AttemptOutcome, AttemptRequest, CounterStore, EndRequest, KeyScope, RenewRequest, StoreError,
     Usage, UsageRequest, Verdict, SETTLE_GRACE_MS,
 };
-use crate::catalog::UsageEvent;
+use crate::catalog::{RequestCharge, UsageEvent};
 use crate::plans::WindowLen;
 
 /// Keys outlive their window by this much, so that a gateway whose clock
@@ -277,7 +277,8 @@ return out
 /// record was there, live or expired less than the grace ago (and settles
 /// windows, the per-unit charge and the usage record only then). The
 /// admission's charge is recorded (or given back) whenever it is still
-/// unended: with the per-unit charge as one ledger row `req:<id>`, or,
+/// unended: with the per-unit charge as one ledger entry `req:<id>` (the
+/// usage record carries it when there is one, else a ledger row), or,
 /// when the wallet was dropped meanwhile, as `adm:<id>` beside an
 /// undecided `use:<id>`.
 const END_LUA: &str = r#"
@@ -306,6 +307,7 @@ if credits then
     adm_taken = merge_draws(adm_draws, '')
   end
   local charge = settles and tonumber(ARGV[4 + 3 * n]) or 0
+  local usage = settles and ARGV[7 + 3 * n] ~= '' and ARGV[7 + 3 * n]
   local entry = {}
   local taken = 0
   if ARGV[5 + 3 * n] == '1' then
@@ -320,10 +322,22 @@ if credits then
       if charge > 0 then
         taken, unit_draws = wallet_draw(wallet, blocks, charge)
       end
-      local _, draws = merge_draws(adm_draws, unit_draws)
-      entry[#entry + 1] = 'c'
-      entry[#entry + 1] = 'c\t' .. ARGV[1] .. '\treq:' .. id .. '\t' .. fmt(adm_taken + charge)
-        .. '\t' .. fmt(adm_taken + taken) .. '\t' .. draws .. '\t' .. id .. '\t' .. ARGV[6 + 3 * n]
+      local draws = adm_draws
+      if unit_draws ~= '' then
+        local _, merged = merge_draws(adm_draws, unit_draws)
+        draws = merged
+      end
+      if usage then
+        -- The usage record carries the charge: one row for both.
+        entry[#entry + 1] = 'h'
+        entry[#entry + 1] = 'h\t' .. fmt(adm_taken + charge) .. '\t' .. fmt(adm_taken + taken)
+          .. '\t' .. draws .. '\t' .. usage
+        usage = false
+      else
+        entry[#entry + 1] = 'c'
+        entry[#entry + 1] = 'c\t' .. ARGV[1] .. '\treq:' .. id .. '\t' .. fmt(adm_taken + charge)
+          .. '\t' .. fmt(adm_taken + taken) .. '\t' .. draws .. '\t' .. id .. '\t' .. ARGV[6 + 3 * n]
+      end
     else
       -- Not loaded (invalidated meanwhile): the admission as it was
       -- decided; the per-unit charge the catalog decides.
@@ -337,10 +351,11 @@ if credits then
         .. '\t\t\t' .. id .. '\t' .. ARGV[6 + 3 * n]
     end
   end
-  -- The usage record, with what the per-unit charge took.
-  if settles and ARGV[7 + 3 * n] ~= '' then
+  -- The usage record (unless it carries the charge), with what the
+  -- per-unit charge took.
+  if usage then
     entry[#entry + 1] = 'g'
-    entry[#entry + 1] = 'g\t' .. fmt(taken) .. '\t' .. ARGV[7 + 3 * n]
+    entry[#entry + 1] = 'g\t' .. fmt(taken) .. '\t' .. usage
   end
   if #entry > 0 then
     redis.call('XADD', outbox, '*', unpack(entry))
@@ -1017,7 +1032,9 @@ impl RedisStore {
 /// the scripts pack it (tab-separated, the endpoint last since it may hold
 /// anything): `c|u <t> <key> <requested> <deducted> <draws> <request id>
 /// <endpoint>` for a decided (`c`) or undecided (`u`) charge, `r <t>
-/// <key>` for a refund, `g <credits> <usage JSON>` for a usage record. An
+/// <key>` for a refund, `g <credits> <usage JSON>` for a usage record,
+/// `h <requested> <deducted> <draws> <usage JSON>` for a usage record
+/// that carries its request's charge (one row for both). An
 /// admission writes one op (field `e`); an end writes its refund or
 /// per-unit charge and its usage record as one entry (fields `r`, `c`,
 /// `g`): one item each, in field order, sharing the entry's id.
@@ -1056,6 +1073,16 @@ fn parse_outbox_op(entry: &str) -> Option<OutboxOp> {
         let (taken, json) = rest.split_once('\t')?;
         let mut usage: UsageEvent = serde_json::from_str(json).ok()?;
         usage.credits = usage.credits.saturating_add(taken.parse().ok()?);
+        return Some(OutboxOp::Usage(Box::new(usage)));
+    }
+    if let Some(rest) = entry.strip_prefix("h\t") {
+        let mut f = rest.splitn(4, '\t');
+        let requested = f.next()?.parse().ok()?;
+        let deducted = f.next()?.parse().ok()?;
+        let draws = decode_draws(f.next()?)?;
+        let mut usage: UsageEvent = serde_json::from_str(f.next()?).ok()?;
+        usage.credits = deducted;
+        usage.charge = Some(RequestCharge { requested, draws });
         return Some(OutboxOp::Usage(Box::new(usage)));
     }
     parse_credit_op(entry).map(OutboxOp::Credit)
@@ -1668,6 +1695,23 @@ mod tests {
                 at_ms: 7
             })
         );
+        // A usage record carrying its request's charge: its credits are
+        // what was taken.
+        let json = r#"{"request_id":"r1","account_id":"a","key_id":null,"endpoint":"e","route":"/v1/x","units":[],"credits":1,"status":200,"degraded":false,"streamed":false,"cut_short":false,"started_at":"2026-12-07T00:00:00.000Z","ended_at":"2026-12-07T00:00:01.000Z"}"#;
+        let Some(OutboxOp::Usage(event)) =
+            parse_outbox_op(&format!("h\t9\t4\tqb_1=3;qb_2=1\t{json}"))
+        else {
+            panic!("h entry unparsed");
+        };
+        assert_eq!(event.credits, 4);
+        assert_eq!(
+            event.charge,
+            Some(RequestCharge {
+                requested: 9,
+                draws: decode_draws("qb_1=3;qb_2=1").unwrap(),
+            })
+        );
+        assert!(parse_outbox_op("h\t9\t4\tqb_1=3").is_none());
         for bad in [
             "",
             "x\t1\tk",

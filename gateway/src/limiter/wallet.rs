@@ -160,6 +160,7 @@ impl OutboxItem {
                         .iter()
                         .map(|x| std::mem::size_of_val(x) + s(&x.unit))
                         .sum::<usize>()
+                    + u.charge.as_ref().map_or(0, |c| draws(&c.draws))
             }
         };
         (std::mem::size_of::<Self>() + s(&self.id) + op) as u64

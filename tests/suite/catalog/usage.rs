@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use plangate::catalog::{
-    BucketKey, Catalog, GroupBy, UnitUsage, UsageBucket, UsageCursor, UsageEvent, UsageQuery,
+    BucketKey, Catalog, Draw, GroupBy, RequestCharge, UnitUsage, UsageBucket, UsageCursor,
+    UsageEvent, UsageQuery,
 };
 
 use super::{is_invalid, Fixture};
@@ -44,6 +45,7 @@ fn ev(id: &str, account: &str, endpoint: &str, ended_ms: u64) -> UsageEvent {
         cut_short: false,
         started_at: at(ended_ms - 250),
         ended_at: at(ended_ms),
+        charge: None,
     }
 }
 
@@ -567,6 +569,103 @@ async fn retention_pass(f: Fixture) {
     );
 }
 
+/// A usage event carrying its request's charge (one row per request,
+/// issue 12): recording it takes the draws from the blocks, once however
+/// often it is recorded; the ledger shows it as `req:<id>`, and it can be
+/// refunded like any ledger entry. On Postgres no `credit_ledger` row is
+/// written for it.
+async fn an_event_carries_its_requests_charge(f: Fixture) {
+    let c = &*f.catalog;
+    c.create_account("acct", None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let qb1 = c
+        .create_quota_block("acct", 4, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let qb2 = c
+        .create_quota_block("acct", 10, None, serde_json::Value::Null)
+        .await
+        .unwrap();
+    let draw = |b: &str, n: u64| Draw {
+        block_id: b.into(),
+        credits: n,
+    };
+    let mut e1 = ev("req-1", "acct", "chat", D0 + 1_000);
+    e1.credits = 5;
+    e1.charge = Some(RequestCharge {
+        requested: 5,
+        draws: vec![draw(&qb1.id, 4), draw(&qb2.id, 1)],
+    });
+    // Owed 9, 2 taken: the shortfall is recorded.
+    let mut e2 = ev("req-2", "acct", "chat", D0 + 2_000);
+    e2.credits = 2;
+    e2.charge = Some(RequestCharge {
+        requested: 9,
+        draws: vec![draw(&qb2.id, 2)],
+    });
+    let plain = ev("req-3", "acct", "chat", D0 + 3_000);
+    let batch = [e1.clone(), e2.clone(), plain.clone()];
+    assert_eq!(c.record_usage(&batch).await.unwrap(), 3);
+    assert_eq!(c.balance("acct").await.unwrap(), 7);
+    assert_eq!(c.record_usage(&batch).await.unwrap(), 0, "replayed");
+    assert_eq!(c.balance("acct").await.unwrap(), 7, "charged once");
+
+    let ledger = c.ledger("acct").await.unwrap();
+    let rows: Vec<(&str, u64, u64, u64)> = ledger
+        .iter()
+        .map(|e| {
+            let key = e.idempotency_key.as_str();
+            (key, e.requested, e.deducted, e.shortfall)
+        })
+        .collect();
+    assert_eq!(rows, [("req:req-1", 5, 5, 0), ("req:req-2", 9, 2, 7)]);
+    assert_eq!(ledger[0].draws, e1.charge.as_ref().unwrap().draws);
+    assert_eq!(ledger[1].request_id.as_deref(), Some("req-2"));
+    assert_eq!(ledger[1].endpoint.as_deref(), Some("chat"));
+    assert_eq!(ledger[1].created_at, Some(at(D0 + 2_000)));
+    // Read back as events, without the charge (the ledger has it).
+    let stored = read_all(c, &everything(), 10).await;
+    assert_eq!(stored.len(), 3);
+    assert!(stored.iter().all(|e| e.charge.is_none()));
+    assert_eq!(stored[0].credits, 5);
+
+    // Refunded once, to the blocks it came from.
+    assert_eq!(c.refund("req:req-1").await.unwrap(), 5);
+    assert_eq!(c.refund("req:req-1").await.unwrap(), 0);
+    assert_eq!(c.refund("req:req-3").await.unwrap(), 0, "no charge");
+    assert_eq!(c.balance("acct").await.unwrap(), 12);
+    assert_eq!(c.ledger("acct").await.unwrap()[0].refunded, 5);
+
+    // A charge whose draws do not add up to the credits taken is refused.
+    let mut bad = ev("req-4", "acct", "chat", D0 + 4_000);
+    bad.credits = 3;
+    bad.charge = Some(RequestCharge {
+        requested: 3,
+        draws: vec![draw(&qb2.id, 2)],
+    });
+    assert!(is_invalid(c.record_usage(&[bad.clone()]).await));
+    bad.charge = Some(RequestCharge {
+        requested: 2,
+        draws: vec![draw(&qb2.id, 3)],
+    });
+    assert!(is_invalid(c.record_usage(&[bad]).await));
+    assert_eq!(c.balance("acct").await.unwrap(), 12);
+
+    if let Some(url) = &f.url {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let rows: i64 = client
+            .query_one("SELECT count(*) FROM credit_ledger", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(rows, 0, "one row per request: no ledger row of its own");
+    }
+}
+
 macro_rules! usage_conformance {
     ($($name:ident),* $(,)?) => {
         mod memory_catalog {
@@ -591,6 +690,7 @@ macro_rules! usage_conformance {
 
 usage_conformance!(
     recording_is_idempotent,
+    an_event_carries_its_requests_charge,
     pages_cover_every_event_once,
     filters,
     summaries,

@@ -80,6 +80,7 @@ fn event_from_row(r: &tokio_postgres::Row) -> CatalogResult<UsageEvent> {
         started_at: r.get(11),
         ended_at: r.get(12),
         request_id,
+        charge: None,
     })
 }
 
@@ -148,6 +149,9 @@ pub(super) async fn record(pool: &Pool, events: &[UsageEvent]) -> CatalogResult<
     let mut cut_short = Vec::with_capacity(n);
     let mut started = Vec::with_capacity(n);
     let mut ended = Vec::with_capacity(n);
+    let mut requested: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut draws: Vec<Option<serde_json::Value>> = Vec::with_capacity(n);
+    let mut charged = false;
     for e in events {
         units.push(units_json(&e.units));
         // Checked: at most MAX_EVENT_AMOUNT and 999.
@@ -158,32 +162,72 @@ pub(super) async fn record(pool: &Pool, events: &[UsageEvent]) -> CatalogResult<
         cut_short.push(e.cut_short);
         started.push(e.started_at);
         ended.push(e.ended_at);
+        match e.charge {
+            Some(c) => {
+                charged = true;
+                requested.push(Some(c.requested as i64));
+                draws.push(Some(super::draws_json(&c.draws)));
+            }
+            None => {
+                requested.push(None);
+                draws.push(None);
+            }
+        }
         ids.push(e.request_id);
         accounts.push(e.account_id);
         keys.push(e.key_id);
         endpoints.push(e.endpoint);
         routes.push(e.route);
     }
-    let sql = format!(
-        "INSERT INTO usage_events ({COLUMNS})
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                              $6::jsonb[], $7::int8[], $8::int2[], $9::bool[], $10::bool[],
-                              $11::bool[], $12::timestamptz[], $13::timestamptz[])
-         ON CONFLICT (request_id) DO NOTHING"
-    );
+    // Events carrying a charge take their draws from the blocks, in the
+    // same statement and only for the rows inserted: recording an event
+    // twice charges it once.
+    let sql = if charged {
+        format!(
+            "WITH ins AS (
+                 INSERT INTO usage_events ({COLUMNS}, credits_requested, draws)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                      $6::jsonb[], $7::int8[], $8::int2[], $9::bool[], $10::bool[],
+                                      $11::bool[], $12::timestamptz[], $13::timestamptz[],
+                                      $14::int8[], $15::jsonb[])
+                 ON CONFLICT (request_id) DO NOTHING
+                 RETURNING draws),
+             takes AS (
+                 SELECT j->>'block_id' AS id, sum((j->>'credits')::int8) AS take
+                 FROM ins, jsonb_array_elements(ins.draws) j
+                 WHERE ins.draws IS NOT NULL GROUP BY 1),
+             taken AS (
+                 UPDATE quota_blocks q
+                 SET credits_remaining = GREATEST(q.credits_remaining - takes.take, 0)
+                 FROM takes WHERE q.id = takes.id)
+             SELECT count(*) FROM ins"
+        )
+    } else {
+        format!(
+            "INSERT INTO usage_events ({COLUMNS})
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                  $6::jsonb[], $7::int8[], $8::int2[], $9::bool[], $10::bool[],
+                                  $11::bool[], $12::timestamptz[], $13::timestamptz[])
+             ON CONFLICT (request_id) DO NOTHING"
+        )
+    };
     let mut attempt = 0;
     loop {
         let conn = pool.get().await.map_err(pool_err)?;
         let stmt = conn.prepare_cached(&sql).await.map_err(db_err)?;
-        let result = conn
-            .execute(
-                &stmt,
-                &[
-                    &ids, &accounts, &keys, &endpoints, &routes, &units, &credits, &statuses,
-                    &degraded, &streamed, &cut_short, &started, &ended,
-                ],
-            )
-            .await;
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+            &ids, &accounts, &keys, &endpoints, &routes, &units, &credits, &statuses, &degraded,
+            &streamed, &cut_short, &started, &ended,
+        ];
+        let result = if charged {
+            params.push(&requested);
+            params.push(&draws);
+            conn.query_one(&stmt, &params)
+                .await
+                .map(|row| row.get::<_, i64>(0) as u64)
+        } else {
+            conn.execute(&stmt, &params).await
+        };
         match result {
             Ok(inserted) => return Ok(inserted),
             // Ids are inserted in one order, so this is only a backstop.
