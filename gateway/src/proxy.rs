@@ -820,6 +820,17 @@ impl Gateway {
             resp_parts.headers.remove(header::CONTENT_LENGTH);
         }
         let body = MeteredBody::new(resp_body, meter, decoder, settle, rewrites_body);
+        if body.settle_first && !usage::is_event_stream(&resp_parts.headers) {
+            // Credits: the client gets the last bytes only once the
+            // request is settled. An answer that is not a stream is read
+            // ahead (up to READ_AHEAD_BYTES, within request_timeout) so that
+            // it goes out with its headers in one write, settled: else
+            // the headers go first and the last bytes after the store's
+            // round trip, a second write and wakeup per request (and one
+            // more segment for the client to read).
+            let head = read_ahead(body, table.request_timeout).await;
+            return Ok(Response::from_parts(resp_parts, head.boxed_unsync()));
+        }
         Ok(Response::from_parts(resp_parts, body.boxed_unsync()))
     }
 
@@ -1586,6 +1597,79 @@ impl Settle {
             started_at: at(ticket.admitted_ms),
             ended_at: at(self.core.limiter.clock().now_ms().max(ticket.admitted_ms)),
             charge: None,
+        }
+    }
+}
+
+/// Most bytes of a response [`read_ahead`] holds before it lets the rest
+/// stream.
+const READ_AHEAD_BYTES: usize = 256 * 1024;
+
+/// Read `body` ahead: to its end (its settlement done) when it ends within
+/// `timeout` and [`READ_AHEAD_BYTES`]; else what was read, followed by the
+/// rest as it comes. An error is passed on after the frames before it, as
+/// the client would have seen it.
+async fn read_ahead(mut body: MeteredBody, timeout: Duration) -> ReadAhead {
+    let mut head = std::collections::VecDeque::new();
+    let mut bytes = 0;
+    let ended = tokio::time::timeout(timeout, async {
+        while bytes <= READ_AHEAD_BYTES {
+            match body.frame().await {
+                None => return true,
+                Some(Ok(frame)) => {
+                    bytes += frame.data_ref().map_or(0, Bytes::len);
+                    head.push_back(Ok(frame));
+                }
+                Some(Err(e)) => {
+                    head.push_back(Err(e));
+                    return true;
+                }
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    ReadAhead {
+        exact: ended.then_some(bytes as u64),
+        head,
+        rest: (!ended).then_some(body),
+    }
+}
+
+/// A response body whose first frames were read ahead ([`read_ahead`]).
+struct ReadAhead {
+    head: std::collections::VecDeque<Result<Frame<Bytes>, BoxError>>,
+    rest: Option<MeteredBody>,
+    /// The body's length, when it was read to its end.
+    exact: Option<u64>,
+}
+
+impl HttpBody for ReadAhead {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(frame) = self.head.pop_front() {
+            return Poll::Ready(Some(frame));
+        }
+        match &mut self.rest {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (self.exact, self.head.iter().any(|f| f.is_err())) {
+            (Some(n), false) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
         }
     }
 }
