@@ -1663,7 +1663,7 @@ impl HttpBody for ReadAhead {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.head.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+        self.head.is_empty() && self.rest.as_ref().map_or(true, |r| r.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
