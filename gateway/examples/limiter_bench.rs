@@ -73,6 +73,7 @@ async fn pair<S: CounterStore>(
             credits: Default::default(),
             usage: None,
             key: None,
+            admission: None,
         })
         .await
         .expect("end");

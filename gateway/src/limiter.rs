@@ -23,6 +23,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use crate::background::{Background, Job};
+use crate::catalog::Draw;
 use crate::clock::SharedClock;
 use crate::plans::{Policy, Unit, Window, WindowLen};
 use keeper::{due_after, retry_after, DueLease, Keeper, LeaseKey};
@@ -176,6 +177,10 @@ pub struct EndRequest<'a> {
     pub usage: Option<&'a crate::catalog::UsageEvent>,
     /// Which of `settlements` are the API key's own windows.
     pub key: Option<KeyScope<'a>>,
+    /// What the admission's credit charge drew, as the attempt answered
+    /// (the store has it too, until this end: given, it need not be read
+    /// back). `None`: not known here.
+    pub admission: Option<&'a [Draw]>,
 }
 
 /// Read-only look at the counters of (account, endpoint).
@@ -1191,6 +1196,7 @@ impl<S: CounterStore> Limiter<S> {
             credits,
             usage,
             key,
+            admission: ticket.charged.as_ref().map(|c| c.draws.as_slice()),
         };
         let settled = self.timed(self.store.end(&req)).await?;
         if settled && (!credits.is_empty() || usage.is_some()) {

@@ -1036,6 +1036,7 @@ async fn end_is_idempotent_and_unknown_ids_are_harmless<S: CounterStore + Debug>
             credits: Default::default(),
             usage: None,
             key: None,
+            admission: None,
         })
         .await
         .expect("end unknown");

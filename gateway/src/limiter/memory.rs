@@ -1079,6 +1079,7 @@ mod tests {
             credits: Default::default(),
             usage: None,
             key: None,
+            admission: None,
         }))
         .expect("end");
         assert!(ended);
@@ -1137,6 +1138,7 @@ mod tests {
                 credits: Default::default(),
                 usage: None,
                 key: None,
+                admission: None,
             }))
             .expect("end");
             assert!(ended, "{id}");
@@ -1218,6 +1220,7 @@ mod tests {
                 credits: Default::default(),
                 usage: None,
                 key: None,
+                admission: None,
             }))
             .expect("end")
         };
@@ -1266,6 +1269,7 @@ mod tests {
                 credits: Default::default(),
                 usage: None,
                 key: None,
+                admission: None,
             }))
             .expect("end")
         };
@@ -1307,6 +1311,7 @@ mod tests {
                 credits: Default::default(),
                 usage: Some(&usage),
                 key: None,
+                admission: None,
             }))
             .expect("end")
         };

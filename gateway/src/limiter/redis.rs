@@ -39,8 +39,8 @@ use redis::{AsyncConnectionConfig, RedisError, Script, ScriptInvocation, Value};
 
 use super::keys::{Keys, DEFAULT_PREFIX};
 use super::wallet::{
-    decode_draws, Charged, OutboxItem, OutboxOp, Unended, WalletInit, WalletOp, WalletSnapshot,
-    WALLET_TTL_MS,
+    decode_draws, encode_draws, Charged, OutboxItem, OutboxOp, Unended, WalletInit, WalletOp,
+    WalletSnapshot, WALLET_TTL_MS,
 };
 use super::{
     AttemptOutcome, AttemptRequest, CounterStore, EndRequest, KeyScope, RenewRequest, StoreError,
@@ -272,8 +272,10 @@ return out
 /// unended admissions. ARGV: now, request id, settle grace ms, then per
 /// settlement: units to add, units to give back, ttl ms of the current
 /// window's counter; with credits or a usage record then the per-unit
-/// charge, 1 to refund the admission charge (else 0), the endpoint and the
-/// usage record (JSON; empty for none). Returns 1 if the request's
+/// charge, 1 to refund the admission charge (else 0), the endpoint, the
+/// usage record (JSON; empty for none) and what the admission drew as the
+/// attempt answered (`<total>|<draws>`; empty: read it from the account's
+/// unended admissions). Returns 1 if the request's
 /// record was there, live or expired less than the grace ago (and settles
 /// windows, the per-unit charge and the usage record only then). The
 /// admission's charge is recorded (or given back) whenever it is still
@@ -285,7 +287,7 @@ const END_LUA: &str = r#"
 local now = tonumber(ARGV[1])
 local id = ARGV[2]
 -- Without credits or usage: 1 + 2n keys and 3 + 3n arguments; with: 4 + 2n
--- and 7 + 3n.
+-- and 8 + 3n.
 local credits = (#ARGV - 3) % 3 ~= 0
 local n = credits and (#KEYS - 4) / 2 or (#KEYS - 1) / 2
 local score = redis.call('ZSCORE', KEYS[1], id)
@@ -299,12 +301,26 @@ if credits then
   -- The admission's draws are recorded now, with the per-unit charge, as
   -- one ledger row (or given back when nothing was served) -- also when
   -- the record is gone, so an admission is never left uncharged.
-  local admitted = redis.call('HGET', adm, id)
   local adm_draws, adm_taken = '', 0
-  if admitted then
-    redis.call('HDEL', adm, id)
-    adm_draws = string.match(admitted, '^[^|]*|([^|]*)')
-    adm_taken = merge_draws(adm_draws, '')
+  local given = ARGV[8 + 3 * n]
+  local admitted
+  if given ~= '' then
+    -- The gateway says what the admission drew (`total|draws`): the
+    -- record need not be read back, only taken (once).
+    admitted = redis.call('HDEL', adm, id) == 1
+    if admitted then
+      local total
+      total, adm_draws = string.match(given, '^(%d+)|(.*)$')
+      adm_taken = tonumber(total)
+    end
+  else
+    local record = redis.call('HGET', adm, id)
+    admitted = record ~= false
+    if admitted then
+      redis.call('HDEL', adm, id)
+      adm_draws = string.match(record, '^[^|]*|([^|]*)')
+      adm_taken = merge_draws(adm_draws, '')
+    end
   end
   local charge = settles and tonumber(ARGV[4 + 3 * n]) or 0
   local usage = settles and ARGV[7 + 3 * n] ~= '' and ARGV[7 + 3 * n]
@@ -1306,7 +1322,14 @@ impl CounterStore for RedisStore {
                 .arg(req.credits.charge)
                 .arg(if req.credits.refund { "1" } else { "0" })
                 .arg(req.endpoint)
-                .arg(usage);
+                .arg(usage)
+                .arg(match req.admission {
+                    Some(draws) => {
+                        let total: u64 = draws.iter().map(|d| d.credits).sum();
+                        format!("{total}|{}", encode_draws(draws))
+                    }
+                    None => String::new(),
+                });
         }
         flag("end", self.run(&inv).await?)
     }

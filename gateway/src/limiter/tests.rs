@@ -60,6 +60,7 @@ proptest! {
             credits: Default::default(),
             usage: None,
             key: None,
+            admission: None,
         })).expect("end");
         prop_assert!(ended);
         let used = block_on(store.usage(&UsageRequest {
@@ -93,6 +94,7 @@ proptest! {
             credits: Default::default(),
             usage: None,
             key: None,
+            admission: None,
         })).expect("end");
         let used = block_on(store.usage(&UsageRequest {
             account: "a", endpoint: "e", now_ms: later,
@@ -355,6 +357,7 @@ fn check_against_model_at(
                     credits: Default::default(),
                     usage: None,
                     key: None,
+                    admission: None,
                 };
                 let got = block_on(store.end(&req)).expect("end");
                 prop_assert_eq!(got, model.end(&req), "{:?} at {}", op, now);
