@@ -1612,24 +1612,35 @@ const READ_AHEAD_BYTES: usize = 256 * 1024;
 async fn read_ahead(mut body: MeteredBody, timeout: Duration) -> ReadAhead {
     let mut head = std::collections::VecDeque::new();
     let mut bytes = 0;
-    let ended = tokio::time::timeout(timeout, async {
-        while bytes <= READ_AHEAD_BYTES {
-            match body.frame().await {
-                None => return true,
-                Some(Ok(frame)) => {
-                    bytes += frame.data_ref().map_or(0, Bytes::len);
-                    head.push_back(Ok(frame));
-                }
-                Some(Err(e)) => {
-                    head.push_back(Err(e));
-                    return true;
-                }
+    // Armed only while the upstream is awaited: the settlement has the
+    // store's own timeout, and a body that came with its head needs no
+    // timer at all.
+    let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let ended = std::future::poll_fn(|cx| loop {
+        if bytes > READ_AHEAD_BYTES {
+            return Poll::Ready(false);
+        }
+        match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(None) => return Poll::Ready(true),
+            Poll::Ready(Some(Ok(frame))) => {
+                bytes += frame.data_ref().map_or(0, Bytes::len);
+                head.push_back(Ok(frame));
+            }
+            Poll::Ready(Some(Err(e))) => {
+                head.push_back(Err(e));
+                return Poll::Ready(true);
+            }
+            Poll::Pending if body.settling.is_some() => return Poll::Pending,
+            Poll::Pending => {
+                let sleep = deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                return match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(false),
+                    Poll::Pending => Poll::Pending,
+                };
             }
         }
-        false
     })
-    .await
-    .unwrap_or(false);
+    .await;
     ReadAhead {
         exact: ended.then_some(bytes as u64),
         head,

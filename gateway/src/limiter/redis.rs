@@ -77,12 +77,13 @@ local function wallet_blocks(key, now)
   for i = 1, #raw, 2 do
     local f = raw[i]
     if string.sub(f, 1, 2) == 'b:' then
-      local rem, exp, ord = string.match(raw[i + 1], '^(%d+):(%d+):(%d+)$')
+      local rem, rest, exp, ord = string.match(raw[i + 1], '^(%d+)(:(%d+):(%d+))$')
       rem, exp, ord = tonumber(rem), tonumber(exp), tonumber(ord)
       if exp ~= 0 and exp <= now then
         redis.call('HDEL', key, f)
       else
-        blocks[#blocks + 1] = {f, rem, exp, ord}
+        -- rest (`:expiry:order`) is written back as it was read.
+        blocks[#blocks + 1] = {f, rem, exp, ord, rest}
         balance = balance + rem
       end
     end
@@ -111,7 +112,7 @@ local function wallet_draw(key, blocks, amount)
     if take > 0 then
       b[2] = b[2] - take
       left = left - take
-      redis.call('HSET', key, b[1], fmt(b[2]) .. ':' .. fmt(b[3]) .. ':' .. fmt(b[4]))
+      redis.call('HSET', key, b[1], fmt(b[2]) .. b[5])
       parts[#parts + 1] = string.sub(b[1], 3) .. '=' .. fmt(take)
     end
   end
