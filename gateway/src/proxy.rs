@@ -1612,6 +1612,7 @@ const READ_AHEAD_BYTES: usize = 256 * 1024;
 async fn read_ahead(mut body: MeteredBody, timeout: Duration) -> ReadAhead {
     let mut head = std::collections::VecDeque::new();
     let mut bytes = 0;
+    let mut cut = None;
     // Armed only while the upstream is awaited: the settlement has the
     // store's own timeout, and a body that came with its head needs no
     // timer at all.
@@ -1624,10 +1625,10 @@ async fn read_ahead(mut body: MeteredBody, timeout: Duration) -> ReadAhead {
             Poll::Ready(None) => return Poll::Ready(true),
             Poll::Ready(Some(Ok(frame))) => {
                 bytes += frame.data_ref().map_or(0, Bytes::len);
-                head.push_back(Ok(frame));
+                head.push_back(frame);
             }
             Poll::Ready(Some(Err(e))) => {
-                head.push_back(Err(e));
+                cut = Some(e);
                 return Poll::Ready(true);
             }
             Poll::Pending if body.settling.is_some() => return Poll::Pending,
@@ -1642,15 +1643,24 @@ async fn read_ahead(mut body: MeteredBody, timeout: Duration) -> ReadAhead {
     })
     .await;
     ReadAhead {
-        exact: ended.then_some(bytes as u64),
+        exact: (ended && cut.is_none()).then_some(bytes as u64),
         head,
+        cut,
+        flushed: false,
         rest: (!ended).then_some(body),
     }
 }
 
 /// A response body whose first frames were read ahead ([`read_ahead`]).
 struct ReadAhead {
-    head: std::collections::VecDeque<Result<Frame<Bytes>, BoxError>>,
+    head: std::collections::VecDeque<Frame<Bytes>>,
+    /// The upstream broke after `head`: the client sees the response cut
+    /// there, as it would have without the read-ahead.
+    cut: Option<BoxError>,
+    /// A cut is passed on only after one `Pending`, which makes hyper send
+    /// the head and what came before the cut (an error with nothing sent
+    /// would close the connection without a response).
+    flushed: bool,
     rest: Option<MeteredBody>,
     /// The body's length, when it was read to its end.
     exact: Option<u64>,
@@ -1665,7 +1675,15 @@ impl HttpBody for ReadAhead {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(frame) = self.head.pop_front() {
-            return Poll::Ready(Some(frame));
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if self.cut.is_some() {
+            if !self.flushed {
+                self.flushed = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            return Poll::Ready(self.cut.take().map(Err));
         }
         match &mut self.rest {
             Some(rest) => Pin::new(rest).poll_frame(cx),
@@ -1674,13 +1692,15 @@ impl HttpBody for ReadAhead {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.head.is_empty() && self.rest.as_ref().map_or(true, |r| r.is_end_stream())
+        self.head.is_empty()
+            && self.cut.is_none()
+            && self.rest.as_ref().map_or(true, |r| r.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (self.exact, self.head.iter().any(|f| f.is_err())) {
-            (Some(n), false) => SizeHint::with_exact(n),
-            _ => SizeHint::default(),
+        match self.exact {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
         }
     }
 }

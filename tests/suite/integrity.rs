@@ -490,6 +490,65 @@ async fn a_stream_the_upstream_cuts_is_charged_what_was_delivered() {
     }
 }
 
+/// A credit answer that is not a stream is read ahead and sent settled
+/// with its headers: whole, with its exact length. Cut by the upstream
+/// mid-body, the client still sees it cut (after what came before the
+/// cut), and what was delivered is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credit_answer_read_ahead_arrives_whole_or_cut_as_the_upstream_sent_it() {
+    for gw in gateways().await {
+        let (account_id, key) = account(&gw).await;
+        let mut s = gw
+            .post_streaming("/v1/chat/completions", &key, &chat(false), &[])
+            .await;
+        assert_eq!(s.status, 200);
+        let length: usize = s.headers["content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let (body, clean) = s.read_all().await;
+        assert!(clean);
+        assert_eq!(body.len(), length);
+        let answer: Value = serde_json::from_slice(&body).unwrap();
+        let delivered = answer["usage"]["total_tokens"].as_u64().unwrap();
+        let (counted, charged) = figures(
+            &gw,
+            "answer read ahead",
+            &account_id,
+            &key,
+            ("gpt-test", "token"),
+            1,
+            delivered,
+        )
+        .await;
+        assert_eq!((counted, charged), (delivered, delivered));
+
+        let mut s = gw
+            .post_streaming(
+                "/v1/chat/completions",
+                &key,
+                &chat(false),
+                &[("x-mock-die-after", "1")],
+            )
+            .await;
+        assert_eq!(s.status, 200);
+        let (_, clean) = s.read_all().await;
+        assert!(!clean, "the client sees the answer cut");
+        gw.wait_settled().await;
+        // Written to the catalog by the outbox writer, in its own time.
+        let mut ledger = Vec::new();
+        for _ in 0..300 {
+            ledger = gw.catalog().ledger(&account_id).await.unwrap();
+            if ledger.len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(ledger.len(), 2, "the cut answer was charged: {ledger:#?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserved_only_units_are_charged_credits_for_what_was_reserved() {
     for gw in gateways().await {
