@@ -1662,7 +1662,7 @@ struct ReadAhead {
     /// would close the connection without a response).
     flushed: bool,
     rest: Option<MeteredBody>,
-    /// The body's length, when it was read to its end.
+    /// The bytes still to send, when the body was read to its end.
     exact: Option<u64>,
 }
 
@@ -1675,6 +1675,10 @@ impl HttpBody for ReadAhead {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(frame) = self.head.pop_front() {
+            let sent = frame.data_ref().map_or(0, |d| d.len() as u64);
+            if let Some(left) = &mut self.exact {
+                *left = left.saturating_sub(sent);
+            }
             return Poll::Ready(Some(Ok(frame)));
         }
         if self.cut.is_some() {
