@@ -22,7 +22,7 @@ use super::{
     NewApiKey, QuotaBlock, UsageBucket, UsageCursor, UsageEvent, UsageQuery, MAX_ACCOUNTS_PAGE,
 };
 use crate::catalog::notifications::NotificationStore;
-use crate::catalog::usage::{check_batch, epoch_ms_ceil, Summary};
+use crate::catalog::usage::{check_batch, epoch_ms_ceil, from_ms, Summary};
 use crate::catalog::{Attempted, NewNotification, Notification, NotificationQuery};
 use crate::clock::SharedClock;
 use crate::limiter::wallet::request_key;
@@ -1102,7 +1102,7 @@ impl Catalog for MemoryCatalog {
                         deducted: e.credits.min(c.requested),
                         draws: c.draws.clone(),
                         refunded: None,
-                        created_at: e.normalized().ended_at,
+                        created_at: from_ms(e.ended_ms()),
                     },
                 );
             }

@@ -613,6 +613,31 @@ impl PostgresCatalog {
         self.pool.get().await.map_err(pool_err)
     }
 
+    /// After an update of a live key (`row`: its `key_hash`, `None` when
+    /// no live key matched): the caches are told to drop it; or the key
+    /// was revoked already, or there is no such key.
+    async fn key_changed(
+        &self,
+        conn: &deadpool_postgres::Object,
+        key_id: &str,
+        row: Option<tokio_postgres::Row>,
+    ) -> CatalogResult<()> {
+        let Some(row) = row else {
+            let exists = conn
+                .query_opt("SELECT 1 FROM api_keys WHERE id = $1", &[&key_id])
+                .await
+                .map_err(db_err)?;
+            return Err(match exists {
+                Some(_) => already_revoked(key_id),
+                None => CatalogError::not_found("key", key_id),
+            });
+        };
+        let inv = Invalidation::Key(row.get(0));
+        notify_sql(conn, &inv).await.map_err(db_err)?;
+        self.notify_local(inv);
+        Ok(())
+    }
+
     /// Tell this process at once; other instances hear it through the
     /// NOTIFY sent (inside the transaction, so only on commit) by
     /// [`notify_sql`].
@@ -1660,21 +1685,7 @@ impl Catalog for PostgresCatalog {
             )
             .await
             .map_err(db_err)?;
-        let Some(row) = row else {
-            // Not revoked now: already revoked, or no such key.
-            let exists = conn
-                .query_opt("SELECT 1 FROM api_keys WHERE id = $1", &[&key_id])
-                .await
-                .map_err(db_err)?;
-            return Err(match exists {
-                Some(_) => already_revoked(key_id),
-                None => CatalogError::not_found("key", key_id),
-            });
-        };
-        let inv = Invalidation::Key(row.get(0));
-        notify_sql(&conn, &inv).await.map_err(db_err)?;
-        self.notify_local(inv);
-        Ok(())
+        self.key_changed(&conn, key_id, row).await
     }
 
     async fn list_keys(&self, account_id: &str) -> CatalogResult<Vec<ApiKeyInfo>> {
@@ -1718,21 +1729,8 @@ impl Catalog for PostgresCatalog {
                 }
                 _ => db_err(e),
             })?;
-        let Some(row) = row else {
-            let exists = conn
-                .query_opt("SELECT 1 FROM api_keys WHERE id = $1", &[&key_id])
-                .await
-                .map_err(db_err)?;
-            return Err(match exists {
-                Some(_) => already_revoked(key_id),
-                None => CatalogError::not_found("key", key_id),
-            });
-        };
         // Caches hold the key's owner, plan included: reload it.
-        let inv = Invalidation::Key(row.get(0));
-        notify_sql(&conn, &inv).await.map_err(db_err)?;
-        self.notify_local(inv);
-        Ok(())
+        self.key_changed(&conn, key_id, row).await
     }
 
     async fn create_quota_block(
