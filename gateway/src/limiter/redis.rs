@@ -118,25 +118,13 @@ local function wallet_draw(key, blocks, amount)
   end
   return amount - left, table.concat(parts, ';')
 end
--- Draws (`id=n;id=n`) of one request merged, in first-drawn order: their
--- total and the merged draws.
-local function merge_draws(a, b)
-  local order, by, total = {}, {}, 0
-  for _, d in ipairs({a, b}) do
-    for id, n in string.gmatch(d, '([^;=]+)=(%d+)') do
-      if not by[id] then
-        order[#order + 1] = id
-        by[id] = 0
-      end
-      by[id] = by[id] + tonumber(n)
-      total = total + tonumber(n)
-    end
+-- The total of draws (`id=n;id=n`).
+local function draws_total(d)
+  local total = 0
+  for n in string.gmatch(d, '=(%d+)') do
+    total = total + tonumber(n)
   end
-  local parts = {}
-  for i, id in ipairs(order) do
-    parts[i] = id .. '=' .. fmt(by[id])
-  end
-  return total, table.concat(parts, ';')
+  return total
 end
 -- Add draws to the blocks still held (sign 1: give back), or take them
 -- (sign -1: hold back, at most what a block has).
@@ -320,7 +308,7 @@ if credits then
     if admitted then
       redis.call('HDEL', adm, id)
       adm_draws = string.match(record, '^[^|]*|([^|]*)')
-      adm_taken = merge_draws(adm_draws, '')
+      adm_taken = draws_total(adm_draws)
     end
   end
   local charge = settles and tonumber(ARGV[4 + 3 * n]) or 0
@@ -339,10 +327,11 @@ if credits then
       if charge > 0 then
         taken, unit_draws = wallet_draw(wallet, blocks, charge)
       end
+      -- Both lists, one after the other: the gateway merges a block
+      -- named twice (decode_draws), which costs far less there.
       local draws = adm_draws
       if unit_draws ~= '' then
-        local _, merged = merge_draws(adm_draws, unit_draws)
-        draws = merged
+        draws = adm_draws == '' and unit_draws or adm_draws .. ';' .. unit_draws
       end
       if usage then
         -- The usage record carries the charge: one row for both.
