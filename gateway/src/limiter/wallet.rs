@@ -29,6 +29,7 @@
 //! [`Wallet`] is the decision logic; the in-process store runs it directly
 //! and the Redis store's scripts mirror it line by line.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 pub use crate::catalog::CreditOp as WalletOp;
@@ -316,15 +317,29 @@ pub fn decode_draws(s: &str) -> Option<Vec<Draw>> {
     if s.is_empty() {
         return Some(out);
     }
+    // Where each block is in `out`: found by a scan for the usual handful
+    // of draws, by an index for a request that drew from many blocks.
+    let indexed = s.bytes().filter(|&b| b == b';').count() >= 16;
+    let mut index: HashMap<&str, usize> = HashMap::new();
     for part in s.split(';') {
         let (id, n) = part.rsplit_once('=')?;
         let credits: u64 = n.parse().ok()?;
-        match out.iter_mut().find(|d| d.block_id == id) {
-            Some(d) => d.credits = d.credits.checked_add(credits)?,
-            None => out.push(Draw {
-                block_id: id.to_owned(),
-                credits,
-            }),
+        let at = if indexed {
+            index.get(id).copied()
+        } else {
+            out.iter().position(|d| d.block_id == id)
+        };
+        match at {
+            Some(i) => out[i].credits = out[i].credits.checked_add(credits)?,
+            None => {
+                if indexed {
+                    index.insert(id, out.len());
+                }
+                out.push(Draw {
+                    block_id: id.to_owned(),
+                    credits,
+                });
+            }
         }
     }
     Some(out)
@@ -447,6 +462,15 @@ mod tests {
             "qb_2=5;qb_1=3"
         );
         assert_eq!(decode_draws("x=1;"), None);
+        // Many blocks (the index): each once, in order, summed.
+        let ids: Vec<String> = (0..1000).map(|i| format!("qb_{i}=1")).collect();
+        let twice = format!("{};{}", ids.join(";"), ids.join(";"));
+        let merged = decode_draws(&twice).unwrap();
+        assert_eq!(merged.len(), 1000);
+        assert!(merged
+            .iter()
+            .enumerate()
+            .all(|(i, d)| d.block_id == format!("qb_{i}") && d.credits == 2));
         assert_eq!(decode_draws("x"), None);
         assert_eq!(decode_draws("x=-1"), None);
     }
