@@ -486,15 +486,24 @@ async fn console_actions_on_each_backend() {
         assert_eq!(r.status, 303);
         // The key cache hears of the revocation from the catalog's
         // notification: within moments, not necessarily before the reply.
+        // Polled on `GET /v1/limits`, which authenticates but admits
+        // nothing: a chat that still got through would fill the window
+        // the reset below counts on.
         let mut status = 200;
         for _ in 0..200 {
-            status = t.chat(&new_key, "gpt-test").await.status.as_u16();
+            let req = Request::builder()
+                .uri("/v1/limits")
+                .header("authorization", format!("Bearer {new_key}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            status = t.send(req).await.status.as_u16();
             if status == 401 {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert_eq!(status, 401);
+        assert_eq!(t.chat(&new_key, "gpt-test").await.status, 401);
 
         // Reset counters: the window that was full is empty again (the
         // new key's request was the first of 3 this minute).
